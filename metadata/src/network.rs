@@ -1,0 +1,77 @@
+//! Raft messages between metadata nodes, carried over the same QUIC API as
+//! client requests (`MetaRequest::Raft`).
+
+use magnetar_proto::metadata_api::{MetaRequest, MetaResponse, RaftKind};
+use magnetar_proto::rpc::RpcClient;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::TypeConfig;
+
+#[derive(Clone)]
+pub struct Network {
+    pub rpc: RpcClient,
+}
+
+pub struct Peer {
+    rpc: RpcClient,
+    target: u64,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
+        Peer { rpc: self.rpc.clone(), target, addr: node.addr.clone() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl Peer {
+    async fn send<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        kind: RaftKind,
+        req: &Req,
+        timeout: std::time::Duration,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>> {
+        let addr = self.addr.parse().map_err(|_| RPCError::Unreachable(Unreachable::new(&Msg(format!("bad address {}", self.addr)))))?;
+        let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
+        let mut rpc = self.rpc.clone();
+        rpc.timeout = timeout;
+        let resp: MetaResponse = rpc.call(addr, &MetaRequest::Raft { kind, body }).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let MetaResponse::Raft(bytes) = resp else {
+            return Err(RPCError::Network(NetworkError::new(&Msg(format!("unexpected answer {resp:?}")))));
+        };
+        let res: Result<Resp, RaftError<u64, E>> = bincode::deserialize(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.send(RaftKind::Vote, &rpc, option.hard_ttl()).await
+    }
+}

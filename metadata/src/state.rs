@@ -1,0 +1,225 @@
+//! The replicated key-value state: versioned keys, a global revision, leases
+//! and ephemeral keys. Plain data, no I/O: the Raft state machine applies
+//! committed commands to it, and tests drive it directly.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use magnetar_proto::metadata_api::{EventKind, KeyValue, Op, OpResult, Txn, TxnResult, WatchEvent};
+use serde::{Deserialize, Serialize};
+
+/// Commands that travel through the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Txn(Txn),
+    LeaseGrant { ttl_ms: u64 },
+    LeaseRevoke { id: u64 },
+    /// Proposed by the leader for leases it saw go unrenewed for their TTL.
+    LeaseExpire { ids: Vec<u64> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Txn(TxnResult),
+    Lease { id: u64, ttl_ms: u64 },
+    LeaseNotFound(u64),
+    Ok,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ttl_ms: u64,
+    pub keys: BTreeSet<String>,
+}
+
+/// Bounded history of recent events, for watches that resume.
+pub const WATCH_HISTORY_EVENTS: usize = 100_000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KvState {
+    pub kv: BTreeMap<String, KeyValue>,
+    pub revision: u64,
+    pub leases: BTreeMap<u64, Lease>,
+    pub next_lease_id: u64,
+    #[serde(skip)]
+    pub history: VecDeque<WatchEvent>,
+}
+
+impl KvState {
+    pub fn get(&self, key: &str) -> Option<&KeyValue> {
+        self.kv.get(key)
+    }
+
+    pub fn range(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        self.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).take(limit).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Oldest revision still in the watch history (events at or after it can be replayed).
+    pub fn oldest_history_revision(&self) -> u64 {
+        self.history.front().map(|e| e.revision).unwrap_or(self.revision + 1)
+    }
+
+    fn record(&mut self, events: &mut Vec<WatchEvent>, ev: WatchEvent) {
+        self.history.push_back(ev.clone());
+        while self.history.len() > WATCH_HISTORY_EVENTS {
+            self.history.pop_front();
+        }
+        events.push(ev);
+    }
+
+    fn put(&mut self, rev: u64, key: String, value: Vec<u8>, lease: Option<u64>, events: &mut Vec<WatchEvent>) -> OpResult {
+        let prev = self.kv.get(&key).cloned();
+        if let Some(old) = prev.as_ref().and_then(|p| p.lease) {
+            if let Some(l) = self.leases.get_mut(&old) {
+                l.keys.remove(&key);
+            }
+        }
+        if let Some(l) = lease.and_then(|id| self.leases.get_mut(&id)) {
+            l.keys.insert(key.clone());
+        }
+        let kv = KeyValue {
+            key: key.clone(),
+            value,
+            create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(rev),
+            mod_revision: rev,
+            version: prev.as_ref().map(|p| p.version).unwrap_or(0) + 1,
+            lease,
+        };
+        self.kv.insert(key, kv.clone());
+        self.record(events, WatchEvent { revision: rev, kind: EventKind::Put, kv });
+        OpResult::Put { prev }
+    }
+
+    fn delete(&mut self, rev: u64, key: &str, events: &mut Vec<WatchEvent>) -> OpResult {
+        let prev = self.kv.remove(key);
+        if let Some(p) = &prev {
+            if let Some(l) = p.lease.and_then(|id| self.leases.get_mut(&id)) {
+                l.keys.remove(key);
+            }
+            let mut kv = p.clone();
+            kv.mod_revision = rev;
+            self.record(events, WatchEvent { revision: rev, kind: EventKind::Delete, kv });
+        }
+        OpResult::Delete { prev }
+    }
+
+    fn drop_lease(&mut self, id: u64, rev: u64, events: &mut Vec<WatchEvent>) -> bool {
+        match self.leases.remove(&id) {
+            Some(lease) => {
+                for key in lease.keys {
+                    // Keys re-bound to another lease were removed from this set already.
+                    self.delete(rev, &key, events);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies one committed command. Every change in it shares one new
+    /// revision; the events it produced are returned for watchers.
+    pub fn apply(&mut self, cmd: &Command) -> (CommandResult, Vec<WatchEvent>) {
+        let mut events = Vec::new();
+        let rev = self.revision + 1;
+        let result = match cmd {
+            Command::Txn(txn) => {
+                let ok = txn.compares.iter().all(|c| self.kv.get(&c.key).map(|kv| kv.version).unwrap_or(0) == c.version);
+                let ops = if ok { &txn.success } else { &txn.failure };
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(match op {
+                        Op::Put { key, value, lease } => {
+                            // A put on an unknown lease would make a key nobody can expire.
+                            let lease = lease.filter(|id| self.leases.contains_key(id));
+                            self.put(rev, key.clone(), value.clone(), lease, &mut events)
+                        }
+                        Op::Delete { key } => self.delete(rev, key, &mut events),
+                        Op::Get { key } => OpResult::Get(self.kv.get(key).cloned()),
+                    });
+                }
+                if !events.is_empty() {
+                    self.revision = rev;
+                }
+                CommandResult::Txn(TxnResult { succeeded: ok, revision: self.revision, results })
+            }
+            Command::LeaseGrant { ttl_ms } => {
+                self.next_lease_id += 1;
+                let id = self.next_lease_id;
+                self.leases.insert(id, Lease { ttl_ms: *ttl_ms, keys: BTreeSet::new() });
+                CommandResult::Lease { id, ttl_ms: *ttl_ms }
+            }
+            Command::LeaseRevoke { id } => {
+                if self.drop_lease(*id, rev, &mut events) {
+                    CommandResult::Ok
+                } else {
+                    CommandResult::LeaseNotFound(*id)
+                }
+            }
+            Command::LeaseExpire { ids } => {
+                for id in ids {
+                    self.drop_lease(*id, rev, &mut events);
+                }
+                CommandResult::Ok
+            }
+        };
+        if !events.is_empty() {
+            self.revision = rev;
+        }
+        (result, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use magnetar_proto::metadata_api::Compare;
+
+    fn put(key: &str, v: &str, lease: Option<u64>) -> Op {
+        Op::Put { key: key.into(), value: v.as_bytes().to_vec(), lease }
+    }
+
+    fn cas(key: &str, version: u64, op: Op) -> Command {
+        Command::Txn(Txn { compares: vec![Compare { key: key.into(), version }], success: vec![op], failure: vec![] })
+    }
+
+    #[test]
+    fn cas_versions_and_revisions() {
+        let mut s = KvState::default();
+        let (r, ev) = s.apply(&cas("a", 0, put("a", "1", None)));
+        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: true, revision: 1, .. })));
+        assert_eq!(ev.len(), 1);
+        // A second create-if-absent fails and changes nothing.
+        let (r, ev) = s.apply(&cas("a", 0, put("a", "2", None)));
+        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: false, revision: 1, .. })));
+        assert!(ev.is_empty());
+        let (r, _) = s.apply(&cas("a", 1, put("a", "2", None)));
+        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: true, revision: 2, .. })));
+        let kv = s.get("a").unwrap();
+        assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (2, 1, 2));
+        assert_eq!(kv.value, b"2");
+    }
+
+    #[test]
+    fn lease_expiry_deletes_keys_at_one_revision() {
+        let mut s = KvState::default();
+        let (r, _) = s.apply(&Command::LeaseGrant { ttl_ms: 1000 });
+        let CommandResult::Lease { id, .. } = r else { panic!("no lease") };
+        s.apply(&Command::Txn(Txn { compares: vec![], success: vec![put("e/1", "x", Some(id)), put("e/2", "y", Some(id))], failure: vec![] }));
+        s.apply(&cas("p", 0, put("p", "z", None)));
+        let (_, ev) = s.apply(&Command::LeaseExpire { ids: vec![id] });
+        assert_eq!(ev.len(), 2);
+        assert!(ev.iter().all(|e| e.kind == EventKind::Delete && e.revision == 3));
+        assert!(s.get("e/1").is_none() && s.get("p").is_some());
+        assert_eq!(s.apply(&Command::LeaseRevoke { id }).0, CommandResult::LeaseNotFound(id));
+    }
+
+    #[test]
+    fn range_by_prefix_with_limit() {
+        let mut s = KvState::default();
+        for k in ["a/1", "a/2", "a/3", "b/1"] {
+            s.apply(&cas(k, 0, put(k, "v", None)));
+        }
+        assert_eq!(s.range("a/", 10).len(), 3);
+        assert_eq!(s.range("a/", 2).len(), 2);
+        assert_eq!(s.range("c/", 2).len(), 0);
+    }
+}

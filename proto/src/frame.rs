@@ -1,0 +1,317 @@
+//! Pulsar binary framing: `[total_size][command_size][BaseCommand]` with an
+//! optional payload section `[0x0e01][crc32c][metadata_size][metadata][payload]`.
+//!
+//! Every size read from the wire is bounded before it is used, and the CRC32C of
+//! a payload section is checked before the payload is handed on.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::pulsar::{base_command::Type, BaseCommand, MessageMetadata, SingleMessageMetadata};
+
+/// Pulsar's default maximum message size, announced in CONNECTED.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
+/// Room for the command and headers on top of the largest message.
+pub const FRAME_OVERHEAD_BYTES: usize = 10 * 1024;
+pub const MAGIC_CRC32C: u16 = 0x0e01;
+pub const MAGIC_BROKER_ENTRY_METADATA: u16 = 0x0e02;
+/// Most messages a batch may claim to hold; bounds the decoder's work.
+pub const MAX_BATCH_MESSAGES: usize = 100_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("command does not decode: {0}")]
+    BadCommand(String),
+    #[error("message metadata does not decode: {0}")]
+    BadMetadata(String),
+    #[error("checksum mismatch: frame says {expected:#010x}, content has {actual:#010x}")]
+    Checksum { expected: u32, actual: u32 },
+}
+
+/// A message payload as carried on the wire and stored in a ledger entry: the
+/// bytes from the 0x0e01 magic to the end (checksum, metadata, payload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    /// `[0x0e01][crc32c][metadata_size][metadata][payload]`, stored verbatim.
+    pub headers_and_payload: Bytes,
+    pub metadata: MessageMetadata,
+    /// Offset of the message payload inside `headers_and_payload`.
+    pub payload_offset: usize,
+}
+
+impl Payload {
+    /// The application payload (a whole batch when batched).
+    pub fn payload(&self) -> Bytes {
+        self.headers_and_payload.slice(self.payload_offset..)
+    }
+
+    /// Builds the stored form from metadata and payload, computing the CRC32C.
+    pub fn build(metadata: MessageMetadata, payload: &[u8]) -> Payload {
+        let meta_len = metadata.encoded_len();
+        let mut buf = BytesMut::with_capacity(2 + 4 + 4 + meta_len + payload.len());
+        buf.put_u16(MAGIC_CRC32C);
+        buf.put_u32(0);
+        buf.put_u32(meta_len as u32);
+        // Encoding into a BytesMut with reserved capacity cannot fail.
+        metadata.encode(&mut buf).expect("capacity reserved");
+        buf.put_slice(payload);
+        let crc = crc32c::crc32c(&buf[6..]);
+        buf[2..6].copy_from_slice(&crc.to_be_bytes());
+        let payload_offset = 10 + meta_len;
+        Payload { headers_and_payload: buf.freeze(), metadata, payload_offset }
+    }
+
+    /// Parses a stored/wire payload section, checking magic and CRC32C.
+    pub fn parse(headers_and_payload: Bytes) -> Result<Payload, FrameError> {
+        let b = &headers_and_payload;
+        if b.len() < 10 {
+            return Err(FrameError::Malformed("payload section shorter than its headers"));
+        }
+        if u16::from_be_bytes([b[0], b[1]]) != MAGIC_CRC32C {
+            return Err(FrameError::Malformed("payload section lacks the 0x0e01 magic"));
+        }
+        let expected = u32::from_be_bytes([b[2], b[3], b[4], b[5]]);
+        let actual = crc32c::crc32c(&b[6..]);
+        if expected != actual {
+            return Err(FrameError::Checksum { expected, actual });
+        }
+        let meta_len = u32::from_be_bytes([b[6], b[7], b[8], b[9]]) as usize;
+        if meta_len > b.len() - 10 {
+            return Err(FrameError::Malformed("metadata size exceeds the frame"));
+        }
+        let metadata = MessageMetadata::decode(&b[10..10 + meta_len])
+            .map_err(|e| FrameError::BadMetadata(e.to_string()))?;
+        Ok(Payload { payload_offset: 10 + meta_len, headers_and_payload, metadata })
+    }
+
+    /// Parses a payload section without a checksum (protocol < 6):
+    /// `[metadata_size][metadata][payload]`, and returns it in stored form.
+    fn parse_unchecked(section: &[u8]) -> Result<Payload, FrameError> {
+        if section.len() < 4 {
+            return Err(FrameError::Malformed("payload section shorter than its headers"));
+        }
+        let meta_len = u32::from_be_bytes([section[0], section[1], section[2], section[3]]) as usize;
+        if meta_len > section.len() - 4 {
+            return Err(FrameError::Malformed("metadata size exceeds the frame"));
+        }
+        let metadata = MessageMetadata::decode(&section[4..4 + meta_len])
+            .map_err(|e| FrameError::BadMetadata(e.to_string()))?;
+        Ok(Payload::build(metadata, &section[4 + meta_len..]))
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub command: BaseCommand,
+    pub payload: Option<Payload>,
+}
+
+/// Decodes one frame from the front of `buf`, consuming it. Returns
+/// `Ok(None)` when more bytes are needed. `max_frame_bytes` bounds
+/// `total_size` before any allocation.
+pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let total = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if total > max_frame_bytes {
+        return Err(FrameError::TooLarge { size: total, limit: max_frame_bytes });
+    }
+    if total < 4 {
+        return Err(FrameError::Malformed("total size smaller than the command size field"));
+    }
+    if buf.len() < 4 + total {
+        buf.reserve(4 + total - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut frame = buf.split_to(total).freeze();
+    let cmd_len = frame.get_u32() as usize;
+    if cmd_len > frame.len() {
+        return Err(FrameError::Malformed("command size exceeds the frame"));
+    }
+    let command = BaseCommand::decode(&frame[..cmd_len]).map_err(|e| FrameError::BadCommand(e.to_string()))?;
+    frame.advance(cmd_len);
+    let payload = if frame.is_empty() {
+        None
+    } else {
+        if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_BROKER_ENTRY_METADATA {
+            if frame.len() < 6 {
+                return Err(FrameError::Malformed("truncated broker entry metadata"));
+            }
+            let n = u32::from_be_bytes([frame[2], frame[3], frame[4], frame[5]]) as usize;
+            if n > frame.len() - 6 {
+                return Err(FrameError::Malformed("broker entry metadata exceeds the frame"));
+            }
+            frame.advance(6 + n);
+        }
+        if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_CRC32C {
+            Some(Payload::parse(frame)?)
+        } else {
+            Some(Payload::parse_unchecked(&frame)?)
+        }
+    };
+    Ok(Some(Frame { command, payload }))
+}
+
+/// Appends a command-only frame.
+pub fn encode_command(cmd: &BaseCommand, out: &mut BytesMut) {
+    let cmd_len = cmd.encoded_len();
+    out.reserve(8 + cmd_len);
+    out.put_u32((4 + cmd_len) as u32);
+    out.put_u32(cmd_len as u32);
+    cmd.encode(out).expect("capacity reserved");
+}
+
+/// Appends a command frame carrying a payload section in stored form.
+pub fn encode_payload_command(cmd: &BaseCommand, headers_and_payload: &[u8], out: &mut BytesMut) {
+    let cmd_len = cmd.encoded_len();
+    out.reserve(8 + cmd_len + headers_and_payload.len());
+    out.put_u32((4 + cmd_len + headers_and_payload.len()) as u32);
+    out.put_u32(cmd_len as u32);
+    cmd.encode(out).expect("capacity reserved");
+    out.put_slice(headers_and_payload);
+}
+
+/// A `BaseCommand` of the given type with every optional body unset.
+pub fn base(t: Type) -> BaseCommand {
+    BaseCommand { r#type: t as i32, ..Default::default() }
+}
+
+/// One message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    pub metadata: SingleMessageMetadata,
+    pub payload: Bytes,
+}
+
+/// Encodes a batch payload: repeated `[u32 size][SingleMessageMetadata][payload]`.
+pub fn encode_batch(items: &[BatchItem]) -> Bytes {
+    let mut out = BytesMut::new();
+    for item in items {
+        let len = item.metadata.encoded_len();
+        out.reserve(4 + len + item.payload.len());
+        out.put_u32(len as u32);
+        item.metadata.encode(&mut out).expect("capacity reserved");
+        out.put_slice(&item.payload);
+    }
+    out.freeze()
+}
+
+/// Splits a batch payload into its `count` messages.
+pub fn decode_batch(mut payload: Bytes, count: usize) -> Result<Vec<BatchItem>, FrameError> {
+    if count > MAX_BATCH_MESSAGES {
+        return Err(FrameError::Malformed("batch claims too many messages"));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        if payload.len() < 4 {
+            return Err(FrameError::Malformed("truncated batch"));
+        }
+        let len = payload.get_u32() as usize;
+        if len > payload.len() {
+            return Err(FrameError::Malformed("batch metadata exceeds the payload"));
+        }
+        let metadata = SingleMessageMetadata::decode(payload.split_to(len))
+            .map_err(|e| FrameError::BadMetadata(e.to_string()))?;
+        let size = usize::try_from(metadata.payload_size).map_err(|_| FrameError::Malformed("negative batch payload size"))?;
+        if size > payload.len() {
+            return Err(FrameError::Malformed("batch payload exceeds the payload"));
+        }
+        items.push(BatchItem { payload: payload.split_to(size), metadata });
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pulsar::{CommandPing, CommandSend};
+
+    fn send_frame() -> (BaseCommand, Payload) {
+        let mut cmd = base(Type::Send);
+        cmd.send = Some(CommandSend { producer_id: 1, sequence_id: 7, num_messages: Some(1), ..Default::default() });
+        let md = MessageMetadata { producer_name: "p".into(), sequence_id: 7, publish_time: 42, ..Default::default() };
+        (cmd, Payload::build(md, b"hello"))
+    }
+
+    #[test]
+    fn round_trip_command_and_payload() {
+        let mut out = BytesMut::new();
+        let mut ping = base(Type::Ping);
+        ping.ping = Some(CommandPing {});
+        encode_command(&ping, &mut out);
+        let (cmd, p) = send_frame();
+        encode_payload_command(&cmd, &p.headers_and_payload, &mut out);
+        let f1 = decode(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(f1.command, ping);
+        assert!(f1.payload.is_none());
+        let f2 = decode(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(f2.command, cmd);
+        let got = f2.payload.unwrap();
+        assert_eq!(got.payload(), Bytes::from_static(b"hello"));
+        assert_eq!(got.metadata.sequence_id, 7);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn truncated_frame_waits_for_more() {
+        let (cmd, p) = send_frame();
+        let mut full = BytesMut::new();
+        encode_payload_command(&cmd, &p.headers_and_payload, &mut full);
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert_eq!(decode(&mut part, 1 << 20).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bad_crc_is_rejected() {
+        let (cmd, p) = send_frame();
+        let mut buf = BytesMut::new();
+        encode_payload_command(&cmd, &p.headers_and_payload, &mut buf);
+        let last = buf.len() - 1;
+        buf[last] ^= 0xff;
+        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::Checksum { .. })));
+    }
+
+    #[test]
+    fn oversize_is_rejected_before_reading_the_body() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(100 << 20);
+        assert_eq!(decode(&mut buf, 5 << 20), Err(FrameError::TooLarge { size: 100 << 20, limit: 5 << 20 }));
+    }
+
+    #[test]
+    fn lying_inner_sizes_are_rejected() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(8);
+        buf.put_u32(1000);
+        buf.put_u32(0);
+        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::Malformed(_))));
+        let mut buf = BytesMut::new();
+        buf.put_u32(6);
+        buf.put_u32(2);
+        buf.put_slice(&[0xff, 0xff]);
+        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::BadCommand(_))));
+    }
+
+    #[test]
+    fn batch_round_trip_and_truncation() {
+        let items: Vec<BatchItem> = (0..3)
+            .map(|i| BatchItem {
+                metadata: SingleMessageMetadata { payload_size: 2, partition_key: Some(format!("k{i}")), ..Default::default() },
+                payload: Bytes::from(vec![i as u8; 2]),
+            })
+            .collect();
+        let enc = encode_batch(&items);
+        assert_eq!(decode_batch(enc.clone(), 3).unwrap(), items);
+        assert!(decode_batch(enc.slice(..enc.len() - 1), 3).is_err());
+        assert!(decode_batch(enc, 4).is_err());
+    }
+}

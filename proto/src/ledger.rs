@@ -1,0 +1,70 @@
+//! The ledger protocol between ledger clients (brokers) and bookies.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A writer's credential for a ledger: the bookie binds the first key it sees
+/// for a ledger and refuses adds and fences that carry another.
+pub type MasterKey = [u8; 16];
+
+/// Largest entry a bookie accepts.
+pub const MAX_ENTRY_BYTES: usize = 6 * 1024 * 1024;
+
+/// Digest of an entry: CRC32C over its identity, LAC and payload, so that an
+/// entry stored or returned under the wrong (ledger, entry) is detected too.
+pub fn entry_digest(ledger_id: u64, entry_id: u64, lac: i64, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 24];
+    head[..8].copy_from_slice(&ledger_id.to_be_bytes());
+    head[8..16].copy_from_slice(&entry_id.to_be_bytes());
+    head[16..].copy_from_slice(&lac.to_be_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BookieRequest {
+    Add {
+        ledger_id: u64,
+        entry_id: u64,
+        master_key: MasterKey,
+        /// Last add confirmed known to the writer when it sent this add.
+        lac: i64,
+        payload: Bytes,
+        digest: u32,
+        /// Set by recovery: allowed on a fenced ledger.
+        recovery: bool,
+    },
+    Read { ledger_id: u64, entry_id: u64 },
+    ReadLac { ledger_id: u64 },
+    /// Fences the ledger (persisted before the answer) and returns its LAC.
+    Fence { ledger_id: u64, master_key: MasterKey },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum BookieErrorCode {
+    #[error("ledger is fenced")]
+    Fenced,
+    #[error("no such entry")]
+    NoSuchEntry,
+    #[error("no such ledger")]
+    NoSuchLedger,
+    #[error("digest mismatch")]
+    BadDigest,
+    #[error("wrong master key")]
+    Unauthorized,
+    #[error("bookie is read-only")]
+    ReadOnly,
+    #[error("entry too large")]
+    TooLarge,
+    #[error("bookie I/O error")]
+    Io,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BookieResponse {
+    Added { ledger_id: u64, entry_id: u64 },
+    Entry { ledger_id: u64, entry_id: u64, lac: i64, payload: Bytes, digest: u32 },
+    /// LAC as the bookie knows it (highest LAC piggybacked on its adds),
+    /// plus the highest entry it stores for the ledger (-1: none).
+    Lac { ledger_id: u64, lac: i64, last_entry: i64 },
+    Error(BookieErrorCode),
+}

@@ -1,0 +1,21 @@
+//! The one place Magnetar's bytes are defined: the Pulsar wire subset and its
+//! framing, the internal ledger and metadata protocols, and the QUIC/TLS
+//! transport they travel on.
+//!
+//! This crate must not depend on the broker, bookie or metadata crates.
+
+pub mod frame;
+pub mod ledger;
+pub mod metadata_api;
+pub mod rpc;
+pub mod tls;
+pub mod topic;
+
+/// Types generated from `proto/pulsar_api.proto` (Pulsar wire subset).
+#[allow(clippy::all, missing_docs)]
+pub mod pulsar {
+    include!(concat!(env!("OUT_DIR"), "/pulsar.proto.rs"));
+}
+
+pub use frame::{Frame, FrameError, Payload};
+pub use topic::{TopicName, TopicNameError};

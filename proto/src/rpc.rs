@@ -1,0 +1,161 @@
+//! Framing for Magnetar's internal protocols (ledger and metadata) over QUIC
+//! streams: `[u32 length][bincode body]`, each length bounded before reading.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bincode::Options;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::tls::TlsMaterial;
+
+/// Largest internal message: an entry of the maximum Pulsar frame plus headers.
+pub const MAX_RPC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+pub const SERVER_NAME: &str = "magnetar";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("stream closed before a response arrived")]
+    Closed,
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("message does not decode: {0}")]
+    Decode(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new().with_limit(MAX_RPC_MESSAGE_BYTES as u64)
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
+    let body = codec().serialize(msg).map_err(|e| RpcError::Decode(e.to_string()))?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
+    codec().deserialize(body).map_err(|e| RpcError::Decode(e.to_string()))
+}
+
+pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), RpcError> {
+    let buf = encode(msg)?;
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads one message; `Ok(None)` when the peer finished the stream cleanly.
+pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, RpcError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let size = u32::from_be_bytes(len) as usize;
+    if size > MAX_RPC_MESSAGE_BYTES {
+        return Err(RpcError::TooLarge { size, limit: MAX_RPC_MESSAGE_BYTES });
+    }
+    let mut body = vec![0u8; size];
+    recv.read_exact(&mut body).await?;
+    decode_body(&body).map(Some)
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Default quinn idle timeout; a dead peer is noticed within it.
+    if let Ok(idle) = Duration::from_secs(10).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// A QUIC endpoint that accepts connections with mutual TLS.
+pub fn server_endpoint(bind: SocketAddr, tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
+    let crypto = tls.quic_server_config()?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    let mut ep = quinn::Endpoint::server(cfg, bind).map_err(|e| RpcError::Connect { addr: bind, reason: e.to_string() })?;
+    ep.set_default_client_config(client_config(tls)?);
+    Ok(ep)
+}
+
+fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, RpcError> {
+    let crypto = tls.quic_client_config()?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// A client endpoint bound to an ephemeral loopback-or-any port.
+pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut ep = quinn::Endpoint::client(bind).map_err(|e| RpcError::Connect { addr: bind, reason: e.to_string() })?;
+    ep.set_default_client_config(client_config(tls)?);
+    Ok(ep)
+}
+
+/// Request/response calls over QUIC: one bidirectional stream per request,
+/// one cached connection per peer, re-established when it dies.
+#[derive(Clone)]
+pub struct RpcClient {
+    endpoint: quinn::Endpoint,
+    conns: Arc<Mutex<HashMap<SocketAddr, quinn::Connection>>>,
+    pub timeout: Duration,
+}
+
+impl RpcClient {
+    pub fn new(endpoint: quinn::Endpoint) -> RpcClient {
+        RpcClient { endpoint, conns: Arc::default(), timeout: Duration::from_secs(10) }
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
+        if let Some(c) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let connecting = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| RpcError::Connect { addr, reason: e.to_string() })?;
+        let conn = tokio::time::timeout(self.timeout, connecting)
+            .await
+            .map_err(|_| RpcError::Timeout(self.timeout))??;
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a raw stream pair to `addr` (for streaming calls such as watches).
+    pub async fn open(&self, addr: SocketAddr) -> Result<(quinn::SendStream, quinn::RecvStream), RpcError> {
+        let conn = self.connection(addr).await?;
+        Ok(conn.open_bi().await?)
+    }
+
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, addr: SocketAddr, req: &Req) -> Result<Resp, RpcError> {
+        let fut = async {
+            let (mut send, mut recv) = self.open(addr).await?;
+            write_msg(&mut send, req).await?;
+            let _ = send.finish();
+            read_msg(&mut recv).await?.ok_or(RpcError::Closed)
+        };
+        tokio::time::timeout(self.timeout, fut).await.map_err(|_| RpcError::Timeout(self.timeout))?
+    }
+}
