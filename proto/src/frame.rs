@@ -18,7 +18,7 @@ pub const MAGIC_BROKER_ENTRY_METADATA: u16 = 0x0e02;
 /// Most messages a batch may claim to hold; bounds the decoder's work.
 pub const MAX_BATCH_MESSAGES: usize = 100_000;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
@@ -109,6 +109,10 @@ impl Payload {
 pub struct Frame {
     pub command: BaseCommand,
     pub payload: Option<Payload>,
+    /// Set when the frame was delimited correctly but its payload section is
+    /// bad (e.g. a checksum mismatch): the command is still known, so the
+    /// peer can be told which message was refused.
+    pub payload_error: Option<FrameError>,
 }
 
 /// Decodes one frame from the front of `buf`, consuming it. Returns
@@ -137,9 +141,10 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
     }
     let command = BaseCommand::decode(&frame[..cmd_len]).map_err(|e| FrameError::BadCommand(e.to_string()))?;
     frame.advance(cmd_len);
-    let payload = if frame.is_empty() {
-        None
-    } else {
+    if frame.is_empty() {
+        return Ok(Some(Frame { command, payload: None, payload_error: None }));
+    }
+    let payload = (|| {
         if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_BROKER_ENTRY_METADATA {
             if frame.len() < 6 {
                 return Err(FrameError::Malformed("truncated broker entry metadata"));
@@ -151,12 +156,15 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
             frame.advance(6 + n);
         }
         if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_CRC32C {
-            Some(Payload::parse(frame)?)
+            Payload::parse(frame)
         } else {
-            Some(Payload::parse_unchecked(&frame)?)
+            Payload::parse_unchecked(&frame)
         }
-    };
-    Ok(Some(Frame { command, payload }))
+    })();
+    Ok(Some(match payload {
+        Ok(p) => Frame { command, payload: Some(p), payload_error: None },
+        Err(e) => Frame { command, payload: None, payload_error: Some(e) },
+    }))
 }
 
 /// Appends a command-only frame.
@@ -277,7 +285,11 @@ mod tests {
         encode_payload_command(&cmd, &p.headers_and_payload, &mut buf);
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
-        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::Checksum { .. })));
+        let f = decode(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.command, cmd, "the command of a corrupt frame is still known");
+        assert!(f.payload.is_none());
+        assert!(matches!(f.payload_error, Some(FrameError::Checksum { .. })));
+        assert!(buf.is_empty(), "the stream stays in sync after a corrupt payload");
     }
 
     #[test]

@@ -1,0 +1,79 @@
+//! Wiring for `magnetar standalone`: one metadata node, one bookie and one
+//! broker in one process, talking to each other over the same protocols a
+//! cluster uses (QUIC with mutual TLS between tiers).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use magnetar_bookie::{Bookie, BookieConfig, LedgerClient};
+use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
+use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_proto::tls::TlsMaterial;
+
+use crate::{Broker, BrokerConfig, ManagedLedgerConfig};
+
+#[derive(Debug, Clone)]
+pub struct StandaloneConfig {
+    pub data_dir: PathBuf,
+    pub bind_host: String,
+    pub broker_port: u16,
+    pub metadata_port: u16,
+    pub bookie_port: u16,
+    pub managed_ledger: ManagedLedgerConfig,
+}
+
+impl StandaloneConfig {
+    pub fn new(data_dir: PathBuf) -> StandaloneConfig {
+        StandaloneConfig { data_dir, bind_host: "127.0.0.1".into(), broker_port: 6650, metadata_port: 2379, bookie_port: 3181, managed_ledger: ManagedLedgerConfig::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("standalone: {0}")]
+pub struct StandaloneError(String);
+
+fn err(e: impl std::fmt::Display) -> StandaloneError {
+    StandaloneError(e.to_string())
+}
+
+pub struct Standalone {
+    pub metadata_node: Arc<MetadataNode>,
+    pub bookie: Arc<Bookie>,
+    pub broker: Arc<Broker>,
+}
+
+impl Standalone {
+    pub async fn start(cfg: StandaloneConfig) -> Result<Standalone, StandaloneError> {
+        let addr = |port: u16| -> Result<SocketAddr, StandaloneError> { format!("{}:{port}", cfg.bind_host).parse().map_err(err) };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(err)?;
+        let tls = TlsMaterial::load_or_generate(&cfg.data_dir.join("tls")).map_err(err)?;
+        let mcfg = MetadataConfig::new(1, addr(cfg.metadata_port)?, cfg.data_dir.join("metadata"));
+        let metadata_node = MetadataNode::start(mcfg, &tls).await.map_err(err)?;
+        if !metadata_node.wait_for_leader(Duration::from_secs(30)).await {
+            return Err(err("metadata node elected no leader"));
+        }
+        let rpc = RpcClient::new(client_endpoint(&tls).map_err(err)?);
+        let metadata = MetadataClient::new(rpc.clone(), vec![metadata_node.local_addr()]);
+        Broker::create_namespace(&metadata, "public/default").await.map_err(err)?;
+        let bcfg = BookieConfig { listen: addr(cfg.bookie_port)?, advertise: None, data_dir: cfg.data_dir.join("bookie"), rack: None, registration_ttl_ms: 10_000 };
+        let bookie = Bookie::start(bcfg, &tls, &metadata).await.map_err(err)?;
+        let ledgers = LedgerClient::new(metadata.clone(), rpc);
+        let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
+        broker_cfg.managed_ledger = cfg.managed_ledger.clone();
+        let broker = Broker::start(broker_cfg, metadata, ledgers).await.map_err(err)?;
+        Ok(Standalone { metadata_node, bookie, broker })
+    }
+
+    pub fn service_url(&self) -> String {
+        self.broker.service_url.clone()
+    }
+
+    /// Closes open ledgers and stops the tiers.
+    pub async fn shutdown(self) {
+        self.broker.shutdown().await;
+        self.bookie.shutdown();
+        self.metadata_node.shutdown().await;
+    }
+}

@@ -1,0 +1,253 @@
+//! One TCP connection to a broker: the handshake, a writer task, and a reader
+//! task that routes responses, receipts and messages.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use magnetar_proto::frame::{self, base, encode_command, encode_payload_command, DEFAULT_MAX_MESSAGE_BYTES, FRAME_OVERHEAD_BYTES};
+use magnetar_proto::pulsar::{base_command::Type, BaseCommand, CommandConnect, CommandPong};
+use magnetar_proto::Payload;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Error;
+
+pub const CLIENT_PROTOCOL_VERSION: i32 = 12;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Responder = oneshot::Sender<Result<BaseCommand, Error>>;
+
+#[derive(Default)]
+struct Routes {
+    requests: HashMap<u64, Responder>,
+    producers: HashMap<u64, mpsc::UnboundedSender<BaseCommand>>,
+    consumers: HashMap<u64, mpsc::UnboundedSender<(BaseCommand, Option<Payload>)>>,
+    closed: bool,
+}
+
+pub struct Connection {
+    tx: mpsc::UnboundedSender<Bytes>,
+    routes: Arc<Mutex<Routes>>,
+    next_request: AtomicU64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn lock(r: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn request_id_of(cmd: &BaseCommand) -> Option<u64> {
+    cmd.success
+        .as_ref()
+        .map(|c| c.request_id)
+        .or(cmd.error.as_ref().map(|c| c.request_id))
+        .or(cmd.producer_success.as_ref().map(|c| c.request_id))
+        .or(cmd.lookup_topic_response.as_ref().map(|c| c.request_id))
+        .or(cmd.partition_metadata_response.as_ref().map(|c| c.request_id))
+        .or(cmd.get_last_message_id_response.as_ref().map(|c| c.request_id))
+}
+
+fn set_request_id(cmd: &mut BaseCommand, id: u64) {
+    if let Some(c) = cmd.producer.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.subscribe.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.close_producer.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.close_consumer.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.seek.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.unsubscribe.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.get_last_message_id.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.lookup_topic.as_mut() {
+        c.request_id = id;
+    }
+    if let Some(c) = cmd.partition_metadata.as_mut() {
+        c.request_id = id;
+    }
+}
+
+impl Connection {
+    pub async fn connect(service_url: &str) -> Result<Arc<Connection>, Error> {
+        let addr = service_url.strip_prefix("pulsar://").ok_or_else(|| Error::Connection(format!("unsupported service URL {service_url}")))?;
+        let addr = addr.trim_end_matches('/');
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|e| Error::Connection(format!("{addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let mut hello = base(Type::Connect);
+        hello.connect = Some(CommandConnect {
+            client_version: format!("magnetar-client {}", env!("CARGO_PKG_VERSION")),
+            protocol_version: Some(CLIENT_PROTOCOL_VERSION),
+            ..Default::default()
+        });
+        let mut buf = BytesMut::new();
+        encode_command(&hello, &mut buf);
+        wr.write_all(&buf).await.map_err(|e| Error::Connection(e.to_string()))?;
+        let max = DEFAULT_MAX_MESSAGE_BYTES + FRAME_OVERHEAD_BYTES;
+        let mut rbuf = BytesMut::with_capacity(64 * 1024);
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(f) = frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))? {
+                    return match f.command.connected {
+                        Some(_) => Ok(()),
+                        None => Err(f.command.error.map(|e| Error::Server { code: e.error, message: e.message }).unwrap_or(Error::Protocol("no CONNECTED".into()))),
+                    };
+                }
+                if rd.read_buf(&mut rbuf).await.map_err(|e| Error::Connection(e.to_string()))? == 0 {
+                    return Err(Error::Closed);
+                }
+            }
+        })
+        .await
+        .map_err(|_| Error::Timeout)?;
+        connected?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let writer = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut out = BytesMut::from(&first[..]);
+                while out.len() < 1 << 20 {
+                    match rx.try_recv() {
+                        Ok(more) => out.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let routes: Arc<Mutex<Routes>> = Arc::default();
+        let r = routes.clone();
+        let ptx = tx.clone();
+        let reader = tokio::spawn(async move {
+            let res: Result<(), Error> = async {
+                loop {
+                    while let Some(f) = frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))? {
+                        route(&r, &ptx, f.command, f.payload);
+                    }
+                    if rd.read_buf(&mut rbuf).await.map_err(|e| Error::Connection(e.to_string()))? == 0 {
+                        return Err(Error::Closed);
+                    }
+                }
+            }
+            .await;
+            let err = res.err().unwrap_or(Error::Closed);
+            tracing::debug!(error = %err, "connection to broker ended");
+            let mut g = lock(&r);
+            g.closed = true;
+            for (_, s) in g.requests.drain() {
+                let _ = s.send(Err(err.clone()));
+            }
+            g.producers.clear();
+            g.consumers.clear();
+        });
+        Ok(Arc::new(Connection { tx, routes, next_request: AtomicU64::new(1), tasks: vec![writer, reader] }))
+    }
+
+    pub fn send(&self, cmd: &BaseCommand) -> Result<(), Error> {
+        let mut buf = BytesMut::new();
+        encode_command(cmd, &mut buf);
+        self.tx.send(buf.freeze()).map_err(|_| Error::Closed)
+    }
+
+    pub fn send_payload(&self, cmd: &BaseCommand, headers_and_payload: &[u8]) -> Result<(), Error> {
+        let mut buf = BytesMut::new();
+        encode_payload_command(cmd, headers_and_payload, &mut buf);
+        self.tx.send(buf.freeze()).map_err(|_| Error::Closed)
+    }
+
+    /// Sends a command carrying a request id and waits for its answer;
+    /// an ERROR answer becomes `Error::Server`.
+    pub async fn request(&self, mut cmd: BaseCommand) -> Result<BaseCommand, Error> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        set_request_id(&mut cmd, id);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut g = lock(&self.routes);
+            if g.closed {
+                return Err(Error::Closed);
+            }
+            g.requests.insert(id, tx);
+        }
+        self.send(&cmd)?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, rx).await.map_err(|_| Error::Timeout)?.map_err(|_| Error::Closed)??;
+        match resp.error {
+            Some(e) => Err(Error::Server { code: e.error, message: e.message }),
+            None => Ok(resp),
+        }
+    }
+
+    pub fn register_producer(&self, id: u64) -> mpsc::UnboundedReceiver<BaseCommand> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.routes).producers.insert(id, tx);
+        rx
+    }
+
+    pub fn register_consumer(&self, id: u64) -> mpsc::UnboundedReceiver<(BaseCommand, Option<Payload>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.routes).consumers.insert(id, tx);
+        rx
+    }
+
+    pub fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn route(routes: &Mutex<Routes>, tx: &mpsc::UnboundedSender<Bytes>, cmd: BaseCommand, payload: Option<Payload>) {
+    let t = Type::try_from(cmd.r#type).ok();
+    match t {
+        Some(Type::Ping) => {
+            let mut pong = base(Type::Pong);
+            pong.pong = Some(CommandPong {});
+            let mut buf = BytesMut::new();
+            encode_command(&pong, &mut buf);
+            let _ = tx.send(buf.freeze());
+        }
+        Some(Type::SendReceipt) | Some(Type::SendError) => {
+            let pid = cmd.send_receipt.as_ref().map(|r| r.producer_id).or(cmd.send_error.as_ref().map(|e| e.producer_id));
+            if let Some(s) = pid.and_then(|p| lock(routes).producers.get(&p).cloned()) {
+                let _ = s.send(cmd);
+            }
+        }
+        Some(Type::Message) => {
+            let cid = cmd.message.as_ref().map(|m| m.consumer_id);
+            if let Some(s) = cid.and_then(|c| lock(routes).consumers.get(&c).cloned()) {
+                let _ = s.send((cmd, payload));
+            }
+        }
+        _ => match request_id_of(&cmd) {
+            Some(id) => {
+                if let Some(s) = lock(routes).requests.remove(&id) {
+                    let _ = s.send(Ok(cmd));
+                }
+            }
+            None => tracing::debug!(r#type = cmd.r#type, "unrouted command from broker"),
+        },
+    }
+}
