@@ -122,6 +122,8 @@ pub struct ManagedLedger {
     ledger_meta: Mutex<HashMap<u64, LedgerMetadata>>,
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, CursorLedger>>,
     appends: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<Position, MlError>>)>,
+    /// Durable mark-delete position of every cursor, for trimming.
+    mark_deletes: Mutex<HashMap<String, Position>>,
 }
 
 impl ManagedLedger {
@@ -165,6 +167,7 @@ impl ManagedLedger {
             ledger_meta: Mutex::default(),
             cursor_ledgers: tokio::sync::Mutex::default(),
             appends,
+            mark_deletes: Mutex::default(),
         });
         tokio::spawn(Self::appender(Arc::downgrade(&ml), queue));
         {
@@ -401,6 +404,7 @@ impl ManagedLedger {
                     Err(e) => return Err(e.into()),
                 }
             }
+            self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), state.mark_delete);
             out.push((name, state));
         }
         Ok(out)
@@ -411,6 +415,14 @@ impl ManagedLedger {
     pub async fn persist_cursor(&self, name: &str, state: &CursorState) -> Result<(), MlError> {
         let data = Bytes::from(serde_json::to_vec(state).map_err(|e| MlError::Corrupt(e.to_string()))?);
         let mut cls = self.cursor_ledgers.lock().await;
+        let res = self.persist_cursor_inner(&mut cls, name, state, data).await;
+        if res.is_ok() {
+            self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), state.mark_delete);
+        }
+        res
+    }
+
+    async fn persist_cursor_inner(&self, cls: &mut HashMap<String, CursorLedger>, name: &str, state: &CursorState, data: Bytes) -> Result<(), MlError> {
         let cl = cls.entry(name.to_string()).or_insert(CursorLedger { writer: None, entries: 0 });
         let usable = cl.writer.as_ref().is_some_and(|w| !w.is_failed()) && cl.entries < self.cfg.max_cursor_ledger_entries;
         if usable {
@@ -444,6 +456,7 @@ impl ManagedLedger {
     }
 
     pub async fn delete_cursor(&self, name: &str) -> Result<(), MlError> {
+        self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         let old = {
             let mut w = self.write.lock().await;
             let old = w.info.cursors.remove(name).and_then(|p| p.cursor_ledger);
@@ -463,10 +476,18 @@ impl ManagedLedger {
 
     /// Deletes closed ledgers every cursor has moved past. With no cursors
     /// nothing is deleted (data is retained until a subscription consumes it).
-    pub async fn trim(&self, slowest: Option<Position>) -> Result<(), MlError> {
-        let Some(slowest) = slowest else { return Ok(()) };
+    pub async fn trim(&self) -> Result<(), MlError> {
         let deleted = {
             let mut w = self.write.lock().await;
+            let slowest = {
+                let md = self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner());
+                // Every cursor must have a known durable position to trim at all.
+                if w.info.cursors.is_empty() || !w.info.cursors.keys().all(|k| md.contains_key(k)) {
+                    return Ok(());
+                }
+                w.info.cursors.keys().filter_map(|k| md.get(k).copied()).min()
+            };
+            let Some(slowest) = slowest else { return Ok(()) };
             let before = w.info.ledgers.len();
             let mut deleted = Vec::new();
             w.info.ledgers.retain(|l| {

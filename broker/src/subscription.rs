@@ -129,7 +129,7 @@ impl Sub {
             Ok(()) => {
                 self.dirty = false;
                 // Ledgers behind this cursor may now be deletable.
-                let _ = self.ml.trim(Some(self.cursor.mark_delete)).await;
+                let _ = self.ml.trim().await;
             }
             Err(e) => tracing::warn!(subscription = %self.name, error = %e, "could not persist cursor; will retry"),
         }
@@ -288,8 +288,14 @@ impl Sub {
         if self.read_error {
             return;
         }
-        while let Some(idx) = self.pick_consumer() {
-            let Some(p) = self.next_to_deliver() else { return };
+        loop {
+            let rr = self.rr;
+            let Some(idx) = self.pick_consumer() else { return };
+            let Some(p) = self.next_to_deliver() else {
+                // Nothing to send: the turn stays with the same consumer.
+                self.rr = rr;
+                return;
+            };
             let data = match self.ml.read(p).await {
                 Ok(d) => d,
                 Err(e) => {

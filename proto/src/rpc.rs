@@ -92,7 +92,18 @@ pub fn server_endpoint(bind: SocketAddr, tls: &TlsMaterial) -> Result<quinn::End
     let crypto = tls.quic_server_config()?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
-    let mut ep = quinn::Endpoint::server(cfg, bind).map_err(|e| RpcError::Connect { addr: bind, reason: e.to_string() })?;
+    // A previous endpoint on this port (an in-process restart) may take a
+    // moment to release its socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut ep = loop {
+        match quinn::Endpoint::server(cfg.clone(), bind) {
+            Ok(ep) => break ep,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(RpcError::Connect { addr: bind, reason: e.to_string() }),
+        }
+    };
     ep.set_default_client_config(client_config(tls)?);
     Ok(ep)
 }

@@ -1,1 +1,208 @@
+//! Cluster test harness: start Magnetar in-process or as a real process, and
+//! the queue checker that judges end-to-end runs.
 
+use std::collections::{BTreeMap, HashMap};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use magnetar_broker::standalone::{Standalone, StandaloneConfig};
+
+/// A UDP port free right now (QUIC tiers need stable ports across restarts,
+/// because ledger metadata names bookies by address).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free UDP port")
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free TCP port")
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Ports and data dir of one standalone, reusable across restarts.
+#[derive(Debug, Clone)]
+pub struct StandaloneSpec {
+    pub data_dir: PathBuf,
+    pub broker_port: u16,
+    pub metadata_port: u16,
+    pub bookie_port: u16,
+}
+
+impl StandaloneSpec {
+    pub fn new(data_dir: &Path) -> StandaloneSpec {
+        StandaloneSpec { data_dir: data_dir.to_path_buf(), broker_port: free_tcp_port(), metadata_port: free_udp_port(), bookie_port: free_udp_port() }
+    }
+
+    pub fn config(&self) -> StandaloneConfig {
+        let mut c = StandaloneConfig::new(self.data_dir.clone());
+        c.broker_port = self.broker_port;
+        c.metadata_port = self.metadata_port;
+        c.bookie_port = self.bookie_port;
+        c
+    }
+
+    pub fn service_url(&self) -> String {
+        format!("pulsar://127.0.0.1:{}", self.broker_port)
+    }
+
+    pub async fn start(&self) -> Standalone {
+        Standalone::start(self.config()).await.expect("standalone starts")
+    }
+
+    pub async fn start_with(&self, f: impl FnOnce(&mut StandaloneConfig)) -> Standalone {
+        let mut c = self.config();
+        f(&mut c);
+        Standalone::start(c).await.expect("standalone starts")
+    }
+}
+
+/// The `magnetar` binary next to the test executable (built by `cargo test --workspace`).
+pub fn magnetar_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MAGNETAR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("magnetar")
+}
+
+/// `magnetar standalone` as a child process.
+pub struct Process {
+    pub child: Child,
+    pub spec: StandaloneSpec,
+}
+
+impl Process {
+    pub fn start(spec: &StandaloneSpec) -> Process {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.data_dir.with_extension("log")).expect("log file");
+        let child = Command::new(magnetar_bin())
+            .args(["standalone", "--data-dir"])
+            .arg(&spec.data_dir)
+            .args(["--broker-port", &spec.broker_port.to_string()])
+            .args(["--metadata-port", &spec.metadata_port.to_string()])
+            .args(["--bookie-port", &spec.bookie_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn magnetar");
+        Process { child, spec: spec.clone() }
+    }
+
+    /// Waits until the broker accepts connections.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if magnetar_client::Client::connect(&self.spec.service_url()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("magnetar did not become ready in {timeout:?}");
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Judges a queue run: every acknowledged message delivered, nothing
+/// delivered that was never sent, per-key order kept; duplicates counted.
+/// Sends whose outcome is unknown may or may not show up.
+#[derive(Debug, Default)]
+pub struct QueueChecker {
+    acked: BTreeMap<String, (String, u64)>,
+    unknown: BTreeMap<String, (String, u64)>,
+    delivered: HashMap<String, u32>,
+    last_per_key: HashMap<String, u64>,
+    pub order_violations: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Verdict {
+    pub acked: usize,
+    pub lost: Vec<String>,
+    pub unexpected: Vec<String>,
+    pub duplicates: usize,
+    pub order_violations: Vec<String>,
+}
+
+impl Verdict {
+    pub fn ok(&self) -> bool {
+        self.lost.is_empty() && self.unexpected.is_empty() && self.order_violations.is_empty()
+    }
+}
+
+impl QueueChecker {
+    pub fn sent_acked(&mut self, value: &str, key: &str, seq: u64) {
+        self.acked.insert(value.into(), (key.into(), seq));
+    }
+
+    pub fn sent_unknown(&mut self, value: &str, key: &str, seq: u64) {
+        self.unknown.insert(value.into(), (key.into(), seq));
+    }
+
+    pub fn delivered(&mut self, value: &str) {
+        let n = self.delivered.entry(value.into()).or_default();
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+        if let Some((key, seq)) = self.acked.get(value).or(self.unknown.get(value)) {
+            let last = self.last_per_key.entry(key.clone()).or_insert(0);
+            if *seq < *last {
+                self.order_violations.push(format!("{value} (key {key}, seq {seq}) after seq {last}"));
+            }
+            *last = (*last).max(*seq);
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        Verdict {
+            acked: self.acked.len(),
+            lost: self.acked.keys().filter(|v| !self.delivered.contains_key(*v)).cloned().collect(),
+            unexpected: self.delivered.keys().filter(|v| !self.acked.contains_key(*v) && !self.unknown.contains_key(*v)).cloned().collect(),
+            duplicates: self.delivered.values().map(|n| (*n as usize).saturating_sub(1)).sum(),
+            order_violations: self.order_violations.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checker_finds_loss_strangers_and_reordering() {
+        let mut c = QueueChecker::default();
+        c.sent_acked("a1", "a", 1);
+        c.sent_acked("a2", "a", 2);
+        c.sent_unknown("a3", "a", 3);
+        c.delivered("a2");
+        c.delivered("a1");
+        c.delivered("zz");
+        c.delivered("a2");
+        let v = c.verdict();
+        assert!(!v.ok());
+        assert_eq!(v.lost, Vec::<String>::new());
+        assert_eq!(v.unexpected, vec!["zz".to_string()]);
+        assert_eq!(v.duplicates, 1);
+        assert_eq!(v.order_violations.len(), 1);
+        let mut c = QueueChecker::default();
+        c.sent_acked("x", "k", 1);
+        assert_eq!(c.verdict().lost, vec!["x".to_string()]);
+    }
+}
