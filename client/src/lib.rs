@@ -142,7 +142,7 @@ impl Client {
             producer_id,
             name,
             options,
-            state: Mutex::new(ProducerState { next_seq: 0, pending: HashMap::new(), batch: Vec::new(), batch_bytes: 0 }),
+            state: Mutex::new(ProducerState { next_seq: 0, pending: HashMap::new(), batch: Vec::new(), batch_bytes: 0, closed: false }),
         });
         tokio::spawn(receipt_loop(Arc::downgrade(&inner), receipts));
         if inner.options.batching {
@@ -208,6 +208,8 @@ struct ProducerState {
     pending: HashMap<u64, Vec<Receipt>>,
     batch: Vec<(BatchItem, Receipt)>,
     batch_bytes: usize,
+    /// Set when the connection is gone: further sends fail at once.
+    closed: bool,
 }
 
 struct ProducerInner {
@@ -224,6 +226,12 @@ impl ProducerInner {
     }
 
     fn send_entry(&self, st: &mut ProducerState, metadata_fn: impl FnOnce(u64) -> MessageMetadata, payload: &[u8], num: i32, receipts: Vec<Receipt>) {
+        if st.closed {
+            for r in receipts {
+                let _ = r.send(Err(Error::Closed));
+            }
+            return;
+        }
         let seq = st.next_seq;
         st.next_seq += num as u64;
         let metadata = metadata_fn(seq);
@@ -360,7 +368,11 @@ async fn receipt_loop(inner: std::sync::Weak<ProducerInner>, mut rx: mpsc::Unbou
     }
     // Connection gone: every pending send has an unknown outcome.
     if let Some(p) = inner.upgrade() {
-        let pending: Vec<_> = p.lock().pending.drain().collect();
+        let pending: Vec<_> = {
+            let mut st = p.lock();
+            st.closed = true;
+            st.pending.drain().collect()
+        };
         for (_, rs) in pending {
             for s in rs {
                 let _ = s.send(Err(Error::Closed));
