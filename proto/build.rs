@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .protoc_executable(protoc)
         .bytes(["."])
-        .compile_protos(&["proto/pulsar_api.proto"], &[std::path::PathBuf::from("proto"), include])?;
+        .compile_protos(
+            &["proto/pulsar_api.proto"],
+            &[std::path::PathBuf::from("proto"), include],
+        )?;
     Ok(())
 }

@@ -8,11 +8,17 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use magnetar_broker::standalone::{Standalone, StandaloneConfig};
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType};
+use magnetar_client::{
+    Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
+};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Parser)]
-#[command(name = "magnetar", version, about = "Pulsar-compatible streaming with separate compute and storage")]
+#[command(
+    name = "magnetar",
+    version,
+    about = "Pulsar-compatible streaming with separate compute and storage"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -45,7 +51,11 @@ enum Cmd {
         #[arg(long, env = "MAGNETAR_BOOKIE_PORT", default_value_t = 3181)]
         bookie_port: u16,
         /// Roll a topic's ledger after this many entries.
-        #[arg(long, env = "MAGNETAR_MAX_ENTRIES_PER_LEDGER", default_value_t = 50_000)]
+        #[arg(
+            long,
+            env = "MAGNETAR_MAX_ENTRIES_PER_LEDGER",
+            default_value_t = 50_000
+        )]
         max_entries_per_ledger: u64,
     },
     /// Publish messages.
@@ -57,7 +67,11 @@ enum Cmd {
         num: u64,
         #[arg(short = 'k', long)]
         key: Option<String>,
-        #[arg(long, env = "MAGNETAR_SERVICE_URL", default_value = "pulsar://127.0.0.1:6650")]
+        #[arg(
+            long,
+            env = "MAGNETAR_SERVICE_URL",
+            default_value = "pulsar://127.0.0.1:6650"
+        )]
         service_url: String,
     },
     /// Consume messages, printing each payload on its own line.
@@ -74,7 +88,11 @@ enum Cmd {
         /// Give up after this many seconds without a message (0: wait forever).
         #[arg(long, default_value_t = 0)]
         timeout_secs: u64,
-        #[arg(long, env = "MAGNETAR_SERVICE_URL", default_value = "pulsar://127.0.0.1:6650")]
+        #[arg(
+            long,
+            env = "MAGNETAR_SERVICE_URL",
+            default_value = "pulsar://127.0.0.1:6650"
+        )]
         service_url: String,
     },
     /// Benchmarks.
@@ -85,8 +103,12 @@ enum Cmd {
 }
 
 fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[tokio::main]
@@ -94,16 +116,26 @@ async fn main() -> anyhow::Result<()> {
     init_logs();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Standalone { data_dir, bind_host, broker_port, metadata_port, bookie_port, max_entries_per_ledger } => {
+        Cmd::Standalone {
+            data_dir,
+            bind_host,
+            broker_port,
+            metadata_port,
+            bookie_port,
+            max_entries_per_ledger,
+        } => {
             let mut cfg = StandaloneConfig::new(data_dir.clone());
             cfg.bind_host = bind_host;
             cfg.broker_port = broker_port;
             cfg.metadata_port = metadata_port;
             cfg.bookie_port = bookie_port;
             cfg.managed_ledger.max_entries_per_ledger = max_entries_per_ledger;
-            let s = Standalone::start(cfg).await.context("starting standalone")?;
+            let s = Standalone::start(cfg)
+                .await
+                .context("starting standalone")?;
             tracing::info!(service_url = %s.service_url(), data_dir = %data_dir.display(), "magnetar standalone ready");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -111,13 +143,27 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             s.shutdown().await;
         }
-        Cmd::Produce { topic, messages, num, key, service_url } => {
-            let client = Client::connect(&service_url).await.with_context(|| format!("connecting to {service_url}"))?;
-            let producer = client.create_producer(&topic, ProducerOptions::default()).await?;
+        Cmd::Produce {
+            topic,
+            messages,
+            num,
+            key,
+            service_url,
+        } => {
+            let client = Client::connect(&service_url)
+                .await
+                .with_context(|| format!("connecting to {service_url}"))?;
+            let producer = client
+                .create_producer(&topic, ProducerOptions::default())
+                .await?;
             let mut receipts = Vec::new();
             for _ in 0..num {
                 for m in &messages {
-                    let msg = OutgoingMessage { payload: m.clone().into_bytes().into(), key: key.clone(), ..Default::default() };
+                    let msg = OutgoingMessage {
+                        payload: m.clone().into_bytes().into(),
+                        key: key.clone(),
+                        ..Default::default()
+                    };
                     receipts.push(producer.send_async(msg));
                 }
             }
@@ -128,8 +174,18 @@ async fn main() -> anyhow::Result<()> {
             producer.close().await?;
             tracing::info!(messages = total, topic, "produced");
         }
-        Cmd::Consume { topic, subscription, num, position, sub_type, timeout_secs, service_url } => {
-            let client = Client::connect(&service_url).await.with_context(|| format!("connecting to {service_url}"))?;
+        Cmd::Consume {
+            topic,
+            subscription,
+            num,
+            position,
+            sub_type,
+            timeout_secs,
+            service_url,
+        } => {
+            let client = Client::connect(&service_url)
+                .await
+                .with_context(|| format!("connecting to {service_url}"))?;
             let options = ConsumerOptions {
                 sub_type: match sub_type {
                     SubType::Exclusive => SubscriptionType::Exclusive,
@@ -144,7 +200,10 @@ async fn main() -> anyhow::Result<()> {
                 let msg = if timeout_secs == 0 {
                     consumer.receive().await?
                 } else {
-                    match consumer.receive_timeout(Duration::from_secs(timeout_secs)).await? {
+                    match consumer
+                        .receive_timeout(Duration::from_secs(timeout_secs))
+                        .await?
+                    {
                         Some(m) => m,
                         None => bail!("no message within {timeout_secs} s"),
                     }

@@ -66,25 +66,60 @@ fn report(label: &str, msgs: u64, bytes: u64, secs: f64, h: Option<&Histogram<u6
             )
         })
         .unwrap_or_default();
-    println!("{label}: {:.0} msg/s, {:.2} MB/s{lat}", msgs as f64 / secs, bytes as f64 / secs / 1e6);
+    println!(
+        "{label}: {:.0} msg/s, {:.2} MB/s{lat}",
+        msgs as f64 / secs,
+        bytes as f64 / secs / 1e6
+    );
 }
 
 pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
     match cmd {
-        PerfCmd::Produce { topic, rate, size, producers, topics, duration, batching, max_pending, service_url } => {
+        PerfCmd::Produce {
+            topic,
+            rate,
+            size,
+            producers,
+            topics,
+            duration,
+            batching,
+            max_pending,
+            service_url,
+        } => {
             let sent = Arc::new(AtomicU64::new(0));
-            let window = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-            let total = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+            let window = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1, 60_000_000, 3,
+            )?));
+            let total = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1, 60_000_000, 3,
+            )?));
             let errors = Arc::new(AtomicU64::new(0));
             let end = Instant::now() + Duration::from_secs(duration);
             let payload = Bytes::from(vec![b'x'; size]);
-            let per_producer_rate = if rate == 0 { 0 } else { (rate / producers as u64).max(1) };
+            let per_producer_rate = if rate == 0 {
+                0
+            } else {
+                (rate / producers as u64).max(1)
+            };
             let mut tasks = Vec::new();
             for i in 0..producers {
                 let client = Client::connect(&service_url).await?;
-                let opts = ProducerOptions { batching, ..Default::default() };
-                let producer = Arc::new(client.create_producer(&topic_name(&topic, topics, i % topics.max(1)), opts).await?);
-                let (sent, window, total, errors, payload) = (sent.clone(), window.clone(), total.clone(), errors.clone(), payload.clone());
+                let opts = ProducerOptions {
+                    batching,
+                    ..Default::default()
+                };
+                let producer = Arc::new(
+                    client
+                        .create_producer(&topic_name(&topic, topics, i % topics.max(1)), opts)
+                        .await?,
+                );
+                let (sent, window, total, errors, payload) = (
+                    sent.clone(),
+                    window.clone(),
+                    total.clone(),
+                    errors.clone(),
+                    payload.clone(),
+                );
                 let permits = Arc::new(tokio::sync::Semaphore::new(max_pending));
                 tasks.push(tokio::spawn(async move {
                     let _client = client;
@@ -92,19 +127,29 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                     let mut n: u64 = 0;
                     while Instant::now() < end {
                         if per_producer_rate > 0 {
-                            let due = start + Duration::from_secs_f64(n as f64 / per_producer_rate as f64);
+                            let due = start
+                                + Duration::from_secs_f64(n as f64 / per_producer_rate as f64);
                             tokio::time::sleep_until(due.into()).await;
                         }
-                        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break;
+                        };
                         let t0 = Instant::now();
                         let f = producer.send_async(payload.clone());
-                        let (sent, window, total, errors) = (sent.clone(), window.clone(), total.clone(), errors.clone());
+                        let (sent, window, total, errors) =
+                            (sent.clone(), window.clone(), total.clone(), errors.clone());
                         tokio::spawn(async move {
                             match f.await {
                                 Ok(_) => {
                                     let us = t0.elapsed().as_micros() as u64;
-                                    let _ = window.lock().unwrap_or_else(|e| e.into_inner()).record(us.max(1));
-                                    let _ = total.lock().unwrap_or_else(|e| e.into_inner()).record(us.max(1));
+                                    let _ = window
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .record(us.max(1));
+                                    let _ = total
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .record(us.max(1));
                                     sent.fetch_add(1, Ordering::Relaxed);
                                 }
                                 Err(_) => {
@@ -122,11 +167,22 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             let started = Instant::now();
             let mut last = (Instant::now(), 0u64);
             while Instant::now() < end {
-                tokio::time::sleep(Duration::from_secs(5).min(end.saturating_duration_since(Instant::now())).max(Duration::from_millis(10))).await;
+                tokio::time::sleep(
+                    Duration::from_secs(5)
+                        .min(end.saturating_duration_since(Instant::now()))
+                        .max(Duration::from_millis(10)),
+                )
+                .await;
                 let now = sent.load(Ordering::Relaxed);
                 let secs = last.0.elapsed().as_secs_f64();
                 let mut h = window.lock().unwrap_or_else(|e| e.into_inner());
-                report("interval", now - last.1, (now - last.1) * size as u64, secs, Some(&h));
+                report(
+                    "interval",
+                    now - last.1,
+                    (now - last.1) * size as u64,
+                    secs,
+                    Some(&h),
+                );
                 h.reset();
                 last = (Instant::now(), now);
             }
@@ -135,11 +191,29 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             }
             let n = sent.load(Ordering::Relaxed);
             let h = total.lock().unwrap_or_else(|e| e.into_inner());
-            report(&format!("summary ({n} msgs, {} errors, {size} B, batching {batching})", errors.load(Ordering::Relaxed)), n, n * size as u64, started.elapsed().as_secs_f64(), Some(&h));
+            report(
+                &format!(
+                    "summary ({n} msgs, {} errors, {size} B, batching {batching})",
+                    errors.load(Ordering::Relaxed)
+                ),
+                n,
+                n * size as u64,
+                started.elapsed().as_secs_f64(),
+                Some(&h),
+            );
         }
-        PerfCmd::Consume { topic, subscription, duration, service_url } => {
+        PerfCmd::Consume {
+            topic,
+            subscription,
+            duration,
+            service_url,
+        } => {
             let client = Client::connect(&service_url).await?;
-            let opts = ConsumerOptions { sub_type: SubscriptionType::Shared, earliest: true, receiver_queue: 5000 };
+            let opts = ConsumerOptions {
+                sub_type: SubscriptionType::Shared,
+                earliest: true,
+                receiver_queue: 5000,
+            };
             let mut consumer = client.subscribe(&topic, &subscription, opts).await?;
             let started = Instant::now();
             let end = started + Duration::from_secs(duration);
@@ -152,11 +226,23 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                     consumer.ack(&m)?;
                 }
                 if last.0.elapsed() >= Duration::from_secs(5) {
-                    report("interval", n - last.1, bytes - last.2, last.0.elapsed().as_secs_f64(), None);
+                    report(
+                        "interval",
+                        n - last.1,
+                        bytes - last.2,
+                        last.0.elapsed().as_secs_f64(),
+                        None,
+                    );
                     last = (Instant::now(), n, bytes);
                 }
             }
-            report(&format!("summary ({n} msgs)"), n, bytes, started.elapsed().as_secs_f64(), None);
+            report(
+                &format!("summary ({n} msgs)"),
+                n,
+                bytes,
+                started.elapsed().as_secs_f64(),
+                None,
+            );
         }
     }
     Ok(())

@@ -11,7 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::future::join_all;
 use magnetar_metadata::{MetadataClient, MetadataError};
-use magnetar_proto::ledger::{entry_digest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey};
+use magnetar_proto::ledger::{
+    entry_digest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey,
+};
 use magnetar_proto::rpc::RpcClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -29,7 +31,10 @@ pub enum LedgerError {
     #[error("not enough writable bookies: need {need}, have {have}")]
     NotEnoughBookies { need: usize, have: usize },
     #[error("bookie {bookie}: {code}")]
-    Bookie { bookie: String, code: BookieErrorCode },
+    Bookie {
+        bookie: String,
+        code: BookieErrorCode,
+    },
     #[error("bookie {bookie} unreachable: {reason}")]
     Unreachable { bookie: String, reason: String },
     /// The add may or may not be stored; it was not confirmed.
@@ -83,20 +88,29 @@ pub struct LedgerMetadata {
 
 impl LedgerMetadata {
     pub fn fragment_for(&self, entry_id: u64) -> Option<&Fragment> {
-        self.fragments.iter().rev().find(|f| f.first_entry <= entry_id)
+        self.fragments
+            .iter()
+            .rev()
+            .find(|f| f.first_entry <= entry_id)
     }
 
     /// Bookies holding `entry_id`, in write-set order.
     pub fn bookies_for(&self, entry_id: u64) -> Vec<String> {
         match self.fragment_for(entry_id) {
-            Some(f) => write_set(self.ensemble_size, self.write_quorum, entry_id).into_iter().map(|i| f.bookies[i].clone()).collect(),
+            Some(f) => write_set(self.ensemble_size, self.write_quorum, entry_id)
+                .into_iter()
+                .map(|i| f.bookies[i].clone())
+                .collect(),
             None => Vec::new(),
         }
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn ledger_key(id: u64) -> String {
@@ -115,42 +129,83 @@ impl LedgerClient {
     }
 
     async fn call(&self, bookie: &str, req: &BookieRequest) -> Result<BookieResponse, LedgerError> {
-        let addr: SocketAddr = bookie.parse().map_err(|_| LedgerError::Unreachable { bookie: bookie.into(), reason: "bad address".into() })?;
+        let addr: SocketAddr = bookie.parse().map_err(|_| LedgerError::Unreachable {
+            bookie: bookie.into(),
+            reason: "bad address".into(),
+        })?;
         match self.rpc.call::<_, BookieResponse>(addr, req).await {
-            Ok(BookieResponse::Error(code)) => Err(LedgerError::Bookie { bookie: bookie.into(), code }),
+            Ok(BookieResponse::Error(code)) => Err(LedgerError::Bookie {
+                bookie: bookie.into(),
+                code,
+            }),
             Ok(r) => Ok(r),
-            Err(e) => Err(LedgerError::Unreachable { bookie: bookie.into(), reason: e.to_string() }),
+            Err(e) => Err(LedgerError::Unreachable {
+                bookie: bookie.into(),
+                reason: e.to_string(),
+            }),
         }
     }
 
     /// Registered bookies that accept writes.
     pub async fn writable_bookies(&self) -> Result<Vec<BookieInfo>, LedgerError> {
         let kvs = self.metadata.range(BOOKIES_PREFIX, 0).await?;
-        Ok(kvs.iter().filter_map(|kv| serde_json::from_slice::<BookieInfo>(&kv.value).ok()).filter(|b| b.writable).collect())
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<BookieInfo>(&kv.value).ok())
+            .filter(|b| b.writable)
+            .collect())
     }
 
     async fn next_ledger_id(&self) -> Result<u64, LedgerError> {
         loop {
             let cur = self.metadata.get(LEDGER_ID_KEY).await?;
             let (version, next) = match &cur {
-                Some(kv) => (kv.version, std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(1)),
+                Some(kv) => (
+                    kv.version,
+                    std::str::from_utf8(&kv.value)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(1),
+                ),
                 None => (0, 1),
             };
-            if self.metadata.cas(LEDGER_ID_KEY, version, (next + 1).to_string().into_bytes(), None).await? {
+            if self
+                .metadata
+                .cas(
+                    LEDGER_ID_KEY,
+                    version,
+                    (next + 1).to_string().into_bytes(),
+                    None,
+                )
+                .await?
+            {
                 return Ok(next);
             }
         }
     }
 
-    pub async fn create(&self, ensemble_size: usize, write_quorum: usize, ack_quorum: usize, properties: BTreeMap<String, String>) -> Result<LedgerWriter, LedgerError> {
+    pub async fn create(
+        &self,
+        ensemble_size: usize,
+        write_quorum: usize,
+        ack_quorum: usize,
+        properties: BTreeMap<String, String>,
+    ) -> Result<LedgerWriter, LedgerError> {
         let mut bookies = self.writable_bookies().await?;
         if bookies.len() < ensemble_size {
-            return Err(LedgerError::NotEnoughBookies { need: ensemble_size, have: bookies.len() });
+            return Err(LedgerError::NotEnoughBookies {
+                need: ensemble_size,
+                have: bookies.len(),
+            });
         }
         // Spread over bookies: start from a position that moves with time.
         let start = (now_ms() as usize) % bookies.len();
         bookies.rotate_left(start);
-        let ensemble: Vec<String> = bookies.into_iter().take(ensemble_size).map(|b| b.addr).collect();
+        let ensemble: Vec<String> = bookies
+            .into_iter()
+            .take(ensemble_size)
+            .map(|b| b.addr)
+            .collect();
         let ledger_id = self.next_ledger_id().await?;
         let mut master_key = [0u8; 16];
         master_key[..8].copy_from_slice(&ledger_id.to_be_bytes());
@@ -160,7 +215,10 @@ impl LedgerClient {
             ensemble_size,
             write_quorum,
             ack_quorum,
-            fragments: vec![Fragment { first_entry: 0, bookies: ensemble }],
+            fragments: vec![Fragment {
+                first_entry: 0,
+                bookies: ensemble,
+            }],
             state: LedgerState::Open,
             last_entry_id: -1,
             length_bytes: 0,
@@ -169,7 +227,11 @@ impl LedgerClient {
             properties,
         };
         let value = serde_json::to_vec(&meta).map_err(|e| LedgerError::Metadata(e.to_string()))?;
-        if !self.metadata.cas(&ledger_key(ledger_id), 0, value, None).await? {
+        if !self
+            .metadata
+            .cas(&ledger_key(ledger_id), 0, value, None)
+            .await?
+        {
             return Err(LedgerError::Conflict(ledger_id));
         }
         tracing::debug!(ledger_id, ensemble = ?meta.fragments[0].bookies, "ledger created");
@@ -178,14 +240,26 @@ impl LedgerClient {
 
     /// The ledger's metadata and its version (for CAS).
     pub async fn metadata(&self, ledger_id: u64) -> Result<(LedgerMetadata, u64), LedgerError> {
-        let kv = self.metadata.get(&ledger_key(ledger_id)).await?.ok_or(LedgerError::NoSuchLedger(ledger_id))?;
-        let meta = serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Metadata(e.to_string()))?;
+        let kv = self
+            .metadata
+            .get(&ledger_key(ledger_id))
+            .await?
+            .ok_or(LedgerError::NoSuchLedger(ledger_id))?;
+        let meta =
+            serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Metadata(e.to_string()))?;
         Ok((meta, kv.version))
     }
 
-    async fn store_metadata(&self, meta: &LedgerMetadata, version: u64) -> Result<bool, LedgerError> {
+    async fn store_metadata(
+        &self,
+        meta: &LedgerMetadata,
+        version: u64,
+    ) -> Result<bool, LedgerError> {
         let value = serde_json::to_vec(meta).map_err(|e| LedgerError::Metadata(e.to_string()))?;
-        Ok(self.metadata.cas(&ledger_key(meta.ledger_id), version, value, None).await?)
+        Ok(self
+            .metadata
+            .cas(&ledger_key(meta.ledger_id), version, value, None)
+            .await?)
     }
 
     pub async fn delete(&self, ledger_id: u64) -> Result<(), LedgerError> {
@@ -197,19 +271,46 @@ impl LedgerClient {
     pub async fn read(&self, meta: &LedgerMetadata, entry_id: u64) -> Result<Bytes, LedgerError> {
         let mut errors = Vec::new();
         for bookie in meta.bookies_for(entry_id) {
-            match self.call(&bookie, &BookieRequest::Read { ledger_id: meta.ledger_id, entry_id }).await {
-                Ok(BookieResponse::Entry { ledger_id, entry_id: e, lac, payload, digest }) => {
-                    if ledger_id == meta.ledger_id && e == entry_id && entry_digest(ledger_id, e, lac, &payload) == digest {
+            match self
+                .call(
+                    &bookie,
+                    &BookieRequest::Read {
+                        ledger_id: meta.ledger_id,
+                        entry_id,
+                    },
+                )
+                .await
+            {
+                Ok(BookieResponse::Entry {
+                    ledger_id,
+                    entry_id: e,
+                    lac,
+                    payload,
+                    digest,
+                }) => {
+                    if ledger_id == meta.ledger_id
+                        && e == entry_id
+                        && entry_digest(ledger_id, e, lac, &payload) == digest
+                    {
                         return Ok(payload);
                     }
-                    tracing::error!(bookie, ledger_id, entry_id, "entry from bookie fails its digest; trying another replica");
+                    tracing::error!(
+                        bookie,
+                        ledger_id,
+                        entry_id,
+                        "entry from bookie fails its digest; trying another replica"
+                    );
                     errors.push(format!("{bookie}: bad digest"));
                 }
                 Ok(other) => errors.push(format!("{bookie}: unexpected {other:?}")),
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        Err(LedgerError::Unreadable(meta.ledger_id, entry_id, errors.join("; ")))
+        Err(LedgerError::Unreadable(
+            meta.ledger_id,
+            entry_id,
+            errors.join("; "),
+        ))
     }
 
     /// Fences the ledger so its writer can no longer add, finds the last
@@ -232,10 +333,21 @@ impl LedgerClient {
         }
     }
 
-    async fn finish_recovery(&self, mut meta: LedgerMetadata, version: u64) -> Result<LedgerMetadata, LedgerError> {
+    async fn finish_recovery(
+        &self,
+        mut meta: LedgerMetadata,
+        version: u64,
+    ) -> Result<LedgerMetadata, LedgerError> {
         let id = meta.ledger_id;
-        let last = meta.fragments.last().cloned().ok_or(LedgerError::Metadata("ledger without fragments".into()))?;
-        let fence = BookieRequest::Fence { ledger_id: id, master_key: meta.master_key };
+        let last = meta
+            .fragments
+            .last()
+            .cloned()
+            .ok_or(LedgerError::Metadata("ledger without fragments".into()))?;
+        let fence = BookieRequest::Fence {
+            ledger_id: id,
+            master_key: meta.master_key,
+        };
         let fences = join_all(last.bookies.iter().map(|b| self.call(b, &fence))).await;
         let mut lac = -1i64;
         let mut fenced = 0;
@@ -245,28 +357,44 @@ impl LedgerClient {
                     fenced += 1;
                     lac = lac.max(*l);
                 }
-                other => tracing::warn!(bookie = %b, ledger_id = id, result = ?other, "fence failed"),
+                other => {
+                    tracing::warn!(bookie = %b, ledger_id = id, result = ?other, "fence failed")
+                }
             }
         }
         // With at most Qa-1 bookies unfenced, no write set can gather Qa acks any more.
         let need = meta.ensemble_size - meta.ack_quorum + 1;
         if fenced < need {
-            return Err(LedgerError::WriterFailed(id, format!("fenced {fenced} bookies, need {need}")));
+            return Err(LedgerError::WriterFailed(
+                id,
+                format!("fenced {fenced} bookies, need {need}"),
+            ));
         }
         let mut entry = (lac + 1).max(last.first_entry as i64) as u64;
         let mut length = 0u64;
         loop {
             let set = meta.bookies_for(entry);
-            let read = BookieRequest::Read { ledger_id: id, entry_id: entry };
+            let read = BookieRequest::Read {
+                ledger_id: id,
+                entry_id: entry,
+            };
             let reads = join_all(set.iter().map(|b| self.call(b, &read))).await;
             let mut found = None;
             let mut missing = 0;
             for r in reads {
                 match r {
-                    Ok(BookieResponse::Entry { lac: l, payload, digest, .. }) if entry_digest(id, entry, l, &payload) == digest => {
+                    Ok(BookieResponse::Entry {
+                        lac: l,
+                        payload,
+                        digest,
+                        ..
+                    }) if entry_digest(id, entry, l, &payload) == digest => {
                         found = Some((l, payload, digest));
                     }
-                    Err(LedgerError::Bookie { code: BookieErrorCode::NoSuchEntry | BookieErrorCode::NoSuchLedger, .. }) => missing += 1,
+                    Err(LedgerError::Bookie {
+                        code: BookieErrorCode::NoSuchEntry | BookieErrorCode::NoSuchLedger,
+                        ..
+                    }) => missing += 1,
                     _ => {}
                 }
             }
@@ -274,15 +402,36 @@ impl LedgerClient {
                 Some((l, payload, digest)) => {
                     // Re-replicate to the whole write set so the end is durable at Qw.
                     length += payload.len() as u64;
-                    let add = BookieRequest::Add { ledger_id: id, entry_id: entry, master_key: meta.master_key, lac: l, payload, digest, recovery: true };
-                    let acks = join_all(set.iter().map(|b| self.call(b, &add))).await.into_iter().filter(|r| r.is_ok()).count();
+                    let add = BookieRequest::Add {
+                        ledger_id: id,
+                        entry_id: entry,
+                        master_key: meta.master_key,
+                        lac: l,
+                        payload,
+                        digest,
+                        recovery: true,
+                    };
+                    let acks = join_all(set.iter().map(|b| self.call(b, &add)))
+                        .await
+                        .into_iter()
+                        .filter(|r| r.is_ok())
+                        .count();
                     if acks < meta.ack_quorum {
-                        return Err(LedgerError::WriterFailed(id, format!("re-replication of entry {entry} reached {acks} bookies")));
+                        return Err(LedgerError::WriterFailed(
+                            id,
+                            format!("re-replication of entry {entry} reached {acks} bookies"),
+                        ));
                     }
                     entry += 1;
                 }
-                None if missing >= meta.write_quorum - meta.ack_quorum + 1 => break,
-                None => return Err(LedgerError::Unreadable(id, entry, "too few bookies answered during recovery".into())),
+                None if missing > meta.write_quorum - meta.ack_quorum => break,
+                None => {
+                    return Err(LedgerError::Unreadable(
+                        id,
+                        entry,
+                        "too few bookies answered during recovery".into(),
+                    ))
+                }
             }
         }
         meta.state = LedgerState::Closed;
@@ -295,7 +444,11 @@ impl LedgerClient {
             }
             return Err(LedgerError::Conflict(id));
         }
-        tracing::info!(ledger_id = id, last_entry_id = meta.last_entry_id, "ledger recovered and closed");
+        tracing::info!(
+            ledger_id = id,
+            last_entry_id = meta.last_entry_id,
+            "ledger recovered and closed"
+        );
         Ok(meta)
     }
 }
@@ -324,7 +477,13 @@ impl LedgerWriter {
         LedgerWriter {
             client,
             meta: Arc::new(meta),
-            inner: Arc::new(Mutex::new(WriterInner { state, waiting: HashMap::new(), failed: None, closed: false, length_bytes: 0 })),
+            inner: Arc::new(Mutex::new(WriterInner {
+                state,
+                waiting: HashMap::new(),
+                failed: None,
+                closed: false,
+                length_bytes: 0,
+            })),
         }
     }
 
@@ -365,7 +524,7 @@ impl LedgerWriter {
             drop(g);
             let _ = tx.send(r);
         } else {
-            let entry_id = g.state.next();
+            let entry_id = g.state.assign();
             let lac = g.state.lac();
             let positions = g.state.write_set(entry_id);
             g.length_bytes += payload.len() as u64;
@@ -375,8 +534,19 @@ impl LedgerWriter {
             let fragment = self.meta.fragments.last().cloned();
             for pos in positions {
                 let me = self.clone();
-                let bookie = fragment.as_ref().map(|f| f.bookies[pos].clone()).unwrap_or_default();
-                let req = BookieRequest::Add { ledger_id: self.meta.ledger_id, entry_id, master_key: self.meta.master_key, lac, payload: payload.clone(), digest, recovery: false };
+                let bookie = fragment
+                    .as_ref()
+                    .map(|f| f.bookies[pos].clone())
+                    .unwrap_or_default();
+                let req = BookieRequest::Add {
+                    ledger_id: self.meta.ledger_id,
+                    entry_id,
+                    master_key: self.meta.master_key,
+                    lac,
+                    payload: payload.clone(),
+                    digest,
+                    recovery: false,
+                };
                 tokio::spawn(async move {
                     match me.client.call(&bookie, &req).await {
                         Ok(BookieResponse::Added { .. }) => me.acked(entry_id, pos),
@@ -386,13 +556,19 @@ impl LedgerWriter {
                 });
             }
         }
-        async move { rx.await.unwrap_or_else(|_| Err(LedgerError::WriterFailed(0, "writer dropped".into()))) }
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(LedgerError::WriterFailed(0, "writer dropped".into())))
+        }
     }
 
     fn acked(&self, entry_id: u64, pos: usize) {
         let mut g = self.lock();
         let confirmed = g.state.on_ack(entry_id, pos);
-        let senders: Vec<_> = confirmed.into_iter().filter_map(|e| g.waiting.remove(&e).map(|s| (e, s))).collect();
+        let senders: Vec<_> = confirmed
+            .into_iter()
+            .filter_map(|e| g.waiting.remove(&e).map(|s| (e, s)))
+            .collect();
         drop(g);
         for (e, s) in senders {
             let _ = s.send(Ok(e));

@@ -62,8 +62,21 @@ pub struct StoredEntry {
 }
 
 enum Request {
-    Add { ledger_id: u64, entry_id: u64, lac: i64, master_key: MasterKey, payload: Bytes, digest: u32, recovery: bool, done: oneshot::Sender<Result<(), BookieErrorCode>> },
-    Fence { ledger_id: u64, master_key: MasterKey, done: oneshot::Sender<Result<i64, BookieErrorCode>> },
+    Add {
+        ledger_id: u64,
+        entry_id: u64,
+        lac: i64,
+        master_key: MasterKey,
+        payload: Bytes,
+        digest: u32,
+        recovery: bool,
+        done: oneshot::Sender<Result<(), BookieErrorCode>>,
+    },
+    Fence {
+        ledger_id: u64,
+        master_key: MasterKey,
+        done: oneshot::Sender<Result<i64, BookieErrorCode>>,
+    },
 }
 
 /// Handle to the journal. Cheap to clone.
@@ -89,7 +102,12 @@ impl Journal {
         std::fs::create_dir_all(dir)?;
         let mut segs: Vec<u64> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".jnl")).and_then(|n| n.parse().ok()))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".jnl"))
+                    .and_then(|n| n.parse().ok())
+            })
             .collect();
         segs.sort_unstable();
         let mut index = Index::default();
@@ -114,42 +132,91 @@ impl Journal {
         File::open(dir)?.sync_all()?;
         let index = Arc::new(RwLock::new(index));
         let (tx, rx) = mpsc::sync_channel(64 * 1024);
-        let mut writer = Writer { dir: dir.to_path_buf(), segment: current, file, size, index: index.clone(), state: HashMap::new() };
+        let mut writer = Writer {
+            dir: dir.to_path_buf(),
+            segment: current,
+            file,
+            size,
+            index: index.clone(),
+            state: HashMap::new(),
+        };
         {
             let g = index.read().unwrap_or_else(|e| e.into_inner());
             for (id, l) in &g.ledgers {
                 writer.state.insert(*id, (l.master_key, l.fenced));
             }
         }
-        std::thread::Builder::new().name("bookie-journal".into()).spawn(move || writer.run(rx))?;
+        std::thread::Builder::new()
+            .name("bookie-journal".into())
+            .spawn(move || writer.run(rx))?;
         Ok(Journal { tx, index })
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub async fn add(&self, ledger_id: u64, entry_id: u64, lac: i64, master_key: MasterKey, payload: Bytes, digest: u32, recovery: bool) -> Result<(), BookieErrorCode> {
+    pub async fn add(
+        &self,
+        ledger_id: u64,
+        entry_id: u64,
+        lac: i64,
+        master_key: MasterKey,
+        payload: Bytes,
+        digest: u32,
+        recovery: bool,
+    ) -> Result<(), BookieErrorCode> {
         if entry_digest(ledger_id, entry_id, lac, &payload) != digest {
             return Err(BookieErrorCode::BadDigest);
         }
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Request::Add { ledger_id, entry_id, lac, master_key, payload, digest, recovery, done })
+            .send(Request::Add {
+                ledger_id,
+                entry_id,
+                lac,
+                master_key,
+                payload,
+                digest,
+                recovery,
+                done,
+            })
             .map_err(|_| BookieErrorCode::Io)?;
         rx.await.map_err(|_| BookieErrorCode::Io)?
     }
 
     /// Fences the ledger durably; returns its LAC.
-    pub async fn fence(&self, ledger_id: u64, master_key: MasterKey) -> Result<i64, BookieErrorCode> {
+    pub async fn fence(
+        &self,
+        ledger_id: u64,
+        master_key: MasterKey,
+    ) -> Result<i64, BookieErrorCode> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Request::Fence { ledger_id, master_key, done }).map_err(|_| BookieErrorCode::Io)?;
+        self.tx
+            .send(Request::Fence {
+                ledger_id,
+                master_key,
+                done,
+            })
+            .map_err(|_| BookieErrorCode::Io)?;
         rx.await.map_err(|_| BookieErrorCode::Io)?
     }
 
     pub fn read(&self, ledger_id: u64, entry_id: u64) -> Result<StoredEntry, BookieErrorCode> {
         let (loc, file) = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
-            let l = g.ledgers.get(&ledger_id).ok_or(BookieErrorCode::NoSuchLedger)?;
-            let loc = *l.entries.get(&entry_id).ok_or(BookieErrorCode::NoSuchEntry)?;
-            (loc, g.segments.get(&loc.segment).cloned().ok_or(BookieErrorCode::Io)?)
+            let l = g
+                .ledgers
+                .get(&ledger_id)
+                .ok_or(BookieErrorCode::NoSuchLedger)?;
+            let loc = *l
+                .entries
+                .get(&entry_id)
+                .ok_or(BookieErrorCode::NoSuchEntry)?;
+            (
+                loc,
+                g.segments
+                    .get(&loc.segment)
+                    .cloned()
+                    .ok_or(BookieErrorCode::Io)?,
+            )
         };
         let mut buf = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -161,21 +228,36 @@ impl Journal {
             tracing::error!(ledger_id, entry_id, "stored entry fails its digest");
             return Err(BookieErrorCode::BadDigest);
         }
-        Ok(StoredEntry { lac: loc.lac, payload: Bytes::from(buf), digest: loc.digest })
+        Ok(StoredEntry {
+            lac: loc.lac,
+            payload: Bytes::from(buf),
+            digest: loc.digest,
+        })
     }
 
     /// (LAC, last stored entry or -1) of a ledger.
     pub fn lac(&self, ledger_id: u64) -> Result<(i64, i64), BookieErrorCode> {
         let g = self.index.read().unwrap_or_else(|e| e.into_inner());
-        let l = g.ledgers.get(&ledger_id).ok_or(BookieErrorCode::NoSuchLedger)?;
-        Ok((l.lac, l.entries.keys().next_back().map(|e| *e as i64).unwrap_or(-1)))
+        let l = g
+            .ledgers
+            .get(&ledger_id)
+            .ok_or(BookieErrorCode::NoSuchLedger)?;
+        Ok((
+            l.lac,
+            l.entries
+                .keys()
+                .next_back()
+                .map(|e| *e as i64)
+                .unwrap_or(-1),
+        ))
     }
 }
 
 fn replay(seg: u64, data: &[u8], index: &mut Index) -> usize {
     let mut pos = 0usize;
     while data.len() - pos >= REC_HEADER {
-        let len = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let len =
+            u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         let crc = u32::from_be_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
         if len < 1 || len - 1 > data.len() - pos - REC_HEADER {
             break;
@@ -192,14 +274,32 @@ fn replay(seg: u64, data: &[u8], index: &mut Index) -> usize {
                 let digest = u32::from_be_bytes(body[24..28].try_into().unwrap_or([0; 4]));
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[28..44]);
-                let l = index.ledgers.entry(ledger).or_insert_with(|| LedgerIndex { lac: -1, ..Default::default() });
+                let l = index.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
+                    lac: -1,
+                    ..Default::default()
+                });
                 l.master_key.get_or_insert(key);
                 l.lac = l.lac.max(lac);
                 let offset = (pos + REC_HEADER + ADD_HEADER) as u64;
-                l.entries.insert(entry, Location { segment: seg, offset, len: (body.len() - ADD_HEADER) as u32, lac, digest });
+                l.entries.insert(
+                    entry,
+                    Location {
+                        segment: seg,
+                        offset,
+                        len: (body.len() - ADD_HEADER) as u32,
+                        lac,
+                        digest,
+                    },
+                );
             }
             REC_FENCE if body.len() >= 24 => {
-                let l = index.ledgers.entry(u64_at(0)).or_insert_with(|| LedgerIndex { lac: -1, ..Default::default() });
+                let l = index
+                    .ledgers
+                    .entry(u64_at(0))
+                    .or_insert_with(|| LedgerIndex {
+                        lac: -1,
+                        ..Default::default()
+                    });
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[8..24]);
                 l.master_key.get_or_insert(key);
@@ -223,8 +323,18 @@ struct Writer {
 }
 
 enum Done {
-    Add(u64, u64, Location, MasterKey, oneshot::Sender<Result<(), BookieErrorCode>>),
-    Fence(u64, MasterKey, oneshot::Sender<Result<i64, BookieErrorCode>>),
+    Add(
+        u64,
+        u64,
+        Location,
+        MasterKey,
+        oneshot::Sender<Result<(), BookieErrorCode>>,
+    ),
+    Fence(
+        u64,
+        MasterKey,
+        oneshot::Sender<Result<i64, BookieErrorCode>>,
+    ),
 }
 
 impl Writer {
@@ -239,7 +349,10 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
+            let res = self
+                .file
+                .write_all(&buf)
+                .and_then(|_| self.file.sync_data());
             self.size += buf.len() as u64;
             buf.clear();
             if let Err(e) = &res {
@@ -256,7 +369,16 @@ impl Writer {
 
     fn stage(&mut self, req: Request, buf: &mut Vec<u8>, done: &mut Vec<Done>) {
         match req {
-            Request::Add { ledger_id, entry_id, lac, master_key, payload, digest, recovery, done: tx } => {
+            Request::Add {
+                ledger_id,
+                entry_id,
+                lac,
+                master_key,
+                payload,
+                digest,
+                recovery,
+                done: tx,
+            } => {
                 let st = self.state.entry(ledger_id).or_insert((None, false));
                 if st.0.is_some_and(|k| k != master_key) {
                     let _ = tx.send(Err(BookieErrorCode::Unauthorized));
@@ -281,10 +403,20 @@ impl Writer {
                 let crc = crc32c::crc32c(&buf[start + 8..]);
                 buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
                 let offset = self.size + (start + REC_HEADER + ADD_HEADER) as u64;
-                let loc = Location { segment: self.segment, offset, len: payload.len() as u32, lac, digest };
+                let loc = Location {
+                    segment: self.segment,
+                    offset,
+                    len: payload.len() as u32,
+                    lac,
+                    digest,
+                };
                 done.push(Done::Add(ledger_id, entry_id, loc, master_key, tx));
             }
-            Request::Fence { ledger_id, master_key, done: tx } => {
+            Request::Fence {
+                ledger_id,
+                master_key,
+                done: tx,
+            } => {
                 let st = self.state.entry(ledger_id).or_insert((None, false));
                 if st.0.is_some_and(|k| k != master_key) {
                     let _ = tx.send(Err(BookieErrorCode::Unauthorized));
@@ -319,14 +451,20 @@ impl Writer {
         for d in done.drain(..) {
             match d {
                 Done::Add(ledger, entry, loc, key, tx) => {
-                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex { lac: -1, ..Default::default() });
+                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
+                        lac: -1,
+                        ..Default::default()
+                    });
                     l.master_key.get_or_insert(key);
                     l.lac = l.lac.max(loc.lac);
                     l.entries.insert(entry, loc);
                     answers.push(tx);
                 }
                 Done::Fence(ledger, key, tx) => {
-                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex { lac: -1, ..Default::default() });
+                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
+                        lac: -1,
+                        ..Default::default()
+                    });
                     l.master_key.get_or_insert(key);
                     l.fenced = true;
                     let lac = l.lac;
@@ -345,7 +483,11 @@ impl Writer {
         let path = segment_path(&self.dir, next);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         File::open(&self.dir)?.sync_all()?;
-        self.index.write().unwrap_or_else(|e| e.into_inner()).segments.insert(next, Arc::new(File::open(&path)?));
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .segments
+            .insert(next, Arc::new(File::open(&path)?));
         self.file = file;
         self.segment = next;
         self.size = 0;
@@ -363,7 +505,16 @@ mod tests {
 
     async fn add(j: &Journal, l: u64, e: u64, data: &[u8]) -> Result<(), BookieErrorCode> {
         let p = Bytes::copy_from_slice(data);
-        j.add(l, e, e as i64 - 1, key(), p.clone(), entry_digest(l, e, e as i64 - 1, &p), false).await
+        j.add(
+            l,
+            e,
+            e as i64 - 1,
+            key(),
+            p.clone(),
+            entry_digest(l, e, e as i64 - 1, &p),
+            false,
+        )
+        .await
     }
 
     #[tokio::test]
@@ -371,10 +522,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let j = Journal::open(dir.path()).unwrap();
-            let adds: Vec<_> = (0..200u64).map(|e| {
-                let j = j.clone();
-                tokio::spawn(async move { add(&j, 1 + e % 3, e, format!("entry-{e}").as_bytes()).await })
-            }).collect();
+            let adds: Vec<_> = (0..200u64)
+                .map(|e| {
+                    let j = j.clone();
+                    tokio::spawn(async move {
+                        add(&j, 1 + e % 3, e, format!("entry-{e}").as_bytes()).await
+                    })
+                })
+                .collect();
             for a in adds {
                 a.await.unwrap().unwrap();
             }
@@ -390,11 +545,30 @@ mod tests {
             let got = j.read(1 + e % 3, e).unwrap();
             assert_eq!(&got.payload[..], format!("entry-{e}").as_bytes());
         }
-        assert_eq!(add(&j, 2, 1000, b"late").await, Err(BookieErrorCode::Fenced), "fence survives restart");
-        assert!(add(&j, 1, 1000, b"ok").await.is_ok(), "journal writable after the torn tail was cut");
-        let wrong = j.add(1, 1001, 0, [9; 16], Bytes::from_static(b"x"), entry_digest(1, 1001, 0, b"x"), false).await;
+        assert_eq!(
+            add(&j, 2, 1000, b"late").await,
+            Err(BookieErrorCode::Fenced),
+            "fence survives restart"
+        );
+        assert!(
+            add(&j, 1, 1000, b"ok").await.is_ok(),
+            "journal writable after the torn tail was cut"
+        );
+        let wrong = j
+            .add(
+                1,
+                1001,
+                0,
+                [9; 16],
+                Bytes::from_static(b"x"),
+                entry_digest(1, 1001, 0, b"x"),
+                false,
+            )
+            .await;
         assert_eq!(wrong, Err(BookieErrorCode::Unauthorized));
-        let bad = j.add(1, 1002, 0, key(), Bytes::from_static(b"x"), 12345, false).await;
+        let bad = j
+            .add(1, 1002, 0, key(), Bytes::from_static(b"x"), 12345, false)
+            .await;
         assert_eq!(bad, Err(BookieErrorCode::BadDigest));
     }
 }

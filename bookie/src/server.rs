@@ -51,23 +51,51 @@ pub struct Bookie {
 }
 
 impl Bookie {
-    pub async fn start(cfg: BookieConfig, tls: &TlsMaterial, metadata: &MetadataClient) -> Result<Arc<Bookie>, BookieError> {
+    pub async fn start(
+        cfg: BookieConfig,
+        tls: &TlsMaterial,
+        metadata: &MetadataClient,
+    ) -> Result<Arc<Bookie>, BookieError> {
         let journal = Journal::open(&cfg.data_dir.join("journal"))?;
         let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls)?;
-        let local = endpoint.local_addr().map_err(|e| RpcError::Tls(e.to_string()))?;
+        let local = endpoint
+            .local_addr()
+            .map_err(|e| RpcError::Tls(e.to_string()))?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
         let task = tokio::spawn(accept_loop(journal.clone(), endpoint.clone()));
-        let lease = metadata.grant_lease(cfg.registration_ttl_ms).await.map_err(|e| BookieError::Registration(e.to_string()))?;
-        let info = BookieInfo { addr: addr.clone(), rack: cfg.rack.clone(), writable: true };
-        let value = serde_json::to_vec(&info).map_err(|e| BookieError::Registration(e.to_string()))?;
+        let lease = metadata
+            .grant_lease(cfg.registration_ttl_ms)
+            .await
+            .map_err(|e| BookieError::Registration(e.to_string()))?;
+        let info = BookieInfo {
+            addr: addr.clone(),
+            rack: cfg.rack.clone(),
+            writable: true,
+        };
+        let value =
+            serde_json::to_vec(&info).map_err(|e| BookieError::Registration(e.to_string()))?;
         let key = format!("{BOOKIES_PREFIX}{addr}");
         // A previous incarnation's key may linger until its lease expires: replace it.
         metadata
-            .txn(magnetar_metadata::Txn { compares: vec![], success: vec![magnetar_metadata::Op::Put { key, value, lease: Some(lease.id) }], failure: vec![] })
+            .txn(magnetar_metadata::Txn {
+                compares: vec![],
+                success: vec![magnetar_metadata::Op::Put {
+                    key,
+                    value,
+                    lease: Some(lease.id),
+                }],
+                failure: vec![],
+            })
             .await
             .map_err(|e| BookieError::Registration(e.to_string()))?;
         tracing::info!(addr = %addr, "bookie started and registered");
-        Ok(Arc::new(Bookie { journal, endpoint, addr, lease: Mutex::new(Some(lease)), task }))
+        Ok(Arc::new(Bookie {
+            journal,
+            endpoint,
+            addr,
+            lease: Mutex::new(Some(lease)),
+            task,
+        }))
     }
 
     pub fn addr(&self) -> &str {
@@ -83,19 +111,61 @@ impl Bookie {
 
 pub async fn handle(journal: &Journal, req: BookieRequest) -> BookieResponse {
     let res = match req {
-        BookieRequest::Add { ledger_id, entry_id, master_key, lac, payload, digest, recovery } => {
+        BookieRequest::Add {
+            ledger_id,
+            entry_id,
+            master_key,
+            lac,
+            payload,
+            digest,
+            recovery,
+        } => {
             if payload.len() > MAX_ENTRY_BYTES {
                 Err(BookieErrorCode::TooLarge)
             } else {
-                journal.add(ledger_id, entry_id, lac, master_key, payload, digest, recovery).await.map(|_| BookieResponse::Added { ledger_id, entry_id })
+                journal
+                    .add(
+                        ledger_id, entry_id, lac, master_key, payload, digest, recovery,
+                    )
+                    .await
+                    .map(|_| BookieResponse::Added {
+                        ledger_id,
+                        entry_id,
+                    })
             }
         }
-        BookieRequest::Read { ledger_id, entry_id } => journal
+        BookieRequest::Read {
+            ledger_id,
+            entry_id,
+        } => journal
             .read(ledger_id, entry_id)
-            .map(|e| BookieResponse::Entry { ledger_id, entry_id, lac: e.lac, payload: e.payload, digest: e.digest }),
-        BookieRequest::ReadLac { ledger_id } => journal.lac(ledger_id).map(|(lac, last_entry)| BookieResponse::Lac { ledger_id, lac, last_entry }),
-        BookieRequest::Fence { ledger_id, master_key } => match journal.fence(ledger_id, master_key).await {
-            Ok(_) => journal.lac(ledger_id).map(|(lac, last_entry)| BookieResponse::Lac { ledger_id, lac, last_entry }),
+            .map(|e| BookieResponse::Entry {
+                ledger_id,
+                entry_id,
+                lac: e.lac,
+                payload: e.payload,
+                digest: e.digest,
+            }),
+        BookieRequest::ReadLac { ledger_id } => {
+            journal
+                .lac(ledger_id)
+                .map(|(lac, last_entry)| BookieResponse::Lac {
+                    ledger_id,
+                    lac,
+                    last_entry,
+                })
+        }
+        BookieRequest::Fence {
+            ledger_id,
+            master_key,
+        } => match journal.fence(ledger_id, master_key).await {
+            Ok(_) => journal
+                .lac(ledger_id)
+                .map(|(lac, last_entry)| BookieResponse::Lac {
+                    ledger_id,
+                    lac,
+                    last_entry,
+                }),
             Err(e) => Err(e),
         },
     };

@@ -24,10 +24,25 @@ pub struct WriteState {
 
 impl WriteState {
     /// `first_entry` is the id the next add gets (0 for a new ledger).
-    pub fn new(ensemble_size: usize, write_quorum: usize, ack_quorum: usize, first_entry: u64) -> WriteState {
-        assert!(ensemble_size <= 64, "ensembles are tracked in a 64-bit mask");
+    pub fn new(
+        ensemble_size: usize,
+        write_quorum: usize,
+        ack_quorum: usize,
+        first_entry: u64,
+    ) -> WriteState {
+        assert!(
+            ensemble_size <= 64,
+            "ensembles are tracked in a 64-bit mask"
+        );
         assert!(ensemble_size >= write_quorum && write_quorum >= ack_quorum && ack_quorum >= 1);
-        WriteState { ensemble_size, write_quorum, ack_quorum, next_entry: first_entry, lac: first_entry as i64 - 1, pending: VecDeque::new() }
+        WriteState {
+            ensemble_size,
+            write_quorum,
+            ack_quorum,
+            next_entry: first_entry,
+            lac: first_entry as i64 - 1,
+            pending: VecDeque::new(),
+        }
     }
 
     /// Positions in the ensemble of the bookies that store `entry_id`.
@@ -36,10 +51,13 @@ impl WriteState {
     }
 
     /// Assigns the next entry id.
-    pub fn next(&mut self) -> u64 {
+    pub fn assign(&mut self) -> u64 {
         let id = self.next_entry;
         self.next_entry += 1;
-        self.pending.push_back(Pending { entry_id: id, acked: 0 });
+        self.pending.push_back(Pending {
+            entry_id: id,
+            acked: 0,
+        });
         id
     }
 
@@ -57,11 +75,15 @@ impl WriteState {
         if !self.write_set(entry_id).contains(&position) {
             return Vec::new();
         }
-        let Some(front) = self.pending.front().map(|p| p.entry_id) else { return Vec::new() };
+        let Some(front) = self.pending.front().map(|p| p.entry_id) else {
+            return Vec::new();
+        };
         if entry_id < front {
             return Vec::new();
         }
-        let Some(p) = self.pending.get_mut((entry_id - front) as usize) else { return Vec::new() };
+        let Some(p) = self.pending.get_mut((entry_id - front) as usize) else {
+            return Vec::new();
+        };
         debug_assert_eq!(p.entry_id, entry_id);
         p.acked |= 1 << position;
         let mut confirmed = Vec::new();
@@ -81,7 +103,9 @@ impl WriteState {
 
 pub fn write_set(ensemble_size: usize, write_quorum: usize, entry_id: u64) -> Vec<usize> {
     let start = (entry_id % ensemble_size as u64) as usize;
-    (0..write_quorum).map(|i| (start + i) % ensemble_size).collect()
+    (0..write_quorum)
+        .map(|i| (start + i) % ensemble_size)
+        .collect()
 }
 
 #[cfg(test)]
@@ -98,7 +122,7 @@ mod tests {
     #[test]
     fn confirms_in_order_after_ack_quorum() {
         let mut w = WriteState::new(3, 3, 2, 0);
-        let (e0, e1, e2) = (w.next(), w.next(), w.next());
+        let (e0, e1, e2) = (w.assign(), w.assign(), w.assign());
         assert!(w.on_ack(e1, 0).is_empty());
         assert!(w.on_ack(e1, 1).is_empty(), "e1 has quorum but e0 does not");
         assert!(w.on_ack(e0, 2).is_empty());
@@ -114,7 +138,7 @@ mod tests {
     #[test]
     fn acks_from_outside_the_write_set_do_not_count() {
         let mut w = WriteState::new(3, 2, 2, 10);
-        let e = w.next();
+        let e = w.assign();
         assert_eq!(w.write_set(e), vec![1, 2]);
         assert!(w.on_ack(e, 0).is_empty());
         assert!(w.on_ack(e, 1).is_empty());
@@ -129,7 +153,7 @@ mod tests {
         permute(&mut idx, 0, &mut |order| {
             let mut w = WriteState::new(2, 2, 2, 0);
             for _ in 0..3 {
-                w.next();
+                w.assign();
             }
             let mut seen = [0u32; 3];
             let mut confirmed = Vec::new();

@@ -12,10 +12,15 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use magnetar_proto::frame::{self, base, encode_command, Frame, FRAME_OVERHEAD_BYTES};
 use magnetar_proto::pulsar::{
-    base_command::Type, command_ack::AckType, command_lookup_topic_response::LookupType, command_partitioned_topic_metadata_response as pmr,
-    command_subscribe::{InitialPosition as WireInitial, SubType}, BaseCommand, CommandConnected, CommandError, CommandGetLastMessageIdResponse,
-    CommandLookupTopicResponse, CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong, CommandProducerSuccess, CommandSendError,
-    CommandSendReceipt, CommandSuccess, MessageIdData, ServerError,
+    base_command::Type,
+    command_ack::AckType,
+    command_lookup_topic_response::LookupType,
+    command_partitioned_topic_metadata_response as pmr,
+    command_subscribe::{InitialPosition as WireInitial, SubType},
+    BaseCommand, CommandConnected, CommandError, CommandGetLastMessageIdResponse,
+    CommandLookupTopicResponse, CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong,
+    CommandProducerSuccess, CommandSendError, CommandSendReceipt, CommandSuccess, MessageIdData,
+    ServerError,
 };
 use magnetar_proto::TopicName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,9 +33,12 @@ use crate::subscription::{ConnTx, SeekTarget, SubEvent, SubscriptionHandle};
 use crate::topic::{InitialPosition, Topic};
 use crate::{Broker, BrokerError, PROTOCOL_VERSION};
 
+/// A send waiting for its receipt: (sequence id, highest sequence id, outcome).
+type PendingSend = (u64, u64, oneshot::Receiver<Result<Position, MlError>>);
+
 struct Producer {
     topic: Arc<Topic>,
-    receipts: mpsc::UnboundedSender<(u64, u64, oneshot::Receiver<Result<Position, MlError>>)>,
+    receipts: mpsc::UnboundedSender<PendingSend>,
 }
 
 struct Consumer {
@@ -56,7 +64,11 @@ fn send_cmd(tx: &ConnTx, cmd: &BaseCommand) {
 
 fn error_cmd(request_id: u64, e: &BrokerError) -> BaseCommand {
     let mut c = base(Type::Error);
-    c.error = Some(CommandError { request_id, error: e.code as i32, message: e.message.clone() });
+    c.error = Some(CommandError {
+        request_id,
+        error: e.code as i32,
+        message: e.message.clone(),
+    });
     c
 }
 
@@ -71,7 +83,13 @@ fn to_position(id: &MessageIdData) -> Position {
 }
 
 fn to_id(p: Position) -> MessageIdData {
-    MessageIdData { ledger_id: p.ledger_id, entry_id: p.entry_id as u64, partition: Some(-1), batch_index: Some(-1), ..Default::default() }
+    MessageIdData {
+        ledger_id: p.ledger_id,
+        entry_id: p.entry_id as u64,
+        partition: Some(-1),
+        batch_index: Some(-1),
+        ..Default::default()
+    }
 }
 
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
@@ -93,7 +111,14 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         }
     });
     let id = broker.next_id();
-    let mut conn = Conn { broker: broker.clone(), id, peer, tx, producers: HashMap::new(), consumers: HashMap::new() };
+    let mut conn = Conn {
+        broker: broker.clone(),
+        id,
+        peer,
+        tx,
+        producers: HashMap::new(),
+        consumers: HashMap::new(),
+    };
     let max_frame = broker.cfg.max_message_bytes + FRAME_OVERHEAD_BYTES;
     let idle = Duration::from_secs(broker.cfg.keepalive_secs.max(1));
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -145,22 +170,36 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
 impl Conn {
     async fn close(&mut self) {
         for (cid, c) in self.consumers.drain() {
-            let _ = c.handle.tx.send(SubEvent::RemoveConsumer { consumer_id: cid, conn_id: self.id, reply: None });
+            let _ = c.handle.tx.send(SubEvent::RemoveConsumer {
+                consumer_id: cid,
+                conn_id: self.id,
+                reply: None,
+            });
         }
         self.producers.clear();
         tracing::debug!(peer = %self.peer, "connection closed");
     }
 
     fn topic_name(name: &str) -> Result<TopicName, BrokerError> {
-        TopicName::parse(name).map_err(|e| BrokerError::new(ServerError::InvalidTopicName, e.to_string()))
+        TopicName::parse(name)
+            .map_err(|e| BrokerError::new(ServerError::InvalidTopicName, e.to_string()))
     }
 
     /// Returns false to close the connection.
     async fn handle(&mut self, f: Frame) -> bool {
-        let Frame { command: cmd, payload, payload_error } = f;
+        let Frame {
+            command: cmd,
+            payload,
+            payload_error,
+        } = f;
         let t = Type::try_from(cmd.r#type).ok();
         match (t, cmd) {
-            (Some(Type::Connect), BaseCommand { connect: Some(c), .. }) => {
+            (
+                Some(Type::Connect),
+                BaseCommand {
+                    connect: Some(c), ..
+                },
+            ) => {
                 let version = c.protocol_version.unwrap_or(0).min(PROTOCOL_VERSION);
                 let mut r = base(Type::Connected);
                 r.connected = Some(CommandConnected {
@@ -178,10 +217,21 @@ impl Conn {
                 send_cmd(&self.tx, &r);
             }
             (Some(Type::Pong), _) => {}
-            (Some(Type::PartitionedMetadata), BaseCommand { partition_metadata: Some(c), .. }) => {
+            (
+                Some(Type::PartitionedMetadata),
+                BaseCommand {
+                    partition_metadata: Some(c),
+                    ..
+                },
+            ) => {
                 let mut r = base(Type::PartitionedMetadataResponse);
                 r.partition_metadata_response = Some(match Self::topic_name(&c.topic) {
-                    Ok(_) => CommandPartitionedTopicMetadataResponse { partitions: Some(0), request_id: c.request_id, response: Some(pmr::LookupType::Success as i32), ..Default::default() },
+                    Ok(_) => CommandPartitionedTopicMetadataResponse {
+                        partitions: Some(0),
+                        request_id: c.request_id,
+                        response: Some(pmr::LookupType::Success as i32),
+                        ..Default::default()
+                    },
                     Err(e) => CommandPartitionedTopicMetadataResponse {
                         request_id: c.request_id,
                         response: Some(pmr::LookupType::Failed as i32),
@@ -192,7 +242,13 @@ impl Conn {
                 });
                 send_cmd(&self.tx, &r);
             }
-            (Some(Type::Lookup), BaseCommand { lookup_topic: Some(c), .. }) => {
+            (
+                Some(Type::Lookup),
+                BaseCommand {
+                    lookup_topic: Some(c),
+                    ..
+                },
+            ) => {
                 let mut r = base(Type::LookupResponse);
                 r.lookup_topic_response = Some(match Self::topic_name(&c.topic) {
                     Ok(_) => CommandLookupTopicResponse {
@@ -212,22 +268,39 @@ impl Conn {
                 });
                 send_cmd(&self.tx, &r);
             }
-            (Some(Type::Producer), BaseCommand { producer: Some(c), .. }) => {
+            (
+                Some(Type::Producer),
+                BaseCommand {
+                    producer: Some(c), ..
+                },
+            ) => {
                 let res = async {
                     let name = Self::topic_name(&c.topic)?;
                     let topic = self.broker.topic(&name).await?;
                     if self.producers.contains_key(&c.producer_id) {
-                        return Err(BrokerError::new(ServerError::ProducerBusy, "producer id already in use on this connection"));
+                        return Err(BrokerError::new(
+                            ServerError::ProducerBusy,
+                            "producer id already in use on this connection",
+                        ));
                     }
                     Ok(topic)
                 }
                 .await;
                 match res {
                     Ok(topic) => {
-                        let producer_name = c.producer_name.clone().unwrap_or_else(|| format!("magnetar-{}-{}", self.id, c.producer_id));
+                        let producer_name = c
+                            .producer_name
+                            .clone()
+                            .unwrap_or_else(|| format!("magnetar-{}-{}", self.id, c.producer_id));
                         let (rtx, rrx) = mpsc::unbounded_channel();
                         tokio::spawn(receipts(c.producer_id, self.tx.clone(), rrx));
-                        self.producers.insert(c.producer_id, Producer { topic, receipts: rtx });
+                        self.producers.insert(
+                            c.producer_id,
+                            Producer {
+                                topic,
+                                receipts: rtx,
+                            },
+                        );
                         let mut r = base(Type::ProducerSuccess);
                         r.producer_success = Some(CommandProducerSuccess {
                             request_id: c.request_id,
@@ -247,56 +320,109 @@ impl Conn {
             (Some(Type::Send), BaseCommand { send: Some(c), .. }) => {
                 let send_error = |code: ServerError, message: String| {
                     let mut r = base(Type::SendError);
-                    r.send_error = Some(CommandSendError { producer_id: c.producer_id, sequence_id: c.sequence_id, error: code as i32, message });
+                    r.send_error = Some(CommandSendError {
+                        producer_id: c.producer_id,
+                        sequence_id: c.sequence_id,
+                        error: code as i32,
+                        message,
+                    });
                     r
                 };
                 let Some(p) = self.producers.get(&c.producer_id) else {
                     tracing::warn!(peer = %self.peer, producer_id = c.producer_id, "send for an unknown producer");
-                    send_cmd(&self.tx, &send_error(ServerError::UnknownError, "unknown producer".into()));
+                    send_cmd(
+                        &self.tx,
+                        &send_error(ServerError::UnknownError, "unknown producer".into()),
+                    );
                     return true;
                 };
                 let (code, msg) = match (payload, payload_error) {
-                    (Some(pl), _) if pl.headers_and_payload.len() <= self.broker.cfg.max_message_bytes => {
+                    (Some(pl), _)
+                        if pl.headers_and_payload.len() <= self.broker.cfg.max_message_bytes =>
+                    {
                         let highest = c.highest_sequence_id.unwrap_or(0).max(c.sequence_id);
                         let rx = p.topic.ml.append(pl.headers_and_payload);
                         let _ = p.receipts.send((c.sequence_id, highest, rx));
                         return true;
                     }
-                    (Some(pl), _) => (ServerError::UnknownError, format!("message of {} bytes exceeds {}", pl.headers_and_payload.len(), self.broker.cfg.max_message_bytes)),
-                    (None, Some(e @ frame::FrameError::Checksum { .. })) => (ServerError::ChecksumError, e.to_string()),
+                    (Some(pl), _) => (
+                        ServerError::UnknownError,
+                        format!(
+                            "message of {} bytes exceeds {}",
+                            pl.headers_and_payload.len(),
+                            self.broker.cfg.max_message_bytes
+                        ),
+                    ),
+                    (None, Some(e @ frame::FrameError::Checksum { .. })) => {
+                        (ServerError::ChecksumError, e.to_string())
+                    }
                     (None, Some(e)) => (ServerError::UnknownError, e.to_string()),
                     (None, None) => (ServerError::UnknownError, "SEND without a payload".into()),
                 };
                 tracing::warn!(peer = %self.peer, producer_id = c.producer_id, sequence_id = c.sequence_id, error = %msg, "send refused");
                 send_cmd(&self.tx, &send_error(code, msg));
             }
-            (Some(Type::CloseProducer), BaseCommand { close_producer: Some(c), .. }) => {
+            (
+                Some(Type::CloseProducer),
+                BaseCommand {
+                    close_producer: Some(c),
+                    ..
+                },
+            ) => {
                 self.producers.remove(&c.producer_id);
                 send_cmd(&self.tx, &success_cmd(c.request_id));
             }
-            (Some(Type::Subscribe), BaseCommand { subscribe: Some(c), .. }) => {
+            (
+                Some(Type::Subscribe),
+                BaseCommand {
+                    subscribe: Some(c), ..
+                },
+            ) => {
                 let res = async {
                     let name = Self::topic_name(&c.topic)?;
                     if self.consumers.contains_key(&c.consumer_id) {
-                        return Err(BrokerError::new(ServerError::ConsumerBusy, "consumer id already in use on this connection"));
+                        return Err(BrokerError::new(
+                            ServerError::ConsumerBusy,
+                            "consumer id already in use on this connection",
+                        ));
                     }
                     let sub_type = SubType::try_from(c.sub_type).unwrap_or(SubType::Exclusive);
                     if !matches!(sub_type, SubType::Exclusive | SubType::Shared) {
-                        return Err(BrokerError::new(ServerError::UnsupportedVersionError, format!("{sub_type:?} subscriptions are not supported yet")));
+                        return Err(BrokerError::new(
+                            ServerError::UnsupportedVersionError,
+                            format!("{sub_type:?} subscriptions are not supported yet"),
+                        ));
                     }
                     let topic = self.broker.topic(&name).await?;
-                    let initial = match c.initial_position.and_then(|p| WireInitial::try_from(p).ok()) {
+                    let initial = match c
+                        .initial_position
+                        .and_then(|p| WireInitial::try_from(p).ok())
+                    {
                         Some(WireInitial::Earliest) => InitialPosition::Earliest,
                         _ => InitialPosition::Latest,
                     };
                     let handle = topic.subscription(&c.subscription, initial).await?;
                     let (reply, rx) = oneshot::channel();
-                    let ev = SubEvent::AddConsumer { consumer_id: c.consumer_id, conn_id: self.id, sub_type, tx: self.tx.clone(), reply };
-                    handle.tx.send(ev).map_err(|_| BrokerError::new(ServerError::ServiceNotReady, "subscription closed"))?;
+                    let ev = SubEvent::AddConsumer {
+                        consumer_id: c.consumer_id,
+                        conn_id: self.id,
+                        sub_type,
+                        tx: self.tx.clone(),
+                        reply,
+                    };
+                    handle.tx.send(ev).map_err(|_| {
+                        BrokerError::new(ServerError::ServiceNotReady, "subscription closed")
+                    })?;
                     rx.await
-                        .map_err(|_| BrokerError::new(ServerError::ServiceNotReady, "subscription closed"))?
+                        .map_err(|_| {
+                            BrokerError::new(ServerError::ServiceNotReady, "subscription closed")
+                        })?
                         .map_err(|e| BrokerError::new(e.code, e.message))?;
-                    Ok(Consumer { topic, sub: c.subscription.clone(), handle })
+                    Ok(Consumer {
+                        topic,
+                        sub: c.subscription.clone(),
+                        handle,
+                    })
                 }
                 .await;
                 match res {
@@ -312,7 +438,11 @@ impl Conn {
             }
             (Some(Type::Flow), BaseCommand { flow: Some(c), .. }) => {
                 if let Some(cons) = self.consumers.get(&c.consumer_id) {
-                    let _ = cons.handle.tx.send(SubEvent::Flow { consumer_id: c.consumer_id, conn_id: self.id, permits: c.message_permits });
+                    let _ = cons.handle.tx.send(SubEvent::Flow {
+                        consumer_id: c.consumer_id,
+                        conn_id: self.id,
+                        permits: c.message_permits,
+                    });
                 }
             }
             (Some(Type::Ack), BaseCommand { ack: Some(c), .. }) => {
@@ -329,34 +459,74 @@ impl Conn {
                             positions.push(Position::new(p.ledger_id, p.entry_id - 1));
                         }
                     }
-                    let _ = cons.handle.tx.send(SubEvent::Ack { positions, cumulative });
+                    let _ = cons.handle.tx.send(SubEvent::Ack {
+                        positions,
+                        cumulative,
+                    });
                 }
                 if let Some(rid) = c.request_id {
                     // Ack receipts are a protocol >= 17 feature we do not advertise.
                     tracing::debug!(request_id = rid, "ack carried a request id");
                 }
             }
-            (Some(Type::RedeliverUnacknowledgedMessages), BaseCommand { redeliver_unacknowledged_messages: Some(c), .. }) => {
+            (
+                Some(Type::RedeliverUnacknowledgedMessages),
+                BaseCommand {
+                    redeliver_unacknowledged_messages: Some(c),
+                    ..
+                },
+            ) => {
                 if let Some(cons) = self.consumers.get(&c.consumer_id) {
-                    let positions = (!c.message_ids.is_empty()).then(|| c.message_ids.iter().map(to_position).collect());
-                    let _ = cons.handle.tx.send(SubEvent::Redeliver { consumer_id: c.consumer_id, conn_id: self.id, positions });
+                    let positions = (!c.message_ids.is_empty())
+                        .then(|| c.message_ids.iter().map(to_position).collect());
+                    let _ = cons.handle.tx.send(SubEvent::Redeliver {
+                        consumer_id: c.consumer_id,
+                        conn_id: self.id,
+                        positions,
+                    });
                 }
             }
-            (Some(Type::CloseConsumer), BaseCommand { close_consumer: Some(c), .. }) => {
+            (
+                Some(Type::CloseConsumer),
+                BaseCommand {
+                    close_consumer: Some(c),
+                    ..
+                },
+            ) => {
                 if let Some(cons) = self.consumers.remove(&c.consumer_id) {
                     let (reply, rx) = oneshot::channel();
-                    let _ = cons.handle.tx.send(SubEvent::RemoveConsumer { consumer_id: c.consumer_id, conn_id: self.id, reply: Some(reply) });
+                    let _ = cons.handle.tx.send(SubEvent::RemoveConsumer {
+                        consumer_id: c.consumer_id,
+                        conn_id: self.id,
+                        reply: Some(reply),
+                    });
                     let _ = rx.await;
                 }
                 send_cmd(&self.tx, &success_cmd(c.request_id));
             }
-            (Some(Type::Unsubscribe), BaseCommand { unsubscribe: Some(c), .. }) => {
+            (
+                Some(Type::Unsubscribe),
+                BaseCommand {
+                    unsubscribe: Some(c),
+                    ..
+                },
+            ) => {
                 let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer")));
+                    send_cmd(
+                        &self.tx,
+                        &error_cmd(
+                            c.request_id,
+                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
+                        ),
+                    );
                     return true;
                 };
                 let (reply, rx) = oneshot::channel();
-                let _ = cons.handle.tx.send(SubEvent::Unsubscribe { consumer_id: c.consumer_id, conn_id: self.id, reply });
+                let _ = cons.handle.tx.send(SubEvent::Unsubscribe {
+                    consumer_id: c.consumer_id,
+                    conn_id: self.id,
+                    reply,
+                });
                 match rx.await {
                     Ok(Ok(())) => {
                         if let Some(cons) = self.consumers.remove(&c.consumer_id) {
@@ -364,22 +534,50 @@ impl Conn {
                         }
                         send_cmd(&self.tx, &success_cmd(c.request_id));
                     }
-                    Ok(Err(e)) => send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(e.code, e.message))),
-                    Err(_) => send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"))),
+                    Ok(Err(e)) => send_cmd(
+                        &self.tx,
+                        &error_cmd(c.request_id, &BrokerError::new(e.code, e.message)),
+                    ),
+                    Err(_) => send_cmd(
+                        &self.tx,
+                        &error_cmd(
+                            c.request_id,
+                            &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"),
+                        ),
+                    ),
                 }
             }
             (Some(Type::Seek), BaseCommand { seek: Some(c), .. }) => {
                 let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer")));
+                    send_cmd(
+                        &self.tx,
+                        &error_cmd(
+                            c.request_id,
+                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
+                        ),
+                    );
                     return true;
                 };
                 let target = match (&c.message_id, c.message_publish_time) {
-                    (Some(id), _) if id.ledger_id == u64::MAX => SeekTarget::Position(cons.topic.ml.before_first().bump()),
-                    (Some(id), _) if id.ledger_id >= i64::MAX as u64 => SeekTarget::Position(cons.topic.ml.last_confirmed().bump()),
+                    (Some(id), _) if id.ledger_id == u64::MAX => {
+                        SeekTarget::Position(cons.topic.ml.before_first().bump())
+                    }
+                    (Some(id), _) if id.ledger_id >= i64::MAX as u64 => {
+                        SeekTarget::Position(cons.topic.ml.last_confirmed().bump())
+                    }
                     (Some(id), _) => SeekTarget::Position(to_position(id)),
                     (None, Some(t)) => SeekTarget::PublishTime(t),
                     (None, None) => {
-                        send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::UnknownError, "SEEK needs a message id or a publish time")));
+                        send_cmd(
+                            &self.tx,
+                            &error_cmd(
+                                c.request_id,
+                                &BrokerError::new(
+                                    ServerError::UnknownError,
+                                    "SEEK needs a message id or a publish time",
+                                ),
+                            ),
+                        );
                         return true;
                     }
                 };
@@ -387,13 +585,34 @@ impl Conn {
                 let _ = cons.handle.tx.send(SubEvent::Seek { target, reply });
                 match rx.await {
                     Ok(Ok(())) => send_cmd(&self.tx, &success_cmd(c.request_id)),
-                    Ok(Err(e)) => send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(e.code, e.message))),
-                    Err(_) => send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"))),
+                    Ok(Err(e)) => send_cmd(
+                        &self.tx,
+                        &error_cmd(c.request_id, &BrokerError::new(e.code, e.message)),
+                    ),
+                    Err(_) => send_cmd(
+                        &self.tx,
+                        &error_cmd(
+                            c.request_id,
+                            &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"),
+                        ),
+                    ),
                 }
             }
-            (Some(Type::GetLastMessageId), BaseCommand { get_last_message_id: Some(c), .. }) => {
+            (
+                Some(Type::GetLastMessageId),
+                BaseCommand {
+                    get_last_message_id: Some(c),
+                    ..
+                },
+            ) => {
                 let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(&self.tx, &error_cmd(c.request_id, &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer")));
+                    send_cmd(
+                        &self.tx,
+                        &error_cmd(
+                            c.request_id,
+                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
+                        ),
+                    );
                     return true;
                 };
                 let (reply, rx) = oneshot::channel();
@@ -409,7 +628,10 @@ impl Conn {
             }
             (t, cmd) => {
                 tracing::warn!(peer = %self.peer, r#type = cmd.r#type, known = t.is_some(), "unsupported or incomplete command");
-                let e = BrokerError::new(ServerError::UnknownError, format!("command type {} is not supported", cmd.r#type));
+                let e = BrokerError::new(
+                    ServerError::UnknownError,
+                    format!("command type {} is not supported", cmd.r#type),
+                );
                 send_cmd(&self.tx, &error_cmd(0, &e));
             }
         }
@@ -418,18 +640,28 @@ impl Conn {
 }
 
 /// Sends a producer's receipts in the order its messages were sent.
-async fn receipts(producer_id: u64, tx: ConnTx, mut rx: mpsc::UnboundedReceiver<(u64, u64, oneshot::Receiver<Result<Position, MlError>>)>) {
+async fn receipts(producer_id: u64, tx: ConnTx, mut rx: mpsc::UnboundedReceiver<PendingSend>) {
     while let Some((sequence_id, highest, done)) = rx.recv().await {
         let mut r;
         match done.await {
             Ok(Ok(p)) => {
                 r = base(Type::SendReceipt);
-                r.send_receipt = Some(CommandSendReceipt { producer_id, sequence_id, message_id: Some(to_id(p)), highest_sequence_id: Some(highest) });
+                r.send_receipt = Some(CommandSendReceipt {
+                    producer_id,
+                    sequence_id,
+                    message_id: Some(to_id(p)),
+                    highest_sequence_id: Some(highest),
+                });
             }
             Ok(Err(e)) => {
                 tracing::warn!(producer_id, sequence_id, error = %e, "persisting a message failed");
                 r = base(Type::SendError);
-                r.send_error = Some(CommandSendError { producer_id, sequence_id, error: ServerError::PersistenceError as i32, message: e.to_string() });
+                r.send_error = Some(CommandSendError {
+                    producer_id,
+                    sequence_id,
+                    error: ServerError::PersistenceError as i32,
+                    message: e.to_string(),
+                });
             }
             Err(_) => return,
         }

@@ -17,12 +17,18 @@ pub struct Position {
 
 impl Position {
     pub fn new(ledger_id: u64, entry_id: i64) -> Position {
-        Position { ledger_id, entry_id }
+        Position {
+            ledger_id,
+            entry_id,
+        }
     }
 
     /// The position right after this one within the same ledger.
     pub fn bump(self) -> Position {
-        Position { ledger_id: self.ledger_id, entry_id: self.entry_id + 1 }
+        Position {
+            ledger_id: self.ledger_id,
+            entry_id: self.entry_id + 1,
+        }
     }
 }
 
@@ -38,7 +44,10 @@ pub struct CursorState {
 
 impl CursorState {
     pub fn new(mark_delete: Position) -> CursorState {
-        CursorState { mark_delete, acked: BTreeSet::new() }
+        CursorState {
+            mark_delete,
+            acked: BTreeSet::new(),
+        }
     }
 
     pub fn is_acked(&self, p: Position) -> bool {
@@ -68,7 +77,11 @@ impl CursorState {
     }
 
     /// Cumulative ack of everything up to and including `p`.
-    pub fn ack_cumulative(&mut self, p: Position, next: &impl Fn(Position) -> Option<Position>) -> bool {
+    pub fn ack_cumulative(
+        &mut self,
+        p: Position,
+        next: &impl Fn(Position) -> Option<Position>,
+    ) -> bool {
         if p <= self.mark_delete {
             return false;
         }
@@ -100,7 +113,10 @@ mod tests {
         assert!(c.is_acked(Position::new(1, 1)) && !c.is_acked(Position::new(1, 0)));
         c.ack(Position::new(5, 0), &next);
         c.ack(Position::new(1, 2), &next);
-        assert!(!c.ack(Position::new(1, 2), &next), "a repeated ack changes nothing");
+        assert!(
+            !c.ack(Position::new(1, 2), &next),
+            "a repeated ack changes nothing"
+        );
         c.ack(Position::new(1, 0), &next);
         assert_eq!(c.mark_delete, Position::new(5, 0));
         assert!(c.acked.is_empty());

@@ -7,8 +7,8 @@
 pub mod connection;
 pub mod cursor;
 pub mod managed_ledger;
-pub mod subscription;
 pub mod standalone;
+pub mod subscription;
 pub mod topic;
 
 use std::collections::HashMap;
@@ -64,7 +64,10 @@ pub struct BrokerError {
 
 impl BrokerError {
     pub fn new(code: ServerError, message: impl Into<String>) -> BrokerError {
-        BrokerError { code, message: message.into() }
+        BrokerError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -80,10 +83,17 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub async fn start(cfg: BrokerConfig, metadata: MetadataClient, ledgers: LedgerClient) -> std::io::Result<Arc<Broker>> {
+    pub async fn start(
+        cfg: BrokerConfig,
+        metadata: MetadataClient,
+        ledgers: LedgerClient,
+    ) -> std::io::Result<Arc<Broker>> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let local_addr = listener.local_addr()?;
-        let service_url = cfg.advertised_url.clone().unwrap_or_else(|| format!("pulsar://{local_addr}"));
+        let service_url = cfg
+            .advertised_url
+            .clone()
+            .unwrap_or_else(|| format!("pulsar://{local_addr}"));
         let broker = Arc::new(Broker {
             cfg,
             metadata,
@@ -122,23 +132,42 @@ impl Broker {
     /// Loads (or creates) a topic. Loading the same topic concurrently runs once.
     pub async fn topic(&self, name: &TopicName) -> Result<Arc<Topic>, BrokerError> {
         if !name.persistent {
-            return Err(BrokerError::new(ServerError::TopicNotFound, "non-persistent topics are not supported yet"));
+            return Err(BrokerError::new(
+                ServerError::TopicNotFound,
+                "non-persistent topics are not supported yet",
+            ));
         }
-        let cell = self.topics.lock().unwrap_or_else(|e| e.into_inner()).entry(name.clone()).or_default().clone();
+        let cell = self
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .clone();
         let res = cell
             .get_or_try_init(|| async {
                 let ns_key = format!("{NAMESPACES_PREFIX}{}", name.namespace());
                 match self.metadata.get(&ns_key).await {
                     Ok(Some(_)) => {}
-                    Ok(None) => return Err(BrokerError::new(ServerError::TopicNotFound, format!("namespace {} does not exist", name.namespace()))),
-                    Err(e) => return Err(BrokerError::new(ServerError::MetadataError, e.to_string())),
+                    Ok(None) => {
+                        return Err(BrokerError::new(
+                            ServerError::TopicNotFound,
+                            format!("namespace {} does not exist", name.namespace()),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(BrokerError::new(ServerError::MetadataError, e.to_string()))
+                    }
                 }
                 Topic::load(name.clone(), self).await
             })
             .await
             .cloned();
         if res.is_err() {
-            self.topics.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+            self.topics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
         }
         res
     }
@@ -148,7 +177,13 @@ impl Broker {
         if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
-        let topics: Vec<_> = self.topics.lock().unwrap_or_else(|e| e.into_inner()).drain().filter_map(|(_, c)| c.get().cloned()).collect();
+        let topics: Vec<_> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .filter_map(|(_, c)| c.get().cloned())
+            .collect();
         for t in topics {
             if let Err(e) = t.ml.close().await {
                 tracing::warn!(topic = %t.name, error = %e, "closing topic failed");
@@ -157,7 +192,18 @@ impl Broker {
     }
 
     /// Creates a namespace (idempotent).
-    pub async fn create_namespace(metadata: &MetadataClient, namespace: &str) -> Result<(), magnetar_metadata::MetadataError> {
-        metadata.cas(&format!("{NAMESPACES_PREFIX}{namespace}"), 0, b"{}".to_vec(), None).await.map(|_| ())
+    pub async fn create_namespace(
+        metadata: &MetadataClient,
+        namespace: &str,
+    ) -> Result<(), magnetar_metadata::MetadataError> {
+        metadata
+            .cas(
+                &format!("{NAMESPACES_PREFIX}{namespace}"),
+                0,
+                b"{}".to_vec(),
+                None,
+            )
+            .await
+            .map(|_| ())
     }
 }

@@ -86,7 +86,10 @@ pub struct MlInfo {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 struct WriteSide {
@@ -133,10 +136,19 @@ impl ManagedLedger {
 
     /// Opens a managed ledger: recovers (fences and closes) the ledger the
     /// previous owner was writing, then starts a new one.
-    pub async fn open(name: &str, cfg: ManagedLedgerConfig, lc: LedgerClient, md: MetadataClient) -> Result<Arc<ManagedLedger>, MlError> {
+    pub async fn open(
+        name: &str,
+        cfg: ManagedLedgerConfig,
+        lc: LedgerClient,
+        md: MetadataClient,
+    ) -> Result<Arc<ManagedLedger>, MlError> {
         let key = Self::key(name);
         let (mut info, version) = match md.get(&key).await? {
-            Some(kv) => (serde_json::from_slice::<MlInfo>(&kv.value).map_err(|e| MlError::Corrupt(e.to_string()))?, kv.version),
+            Some(kv) => (
+                serde_json::from_slice::<MlInfo>(&kv.value)
+                    .map_err(|e| MlError::Corrupt(e.to_string()))?,
+                kv.version,
+            ),
             None => (MlInfo::default(), 0),
         };
         let mut dropped = Vec::new();
@@ -159,7 +171,12 @@ impl ManagedLedger {
             cfg,
             lc,
             md,
-            write: tokio::sync::Mutex::new(WriteSide { info: info.clone(), version, writer: None, opened_at: Instant::now() }),
+            write: tokio::sync::Mutex::new(WriteSide {
+                info: info.clone(),
+                version,
+                writer: None,
+                opened_at: Instant::now(),
+            }),
             view: RwLock::new(info.ledgers.clone()),
             current: RwLock::new(None),
             last_confirmed: watch::channel(Position::new(first.unwrap_or(0), -1)).0,
@@ -187,7 +204,11 @@ impl ManagedLedger {
 
     async fn store_info(&self, w: &mut WriteSide) -> Result<(), MlError> {
         let value = serde_json::to_vec(&w.info).map_err(|e| MlError::Corrupt(e.to_string()))?;
-        if !self.md.cas(&Self::key(&self.name), w.version, value, None).await? {
+        if !self
+            .md
+            .cas(&Self::key(&self.name), w.version, value, None)
+            .await?
+        {
             return Err(MlError::Fenced(self.name.clone()));
         }
         w.version += 1;
@@ -204,22 +225,47 @@ impl ManagedLedger {
                     self.lc.recover(old.ledger_id()).await?
                 }
             };
-            if let Some(l) = w.info.ledgers.iter_mut().find(|l| l.ledger_id == meta.ledger_id) {
+            if let Some(l) = w
+                .info
+                .ledgers
+                .iter_mut()
+                .find(|l| l.ledger_id == meta.ledger_id)
+            {
                 l.entries = (meta.last_entry_id + 1) as u64;
                 l.size_bytes = meta.length_bytes;
                 l.closed = true;
             }
-            self.ledger_meta.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.ledger_id, meta);
+            self.ledger_meta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(meta.ledger_id, meta);
         }
         let props = BTreeMap::from([("managed-ledger".to_string(), self.name.clone())]);
-        let writer = self.lc.create(self.cfg.ensemble_size, self.cfg.write_quorum, self.cfg.ack_quorum, props).await?;
-        let empty_closed: Vec<u64> = w.info.ledgers.iter().filter(|l| l.closed && l.entries == 0).map(|l| l.ledger_id).collect();
+        let writer = self
+            .lc
+            .create(
+                self.cfg.ensemble_size,
+                self.cfg.write_quorum,
+                self.cfg.ack_quorum,
+                props,
+            )
+            .await?;
+        let empty_closed: Vec<u64> = w
+            .info
+            .ledgers
+            .iter()
+            .filter(|l| l.closed && l.entries == 0)
+            .map(|l| l.ledger_id)
+            .collect();
         w.info.ledgers.retain(|l| !(l.closed && l.entries == 0));
-        w.info.ledgers.push(LedgerInfo { ledger_id: writer.ledger_id(), entries: 0, size_bytes: 0, closed: false });
-        if let Err(e) = self.store_info(w).await {
-            // Leave the new, unused ledger to be found empty later.
-            return Err(e);
-        }
+        w.info.ledgers.push(LedgerInfo {
+            ledger_id: writer.ledger_id(),
+            entries: 0,
+            size_bytes: 0,
+            closed: false,
+        });
+        // On failure the new, unused ledger is left to be found empty later.
+        self.store_info(w).await?;
         for id in empty_closed {
             let _ = self.lc.delete(id).await;
         }
@@ -238,7 +284,9 @@ impl ManagedLedger {
                 wr.is_failed()
                     || entries >= self.cfg.max_entries_per_ledger
                     || wr.length_bytes() >= self.cfg.max_ledger_bytes
-                    || (entries > 0 && w.opened_at.elapsed() >= Duration::from_millis(self.cfg.max_ledger_age_ms))
+                    || (entries > 0
+                        && w.opened_at.elapsed()
+                            >= Duration::from_millis(self.cfg.max_ledger_age_ms))
             }
         }
     }
@@ -254,12 +302,19 @@ impl ManagedLedger {
         rx
     }
 
-    async fn appender(me: std::sync::Weak<ManagedLedger>, mut queue: mpsc::UnboundedReceiver<(Bytes, oneshot::Sender<Result<Position, MlError>>)>) {
+    async fn appender(
+        me: std::sync::Weak<ManagedLedger>,
+        mut queue: mpsc::UnboundedReceiver<(Bytes, oneshot::Sender<Result<Position, MlError>>)>,
+    ) {
         while let Some((data, reply)) = queue.recv().await {
             let Some(ml) = me.upgrade() else { return };
             let started = {
                 let mut w = ml.write.lock().await;
-                let rolled = if ml.needs_roll(&w) { ml.roll(&mut w).await } else { Ok(()) };
+                let rolled = if ml.needs_roll(&w) {
+                    ml.roll(&mut w).await
+                } else {
+                    Ok(())
+                };
                 match (rolled, w.writer.as_ref()) {
                     (Ok(()), Some(wr)) => Ok((wr.ledger_id(), wr.add(data.clone()))),
                     (Err(e), _) => Err(e),
@@ -302,7 +357,9 @@ impl ManagedLedger {
         c.entries.insert(pos, data);
         c.order.push_back(pos);
         while c.bytes > self.cfg.tail_cache_bytes {
-            let Some(old) = c.order.pop_front() else { break };
+            let Some(old) = c.order.pop_front() else {
+                break;
+            };
             if let Some(d) = c.entries.remove(&old) {
                 c.bytes -= d.len();
             }
@@ -349,7 +406,11 @@ impl ManagedLedger {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         for l in view.iter().filter(|l| l.ledger_id >= p.ledger_id) {
             let n = self.count(l) as i64;
-            let e = if l.ledger_id == p.ledger_id { p.entry_id.max(0) } else { 0 };
+            let e = if l.ledger_id == p.ledger_id {
+                p.entry_id.max(0)
+            } else {
+                0
+            };
             if e < n {
                 return Some(Position::new(l.ledger_id, e));
             }
@@ -363,7 +424,12 @@ impl ManagedLedger {
     }
 
     async fn meta_for(&self, ledger_id: u64) -> Result<LedgerMetadata, MlError> {
-        if let Some(m) = self.ledger_meta.lock().unwrap_or_else(|e| e.into_inner()).get(&ledger_id) {
+        if let Some(m) = self
+            .ledger_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ledger_id)
+        {
             return Ok(m.clone());
         }
         if let Some(w) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
@@ -373,14 +439,23 @@ impl ManagedLedger {
         }
         let (m, _) = self.lc.metadata(ledger_id).await?;
         if m.state == magnetar_bookie::LedgerState::Closed {
-            self.ledger_meta.lock().unwrap_or_else(|e| e.into_inner()).insert(ledger_id, m.clone());
+            self.ledger_meta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ledger_id, m.clone());
         }
         Ok(m)
     }
 
     /// Reads a confirmed entry: from the tail cache, else from the bookies.
     pub async fn read(&self, p: Position) -> Result<Bytes, MlError> {
-        if let Some(d) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).entries.get(&p) {
+        if let Some(d) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .get(&p)
+        {
             return Ok(d.clone());
         }
         let meta = self.meta_for(p.ledger_id).await?;
@@ -397,14 +472,18 @@ impl ManagedLedger {
                 match self.lc.recover(id).await {
                     Ok(meta) if meta.last_entry_id >= 0 => {
                         let data = self.lc.read(&meta, meta.last_entry_id as u64).await?;
-                        state = serde_json::from_slice(&data).map_err(|e| MlError::Corrupt(format!("cursor {name}: {e}")))?;
+                        state = serde_json::from_slice(&data)
+                            .map_err(|e| MlError::Corrupt(format!("cursor {name}: {e}")))?;
                     }
                     Ok(_) => {}
                     Err(LedgerError::NoSuchLedger(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), state.mark_delete);
+            self.mark_deletes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), state.mark_delete);
             out.push((name, state));
         }
         Ok(out)
@@ -413,18 +492,32 @@ impl ManagedLedger {
     /// Persists a cursor's state as an entry of its cursor ledger, rolling
     /// that ledger (and touching metadata) only every so many entries.
     pub async fn persist_cursor(&self, name: &str, state: &CursorState) -> Result<(), MlError> {
-        let data = Bytes::from(serde_json::to_vec(state).map_err(|e| MlError::Corrupt(e.to_string()))?);
+        let data =
+            Bytes::from(serde_json::to_vec(state).map_err(|e| MlError::Corrupt(e.to_string()))?);
         let mut cls = self.cursor_ledgers.lock().await;
         let res = self.persist_cursor_inner(&mut cls, name, state, data).await;
         if res.is_ok() {
-            self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), state.mark_delete);
+            self.mark_deletes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_string(), state.mark_delete);
         }
         res
     }
 
-    async fn persist_cursor_inner(&self, cls: &mut HashMap<String, CursorLedger>, name: &str, state: &CursorState, data: Bytes) -> Result<(), MlError> {
-        let cl = cls.entry(name.to_string()).or_insert(CursorLedger { writer: None, entries: 0 });
-        let usable = cl.writer.as_ref().is_some_and(|w| !w.is_failed()) && cl.entries < self.cfg.max_cursor_ledger_entries;
+    async fn persist_cursor_inner(
+        &self,
+        cls: &mut HashMap<String, CursorLedger>,
+        name: &str,
+        state: &CursorState,
+        data: Bytes,
+    ) -> Result<(), MlError> {
+        let cl = cls.entry(name.to_string()).or_insert(CursorLedger {
+            writer: None,
+            entries: 0,
+        });
+        let usable = cl.writer.as_ref().is_some_and(|w| !w.is_failed())
+            && cl.entries < self.cfg.max_cursor_ledger_entries;
         if usable {
             if let Some(w) = &cl.writer {
                 if w.add(data.clone()).await.is_ok() {
@@ -435,12 +528,26 @@ impl ManagedLedger {
         }
         // New cursor ledger: write the state first, then point metadata at it.
         let props = BTreeMap::from([("cursor".to_string(), format!("{}/{name}", self.name))]);
-        let writer = self.lc.create(self.cfg.ensemble_size, self.cfg.write_quorum, self.cfg.ack_quorum, props).await?;
+        let writer = self
+            .lc
+            .create(
+                self.cfg.ensemble_size,
+                self.cfg.write_quorum,
+                self.cfg.ack_quorum,
+                props,
+            )
+            .await?;
         writer.add(data).await?;
         let old = {
             let mut w = self.write.lock().await;
             let old = w.info.cursors.get(name).and_then(|p| p.cursor_ledger);
-            w.info.cursors.insert(name.to_string(), CursorPointer { cursor_ledger: Some(writer.ledger_id()), mark_delete: state.mark_delete });
+            w.info.cursors.insert(
+                name.to_string(),
+                CursorPointer {
+                    cursor_ledger: Some(writer.ledger_id()),
+                    mark_delete: state.mark_delete,
+                },
+            );
             self.store_info(&mut w).await?;
             old
         };
@@ -456,7 +563,10 @@ impl ManagedLedger {
     }
 
     pub async fn delete_cursor(&self, name: &str) -> Result<(), MlError> {
-        self.mark_deletes.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.mark_deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         let old = {
             let mut w = self.write.lock().await;
             let old = w.info.cursors.remove(name).and_then(|p| p.cursor_ledger);
@@ -485,13 +595,22 @@ impl ManagedLedger {
                 if w.info.cursors.is_empty() || !w.info.cursors.keys().all(|k| md.contains_key(k)) {
                     return Ok(());
                 }
-                w.info.cursors.keys().filter_map(|k| md.get(k).copied()).min()
+                w.info
+                    .cursors
+                    .keys()
+                    .filter_map(|k| md.get(k).copied())
+                    .min()
             };
-            let Some(slowest) = slowest else { return Ok(()) };
+            let Some(slowest) = slowest else {
+                return Ok(());
+            };
             let before = w.info.ledgers.len();
             let mut deleted = Vec::new();
             w.info.ledgers.retain(|l| {
-                let consumed = l.closed && (l.ledger_id < slowest.ledger_id || (l.ledger_id == slowest.ledger_id && slowest.entry_id + 1 >= l.entries as i64));
+                let consumed = l.closed
+                    && (l.ledger_id < slowest.ledger_id
+                        || (l.ledger_id == slowest.ledger_id
+                            && slowest.entry_id + 1 >= l.entries as i64));
                 if consumed {
                     deleted.push(l.ledger_id);
                 }
@@ -505,7 +624,10 @@ impl ManagedLedger {
         };
         for id in deleted {
             tracing::debug!(topic = %self.name, ledger_id = id, "deleting consumed ledger");
-            self.ledger_meta.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            self.ledger_meta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             if let Err(e) = self.lc.delete(id).await {
                 tracing::warn!(ledger_id = id, error = %e, "could not delete consumed ledger");
             }
@@ -514,7 +636,12 @@ impl ManagedLedger {
     }
 
     pub fn ledger_ids(&self) -> Vec<u64> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).iter().map(|l| l.ledger_id).collect()
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| l.ledger_id)
+            .collect()
     }
 
     /// Closes the open ledger cleanly (on shutdown or unload).
@@ -522,7 +649,12 @@ impl ManagedLedger {
         let mut w = self.write.lock().await;
         if let Some(wr) = w.writer.take() {
             let meta = wr.close().await?;
-            if let Some(l) = w.info.ledgers.iter_mut().find(|l| l.ledger_id == meta.ledger_id) {
+            if let Some(l) = w
+                .info
+                .ledgers
+                .iter_mut()
+                .find(|l| l.ledger_id == meta.ledger_id)
+            {
                 l.entries = (meta.last_entry_id + 1) as u64;
                 l.size_bytes = meta.length_bytes;
                 l.closed = true;

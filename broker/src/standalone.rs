@@ -26,7 +26,14 @@ pub struct StandaloneConfig {
 
 impl StandaloneConfig {
     pub fn new(data_dir: PathBuf) -> StandaloneConfig {
-        StandaloneConfig { data_dir, bind_host: "127.0.0.1".into(), broker_port: 6650, metadata_port: 2379, bookie_port: 3181, managed_ledger: ManagedLedgerConfig::default() }
+        StandaloneConfig {
+            data_dir,
+            bind_host: "127.0.0.1".into(),
+            broker_port: 6650,
+            metadata_port: 2379,
+            bookie_port: 3181,
+            managed_ledger: ManagedLedgerConfig::default(),
+        }
     }
 }
 
@@ -46,7 +53,9 @@ pub struct Standalone {
 
 impl Standalone {
     pub async fn start(cfg: StandaloneConfig) -> Result<Standalone, StandaloneError> {
-        let addr = |port: u16| -> Result<SocketAddr, StandaloneError> { format!("{}:{port}", cfg.bind_host).parse().map_err(err) };
+        let addr = |port: u16| -> Result<SocketAddr, StandaloneError> {
+            format!("{}:{port}", cfg.bind_host).parse().map_err(err)
+        };
         std::fs::create_dir_all(&cfg.data_dir).map_err(err)?;
         let tls = TlsMaterial::load_or_generate(&cfg.data_dir.join("tls")).map_err(err)?;
         let mcfg = MetadataConfig::new(1, addr(cfg.metadata_port)?, cfg.data_dir.join("metadata"));
@@ -56,14 +65,28 @@ impl Standalone {
         }
         let rpc = RpcClient::new(client_endpoint(&tls).map_err(err)?);
         let metadata = MetadataClient::new(rpc.clone(), vec![metadata_node.local_addr()]);
-        Broker::create_namespace(&metadata, "public/default").await.map_err(err)?;
-        let bcfg = BookieConfig { listen: addr(cfg.bookie_port)?, advertise: None, data_dir: cfg.data_dir.join("bookie"), rack: None, registration_ttl_ms: 10_000 };
+        Broker::create_namespace(&metadata, "public/default")
+            .await
+            .map_err(err)?;
+        let bcfg = BookieConfig {
+            listen: addr(cfg.bookie_port)?,
+            advertise: None,
+            data_dir: cfg.data_dir.join("bookie"),
+            rack: None,
+            registration_ttl_ms: 10_000,
+        };
         let bookie = Bookie::start(bcfg, &tls, &metadata).await.map_err(err)?;
         let ledgers = LedgerClient::new(metadata.clone(), rpc);
         let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
         broker_cfg.managed_ledger = cfg.managed_ledger.clone();
-        let broker = Broker::start(broker_cfg, metadata, ledgers).await.map_err(err)?;
-        Ok(Standalone { metadata_node, bookie, broker })
+        let broker = Broker::start(broker_cfg, metadata, ledgers)
+            .await
+            .map_err(err)?;
+        Ok(Standalone {
+            metadata_node,
+            bookie,
+            broker,
+        })
     }
 
     pub fn service_url(&self) -> String {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use magnetar_proto::frame::{base, encode_payload_command};
-use magnetar_proto::pulsar::{base_command::Type, command_subscribe::SubType, CommandMessage, MessageIdData, ServerError};
+use magnetar_proto::pulsar::{
+    base_command::Type, command_subscribe::SubType, CommandMessage, MessageIdData, ServerError,
+};
 use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,14 +35,44 @@ pub enum SeekTarget {
 }
 
 pub enum SubEvent {
-    AddConsumer { consumer_id: u64, conn_id: u64, sub_type: SubType, tx: ConnTx, reply: oneshot::Sender<Result<(), SubError>> },
-    RemoveConsumer { consumer_id: u64, conn_id: u64, reply: Option<oneshot::Sender<()>> },
-    Flow { consumer_id: u64, conn_id: u64, permits: u32 },
-    Ack { positions: Vec<Position>, cumulative: bool },
-    Redeliver { consumer_id: u64, conn_id: u64, positions: Option<Vec<Position>> },
-    Seek { target: SeekTarget, reply: oneshot::Sender<Result<(), SubError>> },
-    Unsubscribe { consumer_id: u64, conn_id: u64, reply: oneshot::Sender<Result<(), SubError>> },
-    MarkDelete { reply: oneshot::Sender<Position> },
+    AddConsumer {
+        consumer_id: u64,
+        conn_id: u64,
+        sub_type: SubType,
+        tx: ConnTx,
+        reply: oneshot::Sender<Result<(), SubError>>,
+    },
+    RemoveConsumer {
+        consumer_id: u64,
+        conn_id: u64,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    Flow {
+        consumer_id: u64,
+        conn_id: u64,
+        permits: u32,
+    },
+    Ack {
+        positions: Vec<Position>,
+        cumulative: bool,
+    },
+    Redeliver {
+        consumer_id: u64,
+        conn_id: u64,
+        positions: Option<Vec<Position>>,
+    },
+    Seek {
+        target: SeekTarget,
+        reply: oneshot::Sender<Result<(), SubError>>,
+    },
+    Unsubscribe {
+        consumer_id: u64,
+        conn_id: u64,
+        reply: oneshot::Sender<Result<(), SubError>>,
+    },
+    MarkDelete {
+        reply: oneshot::Sender<Position>,
+    },
 }
 
 struct Consumer {
@@ -131,12 +163,19 @@ impl Sub {
                 // Ledgers behind this cursor may now be deletable.
                 let _ = self.ml.trim().await;
             }
-            Err(e) => tracing::warn!(subscription = %self.name, error = %e, "could not persist cursor; will retry"),
+            Err(e) => {
+                tracing::warn!(subscription = %self.name, error = %e, "could not persist cursor; will retry")
+            }
         }
     }
 
     fn give_back(&mut self, consumer_id: u64, conn_id: u64) {
-        let mine: Vec<Position> = self.pending.iter().filter(|(_, c)| **c == (consumer_id, conn_id)).map(|(p, _)| *p).collect();
+        let mine: Vec<Position> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| **c == (consumer_id, conn_id))
+            .map(|(p, _)| *p)
+            .collect();
         for p in mine {
             self.pending.remove(&p);
             self.redeliver.insert(p);
@@ -147,35 +186,67 @@ impl Sub {
     /// Returns false when the subscription is gone.
     async fn handle(&mut self, ev: SubEvent) -> bool {
         match ev {
-            SubEvent::AddConsumer { consumer_id, conn_id, sub_type, tx, reply } => {
+            SubEvent::AddConsumer {
+                consumer_id,
+                conn_id,
+                sub_type,
+                tx,
+                reply,
+            } => {
                 let busy = match (self.sub_type, sub_type) {
                     (_, _) if self.consumers.is_empty() => None,
-                    (Some(SubType::Exclusive), _) => Some("Exclusive subscription already has a consumer"),
+                    (Some(SubType::Exclusive), _) => {
+                        Some("Exclusive subscription already has a consumer")
+                    }
                     (Some(cur), new) if cur != new => Some("subscription is of another type"),
                     _ => None,
                 };
                 if let Some(msg) = busy {
-                    let _ = reply.send(Err(SubError { code: ServerError::ConsumerBusy, message: msg.into() }));
+                    let _ = reply.send(Err(SubError {
+                        code: ServerError::ConsumerBusy,
+                        message: msg.into(),
+                    }));
                 } else {
                     self.sub_type = Some(sub_type);
-                    self.consumers.push(Consumer { consumer_id, conn_id, tx, permits: 0 });
+                    self.consumers.push(Consumer {
+                        consumer_id,
+                        conn_id,
+                        tx,
+                        permits: 0,
+                    });
                     let _ = reply.send(Ok(()));
                 }
             }
-            SubEvent::RemoveConsumer { consumer_id, conn_id, reply } => {
-                self.consumers.retain(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id));
+            SubEvent::RemoveConsumer {
+                consumer_id,
+                conn_id,
+                reply,
+            } => {
+                self.consumers
+                    .retain(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id));
                 self.give_back(consumer_id, conn_id);
                 self.flush().await;
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
             }
-            SubEvent::Flow { consumer_id, conn_id, permits } => {
-                if let Some(c) = self.consumers.iter_mut().find(|c| (c.consumer_id, c.conn_id) == (consumer_id, conn_id)) {
+            SubEvent::Flow {
+                consumer_id,
+                conn_id,
+                permits,
+            } => {
+                if let Some(c) = self
+                    .consumers
+                    .iter_mut()
+                    .find(|c| (c.consumer_id, c.conn_id) == (consumer_id, conn_id))
+                {
                     c.permits = c.permits.saturating_add(permits);
                 }
             }
-            SubEvent::Ack { positions, cumulative } => {
+            SubEvent::Ack {
+                positions,
+                cumulative,
+            } => {
                 for p in positions {
                     let changed = {
                         let next = |q: Position| self.ml.next_after(q);
@@ -188,14 +259,24 @@ impl Sub {
                     self.dirty |= changed;
                 }
                 let md = self.cursor.mark_delete;
-                let acked: Vec<Position> = self.pending.keys().copied().filter(|p| *p <= md || self.cursor.acked.contains(p)).collect();
+                let acked: Vec<Position> = self
+                    .pending
+                    .keys()
+                    .copied()
+                    .filter(|p| *p <= md || self.cursor.acked.contains(p))
+                    .collect();
                 for p in acked {
                     self.pending.remove(&p);
                     self.redelivery_count.remove(&p);
                 }
-                self.redeliver.retain(|p| !(*p <= md || self.cursor.acked.contains(p)));
+                self.redeliver
+                    .retain(|p| !(*p <= md || self.cursor.acked.contains(p)));
             }
-            SubEvent::Redeliver { consumer_id, conn_id, positions } => match positions {
+            SubEvent::Redeliver {
+                consumer_id,
+                conn_id,
+                positions,
+            } => match positions {
                 Some(list) => {
                     for p in list {
                         if self.pending.get(&p) == Some(&(consumer_id, conn_id)) {
@@ -210,11 +291,20 @@ impl Sub {
             SubEvent::Seek { target, reply } => {
                 let res = match target {
                     SeekTarget::Position(p) => Ok(p),
-                    SeekTarget::PublishTime(t) => self.ml.find_by_publish_time(t).await.map_err(|e| SubError { code: ServerError::PersistenceError, message: e.to_string() }),
+                    SeekTarget::PublishTime(t) => {
+                        self.ml.find_by_publish_time(t).await.map_err(|e| SubError {
+                            code: ServerError::PersistenceError,
+                            message: e.to_string(),
+                        })
+                    }
                 };
                 match res {
                     Ok(p) => {
-                        let start = if p.entry_id < 0 { p } else { Position::new(p.ledger_id, p.entry_id - 1) };
+                        let start = if p.entry_id < 0 {
+                            p
+                        } else {
+                            Position::new(p.ledger_id, p.entry_id - 1)
+                        };
                         let start = start.max(self.ml.before_first());
                         self.cursor = CursorState::new(start);
                         self.read_pos = start.bump();
@@ -230,12 +320,30 @@ impl Sub {
                     }
                 }
             }
-            SubEvent::Unsubscribe { consumer_id, conn_id, reply } => {
-                if self.consumers.iter().any(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id)) {
-                    let _ = reply.send(Err(SubError { code: ServerError::ConsumerBusy, message: "subscription has other consumers".into() }));
+            SubEvent::Unsubscribe {
+                consumer_id,
+                conn_id,
+                reply,
+            } => {
+                if self
+                    .consumers
+                    .iter()
+                    .any(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id))
+                {
+                    let _ = reply.send(Err(SubError {
+                        code: ServerError::ConsumerBusy,
+                        message: "subscription has other consumers".into(),
+                    }));
                     return true;
                 }
-                let res = self.ml.delete_cursor(&self.name).await.map_err(|e| SubError { code: ServerError::PersistenceError, message: e.to_string() });
+                let res = self
+                    .ml
+                    .delete_cursor(&self.name)
+                    .await
+                    .map_err(|e| SubError {
+                        code: ServerError::PersistenceError,
+                        message: e.to_string(),
+                    });
                 let ok = res.is_ok();
                 let _ = reply.send(res);
                 return !ok;
@@ -290,7 +398,9 @@ impl Sub {
         }
         loop {
             let rr = self.rr;
-            let Some(idx) = self.pick_consumer() else { return };
+            let Some(idx) = self.pick_consumer() else {
+                return;
+            };
             let Some(p) = self.next_to_deliver() else {
                 // Nothing to send: the turn stays with the same consumer.
                 self.rr = rr;
@@ -316,7 +426,11 @@ impl Sub {
             let mut cmd = base(Type::Message);
             cmd.message = Some(CommandMessage {
                 consumer_id: c.consumer_id,
-                message_id: MessageIdData { ledger_id: p.ledger_id, entry_id: p.entry_id as u64, ..Default::default() },
+                message_id: MessageIdData {
+                    ledger_id: p.ledger_id,
+                    entry_id: p.entry_id as u64,
+                    ..Default::default()
+                },
                 redelivery_count: Some(self.redelivery_count.get(&p).copied().unwrap_or(0)),
                 ..Default::default()
             });
@@ -327,7 +441,8 @@ impl Sub {
                 // Connection gone; its removal event is on the way.
                 self.redeliver.insert(p);
                 let (cid, conn) = (c.consumer_id, c.conn_id);
-                self.consumers.retain(|c| (c.consumer_id, c.conn_id) != (cid, conn));
+                self.consumers
+                    .retain(|c| (c.consumer_id, c.conn_id) != (cid, conn));
                 continue;
             }
             self.pending.insert(p, (c.consumer_id, c.conn_id));

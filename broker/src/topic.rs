@@ -26,19 +26,40 @@ pub enum InitialPosition {
 
 impl Topic {
     pub async fn load(name: TopicName, broker: &Broker) -> Result<Arc<Topic>, BrokerError> {
-        let ml = ManagedLedger::open(&name.as_key(), broker.cfg.managed_ledger.clone(), broker.ledgers.clone(), broker.metadata.clone())
+        let ml = ManagedLedger::open(
+            &name.as_key(),
+            broker.cfg.managed_ledger.clone(),
+            broker.ledgers.clone(),
+            broker.metadata.clone(),
+        )
+        .await
+        .map_err(|e| {
+            BrokerError::new(
+                ServerError::PersistenceError,
+                format!("cannot open {name}: {e}"),
+            )
+        })?;
+        let cursors = ml
+            .open_cursors()
             .await
-            .map_err(|e| BrokerError::new(ServerError::PersistenceError, format!("cannot open {name}: {e}")))?;
-        let cursors = ml.open_cursors().await.map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
+            .map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
         let mut subs = HashMap::new();
         for (sub, state) in cursors {
             subs.insert(sub.clone(), subscription::spawn(sub, ml.clone(), state));
         }
-        Ok(Arc::new(Topic { name, ml, subs: tokio::sync::Mutex::new(subs) }))
+        Ok(Arc::new(Topic {
+            name,
+            ml,
+            subs: tokio::sync::Mutex::new(subs),
+        }))
     }
 
     /// The subscription, created (durably) at `initial` if it does not exist.
-    pub async fn subscription(&self, sub: &str, initial: InitialPosition) -> Result<SubscriptionHandle, BrokerError> {
+    pub async fn subscription(
+        &self,
+        sub: &str,
+        initial: InitialPosition,
+    ) -> Result<SubscriptionHandle, BrokerError> {
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub) {
             if !h.tx.is_closed() {
@@ -50,7 +71,10 @@ impl Topic {
             InitialPosition::Latest => self.ml.last_confirmed(),
         };
         let state = CursorState::new(start);
-        self.ml.persist_cursor(sub, &state).await.map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
+        self.ml
+            .persist_cursor(sub, &state)
+            .await
+            .map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
         let h = subscription::spawn(sub.to_string(), self.ml.clone(), state);
         subs.insert(sub.to_string(), h.clone());
         Ok(h)

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use magnetar_proto::frame::{self, base, encode_command, encode_payload_command, DEFAULT_MAX_MESSAGE_BYTES, FRAME_OVERHEAD_BYTES};
+use magnetar_proto::frame::{
+    self, base, encode_command, encode_payload_command, DEFAULT_MAX_MESSAGE_BYTES,
+    FRAME_OVERHEAD_BYTES,
+};
 use magnetar_proto::pulsar::{base_command::Type, BaseCommand, CommandConnect, CommandPong};
 use magnetar_proto::Payload;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,8 +50,14 @@ fn request_id_of(cmd: &BaseCommand) -> Option<u64> {
         .or(cmd.error.as_ref().map(|c| c.request_id))
         .or(cmd.producer_success.as_ref().map(|c| c.request_id))
         .or(cmd.lookup_topic_response.as_ref().map(|c| c.request_id))
-        .or(cmd.partition_metadata_response.as_ref().map(|c| c.request_id))
-        .or(cmd.get_last_message_id_response.as_ref().map(|c| c.request_id))
+        .or(cmd
+            .partition_metadata_response
+            .as_ref()
+            .map(|c| c.request_id))
+        .or(cmd
+            .get_last_message_id_response
+            .as_ref()
+            .map(|c| c.request_id))
 }
 
 fn set_request_id(cmd: &mut BaseCommand, id: u64) {
@@ -83,7 +92,9 @@ fn set_request_id(cmd: &mut BaseCommand, id: u64) {
 
 impl Connection {
     pub async fn connect(service_url: &str) -> Result<Arc<Connection>, Error> {
-        let addr = service_url.strip_prefix("pulsar://").ok_or_else(|| Error::Connection(format!("unsupported service URL {service_url}")))?;
+        let addr = service_url
+            .strip_prefix("pulsar://")
+            .ok_or_else(|| Error::Connection(format!("unsupported service URL {service_url}")))?;
         let addr = addr.trim_end_matches('/');
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
             .await
@@ -99,18 +110,34 @@ impl Connection {
         });
         let mut buf = BytesMut::new();
         encode_command(&hello, &mut buf);
-        wr.write_all(&buf).await.map_err(|e| Error::Connection(e.to_string()))?;
+        wr.write_all(&buf)
+            .await
+            .map_err(|e| Error::Connection(e.to_string()))?;
         let max = DEFAULT_MAX_MESSAGE_BYTES + FRAME_OVERHEAD_BYTES;
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(f) = frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))? {
+                if let Some(f) =
+                    frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))?
+                {
                     return match f.command.connected {
                         Some(_) => Ok(()),
-                        None => Err(f.command.error.map(|e| Error::Server { code: e.error, message: e.message }).unwrap_or(Error::Protocol("no CONNECTED".into()))),
+                        None => Err(f
+                            .command
+                            .error
+                            .map(|e| Error::Server {
+                                code: e.error,
+                                message: e.message,
+                            })
+                            .unwrap_or(Error::Protocol("no CONNECTED".into()))),
                     };
                 }
-                if rd.read_buf(&mut rbuf).await.map_err(|e| Error::Connection(e.to_string()))? == 0 {
+                if rd
+                    .read_buf(&mut rbuf)
+                    .await
+                    .map_err(|e| Error::Connection(e.to_string()))?
+                    == 0
+                {
                     return Err(Error::Closed);
                 }
             }
@@ -139,10 +166,17 @@ impl Connection {
         let reader = tokio::spawn(async move {
             let res: Result<(), Error> = async {
                 loop {
-                    while let Some(f) = frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))? {
+                    while let Some(f) =
+                        frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))?
+                    {
                         route(&r, &ptx, f.command, f.payload);
                     }
-                    if rd.read_buf(&mut rbuf).await.map_err(|e| Error::Connection(e.to_string()))? == 0 {
+                    if rd
+                        .read_buf(&mut rbuf)
+                        .await
+                        .map_err(|e| Error::Connection(e.to_string()))?
+                        == 0
+                    {
                         return Err(Error::Closed);
                     }
                 }
@@ -158,7 +192,12 @@ impl Connection {
             g.producers.clear();
             g.consumers.clear();
         });
-        Ok(Arc::new(Connection { tx, routes, next_request: AtomicU64::new(1), tasks: vec![writer, reader] }))
+        Ok(Arc::new(Connection {
+            tx,
+            routes,
+            next_request: AtomicU64::new(1),
+            tasks: vec![writer, reader],
+        }))
     }
 
     pub fn send(&self, cmd: &BaseCommand) -> Result<(), Error> {
@@ -187,9 +226,15 @@ impl Connection {
             g.requests.insert(id, tx);
         }
         self.send(&cmd)?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, rx).await.map_err(|_| Error::Timeout)?.map_err(|_| Error::Closed)??;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, rx)
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|_| Error::Closed)??;
         match resp.error {
-            Some(e) => Err(Error::Server { code: e.error, message: e.message }),
+            Some(e) => Err(Error::Server {
+                code: e.error,
+                message: e.message,
+            }),
             None => Ok(resp),
         }
     }
@@ -200,7 +245,10 @@ impl Connection {
         rx
     }
 
-    pub fn register_consumer(&self, id: u64) -> mpsc::UnboundedReceiver<(BaseCommand, Option<Payload>)> {
+    pub fn register_consumer(
+        &self,
+        id: u64,
+    ) -> mpsc::UnboundedReceiver<(BaseCommand, Option<Payload>)> {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.routes).consumers.insert(id, tx);
         rx
@@ -219,7 +267,12 @@ impl Drop for Connection {
     }
 }
 
-fn route(routes: &Mutex<Routes>, tx: &mpsc::UnboundedSender<Bytes>, cmd: BaseCommand, payload: Option<Payload>) {
+fn route(
+    routes: &Mutex<Routes>,
+    tx: &mpsc::UnboundedSender<Bytes>,
+    cmd: BaseCommand,
+    payload: Option<Payload>,
+) {
     let t = Type::try_from(cmd.r#type).ok();
     match t {
         Some(Type::Ping) => {
@@ -230,7 +283,11 @@ fn route(routes: &Mutex<Routes>, tx: &mpsc::UnboundedSender<Bytes>, cmd: BaseCom
             let _ = tx.send(buf.freeze());
         }
         Some(Type::SendReceipt) | Some(Type::SendError) => {
-            let pid = cmd.send_receipt.as_ref().map(|r| r.producer_id).or(cmd.send_error.as_ref().map(|e| e.producer_id));
+            let pid = cmd
+                .send_receipt
+                .as_ref()
+                .map(|r| r.producer_id)
+                .or(cmd.send_error.as_ref().map(|e| e.producer_id));
             if let Some(s) = pid.and_then(|p| lock(routes).producers.get(&p).cloned()) {
                 let _ = s.send(cmd);
             }

@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use magnetar_proto::frame::{base, decode_batch, encode_batch, BatchItem};
 use magnetar_proto::pulsar::{
-    base_command::Type, command_ack::AckType, command_subscribe::InitialPosition as WireInitial, BaseCommand, CommandAck,
-    CommandCloseConsumer, CommandCloseProducer, CommandFlow, CommandProducer, CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSend,
+    base_command::Type, command_ack::AckType, command_subscribe::InitialPosition as WireInitial,
+    BaseCommand, CommandAck, CommandCloseConsumer, CommandCloseProducer, CommandFlow,
+    CommandProducer, CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSend,
     CommandSubscribe, KeyValue, MessageIdData, MessageMetadata, SingleMessageMetadata,
 };
 use magnetar_proto::Payload;
@@ -47,24 +48,47 @@ pub struct MessageId {
 
 impl MessageId {
     fn from_data(d: &MessageIdData) -> MessageId {
-        MessageId { ledger_id: d.ledger_id, entry_id: d.entry_id, partition: d.partition.unwrap_or(-1), batch_index: d.batch_index.unwrap_or(-1) }
+        MessageId {
+            ledger_id: d.ledger_id,
+            entry_id: d.entry_id,
+            partition: d.partition.unwrap_or(-1),
+            batch_index: d.batch_index.unwrap_or(-1),
+        }
     }
 
     fn to_data(self) -> MessageIdData {
-        MessageIdData { ledger_id: self.ledger_id, entry_id: self.entry_id, partition: Some(self.partition), batch_index: Some(self.batch_index), ..Default::default() }
+        MessageIdData {
+            ledger_id: self.ledger_id,
+            entry_id: self.entry_id,
+            partition: Some(self.partition),
+            batch_index: Some(self.batch_index),
+            ..Default::default()
+        }
     }
 
-    pub const EARLIEST: MessageId = MessageId { ledger_id: u64::MAX, entry_id: u64::MAX, partition: -1, batch_index: -1 };
+    pub const EARLIEST: MessageId = MessageId {
+        ledger_id: u64::MAX,
+        entry_id: u64::MAX,
+        partition: -1,
+        batch_index: -1,
+    };
 }
 
 impl std::fmt::Display for MessageId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}:{}", self.ledger_id, self.entry_id, self.partition, self.batch_index)
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            self.ledger_id, self.entry_id, self.partition, self.batch_index
+        )
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A message to send.
@@ -77,19 +101,28 @@ pub struct OutgoingMessage {
 
 impl From<Bytes> for OutgoingMessage {
     fn from(payload: Bytes) -> Self {
-        OutgoingMessage { payload, ..Default::default() }
+        OutgoingMessage {
+            payload,
+            ..Default::default()
+        }
     }
 }
 
 impl From<Vec<u8>> for OutgoingMessage {
     fn from(payload: Vec<u8>) -> Self {
-        OutgoingMessage { payload: payload.into(), ..Default::default() }
+        OutgoingMessage {
+            payload: payload.into(),
+            ..Default::default()
+        }
     }
 }
 
 impl From<&str> for OutgoingMessage {
     fn from(s: &str) -> Self {
-        OutgoingMessage { payload: Bytes::copy_from_slice(s.as_bytes()), ..Default::default() }
+        OutgoingMessage {
+            payload: Bytes::copy_from_slice(s.as_bytes()),
+            ..Default::default()
+        }
     }
 }
 
@@ -106,11 +139,19 @@ pub struct Message {
 }
 
 fn props(kvs: &[KeyValue]) -> BTreeMap<String, String> {
-    kvs.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect()
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect()
 }
 
 fn kvs(props: &BTreeMap<String, String>) -> Vec<KeyValue> {
-    props.iter().map(|(k, v)| KeyValue { key: k.clone(), value: v.clone() }).collect()
+    props
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
 }
 
 /// A client bound to one broker service URL (`pulsar://host:port`).
@@ -123,26 +164,48 @@ pub struct Client {
 impl Client {
     pub async fn connect(service_url: &str) -> Result<Client, Error> {
         let conn = Connection::connect(service_url).await?;
-        Ok(Client { conn, ids: Arc::new(AtomicU64::new(1)) })
+        Ok(Client {
+            conn,
+            ids: Arc::new(AtomicU64::new(1)),
+        })
     }
 
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub async fn create_producer(&self, topic: &str, options: ProducerOptions) -> Result<Producer, Error> {
+    pub async fn create_producer(
+        &self,
+        topic: &str,
+        options: ProducerOptions,
+    ) -> Result<Producer, Error> {
         let producer_id = self.next_id();
         let mut cmd = base(Type::Producer);
-        cmd.producer = Some(CommandProducer { topic: topic.into(), producer_id, request_id: 0, producer_name: options.name.clone(), ..Default::default() });
+        cmd.producer = Some(CommandProducer {
+            topic: topic.into(),
+            producer_id,
+            request_id: 0,
+            producer_name: options.name.clone(),
+            ..Default::default()
+        });
         let receipts = self.conn.register_producer(producer_id);
         let resp = self.conn.request(cmd).await?;
-        let name = resp.producer_success.map(|s| s.producer_name).ok_or_else(|| Error::Protocol("no PRODUCER_SUCCESS".into()))?;
+        let name = resp
+            .producer_success
+            .map(|s| s.producer_name)
+            .ok_or_else(|| Error::Protocol("no PRODUCER_SUCCESS".into()))?;
         let inner = Arc::new(ProducerInner {
             conn: self.conn.clone(),
             producer_id,
             name,
             options,
-            state: Mutex::new(ProducerState { next_seq: 0, pending: HashMap::new(), batch: Vec::new(), batch_bytes: 0, closed: false }),
+            state: Mutex::new(ProducerState {
+                next_seq: 0,
+                pending: HashMap::new(),
+                batch: Vec::new(),
+                batch_bytes: 0,
+                closed: false,
+            }),
         });
         tokio::spawn(receipt_loop(Arc::downgrade(&inner), receipts));
         if inner.options.batching {
@@ -161,7 +224,12 @@ impl Client {
         Ok(Producer { inner })
     }
 
-    pub async fn subscribe(&self, topic: &str, subscription: &str, options: ConsumerOptions) -> Result<Consumer, Error> {
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        options: ConsumerOptions,
+    ) -> Result<Consumer, Error> {
         let consumer_id = self.next_id();
         let mut cmd = base(Type::Subscribe);
         cmd.subscribe = Some(CommandSubscribe {
@@ -170,12 +238,24 @@ impl Client {
             sub_type: options.sub_type as i32,
             consumer_id,
             request_id: 0,
-            initial_position: Some(if options.earliest { WireInitial::Earliest } else { WireInitial::Latest } as i32),
+            initial_position: Some(if options.earliest {
+                WireInitial::Earliest
+            } else {
+                WireInitial::Latest
+            } as i32),
             ..Default::default()
         });
         let rx = self.conn.register_consumer(consumer_id);
         self.conn.request(cmd).await?;
-        let consumer = Consumer { conn: self.conn.clone(), consumer_id, rx, queue: Default::default(), receiver_queue: options.receiver_queue.max(2), delivered: 0, batches: HashMap::new() };
+        let consumer = Consumer {
+            conn: self.conn.clone(),
+            consumer_id,
+            rx,
+            queue: Default::default(),
+            receiver_queue: options.receiver_queue.max(2),
+            delivered: 0,
+            batches: HashMap::new(),
+        };
         consumer.flow(consumer.receiver_queue)?;
         Ok(consumer)
     }
@@ -196,7 +276,13 @@ pub struct ProducerOptions {
 
 impl Default for ProducerOptions {
     fn default() -> Self {
-        ProducerOptions { name: None, batching: false, batch_max_messages: 1000, batch_max_bytes: 128 * 1024, batch_delay_ms: 10 }
+        ProducerOptions {
+            name: None,
+            batching: false,
+            batch_max_messages: 1000,
+            batch_max_bytes: 128 * 1024,
+            batch_delay_ms: 10,
+        }
     }
 }
 
@@ -225,7 +311,14 @@ impl ProducerInner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send_entry(&self, st: &mut ProducerState, metadata_fn: impl FnOnce(u64) -> MessageMetadata, payload: &[u8], num: i32, receipts: Vec<Receipt>) {
+    fn send_entry(
+        &self,
+        st: &mut ProducerState,
+        metadata_fn: impl FnOnce(u64) -> MessageMetadata,
+        payload: &[u8],
+        num: i32,
+        receipts: Vec<Receipt>,
+    ) {
         if st.closed {
             for r in receipts {
                 let _ = r.send(Err(Error::Closed));
@@ -267,7 +360,13 @@ impl ProducerInner {
         let name = self.name.clone();
         self.send_entry(
             &mut st,
-            |seq| MessageMetadata { producer_name: name, sequence_id: seq, publish_time: now_ms(), num_messages_in_batch: Some(n), ..Default::default() },
+            |seq| MessageMetadata {
+                producer_name: name,
+                sequence_id: seq,
+                publish_time: now_ms(),
+                num_messages_in_batch: Some(n),
+                ..Default::default()
+            },
             &payload,
             n,
             receipts,
@@ -287,7 +386,10 @@ impl Producer {
 
     /// Queues a message and returns a future of its receipt: it resolves once
     /// the broker has stored the message durably.
-    pub fn send_async(&self, msg: impl Into<OutgoingMessage>) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
+    pub fn send_async(
+        &self,
+        msg: impl Into<OutgoingMessage>,
+    ) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
         let msg = msg.into();
         let (tx, rx) = oneshot::channel();
         let p = &self.inner;
@@ -301,8 +403,15 @@ impl Producer {
                     ..Default::default()
                 };
                 st.batch_bytes += msg.payload.len();
-                st.batch.push((BatchItem { metadata, payload: msg.payload }, tx));
-                st.batch.len() >= p.options.batch_max_messages || st.batch_bytes >= p.options.batch_max_bytes
+                st.batch.push((
+                    BatchItem {
+                        metadata,
+                        payload: msg.payload,
+                    },
+                    tx,
+                ));
+                st.batch.len() >= p.options.batch_max_messages
+                    || st.batch_bytes >= p.options.batch_max_bytes
             };
             if flush {
                 p.flush_batch();
@@ -313,7 +422,14 @@ impl Producer {
             let (key, properties) = (msg.key.clone(), kvs(&msg.properties));
             p.send_entry(
                 &mut st,
-                |seq| MessageMetadata { producer_name: name, sequence_id: seq, publish_time: now_ms(), partition_key: key, properties, ..Default::default() },
+                |seq| MessageMetadata {
+                    producer_name: name,
+                    sequence_id: seq,
+                    publish_time: now_ms(),
+                    partition_key: key,
+                    properties,
+                    ..Default::default()
+                },
                 &msg.payload,
                 1,
                 vec![tx],
@@ -337,12 +453,18 @@ impl Producer {
     pub async fn close(self) -> Result<(), Error> {
         self.flush();
         let mut cmd = base(Type::CloseProducer);
-        cmd.close_producer = Some(CommandCloseProducer { producer_id: self.inner.producer_id, request_id: 0 });
+        cmd.close_producer = Some(CommandCloseProducer {
+            producer_id: self.inner.producer_id,
+            request_id: 0,
+        });
         self.inner.conn.request(cmd).await.map(|_| ())
     }
 }
 
-async fn receipt_loop(inner: std::sync::Weak<ProducerInner>, mut rx: mpsc::UnboundedReceiver<BaseCommand>) {
+async fn receipt_loop(
+    inner: std::sync::Weak<ProducerInner>,
+    mut rx: mpsc::UnboundedReceiver<BaseCommand>,
+) {
     while let Some(cmd) = rx.recv().await {
         let Some(p) = inner.upgrade() else { return };
         if let Some(r) = cmd.send_receipt {
@@ -362,7 +484,10 @@ async fn receipt_loop(inner: std::sync::Weak<ProducerInner>, mut rx: mpsc::Unbou
         } else if let Some(e) = cmd.send_error {
             let receipts = p.lock().pending.remove(&e.sequence_id).unwrap_or_default();
             for s in receipts {
-                let _ = s.send(Err(Error::Server { code: e.error, message: e.message.clone() }));
+                let _ = s.send(Err(Error::Server {
+                    code: e.error,
+                    message: e.message.clone(),
+                }));
             }
         }
     }
@@ -397,7 +522,11 @@ pub struct ConsumerOptions {
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
-        ConsumerOptions { sub_type: SubscriptionType::Exclusive, earliest: false, receiver_queue: 1000 }
+        ConsumerOptions {
+            sub_type: SubscriptionType::Exclusive,
+            earliest: false,
+            receiver_queue: 1000,
+        }
     }
 }
 
@@ -416,19 +545,26 @@ pub struct Consumer {
 impl Consumer {
     fn flow(&self, permits: u32) -> Result<(), Error> {
         let mut cmd = base(Type::Flow);
-        cmd.flow = Some(CommandFlow { consumer_id: self.consumer_id, message_permits: permits });
+        cmd.flow = Some(CommandFlow {
+            consumer_id: self.consumer_id,
+            message_permits: permits,
+        });
         self.conn.send(&cmd)
     }
 
     fn unpack(&mut self, cmd: BaseCommand, payload: Option<Payload>) -> Result<(), Error> {
-        let (Some(m), Some(pl)) = (cmd.message, payload) else { return Ok(()) };
+        let (Some(m), Some(pl)) = (cmd.message, payload) else {
+            return Ok(());
+        };
         let md = &pl.metadata;
         let mut id = MessageId::from_data(&m.message_id);
         let redelivery_count = m.redelivery_count.unwrap_or(0);
         match md.num_messages_in_batch {
             Some(n) => {
-                let items = decode_batch(pl.payload(), n.max(0) as usize).map_err(|e| Error::Protocol(e.to_string()))?;
-                self.batches.insert((id.ledger_id, id.entry_id), items.len() as u32);
+                let items = decode_batch(pl.payload(), n.max(0) as usize)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                self.batches
+                    .insert((id.ledger_id, id.entry_id), items.len() as u32);
                 for (i, item) in items.into_iter().enumerate() {
                     id.batch_index = i as i32;
                     self.queue.push_back(Message {
@@ -483,7 +619,12 @@ impl Consumer {
         let mut cmd = base(Type::Ack);
         let mut data = id.to_data();
         data.batch_index = None;
-        cmd.ack = Some(CommandAck { consumer_id: self.consumer_id, ack_type: ack_type as i32, message_id: vec![data], ..Default::default() });
+        cmd.ack = Some(CommandAck {
+            consumer_id: self.consumer_id,
+            ack_type: ack_type as i32,
+            message_id: vec![data],
+            ..Default::default()
+        });
         self.conn.send(&cmd)
     }
 
@@ -515,7 +656,8 @@ impl Consumer {
             }
             id.entry_id -= 1;
         }
-        self.batches.retain(|(l, e), _| (*l, *e) > (id.ledger_id, id.entry_id));
+        self.batches
+            .retain(|(l, e), _| (*l, *e) > (id.ledger_id, id.entry_id));
         self.send_ack(id, AckType::Cumulative)
     }
 
@@ -523,14 +665,22 @@ impl Consumer {
     pub fn redeliver_unacknowledged(&mut self) -> Result<(), Error> {
         self.queue.clear();
         let mut cmd = base(Type::RedeliverUnacknowledgedMessages);
-        cmd.redeliver_unacknowledged_messages = Some(CommandRedeliverUnacknowledgedMessages { consumer_id: self.consumer_id, ..Default::default() });
+        cmd.redeliver_unacknowledged_messages = Some(CommandRedeliverUnacknowledgedMessages {
+            consumer_id: self.consumer_id,
+            ..Default::default()
+        });
         self.conn.send(&cmd)
     }
 
     /// Moves the subscription to `id` (re-delivering from there).
     pub async fn seek(&mut self, id: MessageId) -> Result<(), Error> {
         let mut cmd = base(Type::Seek);
-        cmd.seek = Some(CommandSeek { consumer_id: self.consumer_id, request_id: 0, message_id: Some(id.to_data()), message_publish_time: None });
+        cmd.seek = Some(CommandSeek {
+            consumer_id: self.consumer_id,
+            request_id: 0,
+            message_id: Some(id.to_data()),
+            message_publish_time: None,
+        });
         self.conn.request(cmd).await?;
         self.queue.clear();
         Ok(())
@@ -538,7 +688,10 @@ impl Consumer {
 
     pub async fn close(self) -> Result<(), Error> {
         let mut cmd = base(Type::CloseConsumer);
-        cmd.close_consumer = Some(CommandCloseConsumer { consumer_id: self.consumer_id, request_id: 0 });
+        cmd.close_consumer = Some(CommandCloseConsumer {
+            consumer_id: self.consumer_id,
+            request_id: 0,
+        });
         self.conn.request(cmd).await.map(|_| ())
     }
 }

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use magnetar_proto::metadata_api::{Compare, KeyValue, MetaError, MetaRequest, MetaResponse, Op, Status, Txn, TxnResult, WatchEvent};
+use magnetar_proto::metadata_api::{
+    Compare, KeyValue, MetaError, MetaRequest, MetaResponse, Op, Status, Txn, TxnResult, WatchEvent,
+};
 use magnetar_proto::rpc::{read_msg, write_msg, RpcClient, RpcError};
 use tokio::sync::{mpsc, watch};
 
@@ -31,7 +33,12 @@ pub struct MetadataClient {
 
 impl MetadataClient {
     pub fn new(rpc: RpcClient, endpoints: Vec<SocketAddr>) -> MetadataClient {
-        MetadataClient { rpc, endpoints: Arc::new(endpoints), leader: Arc::default(), retry_for: Duration::from_secs(15) }
+        MetadataClient {
+            rpc,
+            endpoints: Arc::new(endpoints),
+            leader: Arc::default(),
+            retry_for: Duration::from_secs(15),
+        }
     }
 
     fn target(&self, attempt: usize) -> SocketAddr {
@@ -93,7 +100,13 @@ impl MetadataClient {
 
     /// Keys under `prefix` in key order; `limit` 0 means all.
     pub async fn range(&self, prefix: &str, limit: u32) -> Result<Vec<KeyValue>, MetadataError> {
-        match self.request(&MetaRequest::Range { prefix: prefix.into(), limit }).await? {
+        match self
+            .request(&MetaRequest::Range {
+                prefix: prefix.into(),
+                limit,
+            })
+            .await?
+        {
             MetaResponse::Range(v) => Ok(v),
             r => Err(MetadataError::Protocol(format!("{r:?}"))),
         }
@@ -108,17 +121,40 @@ impl MetadataClient {
 
     /// Unconditional put; returns the new revision.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, MetadataError> {
-        let r = self.txn(Txn { compares: vec![], success: vec![Op::Put { key: key.into(), value, lease: None }], failure: vec![] }).await?;
+        let r = self
+            .txn(Txn {
+                compares: vec![],
+                success: vec![Op::Put {
+                    key: key.into(),
+                    value,
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
         Ok(r.revision)
     }
 
     /// Puts `value` if the key's version is `expected` (0: absent). Returns
     /// whether it applied.
-    pub async fn cas(&self, key: &str, expected: u64, value: Vec<u8>, lease: Option<u64>) -> Result<bool, MetadataError> {
+    pub async fn cas(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Vec<u8>,
+        lease: Option<u64>,
+    ) -> Result<bool, MetadataError> {
         let r = self
             .txn(Txn {
-                compares: vec![Compare { key: key.into(), version: expected }],
-                success: vec![Op::Put { key: key.into(), value, lease }],
+                compares: vec![Compare {
+                    key: key.into(),
+                    version: expected,
+                }],
+                success: vec![Op::Put {
+                    key: key.into(),
+                    value,
+                    lease,
+                }],
                 failure: vec![],
             })
             .await?;
@@ -126,8 +162,17 @@ impl MetadataClient {
     }
 
     pub async fn delete(&self, key: &str) -> Result<bool, MetadataError> {
-        let r = self.txn(Txn { compares: vec![], success: vec![Op::Delete { key: key.into() }], failure: vec![] }).await?;
-        Ok(matches!(r.results.first(), Some(magnetar_proto::metadata_api::OpResult::Delete { prev: Some(_) })))
+        let r = self
+            .txn(Txn {
+                compares: vec![],
+                success: vec![Op::Delete { key: key.into() }],
+                failure: vec![],
+            })
+            .await?;
+        Ok(matches!(
+            r.results.first(),
+            Some(magnetar_proto::metadata_api::OpResult::Delete { prev: Some(_) })
+        ))
     }
 
     pub async fn status(&self) -> Result<Status, MetadataError> {
@@ -171,7 +216,13 @@ impl MetadataClient {
                 }
             }
         });
-        Ok(Lease { id, ttl_ms, lost: lost_rx, task, client: self.clone() })
+        Ok(Lease {
+            id,
+            ttl_ms,
+            lost: lost_rx,
+            task,
+            client: self.clone(),
+        })
     }
 
     /// Every change under `prefix` from `start_revision` on (0: from now),
@@ -196,10 +247,22 @@ impl MetadataClient {
         WatchStream { rx, task }
     }
 
-    async fn watch_once(&self, prefix: &str, next: &mut u64, tx: &mpsc::Sender<WatchEvent>) -> Result<(), RpcError> {
+    async fn watch_once(
+        &self,
+        prefix: &str,
+        next: &mut u64,
+        tx: &mpsc::Sender<WatchEvent>,
+    ) -> Result<(), RpcError> {
         let addr = self.target(0);
         let (mut send, mut recv) = self.rpc.open(addr).await?;
-        write_msg(&mut send, &MetaRequest::Watch { prefix: prefix.into(), start_revision: *next }).await?;
+        write_msg(
+            &mut send,
+            &MetaRequest::Watch {
+                prefix: prefix.into(),
+                start_revision: *next,
+            },
+        )
+        .await?;
         let _ = send.finish();
         loop {
             match read_msg::<MetaResponse>(&mut recv).await? {
@@ -238,7 +301,10 @@ pub struct Lease {
 impl Lease {
     pub async fn revoke(self) -> Result<(), MetadataError> {
         self.task.abort();
-        self.client.request(&MetaRequest::LeaseRevoke { id: self.id }).await.map(|_| ())
+        self.client
+            .request(&MetaRequest::LeaseRevoke { id: self.id })
+            .await
+            .map(|_| ())
     }
 }
 

@@ -28,7 +28,8 @@ impl LeaseTracker {
     }
 
     pub fn keep_alive(&mut self, id: u64, ttl_ms: u64, now: Instant) {
-        self.deadlines.insert(id, now + Duration::from_millis(ttl_ms));
+        self.deadlines
+            .insert(id, now + Duration::from_millis(ttl_ms));
     }
 
     /// Leases in `leases` whose deadline passed. Leases new to the tracker get
@@ -40,7 +41,10 @@ impl LeaseTracker {
         self.deadlines.retain(|id, _| leases.contains_key(id));
         let mut out = Vec::new();
         for (id, lease) in leases {
-            let d = *self.deadlines.entry(*id).or_insert(now + Duration::from_millis(lease.ttl_ms));
+            let d = *self
+                .deadlines
+                .entry(*id)
+                .or_insert(now + Duration::from_millis(lease.ttl_ms));
             if d <= now {
                 out.push(*id);
             }
@@ -54,7 +58,17 @@ mod tests {
     use super::*;
 
     fn leases(ids: &[u64]) -> BTreeMap<u64, Lease> {
-        ids.iter().map(|id| (*id, Lease { ttl_ms: 1000, keys: Default::default() })).collect()
+        ids.iter()
+            .map(|id| {
+                (
+                    *id,
+                    Lease {
+                        ttl_ms: 1000,
+                        keys: Default::default(),
+                    },
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -66,8 +80,13 @@ mod tests {
         assert!(t.expired(&l, t0).is_empty());
         t.keep_alive(1, 1000, t0 + Duration::from_millis(900));
         assert_eq!(t.expired(&l, t0 + Duration::from_millis(1000)), vec![2]);
-        assert!(t.expired(&leases(&[1]), t0 + Duration::from_millis(1800)).is_empty());
-        assert_eq!(t.expired(&leases(&[1]), t0 + Duration::from_millis(1900)), vec![1]);
+        assert!(t
+            .expired(&leases(&[1]), t0 + Duration::from_millis(1800))
+            .is_empty());
+        assert_eq!(
+            t.expired(&leases(&[1]), t0 + Duration::from_millis(1900)),
+            vec![1]
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod state;
 pub mod store;
 
 pub use client::{Lease, MetadataClient, MetadataError, WatchStream};
-pub use magnetar_proto::metadata_api::{Compare, EventKind, KeyValue, Op, OpResult, Txn, TxnResult, WatchEvent};
+pub use magnetar_proto::metadata_api::{
+    Compare, EventKind, KeyValue, Op, OpResult, Txn, TxnResult, WatchEvent,
+};
 pub use server::{MetadataConfig, MetadataNode};
 
 openraft::declare_raft_types!(

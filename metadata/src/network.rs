@@ -3,9 +3,14 @@
 
 use magnetar_proto::metadata_api::{MetaRequest, MetaResponse, RaftKind};
 use magnetar_proto::rpc::RpcClient;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -26,7 +31,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
-        Peer { rpc: self.rpc.clone(), target, addr: node.addr.clone() }
+        Peer {
+            rpc: self.rpc.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
     }
 }
 
@@ -35,21 +44,34 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 struct Msg(String);
 
 impl Peer {
-    async fn send<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+    async fn send<
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    >(
         &self,
         kind: RaftKind,
         req: &Req,
         timeout: std::time::Duration,
     ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>> {
-        let addr = self.addr.parse().map_err(|_| RPCError::Unreachable(Unreachable::new(&Msg(format!("bad address {}", self.addr)))))?;
-        let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
+        let addr = self.addr.parse().map_err(|_| {
+            RPCError::Unreachable(Unreachable::new(&Msg(format!("bad address {}", self.addr))))
+        })?;
+        let body = bincode::serialize(req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
         let mut rpc = self.rpc.clone();
         rpc.timeout = timeout;
-        let resp: MetaResponse = rpc.call(addr, &MetaRequest::Raft { kind, body }).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let resp: MetaResponse = rpc
+            .call(addr, &MetaRequest::Raft { kind, body })
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let MetaResponse::Raft(bytes) = resp else {
-            return Err(RPCError::Network(NetworkError::new(&Msg(format!("unexpected answer {resp:?}")))));
+            return Err(RPCError::Network(NetworkError::new(&Msg(format!(
+                "unexpected answer {resp:?}"
+            )))));
         };
-        let res: Result<Resp, RaftError<u64, E>> = bincode::deserialize(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
+        let res: Result<Resp, RaftError<u64, E>> = bincode::deserialize(&bytes)
+            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -60,18 +82,27 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl()).await
+        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl())
+            .await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl()).await
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl())
+            .await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.send(RaftKind::Vote, &rpc, option.hard_ttl()).await
     }
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use magnetar_proto::metadata_api::{self as api, MetaError, MetaRequest, MetaResponse, RaftKind, Status};
+use magnetar_proto::metadata_api::{
+    self as api, MetaError, MetaRequest, MetaResponse, RaftKind, Status,
+};
 use magnetar_proto::rpc::{read_msg, write_msg, RpcClient, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use openraft::error::{ClientWriteError, RaftError};
@@ -73,12 +75,19 @@ pub struct MetadataNode {
 }
 
 impl MetadataNode {
-    pub async fn start(cfg: MetadataConfig, tls: &TlsMaterial) -> Result<Arc<MetadataNode>, StartError> {
-        let log = LogStore::open(&cfg.data_dir.join("raft")).map_err(|e| StartError::Storage(e.to_string()))?;
-        let sm = StateMachine::open(&cfg.data_dir.join("raft")).map_err(|e| StartError::Storage(e.to_string()))?;
+    pub async fn start(
+        cfg: MetadataConfig,
+        tls: &TlsMaterial,
+    ) -> Result<Arc<MetadataNode>, StartError> {
+        let log = LogStore::open(&cfg.data_dir.join("raft"))
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(&cfg.data_dir.join("raft"))
+            .map_err(|e| StartError::Storage(e.to_string()))?;
         let shared = sm.shared.clone();
         let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls)?;
-        let local = endpoint.local_addr().map_err(|e| StartError::Transport(RpcError::Tls(e.to_string())))?;
+        let local = endpoint
+            .local_addr()
+            .map_err(|e| StartError::Transport(RpcError::Tls(e.to_string())))?;
         let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
         let raft_cfg = openraft::Config {
             cluster_name: "magnetar".into(),
@@ -91,13 +100,31 @@ impl MetadataNode {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let network = Network { rpc: RpcClient::new(endpoint.clone()) };
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm).await.map_err(|e| StartError::Raft(e.to_string()))?;
-        let members = if cfg.initial_members.is_empty() { vec![(cfg.node_id, advertise.clone())] } else { cfg.initial_members.clone() };
+        let network = Network {
+            rpc: RpcClient::new(endpoint.clone()),
+        };
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let members = if cfg.initial_members.is_empty() {
+            vec![(cfg.node_id, advertise.clone())]
+        } else {
+            cfg.initial_members.clone()
+        };
         let first = members.iter().map(|(id, _)| *id).min();
-        if !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? && first == Some(cfg.node_id) {
-            let map: BTreeMap<u64, BasicNode> = members.into_iter().map(|(id, addr)| (id, BasicNode { addr })).collect();
-            raft.initialize(map).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+            && first == Some(cfg.node_id)
+        {
+            let map: BTreeMap<u64, BasicNode> = members
+                .into_iter()
+                .map(|(id, addr)| (id, BasicNode { addr }))
+                .collect();
+            raft.initialize(map)
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
         }
         let node = Arc::new(MetadataNode {
             node_id: cfg.node_id,
@@ -108,14 +135,22 @@ impl MetadataNode {
             tasks: Mutex::default(),
         });
         let accept = tokio::spawn(accept_loop(node.clone(), endpoint));
-        let expiry = tokio::spawn(lease_loop(node.clone(), Duration::from_millis(cfg.lease_check_interval_ms)));
-        node.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([accept, expiry]);
+        let expiry = tokio::spawn(lease_loop(
+            node.clone(),
+            Duration::from_millis(cfg.lease_check_interval_ms),
+        ));
+        node.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend([accept, expiry]);
         tracing::info!(node_id = cfg.node_id, addr = %local, "metadata node started");
         Ok(node)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into())
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into())
     }
 
     /// Waits until some node leads (standalone: this one).
@@ -126,14 +161,22 @@ impl MetadataNode {
             if m.borrow().current_leader.is_some() {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, m.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, m.changed())
+                .await
+                .is_err()
+            {
                 return false;
             }
         }
     }
 
     pub async fn shutdown(&self) {
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
         let _ = self.raft.shutdown().await;
@@ -150,17 +193,24 @@ impl MetadataNode {
         let m = self.raft.metrics();
         let m = m.borrow();
         let leader = m.current_leader?;
-        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
     }
 
     fn not_leader(&self) -> MetaResponse {
-        MetaResponse::Error(MetaError::NotLeader { leader: self.leader_addr() })
+        MetaResponse::Error(MetaError::NotLeader {
+            leader: self.leader_addr(),
+        })
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResult, MetaResponse> {
         match self.raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(self.not_leader())
+            }
             Err(e) => Err(MetaResponse::Error(MetaError::Internal(e.to_string()))),
         }
     }
@@ -194,7 +244,10 @@ impl MetadataNode {
             MetaRequest::Txn(txn) => {
                 let ops = txn.success.len() + txn.failure.len() + txn.compares.len();
                 if ops > api::MAX_TXN_OPS {
-                    return Err(limit(format!("{ops} operations in one transaction; the limit is {}", api::MAX_TXN_OPS)));
+                    return Err(limit(format!(
+                        "{ops} operations in one transaction; the limit is {}",
+                        api::MAX_TXN_OPS
+                    )));
                 }
                 for op in txn.success.iter().chain(&txn.failure) {
                     let (key, value) = match op {
@@ -212,19 +265,28 @@ impl MetadataNode {
                 }
                 match self.write(Command::Txn(txn)).await? {
                     CommandResult::Txn(r) => MetaResponse::Txn(r),
-                    other => MetaResponse::Error(MetaError::Internal(format!("unexpected result {other:?}"))),
+                    other => MetaResponse::Error(MetaError::Internal(format!(
+                        "unexpected result {other:?}"
+                    ))),
                 }
             }
             MetaRequest::LeaseGrant { ttl_ms } => {
                 if !(100..=3_600_000).contains(&ttl_ms) {
-                    return Err(limit(format!("lease TTL {ttl_ms} ms is outside 100..=3600000")));
+                    return Err(limit(format!(
+                        "lease TTL {ttl_ms} ms is outside 100..=3600000"
+                    )));
                 }
                 match self.write(Command::LeaseGrant { ttl_ms }).await? {
                     CommandResult::Lease { id, ttl_ms } => {
-                        self.leases.lock().unwrap_or_else(|e| e.into_inner()).keep_alive(id, ttl_ms, Instant::now());
+                        self.leases
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .keep_alive(id, ttl_ms, Instant::now());
                         MetaResponse::Lease { id, ttl_ms }
                     }
-                    other => MetaResponse::Error(MetaError::Internal(format!("unexpected result {other:?}"))),
+                    other => MetaResponse::Error(MetaError::Internal(format!(
+                        "unexpected result {other:?}"
+                    ))),
                 }
             }
             MetaRequest::LeaseKeepAlive { id } => {
@@ -233,14 +295,20 @@ impl MetadataNode {
                 }
                 match self.sm.read(|kv| kv.leases.get(&id).map(|l| l.ttl_ms)) {
                     Some(ttl_ms) => {
-                        self.leases.lock().unwrap_or_else(|e| e.into_inner()).keep_alive(id, ttl_ms, Instant::now());
+                        self.leases
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .keep_alive(id, ttl_ms, Instant::now());
                         MetaResponse::Lease { id, ttl_ms }
                     }
                     None => MetaResponse::Error(MetaError::LeaseNotFound(id)),
                 }
             }
-            MetaRequest::LeaseRevoke { id } => match self.write(Command::LeaseRevoke { id }).await? {
-                CommandResult::LeaseNotFound(id) => MetaResponse::Error(MetaError::LeaseNotFound(id)),
+            MetaRequest::LeaseRevoke { id } => match self.write(Command::LeaseRevoke { id }).await?
+            {
+                CommandResult::LeaseNotFound(id) => {
+                    MetaResponse::Error(MetaError::LeaseNotFound(id))
+                }
                 _ => MetaResponse::Ok,
             },
             MetaRequest::Status => {
@@ -252,25 +320,56 @@ impl MetadataNode {
                     term: m.current_term,
                     revision: self.sm.read(|kv| kv.revision),
                     last_applied: self.sm.last_applied(),
-                    members: m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+                    members: m
+                        .membership_config
+                        .membership()
+                        .nodes()
+                        .map(|(id, n)| (*id, n.addr.clone()))
+                        .collect(),
                 })
             }
-            MetaRequest::Raft { kind, body } => MetaResponse::Raft(self.raft_rpc(kind, &body).await?),
-            MetaRequest::Watch { .. } => MetaResponse::Error(MetaError::Internal("watch handled on its stream".into())),
+            MetaRequest::Raft { kind, body } => {
+                MetaResponse::Raft(self.raft_rpc(kind, &body).await?)
+            }
+            MetaRequest::Watch { .. } => {
+                MetaResponse::Error(MetaError::Internal("watch handled on its stream".into()))
+            }
         })
     }
 
     async fn raft_rpc(&self, kind: RaftKind, body: &[u8]) -> Result<Vec<u8>, MetaResponse> {
-        let bad = |e: bincode::Error| MetaResponse::Error(MetaError::Internal(format!("bad raft message: {e}")));
+        let bad = |e: bincode::Error| {
+            MetaResponse::Error(MetaError::Internal(format!("bad raft message: {e}")))
+        };
         let out = match kind {
-            RaftKind::AppendEntries => bincode::serialize(&self.raft.append_entries(bincode::deserialize(body).map_err(bad)?).await),
-            RaftKind::Vote => bincode::serialize(&self.raft.vote(bincode::deserialize(body).map_err(bad)?).await),
-            RaftKind::InstallSnapshot => bincode::serialize(&self.raft.install_snapshot(bincode::deserialize(body).map_err(bad)?).await),
+            RaftKind::AppendEntries => bincode::serialize(
+                &self
+                    .raft
+                    .append_entries(bincode::deserialize(body).map_err(bad)?)
+                    .await,
+            ),
+            RaftKind::Vote => bincode::serialize(
+                &self
+                    .raft
+                    .vote(bincode::deserialize(body).map_err(bad)?)
+                    .await,
+            ),
+            RaftKind::InstallSnapshot => bincode::serialize(
+                &self
+                    .raft
+                    .install_snapshot(bincode::deserialize(body).map_err(bad)?)
+                    .await,
+            ),
         };
         out.map_err(|e| MetaResponse::Error(MetaError::Internal(e.to_string())))
     }
 
-    async fn watch(&self, prefix: String, start: u64, send: &mut quinn::SendStream) -> Result<(), RpcError> {
+    async fn watch(
+        &self,
+        prefix: String,
+        start: u64,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), RpcError> {
         let (mut rx, past, oldest, revision) = self.sm.subscribe(start);
         if start > 0 && start < oldest && start <= revision {
             return write_msg(send, &MetaResponse::Error(MetaError::Compacted(oldest))).await;
@@ -281,7 +380,9 @@ impl MetadataNode {
         }
         loop {
             match rx.recv().await {
-                Ok(ev) if ev.revision >= start && ev.kv.key.starts_with(&prefix) => write_msg(send, &MetaResponse::Event(ev)).await?,
+                Ok(ev) if ev.revision >= start && ev.kv.key.starts_with(&prefix) => {
+                    write_msg(send, &MetaResponse::Event(ev)).await?
+                }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => {
                     // The client resumes from its last revision out of the history.
@@ -312,12 +413,19 @@ async fn accept_loop(node: Arc<MetadataNode>, endpoint: quinn::Endpoint) {
                         Ok(None) => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "metadata: bad request");
-                            let _ = write_msg(&mut send, &MetaResponse::Error(MetaError::Internal(e.to_string()))).await;
+                            let _ = write_msg(
+                                &mut send,
+                                &MetaResponse::Error(MetaError::Internal(e.to_string())),
+                            )
+                            .await;
                             return;
                         }
                     };
                     let res = match req {
-                        MetaRequest::Watch { prefix, start_revision } => node.watch(prefix, start_revision, &mut send).await,
+                        MetaRequest::Watch {
+                            prefix,
+                            start_revision,
+                        } => node.watch(prefix, start_revision, &mut send).await,
                         req => {
                             let resp = node.handle(req).await;
                             write_msg(&mut send, &resp).await

@@ -11,10 +11,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Txn(Txn),
-    LeaseGrant { ttl_ms: u64 },
-    LeaseRevoke { id: u64 },
+    LeaseGrant {
+        ttl_ms: u64,
+    },
+    LeaseRevoke {
+        id: u64,
+    },
     /// Proposed by the leader for leases it saw go unrenewed for their TTL.
-    LeaseExpire { ids: Vec<u64> },
+    LeaseExpire {
+        ids: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,12 +56,20 @@ impl KvState {
     }
 
     pub fn range(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
-        self.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).take(limit).map(|(_, v)| v.clone()).collect()
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Oldest revision still in the watch history (events at or after it can be replayed).
     pub fn oldest_history_revision(&self) -> u64 {
-        self.history.front().map(|e| e.revision).unwrap_or(self.revision + 1)
+        self.history
+            .front()
+            .map(|e| e.revision)
+            .unwrap_or(self.revision + 1)
     }
 
     fn record(&mut self, events: &mut Vec<WatchEvent>, ev: WatchEvent) {
@@ -66,7 +80,14 @@ impl KvState {
         events.push(ev);
     }
 
-    fn put(&mut self, rev: u64, key: String, value: Vec<u8>, lease: Option<u64>, events: &mut Vec<WatchEvent>) -> OpResult {
+    fn put(
+        &mut self,
+        rev: u64,
+        key: String,
+        value: Vec<u8>,
+        lease: Option<u64>,
+        events: &mut Vec<WatchEvent>,
+    ) -> OpResult {
         let prev = self.kv.get(&key).cloned();
         if let Some(old) = prev.as_ref().and_then(|p| p.lease) {
             if let Some(l) = self.leases.get_mut(&old) {
@@ -85,7 +106,14 @@ impl KvState {
             lease,
         };
         self.kv.insert(key, kv.clone());
-        self.record(events, WatchEvent { revision: rev, kind: EventKind::Put, kv });
+        self.record(
+            events,
+            WatchEvent {
+                revision: rev,
+                kind: EventKind::Put,
+                kv,
+            },
+        );
         OpResult::Put { prev }
     }
 
@@ -97,7 +125,14 @@ impl KvState {
             }
             let mut kv = p.clone();
             kv.mod_revision = rev;
-            self.record(events, WatchEvent { revision: rev, kind: EventKind::Delete, kv });
+            self.record(
+                events,
+                WatchEvent {
+                    revision: rev,
+                    kind: EventKind::Delete,
+                    kv,
+                },
+            );
         }
         OpResult::Delete { prev }
     }
@@ -122,7 +157,10 @@ impl KvState {
         let rev = self.revision + 1;
         let result = match cmd {
             Command::Txn(txn) => {
-                let ok = txn.compares.iter().all(|c| self.kv.get(&c.key).map(|kv| kv.version).unwrap_or(0) == c.version);
+                let ok = txn
+                    .compares
+                    .iter()
+                    .all(|c| self.kv.get(&c.key).map(|kv| kv.version).unwrap_or(0) == c.version);
                 let ops = if ok { &txn.success } else { &txn.failure };
                 let mut results = Vec::with_capacity(ops.len());
                 for op in ops {
@@ -139,13 +177,26 @@ impl KvState {
                 if !events.is_empty() {
                     self.revision = rev;
                 }
-                CommandResult::Txn(TxnResult { succeeded: ok, revision: self.revision, results })
+                CommandResult::Txn(TxnResult {
+                    succeeded: ok,
+                    revision: self.revision,
+                    results,
+                })
             }
             Command::LeaseGrant { ttl_ms } => {
                 self.next_lease_id += 1;
                 let id = self.next_lease_id;
-                self.leases.insert(id, Lease { ttl_ms: *ttl_ms, keys: BTreeSet::new() });
-                CommandResult::Lease { id, ttl_ms: *ttl_ms }
+                self.leases.insert(
+                    id,
+                    Lease {
+                        ttl_ms: *ttl_ms,
+                        keys: BTreeSet::new(),
+                    },
+                );
+                CommandResult::Lease {
+                    id,
+                    ttl_ms: *ttl_ms,
+                }
             }
             Command::LeaseRevoke { id } => {
                 if self.drop_lease(*id, rev, &mut events) {
@@ -174,25 +225,57 @@ mod tests {
     use magnetar_proto::metadata_api::Compare;
 
     fn put(key: &str, v: &str, lease: Option<u64>) -> Op {
-        Op::Put { key: key.into(), value: v.as_bytes().to_vec(), lease }
+        Op::Put {
+            key: key.into(),
+            value: v.as_bytes().to_vec(),
+            lease,
+        }
     }
 
     fn cas(key: &str, version: u64, op: Op) -> Command {
-        Command::Txn(Txn { compares: vec![Compare { key: key.into(), version }], success: vec![op], failure: vec![] })
+        Command::Txn(Txn {
+            compares: vec![Compare {
+                key: key.into(),
+                version,
+            }],
+            success: vec![op],
+            failure: vec![],
+        })
     }
 
     #[test]
     fn cas_versions_and_revisions() {
         let mut s = KvState::default();
         let (r, ev) = s.apply(&cas("a", 0, put("a", "1", None)));
-        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: true, revision: 1, .. })));
+        assert!(matches!(
+            r,
+            CommandResult::Txn(TxnResult {
+                succeeded: true,
+                revision: 1,
+                ..
+            })
+        ));
         assert_eq!(ev.len(), 1);
         // A second create-if-absent fails and changes nothing.
         let (r, ev) = s.apply(&cas("a", 0, put("a", "2", None)));
-        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: false, revision: 1, .. })));
+        assert!(matches!(
+            r,
+            CommandResult::Txn(TxnResult {
+                succeeded: false,
+                revision: 1,
+                ..
+            })
+        ));
         assert!(ev.is_empty());
         let (r, _) = s.apply(&cas("a", 1, put("a", "2", None)));
-        assert!(matches!(r, CommandResult::Txn(TxnResult { succeeded: true, revision: 2, .. })));
+        assert!(matches!(
+            r,
+            CommandResult::Txn(TxnResult {
+                succeeded: true,
+                revision: 2,
+                ..
+            })
+        ));
         let kv = s.get("a").unwrap();
         assert_eq!((kv.version, kv.create_revision, kv.mod_revision), (2, 1, 2));
         assert_eq!(kv.value, b"2");
@@ -202,14 +285,25 @@ mod tests {
     fn lease_expiry_deletes_keys_at_one_revision() {
         let mut s = KvState::default();
         let (r, _) = s.apply(&Command::LeaseGrant { ttl_ms: 1000 });
-        let CommandResult::Lease { id, .. } = r else { panic!("no lease") };
-        s.apply(&Command::Txn(Txn { compares: vec![], success: vec![put("e/1", "x", Some(id)), put("e/2", "y", Some(id))], failure: vec![] }));
+        let CommandResult::Lease { id, .. } = r else {
+            panic!("no lease")
+        };
+        s.apply(&Command::Txn(Txn {
+            compares: vec![],
+            success: vec![put("e/1", "x", Some(id)), put("e/2", "y", Some(id))],
+            failure: vec![],
+        }));
         s.apply(&cas("p", 0, put("p", "z", None)));
         let (_, ev) = s.apply(&Command::LeaseExpire { ids: vec![id] });
         assert_eq!(ev.len(), 2);
-        assert!(ev.iter().all(|e| e.kind == EventKind::Delete && e.revision == 3));
+        assert!(ev
+            .iter()
+            .all(|e| e.kind == EventKind::Delete && e.revision == 3));
         assert!(s.get("e/1").is_none() && s.get("p").is_some());
-        assert_eq!(s.apply(&Command::LeaseRevoke { id }).0, CommandResult::LeaseNotFound(id));
+        assert_eq!(
+            s.apply(&Command::LeaseRevoke { id }).0,
+            CommandResult::LeaseNotFound(id)
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! replaced atomically. The state machine lives in memory and is persisted as
 //! snapshots (written to a temp file, fsynced, renamed).
 
+// openraft's storage traits fix the error type (StorageError, ~224 bytes).
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
@@ -17,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use magnetar_proto::metadata_api::WatchEvent;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -51,7 +54,9 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 fn read_opt<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, SErr> {
     match std::fs::read(path) {
-        Ok(b) => bincode::deserialize(&b).map(Some).map_err(|e| StorageIOError::read(AnyError::new(&*e)).into()),
+        Ok(b) => bincode::deserialize(&b)
+            .map(Some)
+            .map_err(|e| StorageIOError::read(AnyError::new(&*e)).into()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StorageIOError::read(AnyError::new(&e)).into()),
     }
@@ -71,7 +76,8 @@ fn parse_records(data: &[u8]) -> (Vec<Entry<TypeConfig>>, usize) {
     let mut entries = Vec::new();
     let mut pos = 0;
     while data.len() - pos >= 8 {
-        let len = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let len =
+            u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         let crc = u32::from_be_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
         if len > data.len() - pos - 8 {
             break;
@@ -106,7 +112,10 @@ impl LogInner {
         }
         let path = self.dir.join("raft.log");
         write_atomic(&path, &buf).map_err(io_err)?;
-        self.file = OpenOptions::new().append(true).open(&path).map_err(io_err)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err)?;
         Ok(())
     }
 }
@@ -123,20 +132,30 @@ impl LogStore {
         let path = dir.join("raft.log");
         let mut data = Vec::new();
         if path.exists() {
-            File::open(&path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err)?;
+            File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut data))
+                .map_err(io_err)?;
         }
         let (list, valid) = parse_records(&data);
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err)?;
         if valid < data.len() {
             tracing::warn!(path = %path.display(), valid, len = data.len(), "raft log has a torn tail; truncating");
             file.set_len(valid as u64).map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
         }
-        let last_purged: Option<LogId<u64>> = read_opt::<Option<LogId<u64>>>(&dir.join("purged"))?.flatten();
+        let last_purged: Option<LogId<u64>> =
+            read_opt::<Option<LogId<u64>>>(&dir.join("purged"))?.flatten();
         let mut entries = BTreeMap::new();
         for e in list {
             // A truncate is a rewrite, so later records always supersede earlier ones.
-            if last_purged.map(|p| e.log_id.index > p.index).unwrap_or(true) {
+            if last_purged
+                .map(|p| e.log_id.index > p.index)
+                .unwrap_or(true)
+            {
                 entries.split_off(&e.log_id.index);
                 entries.insert(e.log_id.index, e);
             }
@@ -155,8 +174,15 @@ impl LogStore {
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        Ok(lock(&self.inner).entries.range(range).map(|(_, e)| e.clone()).collect())
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        Ok(lock(&self.inner)
+            .entries
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -165,8 +191,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let g = lock(&self.inner);
-        let last = g.entries.values().next_back().map(|e| e.log_id).or(g.last_purged);
-        Ok(LogState { last_purged_log_id: g.last_purged, last_log_id: last })
+        let last = g
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(g.last_purged);
+        Ok(LogState {
+            last_purged_log_id: g.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -176,7 +210,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SErr> {
         let mut g = lock(&self.inner);
         let b = bincode::serialize(vote).map_err(|e| io_err(*e))?;
-        write_atomic(&g.dir.join("vote"), &b).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
+        write_atomic(&g.dir.join("vote"), &b)
+            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
         g.vote = Some(*vote);
         Ok(())
     }
@@ -217,7 +252,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 g.entries.insert(e.log_id.index, e);
             }
         }
-        let failed = res.as_ref().err().map(|e| std::io::Error::new(e.kind(), e.to_string()));
+        let failed = res
+            .as_ref()
+            .err()
+            .map(|e| std::io::Error::new(e.kind(), e.to_string()));
         callback.log_io_completed(res);
         match failed {
             Some(e) => Err(StorageIOError::write_logs(AnyError::new(&e)).into()),
@@ -272,10 +310,18 @@ impl SmShared {
 
     /// Subscribes to live events and returns, atomically with it, the history
     /// events with revision ≥ `from`.
-    pub fn subscribe(&self, from: u64) -> (broadcast::Receiver<WatchEvent>, Vec<WatchEvent>, u64, u64) {
+    pub fn subscribe(
+        &self,
+        from: u64,
+    ) -> (broadcast::Receiver<WatchEvent>, Vec<WatchEvent>, u64, u64) {
         let g = lock(&self.data);
         let rx = self.events.subscribe();
-        let past = g.kv.history.iter().filter(|e| e.revision >= from).cloned().collect();
+        let past =
+            g.kv.history
+                .iter()
+                .filter(|e| e.revision >= from)
+                .cloned()
+                .collect();
         (rx, past, g.kv.oldest_history_revision(), g.kv.revision)
     }
 
@@ -295,17 +341,24 @@ impl StateMachine {
         std::fs::create_dir_all(dir).map_err(io_err)?;
         let snapshot: Option<StoredSnapshot> = read_opt(&dir.join("snapshot"))?;
         let data = match &snapshot {
-            Some(s) => bincode::deserialize(&s.data).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&*e)))?,
+            Some(s) => bincode::deserialize(&s.data)
+                .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&*e)))?,
             None => SmData::default(),
         };
         let (events, _) = broadcast::channel(16 * 1024);
         Ok(StateMachine {
-            shared: Arc::new(SmShared { dir: dir.to_path_buf(), data: Mutex::new(data), snapshot: Mutex::new(snapshot), events }),
+            shared: Arc::new(SmShared {
+                dir: dir.to_path_buf(),
+                data: Mutex::new(data),
+                snapshot: Mutex::new(snapshot),
+                events,
+            }),
         })
     }
 
     fn install(&self, stored: StoredSnapshot) -> Result<(), SErr> {
-        let data: SmData = bincode::deserialize(&stored.data).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&*e)))?;
+        let data: SmData = bincode::deserialize(&stored.data)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&*e)))?;
         let b = bincode::serialize(&stored).map_err(|e| io_err(*e))?;
         write_atomic(&self.shared.dir.join("snapshot"), &b).map_err(io_err)?;
         *lock(&self.shared.data) = data;
@@ -319,22 +372,37 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (data, meta) = {
             let g = lock(&self.shared.data);
             let data = bincode::serialize(&*g).map_err(|e| io_err(*e))?;
-            let id = g.last_applied.map(|l| format!("{}-{}", l.leader_id, l.index)).unwrap_or_else(|| "0".into());
-            let meta = SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone(), snapshot_id: id };
+            let id = g
+                .last_applied
+                .map(|l| format!("{}-{}", l.leader_id, l.index))
+                .unwrap_or_else(|| "0".into());
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
+                snapshot_id: id,
+            };
             (data, meta)
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
         let b = bincode::serialize(&stored).map_err(|e| io_err(*e))?;
         write_atomic(&self.shared.dir.join("snapshot"), &b).map_err(io_err)?;
         *lock(&self.shared.snapshot) = Some(stored);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
         let g = lock(&self.shared.data);
         Ok((g.last_applied, g.membership.clone()))
     }
@@ -375,14 +443,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), SErr> {
-        self.install(StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() })
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        self.install(StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        })
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(lock(&self.shared.snapshot)
-            .as_ref()
-            .map(|s| Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }))
+        Ok(lock(&self.shared.snapshot).as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }))
     }
 }
 
@@ -394,7 +470,10 @@ mod tests {
     use openraft::{CommittedLeaderId, Membership};
 
     fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
     }
 
     #[test]
@@ -408,11 +487,18 @@ mod tests {
                 4,
                 EntryPayload::Normal(Command::Txn(Txn {
                     compares: vec![],
-                    success: vec![Op::Put { key: "k".into(), value: vec![1, 2], lease: Some(1) }],
+                    success: vec![Op::Put {
+                        key: "k".into(),
+                        value: vec![1, 2],
+                        lease: Some(1),
+                    }],
                     failure: vec![Op::Get { key: "k".into() }],
                 })),
             ),
-            entry(5, EntryPayload::Normal(Command::LeaseExpire { ids: vec![1, 2] })),
+            entry(
+                5,
+                EntryPayload::Normal(Command::LeaseExpire { ids: vec![1, 2] }),
+            ),
         ];
         let mut buf = Vec::new();
         for e in &list {

@@ -62,17 +62,25 @@ impl Payload {
         let crc = crc32c::crc32c(&buf[6..]);
         buf[2..6].copy_from_slice(&crc.to_be_bytes());
         let payload_offset = 10 + meta_len;
-        Payload { headers_and_payload: buf.freeze(), metadata, payload_offset }
+        Payload {
+            headers_and_payload: buf.freeze(),
+            metadata,
+            payload_offset,
+        }
     }
 
     /// Parses a stored/wire payload section, checking magic and CRC32C.
     pub fn parse(headers_and_payload: Bytes) -> Result<Payload, FrameError> {
         let b = &headers_and_payload;
         if b.len() < 10 {
-            return Err(FrameError::Malformed("payload section shorter than its headers"));
+            return Err(FrameError::Malformed(
+                "payload section shorter than its headers",
+            ));
         }
         if u16::from_be_bytes([b[0], b[1]]) != MAGIC_CRC32C {
-            return Err(FrameError::Malformed("payload section lacks the 0x0e01 magic"));
+            return Err(FrameError::Malformed(
+                "payload section lacks the 0x0e01 magic",
+            ));
         }
         let expected = u32::from_be_bytes([b[2], b[3], b[4], b[5]]);
         let actual = crc32c::crc32c(&b[6..]);
@@ -85,16 +93,23 @@ impl Payload {
         }
         let metadata = MessageMetadata::decode(&b[10..10 + meta_len])
             .map_err(|e| FrameError::BadMetadata(e.to_string()))?;
-        Ok(Payload { payload_offset: 10 + meta_len, headers_and_payload, metadata })
+        Ok(Payload {
+            payload_offset: 10 + meta_len,
+            headers_and_payload,
+            metadata,
+        })
     }
 
     /// Parses a payload section without a checksum (protocol < 6):
     /// `[metadata_size][metadata][payload]`, and returns it in stored form.
     fn parse_unchecked(section: &[u8]) -> Result<Payload, FrameError> {
         if section.len() < 4 {
-            return Err(FrameError::Malformed("payload section shorter than its headers"));
+            return Err(FrameError::Malformed(
+                "payload section shorter than its headers",
+            ));
         }
-        let meta_len = u32::from_be_bytes([section[0], section[1], section[2], section[3]]) as usize;
+        let meta_len =
+            u32::from_be_bytes([section[0], section[1], section[2], section[3]]) as usize;
         if meta_len > section.len() - 4 {
             return Err(FrameError::Malformed("metadata size exceeds the frame"));
         }
@@ -124,10 +139,15 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
     }
     let total = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if total > max_frame_bytes {
-        return Err(FrameError::TooLarge { size: total, limit: max_frame_bytes });
+        return Err(FrameError::TooLarge {
+            size: total,
+            limit: max_frame_bytes,
+        });
     }
     if total < 4 {
-        return Err(FrameError::Malformed("total size smaller than the command size field"));
+        return Err(FrameError::Malformed(
+            "total size smaller than the command size field",
+        ));
     }
     if buf.len() < 4 + total {
         buf.reserve(4 + total - buf.len());
@@ -139,19 +159,28 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
     if cmd_len > frame.len() {
         return Err(FrameError::Malformed("command size exceeds the frame"));
     }
-    let command = BaseCommand::decode(&frame[..cmd_len]).map_err(|e| FrameError::BadCommand(e.to_string()))?;
+    let command = BaseCommand::decode(&frame[..cmd_len])
+        .map_err(|e| FrameError::BadCommand(e.to_string()))?;
     frame.advance(cmd_len);
     if frame.is_empty() {
-        return Ok(Some(Frame { command, payload: None, payload_error: None }));
+        return Ok(Some(Frame {
+            command,
+            payload: None,
+            payload_error: None,
+        }));
     }
     let payload = (|| {
-        if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_BROKER_ENTRY_METADATA {
+        if frame.len() >= 2
+            && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_BROKER_ENTRY_METADATA
+        {
             if frame.len() < 6 {
                 return Err(FrameError::Malformed("truncated broker entry metadata"));
             }
             let n = u32::from_be_bytes([frame[2], frame[3], frame[4], frame[5]]) as usize;
             if n > frame.len() - 6 {
-                return Err(FrameError::Malformed("broker entry metadata exceeds the frame"));
+                return Err(FrameError::Malformed(
+                    "broker entry metadata exceeds the frame",
+                ));
             }
             frame.advance(6 + n);
         }
@@ -162,8 +191,16 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
         }
     })();
     Ok(Some(match payload {
-        Ok(p) => Frame { command, payload: Some(p), payload_error: None },
-        Err(e) => Frame { command, payload: None, payload_error: Some(e) },
+        Ok(p) => Frame {
+            command,
+            payload: Some(p),
+            payload_error: None,
+        },
+        Err(e) => Frame {
+            command,
+            payload: None,
+            payload_error: Some(e),
+        },
     }))
 }
 
@@ -188,7 +225,10 @@ pub fn encode_payload_command(cmd: &BaseCommand, headers_and_payload: &[u8], out
 
 /// A `BaseCommand` of the given type with every optional body unset.
 pub fn base(t: Type) -> BaseCommand {
-    BaseCommand { r#type: t as i32, ..Default::default() }
+    BaseCommand {
+        r#type: t as i32,
+        ..Default::default()
+    }
 }
 
 /// One message of a batch.
@@ -227,11 +267,15 @@ pub fn decode_batch(mut payload: Bytes, count: usize) -> Result<Vec<BatchItem>, 
         }
         let metadata = SingleMessageMetadata::decode(payload.split_to(len))
             .map_err(|e| FrameError::BadMetadata(e.to_string()))?;
-        let size = usize::try_from(metadata.payload_size).map_err(|_| FrameError::Malformed("negative batch payload size"))?;
+        let size = usize::try_from(metadata.payload_size)
+            .map_err(|_| FrameError::Malformed("negative batch payload size"))?;
         if size > payload.len() {
             return Err(FrameError::Malformed("batch payload exceeds the payload"));
         }
-        items.push(BatchItem { payload: payload.split_to(size), metadata });
+        items.push(BatchItem {
+            payload: payload.split_to(size),
+            metadata,
+        });
     }
     Ok(items)
 }
@@ -243,8 +287,18 @@ mod tests {
 
     fn send_frame() -> (BaseCommand, Payload) {
         let mut cmd = base(Type::Send);
-        cmd.send = Some(CommandSend { producer_id: 1, sequence_id: 7, num_messages: Some(1), ..Default::default() });
-        let md = MessageMetadata { producer_name: "p".into(), sequence_id: 7, publish_time: 42, ..Default::default() };
+        cmd.send = Some(CommandSend {
+            producer_id: 1,
+            sequence_id: 7,
+            num_messages: Some(1),
+            ..Default::default()
+        });
+        let md = MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 7,
+            publish_time: 42,
+            ..Default::default()
+        };
         (cmd, Payload::build(md, b"hello"))
     }
 
@@ -286,17 +340,29 @@ mod tests {
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
         let f = decode(&mut buf, 1 << 20).unwrap().unwrap();
-        assert_eq!(f.command, cmd, "the command of a corrupt frame is still known");
+        assert_eq!(
+            f.command, cmd,
+            "the command of a corrupt frame is still known"
+        );
         assert!(f.payload.is_none());
         assert!(matches!(f.payload_error, Some(FrameError::Checksum { .. })));
-        assert!(buf.is_empty(), "the stream stays in sync after a corrupt payload");
+        assert!(
+            buf.is_empty(),
+            "the stream stays in sync after a corrupt payload"
+        );
     }
 
     #[test]
     fn oversize_is_rejected_before_reading_the_body() {
         let mut buf = BytesMut::new();
         buf.put_u32(100 << 20);
-        assert_eq!(decode(&mut buf, 5 << 20), Err(FrameError::TooLarge { size: 100 << 20, limit: 5 << 20 }));
+        assert_eq!(
+            decode(&mut buf, 5 << 20),
+            Err(FrameError::TooLarge {
+                size: 100 << 20,
+                limit: 5 << 20
+            })
+        );
     }
 
     #[test]
@@ -305,19 +371,29 @@ mod tests {
         buf.put_u32(8);
         buf.put_u32(1000);
         buf.put_u32(0);
-        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut buf, 1 << 20),
+            Err(FrameError::Malformed(_))
+        ));
         let mut buf = BytesMut::new();
         buf.put_u32(6);
         buf.put_u32(2);
         buf.put_slice(&[0xff, 0xff]);
-        assert!(matches!(decode(&mut buf, 1 << 20), Err(FrameError::BadCommand(_))));
+        assert!(matches!(
+            decode(&mut buf, 1 << 20),
+            Err(FrameError::BadCommand(_))
+        ));
     }
 
     #[test]
     fn batch_round_trip_and_truncation() {
         let items: Vec<BatchItem> = (0..3)
             .map(|i| BatchItem {
-                metadata: SingleMessageMetadata { payload_size: 2, partition_key: Some(format!("k{i}")), ..Default::default() },
+                metadata: SingleMessageMetadata {
+                    payload_size: 2,
+                    partition_key: Some(format!("k{i}")),
+                    ..Default::default()
+                },
                 payload: Bytes::from(vec![i as u8; 2]),
             })
             .collect();

@@ -33,10 +33,18 @@ pub enum BookieRequest {
         /// Set by recovery: allowed on a fenced ledger.
         recovery: bool,
     },
-    Read { ledger_id: u64, entry_id: u64 },
-    ReadLac { ledger_id: u64 },
+    Read {
+        ledger_id: u64,
+        entry_id: u64,
+    },
+    ReadLac {
+        ledger_id: u64,
+    },
     /// Fences the ledger (persisted before the answer) and returns its LAC.
-    Fence { ledger_id: u64, master_key: MasterKey },
+    Fence {
+        ledger_id: u64,
+        master_key: MasterKey,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -61,10 +69,23 @@ pub enum BookieErrorCode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BookieResponse {
-    Added { ledger_id: u64, entry_id: u64 },
-    Entry { ledger_id: u64, entry_id: u64, lac: i64, payload: Bytes, digest: u32 },
+    Added {
+        ledger_id: u64,
+        entry_id: u64,
+    },
+    Entry {
+        ledger_id: u64,
+        entry_id: u64,
+        lac: i64,
+        payload: Bytes,
+        digest: u32,
+    },
     /// LAC as the bookie knows it (highest LAC piggybacked on its adds),
     /// plus the highest entry it stores for the ledger (-1: none).
-    Lac { ledger_id: u64, lac: i64, last_entry: i64 },
+    Lac {
+        ledger_id: u64,
+        lac: i64,
+        last_entry: i64,
+    },
     Error(BookieErrorCode),
 }

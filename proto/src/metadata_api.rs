@@ -32,9 +32,17 @@ pub struct Compare {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: String, value: Vec<u8>, lease: Option<u64> },
-    Delete { key: String },
-    Get { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<u64>,
+    },
+    Delete {
+        key: String,
+    },
+    Get {
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,18 +83,35 @@ pub struct WatchEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaRequest {
-    Get { key: String },
-    Range { prefix: String, limit: u32 },
+    Get {
+        key: String,
+    },
+    Range {
+        prefix: String,
+        limit: u32,
+    },
     Txn(Txn),
-    LeaseGrant { ttl_ms: u64 },
-    LeaseKeepAlive { id: u64 },
-    LeaseRevoke { id: u64 },
+    LeaseGrant {
+        ttl_ms: u64,
+    },
+    LeaseKeepAlive {
+        id: u64,
+    },
+    LeaseRevoke {
+        id: u64,
+    },
     /// Streams every change under `prefix` with revision ≥ `start_revision`
     /// (0: from now on), in revision order.
-    Watch { prefix: String, start_revision: u64 },
+    Watch {
+        prefix: String,
+        start_revision: u64,
+    },
     Status,
     /// Raft messages between nodes, encoded by the metadata crate.
-    Raft { kind: RaftKind, body: Vec<u8> },
+    Raft {
+        kind: RaftKind,
+        body: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,10 +150,15 @@ pub enum MetaResponse {
     Get(Option<KeyValue>),
     Range(Vec<KeyValue>),
     Txn(TxnResult),
-    Lease { id: u64, ttl_ms: u64 },
+    Lease {
+        id: u64,
+        ttl_ms: u64,
+    },
     Ok,
     /// Sent first on a watch stream: the store's revision when it started.
-    WatchStarted { revision: u64 },
+    WatchStarted {
+        revision: u64,
+    },
     Event(WatchEvent),
     Status(Status),
     Raft(Vec<u8>),

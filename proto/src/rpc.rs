@@ -42,7 +42,9 @@ fn codec() -> impl Options {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
-    let body = codec().serialize(msg).map_err(|e| RpcError::Decode(e.to_string()))?;
+    let body = codec()
+        .serialize(msg)
+        .map_err(|e| RpcError::Decode(e.to_string()))?;
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -50,17 +52,24 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
 }
 
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
-    codec().deserialize(body).map_err(|e| RpcError::Decode(e.to_string()))
+    codec()
+        .deserialize(body)
+        .map_err(|e| RpcError::Decode(e.to_string()))
 }
 
-pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), RpcError> {
+pub async fn write_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), RpcError> {
     let buf = encode(msg)?;
     send.write_all(&buf).await?;
     Ok(())
 }
 
 /// Reads one message; `Ok(None)` when the peer finished the stream cleanly.
-pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, RpcError> {
+pub async fn read_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, RpcError> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -69,7 +78,10 @@ pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Resu
     }
     let size = u32::from_be_bytes(len) as usize;
     if size > MAX_RPC_MESSAGE_BYTES {
-        return Err(RpcError::TooLarge { size, limit: MAX_RPC_MESSAGE_BYTES });
+        return Err(RpcError::TooLarge {
+            size,
+            limit: MAX_RPC_MESSAGE_BYTES,
+        });
     }
     let mut body = vec![0u8; size];
     recv.read_exact(&mut body).await?;
@@ -98,10 +110,18 @@ pub fn server_endpoint(bind: SocketAddr, tls: &TlsMaterial) -> Result<quinn::End
     let mut ep = loop {
         match quinn::Endpoint::server(cfg.clone(), bind) {
             Ok(ep) => break ep,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(RpcError::Connect { addr: bind, reason: e.to_string() }),
+            Err(e) => {
+                return Err(RpcError::Connect {
+                    addr: bind,
+                    reason: e.to_string(),
+                })
+            }
         }
     };
     ep.set_default_client_config(client_config(tls)?);
@@ -118,7 +138,10 @@ fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, RpcError> {
 /// A client endpoint bound to an ephemeral loopback-or-any port.
 pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut ep = quinn::Endpoint::client(bind).map_err(|e| RpcError::Connect { addr: bind, reason: e.to_string() })?;
+    let mut ep = quinn::Endpoint::client(bind).map_err(|e| RpcError::Connect {
+        addr: bind,
+        reason: e.to_string(),
+    })?;
     ep.set_default_client_config(client_config(tls)?);
     Ok(ep)
 }
@@ -134,39 +157,63 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub fn new(endpoint: quinn::Endpoint) -> RpcClient {
-        RpcClient { endpoint, conns: Arc::default(), timeout: Duration::from_secs(10) }
+        RpcClient {
+            endpoint,
+            conns: Arc::default(),
+            timeout: Duration::from_secs(10),
+        }
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
-        if let Some(c) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+        {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let connecting = self
-            .endpoint
-            .connect(addr, SERVER_NAME)
-            .map_err(|e| RpcError::Connect { addr, reason: e.to_string() })?;
+        let connecting =
+            self.endpoint
+                .connect(addr, SERVER_NAME)
+                .map_err(|e| RpcError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
         let conn = tokio::time::timeout(self.timeout, connecting)
             .await
             .map_err(|_| RpcError::Timeout(self.timeout))??;
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, conn.clone());
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, conn.clone());
         Ok(conn)
     }
 
     /// Opens a raw stream pair to `addr` (for streaming calls such as watches).
-    pub async fn open(&self, addr: SocketAddr) -> Result<(quinn::SendStream, quinn::RecvStream), RpcError> {
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), RpcError> {
         let conn = self.connection(addr).await?;
         Ok(conn.open_bi().await?)
     }
 
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, addr: SocketAddr, req: &Req) -> Result<Resp, RpcError> {
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        req: &Req,
+    ) -> Result<Resp, RpcError> {
         let fut = async {
             let (mut send, mut recv) = self.open(addr).await?;
             write_msg(&mut send, req).await?;
             let _ = send.finish();
             read_msg(&mut recv).await?.ok_or(RpcError::Closed)
         };
-        tokio::time::timeout(self.timeout, fut).await.map_err(|_| RpcError::Timeout(self.timeout))?
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| RpcError::Timeout(self.timeout))?
     }
 }

@@ -22,7 +22,11 @@ pub struct TlsMaterial {
 
 impl Clone for TlsMaterial {
     fn clone(&self) -> Self {
-        TlsMaterial { ca: self.ca.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        TlsMaterial {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -33,8 +37,12 @@ fn tls_err(e: impl std::fmt::Display) -> RpcError {
 fn ca_params() -> Result<rcgen::CertificateParams, RpcError> {
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, "Magnetar cluster CA");
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Magnetar cluster CA");
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(p)
 }
 
@@ -61,7 +69,9 @@ impl TlsMaterial {
             .next()
             .ok_or_else(|| tls_err(format!("{}: no certificate", paths.ca_cert.display())))?
             .map_err(tls_err)?;
-        let chain = rustls_pemfile::certs(&mut &read(&paths.cert)?[..]).collect::<Result<Vec<_>, _>>().map_err(tls_err)?;
+        let chain = rustls_pemfile::certs(&mut &read(&paths.cert)?[..])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(tls_err)?;
         if chain.is_empty() {
             return Err(tls_err(format!("{}: no certificate", paths.cert.display())));
         }
@@ -75,7 +85,11 @@ impl TlsMaterial {
     /// is none, and a node certificate signed by `dir/ca-key.pem`.
     pub fn load_or_generate(dir: &Path) -> Result<TlsMaterial, RpcError> {
         std::fs::create_dir_all(dir).map_err(tls_err)?;
-        let paths = TlsPaths { ca_cert: dir.join("ca.pem"), cert: dir.join("node.pem"), key: dir.join("node-key.pem") };
+        let paths = TlsPaths {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node-key.pem"),
+        };
         let ca_key_path = dir.join("ca-key.pem");
         if !paths.ca_cert.exists() {
             let key = rcgen::KeyPair::generate().map_err(tls_err)?;
@@ -88,8 +102,13 @@ impl TlsMaterial {
             let ca_key = rcgen::KeyPair::from_pem(&ca_pem).map_err(tls_err)?;
             let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
             let key = rcgen::KeyPair::generate().map_err(tls_err)?;
-            let mut p = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()]).map_err(tls_err)?;
-            p.distinguished_name.push(rcgen::DnType::CommonName, "magnetar node");
+            let mut p = rcgen::CertificateParams::new(vec![
+                SERVER_NAME.to_string(),
+                "localhost".to_string(),
+            ])
+            .map_err(tls_err)?;
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "magnetar node");
             let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
             write(&paths.key, &key.serialize_pem())?;
             write(&paths.cert, &cert.pem())?;
@@ -108,9 +127,12 @@ impl TlsMaterial {
     }
 
     pub fn quic_server_config(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, RpcError> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
-            .build()
-            .map_err(tls_err)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .build()
+        .map_err(tls_err)?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?

@@ -22,7 +22,10 @@ pub const MAX_TOPIC_NAME_BYTES: usize = 1024;
 
 impl TopicName {
     pub fn parse(name: &str) -> Result<TopicName, TopicNameError> {
-        let err = |reason| TopicNameError { name: name.to_string(), reason };
+        let err = |reason| TopicNameError {
+            name: name.to_string(),
+            reason,
+        };
         if name.is_empty() {
             return Err(err("empty"));
         }
@@ -40,13 +43,19 @@ impl TopicName {
         } else {
             (true, name)
         };
-        let rest = if persistent || !name.contains("://") { rest } else { rest };
-        let parts: Vec<&str> = if name.contains("://") { rest.splitn(3, '/').collect() } else { vec!["public", "default", rest] };
+        let parts: Vec<&str> = if name.contains("://") {
+            rest.splitn(3, '/').collect()
+        } else {
+            vec!["public", "default", rest]
+        };
         if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
             return Err(err("expected tenant/namespace/topic"));
         }
         for p in &parts[..2] {
-            if !p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=:".contains(c)) {
+            if !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.=:".contains(c))
+            {
                 return Err(err("tenant and namespace allow [A-Za-z0-9-_.=:]"));
             }
         }
@@ -67,15 +76,33 @@ impl TopicName {
 
     /// The same name with characters that are awkward in metadata keys encoded.
     pub fn as_key(&self) -> String {
-        let domain = if self.persistent { "persistent" } else { "non-persistent" };
-        format!("{}/{}/{}/{}", self.tenant, self.namespace, domain, self.local.replace('%', "%25").replace('/', "%2F"))
+        let domain = if self.persistent {
+            "persistent"
+        } else {
+            "non-persistent"
+        };
+        format!(
+            "{}/{}/{}/{}",
+            self.tenant,
+            self.namespace,
+            domain,
+            self.local.replace('%', "%25").replace('/', "%2F")
+        )
     }
 }
 
 impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let domain = if self.persistent { "persistent" } else { "non-persistent" };
-        write!(f, "{domain}://{}/{}/{}", self.tenant, self.namespace, self.local)
+        let domain = if self.persistent {
+            "persistent"
+        } else {
+            "non-persistent"
+        };
+        write!(
+            f,
+            "{domain}://{}/{}/{}",
+            self.tenant, self.namespace, self.local
+        )
     }
 }
 

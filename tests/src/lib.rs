@@ -12,16 +12,25 @@ use magnetar_broker::standalone::{Standalone, StandaloneConfig};
 /// A UDP port free right now (QUIC tiers need stable ports across restarts,
 /// because ledger metadata names bookies by address).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free UDP port")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("no free UDP port")
 }
 
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free TCP port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("no free TCP port")
 }
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
+                .unwrap_or_else(|_| "warn,openraft=error".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -37,7 +46,12 @@ pub struct StandaloneSpec {
 
 impl StandaloneSpec {
     pub fn new(data_dir: &Path) -> StandaloneSpec {
-        StandaloneSpec { data_dir: data_dir.to_path_buf(), broker_port: free_tcp_port(), metadata_port: free_udp_port(), bookie_port: free_udp_port() }
+        StandaloneSpec {
+            data_dir: data_dir.to_path_buf(),
+            broker_port: free_tcp_port(),
+            metadata_port: free_udp_port(),
+            bookie_port: free_udp_port(),
+        }
     }
 
     pub fn config(&self) -> StandaloneConfig {
@@ -53,7 +67,9 @@ impl StandaloneSpec {
     }
 
     pub async fn start(&self) -> Standalone {
-        Standalone::start(self.config()).await.expect("standalone starts")
+        Standalone::start(self.config())
+            .await
+            .expect("standalone starts")
     }
 
     pub async fn start_with(&self, f: impl FnOnce(&mut StandaloneConfig)) -> Standalone {
@@ -81,7 +97,11 @@ pub struct Process {
 
 impl Process {
     pub fn start(spec: &StandaloneSpec) -> Process {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.data_dir.with_extension("log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.data_dir.with_extension("log"))
+            .expect("log file");
         let child = Command::new(magnetar_bin())
             .args(["standalone", "--data-dir"])
             .arg(&spec.data_dir)
@@ -92,14 +112,20 @@ impl Process {
             .stderr(log)
             .spawn()
             .expect("spawn magnetar");
-        Process { child, spec: spec.clone() }
+        Process {
+            child,
+            spec: spec.clone(),
+        }
     }
 
     /// Waits until the broker accepts connections.
     pub async fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if magnetar_client::Client::connect(&self.spec.service_url()).await.is_ok() {
+            if magnetar_client::Client::connect(&self.spec.service_url())
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -164,7 +190,8 @@ impl QueueChecker {
         if let Some((key, seq)) = self.acked.get(value).or(self.unknown.get(value)) {
             let last = self.last_per_key.entry(key.clone()).or_insert(0);
             if *seq < *last {
-                self.order_violations.push(format!("{value} (key {key}, seq {seq}) after seq {last}"));
+                self.order_violations
+                    .push(format!("{value} (key {key}, seq {seq}) after seq {last}"));
             }
             *last = (*last).max(*seq);
         }
@@ -173,9 +200,23 @@ impl QueueChecker {
     pub fn verdict(&self) -> Verdict {
         Verdict {
             acked: self.acked.len(),
-            lost: self.acked.keys().filter(|v| !self.delivered.contains_key(*v)).cloned().collect(),
-            unexpected: self.delivered.keys().filter(|v| !self.acked.contains_key(*v) && !self.unknown.contains_key(*v)).cloned().collect(),
-            duplicates: self.delivered.values().map(|n| (*n as usize).saturating_sub(1)).sum(),
+            lost: self
+                .acked
+                .keys()
+                .filter(|v| !self.delivered.contains_key(*v))
+                .cloned()
+                .collect(),
+            unexpected: self
+                .delivered
+                .keys()
+                .filter(|v| !self.acked.contains_key(*v) && !self.unknown.contains_key(*v))
+                .cloned()
+                .collect(),
+            duplicates: self
+                .delivered
+                .values()
+                .map(|n| (*n as usize).saturating_sub(1))
+                .sum(),
             order_violations: self.order_violations.clone(),
         }
     }

@@ -1,9 +1,13 @@
 //! `magnetar standalone` as a real process: kill -9 while producing loses no
 //! acknowledged message, and restart keeps subscription positions.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::time::Duration;
 
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType};
+use magnetar_client::{
+    Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
+};
 use magnetar_tests::{init_logs, Process, QueueChecker, StandaloneSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,13 +22,38 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
     {
         let client = Client::connect(&spec.service_url()).await.unwrap();
         // The subscription exists before the crash, so it must see everything.
-        let c = client.subscribe(topic, "checker", ConsumerOptions { sub_type: SubscriptionType::Exclusive, earliest: true, receiver_queue: 10 }).await.unwrap();
+        let c = client
+            .subscribe(
+                topic,
+                "checker",
+                ConsumerOptions {
+                    sub_type: SubscriptionType::Exclusive,
+                    earliest: true,
+                    receiver_queue: 10,
+                },
+            )
+            .await
+            .unwrap();
         drop(c);
-        let producer = client.create_producer(topic, ProducerOptions { batching: true, batch_delay_ms: 2, ..Default::default() }).await.unwrap();
+        let producer = client
+            .create_producer(
+                topic,
+                ProducerOptions {
+                    batching: true,
+                    batch_delay_ms: 2,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         let mut inflight = Vec::new();
         for i in 0..3000u64 {
             let value = format!("msg-{i}");
-            let msg = OutgoingMessage { payload: value.clone().into_bytes().into(), key: Some(format!("k{}", i % 4)), ..Default::default() };
+            let msg = OutgoingMessage {
+                payload: value.clone().into_bytes().into(),
+                key: Some(format!("k{}", i % 4)),
+                ..Default::default()
+            };
             inflight.push((value, i, producer.send_async(msg)));
             if i == 1500 {
                 // Crash in the middle of the stream, with sends in flight.
@@ -46,17 +75,37 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
         }
     }
     let acked = checker.verdict().acked;
-    assert!(acked > 0, "some messages were acknowledged before the crash");
+    assert!(
+        acked > 0,
+        "some messages were acknowledged before the crash"
+    );
     let proc = Process::start(&spec);
     proc.wait_ready(Duration::from_secs(30)).await;
     let client = Client::connect(&spec.service_url()).await.unwrap();
-    let mut c = client.subscribe(topic, "checker", ConsumerOptions { sub_type: SubscriptionType::Exclusive, earliest: true, receiver_queue: 1000 }).await.unwrap();
+    let mut c = client
+        .subscribe(
+            topic,
+            "checker",
+            ConsumerOptions {
+                sub_type: SubscriptionType::Exclusive,
+                earliest: true,
+                receiver_queue: 1000,
+            },
+        )
+        .await
+        .unwrap();
     while let Some(m) = c.receive_timeout(Duration::from_secs(3)).await.unwrap() {
         checker.delivered(&String::from_utf8_lossy(&m.payload));
         c.ack(&m).unwrap();
     }
     let v = checker.verdict();
-    println!("kill -9 run: acked {}, lost {}, unexpected {}, duplicates {}", v.acked, v.lost.len(), v.unexpected.len(), v.duplicates);
+    println!(
+        "kill -9 run: acked {}, lost {}, unexpected {}, duplicates {}",
+        v.acked,
+        v.lost.len(),
+        v.unexpected.len(),
+        v.duplicates
+    );
     assert!(v.ok(), "{v:?}");
     drop(proc);
 }

@@ -1,18 +1,26 @@
 //! End-to-end against an in-process standalone (real metadata, bookie and
 //! broker tiers over QUIC and TCP on loopback).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType};
+use magnetar_client::{
+    Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
+};
 use magnetar_tests::{init_logs, StandaloneSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn earliest(sub_type: SubscriptionType) -> ConsumerOptions {
-    ConsumerOptions { sub_type, earliest: true, ..Default::default() }
+    ConsumerOptions {
+        sub_type,
+        earliest: true,
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,8 +32,20 @@ async fn produce_consume_batched_and_not_with_keys_and_properties() {
     let client = Client::connect(&s.service_url()).await.unwrap();
     for batching in [false, true] {
         let topic = format!("persistent://public/default/kp-{batching}");
-        let mut consumer = client.subscribe(&topic, "sub", earliest(SubscriptionType::Exclusive)).await.unwrap();
-        let producer = client.create_producer(&topic, ProducerOptions { batching, ..Default::default() }).await.unwrap();
+        let mut consumer = client
+            .subscribe(&topic, "sub", earliest(SubscriptionType::Exclusive))
+            .await
+            .unwrap();
+        let producer = client
+            .create_producer(
+                &topic,
+                ProducerOptions {
+                    batching,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         let mut receipts = Vec::new();
         for i in 0..50 {
             let msg = OutgoingMessage {
@@ -42,16 +62,26 @@ async fn produce_consume_batched_and_not_with_keys_and_properties() {
         }
         let mut sorted = ids.clone();
         sorted.sort();
-        assert_eq!(ids, sorted, "receipts come in send order with increasing ids");
+        assert_eq!(
+            ids, sorted,
+            "receipts come in send order with increasing ids"
+        );
         if batching {
-            assert!(ids.iter().any(|id| id.batch_index > 0), "batching puts several messages in one entry");
+            assert!(
+                ids.iter().any(|id| id.batch_index > 0),
+                "batching puts several messages in one entry"
+            );
         }
-        for i in 0..50 {
-            let m = consumer.receive_timeout(WAIT).await.unwrap().expect("message");
+        for (i, id) in ids.iter().enumerate() {
+            let m = consumer
+                .receive_timeout(WAIT)
+                .await
+                .unwrap()
+                .expect("message");
             assert_eq!(m.payload, format!("m{i}").as_bytes());
             assert_eq!(m.key.as_deref(), Some(format!("k{}", i % 3).as_str()));
             assert_eq!(m.properties.get("i"), Some(&i.to_string()));
-            assert_eq!(m.id, ids[i]);
+            assert_eq!(m.id, *id);
             consumer.ack(&m).unwrap();
         }
         consumer.close().await.unwrap();
@@ -66,13 +96,24 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
     let dir = tempfile::tempdir().unwrap();
     let spec = StandaloneSpec::new(dir.path());
     // Small ledgers so the topic spans several of them.
-    let s = spec.start_with(|c| c.managed_ledger.max_entries_per_ledger = 7).await;
+    let s = spec
+        .start_with(|c| c.managed_ledger.max_entries_per_ledger = 7)
+        .await;
     let topic = "restart-topic";
     {
         let client = Client::connect(&s.service_url()).await.unwrap();
-        let mut c1 = client.subscribe(topic, "s1", earliest(SubscriptionType::Exclusive)).await.unwrap();
-        let mut c2 = client.subscribe(topic, "s2", earliest(SubscriptionType::Shared)).await.unwrap();
-        let p = client.create_producer(topic, ProducerOptions::default()).await.unwrap();
+        let mut c1 = client
+            .subscribe(topic, "s1", earliest(SubscriptionType::Exclusive))
+            .await
+            .unwrap();
+        let mut c2 = client
+            .subscribe(topic, "s2", earliest(SubscriptionType::Shared))
+            .await
+            .unwrap();
+        let p = client
+            .create_producer(topic, ProducerOptions::default())
+            .await
+            .unwrap();
         for i in 0..30 {
             p.send(format!("v{i}").as_str()).await.unwrap();
         }
@@ -91,16 +132,32 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     s.shutdown().await;
-    let s = spec.start_with(|c| c.managed_ledger.max_entries_per_ledger = 7).await;
+    let s = spec
+        .start_with(|c| c.managed_ledger.max_entries_per_ledger = 7)
+        .await;
     let client = Client::connect(&s.service_url()).await.unwrap();
-    let mut c1 = client.subscribe(topic, "s1", earliest(SubscriptionType::Exclusive)).await.unwrap();
+    let mut c1 = client
+        .subscribe(topic, "s1", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
     for i in 20..30 {
-        let m = c1.receive_timeout(WAIT).await.unwrap().expect("s1 resumes after its acks");
+        let m = c1
+            .receive_timeout(WAIT)
+            .await
+            .unwrap()
+            .expect("s1 resumes after its acks");
         assert_eq!(m.payload, format!("v{i}").as_bytes());
     }
-    let mut c2 = client.subscribe(topic, "s2", earliest(SubscriptionType::Shared)).await.unwrap();
+    let mut c2 = client
+        .subscribe(topic, "s2", earliest(SubscriptionType::Shared))
+        .await
+        .unwrap();
     let m = c2.receive_timeout(WAIT).await.unwrap().unwrap();
-    assert_eq!(m.payload, b"v11".as_slice(), "s2 resumes after its cumulative ack");
+    assert_eq!(
+        m.payload,
+        b"v11".as_slice(),
+        "s2 resumes after its cumulative ack"
+    );
     s.shutdown().await;
 }
 
@@ -111,10 +168,17 @@ async fn shared_subscription_spreads_and_redelivers_unacked() {
     let s = StandaloneSpec::new(dir.path()).start().await;
     let client = Client::connect(&s.service_url()).await.unwrap();
     let topic = "shared-topic";
-    let opts = ConsumerOptions { sub_type: SubscriptionType::Shared, earliest: true, receiver_queue: 10 };
+    let opts = ConsumerOptions {
+        sub_type: SubscriptionType::Shared,
+        earliest: true,
+        receiver_queue: 10,
+    };
     let mut a = client.subscribe(topic, "work", opts.clone()).await.unwrap();
     let mut b = client.subscribe(topic, "work", opts.clone()).await.unwrap();
-    let p = client.create_producer(topic, ProducerOptions::default()).await.unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
     for i in 0..10 {
         p.send(format!("w{i}").as_str()).await.unwrap();
     }
@@ -128,7 +192,12 @@ async fn shared_subscription_spreads_and_redelivers_unacked() {
             got_b.push(m);
         }
     }
-    assert!(!got_a.is_empty() && !got_b.is_empty(), "both consumers get work: a {} b {}", got_a.len(), got_b.len());
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both consumers get work: a {} b {}",
+        got_a.len(),
+        got_b.len()
+    );
     // a acks nothing and closes: its messages go to b.
     for m in &got_b {
         b.ack(m).unwrap();
@@ -143,9 +212,19 @@ async fn shared_subscription_spreads_and_redelivers_unacked() {
         again += 1;
     }
     // A second Exclusive consumer is refused.
-    let _x = client.subscribe(topic, "excl", earliest(SubscriptionType::Exclusive)).await.unwrap();
-    let err = client.subscribe(topic, "excl", earliest(SubscriptionType::Exclusive)).await.err().expect("busy");
-    assert!(matches!(err, magnetar_client::Error::Server { code: 5, .. }), "ConsumerBusy, got {err:?}");
+    let _x = client
+        .subscribe(topic, "excl", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
+    let err = client
+        .subscribe(topic, "excl", earliest(SubscriptionType::Exclusive))
+        .await
+        .err()
+        .expect("busy");
+    assert!(
+        matches!(err, magnetar_client::Error::Server { code: 5, .. }),
+        "ConsumerBusy, got {err:?}"
+    );
     s.shutdown().await;
 }
 
@@ -155,8 +234,14 @@ async fn seek_and_redeliver() {
     let dir = tempfile::tempdir().unwrap();
     let s = StandaloneSpec::new(dir.path()).start().await;
     let client = Client::connect(&s.service_url()).await.unwrap();
-    let mut c = client.subscribe("seek-topic", "s", earliest(SubscriptionType::Exclusive)).await.unwrap();
-    let p = client.create_producer("seek-topic", ProducerOptions::default()).await.unwrap();
+    let mut c = client
+        .subscribe("seek-topic", "s", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
+    let p = client
+        .create_producer("seek-topic", ProducerOptions::default())
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(p.send(format!("s{i}").as_str()).await.unwrap());
@@ -189,14 +274,22 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     let addr = s.broker.local_addr;
     // Garbage instead of a frame: the connection is closed.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    raw.write_all(&[0, 0, 0, 8, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    raw.write_all(&[0, 0, 0, 8, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(WAIT, raw.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, raw.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "connection closed after a malformed frame");
     // An oversized frame header: closed before the body is read.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     raw.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
-    let n = tokio::time::timeout(WAIT, raw.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, raw.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "connection closed after an oversized frame");
     // A truncated frame followed by EOF: no crash.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -204,22 +297,45 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     drop(raw);
     // A well-formed but unknown command: an ERROR answer, the connection stays.
     let client = Client::connect(&s.service_url()).await.unwrap();
-    let conn = magnetar_client::Connection::connect(&s.service_url()).await.unwrap();
-    let mut odd = magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::GetSchema);
+    let conn = magnetar_client::Connection::connect(&s.service_url())
+        .await
+        .unwrap();
+    let mut odd =
+        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::GetSchema);
     odd.r#type = 34;
     conn.send(&odd).unwrap();
     // A corrupt payload is refused with a checksum error, not stored.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
-    let mut hello = magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Connect);
-    hello.connect = Some(magnetar_proto::pulsar::CommandConnect { client_version: "raw".into(), protocol_version: Some(12), ..Default::default() });
+    let mut hello =
+        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Connect);
+    hello.connect = Some(magnetar_proto::pulsar::CommandConnect {
+        client_version: "raw".into(),
+        protocol_version: Some(12),
+        ..Default::default()
+    });
     magnetar_proto::frame::encode_command(&hello, &mut out);
-    let mut prod = magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Producer);
-    prod.producer = Some(magnetar_proto::pulsar::CommandProducer { topic: "crc-topic".into(), producer_id: 1, request_id: 1, ..Default::default() });
+    let mut prod =
+        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Producer);
+    prod.producer = Some(magnetar_proto::pulsar::CommandProducer {
+        topic: "crc-topic".into(),
+        producer_id: 1,
+        request_id: 1,
+        ..Default::default()
+    });
     magnetar_proto::frame::encode_command(&prod, &mut out);
     let mut send = magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Send);
-    send.send = Some(magnetar_proto::pulsar::CommandSend { producer_id: 1, sequence_id: 0, ..Default::default() });
-    let md = magnetar_proto::pulsar::MessageMetadata { producer_name: "raw".into(), sequence_id: 0, publish_time: 1, ..Default::default() };
+    send.send = Some(magnetar_proto::pulsar::CommandSend {
+        producer_id: 1,
+        sequence_id: 0,
+        ..Default::default()
+    });
+    let md = magnetar_proto::pulsar::MessageMetadata {
+        producer_name: "raw".into(),
+        sequence_id: 0,
+        publish_time: 1,
+        ..Default::default()
+    };
     let pl = magnetar_proto::Payload::build(md, b"payload");
     let mut bad = pl.headers_and_payload.to_vec();
     let last = bad.len() - 1;
@@ -234,22 +350,55 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
         let _ = tokio::time::timeout(Duration::from_millis(500), raw.read_buf(&mut inbuf)).await;
         while let Ok(Some(f)) = magnetar_proto::frame::decode(&mut inbuf, 1 << 20) {
             if let Some(e) = f.command.send_error {
-                assert_eq!(e.error, magnetar_proto::pulsar::ServerError::ChecksumError as i32);
+                assert_eq!(
+                    e.error,
+                    magnetar_proto::pulsar::ServerError::ChecksumError as i32
+                );
                 saw_checksum_error = true;
             }
         }
     }
-    assert!(saw_checksum_error, "corrupt SEND answered with SEND_ERROR ChecksumError");
+    assert!(
+        saw_checksum_error,
+        "corrupt SEND answered with SEND_ERROR ChecksumError"
+    );
     // Unknown namespace and invalid names: clear errors.
-    let err = client.create_producer("persistent://nope/nope/t", ProducerOptions::default()).await.err().expect("unknown namespace");
-    assert!(matches!(err, magnetar_client::Error::Server { code: 11, .. }), "TopicNotFound, got {err:?}");
-    let err = client.create_producer("a/b", ProducerOptions::default()).await.err().expect("invalid name");
-    assert!(matches!(err, magnetar_client::Error::Server { code: 17, .. }), "InvalidTopicName, got {err:?}");
+    let err = client
+        .create_producer("persistent://nope/nope/t", ProducerOptions::default())
+        .await
+        .err()
+        .expect("unknown namespace");
+    assert!(
+        matches!(err, magnetar_client::Error::Server { code: 11, .. }),
+        "TopicNotFound, got {err:?}"
+    );
+    let err = client
+        .create_producer("a/b", ProducerOptions::default())
+        .await
+        .err()
+        .expect("invalid name");
+    assert!(
+        matches!(err, magnetar_client::Error::Server { code: 17, .. }),
+        "InvalidTopicName, got {err:?}"
+    );
     // And the broker still serves.
-    let p = client.create_producer("after-bad-input", ProducerOptions::default()).await.unwrap();
+    let p = client
+        .create_producer("after-bad-input", ProducerOptions::default())
+        .await
+        .unwrap();
     p.send("still here").await.unwrap();
-    let mut c = client.subscribe("after-bad-input", "s", earliest(SubscriptionType::Exclusive)).await.unwrap();
-    assert_eq!(c.receive_timeout(WAIT).await.unwrap().unwrap().payload, b"still here".as_slice());
+    let mut c = client
+        .subscribe(
+            "after-bad-input",
+            "s",
+            earliest(SubscriptionType::Exclusive),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        c.receive_timeout(WAIT).await.unwrap().unwrap().payload,
+        b"still here".as_slice()
+    );
     drop(conn);
     s.shutdown().await;
 }
