@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pulsar' 2>/dev/nul
   .venv/bin/pip install --quiet 'pulsar-client>=3.5,<4'
 fi
 
-bin=target/debug/magnetar
+bin="${CARGO_TARGET_DIR:-target}/debug/magnetar"
 [ -x "$bin" ] || cargo build --bin magnetar
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -18,7 +18,7 @@ udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_D
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do
-  grep -q "standalone ready" "$work/standalone.log" && break
+  grep -qs "standalone ready" "$work/standalone.log" && break
   sleep 0.2
 done
 grep -q "standalone ready" "$work/standalone.log" || { cat "$work/standalone.log"; exit 1; }

@@ -402,3 +402,49 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     drop(conn);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_ledgers_are_deleted() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StandaloneSpec::new(dir.path())
+        .start_with(|c| c.managed_ledger.max_entries_per_ledger = 5)
+        .await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "trim-topic";
+    let mut c = client
+        .subscribe(topic, "s", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..23 {
+        p.send(format!("t{i}").as_str()).await.unwrap();
+    }
+    let name = magnetar_proto::TopicName::parse(topic).unwrap();
+    let t = s.broker.topic(&name).await.unwrap();
+    let before = t.ml.ledger_ids();
+    assert!(before.len() >= 5, "23 entries in ledgers of 5: {before:?}");
+    for _ in 0..23 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        c.ack(&m).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = t.ml.ledger_ids();
+        if now.len() <= 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consumed ledgers still listed: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The deleted ledgers are gone from the metadata store too.
+    let first = before[0];
+    assert!(matches!(
+        s.broker.ledgers.metadata(first).await,
+        Err(magnetar_bookie::LedgerError::NoSuchLedger(_))
+    ));
+    s.shutdown().await;
+}
