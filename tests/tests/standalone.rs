@@ -437,7 +437,10 @@ async fn consumed_ledgers_are_deleted() {
         if now.len() <= 1 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "consumed ledgers still listed: {now:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumed ledgers still listed: {now:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The deleted ledgers are gone from the metadata store too.
