@@ -686,6 +686,36 @@ impl Consumer {
         Ok(())
     }
 
+    /// Moves the subscription to the first message published at or after
+    /// `publish_time_ms`.
+    pub async fn seek_time(&mut self, publish_time_ms: u64) -> Result<(), Error> {
+        let mut cmd = base(Type::Seek);
+        cmd.seek = Some(CommandSeek {
+            consumer_id: self.consumer_id,
+            request_id: 0,
+            message_id: None,
+            message_publish_time: Some(publish_time_ms),
+        });
+        self.conn.request(cmd).await?;
+        self.queue.clear();
+        Ok(())
+    }
+
+    /// The id of the last message stored in the topic (entry id `u64::MAX`,
+    /// i.e. -1, when the topic is empty).
+    pub async fn last_message_id(&self) -> Result<MessageId, Error> {
+        let mut cmd = base(Type::GetLastMessageId);
+        cmd.get_last_message_id = Some(magnetar_proto::pulsar::CommandGetLastMessageId {
+            consumer_id: self.consumer_id,
+            request_id: 0,
+        });
+        let resp = self.conn.request(cmd).await?;
+        let r = resp
+            .get_last_message_id_response
+            .ok_or_else(|| Error::Protocol("no GET_LAST_MESSAGE_ID_RESPONSE".into()))?;
+        Ok(MessageId::from_data(&r.last_message_id))
+    }
+
     pub async fn close(self) -> Result<(), Error> {
         let mut cmd = base(Type::CloseConsumer);
         cmd.close_consumer = Some(CommandCloseConsumer {

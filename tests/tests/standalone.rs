@@ -451,3 +451,52 @@ async fn consumed_ledgers_are_deleted() {
     ));
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_message_id_and_seek_by_publish_time() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StandaloneSpec::new(dir.path()).start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "time-topic";
+    let mut c = client
+        .subscribe(topic, "s", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.last_message_id().await.unwrap().entry_id,
+        u64::MAX,
+        "empty topic: entry -1"
+    );
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        p.send(format!("early{i}").as_str()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cut = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut last = None;
+    for i in 0..2 {
+        last = Some(p.send(format!("late{i}").as_str()).await.unwrap());
+    }
+    let last = last.unwrap();
+    let got = c.last_message_id().await.unwrap();
+    assert_eq!(
+        (got.ledger_id, got.entry_id),
+        (last.ledger_id, last.entry_id)
+    );
+    for _ in 0..5 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        c.ack(&m).unwrap();
+    }
+    c.seek_time(cut).await.unwrap();
+    let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(m.payload, b"late0".as_slice());
+    s.shutdown().await;
+}
