@@ -1,5 +1,6 @@
 //! `magnetar standalone` as a real process: kill -9 while producing loses no
-//! acknowledged message, and restart keeps subscription positions.
+//! acknowledged message — a subscription made before the crash receives every
+//! acknowledged message after the restart, in per-key order.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use magnetar_client::{
     Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
 };
@@ -295,16 +295,10 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     raw.write_all(&[0, 0, 0, 100, 0, 0]).await.unwrap();
     drop(raw);
-    // A well-formed but unknown command: an ERROR answer, the connection stays.
     let client = Client::connect(&s.service_url()).await.unwrap();
-    let conn = magnetar_client::Connection::connect(&s.service_url())
-        .await
-        .unwrap();
-    let mut odd =
-        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::GetSchema);
-    odd.r#type = 34;
-    conn.send(&odd).unwrap();
-    // A corrupt payload is refused with a checksum error, not stored.
+    // On one raw connection: a corrupt payload is refused with a checksum
+    // error (not stored), then a well-formed but unsupported command gets an
+    // ERROR answer, and the connection stays open for both answers.
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
     let mut hello =
@@ -341,12 +335,14 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     magnetar_proto::frame::encode_payload_command(&send, &bad, &mut out);
-    out.put_slice(&[]);
+    let unsupported =
+        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::GetSchema);
+    magnetar_proto::frame::encode_command(&unsupported, &mut out);
     raw.write_all(&out).await.unwrap();
     let mut inbuf = BytesMut::new();
-    let mut saw_checksum_error = false;
+    let (mut saw_checksum_error, mut saw_unsupported_error) = (false, false);
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !saw_checksum_error && tokio::time::Instant::now() < deadline {
+    while !(saw_checksum_error && saw_unsupported_error) && tokio::time::Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(500), raw.read_buf(&mut inbuf)).await;
         while let Ok(Some(f)) = magnetar_proto::frame::decode(&mut inbuf, 1 << 20) {
             if let Some(e) = f.command.send_error {
@@ -356,11 +352,19 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
                 );
                 saw_checksum_error = true;
             }
+            if let Some(e) = f.command.error {
+                assert!(e.message.contains("not supported"), "{e:?}");
+                saw_unsupported_error = true;
+            }
         }
     }
     assert!(
         saw_checksum_error,
         "corrupt SEND answered with SEND_ERROR ChecksumError"
+    );
+    assert!(
+        saw_unsupported_error,
+        "unsupported command answered with ERROR"
     );
     // Unknown namespace and invalid names: clear errors.
     let err = client
@@ -399,7 +403,6 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
         c.receive_timeout(WAIT).await.unwrap().unwrap().payload,
         b"still here".as_slice()
     );
-    drop(conn);
     s.shutdown().await;
 }
 
