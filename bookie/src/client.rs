@@ -469,6 +469,8 @@ pub struct LedgerWriter {
     client: LedgerClient,
     meta: Arc<LedgerMetadata>,
     inner: Arc<Mutex<WriterInner>>,
+    /// Woken when nothing is pending any more, or the writer failed.
+    settled: Arc<tokio::sync::Notify>,
 }
 
 impl LedgerWriter {
@@ -484,6 +486,7 @@ impl LedgerWriter {
                 closed: false,
                 length_bytes: 0,
             })),
+            settled: Arc::default(),
         }
     }
 
@@ -569,7 +572,11 @@ impl LedgerWriter {
             .into_iter()
             .filter_map(|e| g.waiting.remove(&e).map(|s| (e, s)))
             .collect();
+        let settled = g.state.pending() == 0;
         drop(g);
+        if settled {
+            self.settled.notify_waiters();
+        }
         for (e, s) in senders {
             let _ = s.send(Ok(e));
         }
@@ -587,6 +594,7 @@ impl LedgerWriter {
         }
         let waiting: Vec<_> = g.waiting.drain().collect();
         drop(g);
+        self.settled.notify_waiters();
         for (_, s) in waiting {
             let _ = s.send(Err(err.clone()));
         }
@@ -601,6 +609,10 @@ impl LedgerWriter {
     pub async fn close(&self) -> Result<LedgerMetadata, LedgerError> {
         self.lock().closed = true;
         loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Register before looking, so a wake-up in between is not missed.
+            settled.as_mut().enable();
             {
                 let g = self.lock();
                 if let Some(e) = &g.failed {
@@ -610,7 +622,7 @@ impl LedgerWriter {
                     break;
                 }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            settled.await;
         }
         let (lac, length) = {
             let g = self.lock();

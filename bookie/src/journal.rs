@@ -13,16 +13,18 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use magnetar_proto::ledger::{entry_digest, BookieErrorCode, MasterKey};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// Journal segments roll over at this size.
 pub const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 /// Most bytes one group commit writes before it syncs.
 pub const MAX_GROUP_BYTES: usize = 4 * 1024 * 1024;
+/// Requests that may wait for the journal thread; senders wait beyond this.
+pub const JOURNAL_QUEUE_REQUESTS: usize = 64 * 1024;
 
 const REC_ADD: u8 = 1;
 const REC_FENCE: u8 = 2;
@@ -82,7 +84,7 @@ enum Request {
 /// Handle to the journal. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
-    tx: mpsc::SyncSender<Request>,
+    tx: mpsc::Sender<Request>,
     index: Arc<RwLock<Index>>,
 }
 
@@ -131,7 +133,7 @@ impl Journal {
         index.segments.insert(current, Arc::new(File::open(&path)?));
         File::open(dir)?.sync_all()?;
         let index = Arc::new(RwLock::new(index));
-        let (tx, rx) = mpsc::sync_channel(64 * 1024);
+        let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_REQUESTS);
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             segment: current,
@@ -139,6 +141,7 @@ impl Journal {
             size,
             index: index.clone(),
             state: HashMap::new(),
+            failed: false,
         };
         {
             let g = index.read().unwrap_or_else(|e| e.into_inner());
@@ -178,6 +181,7 @@ impl Journal {
                 recovery,
                 done,
             })
+            .await
             .map_err(|_| BookieErrorCode::Io)?;
         rx.await.map_err(|_| BookieErrorCode::Io)?
     }
@@ -195,6 +199,7 @@ impl Journal {
                 master_key,
                 done,
             })
+            .await
             .map_err(|_| BookieErrorCode::Io)?;
         rx.await.map_err(|_| BookieErrorCode::Io)?
     }
@@ -320,6 +325,24 @@ struct Writer {
     index: Arc<RwLock<Index>>,
     /// Authoritative per-ledger (master key, fenced), including requests not yet synced.
     state: HashMap<u64, (Option<MasterKey>, bool)>,
+    /// Set after a failed write or sync: the file's tail is unknown, so the
+    /// journal refuses everything from then on rather than guess offsets.
+    failed: bool,
+}
+
+/// Appends `[len][crc32c][kind][parts…]` to `buf`; returns where the body starts.
+fn put_record(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
+    let start = buf.len();
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(kind);
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
+    let crc = crc32c::crc32c(&buf[start + 8..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    start + REC_HEADER
 }
 
 enum Done {
@@ -338,16 +361,20 @@ enum Done {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Request>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut buf: Vec<u8> = Vec::with_capacity(MAX_GROUP_BYTES);
         let mut done: Vec<Done> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = rx.blocking_recv() {
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 self.stage(req, &mut buf, &mut done);
                 if buf.len() < MAX_GROUP_BYTES {
                     next = rx.try_recv().ok();
                 }
+            }
+            if buf.is_empty() {
+                // Everything in this group was refused; nothing to sync.
+                continue;
             }
             let res = self
                 .file
@@ -356,7 +383,8 @@ impl Writer {
             self.size += buf.len() as u64;
             buf.clear();
             if let Err(e) = &res {
-                tracing::error!(error = %e, "journal write failed; failing this group");
+                tracing::error!(error = %e, "journal write failed; the journal refuses all further requests");
+                self.failed = true;
             }
             self.finish(res.is_ok(), &mut done);
             if self.size >= SEGMENT_BYTES {
@@ -368,6 +396,13 @@ impl Writer {
     }
 
     fn stage(&mut self, req: Request, buf: &mut Vec<u8>, done: &mut Vec<Done>) {
+        if self.failed {
+            match req {
+                Request::Add { done, .. } => drop(done.send(Err(BookieErrorCode::Io))),
+                Request::Fence { done, .. } => drop(done.send(Err(BookieErrorCode::Io))),
+            }
+            return;
+        }
         match req {
             Request::Add {
                 ledger_id,
@@ -389,20 +424,19 @@ impl Writer {
                     return;
                 }
                 st.0 = Some(master_key);
-                let start = buf.len();
-                let len = 1 + ADD_HEADER + payload.len();
-                buf.extend_from_slice(&(len as u32).to_be_bytes());
-                buf.extend_from_slice(&[0; 4]);
-                buf.push(REC_ADD);
-                buf.extend_from_slice(&ledger_id.to_be_bytes());
-                buf.extend_from_slice(&entry_id.to_be_bytes());
-                buf.extend_from_slice(&lac.to_be_bytes());
-                buf.extend_from_slice(&digest.to_be_bytes());
-                buf.extend_from_slice(&master_key);
-                buf.extend_from_slice(&payload);
-                let crc = crc32c::crc32c(&buf[start + 8..]);
-                buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
-                let offset = self.size + (start + REC_HEADER + ADD_HEADER) as u64;
+                let body = put_record(
+                    buf,
+                    REC_ADD,
+                    &[
+                        &ledger_id.to_be_bytes(),
+                        &entry_id.to_be_bytes(),
+                        &lac.to_be_bytes(),
+                        &digest.to_be_bytes(),
+                        &master_key,
+                        &payload,
+                    ],
+                );
+                let offset = self.size + (body + ADD_HEADER) as u64;
                 let loc = Location {
                     segment: self.segment,
                     offset,
@@ -423,14 +457,7 @@ impl Writer {
                     return;
                 }
                 *st = (Some(master_key), true);
-                let start = buf.len();
-                buf.extend_from_slice(&(1u32 + 24).to_be_bytes());
-                buf.extend_from_slice(&[0; 4]);
-                buf.push(REC_FENCE);
-                buf.extend_from_slice(&ledger_id.to_be_bytes());
-                buf.extend_from_slice(&master_key);
-                let crc = crc32c::crc32c(&buf[start + 8..]);
-                buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+                put_record(buf, REC_FENCE, &[&ledger_id.to_be_bytes(), &master_key]);
                 done.push(Done::Fence(ledger_id, master_key, tx));
             }
         }

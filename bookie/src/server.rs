@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use magnetar_metadata::{Lease, MetadataClient};
 use magnetar_proto::ledger::{BookieErrorCode, BookieRequest, BookieResponse, MAX_ENTRY_BYTES};
-use magnetar_proto::rpc::{read_msg, write_msg, RpcError};
+use magnetar_proto::rpc::{respond, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use serde::{Deserialize, Serialize};
 
@@ -57,12 +57,20 @@ impl Bookie {
         metadata: &MetadataClient,
     ) -> Result<Arc<Bookie>, BookieError> {
         let journal = Journal::open(&cfg.data_dir.join("journal"))?;
-        let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls)?;
+        let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls).await?;
         let local = endpoint
             .local_addr()
             .map_err(|e| RpcError::Tls(e.to_string()))?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
-        let task = tokio::spawn(accept_loop(journal.clone(), endpoint.clone()));
+        let served = journal.clone();
+        let task = tokio::spawn(magnetar_proto::rpc::serve(
+            endpoint.clone(),
+            "bookie",
+            move |req, send| {
+                let journal = served.clone();
+                async move { respond(send, &handle(&journal, req).await).await }
+            },
+        ));
         let lease = metadata
             .grant_lease(cfg.registration_ttl_ms)
             .await
@@ -102,10 +110,12 @@ impl Bookie {
         &self.addr
     }
 
-    pub fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         self.task.abort();
         self.endpoint.close(0u32.into(), b"shutdown");
         self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+            .await;
     }
 }
 
@@ -170,36 +180,4 @@ pub async fn handle(journal: &Journal, req: BookieRequest) -> BookieResponse {
         },
     };
     res.unwrap_or_else(BookieResponse::Error)
-}
-
-async fn accept_loop(journal: Journal, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        let journal = journal.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "bookie: connection refused during handshake");
-                    return;
-                }
-            };
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let journal = journal.clone();
-                tokio::spawn(async move {
-                    let req: BookieRequest = match read_msg(&mut recv).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "bookie: malformed request");
-                            return;
-                        }
-                    };
-                    let resp = handle(&journal, req).await;
-                    if write_msg(&mut send, &resp).await.is_ok() {
-                        let _ = send.finish();
-                    }
-                });
-            }
-        });
-    }
 }

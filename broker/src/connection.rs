@@ -23,7 +23,7 @@ use magnetar_proto::pulsar::{
     ServerError,
 };
 use magnetar_proto::TopicName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -93,23 +93,9 @@ fn to_id(p: Position) -> MessageIdData {
 }
 
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-    let writer = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            // Coalesce whatever is queued into one write.
-            let mut buf = BytesMut::from(&first[..]);
-            while buf.len() < 1 << 20 {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(frame::write_loop(rx, wr));
     let id = broker.next_id();
     let mut conn = Conn {
         broker: broker.clone(),
@@ -178,6 +164,23 @@ impl Conn {
         }
         self.producers.clear();
         tracing::debug!(peer = %self.peer, "connection closed");
+    }
+
+    /// Answers a request with SUCCESS or ERROR.
+    fn answer(&self, request_id: u64, res: Result<(), BrokerError>) {
+        match res {
+            Ok(()) => send_cmd(&self.tx, &success_cmd(request_id)),
+            Err(e) => send_cmd(&self.tx, &error_cmd(request_id, &e)),
+        }
+    }
+
+    /// The subscription of a consumer named by a request, or an ERROR answer.
+    fn consumer_handle(&self, consumer_id: u64, request_id: u64) -> Option<SubscriptionHandle> {
+        let handle = self.consumers.get(&consumer_id).map(|c| c.handle.clone());
+        if handle.is_none() {
+            self.answer(request_id, Err(unknown_consumer()));
+        }
+        handle
     }
 
     fn topic_name(name: &str) -> Result<TopicName, BrokerError> {
@@ -402,22 +405,15 @@ impl Conn {
                         _ => InitialPosition::Latest,
                     };
                     let handle = topic.subscription(&c.subscription, initial).await?;
-                    let (reply, rx) = oneshot::channel();
-                    let ev = SubEvent::AddConsumer {
-                        consumer_id: c.consumer_id,
-                        conn_id: self.id,
+                    let (consumer_id, conn_id, tx) = (c.consumer_id, self.id, self.tx.clone());
+                    ask(&handle, |reply| SubEvent::AddConsumer {
+                        consumer_id,
+                        conn_id,
                         sub_type,
-                        tx: self.tx.clone(),
+                        tx,
                         reply,
-                    };
-                    handle.tx.send(ev).map_err(|_| {
-                        BrokerError::new(ServerError::ServiceNotReady, "subscription closed")
-                    })?;
-                    rx.await
-                        .map_err(|_| {
-                            BrokerError::new(ServerError::ServiceNotReady, "subscription closed")
-                        })?
-                        .map_err(|e| BrokerError::new(e.code, e.message))?;
+                    })
+                    .await?;
                     Ok(Consumer {
                         topic,
                         sub: c.subscription.clone(),
@@ -464,10 +460,6 @@ impl Conn {
                         cumulative,
                     });
                 }
-                if let Some(rid) = c.request_id {
-                    // Ack receipts are a protocol >= 17 feature we do not advertise.
-                    tracing::debug!(request_id = rid, "ack carried a request id");
-                }
             }
             (
                 Some(Type::RedeliverUnacknowledgedMessages),
@@ -511,92 +503,51 @@ impl Conn {
                     ..
                 },
             ) => {
-                let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(
-                        &self.tx,
-                        &error_cmd(
-                            c.request_id,
-                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
-                        ),
-                    );
+                let Some(handle) = self.consumer_handle(c.consumer_id, c.request_id) else {
                     return true;
                 };
-                let (reply, rx) = oneshot::channel();
-                let _ = cons.handle.tx.send(SubEvent::Unsubscribe {
-                    consumer_id: c.consumer_id,
-                    conn_id: self.id,
+                let (consumer_id, conn_id) = (c.consumer_id, self.id);
+                let res = ask(&handle, |reply| SubEvent::Unsubscribe {
+                    consumer_id,
+                    conn_id,
                     reply,
-                });
-                match rx.await {
-                    Ok(Ok(())) => {
-                        if let Some(cons) = self.consumers.remove(&c.consumer_id) {
-                            cons.topic.forget_subscription(&cons.sub).await;
-                        }
-                        send_cmd(&self.tx, &success_cmd(c.request_id));
+                })
+                .await;
+                if res.is_ok() {
+                    if let Some(cons) = self.consumers.remove(&c.consumer_id) {
+                        cons.topic.forget_subscription(&cons.sub).await;
                     }
-                    Ok(Err(e)) => send_cmd(
-                        &self.tx,
-                        &error_cmd(c.request_id, &BrokerError::new(e.code, e.message)),
-                    ),
-                    Err(_) => send_cmd(
-                        &self.tx,
-                        &error_cmd(
-                            c.request_id,
-                            &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"),
-                        ),
-                    ),
                 }
+                self.answer(c.request_id, res);
             }
             (Some(Type::Seek), BaseCommand { seek: Some(c), .. }) => {
                 let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(
-                        &self.tx,
-                        &error_cmd(
-                            c.request_id,
-                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
-                        ),
-                    );
+                    self.answer(c.request_id, Err(unknown_consumer()));
                     return true;
                 };
+                let ml = &cons.topic.ml;
                 let target = match (&c.message_id, c.message_publish_time) {
+                    // The client's "earliest" and "latest" ids.
                     (Some(id), _) if id.ledger_id == u64::MAX => {
-                        SeekTarget::Position(cons.topic.ml.before_first().bump())
+                        Some(SeekTarget::Position(ml.before_first().bump()))
                     }
                     (Some(id), _) if id.ledger_id >= i64::MAX as u64 => {
-                        SeekTarget::Position(cons.topic.ml.last_confirmed().bump())
+                        Some(SeekTarget::Position(ml.last_confirmed().bump()))
                     }
-                    (Some(id), _) => SeekTarget::Position(to_position(id)),
-                    (None, Some(t)) => SeekTarget::PublishTime(t),
-                    (None, None) => {
-                        send_cmd(
-                            &self.tx,
-                            &error_cmd(
-                                c.request_id,
-                                &BrokerError::new(
-                                    ServerError::UnknownError,
-                                    "SEEK needs a message id or a publish time",
-                                ),
-                            ),
-                        );
-                        return true;
-                    }
+                    (Some(id), _) => Some(SeekTarget::Position(to_position(id))),
+                    (None, Some(t)) => Some(SeekTarget::PublishTime(t)),
+                    (None, None) => None,
                 };
-                let (reply, rx) = oneshot::channel();
-                let _ = cons.handle.tx.send(SubEvent::Seek { target, reply });
-                match rx.await {
-                    Ok(Ok(())) => send_cmd(&self.tx, &success_cmd(c.request_id)),
-                    Ok(Err(e)) => send_cmd(
-                        &self.tx,
-                        &error_cmd(c.request_id, &BrokerError::new(e.code, e.message)),
-                    ),
-                    Err(_) => send_cmd(
-                        &self.tx,
-                        &error_cmd(
-                            c.request_id,
-                            &BrokerError::new(ServerError::ServiceNotReady, "subscription closed"),
-                        ),
-                    ),
-                }
+                let res = match target {
+                    Some(target) => {
+                        ask(&cons.handle, |reply| SubEvent::Seek { target, reply }).await
+                    }
+                    None => Err(BrokerError::new(
+                        ServerError::UnknownError,
+                        "SEEK needs a message id or a publish time",
+                    )),
+                };
+                self.answer(c.request_id, res);
             }
             (
                 Some(Type::GetLastMessageId),
@@ -606,13 +557,7 @@ impl Conn {
                 },
             ) => {
                 let Some(cons) = self.consumers.get(&c.consumer_id) else {
-                    send_cmd(
-                        &self.tx,
-                        &error_cmd(
-                            c.request_id,
-                            &BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer"),
-                        ),
-                    );
+                    self.answer(c.request_id, Err(unknown_consumer()));
                     return true;
                 };
                 let (reply, rx) = oneshot::channel();
@@ -620,7 +565,7 @@ impl Conn {
                 let md = rx.await.ok();
                 let mut r = base(Type::GetLastMessageIdResponse);
                 r.get_last_message_id_response = Some(CommandGetLastMessageIdResponse {
-                    last_message_id: to_id(cons.topic.last_position()),
+                    last_message_id: to_id(cons.topic.ml.last_confirmed()),
                     request_id: c.request_id,
                     consumer_mark_delete_position: md.map(to_id),
                 });
@@ -637,6 +582,22 @@ impl Conn {
         }
         true
     }
+}
+
+fn unknown_consumer() -> BrokerError {
+    BrokerError::new(ServerError::ConsumerNotFound, "unknown consumer")
+}
+
+/// Sends a subscription an event that carries a reply channel and waits for
+/// the reply.
+async fn ask(
+    handle: &SubscriptionHandle,
+    event: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> SubEvent,
+) -> Result<(), BrokerError> {
+    let closed = || BrokerError::new(ServerError::ServiceNotReady, "subscription closed");
+    let (reply, rx) = oneshot::channel();
+    handle.tx.send(event(reply)).map_err(|_| closed())?;
+    rx.await.map_err(|_| closed())?
 }
 
 /// Sends a producer's receipts in the order its messages were sent.

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnetar_bookie::{LedgerClient, LedgerError, LedgerMetadata, LedgerWriter};
@@ -85,11 +85,19 @@ pub struct MlInfo {
     pub cursors: BTreeMap<String, CursorPointer>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+impl MlInfo {
+    /// Records a ledger's final size once it is closed.
+    fn mark_closed(&mut self, meta: &LedgerMetadata) {
+        if let Some(l) = self
+            .ledgers
+            .iter_mut()
+            .find(|l| l.ledger_id == meta.ledger_id)
+        {
+            l.entries = (meta.last_entry_id + 1) as u64;
+            l.size_bytes = meta.length_bytes;
+            l.closed = true;
+        }
+    }
 }
 
 struct WriteSide {
@@ -152,11 +160,14 @@ impl ManagedLedger {
             None => (MlInfo::default(), 0),
         };
         let mut dropped = Vec::new();
-        for l in info.ledgers.iter_mut().filter(|l| !l.closed) {
-            let meta = lc.recover(l.ledger_id).await?;
-            l.entries = (meta.last_entry_id + 1) as u64;
-            l.size_bytes = meta.length_bytes;
-            l.closed = true;
+        let open: Vec<u64> = info
+            .ledgers
+            .iter()
+            .filter(|l| !l.closed)
+            .map(|l| l.ledger_id)
+            .collect();
+        for id in open {
+            info.mark_closed(&lc.recover(id).await?);
         }
         info.ledgers.retain(|l| {
             if l.entries == 0 {
@@ -225,16 +236,7 @@ impl ManagedLedger {
                     self.lc.recover(old.ledger_id()).await?
                 }
             };
-            if let Some(l) = w
-                .info
-                .ledgers
-                .iter_mut()
-                .find(|l| l.ledger_id == meta.ledger_id)
-            {
-                l.entries = (meta.last_entry_id + 1) as u64;
-                l.size_bytes = meta.length_bytes;
-                l.closed = true;
-            }
+            w.info.mark_closed(&meta);
             self.ledger_meta
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -649,16 +651,7 @@ impl ManagedLedger {
         let mut w = self.write.lock().await;
         if let Some(wr) = w.writer.take() {
             let meta = wr.close().await?;
-            if let Some(l) = w
-                .info
-                .ledgers
-                .iter_mut()
-                .find(|l| l.ledger_id == meta.ledger_id)
-            {
-                l.entries = (meta.last_entry_id + 1) as u64;
-                l.size_bytes = meta.length_bytes;
-                l.closed = true;
-            }
+            w.info.mark_closed(&meta);
             self.store_info(&mut w).await?;
         }
         Ok(())
@@ -674,17 +667,13 @@ impl ManagedLedger {
                 break;
             }
             let data = self.read(n).await?;
-            if let Ok(payload) = magnetar_proto::Payload::parse(data) {
-                if payload.metadata.publish_time >= publish_time_ms {
+            if let Ok(md) = magnetar_proto::Payload::peek_metadata(&data) {
+                if md.publish_time >= publish_time_ms {
                     return Ok(n);
                 }
             }
             p = n;
         }
         Ok(last.bump())
-    }
-
-    pub fn now_ms() -> u64 {
-        now_ms()
     }
 }

@@ -96,7 +96,7 @@ impl Standalone {
     /// Closes open ledgers and stops the tiers.
     pub async fn shutdown(self) {
         self.broker.shutdown().await;
-        self.bookie.shutdown();
+        self.bookie.shutdown().await;
         self.metadata_node.shutdown().await;
     }
 }

@@ -17,17 +17,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
+use crate::BrokerError;
 
 pub type ConnTx = mpsc::UnboundedSender<Bytes>;
 
 /// How often acknowledgements are made durable at most (they are batched).
 pub const CURSOR_FLUSH_INTERVAL_MS: u64 = 100;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubError {
-    pub code: ServerError,
-    pub message: String,
-}
 
 pub enum SeekTarget {
     Position(Position),
@@ -40,7 +35,7 @@ pub enum SubEvent {
         conn_id: u64,
         sub_type: SubType,
         tx: ConnTx,
-        reply: oneshot::Sender<Result<(), SubError>>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     RemoveConsumer {
         consumer_id: u64,
@@ -63,12 +58,12 @@ pub enum SubEvent {
     },
     Seek {
         target: SeekTarget,
-        reply: oneshot::Sender<Result<(), SubError>>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     Unsubscribe {
         consumer_id: u64,
         conn_id: u64,
-        reply: oneshot::Sender<Result<(), SubError>>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     MarkDelete {
         reply: oneshot::Sender<Position>,
@@ -169,6 +164,18 @@ impl Sub {
         }
     }
 
+    /// Drops delivery bookkeeping for every position up to and including `p`.
+    fn forget_through(&mut self, p: Position) {
+        let later = self.pending.split_off(&p.bump());
+        for q in std::mem::replace(&mut self.pending, later).into_keys() {
+            self.redelivery_count.remove(&q);
+        }
+        let later = self.redeliver.split_off(&p.bump());
+        for q in std::mem::replace(&mut self.redeliver, later) {
+            self.redelivery_count.remove(&q);
+        }
+    }
+
     fn give_back(&mut self, consumer_id: u64, conn_id: u64) {
         let mine: Vec<Position> = self
             .pending
@@ -202,10 +209,7 @@ impl Sub {
                     _ => None,
                 };
                 if let Some(msg) = busy {
-                    let _ = reply.send(Err(SubError {
-                        code: ServerError::ConsumerBusy,
-                        message: msg.into(),
-                    }));
+                    let _ = reply.send(Err(BrokerError::new(ServerError::ConsumerBusy, msg)));
                 } else {
                     self.sub_type = Some(sub_type);
                     self.consumers.push(Consumer {
@@ -257,20 +261,17 @@ impl Sub {
                         }
                     };
                     self.dirty |= changed;
+                    // Anything the mark-delete folded over was acked (and
+                    // forgotten) earlier, so only `p` itself, or everything up
+                    // to it for a cumulative ack, needs forgetting here.
+                    if cumulative {
+                        self.forget_through(p);
+                    } else {
+                        self.pending.remove(&p);
+                        self.redeliver.remove(&p);
+                        self.redelivery_count.remove(&p);
+                    }
                 }
-                let md = self.cursor.mark_delete;
-                let acked: Vec<Position> = self
-                    .pending
-                    .keys()
-                    .copied()
-                    .filter(|p| *p <= md || self.cursor.acked.contains(p))
-                    .collect();
-                for p in acked {
-                    self.pending.remove(&p);
-                    self.redelivery_count.remove(&p);
-                }
-                self.redeliver
-                    .retain(|p| !(*p <= md || self.cursor.acked.contains(p)));
             }
             SubEvent::Redeliver {
                 consumer_id,
@@ -292,9 +293,8 @@ impl Sub {
                 let res = match target {
                     SeekTarget::Position(p) => Ok(p),
                     SeekTarget::PublishTime(t) => {
-                        self.ml.find_by_publish_time(t).await.map_err(|e| SubError {
-                            code: ServerError::PersistenceError,
-                            message: e.to_string(),
+                        self.ml.find_by_publish_time(t).await.map_err(|e| {
+                            BrokerError::new(ServerError::PersistenceError, e.to_string())
                         })
                     }
                 };
@@ -330,19 +330,15 @@ impl Sub {
                     .iter()
                     .any(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id))
                 {
-                    let _ = reply.send(Err(SubError {
-                        code: ServerError::ConsumerBusy,
-                        message: "subscription has other consumers".into(),
-                    }));
+                    let _ = reply.send(Err(BrokerError::new(
+                        ServerError::ConsumerBusy,
+                        "subscription has other consumers",
+                    )));
                     return true;
                 }
-                let res = self
-                    .ml
-                    .delete_cursor(&self.name)
-                    .await
-                    .map_err(|e| SubError {
-                        code: ServerError::PersistenceError,
-                        message: e.to_string(),
+                let res =
+                    self.ml.delete_cursor(&self.name).await.map_err(|e| {
+                        BrokerError::new(ServerError::PersistenceError, e.to_string())
                     });
                 let ok = res.is_ok();
                 let _ = reply.send(res);
@@ -415,8 +411,8 @@ impl Sub {
                     return;
                 }
             };
-            let count = match Payload::parse(data.clone()) {
-                Ok(pl) => pl.metadata.num_messages_in_batch.unwrap_or(1).max(1) as u32,
+            let count = match Payload::peek_metadata(&data) {
+                Ok(md) => md.num_messages_in_batch.unwrap_or(1).max(1) as u32,
                 Err(e) => {
                     tracing::error!(subscription = %self.name, position = ?p, error = %e, "stored entry does not parse; skipping it");
                     continue;

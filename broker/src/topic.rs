@@ -6,7 +6,7 @@ use std::sync::Arc;
 use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
 
-use crate::cursor::{CursorState, Position};
+use crate::cursor::CursorState;
 use crate::managed_ledger::ManagedLedger;
 use crate::subscription::{self, SubscriptionHandle};
 use crate::{Broker, BrokerError};
@@ -82,9 +82,5 @@ impl Topic {
 
     pub async fn forget_subscription(&self, sub: &str) {
         self.subs.lock().await.remove(sub);
-    }
-
-    pub fn last_position(&self) -> Position {
-        self.ml.last_confirmed()
     }
 }

@@ -145,21 +145,8 @@ impl Connection {
         .await
         .map_err(|_| Error::Timeout)?;
         connected?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        let writer = tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut out = BytesMut::from(&first[..]);
-                while out.len() < 1 << 20 {
-                    match rx.try_recv() {
-                        Ok(more) => out.extend_from_slice(&more),
-                        Err(_) => break,
-                    }
-                }
-                if wr.write_all(&out).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let writer = tokio::spawn(frame::write_loop(rx, wr));
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let r = routes.clone();
         let ptx = tx.clone();

@@ -232,10 +232,19 @@ impl MetadataClient {
         let me = self.clone();
         let prefix = prefix.to_string();
         let task = tokio::spawn(async move {
-            let mut next = start_revision;
+            let mut pos = WatchPosition {
+                revision: start_revision,
+                seen: 0,
+            };
             loop {
-                match me.watch_once(&prefix, &mut next, &tx).await {
+                match me.watch_once(&prefix, &mut pos, &tx).await {
                     Ok(()) => return,
+                    Err(RpcError::Decode(e)) if e.starts_with(COMPACTED) => {
+                        // The events we would need are gone; the watcher must
+                        // re-read the state. Ending the stream tells it so.
+                        tracing::warn!(prefix, revision = pos.revision, error = %e, "watch cannot resume");
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "watch interrupted; resuming");
                         me.set_leader(None);
@@ -250,7 +259,7 @@ impl MetadataClient {
     async fn watch_once(
         &self,
         prefix: &str,
-        next: &mut u64,
+        pos: &mut WatchPosition,
         tx: &mpsc::Sender<WatchEvent>,
     ) -> Result<(), RpcError> {
         let addr = self.target(0);
@@ -259,33 +268,62 @@ impl MetadataClient {
             &mut send,
             &MetaRequest::Watch {
                 prefix: prefix.into(),
-                start_revision: *next,
+                start_revision: pos.revision,
             },
         )
         .await?;
         let _ = send.finish();
+        // Events of `pos.revision` this stream repeats from an earlier one.
+        let mut repeat = pos.seen;
         loop {
             match read_msg::<MetaResponse>(&mut recv).await? {
                 None => return Err(RpcError::Closed),
                 Some(MetaResponse::WatchStarted { revision }) => {
-                    if *next == 0 {
-                        *next = revision + 1;
+                    if pos.revision == 0 {
+                        *pos = WatchPosition {
+                            revision: revision + 1,
+                            seen: 0,
+                        };
                     }
                 }
                 Some(MetaResponse::Event(ev)) => {
-                    if ev.revision < *next {
+                    if ev.revision < pos.revision {
                         continue;
                     }
-                    *next = ev.revision;
+                    if ev.revision == pos.revision && repeat > 0 {
+                        repeat -= 1;
+                        continue;
+                    }
+                    if ev.revision == pos.revision {
+                        pos.seen += 1;
+                    } else {
+                        *pos = WatchPosition {
+                            revision: ev.revision,
+                            seen: 1,
+                        };
+                    }
                     if tx.send(ev).await.is_err() {
                         return Ok(());
                     }
+                }
+                Some(MetaResponse::Error(e @ MetaError::Compacted(oldest))) if oldest > 0 => {
+                    return Err(RpcError::Decode(format!("{COMPACTED}: {e}")));
                 }
                 Some(MetaResponse::Error(e)) => return Err(RpcError::Decode(e.to_string())),
                 Some(other) => return Err(RpcError::Decode(format!("unexpected {other:?}"))),
             }
         }
     }
+}
+
+const COMPACTED: &str = "compacted";
+
+/// Where a watch stands: every event before `revision` was delivered, and
+/// the first `seen` events of `revision` (one revision may change many keys).
+#[derive(Debug, Clone, Copy)]
+struct WatchPosition {
+    revision: u64,
+    seen: usize,
 }
 
 /// A granted lease, kept alive in the background.

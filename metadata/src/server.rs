@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use magnetar_proto::metadata_api::{
     self as api, MetaError, MetaRequest, MetaResponse, RaftKind, Status,
 };
-use magnetar_proto::rpc::{read_msg, write_msg, RpcClient, RpcError};
+use magnetar_proto::rpc::{respond, serve, write_msg, RpcClient, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
@@ -84,7 +84,7 @@ impl MetadataNode {
         let sm = StateMachine::open(&cfg.data_dir.join("raft"))
             .map_err(|e| StartError::Storage(e.to_string()))?;
         let shared = sm.shared.clone();
-        let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls)?;
+        let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls).await?;
         let local = endpoint
             .local_addr()
             .map_err(|e| StartError::Transport(RpcError::Tls(e.to_string())))?;
@@ -134,7 +134,11 @@ impl MetadataNode {
             leases: Mutex::default(),
             tasks: Mutex::default(),
         });
-        let accept = tokio::spawn(accept_loop(node.clone(), endpoint));
+        let served = node.clone();
+        let accept = tokio::spawn(serve(endpoint, "metadata", move |req, send| {
+            let node = served.clone();
+            async move { node.serve_request(req, send).await }
+        }));
         let expiry = tokio::spawn(lease_loop(
             node.clone(),
             Duration::from_millis(cfg.lease_check_interval_ms),
@@ -181,6 +185,8 @@ impl MetadataNode {
         }
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutdown");
+        // Let peers learn of the close before the socket goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
     fn is_leader(&self) -> bool {
@@ -220,6 +226,20 @@ impl MetadataNode {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(_)) => Err(self.not_leader()),
             Err(e) => Err(MetaResponse::Error(MetaError::Internal(e.to_string()))),
+        }
+    }
+
+    async fn serve_request(&self, req: MetaRequest, mut send: quinn::SendStream) {
+        match req {
+            MetaRequest::Watch {
+                prefix,
+                start_revision,
+            } => {
+                if self.watch(prefix, start_revision, &mut send).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            req => respond(send, &self.handle(req).await).await,
         }
     }
 
@@ -370,7 +390,9 @@ impl MetadataNode {
         start: u64,
         send: &mut quinn::SendStream,
     ) -> Result<(), RpcError> {
-        let (mut rx, past, oldest, revision) = self.sm.subscribe(start);
+        // From 0 means "from now on": no history to replay.
+        let (mut rx, past, oldest, revision) =
+            self.sm.subscribe(if start == 0 { u64::MAX } else { start });
         if start > 0 && start < oldest && start <= revision {
             return write_msg(send, &MetaResponse::Error(MetaError::Compacted(oldest))).await;
         }
@@ -391,52 +413,6 @@ impl MetadataNode {
                 Err(RecvError::Closed) => return Ok(()),
             }
         }
-    }
-}
-
-async fn accept_loop(node: Arc<MetadataNode>, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        let node = node.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "metadata: handshake failed");
-                    return;
-                }
-            };
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let node = node.clone();
-                tokio::spawn(async move {
-                    let req: MetaRequest = match read_msg(&mut recv).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "metadata: bad request");
-                            let _ = write_msg(
-                                &mut send,
-                                &MetaResponse::Error(MetaError::Internal(e.to_string())),
-                            )
-                            .await;
-                            return;
-                        }
-                    };
-                    let res = match req {
-                        MetaRequest::Watch {
-                            prefix,
-                            start_revision,
-                        } => node.watch(prefix, start_revision, &mut send).await,
-                        req => {
-                            let resp = node.handle(req).await;
-                            write_msg(&mut send, &resp).await
-                        }
-                    };
-                    if res.is_ok() {
-                        let _ = send.finish();
-                    }
-                });
-            }
-        });
     }
 }
 

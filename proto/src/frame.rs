@@ -100,6 +100,23 @@ impl Payload {
         })
     }
 
+    /// Decodes only the metadata of a payload in stored form, bounding sizes
+    /// but not recomputing the CRC32C: for entries whose integrity another
+    /// check already covers (the ledger entry digest), where a second pass
+    /// over the payload would be wasted work on the dispatch path.
+    pub fn peek_metadata(headers_and_payload: &[u8]) -> Result<MessageMetadata, FrameError> {
+        let b = headers_and_payload;
+        if b.len() < 10 || u16::from_be_bytes([b[0], b[1]]) != MAGIC_CRC32C {
+            return Err(FrameError::Malformed("not a stored payload section"));
+        }
+        let meta_len = u32::from_be_bytes([b[6], b[7], b[8], b[9]]) as usize;
+        if meta_len > b.len() - 10 {
+            return Err(FrameError::Malformed("metadata size exceeds the frame"));
+        }
+        MessageMetadata::decode(&b[10..10 + meta_len])
+            .map_err(|e| FrameError::BadMetadata(e.to_string()))
+    }
+
     /// Parses a payload section without a checksum (protocol < 6):
     /// `[metadata_size][metadata][payload]`, and returns it in stored form.
     fn parse_unchecked(section: &[u8]) -> Result<Payload, FrameError> {
@@ -169,27 +186,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
             payload_error: None,
         }));
     }
-    let payload = (|| {
-        if frame.len() >= 2
-            && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_BROKER_ENTRY_METADATA
-        {
-            if frame.len() < 6 {
-                return Err(FrameError::Malformed("truncated broker entry metadata"));
-            }
-            let n = u32::from_be_bytes([frame[2], frame[3], frame[4], frame[5]]) as usize;
-            if n > frame.len() - 6 {
-                return Err(FrameError::Malformed(
-                    "broker entry metadata exceeds the frame",
-                ));
-            }
-            frame.advance(6 + n);
-        }
-        if frame.len() >= 2 && u16::from_be_bytes([frame[0], frame[1]]) == MAGIC_CRC32C {
-            Payload::parse(frame)
-        } else {
-            Payload::parse_unchecked(&frame)
-        }
-    })();
+    let payload = parse_payload_section(frame);
     Ok(Some(match payload {
         Ok(p) => Frame {
             command,
@@ -202,6 +199,29 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
             payload_error: Some(e),
         },
     }))
+}
+
+/// Parses what follows the command: an optional broker-entry-metadata block,
+/// then the payload section with or without a checksum.
+fn parse_payload_section(mut section: Bytes) -> Result<Payload, FrameError> {
+    let magic = |b: &Bytes| (b.len() >= 2).then(|| u16::from_be_bytes([b[0], b[1]]));
+    if magic(&section) == Some(MAGIC_BROKER_ENTRY_METADATA) {
+        if section.len() < 6 {
+            return Err(FrameError::Malformed("truncated broker entry metadata"));
+        }
+        let n = u32::from_be_bytes([section[2], section[3], section[4], section[5]]) as usize;
+        if n > section.len() - 6 {
+            return Err(FrameError::Malformed(
+                "broker entry metadata exceeds the frame",
+            ));
+        }
+        section.advance(6 + n);
+    }
+    if magic(&section) == Some(MAGIC_CRC32C) {
+        Payload::parse(section)
+    } else {
+        Payload::parse_unchecked(&section)
+    }
 }
 
 /// Appends a command-only frame.
@@ -221,6 +241,40 @@ pub fn encode_payload_command(cmd: &BaseCommand, headers_and_payload: &[u8], out
     out.put_u32(cmd_len as u32);
     cmd.encode(out).expect("capacity reserved");
     out.put_slice(headers_and_payload);
+}
+
+/// Most bytes of queued frames coalesced into one write.
+pub const MAX_COALESCED_WRITE_BYTES: usize = 1 << 20;
+
+/// Writes encoded frames from `rx` to `wr` until the queue closes or a write
+/// fails. A lone frame is written as it is; frames that queued up meanwhile
+/// are coalesced into one write so a busy connection makes few syscalls.
+pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    mut wr: W,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let Ok(second) = rx.try_recv() else {
+            if wr.write_all(&first).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        batch.clear();
+        batch.extend_from_slice(&first);
+        batch.extend_from_slice(&second);
+        while batch.len() < MAX_COALESCED_WRITE_BYTES {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&batch).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A `BaseCommand` of the given type with every optional body unset.
@@ -317,6 +371,11 @@ mod tests {
         assert_eq!(f2.command, cmd);
         let got = f2.payload.unwrap();
         assert_eq!(got.payload(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            Payload::peek_metadata(&got.headers_and_payload).unwrap(),
+            got.metadata
+        );
+        assert!(Payload::peek_metadata(&got.headers_and_payload[..12]).is_err());
         assert_eq!(got.metadata.sequence_id, 7);
         assert!(out.is_empty());
     }

@@ -88,6 +88,55 @@ pub async fn read_msg<T: DeserializeOwned>(
     decode_body(&body).map(Some)
 }
 
+/// Stream reset code for a request that does not decode.
+pub const RESET_BAD_REQUEST: u32 = 1;
+
+/// Writes one answer and finishes the stream.
+pub async fn respond<T: Serialize>(mut send: quinn::SendStream, msg: &T) {
+    if write_msg(&mut send, msg).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Serves an internal protocol: for every bidirectional stream of every
+/// connection to `endpoint`, in its own task, reads one request and hands it
+/// with the stream's send half to `handle` (which answers once with
+/// [`respond`], or streams several answers). A request that does not decode
+/// is logged and its stream reset. Returns when the endpoint closes.
+pub async fn serve<Req, F, Fut>(endpoint: quinn::Endpoint, service: &'static str, handle: F)
+where
+    Req: DeserializeOwned + Send + 'static,
+    F: Fn(Req, quinn::SendStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Some(incoming) = endpoint.accept().await {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(service, error = %e, "connection refused during handshake");
+                    return;
+                }
+            };
+            let peer = conn.remote_address();
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    match read_msg::<Req>(&mut recv).await {
+                        Ok(Some(req)) => handle(req, send).await,
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(service, %peer, error = %e, "malformed request");
+                            let _ = send.reset(RESET_BAD_REQUEST.into());
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4096u32.into());
@@ -100,21 +149,24 @@ fn transport_config() -> quinn::TransportConfig {
 }
 
 /// A QUIC endpoint that accepts connections with mutual TLS.
-pub fn server_endpoint(bind: SocketAddr, tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
+pub async fn server_endpoint(
+    bind: SocketAddr,
+    tls: &TlsMaterial,
+) -> Result<quinn::Endpoint, RpcError> {
     let crypto = tls.quic_server_config()?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
     // A previous endpoint on this port (an in-process restart) may take a
     // moment to release its socket.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut ep = loop {
         match quinn::Endpoint::server(cfg.clone(), bind) {
             Ok(ep) => break ep,
             Err(e)
                 if e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
+                    && tokio::time::Instant::now() < deadline =>
             {
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
                 return Err(RpcError::Connect {
