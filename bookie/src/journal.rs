@@ -395,11 +395,26 @@ impl Writer {
         }
     }
 
+    /// Checks `key` against the key the ledger is bound to (binding it on
+    /// first use); returns the ledger's fenced flag.
+    fn authorize(&mut self, ledger_id: u64, key: MasterKey) -> Result<&mut bool, BookieErrorCode> {
+        let (bound, fenced) = self.state.entry(ledger_id).or_insert((None, false));
+        if bound.is_some_and(|k| k != key) {
+            return Err(BookieErrorCode::Unauthorized);
+        }
+        *bound = Some(key);
+        Ok(fenced)
+    }
+
     fn stage(&mut self, req: Request, buf: &mut Vec<u8>, done: &mut Vec<Done>) {
         if self.failed {
             match req {
-                Request::Add { done, .. } => drop(done.send(Err(BookieErrorCode::Io))),
-                Request::Fence { done, .. } => drop(done.send(Err(BookieErrorCode::Io))),
+                Request::Add { done, .. } => {
+                    let _ = done.send(Err(BookieErrorCode::Io));
+                }
+                Request::Fence { done, .. } => {
+                    let _ = done.send(Err(BookieErrorCode::Io));
+                }
             }
             return;
         }
@@ -414,16 +429,17 @@ impl Writer {
                 recovery,
                 done: tx,
             } => {
-                let st = self.state.entry(ledger_id).or_insert((None, false));
-                if st.0.is_some_and(|k| k != master_key) {
-                    let _ = tx.send(Err(BookieErrorCode::Unauthorized));
-                    return;
-                }
-                if st.1 && !recovery {
+                let fenced = match self.authorize(ledger_id, master_key) {
+                    Ok(fenced) => *fenced,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                if fenced && !recovery {
                     let _ = tx.send(Err(BookieErrorCode::Fenced));
                     return;
                 }
-                st.0 = Some(master_key);
                 let body = put_record(
                     buf,
                     REC_ADD,
@@ -451,12 +467,13 @@ impl Writer {
                 master_key,
                 done: tx,
             } => {
-                let st = self.state.entry(ledger_id).or_insert((None, false));
-                if st.0.is_some_and(|k| k != master_key) {
-                    let _ = tx.send(Err(BookieErrorCode::Unauthorized));
-                    return;
+                match self.authorize(ledger_id, master_key) {
+                    Ok(fenced) => *fenced = true,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 }
-                *st = (Some(master_key), true);
                 put_record(buf, REC_FENCE, &[&ledger_id.to_be_bytes(), &master_key]);
                 done.push(Done::Fence(ledger_id, master_key, tx));
             }

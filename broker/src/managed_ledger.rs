@@ -226,6 +226,16 @@ impl ManagedLedger {
         Ok(())
     }
 
+    /// A new ledger with this topic's quorums, labelled with what it holds.
+    async fn create_ledger(&self, role: &str, owner: String) -> Result<LedgerWriter, MlError> {
+        let props = BTreeMap::from([(role.to_string(), owner)]);
+        let c = &self.cfg;
+        Ok(self
+            .lc
+            .create(c.ensemble_size, c.write_quorum, c.ack_quorum, props)
+            .await?)
+    }
+
     /// Closes the current ledger (recovering it if its writer failed) and opens a new one.
     async fn roll(&self, w: &mut WriteSide) -> Result<(), MlError> {
         if let Some(old) = w.writer.take() {
@@ -242,15 +252,8 @@ impl ManagedLedger {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(meta.ledger_id, meta);
         }
-        let props = BTreeMap::from([("managed-ledger".to_string(), self.name.clone())]);
         let writer = self
-            .lc
-            .create(
-                self.cfg.ensemble_size,
-                self.cfg.write_quorum,
-                self.cfg.ack_quorum,
-                props,
-            )
+            .create_ledger("managed-ledger", self.name.clone())
             .await?;
         let empty_closed: Vec<u64> = w
             .info
@@ -529,15 +532,8 @@ impl ManagedLedger {
             }
         }
         // New cursor ledger: write the state first, then point metadata at it.
-        let props = BTreeMap::from([("cursor".to_string(), format!("{}/{name}", self.name))]);
         let writer = self
-            .lc
-            .create(
-                self.cfg.ensemble_size,
-                self.cfg.write_quorum,
-                self.cfg.ack_quorum,
-                props,
-            )
+            .create_ledger("cursor", format!("{}/{name}", self.name))
             .await?;
         writer.add(data).await?;
         let old = {
