@@ -66,7 +66,7 @@ impl Bookie {
         let task = tokio::spawn(magnetar_proto::rpc::serve(
             endpoint.clone(),
             "bookie",
-            move |req, send| {
+            move |req, send, _conn| {
                 let journal = served.clone();
                 async move { respond(send, &handle(&journal, req).await).await }
             },

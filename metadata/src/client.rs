@@ -3,11 +3,13 @@
 //! resumes watches after reconnects.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use magnetar_proto::metadata_api::{
-    Compare, KeyValue, MetaError, MetaRequest, MetaResponse, Op, Status, Txn, TxnResult, WatchEvent,
+    Compare, KeyValue, MetaError, MetaRequest, MetaResponse, Op, RequestId, Status, Txn, TxnResult,
+    WatchEvent,
 };
 use magnetar_proto::rpc::{read_msg, write_msg, RpcClient, RpcError};
 use tokio::sync::{mpsc, watch};
@@ -27,64 +29,111 @@ pub struct MetadataClient {
     rpc: RpcClient,
     endpoints: Arc<Vec<SocketAddr>>,
     leader: Arc<Mutex<Option<SocketAddr>>>,
+    /// Which endpoint to try next when no leader is known; moves on after
+    /// every failure so a dead node is not tried first every time.
+    next_endpoint: Arc<AtomicUsize>,
+    /// Identifies this client's transactions so a retried one applies once.
+    client_id: u64,
+    next_seq: Arc<AtomicU64>,
     /// How long a request keeps retrying before it reports the service unavailable.
     pub retry_for: Duration,
 }
 
 impl MetadataClient {
-    pub fn new(rpc: RpcClient, endpoints: Vec<SocketAddr>) -> MetadataClient {
+    /// A client of the nodes at `endpoints`. Each attempt gets one second
+    /// (half for the handshake): a node that died without closing its
+    /// connections must not hold a request longer than a failover takes;
+    /// the request then goes on to the next node.
+    pub fn new(mut rpc: RpcClient, endpoints: Vec<SocketAddr>) -> MetadataClient {
+        rpc.timeout = Duration::from_secs(1);
+        rpc.connect_timeout = Duration::from_millis(500);
         MetadataClient {
             rpc,
             endpoints: Arc::new(endpoints),
             leader: Arc::default(),
+            next_endpoint: Arc::default(),
+            client_id: rand::random(),
+            next_seq: Arc::new(AtomicU64::new(1)),
             retry_for: Duration::from_secs(15),
         }
     }
 
-    fn target(&self, attempt: usize) -> SocketAddr {
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.endpoints
+    }
+
+    fn target(&self) -> SocketAddr {
         if let Some(l) = *self.leader.lock().unwrap_or_else(|e| e.into_inner()) {
             return l;
         }
-        self.endpoints[attempt % self.endpoints.len()]
+        self.endpoints[self.next_endpoint.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    /// `addr` failed: forget it as leader and try the next endpoint.
+    fn failed(&self, addr: SocketAddr) {
+        self.set_leader(None);
+        let i = self.next_endpoint.load(Ordering::Relaxed);
+        if self.endpoints[i % self.endpoints.len()] == addr {
+            let _ = self.next_endpoint.compare_exchange(
+                i,
+                i.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     fn set_leader(&self, l: Option<SocketAddr>) {
         *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = l;
     }
 
-    /// Sends a request to the leader, following redirects and retrying on
-    /// transport errors. Writes are retried too: callers make them safe to
-    /// repeat with version compares.
+    /// Sends a request to the leader (any node forwards it there), following
+    /// redirects and retrying on transport errors and while no leader can
+    /// answer. Transactions go as `TxnOnce`, so a retried one applies once;
+    /// lease grants and revokes are safe to repeat (a repeated grant leaves
+    /// an unused lease that expires).
     pub async fn request(&self, req: &MetaRequest) -> Result<MetaResponse, MetadataError> {
         if self.endpoints.is_empty() {
             return Err(MetadataError::Unavailable("no endpoints configured".into()));
         }
         let deadline = tokio::time::Instant::now() + self.retry_for;
-        let mut attempt = 0;
         let mut last_err;
         loop {
-            let addr = self.target(attempt);
+            let addr = self.target();
             match self.rpc.call::<_, MetaResponse>(addr, req).await {
                 Ok(MetaResponse::Error(MetaError::NotLeader { leader })) => {
                     let l = leader.and_then(|l| l.parse().ok()).filter(|l| *l != addr);
                     last_err = format!("{addr} is not the leader");
-                    self.set_leader(l);
                     if l.is_none() {
+                        self.failed(addr);
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                    } else {
+                        self.set_leader(l);
                     }
                 }
+                Ok(MetaResponse::Error(MetaError::Unavailable(why))) => {
+                    last_err = format!("{addr}: {why}");
+                    self.failed(addr);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Ok(MetaResponse::Error(e)) => return Err(MetadataError::Server(e)),
+                Ok(MetaResponse::Forwarded { leader, response }) => {
+                    self.set_leader(leader.parse().ok());
+                    return match *response {
+                        MetaResponse::Error(e) => Err(MetadataError::Server(e)),
+                        r => Ok(r),
+                    };
+                }
                 Ok(r) => {
                     self.set_leader(Some(addr));
                     return Ok(r);
                 }
                 Err(e) => {
                     last_err = format!("{addr}: {e}");
-                    self.set_leader(None);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.failed(addr);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            attempt += 1;
             if tokio::time::Instant::now() >= deadline {
                 return Err(MetadataError::Unavailable(last_err));
             }
@@ -112,8 +161,14 @@ impl MetadataClient {
         }
     }
 
+    /// Runs a transaction. Retries after a lost answer are de-duplicated by
+    /// the service: the transaction applies at most once.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResult, MetadataError> {
-        match self.request(&MetaRequest::Txn(txn)).await? {
+        let request = RequestId {
+            client: self.client_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        match self.request(&MetaRequest::TxnOnce { request, txn }).await? {
             MetaResponse::Txn(r) => Ok(r),
             r => Err(MetadataError::Protocol(format!("{r:?}"))),
         }
@@ -182,6 +237,42 @@ impl MetadataClient {
         }
     }
 
+    /// The status one node reports of itself, without retries.
+    pub async fn status_of(&self, addr: SocketAddr) -> Result<Status, MetadataError> {
+        match self
+            .rpc
+            .call::<_, MetaResponse>(addr, &MetaRequest::Status)
+            .await
+        {
+            Ok(MetaResponse::Status(s)) => Ok(s),
+            Ok(r) => Err(MetadataError::Protocol(format!("{r:?}"))),
+            Err(e) => Err(MetadataError::Unavailable(format!("{addr}: {e}"))),
+        }
+    }
+
+    /// Adds a node to the cluster (learner, then voter once caught up).
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<(), MetadataError> {
+        // The leader answers once the new node caught up: allow for a
+        // snapshot transfer.
+        let mut slow = self.clone();
+        slow.rpc.timeout = Duration::from_secs(120);
+        slow.retry_for = Duration::from_secs(120);
+        slow.request(&MetaRequest::AddNode {
+            id,
+            addr: addr.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<(), MetadataError> {
+        let mut slow = self.clone();
+        slow.rpc.timeout = Duration::from_secs(30);
+        slow.request(&MetaRequest::RemoveNode { id })
+            .await
+            .map(|_| ())
+    }
+
     /// Grants a lease and keeps it alive until dropped or revoked. The lease
     /// reports itself lost when a keep-alive is refused or none succeeded for
     /// a whole TTL — its holder must then stop acting on it.
@@ -237,17 +328,20 @@ impl MetadataClient {
                 seen: 0,
             };
             loop {
-                match me.watch_once(&prefix, &mut pos, &tx).await {
+                // Any node serves watches (from its applied state, in revision order).
+                let addr = me.target();
+                match me.watch_once(addr, &prefix, &mut pos, &tx).await {
                     Ok(()) => return,
-                    Err(RpcError::Decode(e)) if e.starts_with(COMPACTED) => {
-                        // The events we would need are gone; the watcher must
-                        // re-read the state. Ending the stream tells it so.
-                        tracing::warn!(prefix, revision = pos.revision, error = %e, "watch cannot resume");
+                    Err(RpcError::Decode(e)) if e.starts_with(FATAL) => {
+                        // The events we would need are gone (the watcher must
+                        // re-read the state), or the service refuses the
+                        // watch. Ending the stream tells the watcher so.
+                        tracing::warn!(prefix, revision = pos.revision, error = %e, "watch ended");
                         return;
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "watch interrupted; resuming");
-                        me.set_leader(None);
+                        me.failed(addr);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -258,11 +352,11 @@ impl MetadataClient {
 
     async fn watch_once(
         &self,
+        addr: SocketAddr,
         prefix: &str,
         pos: &mut WatchPosition,
         tx: &mpsc::Sender<WatchEvent>,
     ) -> Result<(), RpcError> {
-        let addr = self.target(0);
         let (mut send, mut recv) = self.rpc.open(addr).await?;
         write_msg(
             &mut send,
@@ -307,7 +401,10 @@ impl MetadataClient {
                     }
                 }
                 Some(MetaResponse::Error(e @ MetaError::Compacted(oldest))) if oldest > 0 => {
-                    return Err(RpcError::Decode(format!("{COMPACTED}: {e}")));
+                    return Err(RpcError::Decode(format!("{FATAL}: {e}")));
+                }
+                Some(MetaResponse::Error(e @ MetaError::Limit(_))) => {
+                    return Err(RpcError::Decode(format!("{FATAL}: {e}")));
                 }
                 Some(MetaResponse::Error(e)) => return Err(RpcError::Decode(e.to_string())),
                 Some(other) => return Err(RpcError::Decode(format!("unexpected {other:?}"))),
@@ -316,7 +413,8 @@ impl MetadataClient {
     }
 }
 
-const COMPACTED: &str = "compacted";
+/// Marks a watch error after which resuming cannot help.
+const FATAL: &str = "cannot resume";
 
 /// Where a watch stands: every event before `revision` was delivered, and
 /// the first `seen` events of `revision` (one revision may change many keys).

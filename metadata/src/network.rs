@@ -13,18 +13,39 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
 
 use crate::TypeConfig;
+
+/// Peers a node cannot reach: fault injection for partition tests.
+#[derive(Clone, Default)]
+pub struct Blocked(Arc<RwLock<BTreeSet<u64>>>);
+
+impl Blocked {
+    pub fn set(&self, peers: &[u64]) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = peers.iter().copied().collect();
+    }
+
+    pub fn contains(&self, peer: u64) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
+    }
+}
 
 #[derive(Clone)]
 pub struct Network {
     pub rpc: RpcClient,
+    pub blocked: Blocked,
 }
 
 pub struct Peer {
     rpc: RpcClient,
     target: u64,
     addr: String,
+    blocked: Blocked,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -35,6 +56,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             rpc: self.rpc.clone(),
             target,
             addr: node.addr.clone(),
+            blocked: self.blocked.clone(),
         }
     }
 }
@@ -54,6 +76,15 @@ impl Peer {
         req: &Req,
         timeout: std::time::Duration,
     ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>> {
+        if self.blocked.contains(self.target) {
+            // Like a lost packet: the caller sees the peer as unreachable
+            // only after its timeout, as on a real partition.
+            tokio::time::sleep(timeout).await;
+            return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                "peer {} blocked",
+                self.target
+            )))));
+        }
         let addr = self.addr.parse().map_err(|_| {
             RPCError::Unreachable(Unreachable::new(&Msg(format!("bad address {}", self.addr))))
         })?;

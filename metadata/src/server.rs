@@ -1,22 +1,23 @@
 //! A metadata node: Raft, its storage, the lease clock, and the QUIC API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use magnetar_proto::metadata_api::{
-    self as api, MetaError, MetaRequest, MetaResponse, RaftKind, Status,
+    self as api, Limits, MetaError, MetaRequest, MetaResponse, RaftKind, Status,
 };
-use magnetar_proto::rpc::{respond, serve, write_msg, RpcClient, RpcError};
+use magnetar_proto::rpc::{respond, serve, write_msg, ConnInfo, RpcClient, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft, ServerState};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::lease::LeaseTracker;
-use crate::network::Network;
+use crate::network::{Blocked, Network};
 use crate::state::{Command, CommandResult};
 use crate::store::{LogStore, SmShared, StateMachine};
 use crate::TypeConfig;
@@ -35,7 +36,14 @@ pub struct MetadataConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log behind it) after this many entries.
     pub snapshot_every_logs: u64,
+    /// Log entries kept behind a snapshot, so a node that was briefly down
+    /// catches up from the log rather than by a snapshot install.
+    pub logs_kept_after_snapshot: u64,
     pub lease_check_interval_ms: u64,
+    /// How long a write or a linearizable read may wait for the leader to
+    /// commit or confirm its leadership before it fails as unavailable.
+    pub request_timeout_ms: u64,
+    pub limits: Limits,
 }
 
 impl MetadataConfig {
@@ -50,7 +58,10 @@ impl MetadataConfig {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_every_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
             lease_check_interval_ms: 100,
+            request_timeout_ms: 2_000,
+            limits: Limits::default(),
         }
     }
 }
@@ -63,6 +74,8 @@ pub enum StartError {
     Raft(String),
     #[error("transport: {0}")]
     Transport(#[from] RpcError),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 pub struct MetadataNode {
@@ -70,6 +83,11 @@ pub struct MetadataNode {
     pub raft: Raft<TypeConfig>,
     sm: Arc<SmShared>,
     endpoint: quinn::Endpoint,
+    /// Calls to other nodes (forwarding, membership checks).
+    rpc: RpcClient,
+    /// Fault injection: peers this node's outbound traffic cannot reach.
+    blocked: Blocked,
+    cfg: MetadataConfig,
     leases: Mutex<LeaseTracker>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -95,49 +113,34 @@ impl MetadataNode {
             election_timeout_min: cfg.election_timeout_min_ms,
             election_timeout_max: cfg.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_logs),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: cfg.logs_kept_after_snapshot,
             ..Default::default()
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let blocked = Blocked::default();
         let network = Network {
             rpc: RpcClient::new(endpoint.clone()),
+            blocked: blocked.clone(),
         };
         let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let members = if cfg.initial_members.is_empty() {
-            vec![(cfg.node_id, advertise.clone())]
-        } else {
-            cfg.initial_members.clone()
-        };
-        let first = members.iter().map(|(id, _)| *id).min();
-        if !raft
-            .is_initialized()
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?
-            && first == Some(cfg.node_id)
-        {
-            let map: BTreeMap<u64, BasicNode> = members
-                .into_iter()
-                .map(|(id, addr)| (id, BasicNode { addr }))
-                .collect();
-            raft.initialize(map)
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))?;
-        }
         let node = Arc::new(MetadataNode {
             node_id: cfg.node_id,
             raft,
             sm: shared,
             endpoint: endpoint.clone(),
+            rpc: RpcClient::new(endpoint.clone()),
+            blocked,
+            cfg: cfg.clone(),
             leases: Mutex::default(),
             tasks: Mutex::default(),
         });
         let served = node.clone();
-        let accept = tokio::spawn(serve(endpoint, "metadata", move |req, send| {
+        let accept = tokio::spawn(serve(endpoint, "metadata", move |req, send, conn| {
             let node = served.clone();
-            async move { node.serve_request(req, send).await }
+            async move { node.serve_request(req, send, conn).await }
         }));
         let expiry = tokio::spawn(lease_loop(
             node.clone(),
@@ -147,8 +150,124 @@ impl MetadataNode {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend([accept, expiry]);
+        if let Err(e) = node.bootstrap(&advertise).await {
+            node.shutdown().await;
+            return Err(e);
+        }
         tracing::info!(node_id = cfg.node_id, addr = %local, "metadata node started");
         Ok(node)
+    }
+
+    /// Forms the cluster on first start. With no initial members the node
+    /// is a cluster of one. Otherwise the nodes first check that a majority
+    /// of them were configured with the same members (a node configured
+    /// differently is a fatal, clearly reported error), then the member with
+    /// the lowest id initializes Raft. A node that is not among the initial
+    /// members waits to be added (`add-node`).
+    async fn bootstrap(&self, advertise: &str) -> Result<(), StartError> {
+        let raft_err = |e: RaftError<u64, openraft::error::InitializeError<u64, BasicNode>>| {
+            StartError::Raft(e.to_string())
+        };
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        let members = normalized(&self.cfg.initial_members);
+        if members.is_empty() {
+            let one = BTreeMap::from([(
+                self.node_id,
+                BasicNode {
+                    addr: advertise.to_string(),
+                },
+            )]);
+            return self.raft.initialize(one).await.map_err(raft_err);
+        }
+        if !members.iter().any(|(id, _)| *id == self.node_id) {
+            tracing::info!(
+                node_id = self.node_id,
+                "not an initial member: waiting to be added to the cluster"
+            );
+            return Ok(());
+        }
+        self.agree_on_members(&members).await?;
+        if members.first().map(|(id, _)| *id) == Some(self.node_id) {
+            let map: BTreeMap<u64, BasicNode> = members
+                .into_iter()
+                .map(|(id, addr)| (id, BasicNode { addr }))
+                .collect();
+            self.raft.initialize(map).await.map_err(raft_err)?;
+        }
+        Ok(())
+    }
+
+    /// Asks every other initial member whether it was configured with the
+    /// same members, until a majority (counting this node) agrees.
+    async fn agree_on_members(&self, members: &[(u64, String)]) -> Result<(), StartError> {
+        let mut rpc = self.rpc.clone();
+        rpc.timeout = Duration::from_secs(1);
+        let majority = members.len() / 2 + 1;
+        let mut agreed = BTreeSet::from([self.node_id]);
+        let mut last_report = tokio::time::Instant::now();
+        loop {
+            let pending: Vec<&(u64, String)> = members
+                .iter()
+                .filter(|(id, _)| !agreed.contains(id))
+                .collect();
+            for (id, addr) in pending {
+                let Ok(sock) = addr.parse::<SocketAddr>() else {
+                    return Err(StartError::Config(format!(
+                        "member {id} has an invalid address {addr:?}"
+                    )));
+                };
+                let req = MetaRequest::CheckMembers {
+                    members: members.to_vec(),
+                };
+                match rpc.call::<_, MetaResponse>(sock, &req).await {
+                    Ok(MetaResponse::Ok) => {
+                        agreed.insert(*id);
+                    }
+                    Ok(MetaResponse::Error(MetaError::ConfigMismatch(why))) => {
+                        return Err(StartError::Config(format!(
+                            "peer {id} at {addr} disagrees on the initial members: {why}"
+                        )));
+                    }
+                    Ok(other) => {
+                        tracing::debug!(peer = id, answer = ?other, "member check");
+                    }
+                    Err(e) => tracing::debug!(peer = id, error = %e, "member check"),
+                }
+            }
+            if agreed.len() >= majority {
+                return Ok(());
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = tokio::time::Instant::now();
+                tracing::info!(agreed = ?agreed, needed = majority, "waiting for initial members");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// This node's own applied value of `key` — a serializable read that
+    /// may lag the leader (diagnostics and tests; clients read through the
+    /// leader).
+    pub fn local_get(&self, key: &str) -> Option<api::KeyValue> {
+        self.sm.read(|kv| kv.get(key).cloned())
+    }
+
+    /// The revision this node has applied.
+    pub fn local_revision(&self) -> u64 {
+        self.sm.read(|kv| kv.revision)
+    }
+
+    /// Fault injection for tests: this node's Raft messages and forwarded
+    /// requests to `peers` are dropped as if the network lost them.
+    pub fn block_peers(&self, peers: &[u64]) {
+        self.blocked.set(peers);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -195,14 +314,22 @@ impl MetadataNode {
         m.state == ServerState::Leader && m.current_leader == Some(self.node_id)
     }
 
-    fn leader_addr(&self) -> Option<String> {
+    fn leader(&self) -> Option<(u64, String)> {
         let m = self.raft.metrics();
         let m = m.borrow();
         let leader = m.current_leader?;
         m.membership_config
             .membership()
             .get_node(&leader)
-            .map(|n| n.addr.clone())
+            .map(|n| (leader, n.addr.clone()))
+    }
+
+    fn leader_addr(&self) -> Option<String> {
+        self.leader().map(|(_, addr)| addr)
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.request_timeout_ms)
     }
 
     fn not_leader(&self) -> MetaResponse {
@@ -211,8 +338,19 @@ impl MetadataNode {
         })
     }
 
+    fn unavailable(&self, what: &str) -> MetaResponse {
+        MetaResponse::Error(MetaError::Unavailable(format!(
+            "{what} within {} ms (leader: {:?})",
+            self.cfg.request_timeout_ms,
+            self.leader_addr()
+        )))
+    }
+
     async fn write(&self, cmd: Command) -> Result<CommandResult, MetaResponse> {
-        match self.raft.client_write(cmd).await {
+        let res = tokio::time::timeout(self.request_timeout(), self.raft.client_write(cmd))
+            .await
+            .map_err(|_| self.unavailable("write not committed (outcome unknown)"))?;
+        match res {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(self.not_leader())
@@ -221,20 +359,40 @@ impl MetadataNode {
         }
     }
 
+    /// Read-index: confirms with a quorum that this node still leads and
+    /// waits until it applied everything committed before the read.
     async fn linearizable(&self) -> Result<(), MetaResponse> {
-        match self.raft.ensure_linearizable().await {
+        let res = tokio::time::timeout(self.request_timeout(), self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| self.unavailable("leadership not confirmed by a quorum"))?;
+        match res {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(_)) => Err(self.not_leader()),
             Err(e) => Err(MetaResponse::Error(MetaError::Internal(e.to_string()))),
         }
     }
 
-    async fn serve_request(&self, req: MetaRequest, mut send: quinn::SendStream) {
+    async fn serve_request(
+        &self,
+        req: MetaRequest,
+        mut send: quinn::SendStream,
+        conn: Arc<ConnInfo>,
+    ) {
         match req {
             MetaRequest::Watch {
                 prefix,
                 start_revision,
             } => {
+                let limit = self.cfg.limits.max_watchers_per_connection;
+                let guard = WatchSlot::take(conn.clone());
+                if guard.count > limit {
+                    tracing::warn!(peer = %conn.peer, limit, "watch refused: too many watches on one connection");
+                    let err = MetaError::Limit(format!(
+                        "{} watches on one connection; the limit is {limit}",
+                        guard.count
+                    ));
+                    return respond(send, &MetaResponse::Error(err)).await;
+                }
                 if self.watch(prefix, start_revision, &mut send).await.is_ok() {
                     let _ = send.finish();
                 }
@@ -244,13 +402,52 @@ impl MetadataNode {
     }
 
     async fn handle(&self, req: MetaRequest) -> MetaResponse {
+        let (req, forwarded) = match req {
+            MetaRequest::Forwarded(inner) => (*inner, true),
+            req => (req, false),
+        };
+        if !forwarded && needs_leader(&req) && !self.is_leader() {
+            return match self.leader() {
+                Some((id, addr)) => self.forward(id, addr, req).await,
+                None => self.not_leader(),
+            };
+        }
         match self.handle_inner(req).await {
             Ok(r) | Err(r) => r,
         }
     }
 
+    /// Passes a request on to the leader and returns its answer, tagged with
+    /// the leader's address so the client can go there directly next time.
+    async fn forward(&self, leader: u64, addr: String, req: MetaRequest) -> MetaResponse {
+        let Ok(sock) = addr.parse::<SocketAddr>() else {
+            return self.not_leader();
+        };
+        if self.blocked.contains(leader) {
+            return MetaResponse::Error(MetaError::Unavailable(format!(
+                "leader {leader} at {addr} unreachable (blocked)"
+            )));
+        }
+        let mut rpc = self.rpc.clone();
+        rpc.timeout = self.request_timeout() + Duration::from_secs(1);
+        match rpc
+            .call::<_, MetaResponse>(sock, &MetaRequest::Forwarded(Box::new(req)))
+            .await
+        {
+            Ok(r @ MetaResponse::Error(MetaError::NotLeader { .. })) => r,
+            Ok(response) => MetaResponse::Forwarded {
+                leader: addr,
+                response: Box::new(response),
+            },
+            Err(e) => MetaResponse::Error(MetaError::Unavailable(format!(
+                "leader {leader} at {addr} unreachable: {e}"
+            ))),
+        }
+    }
+
     async fn handle_inner(&self, req: MetaRequest) -> Result<MetaResponse, MetaResponse> {
         let limit = |what: String| MetaResponse::Error(MetaError::Limit(what));
+        let limits = &self.cfg.limits;
         Ok(match req {
             MetaRequest::Get { key } => {
                 self.linearizable().await?;
@@ -261,29 +458,47 @@ impl MetadataNode {
                 let n = if n == 0 { usize::MAX } else { n as usize };
                 MetaResponse::Range(self.sm.read(|kv| kv.range(&prefix, n)))
             }
-            MetaRequest::Txn(txn) => {
+            MetaRequest::Txn(_) | MetaRequest::TxnOnce { .. } => {
+                let (txn, request) = match req {
+                    MetaRequest::TxnOnce { request, txn } => (txn, Some(request)),
+                    MetaRequest::Txn(txn) => (txn, None),
+                    _ => unreachable!("matched above"),
+                };
                 let ops = txn.success.len() + txn.failure.len() + txn.compares.len();
-                if ops > api::MAX_TXN_OPS {
+                if ops > limits.max_txn_ops {
                     return Err(limit(format!(
                         "{ops} operations in one transaction; the limit is {}",
-                        api::MAX_TXN_OPS
+                        limits.max_txn_ops
                     )));
+                }
+                for c in &txn.compares {
+                    if c.key.len() > limits.max_key_bytes {
+                        return Err(limit(format!(
+                            "key of {} bytes; the limit is {}",
+                            c.key.len(),
+                            limits.max_key_bytes
+                        )));
+                    }
                 }
                 for op in txn.success.iter().chain(&txn.failure) {
                     let (key, value) = match op {
                         api::Op::Put { key, value, .. } => (key, value.len()),
                         api::Op::Delete { key } | api::Op::Get { key } => (key, 0),
                     };
-                    if key.len() > api::MAX_KEY_BYTES || value > api::MAX_VALUE_BYTES {
+                    if key.len() > limits.max_key_bytes || value > limits.max_value_bytes {
                         return Err(limit(format!(
                             "key {} bytes / value {value} bytes; limits are {} / {}",
                             key.len(),
-                            api::MAX_KEY_BYTES,
-                            api::MAX_VALUE_BYTES
+                            limits.max_key_bytes,
+                            limits.max_value_bytes
                         )));
                     }
                 }
-                match self.write(Command::Txn(txn)).await? {
+                let cmd = match request {
+                    Some(request) => Command::TxnOnce { request, txn },
+                    None => Command::Txn(txn),
+                };
+                match self.write(cmd).await? {
                     CommandResult::Txn(r) => MetaResponse::Txn(r),
                     other => MetaResponse::Error(MetaError::Internal(format!(
                         "unexpected result {other:?}"
@@ -336,6 +551,7 @@ impl MetadataNode {
                 let m = m.borrow().clone();
                 MetaResponse::Status(Status {
                     node_id: self.node_id,
+                    state: format!("{:?}", m.state),
                     leader: m.current_leader,
                     term: m.current_term,
                     revision: self.sm.read(|kv| kv.revision),
@@ -346,7 +562,26 @@ impl MetadataNode {
                         .nodes()
                         .map(|(id, n)| (*id, n.addr.clone()))
                         .collect(),
+                    voters: m.membership_config.membership().voter_ids().collect(),
                 })
+            }
+            MetaRequest::AddNode { id, addr } => self.add_node(id, addr).await?,
+            MetaRequest::RemoveNode { id } => self.remove_node(id).await?,
+            MetaRequest::CheckMembers { members } => {
+                let ours = normalized(&self.cfg.initial_members);
+                let theirs = normalized(&members);
+                if ours == theirs {
+                    MetaResponse::Ok
+                } else {
+                    tracing::error!(ours = ?ours, theirs = ?theirs, "a peer was configured with different initial members");
+                    MetaResponse::Error(MetaError::ConfigMismatch(format!(
+                        "node {} has initial members {ours:?}, the asking node {theirs:?}",
+                        self.node_id
+                    )))
+                }
+            }
+            MetaRequest::Forwarded(_) => {
+                MetaResponse::Error(MetaError::Internal("request forwarded twice".into()))
             }
             MetaRequest::Raft { kind, body } => {
                 MetaResponse::Raft(self.raft_rpc(kind, &body).await?)
@@ -355,6 +590,67 @@ impl MetadataNode {
                 MetaResponse::Error(MetaError::Internal("watch handled on its stream".into()))
             }
         })
+    }
+
+    /// Adds `id` as a learner, waits for it to catch up, then makes it a
+    /// voter. Adding a node that already votes is a no-op.
+    async fn add_node(&self, id: u64, addr: String) -> Result<MetaResponse, MetaResponse> {
+        let refuse = |why: String| MetaResponse::Error(MetaError::Membership(why));
+        if addr.parse::<SocketAddr>().is_err() {
+            return Err(refuse(format!("{addr:?} is not a socket address")));
+        }
+        let voters: BTreeSet<u64> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        if voters.contains(&id) {
+            return Ok(MetaResponse::Ok);
+        }
+        tracing::info!(id, addr, "adding a metadata node as learner");
+        self.raft
+            .add_learner(id, BasicNode { addr }, true)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        tracing::info!(id, "learner caught up; promoting to voter");
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        Ok(MetaResponse::Ok)
+    }
+
+    /// Removes voter `id`; the leader may remove itself and then steps down.
+    async fn remove_node(&self, id: u64) -> Result<MetaResponse, MetaResponse> {
+        let voters: BTreeSet<u64> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        if !voters.contains(&id) {
+            return Ok(MetaResponse::Ok);
+        }
+        if voters.len() == 1 {
+            return Err(MetaResponse::Error(MetaError::Membership(
+                "cannot remove the last voter".into(),
+            )));
+        }
+        tracing::info!(id, "removing a metadata node");
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        Ok(MetaResponse::Ok)
+    }
+
+    fn membership_error(
+        &self,
+        e: RaftError<u64, ClientWriteError<u64, BasicNode>>,
+    ) -> MetaResponse {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+            e => MetaResponse::Error(MetaError::Membership(e.to_string())),
+        }
     }
 
     async fn raft_rpc(&self, kind: RaftKind, body: &[u8]) -> Result<Vec<u8>, MetaResponse> {
@@ -432,5 +728,47 @@ async fn lease_loop(node: Arc<MetadataNode>, every: Duration) {
                 tracing::warn!(error = ?e, "could not commit lease expiry");
             }
         }
+    }
+}
+
+/// Requests only the leader can answer; a follower forwards them.
+fn needs_leader(req: &MetaRequest) -> bool {
+    matches!(
+        req,
+        MetaRequest::Get { .. }
+            | MetaRequest::Range { .. }
+            | MetaRequest::Txn(_)
+            | MetaRequest::TxnOnce { .. }
+            | MetaRequest::LeaseGrant { .. }
+            | MetaRequest::LeaseKeepAlive { .. }
+            | MetaRequest::LeaseRevoke { .. }
+            | MetaRequest::AddNode { .. }
+            | MetaRequest::RemoveNode { .. }
+    )
+}
+
+fn normalized(members: &[(u64, String)]) -> Vec<(u64, String)> {
+    let mut m = members.to_vec();
+    m.sort();
+    m.dedup();
+    m
+}
+
+/// Counts a connection's open watches for as long as one is served.
+struct WatchSlot {
+    conn: Arc<ConnInfo>,
+    count: usize,
+}
+
+impl WatchSlot {
+    fn take(conn: Arc<ConnInfo>) -> WatchSlot {
+        let count = conn.long_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        WatchSlot { conn, count }
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.conn.long_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }

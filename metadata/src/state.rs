@@ -4,13 +4,22 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use magnetar_proto::metadata_api::{EventKind, KeyValue, Op, OpResult, Txn, TxnResult, WatchEvent};
+use magnetar_proto::metadata_api::{
+    EventKind, KeyValue, Op, OpResult, RequestId, Txn, TxnResult, WatchEvent,
+};
 use serde::{Deserialize, Serialize};
 
 /// Commands that travel through the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Txn(Txn),
+    /// A transaction a client may send more than once (it retries after a
+    /// transport error without knowing whether the first try applied): the
+    /// first copy applies, later copies get the first copy's result.
+    TxnOnce {
+        request: RequestId,
+        txn: Txn,
+    },
     LeaseGrant {
         ttl_ms: u64,
     },
@@ -37,6 +46,12 @@ pub struct Lease {
     pub keys: BTreeSet<String>,
 }
 
+/// How many applied requests are remembered for de-duplication. A client
+/// retries within its retry window (seconds); the bound keeps the state
+/// machine's memory fixed while covering that window at tens of thousands
+/// of writes per second.
+pub const REMEMBERED_REQUESTS: usize = 50_000;
+
 /// Bounded history of recent events, for watches that resume.
 pub const WATCH_HISTORY_EVENTS: usize = 100_000;
 
@@ -48,6 +63,9 @@ pub struct KvState {
     pub next_lease_id: u64,
     #[serde(skip)]
     pub history: VecDeque<WatchEvent>,
+    /// Results of recent `TxnOnce` requests, and their order for eviction.
+    pub applied_requests: BTreeMap<RequestId, TxnResult>,
+    pub applied_order: VecDeque<RequestId>,
 }
 
 impl KvState {
@@ -156,6 +174,22 @@ impl KvState {
         let mut events = Vec::new();
         let rev = self.revision + 1;
         let result = match cmd {
+            Command::TxnOnce { request, txn } => {
+                if let Some(done) = self.applied_requests.get(request) {
+                    return (CommandResult::Txn(done.clone()), events);
+                }
+                let (result, events) = self.apply(&Command::Txn(txn.clone()));
+                if let CommandResult::Txn(r) = &result {
+                    self.applied_requests.insert(*request, r.clone());
+                    self.applied_order.push_back(*request);
+                    while self.applied_order.len() > REMEMBERED_REQUESTS {
+                        if let Some(old) = self.applied_order.pop_front() {
+                            self.applied_requests.remove(&old);
+                        }
+                    }
+                }
+                return (result, events);
+            }
             Command::Txn(txn) => {
                 let ok = txn
                     .compares
@@ -315,5 +349,35 @@ mod tests {
         assert_eq!(s.range("a/", 10).len(), 3);
         assert_eq!(s.range("a/", 2).len(), 2);
         assert_eq!(s.range("c/", 2).len(), 0);
+    }
+
+    #[test]
+    fn a_retried_request_applies_once() {
+        let mut s = KvState::default();
+        let request = RequestId { client: 7, seq: 1 };
+        let once = |v: &str| Command::TxnOnce {
+            request,
+            txn: Txn {
+                compares: vec![],
+                success: vec![put("k", v, None)],
+                failure: vec![],
+            },
+        };
+        let (first, ev) = s.apply(&once("a"));
+        assert_eq!(ev.len(), 1);
+        let (again, ev) = s.apply(&once("a"));
+        assert!(ev.is_empty(), "a repeat must change nothing");
+        assert_eq!(first, again, "a repeat gets the first result");
+        assert_eq!(s.get("k").map(|kv| kv.version), Some(1));
+        // A new request from the same client applies.
+        s.apply(&Command::TxnOnce {
+            request: RequestId { client: 7, seq: 2 },
+            txn: Txn {
+                compares: vec![],
+                success: vec![put("k", "b", None)],
+                failure: vec![],
+            },
+        });
+        assert_eq!(s.get("k").map(|kv| kv.version), Some(2));
     }
 }

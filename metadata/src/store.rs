@@ -511,4 +511,24 @@ mod tests {
         assert_eq!(got.len(), 4);
         assert!(valid < buf.len());
     }
+
+    /// Builds a fresh log store and state machine in a temporary directory
+    /// for openraft's storage conformance suite.
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), SErr> {
+            let dir = tempfile::tempdir().map_err(io_err)?;
+            let log = LogStore::open(dir.path())?;
+            let sm = StateMachine::open(dir.path())?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite() {
+        openraft::testing::Suite::test_all(Builder).unwrap();
+    }
 }

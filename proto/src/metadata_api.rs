@@ -4,10 +4,29 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Limits enforced by the server, each with a clear error.
-pub const MAX_KEY_BYTES: usize = 4 * 1024;
-pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
-pub const MAX_TXN_OPS: usize = 128;
+/// Limits a metadata node enforces, each with a clear error
+/// (`MetaError::Limit`). Configurable per node; these are the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Compares plus operations of both branches.
+    pub max_txn_ops: usize,
+    /// Concurrent watches one client connection may hold.
+    pub max_watchers_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_key_bytes: 4 * 1024,
+            max_value_bytes: 1024 * 1024,
+            max_txn_ops: 128,
+            max_watchers_per_connection: 1024,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
@@ -43,6 +62,14 @@ pub enum Op {
     Get {
         key: String,
     },
+}
+
+/// Identifies one client request across its retries: a client id chosen at
+/// random by each client and a sequence number it increments per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    pub client: u64,
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +118,11 @@ pub enum MetaRequest {
         limit: u32,
     },
     Txn(Txn),
+    /// A transaction the client may retry: applied at most once per `request`.
+    TxnOnce {
+        request: RequestId,
+        txn: Txn,
+    },
     LeaseGrant {
         ttl_ms: u64,
     },
@@ -107,6 +139,22 @@ pub enum MetaRequest {
         start_revision: u64,
     },
     Status,
+    /// Adds a node: first as a learner that catches up, then as a voter.
+    AddNode {
+        id: u64,
+        addr: String,
+    },
+    /// Removes a voter (possibly the leader, which then steps down).
+    RemoveNode {
+        id: u64,
+    },
+    /// A request a follower passes on to the leader; never forwarded again.
+    Forwarded(Box<MetaRequest>),
+    /// Sent between nodes forming a cluster for the first time: does the
+    /// receiver's configured initial membership equal `members`?
+    CheckMembers {
+        members: Vec<(u64, String)>,
+    },
     /// Raft messages between nodes, encoded by the metadata crate.
     Raft {
         kind: RaftKind,
@@ -131,6 +179,13 @@ pub enum MetaError {
     Limit(String),
     #[error("history compacted: oldest available revision is {0}")]
     Compacted(u64),
+    /// No leader answered in time; for a write, the outcome is unknown.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("configuration mismatch: {0}")]
+    ConfigMismatch(String),
+    #[error("membership change refused: {0}")]
+    Membership(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -138,11 +193,15 @@ pub enum MetaError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub node_id: u64,
+    /// Leader, Follower, Candidate or Learner.
+    pub state: String,
     pub leader: Option<u64>,
     pub term: u64,
     pub revision: u64,
     pub last_applied: u64,
+    /// Every node of the current configuration with its address.
     pub members: Vec<(u64, String)>,
+    pub voters: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +220,11 @@ pub enum MetaResponse {
     },
     Event(WatchEvent),
     Status(Status),
+    /// The answer of the leader `leader` to a request a follower forwarded.
+    Forwarded {
+        leader: String,
+        response: Box<MetaResponse>,
+    },
     Raft(Vec<u8>),
     Error(MetaError),
 }

@@ -98,15 +98,25 @@ pub async fn respond<T: Serialize>(mut send: quinn::SendStream, msg: &T) {
     }
 }
 
+/// What a service knows about the connection a request came on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Long-lived streams (watches) the connection holds; the service counts
+    /// them to enforce a per-connection limit.
+    pub long_streams: std::sync::atomic::AtomicUsize,
+}
+
 /// Serves an internal protocol: for every bidirectional stream of every
 /// connection to `endpoint`, in its own task, reads one request and hands it
-/// with the stream's send half to `handle` (which answers once with
-/// [`respond`], or streams several answers). A request that does not decode
-/// is logged and its stream reset. Returns when the endpoint closes.
+/// with the stream's send half and the connection's [`ConnInfo`] to `handle`
+/// (which answers once with [`respond`], or streams several answers). A
+/// request that does not decode is logged and its stream reset. Returns when
+/// the endpoint closes.
 pub async fn serve<Req, F, Fut>(endpoint: quinn::Endpoint, service: &'static str, handle: F)
 where
     Req: DeserializeOwned + Send + 'static,
-    F: Fn(Req, quinn::SendStream) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Req, quinn::SendStream, Arc<ConnInfo>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     while let Some(incoming) = endpoint.accept().await {
@@ -120,11 +130,16 @@ where
                 }
             };
             let peer = conn.remote_address();
+            let info = Arc::new(ConnInfo {
+                peer,
+                long_streams: Default::default(),
+            });
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let handle = handle.clone();
+                let info = info.clone();
                 tokio::spawn(async move {
                     match read_msg::<Req>(&mut recv).await {
-                        Ok(Some(req)) => handle(req, send).await,
+                        Ok(Some(req)) => handle(req, send, info).await,
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(service, %peer, error = %e, "malformed request");
@@ -204,7 +219,11 @@ pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
 pub struct RpcClient {
     endpoint: quinn::Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, quinn::Connection>>>,
+    /// Budget of a whole call (connect, request, answer).
     pub timeout: Duration,
+    /// Budget of establishing a connection (within `timeout`): a peer that
+    /// is down does not answer the handshake at all.
+    pub connect_timeout: Duration,
 }
 
 impl RpcClient {
@@ -213,6 +232,7 @@ impl RpcClient {
             endpoint,
             conns: Arc::default(),
             timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
         }
     }
 
@@ -234,9 +254,10 @@ impl RpcClient {
                     addr,
                     reason: e.to_string(),
                 })?;
-        let conn = tokio::time::timeout(self.timeout, connecting)
+        let budget = self.connect_timeout.min(self.timeout);
+        let conn = tokio::time::timeout(budget, connecting)
             .await
-            .map_err(|_| RpcError::Timeout(self.timeout))??;
+            .map_err(|_| RpcError::Timeout(budget))??;
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
