@@ -5,13 +5,24 @@
 
 use std::time::Duration;
 
-use magnetar_metadata::{EventKind, MetadataClient, MetadataConfig, MetadataNode};
-use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_metadata::{
+    EventKind, MetadataClient, MetadataConfig, MetadataError, MetadataNode, Op, Txn,
+};
+use magnetar_proto::metadata_api::{MetaError, MetaRequest, MetaResponse};
+use magnetar_proto::rpc::{client_endpoint, read_msg, write_msg, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
 
 async fn start(dir: &std::path::Path) -> (std::sync::Arc<MetadataNode>, MetadataClient) {
+    start_with(dir, |_| {}).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut MetadataConfig),
+) -> (std::sync::Arc<MetadataNode>, MetadataClient) {
     let tls = TlsMaterial::load_or_generate(&dir.join("tls")).unwrap();
-    let cfg = MetadataConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    let mut cfg = MetadataConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    tweak(&mut cfg);
     let node = MetadataNode::start(cfg, &tls).await.unwrap();
     assert!(node.wait_for_leader(Duration::from_secs(10)).await);
     let client = MetadataClient::new(
@@ -82,5 +93,72 @@ async fn kv_cas_lease_watch_and_restart() {
     let kv = c.get("a/1").await.unwrap().unwrap();
     assert_eq!(kv.value, b"y", "committed data survives restart");
     assert_eq!(c.range("a/", 0).await.unwrap().len(), 1);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_limit_is_enforced_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c) = start_with(dir.path(), |cfg| {
+        cfg.limits.max_key_bytes = 16;
+        cfg.limits.max_value_bytes = 64;
+        cfg.limits.max_txn_ops = 3;
+        cfg.limits.max_watchers_per_connection = 2;
+    })
+    .await;
+    fn limit<T: std::fmt::Debug>(r: Result<T, MetadataError>) -> String {
+        match r {
+            Err(MetadataError::Server(MetaError::Limit(why))) => why,
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+    }
+    let why = limit(c.put("k", vec![0; 65]).await);
+    assert!(why.contains("value 65 bytes"), "{why}");
+    let why = limit(c.put(&"k".repeat(17), vec![]).await);
+    assert!(why.contains("key 17 bytes"), "{why}");
+    let put = |k: &str| Op::Put {
+        key: k.into(),
+        value: vec![],
+        lease: None,
+    };
+    let why = limit(
+        c.txn(Txn {
+            compares: vec![],
+            success: vec![put("a"), put("b"), put("c"), put("d")],
+            failure: vec![],
+        })
+        .await,
+    );
+    assert!(why.contains("4 operations"), "{why}");
+    // Within the limits everything works.
+    c.put("k", vec![0; 64]).await.unwrap();
+
+    // Watches: two per connection; the third is refused.
+    let rpc = RpcClient::new(
+        client_endpoint(&TlsMaterial::load_or_generate(&dir.path().join("tls")).unwrap()).unwrap(),
+    );
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let (mut send, mut recv) = rpc.open(node.local_addr()).await.unwrap();
+        write_msg(
+            &mut send,
+            &MetaRequest::Watch {
+                prefix: format!("w{i}/"),
+                start_revision: 0,
+            },
+        )
+        .await
+        .unwrap();
+        let first: MetaResponse = read_msg(&mut recv).await.unwrap().unwrap();
+        streams.push((send, recv, first));
+    }
+    assert!(matches!(streams[0].2, MetaResponse::WatchStarted { .. }));
+    assert!(matches!(streams[1].2, MetaResponse::WatchStarted { .. }));
+    match &streams[2].2 {
+        MetaResponse::Error(MetaError::Limit(why)) => {
+            assert!(why.contains("the limit is 2"), "{why}")
+        }
+        other => panic!("third watch on one connection: {other:?}"),
+    }
     node.shutdown().await;
 }
