@@ -1,5 +1,7 @@
 //! The single `magnetar` binary: argument parsing and wiring only.
 
+mod admin;
+mod config;
 mod perf;
 
 use std::path::PathBuf;
@@ -58,6 +60,28 @@ enum Cmd {
         )]
         max_entries_per_ledger: u64,
     },
+    /// One metadata node (Raft member) as its own process.
+    Metadata {
+        #[arg(long, env = "MAGNETAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// One bookie (storage node) as its own process.
+    Bookie {
+        #[arg(long, env = "MAGNETAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// One broker (Pulsar protocol, stateless) as its own process.
+    Broker {
+        #[arg(long, env = "MAGNETAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Operate a cluster: metadata membership, bookies.
+    Admin(admin::AdminArgs),
+    /// Certificates for the links between tiers.
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
+    },
     /// Publish messages.
     Produce {
         topic: String,
@@ -102,6 +126,37 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Creates a cluster CA in --ca-dir (unless there is one) and issues a
+    /// node certificate signed by it into --out (ca.pem, node.pem, node-key.pem).
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn until_stopped() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn metadata_client(
+    tls: &magnetar_proto::tls::TlsMaterial,
+    endpoints: Vec<std::net::SocketAddr>,
+) -> anyhow::Result<magnetar_metadata::MetadataClient> {
+    let rpc = magnetar_proto::rpc::RpcClient::new(magnetar_proto::rpc::client_endpoint(tls)?);
+    Ok(magnetar_metadata::MetadataClient::new(rpc, endpoints))
+}
+
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
@@ -134,14 +189,51 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("starting standalone")?;
             tracing::info!(service_url = %s.service_url(), data_dir = %data_dir.display(), "magnetar standalone ready");
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("shutting down");
+            until_stopped().await?;
             s.shutdown().await;
+        }
+        Cmd::Metadata { config } => {
+            let f = config::load::<magnetar_metadata::MetadataConfig>(&config, false)?;
+            let node = magnetar_metadata::MetadataNode::start(f.role, &f.tls)
+                .await
+                .context("starting the metadata node")?;
+            tracing::info!(node_id = node.node_id, addr = %node.local_addr(), "magnetar metadata ready");
+            until_stopped().await?;
+            node.shutdown().await;
+        }
+        Cmd::Bookie { config } => {
+            let f = config::load::<magnetar_bookie::BookieConfig>(&config, true)?;
+            let metadata = metadata_client(&f.tls, f.metadata)?;
+            let bookie = magnetar_bookie::Bookie::start(f.role, &f.tls, &metadata)
+                .await
+                .context("starting the bookie")?;
+            tracing::info!(addr = %bookie.addr(), "magnetar bookie ready");
+            until_stopped().await?;
+            bookie.shutdown().await;
+        }
+        Cmd::Broker { config } => {
+            let f = config::load::<magnetar_broker::BrokerConfig>(&config, true)?;
+            let metadata = metadata_client(&f.tls, f.metadata)?;
+            magnetar_broker::Broker::create_namespace(&metadata, "public/default")
+                .await
+                .context("creating namespace public/default")?;
+            let rpc =
+                magnetar_proto::rpc::RpcClient::new(magnetar_proto::rpc::client_endpoint(&f.tls)?);
+            let ledgers = magnetar_bookie::LedgerClient::new(metadata.clone(), rpc);
+            let broker = magnetar_broker::Broker::start(f.role, metadata, ledgers)
+                .await
+                .context("starting the broker")?;
+            tracing::info!(service_url = %broker.service_url, "magnetar broker ready");
+            until_stopped().await?;
+            broker.shutdown().await;
+        }
+        Cmd::Admin(args) => admin::run(args).await?,
+        Cmd::Tls {
+            cmd: TlsCmd::Issue { ca_dir, out },
+        } => {
+            magnetar_proto::tls::TlsMaterial::ensure_ca(&ca_dir)?;
+            magnetar_proto::tls::TlsMaterial::issue(&ca_dir, &out)?;
+            println!("{}", out.display());
         }
         Cmd::Produce {
             topic,

@@ -23,13 +23,27 @@ pub struct BookieInfo {
     pub writable: bool,
 }
 
-#[derive(Debug, Clone)]
+/// A bookie's configuration: what `magnetar bookie --config` reads (TOML,
+/// unknown keys refused) apart from its `metadata` and `[tls]` entries.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BookieConfig {
     pub listen: SocketAddr,
+    /// Address writers and readers use (default: `listen`).
+    #[serde(default)]
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
+    /// Rack or zone; placement spreads an ensemble across them.
+    #[serde(default)]
     pub rack: Option<String>,
+    /// TTL of the registration lease: a bookie that stops renewing it drops
+    /// out of placement after this long.
+    #[serde(default = "default_registration_ttl_ms")]
     pub registration_ttl_ms: u64,
+}
+
+fn default_registration_ttl_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,10 @@ use crate::cursor::{CursorState, Position};
 
 pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
 
-#[derive(Debug, Clone)]
+/// How topics store their data: replication of their ledgers and when a
+/// ledger rolls. The `[managed_ledger]` section of a broker's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagedLedgerConfig {
     pub ensemble_size: usize,
     pub write_quorum: usize,

@@ -22,28 +22,70 @@ use crate::state::{Command, CommandResult};
 use crate::store::{LogStore, SmShared, StateMachine};
 use crate::TypeConfig;
 
-#[derive(Debug, Clone)]
+/// One metadata node's configuration: what `magnetar metadata --config`
+/// reads (TOML, unknown keys refused) apart from its `[tls]` section.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetadataConfig {
     pub node_id: u64,
     pub listen: SocketAddr,
     /// Address peers and clients use to reach this node (default: `listen`).
+    #[serde(default)]
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
-    /// The initial voters `(id, address)`; empty means "just this node".
+    /// The initial voters `(id, address)`, identical on every initial
+    /// member; empty means "a cluster of just this node". A node not in the
+    /// list waits to be added with `add-node`.
+    #[serde(default)]
     pub initial_members: Vec<(u64, String)>,
+    #[serde(default = "defaults::heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    #[serde(default = "defaults::election_timeout_min_ms")]
     pub election_timeout_min_ms: u64,
+    #[serde(default = "defaults::election_timeout_max_ms")]
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log behind it) after this many entries.
+    #[serde(default = "defaults::snapshot_every_logs")]
     pub snapshot_every_logs: u64,
     /// Log entries kept behind a snapshot, so a node that was briefly down
     /// catches up from the log rather than by a snapshot install.
+    #[serde(default = "defaults::logs_kept_after_snapshot")]
     pub logs_kept_after_snapshot: u64,
+    #[serde(default = "defaults::lease_check_interval_ms")]
     pub lease_check_interval_ms: u64,
     /// How long a write or a linearizable read may wait for the leader to
     /// commit or confirm its leadership before it fails as unavailable.
+    #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
+    #[serde(default)]
     pub limits: Limits,
+}
+
+/// Defaults chosen for failover under 2 s: a follower notices a dead leader
+/// after 300–600 ms without heartbeats (sent every 100 ms), and a client
+/// gives up on a silent node after 1 s and asks the next one.
+mod defaults {
+    pub fn heartbeat_interval_ms() -> u64 {
+        100
+    }
+    pub fn election_timeout_min_ms() -> u64 {
+        300
+    }
+    pub fn election_timeout_max_ms() -> u64 {
+        600
+    }
+    pub fn snapshot_every_logs() -> u64 {
+        10_000
+    }
+    pub fn logs_kept_after_snapshot() -> u64 {
+        1_000
+    }
+    pub fn lease_check_interval_ms() -> u64 {
+        100
+    }
+    pub fn request_timeout_ms() -> u64 {
+        2_000
+    }
 }
 
 impl MetadataConfig {
@@ -54,13 +96,13 @@ impl MetadataConfig {
             advertise: None,
             data_dir,
             initial_members: Vec::new(),
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
-            snapshot_every_logs: 10_000,
-            logs_kept_after_snapshot: 1_000,
-            lease_check_interval_ms: 100,
-            request_timeout_ms: 2_000,
+            heartbeat_interval_ms: defaults::heartbeat_interval_ms(),
+            election_timeout_min_ms: defaults::election_timeout_min_ms(),
+            election_timeout_max_ms: defaults::election_timeout_max_ms(),
+            snapshot_every_logs: defaults::snapshot_every_logs(),
+            logs_kept_after_snapshot: defaults::logs_kept_after_snapshot(),
+            lease_check_interval_ms: defaults::lease_check_interval_ms(),
+            request_timeout_ms: defaults::request_timeout_ms(),
             limits: Limits::default(),
         }
     }

@@ -84,21 +84,35 @@ impl TlsMaterial {
     /// Uses `dir/{ca,node}.pem`, generating what is missing: a CA when there
     /// is none, and a node certificate signed by `dir/ca-key.pem`.
     pub fn load_or_generate(dir: &Path) -> Result<TlsMaterial, RpcError> {
+        Self::ensure_ca(dir)?;
+        Self::issue(dir, dir)
+    }
+
+    /// Creates a cluster CA (`ca.pem`, `ca-key.pem`) in `dir` unless one is there.
+    pub fn ensure_ca(dir: &Path) -> Result<(), RpcError> {
         std::fs::create_dir_all(dir).map_err(tls_err)?;
-        let paths = TlsPaths {
-            ca_cert: dir.join("ca.pem"),
-            cert: dir.join("node.pem"),
-            key: dir.join("node-key.pem"),
-        };
-        let ca_key_path = dir.join("ca-key.pem");
-        if !paths.ca_cert.exists() {
+        let ca_cert = dir.join("ca.pem");
+        if !ca_cert.exists() {
             let key = rcgen::KeyPair::generate().map_err(tls_err)?;
             let cert = ca_params()?.self_signed(&key).map_err(tls_err)?;
-            write(&ca_key_path, &key.serialize_pem())?;
-            write(&paths.ca_cert, &cert.pem())?;
+            write(&dir.join("ca-key.pem"), &key.serialize_pem())?;
+            write(&ca_cert, &cert.pem())?;
+        }
+        Ok(())
+    }
+
+    /// Gives `out` a node certificate signed by the CA in `ca_dir` (kept if
+    /// already there) and a copy of the CA certificate — but not the CA key:
+    /// `out/{ca,node,node-key}.pem`.
+    pub fn issue(ca_dir: &Path, out: &Path) -> Result<TlsMaterial, RpcError> {
+        std::fs::create_dir_all(out).map_err(tls_err)?;
+        let paths = Self::paths_in(out);
+        if ca_dir != out {
+            std::fs::copy(ca_dir.join("ca.pem"), &paths.ca_cert)
+                .map_err(|e| tls_err(format!("{}: {e}", ca_dir.join("ca.pem").display())))?;
         }
         if !paths.cert.exists() || !paths.key.exists() {
-            let ca_pem = String::from_utf8_lossy(&read(&ca_key_path)?).into_owned();
+            let ca_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca-key.pem"))?).into_owned();
             let ca_key = rcgen::KeyPair::from_pem(&ca_pem).map_err(tls_err)?;
             let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
             let key = rcgen::KeyPair::generate().map_err(tls_err)?;
@@ -114,6 +128,15 @@ impl TlsMaterial {
             write(&paths.cert, &cert.pem())?;
         }
         TlsMaterial::load(&paths)
+    }
+
+    /// The file names `issue` and `load_or_generate` use in a directory.
+    pub fn paths_in(dir: &Path) -> TlsPaths {
+        TlsPaths {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node-key.pem"),
+        }
     }
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {

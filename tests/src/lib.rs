@@ -145,6 +145,58 @@ impl Drop for Process {
     }
 }
 
+/// One `magnetar <role> --config FILE` child process (metadata, bookie or
+/// broker), logging to `log`; killed with SIGKILL when dropped.
+pub struct Member {
+    pub child: Child,
+    pub role: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Member {
+    pub fn spawn(role: &str, config: &Path, log: &Path) -> Member {
+        Member {
+            child: Self::spawn_child(role, config, log),
+            role: role.into(),
+            config: config.into(),
+            log: log.into(),
+        }
+    }
+
+    fn spawn_child(role: &str, config: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        Command::new(magnetar_bin())
+            .args([role, "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn magnetar")
+    }
+
+    /// Starts the same member again after it was killed.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = Self::spawn_child(&self.role, &self.config, &self.log);
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// Judges a queue run: every acknowledged message delivered, nothing
 /// delivered that was never sent, per-key order kept; duplicates counted.
 /// Sends whose outcome is unknown may or may not show up.
