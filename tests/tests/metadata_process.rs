@@ -66,7 +66,7 @@ async fn kill_9_the_metadata_leader() {
     }
     let mut version = 1;
     let mut acked = 0u64;
-    let mut cas_next = async |version: &mut u64, acked: &mut u64| {
+    let cas_next = async |version: &mut u64, acked: &mut u64| {
         let v = (*acked + 1).to_string().into_bytes();
         assert!(c.cas("counter", *version, v, None).await.unwrap());
         *version += 1;
