@@ -25,6 +25,25 @@ pub fn free_tcp_port() -> u16 {
         .expect("no free TCP port")
 }
 
+/// A base port with `n` consecutive ports free on loopback (UDP and TCP),
+/// for scripts that number their ports from a base.
+pub fn free_port_range(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_udp_port();
+        if base > u16::MAX - n {
+            continue;
+        }
+        let all_free = (base..base + n).all(|p| {
+            UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        });
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
