@@ -34,6 +34,8 @@ pub enum PerfCmd {
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
+    /// The metadata service: CAS writes, reads, leases, watches, failover.
+    Metadata(crate::perf_metadata::MetaPerfArgs),
     /// Consume and report throughput.
     Consume {
         topic: String,
@@ -75,6 +77,7 @@ fn report(label: &str, msgs: u64, bytes: u64, secs: f64, h: Option<&Histogram<u6
 
 pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
     match cmd {
+        PerfCmd::Metadata(args) => crate::perf_metadata::run(args).await?,
         PerfCmd::Produce {
             topic,
             rate,
