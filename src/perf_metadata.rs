@@ -284,9 +284,10 @@ pub async fn run(args: MetaPerfArgs) -> anyhow::Result<()> {
             start,
         } => {
             let key = format!("/perf/failover/{}", std::process::id());
-            let mut version = 0;
             let mut h = histogram()?;
             for round in 0..rounds {
+                // One CAS per round: the key's version is the round number.
+                let version = round as u64;
                 let leader = c.status().await?.leader.context("no leader")?;
                 let sh = |cmd: &str| {
                     std::process::Command::new("sh")
@@ -302,7 +303,6 @@ pub async fn run(args: MetaPerfArgs) -> anyhow::Result<()> {
                 if !c.cas(&key, version, vec![1], None).await? {
                     bail!("CAS at version {version} failed");
                 }
-                version += 1;
                 let outage = killed.elapsed();
                 h.record(outage.as_micros().max(1) as u64)?;
                 println!(
