@@ -2,11 +2,11 @@
 //! and quorums), writes with quorum counting, reads with digest checks,
 //! closes, and fences + recovers ledgers whose writer went away.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -117,23 +117,68 @@ fn ledger_key(id: u64) -> String {
     format!("{LEDGERS_PREFIX}{id:020}")
 }
 
+/// How long a bookie may take to acknowledge an add before the writer
+/// replaces it. A bookie killed without closing its connections answers
+/// nothing; this bounds how long writes wait for it.
+pub const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a read waits for one replica before asking the next as well.
+pub const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
+
+/// How long a bookie that failed is asked last by reads.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct LedgerClient {
     metadata: MetadataClient,
     rpc: RpcClient,
+    /// `rpc` with the add timeout.
+    add_rpc: RpcClient,
+    /// Bookies that failed recently, and when.
+    suspects: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl LedgerClient {
     pub fn new(metadata: MetadataClient, rpc: RpcClient) -> LedgerClient {
-        LedgerClient { metadata, rpc }
+        let mut add_rpc = rpc.clone();
+        add_rpc.timeout = DEFAULT_ADD_TIMEOUT;
+        add_rpc.connect_timeout = DEFAULT_ADD_TIMEOUT.min(Duration::from_secs(1));
+        LedgerClient {
+            metadata,
+            rpc,
+            add_rpc,
+            suspects: Arc::default(),
+        }
+    }
+
+    /// Sets how long an add may wait for a bookie before it is replaced.
+    pub fn with_add_timeout(mut self, timeout: Duration) -> LedgerClient {
+        self.add_rpc.timeout = timeout;
+        self
     }
 
     async fn call(&self, bookie: &str, req: &BookieRequest) -> Result<BookieResponse, LedgerError> {
+        Self::call_with(&self.rpc, bookie, req).await
+    }
+
+    async fn call_add(
+        &self,
+        bookie: &str,
+        req: &BookieRequest,
+    ) -> Result<BookieResponse, LedgerError> {
+        Self::call_with(&self.add_rpc, bookie, req).await
+    }
+
+    async fn call_with(
+        rpc: &RpcClient,
+        bookie: &str,
+        req: &BookieRequest,
+    ) -> Result<BookieResponse, LedgerError> {
         let addr: SocketAddr = bookie.parse().map_err(|_| LedgerError::Unreachable {
             bookie: bookie.into(),
             reason: "bad address".into(),
         })?;
-        match self.rpc.call::<_, BookieResponse>(addr, req).await {
+        match rpc.call::<_, BookieResponse>(addr, req).await {
             Ok(BookieResponse::Error(code)) => Err(LedgerError::Bookie {
                 bookie: bookie.into(),
                 code,
@@ -191,21 +236,14 @@ impl LedgerClient {
         ack_quorum: usize,
         properties: BTreeMap<String, String>,
     ) -> Result<LedgerWriter, LedgerError> {
-        let mut bookies = self.writable_bookies().await?;
-        if bookies.len() < ensemble_size {
-            return Err(LedgerError::NotEnoughBookies {
+        let bookies = self.writable_bookies().await?;
+        let have = bookies.len();
+        let ensemble = place(bookies, ensemble_size, &BTreeSet::new()).ok_or(
+            LedgerError::NotEnoughBookies {
                 need: ensemble_size,
-                have: bookies.len(),
-            });
-        }
-        // Spread over bookies: start from a position that moves with time.
-        let start = (now_ms() as usize) % bookies.len();
-        bookies.rotate_left(start);
-        let ensemble: Vec<String> = bookies
-            .into_iter()
-            .take(ensemble_size)
-            .map(|b| b.addr)
-            .collect();
+                have,
+            },
+        )?;
         let ledger_id = self.next_ledger_id().await?;
         let mut master_key = [0u8; 16];
         master_key[..8].copy_from_slice(&ledger_id.to_be_bytes());
@@ -235,7 +273,7 @@ impl LedgerClient {
             return Err(LedgerError::Conflict(ledger_id));
         }
         tracing::debug!(ledger_id, ensemble = ?meta.fragments[0].bookies, "ledger created");
-        Ok(LedgerWriter::new(self.clone(), meta))
+        Ok(LedgerWriter::new(self.clone(), meta, 1))
     }
 
     /// The ledger's metadata and its version (for CAS).
@@ -267,43 +305,62 @@ impl LedgerClient {
         Ok(())
     }
 
-    /// Reads one entry from any bookie of its write set, checking its digest.
+    /// Reads one entry from a bookie of its write set, checking its digest.
+    /// Bookies that failed recently are asked last; when one does not answer
+    /// within [`SPECULATIVE_READ_DELAY`], the next is asked too and the
+    /// first good answer wins. A corrupt copy is reported and skipped.
     pub async fn read(&self, meta: &LedgerMetadata, entry_id: u64) -> Result<Bytes, LedgerError> {
+        let mut order = meta.bookies_for(entry_id);
+        order.sort_by_key(|b| self.is_suspect(b));
+        let req = BookieRequest::Read {
+            ledger_id: meta.ledger_id,
+            entry_id,
+        };
+        let launch = |b: String| {
+            let req = &req;
+            async move { (self.call(&b, req).await, b) }
+        };
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut next = 0;
         let mut errors = Vec::new();
-        for bookie in meta.bookies_for(entry_id) {
-            match self
-                .call(
-                    &bookie,
-                    &BookieRequest::Read {
-                        ledger_id: meta.ledger_id,
-                        entry_id,
-                    },
-                )
-                .await
-            {
-                Ok(BookieResponse::Entry {
-                    ledger_id,
-                    entry_id: e,
-                    lac,
-                    payload,
-                    digest,
-                }) => {
-                    if ledger_id == meta.ledger_id
-                        && e == entry_id
-                        && entry_digest(ledger_id, e, lac, &payload) == digest
-                    {
-                        return Ok(payload);
+        loop {
+            // Nothing in flight (start, or every asked replica failed): ask the next.
+            if inflight.is_empty() {
+                match order.get(next) {
+                    Some(b) => {
+                        inflight.push(launch(b.clone()));
+                        next += 1;
                     }
-                    tracing::error!(
-                        bookie,
-                        ledger_id,
-                        entry_id,
-                        "entry from bookie fails its digest; trying another replica"
-                    );
-                    errors.push(format!("{bookie}: bad digest"));
+                    None => break,
                 }
-                Ok(other) => errors.push(format!("{bookie}: unexpected {other:?}")),
-                Err(e) => errors.push(e.to_string()),
+            }
+            let delay = tokio::time::sleep(SPECULATIVE_READ_DELAY);
+            tokio::select! {
+                Some((r, bookie)) = futures::StreamExt::next(&mut inflight) => {
+                    match r {
+                        Ok(BookieResponse::Entry { ledger_id, entry_id: e, lac, payload, digest }) => {
+                            if ledger_id == meta.ledger_id
+                                && e == entry_id
+                                && entry_digest(ledger_id, e, lac, &payload) == digest
+                            {
+                                return Ok(payload);
+                            }
+                            tracing::error!(bookie, ledger_id, entry_id, "entry from bookie fails its digest; trying another replica");
+                            errors.push(format!("{bookie}: bad digest"));
+                        }
+                        Ok(other) => errors.push(format!("{bookie}: unexpected {other:?}")),
+                        Err(e) => {
+                            if matches!(e, LedgerError::Unreachable { .. }) {
+                                self.suspect(&bookie);
+                            }
+                            errors.push(e.to_string());
+                        }
+                    }
+                }
+                _ = delay, if next < order.len() => {
+                    inflight.push(launch(order[next].clone()));
+                    next += 1;
+                }
             }
         }
         Err(LedgerError::Unreadable(
@@ -311,6 +368,22 @@ impl LedgerClient {
             entry_id,
             errors.join("; "),
         ))
+    }
+
+    /// Notes that `bookie` just failed: reads ask it last for a while.
+    fn suspect(&self, bookie: &str) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bookie.to_string(), std::time::Instant::now());
+    }
+
+    fn is_suspect(&self, bookie: &str) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bookie)
+            .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
     /// Fences the ledger so its writer can no longer add, finds the last
@@ -455,33 +528,100 @@ impl LedgerClient {
 
 type AddResult = Result<u64, LedgerError>;
 
+/// An entry sent but not yet confirmed, kept to resend after an ensemble change.
+struct Unconfirmed {
+    payload: Bytes,
+    lac: i64,
+    digest: u32,
+}
+
 struct WriterInner {
     state: WriteState,
+    /// The ledger's metadata as last stored, and its version for CAS.
+    meta: LedgerMetadata,
+    version: u64,
     waiting: HashMap<u64, oneshot::Sender<AddResult>>,
+    unconfirmed: BTreeMap<u64, Unconfirmed>,
+    /// Bookies of the current ensemble that failed and await replacement.
+    failed_bookies: BTreeSet<String>,
+    changing: bool,
     failed: Option<LedgerError>,
     closed: bool,
     length_bytes: u64,
 }
 
-/// The single writer of one ledger.
+impl WriterInner {
+    /// Every unconfirmed entry whose write set includes one of `positions`,
+    /// as (entry, position, bookie, request) to send again.
+    fn resend_to(&self, positions: &[usize]) -> Vec<(u64, usize, String, BookieRequest)> {
+        let mut out = Vec::new();
+        for id in self.state.pending_ids() {
+            let Some(e) = self.unconfirmed.get(&id) else {
+                continue;
+            };
+            for pos in self.state.write_set(id) {
+                if positions.contains(&pos) {
+                    out.push((
+                        id,
+                        pos,
+                        self.ensemble()[pos].clone(),
+                        self.add_request(id, e),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn ensemble(&self) -> &[String] {
+        self.meta
+            .fragments
+            .last()
+            .map(|f| f.bookies.as_slice())
+            .unwrap_or(&[])
+    }
+
+    fn add_request(&self, entry_id: u64, e: &Unconfirmed) -> BookieRequest {
+        BookieRequest::Add {
+            ledger_id: self.meta.ledger_id,
+            entry_id,
+            master_key: self.meta.master_key,
+            lac: e.lac,
+            payload: e.payload.clone(),
+            digest: e.digest,
+            recovery: false,
+        }
+    }
+}
+
+/// The single writer of one ledger. When a bookie fails or times out, the
+/// writer replaces it (ensemble change): a new fragment from the first
+/// unconfirmed entry, stored by CAS on the ledger's metadata, and every
+/// unconfirmed entry resent to the replacement — nothing lost or reordered.
+/// Fencing (another writer recovering the ledger) stops it for good.
 #[derive(Clone)]
 pub struct LedgerWriter {
     client: LedgerClient,
-    meta: Arc<LedgerMetadata>,
+    ledger_id: u64,
     inner: Arc<Mutex<WriterInner>>,
     /// Woken when nothing is pending any more, or the writer failed.
     settled: Arc<tokio::sync::Notify>,
 }
 
 impl LedgerWriter {
-    fn new(client: LedgerClient, meta: LedgerMetadata) -> LedgerWriter {
+    fn new(client: LedgerClient, meta: LedgerMetadata, version: u64) -> LedgerWriter {
         let state = WriteState::new(meta.ensemble_size, meta.write_quorum, meta.ack_quorum, 0);
         LedgerWriter {
             client,
-            meta: Arc::new(meta),
+            ledger_id: meta.ledger_id,
             inner: Arc::new(Mutex::new(WriterInner {
                 state,
+                meta,
+                version,
                 waiting: HashMap::new(),
+                unconfirmed: BTreeMap::new(),
+                failed_bookies: BTreeSet::new(),
+                changing: false,
                 failed: None,
                 closed: false,
                 length_bytes: 0,
@@ -495,11 +635,12 @@ impl LedgerWriter {
     }
 
     pub fn ledger_id(&self) -> u64 {
-        self.meta.ledger_id
+        self.ledger_id
     }
 
-    pub fn metadata(&self) -> &LedgerMetadata {
-        &self.meta
+    /// The ledger's metadata as this writer last stored it.
+    pub fn metadata(&self) -> LedgerMetadata {
+        self.lock().meta.clone()
     }
 
     pub fn lac(&self) -> i64 {
@@ -519,7 +660,7 @@ impl LedgerWriter {
         let ready = if let Some(e) = &g.failed {
             Some(Err(e.clone()))
         } else if g.closed {
-            Some(Err(LedgerError::Closed(self.meta.ledger_id)))
+            Some(Err(LedgerError::Closed(self.ledger_id)))
         } else {
             None
         };
@@ -529,34 +670,27 @@ impl LedgerWriter {
         } else {
             let entry_id = g.state.assign();
             let lac = g.state.lac();
-            let positions = g.state.write_set(entry_id);
             g.length_bytes += payload.len() as u64;
             g.waiting.insert(entry_id, tx);
+            let digest = entry_digest(self.ledger_id, entry_id, lac, &payload);
+            let e = Unconfirmed {
+                payload,
+                lac,
+                digest,
+            };
+            let req = g.add_request(entry_id, &e);
+            // A bookie awaiting replacement gets the entry after the change.
+            let targets: Vec<(usize, String)> = g
+                .state
+                .write_set(entry_id)
+                .into_iter()
+                .map(|pos| (pos, g.ensemble()[pos].clone()))
+                .filter(|(_, b)| !g.failed_bookies.contains(b))
+                .collect();
+            g.unconfirmed.insert(entry_id, e);
             drop(g);
-            let digest = entry_digest(self.meta.ledger_id, entry_id, lac, &payload);
-            let fragment = self.meta.fragments.last().cloned();
-            for pos in positions {
-                let me = self.clone();
-                let bookie = fragment
-                    .as_ref()
-                    .map(|f| f.bookies[pos].clone())
-                    .unwrap_or_default();
-                let req = BookieRequest::Add {
-                    ledger_id: self.meta.ledger_id,
-                    entry_id,
-                    master_key: self.meta.master_key,
-                    lac,
-                    payload: payload.clone(),
-                    digest,
-                    recovery: false,
-                };
-                tokio::spawn(async move {
-                    match me.client.call(&bookie, &req).await {
-                        Ok(BookieResponse::Added { .. }) => me.acked(entry_id, pos),
-                        Ok(other) => me.fail(format!("{bookie}: unexpected {other:?}")),
-                        Err(e) => me.fail(e.to_string()),
-                    }
-                });
+            for (pos, bookie) in targets {
+                self.send(entry_id, pos, bookie, req.clone());
             }
         }
         async move {
@@ -565,12 +699,39 @@ impl LedgerWriter {
         }
     }
 
-    fn acked(&self, entry_id: u64, pos: usize) {
+    fn send(&self, entry_id: u64, pos: usize, bookie: String, req: BookieRequest) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.client.call_add(&bookie, &req).await {
+                Ok(BookieResponse::Added { .. }) => me.acked(entry_id, pos, &bookie),
+                Err(LedgerError::Bookie {
+                    code: BookieErrorCode::Fenced,
+                    ..
+                }) => me.fail(format!(
+                    "{bookie}: ledger fenced (another writer is recovering it)"
+                )),
+                Ok(other) => me.bookie_failed(&bookie, format!("unexpected {other:?}")),
+                Err(e) => me.bookie_failed(&bookie, e.to_string()),
+            }
+        });
+    }
+
+    fn acked(&self, entry_id: u64, pos: usize, bookie: &str) {
         let mut g = self.lock();
+        // An ack from a bookie that was replaced (or is being replaced) does
+        // not count: the entry's replica must be on the new ensemble.
+        if g.ensemble().get(pos).map(String::as_str) != Some(bookie)
+            || g.failed_bookies.contains(bookie)
+        {
+            return;
+        }
         let confirmed = g.state.on_ack(entry_id, pos);
         let senders: Vec<_> = confirmed
             .into_iter()
-            .filter_map(|e| g.waiting.remove(&e).map(|s| (e, s)))
+            .filter_map(|e| {
+                g.unconfirmed.remove(&e);
+                g.waiting.remove(&e).map(|s| (e, s))
+            })
             .collect();
         let settled = g.state.pending() == 0;
         drop(g);
@@ -582,17 +743,166 @@ impl LedgerWriter {
         }
     }
 
-    /// A bookie failed: every add not yet confirmed has an unknown outcome.
-    /// (Replacing the bookie and going on — ensemble change — is not done
-    /// here yet; the owner rolls to a new ledger instead.)
+    /// A bookie of the ensemble failed an add or timed out: replace it.
+    fn bookie_failed(&self, bookie: &str, reason: String) {
+        let mut g = self.lock();
+        if g.failed.is_some() || !g.ensemble().iter().any(|b| b == bookie) {
+            return; // already replaced, or the writer is done
+        }
+        self.client.suspect(bookie);
+        if g.failed_bookies.insert(bookie.to_string()) {
+            tracing::warn!(
+                ledger_id = self.ledger_id,
+                bookie,
+                reason,
+                "bookie failed; changing the ensemble"
+            );
+        }
+        if !g.changing {
+            g.changing = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.change_ensemble().await });
+        }
+    }
+
+    /// Replaces every failed bookie, one CAS per round, until none is left.
+    async fn change_ensemble(&self) {
+        loop {
+            let (failed, mut meta, version, first_entry) = {
+                let g = self.lock();
+                if g.failed.is_some() {
+                    return;
+                }
+                let failed: Vec<String> = g.failed_bookies.iter().cloned().collect();
+                if failed.is_empty() {
+                    drop(g);
+                    self.lock().changing = false;
+                    return;
+                }
+                (
+                    failed,
+                    g.meta.clone(),
+                    g.version,
+                    (g.state.lac() + 1) as u64,
+                )
+            };
+            let current: Vec<String> = meta
+                .fragments
+                .last()
+                .map(|f| f.bookies.clone())
+                .unwrap_or_default();
+            let replacements = match self.client.writable_bookies().await {
+                Ok(all) => {
+                    // Racks the bookies that stay already cover.
+                    let used: BTreeSet<Option<String>> = all
+                        .iter()
+                        .filter(|b| current.contains(&b.addr) && !failed.contains(&b.addr))
+                        .map(|b| b.rack.clone())
+                        .collect();
+                    let candidates: Vec<BookieInfo> = all
+                        .into_iter()
+                        .filter(|b| !current.contains(&b.addr) && !failed.contains(&b.addr))
+                        .collect();
+                    // Replace as many as there are spares; the rest are retried.
+                    let n = failed.len().min(candidates.len());
+                    place(candidates, n, &used).filter(|r| !r.is_empty())
+                }
+                Err(e) => {
+                    self.fail(format!("ensemble change: {e}"));
+                    return;
+                }
+            };
+            let Some(replacements) = replacements else {
+                // No spare bookie: keep the ensemble and retry the failed
+                // bookies after a pause (a slow bookie may recover; the
+                // others may still make the ack quorum meanwhile).
+                tracing::warn!(
+                    ledger_id = self.ledger_id,
+                    failed = ?failed,
+                    "no writable bookie to replace the failed ones; retrying them"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let resend = {
+                    let mut g = self.lock();
+                    for b in &failed {
+                        g.failed_bookies.remove(b);
+                    }
+                    let positions: Vec<usize> = failed
+                        .iter()
+                        .filter_map(|b| g.ensemble().iter().position(|x| x == b))
+                        .collect();
+                    g.resend_to(&positions)
+                };
+                for (id, pos, bookie, req) in resend {
+                    self.send(id, pos, bookie, req);
+                }
+                continue;
+            };
+            let failed: Vec<String> = failed.into_iter().take(replacements.len()).collect();
+            let mut ensemble = current.clone();
+            let mut replaced = Vec::new();
+            for (old, new) in failed.iter().zip(&replacements) {
+                if let Some(pos) = ensemble.iter().position(|b| b == old) {
+                    ensemble[pos] = new.clone();
+                    replaced.push(pos);
+                }
+            }
+            match meta.fragments.last_mut() {
+                Some(f) if f.first_entry == first_entry => f.bookies = ensemble.clone(),
+                _ => meta.fragments.push(Fragment {
+                    first_entry,
+                    bookies: ensemble.clone(),
+                }),
+            }
+            match self.client.store_metadata(&meta, version).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Only recovery changes an open ledger's metadata behind
+                    // its writer: stop.
+                    self.fail("ensemble change: ledger metadata changed (being recovered)".into());
+                    return;
+                }
+                Err(e) => {
+                    self.fail(format!("ensemble change: {e}"));
+                    return;
+                }
+            }
+            tracing::info!(
+                ledger_id = self.ledger_id,
+                first_entry,
+                replaced = ?failed,
+                ensemble = ?ensemble,
+                "ensemble changed"
+            );
+            let resend: Vec<(u64, usize, String, BookieRequest)> = {
+                let mut g = self.lock();
+                g.meta = meta;
+                g.version = version + 1;
+                for old in &failed {
+                    g.failed_bookies.remove(old);
+                }
+                for pos in &replaced {
+                    g.state.forget_position(*pos);
+                }
+                g.resend_to(&replaced)
+            };
+            for (id, pos, bookie, req) in resend {
+                self.send(id, pos, bookie, req);
+            }
+        }
+    }
+
+    /// The writer cannot go on: every add not yet confirmed has an unknown
+    /// outcome (it may be stored; it was never reported as confirmed).
     fn fail(&self, reason: String) {
         let mut g = self.lock();
-        let err = LedgerError::WriterFailed(self.meta.ledger_id, reason);
+        let err = LedgerError::WriterFailed(self.ledger_id, reason);
         if g.failed.is_none() {
-            tracing::warn!(ledger_id = self.meta.ledger_id, error = %err, "ledger writer failed");
+            tracing::warn!(ledger_id = self.ledger_id, error = %err, "ledger writer failed");
             g.failed = Some(err.clone());
         }
         let waiting: Vec<_> = g.waiting.drain().collect();
+        g.unconfirmed.clear();
         drop(g);
         self.settled.notify_waiters();
         for (_, s) in waiting {
@@ -624,20 +934,45 @@ impl LedgerWriter {
             }
             settled.await;
         }
-        let (lac, length) = {
+        let (mut meta, version, lac, length) = {
             let g = self.lock();
-            (g.state.lac(), g.length_bytes)
+            (g.meta.clone(), g.version, g.state.lac(), g.length_bytes)
         };
-        let (mut meta, version) = self.client.metadata(self.meta.ledger_id).await?;
-        if meta.state != LedgerState::Open {
-            return Err(LedgerError::Conflict(meta.ledger_id));
-        }
         meta.state = LedgerState::Closed;
         meta.last_entry_id = lac;
         meta.length_bytes = length;
         if !self.client.store_metadata(&meta, version).await? {
             return Err(LedgerError::Conflict(meta.ledger_id));
         }
+        self.lock().meta = meta.clone();
         Ok(meta)
     }
+}
+
+/// Chooses `n` bookies from `candidates`, spreading over racks: first one
+/// per rack not in `used_racks`, then any. `None` when there are too few.
+fn place(
+    mut candidates: Vec<BookieInfo>,
+    n: usize,
+    used_racks: &BTreeSet<Option<String>>,
+) -> Option<Vec<String>> {
+    if candidates.len() < n {
+        return None;
+    }
+    // Start from a position that moves with time, so load spreads.
+    let start = (now_ms() as usize) % candidates.len().max(1);
+    candidates.rotate_left(start);
+    let mut racks = used_racks.clone();
+    let mut chosen: Vec<String> = Vec::with_capacity(n);
+    for b in &candidates {
+        if chosen.len() < n && b.rack.is_some() && racks.insert(b.rack.clone()) {
+            chosen.push(b.addr.clone());
+        }
+    }
+    for b in &candidates {
+        if chosen.len() < n && !chosen.contains(&b.addr) {
+            chosen.push(b.addr.clone());
+        }
+    }
+    Some(chosen)
 }

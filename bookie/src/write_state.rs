@@ -101,6 +101,21 @@ impl WriteState {
     }
 }
 
+impl WriteState {
+    /// The bookie at `position` was replaced: acks it gave for entries still
+    /// pending no longer count (the new bookie must ack them again).
+    pub fn forget_position(&mut self, position: usize) {
+        for p in &mut self.pending {
+            p.acked &= !(1u64 << position);
+        }
+    }
+
+    /// Entry ids assigned but not yet confirmed, oldest first.
+    pub fn pending_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.iter().map(|p| p.entry_id)
+    }
+}
+
 pub fn write_set(ensemble_size: usize, write_quorum: usize, entry_id: u64) -> Vec<usize> {
     let start = (entry_id % ensemble_size as u64) as usize;
     (0..write_quorum)
@@ -133,6 +148,20 @@ mod tests {
         assert_eq!(w.on_ack(e2, 2), vec![e2]);
         assert_eq!(w.pending(), 0);
         assert!(w.on_ack(e2, 0).is_empty(), "late acks are ignored");
+    }
+
+    #[test]
+    fn a_replaced_position_must_ack_again() {
+        let mut w = WriteState::new(3, 3, 3, 0);
+        let e = w.assign();
+        assert!(w.on_ack(e, 0).is_empty());
+        assert!(w.on_ack(e, 1).is_empty());
+        w.forget_position(1);
+        assert!(
+            w.on_ack(e, 2).is_empty(),
+            "position 1's old ack is forgotten"
+        );
+        assert_eq!(w.on_ack(e, 1), vec![0]);
     }
 
     #[test]

@@ -442,7 +442,7 @@ impl ManagedLedger {
         }
         if let Some(w) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
             if w.ledger_id() == ledger_id {
-                return Ok(w.metadata().clone());
+                return Ok(w.metadata());
             }
         }
         let (m, _) = self.lc.metadata(ledger_id).await?;

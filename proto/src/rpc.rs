@@ -219,6 +219,9 @@ pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
 pub struct RpcClient {
     endpoint: quinn::Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, quinn::Connection>>>,
+    /// One connection attempt per peer at a time: concurrent calls to a
+    /// peer without a connection wait for the one handshake.
+    dialing: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>>,
     /// Budget of a whole call (connect, request, answer).
     pub timeout: Duration,
     /// Budget of establishing a connection (within `timeout`): a peer that
@@ -231,21 +234,36 @@ impl RpcClient {
         RpcClient {
             endpoint,
             conns: Arc::default(),
+            dialing: Arc::default(),
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
         }
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
-        if let Some(c) = self
-            .conns
+    fn cached(&self, addr: SocketAddr) -> Option<quinn::Connection> {
+        self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&addr)
-        {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, RpcError> {
+        if let Some(c) = self.cached(addr) {
+            return Ok(c);
+        }
+        let gate = self
+            .dialing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone();
+        let _dialing = gate.lock().await;
+        // Another call may have connected while this one waited.
+        if let Some(c) = self.cached(addr) {
+            return Ok(c);
         }
         let connecting =
             self.endpoint

@@ -1,0 +1,281 @@
+//! Replicated ledgers over real bookies (in-process, real QUIC and disks):
+//! ensemble change when a bookie fails mid-stream, fencing of an old writer,
+//! recovery closing at the right entry, concurrent recoveries agreeing, and
+//! rack-aware placement.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use magnetar_bookie::{Bookie, BookieConfig, LedgerClient, LedgerError, LedgerState};
+use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
+use magnetar_proto::ledger::{entry_digest, BookieRequest, BookieResponse};
+use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_proto::tls::TlsMaterial;
+
+struct Tier {
+    _dir: tempfile::TempDir,
+    node: Arc<MetadataNode>,
+    bookies: Vec<Option<Arc<Bookie>>>,
+    rpc: RpcClient,
+    metadata: MetadataClient,
+}
+
+impl Tier {
+    async fn start(racks: &[Option<&str>]) -> Tier {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsMaterial::load_or_generate(&dir.path().join("tls")).unwrap();
+        let cfg = MetadataConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().join("meta"));
+        let node = MetadataNode::start(cfg, &tls).await.unwrap();
+        assert!(node.wait_for_leader(Duration::from_secs(10)).await);
+        let rpc = RpcClient::new(client_endpoint(&tls).unwrap());
+        let metadata = MetadataClient::new(rpc.clone(), vec![node.local_addr()]);
+        let mut bookies = Vec::new();
+        for (i, rack) in racks.iter().enumerate() {
+            let cfg = BookieConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                advertise: None,
+                data_dir: dir.path().join(format!("bookie-{i}")),
+                rack: rack.map(String::from),
+                registration_ttl_ms: 2_000,
+            };
+            bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
+        }
+        Tier {
+            _dir: dir,
+            node,
+            bookies,
+            rpc,
+            metadata,
+        }
+    }
+
+    fn client(&self) -> LedgerClient {
+        LedgerClient::new(self.metadata.clone(), self.rpc.clone())
+            .with_add_timeout(Duration::from_secs(2))
+    }
+
+    async fn stop_bookie(&mut self, addr: &str) {
+        for slot in &mut self.bookies {
+            if slot.as_ref().is_some_and(|b| b.addr() == addr) {
+                slot.take().unwrap().shutdown().await;
+                return;
+            }
+        }
+        panic!("no bookie {addr}");
+    }
+
+    /// Reads an entry straight from one bookie.
+    async fn read_from(&self, bookie: &str, ledger_id: u64, entry_id: u64) -> Option<Bytes> {
+        match self
+            .rpc
+            .call::<_, BookieResponse>(
+                bookie.parse().unwrap(),
+                &BookieRequest::Read {
+                    ledger_id,
+                    entry_id,
+                },
+            )
+            .await
+        {
+            Ok(BookieResponse::Entry { payload, .. }) => Some(payload),
+            _ => None,
+        }
+    }
+
+    async fn shutdown(self) {
+        for b in self.bookies.into_iter().flatten() {
+            b.shutdown().await;
+        }
+        self.node.shutdown().await;
+    }
+}
+
+fn payload(i: u64) -> Bytes {
+    Bytes::from(format!("entry-{i:05}").into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
+    let mut tier = Tier::start(&[None; 5]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    let victim = w.metadata().fragments[0].bookies[1].clone();
+    let mut pending = Vec::new();
+    for i in 0..1000u64 {
+        pending.push(w.add(payload(i)));
+        if i == 300 {
+            tier.stop_bookie(&victim).await;
+        }
+        if pending.len() >= 100 {
+            for (j, p) in pending.drain(..).enumerate() {
+                let id = p.await.unwrap();
+                assert_eq!(id % 100, j as u64, "confirmed in order");
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.last_entry_id, 999);
+    assert!(meta.fragments.len() >= 2, "an ensemble change happened");
+    let last = meta.fragments.last().unwrap();
+    assert!(!last.bookies.contains(&victim));
+    assert!(last.first_entry <= 400);
+    // Every entry: readable through the client, and on every bookie of its
+    // write set (the replacement got the resent entries).
+    let (meta, _) = lc.metadata(w.ledger_id()).await.unwrap();
+    for e in 0..1000u64 {
+        assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
+        if e >= last.first_entry {
+            for b in meta.bookies_for(e) {
+                assert_eq!(
+                    tier.read_from(&b, meta.ledger_id, e).await,
+                    Some(payload(e)),
+                    "entry {e} missing on {b}"
+                );
+            }
+        }
+    }
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_writer_cannot_confirm_and_recovery_closes_the_ledger() {
+    let tier = Tier::start(&[None; 3]).await;
+    let old = tier.client();
+    let w = old.create(3, 3, 2, BTreeMap::new()).await.unwrap();
+    for i in 0..10 {
+        w.add(payload(i)).await.unwrap();
+    }
+    // Another broker takes over: recovery fences the ledger.
+    let new = tier.client();
+    let meta = new.recover(w.ledger_id()).await.unwrap();
+    assert_eq!(meta.state, LedgerState::Closed);
+    assert_eq!(meta.last_entry_id, 9);
+    match w.add(payload(10)).await {
+        Err(LedgerError::WriterFailed(_, why)) => assert!(why.contains("fenced"), "{why}"),
+        other => panic!("the fenced writer's add must fail, got {other:?}"),
+    }
+    assert!(w.is_failed());
+    tier.shutdown().await;
+}
+
+/// Entries 0..5 confirmed; entry 5 written by hand to `copies` of the 3
+/// bookies (Qa = 2); recovery must close at 5 when any copy exists (it may
+/// have been confirmed) and at 4 when none does, leaving the end on a full
+/// write quorum.
+async fn recovery_with_tail_on(copies: usize) {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 3, 2, BTreeMap::new()).await.unwrap();
+    for i in 0..5 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.metadata();
+    let id = meta.ledger_id;
+    let lac = 4;
+    let add = BookieRequest::Add {
+        ledger_id: id,
+        entry_id: 5,
+        master_key: meta.master_key,
+        lac,
+        payload: payload(5),
+        digest: entry_digest(id, 5, lac, &payload(5)),
+        recovery: false,
+    };
+    for b in meta.bookies_for(5).iter().take(copies) {
+        let r: BookieResponse = tier.rpc.call(b.parse().unwrap(), &add).await.unwrap();
+        assert!(matches!(r, BookieResponse::Added { .. }), "{r:?}");
+    }
+    drop(w); // the writer dies without closing
+    let closed = tier.client().recover(id).await.unwrap();
+    let expected = if copies > 0 { 5 } else { 4 };
+    assert_eq!(closed.last_entry_id, expected, "tail on {copies} bookies");
+    for e in 0..=expected as u64 {
+        for b in closed.bookies_for(e) {
+            assert_eq!(
+                tier.read_from(&b, id, e).await,
+                Some(payload(e)),
+                "entry {e} not re-replicated to {b}"
+            );
+        }
+    }
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_closes_at_the_right_entry_for_0_1_and_qa_copies() {
+    // With E = Qw = 3 and Qa = 2: 0 copies, 1 copy (= Qa - 1), Qa copies.
+    for copies in [0, 1, 2] {
+        recovery_with_tail_on(copies).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_recoveries_agree_on_the_end() {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    let mut adds = Vec::new();
+    for i in 0..200 {
+        adds.push(w.add(payload(i)));
+    }
+    for a in adds {
+        a.await.unwrap();
+    }
+    let id = w.ledger_id();
+    let (c1, c2, c3) = (tier.client(), tier.client(), tier.client());
+    let (a, b, c) = tokio::join!(c1.recover(id), c2.recover(id), c3.recover(id));
+    let ends: Vec<i64> = [a, b, c]
+        .into_iter()
+        .map(|r| r.unwrap().last_entry_id)
+        .collect();
+    assert_eq!(ends, vec![199, 199, 199]);
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_spreads_an_ensemble_over_racks() {
+    let tier = Tier::start(&[
+        Some("a"),
+        Some("a"),
+        Some("a"),
+        Some("b"),
+        Some("b"),
+        Some("c"),
+    ])
+    .await;
+    let lc = tier.client();
+    let rack_of: BTreeMap<String, String> = tier
+        .bookies
+        .iter()
+        .flatten()
+        .zip(["a", "a", "a", "b", "b", "c"])
+        .map(|(b, r)| (b.addr().to_string(), r.to_string()))
+        .collect();
+    for _ in 0..5 {
+        let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+        let mut racks: Vec<&String> = w.metadata().fragments[0]
+            .bookies
+            .iter()
+            .map(|b| &rack_of[b])
+            .collect();
+        racks.sort();
+        assert_eq!(racks, vec!["a", "b", "c"]);
+        w.close().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    tier.shutdown().await;
+}
