@@ -164,6 +164,53 @@ impl Drop for Process {
     }
 }
 
+/// `deploy/local-cluster.sh` driven from a test, on its own directory and
+/// ports; `down` when dropped.
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    /// Base ports of metadata nodes, bookies and brokers.
+    pub ports: [u16; 3],
+}
+
+impl LocalCluster {
+    pub fn run(&self, args: &[&str]) -> String {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(root.join("deploy/local-cluster.sh"))
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .env("MAGNETAR_BIN", magnetar_bin())
+            .env("MAGNETAR_LC_METADATA_PORT", self.ports[0].to_string())
+            .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
+            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "local-cluster.sh {args:?} failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    /// The state column of `status` for `member`.
+    pub fn state(&self, member: &str) -> String {
+        let status = self.run(&["status"]);
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(&format!("{member} ")))
+            .unwrap_or_else(|| panic!("{member} missing from status:\n{status}"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| self.run(&["down"]));
+    }
+}
+
 /// One `magnetar <role> --config FILE` child process (metadata, bookie or
 /// broker), logging to `log`; killed with SIGKILL when dropped.
 pub struct Member {

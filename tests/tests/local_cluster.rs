@@ -4,61 +4,16 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions};
-use magnetar_tests::{free_port_range, init_logs, magnetar_bin};
-
-struct Script {
-    dir: PathBuf,
-    ports: [u16; 3],
-}
-
-impl Script {
-    fn run(&self, args: &[&str]) -> String {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = Command::new(root.join("deploy/local-cluster.sh"))
-            .args(args)
-            .arg("--dir")
-            .arg(&self.dir)
-            .env("MAGNETAR_BIN", magnetar_bin())
-            .env("MAGNETAR_LC_METADATA_PORT", self.ports[0].to_string())
-            .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
-            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "local-cluster.sh {args:?} failed: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
-    }
-
-    fn state(&self, member: &str) -> String {
-        let status = self.run(&["status"]);
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(&format!("{member} ")))
-            .unwrap_or_else(|| panic!("{member} missing from status:\n{status}"));
-        line.split_whitespace().nth(2).unwrap().to_string()
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = std::panic::catch_unwind(|| self.run(&["down"]));
-    }
-}
+use magnetar_tests::{free_port_range, init_logs, LocalCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_cluster_up_kill_start_down() {
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
-    let script = Script {
+    let script = LocalCluster {
         dir: tmp.path().join("lc"),
         ports: [free_port_range(3), free_port_range(3), free_port_range(1)],
     };

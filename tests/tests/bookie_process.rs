@@ -1,0 +1,147 @@
+//! Bookies as real processes (deploy/local-cluster.sh: 3 metadata nodes,
+//! 4 bookies, a broker writing ensembles of 3/2/2): kill -9 a bookie of the
+//! topic's current ensemble mid-stream. The writer replaces it and goes on;
+//! every acknowledged message is delivered afterwards, in per-key order.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::time::Duration;
+
+use magnetar_bookie::LedgerMetadata;
+use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions};
+use magnetar_metadata::MetadataClient;
+use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_proto::tls::TlsMaterial;
+use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_bookie_mid_stream_loses_nothing() {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster {
+        dir: tmp.path().join("lc"),
+        ports: [free_port_range(3), free_port_range(4), free_port_range(1)],
+    };
+    cluster.run(&[
+        "up",
+        "--metadata",
+        "3",
+        "--bookies",
+        "4",
+        "--brokers",
+        "1",
+        "--ensemble",
+        "3,2,2",
+    ]);
+    let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
+    let client = Client::connect(&url).await.unwrap();
+    let topic = "persistent://public/default/bookie-kill";
+    let consumer = client
+        .subscribe(
+            topic,
+            "checker",
+            ConsumerOptions {
+                earliest: true,
+                receiver_queue: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    consumer.close().await.unwrap();
+    let producer = client
+        .create_producer(
+            topic,
+            ProducerOptions {
+                batching: true,
+                batch_delay_ms: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut checker = QueueChecker::default();
+    let mut inflight = Vec::new();
+    let send = |i: u64| {
+        let value = format!("msg-{i}");
+        let msg = OutgoingMessage {
+            payload: value.clone().into_bytes().into(),
+            key: Some(format!("k{}", i % 4)),
+            ..Default::default()
+        };
+        (value, i, producer.send_async(msg))
+    };
+    for i in 0..1500u64 {
+        inflight.push(send(i));
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // The bookie to kill: one of the ensemble the topic writes to now.
+    let tls = TlsMaterial::load(&TlsMaterial::paths_in(&cluster.dir.join("admin/tls"))).unwrap();
+    let endpoints = (0..3)
+        .map(|i| ([127, 0, 0, 1], cluster.ports[0] + i).into())
+        .collect();
+    let meta = MetadataClient::new(RpcClient::new(client_endpoint(&tls).unwrap()), endpoints);
+    let ledgers = meta
+        .range(magnetar_bookie::client::LEDGERS_PREFIX, 0)
+        .await
+        .unwrap();
+    let last: LedgerMetadata = serde_json::from_slice(&ledgers.last().unwrap().value).unwrap();
+    let victim = last.fragments.last().unwrap().bookies[0].clone();
+    let port: u16 = victim.rsplit(':').next().unwrap().parse().unwrap();
+    let member = format!("bookie-{}", port - cluster.ports[1] + 1);
+    producer.flush();
+    cluster.run(&["kill", &member, "--signal", "KILL"]);
+    for i in 1500..3000u64 {
+        inflight.push(send(i));
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    producer.flush();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (value, i, f) in inflight {
+        match tokio::time::timeout_at(deadline, f).await {
+            Ok(Ok(_)) => checker.sent_acked(&value, &format!("k{}", i % 4), i),
+            _ => checker.sent_unknown(&value, &format!("k{}", i % 4), i),
+        }
+    }
+    let mut c = client
+        .subscribe(
+            topic,
+            "checker",
+            ConsumerOptions {
+                earliest: true,
+                receiver_queue: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    while let Some(m) = c.receive_timeout(Duration::from_secs(5)).await.unwrap() {
+        checker.delivered(&String::from_utf8_lossy(&m.payload));
+        c.ack(&m).unwrap();
+    }
+    let v = checker.verdict();
+    println!(
+        "bookie kill -9 ({member}): acked {}, lost {}, unexpected {}, duplicates {}",
+        v.acked,
+        v.lost.len(),
+        v.unexpected.len(),
+        v.duplicates
+    );
+    assert!(v.ok(), "{v:?}");
+    assert!(
+        v.acked >= 2900,
+        "the writer went on after the bookie died: {v:?}"
+    );
+    let ledgers = meta
+        .range(magnetar_bookie::client::LEDGERS_PREFIX, 0)
+        .await
+        .unwrap();
+    let changed = ledgers.iter().any(|kv| {
+        serde_json::from_slice::<LedgerMetadata>(&kv.value).is_ok_and(|m| m.fragments.len() > 1)
+    });
+    assert!(changed, "an ensemble change replaced the dead bookie");
+}
