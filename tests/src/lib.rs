@@ -184,7 +184,7 @@ impl LocalCluster {
             .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
             .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string())
             .output()
-            .unwrap();
+            .expect("run deploy/local-cluster.sh");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -201,7 +201,10 @@ impl LocalCluster {
             .lines()
             .find(|l| l.starts_with(&format!("{member} ")))
             .unwrap_or_else(|| panic!("{member} missing from status:\n{status}"));
-        line.split_whitespace().nth(2).unwrap().to_string()
+        line.split_whitespace()
+            .nth(2)
+            .expect("status line has a state column")
+            .to_string()
     }
 }
 
