@@ -3,6 +3,7 @@
 mod admin;
 mod config;
 mod perf;
+mod perf_ledger;
 mod perf_metadata;
 
 use std::path::PathBuf;

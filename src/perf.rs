@@ -36,6 +36,8 @@ pub enum PerfCmd {
     },
     /// The metadata service: CAS writes, reads, leases, watches, failover.
     Metadata(crate::perf_metadata::MetaPerfArgs),
+    /// The bookie tier through the ledger client: writes and recovery.
+    Ledger(crate::perf_ledger::LedgerPerfArgs),
     /// Consume and report throughput.
     Consume {
         topic: String,
@@ -78,6 +80,7 @@ fn report(label: &str, msgs: u64, bytes: u64, secs: f64, h: Option<&Histogram<u6
 pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
     match cmd {
         PerfCmd::Metadata(args) => crate::perf_metadata::run(args).await?,
+        PerfCmd::Ledger(args) => crate::perf_ledger::run(args).await?,
         PerfCmd::Produce {
             topic,
             rate,

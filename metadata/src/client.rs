@@ -32,6 +32,9 @@ pub struct MetadataClient {
     /// Which endpoint to try next when no leader is known; moves on after
     /// every failure so a dead node is not tried first every time.
     next_endpoint: Arc<AtomicUsize>,
+    /// When each endpoint last failed; one that failed within
+    /// `SUSPECT_FOR` is tried only when all others did too.
+    failed_at: Arc<Mutex<std::collections::HashMap<SocketAddr, std::time::Instant>>>,
     /// Identifies this client's transactions so a retried one applies once.
     client_id: u64,
     next_seq: Arc<AtomicU64>,
@@ -52,6 +55,7 @@ impl MetadataClient {
             endpoints: Arc::new(endpoints),
             leader: Arc::default(),
             next_endpoint: Arc::default(),
+            failed_at: Arc::default(),
             client_id: rand::random(),
             next_seq: Arc::new(AtomicU64::new(1)),
             retry_for: Duration::from_secs(15),
@@ -66,12 +70,24 @@ impl MetadataClient {
         if let Some(l) = *self.leader.lock().unwrap_or_else(|e| e.into_inner()) {
             return l;
         }
-        self.endpoints[self.next_endpoint.load(Ordering::Relaxed) % self.endpoints.len()]
+        let n = self.endpoints.len();
+        let start = self.next_endpoint.load(Ordering::Relaxed);
+        // The next endpoint that did not fail just now, if any.
+        let failed = self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        (0..n)
+            .map(|k| self.endpoints[(start + k) % n])
+            .find(|a| failed.get(a).is_none_or(|t| t.elapsed() > SUSPECT_FOR))
+            .unwrap_or(self.endpoints[start % n])
     }
 
-    /// `addr` failed: forget it as leader and try the next endpoint.
+    /// `addr` failed: forget it as leader, avoid it for a moment, and move
+    /// on to the next endpoint.
     fn failed(&self, addr: SocketAddr) {
         self.set_leader(None);
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, std::time::Instant::now());
         let i = self.next_endpoint.load(Ordering::Relaxed);
         if self.endpoints[i % self.endpoints.len()] == addr {
             let _ = self.next_endpoint.compare_exchange(
@@ -134,6 +150,7 @@ impl MetadataClient {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
+            tracing::debug!(attempt = %last_err, "metadata request retried");
             if tokio::time::Instant::now() >= deadline {
                 return Err(MetadataError::Unavailable(last_err));
             }
@@ -412,6 +429,9 @@ impl MetadataClient {
         }
     }
 }
+
+/// How long an endpoint that failed is avoided.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// Marks a watch error after which resuming cannot help.
 const FATAL: &str = "cannot resume";

@@ -61,18 +61,21 @@ pub struct MetadataConfig {
     pub limits: Limits,
 }
 
-/// Defaults chosen for failover under 2 s: a follower notices a dead leader
-/// after 300–600 ms without heartbeats (sent every 100 ms), and a client
-/// gives up on a silent node after 1 s and asks the next one.
+/// Defaults chosen for failover under 2 s. openraft starts an election
+/// once the leader's lease (election_timeout_max) plus the node's election
+/// timeout (random in min..max) passed without a heartbeat: 600–800 ms with
+/// heartbeats every 50 ms. A client gives up on a silent node after 1 s
+/// and asks another; a follower gives up forwarding to a silent leader
+/// sooner (FORWARD_TIMEOUT), so the client hears "unavailable" and moves on.
 mod defaults {
     pub fn heartbeat_interval_ms() -> u64 {
-        100
+        50
     }
     pub fn election_timeout_min_ms() -> u64 {
-        300
+        200
     }
     pub fn election_timeout_max_ms() -> u64 {
-        600
+        400
     }
     pub fn snapshot_every_logs() -> u64 {
         10_000
@@ -471,7 +474,8 @@ impl MetadataNode {
             )));
         }
         let mut rpc = self.rpc.clone();
-        rpc.timeout = self.request_timeout() + Duration::from_secs(1);
+        rpc.timeout = FORWARD_TIMEOUT;
+        rpc.connect_timeout = FORWARD_TIMEOUT / 2;
         match rpc
             .call::<_, MetaResponse>(sock, &MetaRequest::Forwarded(Box::new(req)))
             .await
@@ -772,6 +776,13 @@ async fn lease_loop(node: Arc<MetadataNode>, every: Duration) {
         }
     }
 }
+
+/// How long a follower waits for the leader's answer to a forwarded
+/// request: less than a client's per-attempt budget (1 s), so that when the
+/// leader just died the client hears "unavailable" and tries elsewhere.
+/// A forwarded write that times out has an unknown outcome; clients retry
+/// transactions under the same request id, so it applies at most once.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Requests only the leader can answer; a follower forwards them.
 fn needs_leader(req: &MetaRequest) -> bool {

@@ -1,0 +1,160 @@
+//! `magnetar perf ledger`: the bookie tier through the ledger client —
+//! adds/s, MB/s and add latency for a given ensemble, entry size and number
+//! of ledgers written at once; and the time to recover a ledger whose
+//! writer died.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use magnetar_bookie::LedgerClient;
+use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_proto::tls::TlsMaterial;
+
+#[derive(Args)]
+pub struct LedgerPerfArgs {
+    /// Metadata endpoints, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    metadata: Vec<SocketAddr>,
+    /// Directory with ca.pem, node.pem and node-key.pem signed by the cluster CA.
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// Ensemble size, write quorum and ack quorum.
+    #[arg(long, default_value = "1,1,1")]
+    ensemble: String,
+    #[command(subcommand)]
+    cmd: LedgerPerfCmd,
+}
+
+#[derive(Subcommand)]
+enum LedgerPerfCmd {
+    /// Adds as fast as allowed, spread over --ledgers ledgers.
+    Write {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        ledgers: usize,
+        /// Adds in flight over all ledgers.
+        #[arg(long, default_value_t = 1000)]
+        inflight: usize,
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
+    /// Writes --entries to a ledger, abandons the writer, and times recovery.
+    Recover {
+        #[arg(long, default_value_t = 10_000)]
+        entries: u64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+}
+
+fn quorums(s: &str) -> anyhow::Result<(usize, usize, usize)> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--ensemble E,Qw,Qa")?;
+    match v[..] {
+        [e, w, a] if e >= w && w >= a && a >= 1 => Ok((e, w, a)),
+        _ => bail!("--ensemble needs E,Qw,Qa with E >= Qw >= Qa >= 1"),
+    }
+}
+
+pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
+    let tls = TlsMaterial::load(&TlsMaterial::paths_in(&args.tls_dir))
+        .with_context(|| format!("loading certificates from {}", args.tls_dir.display()))?;
+    let metadata = crate::metadata_client(&tls, args.metadata.clone())?;
+    let lc = LedgerClient::new(metadata, RpcClient::new(client_endpoint(&tls)?));
+    let (e, w, a) = quorums(&args.ensemble)?;
+    match args.cmd {
+        LedgerPerfCmd::Write {
+            size,
+            ledgers,
+            inflight,
+            duration,
+        } => {
+            let mut writers = Vec::new();
+            for _ in 0..ledgers {
+                writers.push(lc.create(e, w, a, BTreeMap::new()).await?);
+            }
+            let payload = Bytes::from(vec![0x5a; size]);
+            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1, 60_000_000, 3,
+            )?));
+            let done = Arc::new(AtomicU64::new(0));
+            let permits = Arc::new(tokio::sync::Semaphore::new(inflight));
+            let stop = Instant::now() + Duration::from_secs(duration);
+            let started = Instant::now();
+            let mut i = 0usize;
+            while Instant::now() < stop {
+                let permit = permits.clone().acquire_owned().await?;
+                let add = writers[i % writers.len()].add(payload.clone());
+                i += 1;
+                let (hist, done) = (hist.clone(), done.clone());
+                let t = Instant::now();
+                tokio::spawn(async move {
+                    if add.await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let _ = hist
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(t.elapsed().as_micros().max(1) as u64);
+                    }
+                    drop(permit);
+                });
+            }
+            // Wait for what is in flight.
+            let _all = permits.acquire_many(inflight as u32).await?;
+            let secs = started.elapsed().as_secs_f64();
+            let n = done.load(Ordering::Relaxed);
+            let h = hist.lock().unwrap_or_else(|e| e.into_inner());
+            println!(
+                "ledger write E/Qw/Qa {e}/{w}/{a}, {size} B entries, {ledgers} ledger(s), {inflight} in flight: \
+                 {:.0} adds/s, {:.1} MB/s | add latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+                n as f64 / secs,
+                n as f64 * size as f64 / secs / 1e6,
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.value_at_quantile(0.999) as f64 / 1000.0,
+                h.max() as f64 / 1000.0
+            );
+            for wr in writers {
+                wr.close().await?;
+            }
+        }
+        LedgerPerfCmd::Recover { entries, size } => {
+            let wr = lc.create(e, w, a, BTreeMap::new()).await?;
+            let payload = Bytes::from(vec![0x5a; size]);
+            let mut pending = Vec::new();
+            for _ in 0..entries {
+                pending.push(wr.add(payload.clone()));
+                if pending.len() >= 1000 {
+                    for p in pending.drain(..) {
+                        p.await?;
+                    }
+                }
+            }
+            for p in pending {
+                p.await?;
+            }
+            let id = wr.ledger_id();
+            drop(wr); // the writer "dies" without closing
+            let t = Instant::now();
+            let meta = lc.recover(id).await?;
+            println!(
+                "recovered ledger {id} ({entries} entries, E/Qw/Qa {e}/{w}/{a}) in {:.0} ms; closed at entry {}",
+                t.elapsed().as_secs_f64() * 1000.0,
+                meta.last_entry_id
+            );
+        }
+    }
+    Ok(())
+}
