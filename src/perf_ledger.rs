@@ -115,7 +115,7 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
             let _all = permits.acquire_many(inflight as u32).await?;
             let secs = started.elapsed().as_secs_f64();
             let n = done.load(Ordering::Relaxed);
-            let h = hist.lock().unwrap_or_else(|e| e.into_inner());
+            let h = hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
             println!(
                 "ledger write E/Qw/Qa {e}/{w}/{a}, {size} B entries, {ledgers} ledger(s), {inflight} in flight: \
                  {:.0} adds/s, {:.1} MB/s | add latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
