@@ -133,7 +133,11 @@ dir = "{}"
         assert_eq!(f.role.node_id, 2);
         assert_eq!(f.role.initial_members.len(), 2);
         assert_eq!(f.role.election_timeout_min_ms, 500);
-        assert_eq!(f.role.heartbeat_interval_ms, 100, "defaults fill the rest");
+        let defaults = MetadataConfig::new(0, f.role.listen, "/".into());
+        assert_eq!(
+            f.role.heartbeat_interval_ms, defaults.heartbeat_interval_ms,
+            "defaults fill the rest"
+        );
         assert_eq!(f.role.limits.max_value_bytes, 1000);
         assert_eq!(f.role.limits.max_txn_ops, 128);
 

@@ -2,8 +2,10 @@
 //! a registration in the metadata service (an ephemeral key on a lease).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use magnetar_metadata::{Lease, MetadataClient};
 use magnetar_proto::ledger::{BookieErrorCode, BookieRequest, BookieResponse, MAX_ENTRY_BYTES};
@@ -40,10 +42,57 @@ pub struct BookieConfig {
     /// out of placement after this long.
     #[serde(default = "default_registration_ttl_ms")]
     pub registration_ttl_ms: u64,
+    /// Disk usage (fraction of the data dir's filesystem) at which the
+    /// bookie turns read-only: it refuses new adds (recovery adds still go
+    /// through) and registers as not writable, so writers place around it.
+    #[serde(default = "default_high_watermark")]
+    pub disk_high_watermark: f64,
+    /// Usage below which a read-only bookie becomes writable again.
+    #[serde(default = "default_low_watermark")]
+    pub disk_low_watermark: f64,
+    #[serde(default = "default_disk_check_interval_ms")]
+    pub disk_check_interval_ms: u64,
 }
 
 fn default_registration_ttl_ms() -> u64 {
     10_000
+}
+
+fn default_high_watermark() -> f64 {
+    0.95
+}
+
+fn default_low_watermark() -> f64 {
+    0.90
+}
+
+fn default_disk_check_interval_ms() -> u64 {
+    2_000
+}
+
+impl BookieConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> BookieConfig {
+        BookieConfig {
+            listen,
+            advertise: None,
+            data_dir,
+            rack: None,
+            registration_ttl_ms: default_registration_ttl_ms(),
+            disk_high_watermark: default_high_watermark(),
+            disk_low_watermark: default_low_watermark(),
+            disk_check_interval_ms: default_disk_check_interval_ms(),
+        }
+    }
+}
+
+/// Fraction of the filesystem holding `path` that is in use.
+fn disk_usage(path: &Path) -> std::io::Result<f64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    let total = st.blocks() as f64;
+    if total <= 0.0 {
+        return Ok(0.0);
+    }
+    Ok(1.0 - st.blocks_available() as f64 / total)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +103,8 @@ pub enum BookieError {
     Transport(#[from] RpcError),
     #[error("registration: {0}")]
     Registration(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 pub struct Bookie {
@@ -62,6 +113,10 @@ pub struct Bookie {
     addr: String,
     lease: Mutex<Option<Lease>>,
     task: tokio::task::JoinHandle<()>,
+    monitor: tokio::task::JoinHandle<()>,
+    read_only: Arc<AtomicBool>,
+    /// Fault injection for tests: the disk usage the monitor sees.
+    usage_override: Arc<Mutex<Option<f64>>>,
 }
 
 impl Bookie {
@@ -76,13 +131,22 @@ impl Bookie {
             .local_addr()
             .map_err(|e| RpcError::Tls(e.to_string()))?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+        if !(0.0 < cfg.disk_low_watermark && cfg.disk_low_watermark <= cfg.disk_high_watermark) {
+            return Err(BookieError::Config(format!(
+                "disk watermarks must satisfy 0 < low ({}) <= high ({})",
+                cfg.disk_low_watermark, cfg.disk_high_watermark
+            )));
+        }
         let served = journal.clone();
+        let read_only = Arc::new(AtomicBool::new(false));
+        let ro = read_only.clone();
         let task = tokio::spawn(magnetar_proto::rpc::serve(
             endpoint.clone(),
             "bookie",
             move |req, send, _conn| {
                 let journal = served.clone();
-                async move { respond(send, &handle(&journal, req).await).await }
+                let ro = ro.clone();
+                async move { respond(send, &handle(&journal, &ro, req).await).await }
             },
         ));
         let lease = metadata
@@ -94,30 +158,41 @@ impl Bookie {
             rack: cfg.rack.clone(),
             writable: true,
         };
-        let value =
-            serde_json::to_vec(&info).map_err(|e| BookieError::Registration(e.to_string()))?;
-        let key = format!("{BOOKIES_PREFIX}{addr}");
-        // A previous incarnation's key may linger until its lease expires: replace it.
-        metadata
-            .txn(magnetar_metadata::Txn {
-                compares: vec![],
-                success: vec![magnetar_metadata::Op::Put {
-                    key,
-                    value,
-                    lease: Some(lease.id),
-                }],
-                failure: vec![],
-            })
-            .await
-            .map_err(|e| BookieError::Registration(e.to_string()))?;
+        register(metadata, &info, lease.id).await?;
         tracing::info!(addr = %addr, "bookie started and registered");
+        let usage_override = Arc::new(Mutex::new(None));
+        let monitor = tokio::spawn(disk_monitor(
+            cfg.clone(),
+            info,
+            lease.id,
+            metadata.clone(),
+            read_only.clone(),
+            usage_override.clone(),
+        ));
         Ok(Arc::new(Bookie {
             journal,
             endpoint,
             addr,
             lease: Mutex::new(Some(lease)),
             task,
+            monitor,
+            read_only,
+            usage_override,
         }))
+    }
+
+    /// Whether the bookie refuses new adds (disk above the high watermark).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection for tests: make the disk monitor see `usage`
+    /// (a fraction) instead of the real disk; `None` restores the real one.
+    pub fn set_disk_usage_override(&self, usage: Option<f64>) {
+        *self
+            .usage_override
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = usage;
     }
 
     pub fn addr(&self) -> &str {
@@ -126,6 +201,7 @@ impl Bookie {
 
     pub async fn shutdown(&self) {
         self.task.abort();
+        self.monitor.abort();
         self.endpoint.close(0u32.into(), b"shutdown");
         self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
@@ -133,7 +209,89 @@ impl Bookie {
     }
 }
 
-pub async fn handle(journal: &Journal, req: BookieRequest) -> BookieResponse {
+/// Writes (or rewrites) the bookie's registration under its lease. A
+/// previous incarnation's key may linger until its lease expires: replaced.
+async fn register(
+    metadata: &MetadataClient,
+    info: &BookieInfo,
+    lease: u64,
+) -> Result<(), BookieError> {
+    let value = serde_json::to_vec(info).map_err(|e| BookieError::Registration(e.to_string()))?;
+    metadata
+        .txn(magnetar_metadata::Txn {
+            compares: vec![],
+            success: vec![magnetar_metadata::Op::Put {
+                key: format!("{BOOKIES_PREFIX}{}", info.addr),
+                value,
+                lease: Some(lease),
+            }],
+            failure: vec![],
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| BookieError::Registration(e.to_string()))
+}
+
+/// Watches disk usage: above the high watermark the bookie turns read-only
+/// and registers as not writable; below the low one it turns writable again.
+async fn disk_monitor(
+    cfg: BookieConfig,
+    mut info: BookieInfo,
+    lease: u64,
+    metadata: MetadataClient,
+    read_only: Arc<AtomicBool>,
+    usage_override: Arc<Mutex<Option<f64>>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.disk_check_interval_ms.max(10)));
+    loop {
+        tick.tick().await;
+        let forced = *usage_override.lock().unwrap_or_else(|e| e.into_inner());
+        let usage = match forced {
+            Some(u) => u,
+            None => match disk_usage(&cfg.data_dir) {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %cfg.data_dir.display(), "cannot read disk usage");
+                    continue;
+                }
+            },
+        };
+        let ro = read_only.load(Ordering::Relaxed);
+        let now_ro = if ro {
+            usage >= cfg.disk_low_watermark
+        } else {
+            usage >= cfg.disk_high_watermark
+        };
+        if now_ro != ro || info.writable == now_ro {
+            read_only.store(now_ro, Ordering::Relaxed);
+            info.writable = !now_ro;
+            if now_ro != ro {
+                tracing::warn!(
+                    usage = format!("{:.1} %", usage * 100.0),
+                    high = cfg.disk_high_watermark,
+                    low = cfg.disk_low_watermark,
+                    "bookie is now {}",
+                    if now_ro {
+                        "read-only (disk above the high watermark)"
+                    } else {
+                        "writable (disk below the low watermark)"
+                    }
+                );
+            }
+            if let Err(e) = register(&metadata, &info, lease).await {
+                // Retried on the next tick: `info.writable` disagrees with the state until then.
+                info.writable = now_ro;
+                tracing::warn!(error = %e, "could not update the registration");
+            }
+        }
+    }
+}
+
+pub async fn handle(
+    journal: &Journal,
+    read_only: &AtomicBool,
+    req: BookieRequest,
+) -> BookieResponse {
     let res = match req {
         BookieRequest::Add {
             ledger_id,
@@ -146,6 +304,8 @@ pub async fn handle(journal: &Journal, req: BookieRequest) -> BookieResponse {
         } => {
             if payload.len() > MAX_ENTRY_BYTES {
                 Err(BookieErrorCode::TooLarge)
+            } else if !recovery && read_only.load(Ordering::Relaxed) {
+                Err(BookieErrorCode::ReadOnly)
             } else {
                 journal
                     .add(

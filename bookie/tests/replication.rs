@@ -42,13 +42,13 @@ impl Tier {
         let metadata = MetadataClient::new(rpc.clone(), vec![node.local_addr()]);
         let mut bookies = Vec::new();
         for (i, rack) in racks.iter().enumerate() {
-            let cfg = BookieConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                advertise: None,
-                data_dir: dir.path().join(format!("bookie-{i}")),
-                rack: rack.map(String::from),
-                registration_ttl_ms: 2_000,
-            };
+            let mut cfg = BookieConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                dir.path().join(format!("bookie-{i}")),
+            );
+            cfg.rack = rack.map(String::from);
+            cfg.registration_ttl_ms = 2_000;
+            cfg.disk_check_interval_ms = 100;
             bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
         }
         Tier {
@@ -277,5 +277,80 @@ async fn placement_spreads_an_ensemble_over_racks() {
         w.close().await.unwrap();
         tokio::time::sleep(Duration::from_millis(7)).await;
     }
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_bookie_turns_read_only_and_writers_route_around_it() {
+    let tier = Tier::start(&[None; 4]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    let full = w.metadata().fragments[0].bookies[0].clone();
+    let bookie = tier
+        .bookies
+        .iter()
+        .flatten()
+        .find(|b| b.addr() == full)
+        .unwrap()
+        .clone();
+    for i in 0..50 {
+        w.add(payload(i)).await.unwrap();
+    }
+    // Its disk crosses the high watermark (95 %).
+    bookie.set_disk_usage_override(Some(0.97));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while lc
+        .writable_bookies()
+        .await
+        .unwrap()
+        .iter()
+        .any(|b| b.addr == full)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registration still writable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(bookie.is_read_only());
+    // The open writer's adds to it are refused; the writer replaces it.
+    for i in 50..100 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    assert!(!meta.fragments.last().unwrap().bookies.contains(&full));
+    // New ledgers are placed around it.
+    for _ in 0..5 {
+        let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+        assert!(!w.metadata().fragments[0].bookies.contains(&full));
+        w.close().await.unwrap();
+    }
+    // Data it holds stays readable.
+    for e in 0..100 {
+        assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
+    }
+    // Between the marks it stays read-only; below the low mark (90 %) it is writable again.
+    bookie.set_disk_usage_override(Some(0.92));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        bookie.is_read_only(),
+        "hysteresis: 92 % is above the low mark"
+    );
+    bookie.set_disk_usage_override(Some(0.50));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !lc
+        .writable_bookies()
+        .await
+        .unwrap()
+        .iter()
+        .any(|b| b.addr == full)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registration not writable again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!bookie.is_read_only());
     tier.shutdown().await;
 }

@@ -68,13 +68,7 @@ impl Standalone {
         Broker::create_namespace(&metadata, "public/default")
             .await
             .map_err(err)?;
-        let bcfg = BookieConfig {
-            listen: addr(cfg.bookie_port)?,
-            advertise: None,
-            data_dir: cfg.data_dir.join("bookie"),
-            rack: None,
-            registration_ttl_ms: 10_000,
-        };
+        let bcfg = BookieConfig::new(addr(cfg.bookie_port)?, cfg.data_dir.join("bookie"));
         let bookie = Bookie::start(bcfg, &tls, &metadata).await.map_err(err)?;
         let ledgers = LedgerClient::new(metadata.clone(), rpc);
         let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
