@@ -36,6 +36,18 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: BookiesCmd,
     },
+    /// Ledgers.
+    Ledgers {
+        #[command(subcommand)]
+        cmd: LedgersCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgersCmd {
+    /// Ledgers with entries on bookies that are not registered now (the
+    /// auditor copies them elsewhere once the grace period passed).
+    UnderReplicated,
 }
 
 #[derive(Subcommand)]
@@ -112,6 +124,22 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("removing node {id}"))?;
             println!("node {id} removed");
+        }
+        AdminCmd::Ledgers {
+            cmd: LedgersCmd::UnderReplicated,
+        } => {
+            let list = magnetar_bookie::auditor::under_replicated(&client).await?;
+            if list.is_empty() {
+                println!("no under-replicated ledgers");
+            }
+            for u in list {
+                println!(
+                    "ledger {} state={:?} missing={}",
+                    u.ledger_id,
+                    u.state,
+                    u.missing.join(",")
+                );
+            }
         }
         AdminCmd::Bookies {
             cmd: BookiesCmd::List,

@@ -157,7 +157,11 @@ impl LedgerClient {
         self
     }
 
-    async fn call(&self, bookie: &str, req: &BookieRequest) -> Result<BookieResponse, LedgerError> {
+    pub(crate) async fn call(
+        &self,
+        bookie: &str,
+        req: &BookieRequest,
+    ) -> Result<BookieResponse, LedgerError> {
         Self::call_with(&self.rpc, bookie, req).await
     }
 
@@ -189,6 +193,28 @@ impl LedgerClient {
                 reason: e.to_string(),
             }),
         }
+    }
+
+    /// A writable bookie to take over from one of `current`, on a rack the
+    /// others of `current` do not cover when possible.
+    pub(crate) async fn place_replacement(
+        &self,
+        current: &[String],
+    ) -> Result<String, LedgerError> {
+        let all = self.writable_bookies().await?;
+        let used: BTreeSet<Option<String>> = all
+            .iter()
+            .filter(|b| current.contains(&b.addr))
+            .map(|b| b.rack.clone())
+            .collect();
+        let candidates: Vec<BookieInfo> = all
+            .into_iter()
+            .filter(|b| !current.contains(&b.addr))
+            .collect();
+        let have = candidates.len();
+        place(candidates, 1, &used)
+            .and_then(|v| v.into_iter().next())
+            .ok_or(LedgerError::NotEnoughBookies { need: 1, have })
     }
 
     /// Registered bookies that accept writes.
@@ -288,7 +314,8 @@ impl LedgerClient {
         Ok((meta, kv.version))
     }
 
-    async fn store_metadata(
+    /// Stores `meta` if the record is still at `version`.
+    pub(crate) async fn store_metadata(
         &self,
         meta: &LedgerMetadata,
         version: u64,

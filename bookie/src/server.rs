@@ -52,6 +52,27 @@ pub struct BookieConfig {
     pub disk_low_watermark: f64,
     #[serde(default = "default_disk_check_interval_ms")]
     pub disk_check_interval_ms: u64,
+    /// Take part in auto-recovery: one bookie of the cluster is elected
+    /// auditor and re-replicates the entries of bookies gone for longer
+    /// than `auditor_grace_ms`.
+    #[serde(default = "default_true")]
+    pub auditor: bool,
+    #[serde(default = "default_auditor_grace_ms")]
+    pub auditor_grace_ms: u64,
+    #[serde(default = "default_auditor_interval_ms")]
+    pub auditor_interval_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_auditor_grace_ms() -> u64 {
+    60_000
+}
+
+fn default_auditor_interval_ms() -> u64 {
+    5_000
 }
 
 fn default_registration_ttl_ms() -> u64 {
@@ -81,6 +102,9 @@ impl BookieConfig {
             disk_high_watermark: default_high_watermark(),
             disk_low_watermark: default_low_watermark(),
             disk_check_interval_ms: default_disk_check_interval_ms(),
+            auditor: true,
+            auditor_grace_ms: default_auditor_grace_ms(),
+            auditor_interval_ms: default_auditor_interval_ms(),
         }
     }
 }
@@ -114,6 +138,7 @@ pub struct Bookie {
     lease: Mutex<Option<Lease>>,
     task: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
+    auditor: Option<tokio::task::JoinHandle<()>>,
     read_only: Arc<AtomicBool>,
     /// Fault injection for tests: the disk usage the monitor sees.
     usage_override: Arc<Mutex<Option<f64>>>,
@@ -161,6 +186,22 @@ impl Bookie {
         register(metadata, &info, lease.id).await?;
         tracing::info!(addr = %addr, "bookie started and registered");
         let usage_override = Arc::new(Mutex::new(None));
+        let auditor = cfg.auditor.then(|| {
+            let ledgers = crate::LedgerClient::new(
+                metadata.clone(),
+                magnetar_proto::rpc::RpcClient::new(endpoint.clone()),
+            );
+            tokio::spawn(crate::auditor::run(
+                addr.clone(),
+                lease.id,
+                metadata.clone(),
+                ledgers,
+                crate::auditor::AuditorConfig {
+                    grace: Duration::from_millis(cfg.auditor_grace_ms),
+                    interval: Duration::from_millis(cfg.auditor_interval_ms.max(10)),
+                },
+            ))
+        });
         let monitor = tokio::spawn(disk_monitor(
             cfg.clone(),
             info,
@@ -176,6 +217,7 @@ impl Bookie {
             lease: Mutex::new(Some(lease)),
             task,
             monitor,
+            auditor,
             read_only,
             usage_override,
         }))
@@ -202,6 +244,9 @@ impl Bookie {
     pub async fn shutdown(&self) {
         self.task.abort();
         self.monitor.abort();
+        if let Some(a) = &self.auditor {
+            a.abort();
+        }
         self.endpoint.close(0u32.into(), b"shutdown");
         self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())

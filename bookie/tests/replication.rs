@@ -1,7 +1,7 @@
 //! Replicated ledgers over real bookies (in-process, real QUIC and disks):
 //! ensemble change when a bookie fails mid-stream, fencing of an old writer,
-//! recovery closing at the right entry, concurrent recoveries agreeing, and
-//! rack-aware placement.
+//! recovery closing at the right entry, concurrent recoveries agreeing,
+//! rack-aware placement, disk watermarks and auto-recovery of a lost bookie.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -49,6 +49,8 @@ impl Tier {
             cfg.rack = rack.map(String::from);
             cfg.registration_ttl_ms = 2_000;
             cfg.disk_check_interval_ms = 100;
+            cfg.auditor_grace_ms = 1_000;
+            cfg.auditor_interval_ms = 200;
             bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
         }
         Tier {
@@ -352,5 +354,71 @@ async fn a_full_bookie_turns_read_only_and_writers_route_around_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!bookie.is_read_only());
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
+    let mut tier = Tier::start(&[None; 4]).await;
+    let lc = tier.client();
+    let mut closed = Vec::new();
+    for _ in 0..3 {
+        let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+        let mut adds = Vec::new();
+        for i in 0..200 {
+            adds.push(w.add(payload(i)));
+        }
+        for a in adds {
+            a.await.unwrap();
+        }
+        closed.push(w.close().await.unwrap());
+    }
+    // A bookie of the first ledger's ensemble goes away for good.
+    let gone = closed[0].fragments[0].bookies[0].clone();
+    tier.stop_bookie(&gone).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Its registration expires with its lease (2 s here)...
+    while lc
+        .writable_bookies()
+        .await
+        .unwrap()
+        .iter()
+        .any(|b| b.addr == gone)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registration lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... then, after the grace period, the auditor copies its entries.
+    loop {
+        let under = magnetar_bookie::auditor::under_replicated(&tier.metadata)
+            .await
+            .unwrap();
+        if under.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still under-replicated: {under:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every entry of every ledger is back on all Qw bookies of its write set.
+    for old in &closed {
+        let (meta, _) = lc.metadata(old.ledger_id).await.unwrap();
+        assert!(meta.fragments.iter().all(|f| !f.bookies.contains(&gone)));
+        for e in 0..200u64 {
+            for b in meta.bookies_for(e) {
+                assert_eq!(
+                    tier.read_from(&b, meta.ledger_id, e).await,
+                    Some(payload(e)),
+                    "ledger {} entry {e} missing on {b}",
+                    meta.ledger_id
+                );
+            }
+        }
+    }
     tier.shutdown().await;
 }
