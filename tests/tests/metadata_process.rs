@@ -1,7 +1,8 @@
 //! Three `magnetar metadata --config` processes: kill -9 the leader during a
 //! stream of CAS writes. Writing resumes through the survivors, no
 //! acknowledged write is lost, none applies twice, and the killed node
-//! catches up when it comes back.
+//! catches up when it comes back. Then `magnetar admin metadata` adds a
+//! fourth node process and removes the leader, as an operator would.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{free_udp_port, init_logs, Member};
+use magnetar_tests::{free_udp_port, init_logs, magnetar_bin, Member};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,4 +104,76 @@ async fn kill_9_the_metadata_leader() {
         assert!(Instant::now() < deadline, "restarted node did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // An operator adds a fourth node and removes the current leader.
+    let addr4 = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let node_dir = dir.path().join("metadata-4");
+    TlsMaterial::issue(&ca, &node_dir.join("tls")).unwrap();
+    let config = node_dir.join("metadata.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\nlisten = \"{addr4}\"\ndata_dir = \"{}\"\n\
+             initial_members = [{}]\n[tls]\ndir = \"{}\"\n",
+            node_dir.join("data").display(),
+            members.join(", "),
+            node_dir.join("tls").display()
+        ),
+    )
+    .unwrap();
+    nodes.push(Member::spawn(
+        "metadata",
+        &config,
+        &node_dir.join("metadata.log"),
+    ));
+    let out = admin(
+        dir.path(),
+        &addrs,
+        &[
+            "metadata",
+            "add-node",
+            "--id",
+            "4",
+            "--addr",
+            &addr4.to_string(),
+        ],
+    );
+    assert!(out.contains("node 4"), "{out}");
+    let mut all = addrs.clone();
+    all.push(addr4);
+    let status = admin(dir.path(), &all, &["metadata", "status"]);
+    assert!(status.contains("voters=[1, 2, 3, 4]"), "{status}");
+    let leader = c.status().await.unwrap().leader.unwrap();
+    admin(
+        dir.path(),
+        &all,
+        &["metadata", "remove-node", "--id", &leader.to_string()],
+    );
+    nodes[(leader - 1) as usize].kill9();
+    all.remove((leader - 1) as usize);
+    let c = MetadataClient::new(RpcClient::new(client_endpoint(&tls).unwrap()), all.clone());
+    assert!(c
+        .cas("after-removal", 0, b"1".to_vec(), None)
+        .await
+        .unwrap());
+    let s = c.status().await.unwrap();
+    assert_eq!(s.voters.len(), 3, "{s:?}");
+    assert!(!s.voters.contains(&leader));
+}
+
+fn admin(dir: &std::path::Path, endpoints: &[SocketAddr], args: &[&str]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
+    let out = std::process::Command::new(magnetar_bin())
+        .args(["admin", "--metadata", &list.join(","), "--tls-dir"])
+        .arg(dir.join("client"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
