@@ -5,8 +5,13 @@
 //!
 //! An in-memory index maps (ledger, entry) to a position in a journal segment;
 //! it is rebuilt from the segments at start, and a torn tail (a crash during
-//! a write) is cut off there. This foundation reads entries back from the
-//! journal itself; the separate entry log and checkpoints come later.
+//! a write) is cut off there. Entries are read back from the journal
+//! segments themselves (there is no separate entry log or checkpoint yet).
+//!
+//! Garbage collection: `delete_ledgers` records deletions (a `DELETE` record,
+//! so a restart does not bring them back) and drops them from the index;
+//! `compact` copies the live entries of mostly-dead segments to the head of
+//! the journal and removes those segments, so disk use follows live data.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -28,6 +33,7 @@ pub const JOURNAL_QUEUE_REQUESTS: usize = 64 * 1024;
 
 const REC_ADD: u8 = 1;
 const REC_FENCE: u8 = 2;
+const REC_DELETE: u8 = 3;
 /// `[u32 len][u32 crc32c][type]` then the body.
 const REC_HEADER: usize = 9;
 /// Add body before the payload: ledger, entry, lac, digest, master key.
@@ -79,6 +85,10 @@ enum Request {
         master_key: MasterKey,
         done: oneshot::Sender<Result<i64, BookieErrorCode>>,
     },
+    Delete {
+        ledgers: Vec<u64>,
+        done: oneshot::Sender<Result<(), BookieErrorCode>>,
+    },
 }
 
 /// Handle to the journal. Cheap to clone.
@@ -86,6 +96,15 @@ enum Request {
 pub struct Journal {
     tx: mpsc::Sender<Request>,
     index: Arc<RwLock<Index>>,
+    dir: PathBuf,
+}
+
+/// What one `compact` pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompactStats {
+    pub segments_removed: usize,
+    pub entries_moved: usize,
+    pub bytes_freed: u64,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -101,6 +120,11 @@ pub enum JournalError {
 impl Journal {
     /// Opens (replaying) or creates the journal in `dir`.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        Self::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// As `open`, rolling segments at `segment_bytes`.
+    pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir)?;
         let mut segs: Vec<u64> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -142,6 +166,7 @@ impl Journal {
             index: index.clone(),
             state: HashMap::new(),
             failed: false,
+            segment_bytes: segment_bytes.max(4096),
         };
         {
             let g = index.read().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +177,118 @@ impl Journal {
         std::thread::Builder::new()
             .name("bookie-journal".into())
             .spawn(move || writer.run(rx))?;
-        Ok(Journal { tx, index })
+        Ok(Journal {
+            tx,
+            index,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Ledgers this bookie holds anything of.
+    pub fn ledger_ids(&self) -> Vec<u64> {
+        let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+        g.ledgers.keys().copied().collect()
+    }
+
+    /// Forgets `ledgers` durably: their entries become garbage for `compact`.
+    pub async fn delete_ledgers(&self, ledgers: Vec<u64>) -> Result<(), BookieErrorCode> {
+        if ledgers.is_empty() {
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Delete { ledgers, done })
+            .await
+            .map_err(|_| BookieErrorCode::Io)?;
+        rx.await.map_err(|_| BookieErrorCode::Io)?
+    }
+
+    /// Removes every closed segment whose share of garbage is at least
+    /// `min_garbage` (0.0–1.0), after copying its live entries to the head of
+    /// the journal and re-recording every fence (a fence record may live in
+    /// a removed segment).
+    pub async fn compact(&self, min_garbage: f64) -> Result<CompactStats, BookieErrorCode> {
+        let (victims, moves, fences) = {
+            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let active = g.segments.keys().copied().max().unwrap_or(0);
+            let mut live: HashMap<u64, u64> = HashMap::new();
+            for l in g.ledgers.values() {
+                for loc in l.entries.values() {
+                    *live.entry(loc.segment).or_default() += loc.len as u64;
+                }
+            }
+            let mut victims = Vec::new();
+            for (seg, file) in &g.segments {
+                let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let used = live.get(seg).copied().unwrap_or(0);
+                if *seg != active
+                    && total > 0
+                    && (total - used.min(total)) as f64 >= min_garbage * total as f64
+                {
+                    victims.push((*seg, total));
+                }
+            }
+            let set: Vec<u64> = victims.iter().map(|(s, _)| *s).collect();
+            let mut moves = Vec::new();
+            let mut fences = Vec::new();
+            for (id, l) in &g.ledgers {
+                for (e, loc) in &l.entries {
+                    if set.contains(&loc.segment) {
+                        moves.push((*id, *e, l.master_key));
+                    }
+                }
+                if l.fenced {
+                    if let Some(k) = l.master_key {
+                        fences.push((*id, k));
+                    }
+                }
+            }
+            (victims, moves, fences)
+        };
+        if victims.is_empty() {
+            return Ok(CompactStats::default());
+        }
+        let mut stats = CompactStats::default();
+        for (ledger, entry, key) in moves {
+            let Some(key) = key else { continue };
+            let e = match self.read(ledger, entry) {
+                Ok(e) => e,
+                // Deleted meanwhile.
+                Err(BookieErrorCode::NoSuchLedger | BookieErrorCode::NoSuchEntry) => continue,
+                Err(e) => return Err(e),
+            };
+            self.add(ledger, entry, e.lac, key, e.payload, e.digest, true)
+                .await?;
+            stats.entries_moved += 1;
+        }
+        for (ledger, key) in fences {
+            self.fence(ledger, key).await?;
+        }
+        for (seg, total) in victims {
+            let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+            let still_used = g
+                .ledgers
+                .values()
+                .any(|l| l.entries.values().any(|loc| loc.segment == seg));
+            if still_used {
+                continue;
+            }
+            g.segments.remove(&seg);
+            drop(g);
+            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, seg)) {
+                tracing::warn!(segment = seg, error = %e, "could not remove a compacted journal segment");
+                continue;
+            }
+            stats.segments_removed += 1;
+            stats.bytes_freed += total;
+        }
+        if stats.segments_removed > 0 {
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+            tracing::info!(?stats, "journal compacted");
+        }
+        Ok(stats)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -297,6 +433,13 @@ fn replay(seg: u64, data: &[u8], index: &mut Index) -> usize {
                     },
                 );
             }
+            REC_DELETE => {
+                for id in body.chunks_exact(8) {
+                    index
+                        .ledgers
+                        .remove(&u64::from_be_bytes(id.try_into().unwrap_or([0; 8])));
+                }
+            }
             REC_FENCE if body.len() >= 24 => {
                 let l = index
                     .ledgers
@@ -328,6 +471,7 @@ struct Writer {
     /// Set after a failed write or sync: the file's tail is unknown, so the
     /// journal refuses everything from then on rather than guess offsets.
     failed: bool,
+    segment_bytes: u64,
 }
 
 /// Appends `[len][crc32c][kind][parts…]` to `buf`; returns where the body starts.
@@ -358,6 +502,7 @@ enum Done {
         MasterKey,
         oneshot::Sender<Result<i64, BookieErrorCode>>,
     ),
+    Delete(Vec<u64>, oneshot::Sender<Result<(), BookieErrorCode>>),
 }
 
 impl Writer {
@@ -387,7 +532,7 @@ impl Writer {
                 self.failed = true;
             }
             self.finish(res.is_ok(), &mut done);
-            if self.size >= SEGMENT_BYTES {
+            if self.size >= self.segment_bytes {
                 if let Err(e) = self.roll() {
                     tracing::error!(error = %e, "journal segment roll failed");
                 }
@@ -413,6 +558,9 @@ impl Writer {
                     let _ = done.send(Err(BookieErrorCode::Io));
                 }
                 Request::Fence { done, .. } => {
+                    let _ = done.send(Err(BookieErrorCode::Io));
+                }
+                Request::Delete { done, .. } => {
                     let _ = done.send(Err(BookieErrorCode::Io));
                 }
             }
@@ -477,6 +625,15 @@ impl Writer {
                 put_record(buf, REC_FENCE, &[&ledger_id.to_be_bytes(), &master_key]);
                 done.push(Done::Fence(ledger_id, master_key, tx));
             }
+            Request::Delete { ledgers, done: tx } => {
+                let ids: Vec<[u8; 8]> = ledgers.iter().map(|l| l.to_be_bytes()).collect();
+                let parts: Vec<&[u8]> = ids.iter().map(|b| &b[..]).collect();
+                put_record(buf, REC_DELETE, &parts);
+                for l in &ledgers {
+                    self.state.remove(l);
+                }
+                done.push(Done::Delete(ledgers, tx));
+            }
         }
     }
 
@@ -486,6 +643,7 @@ impl Writer {
                 match d {
                     Done::Add(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                     Done::Fence(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
+                    Done::Delete(_, tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                 }
             }
             return;
@@ -513,6 +671,12 @@ impl Writer {
                     l.fenced = true;
                     let lac = l.lac;
                     let _ = tx.send(Ok(lac));
+                }
+                Done::Delete(ledgers, tx) => {
+                    for l in ledgers {
+                        g.ledgers.remove(&l);
+                    }
+                    let _ = tx.send(Ok(()));
                 }
             }
         }
@@ -614,5 +778,62 @@ mod tests {
             .add(1, 1002, 0, key(), Bytes::from_static(b"x"), 12345, false)
             .await;
         assert_eq!(bad, Err(BookieErrorCode::BadDigest));
+    }
+
+    fn segment_count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".jnl")
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn deleted_ledgers_are_compacted_away_and_stay_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = vec![9u8; 1000];
+        {
+            let j = Journal::open_with(dir.path(), 64 * 1024).unwrap();
+            // Three ledgers interleaved over many small segments.
+            for e in 0..150u64 {
+                for l in 1..=3u64 {
+                    add(&j, l, e, &payload).await.unwrap();
+                }
+            }
+            j.fence(2, key()).await.unwrap();
+            let before = segment_count(dir.path());
+            assert!(before > 5, "{before} segments");
+            j.delete_ledgers(vec![1, 3]).await.unwrap();
+            assert_eq!(j.ledger_ids(), vec![2]);
+            let stats = j.compact(0.5).await.unwrap();
+            assert!(stats.segments_removed > 0, "{stats:?}");
+            let after = segment_count(dir.path());
+            assert!(after < before, "{before} -> {after} segments");
+            for e in 0..150u64 {
+                assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);
+            }
+            assert_eq!(
+                add(&j, 2, 150, &payload).await,
+                Err(BookieErrorCode::Fenced),
+                "the fence survives compaction"
+            );
+        }
+        // After a restart: deleted ledgers stay deleted, the fence and the
+        // live entries are still there.
+        let j = Journal::open_with(dir.path(), 64 * 1024).unwrap();
+        assert_eq!(j.ledger_ids(), vec![2]);
+        assert!(matches!(j.read(1, 0), Err(BookieErrorCode::NoSuchLedger)));
+        for e in 0..150u64 {
+            assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);
+        }
+        assert_eq!(
+            add(&j, 2, 150, &payload).await,
+            Err(BookieErrorCode::Fenced)
+        );
     }
 }

@@ -61,6 +61,28 @@ pub struct BookieConfig {
     pub auditor_grace_ms: u64,
     #[serde(default = "default_auditor_interval_ms")]
     pub auditor_interval_ms: u64,
+    /// Journal segments roll at this size; compaction works segment by segment.
+    #[serde(default = "default_journal_segment_bytes")]
+    pub journal_segment_bytes: u64,
+    /// How often the bookie drops ledgers deleted from the metadata service
+    /// and compacts journal segments that are mostly garbage.
+    #[serde(default = "default_gc_interval_ms")]
+    pub gc_interval_ms: u64,
+    /// A segment is compacted once at least this share of it is garbage.
+    #[serde(default = "default_gc_min_garbage")]
+    pub gc_min_garbage: f64,
+}
+
+fn default_journal_segment_bytes() -> u64 {
+    crate::journal::SEGMENT_BYTES
+}
+
+fn default_gc_interval_ms() -> u64 {
+    60_000
+}
+
+fn default_gc_min_garbage() -> f64 {
+    0.5
 }
 
 fn default_true() -> bool {
@@ -105,6 +127,9 @@ impl BookieConfig {
             auditor: true,
             auditor_grace_ms: default_auditor_grace_ms(),
             auditor_interval_ms: default_auditor_interval_ms(),
+            journal_segment_bytes: default_journal_segment_bytes(),
+            gc_interval_ms: default_gc_interval_ms(),
+            gc_min_garbage: default_gc_min_garbage(),
         }
     }
 }
@@ -138,6 +163,7 @@ pub struct Bookie {
     lease: Mutex<Option<Lease>>,
     task: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
+    gc: tokio::task::JoinHandle<()>,
     auditor: Option<tokio::task::JoinHandle<()>>,
     read_only: Arc<AtomicBool>,
     /// Fault injection for tests: the disk usage the monitor sees.
@@ -150,7 +176,7 @@ impl Bookie {
         tls: &TlsMaterial,
         metadata: &MetadataClient,
     ) -> Result<Arc<Bookie>, BookieError> {
-        let journal = Journal::open(&cfg.data_dir.join("journal"))?;
+        let journal = Journal::open_with(&cfg.data_dir.join("journal"), cfg.journal_segment_bytes)?;
         let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls).await?;
         let local = endpoint
             .local_addr()
@@ -202,6 +228,12 @@ impl Bookie {
                 },
             ))
         });
+        let gc = tokio::spawn(gc_loop(
+            journal.clone(),
+            metadata.clone(),
+            Duration::from_millis(cfg.gc_interval_ms.max(10)),
+            cfg.gc_min_garbage,
+        ));
         let monitor = tokio::spawn(disk_monitor(
             cfg.clone(),
             info,
@@ -217,6 +249,7 @@ impl Bookie {
             lease: Mutex::new(Some(lease)),
             task,
             monitor,
+            gc,
             auditor,
             read_only,
             usage_override,
@@ -244,6 +277,7 @@ impl Bookie {
     pub async fn shutdown(&self) {
         self.task.abort();
         self.monitor.abort();
+        self.gc.abort();
         if let Some(a) = &self.auditor {
             a.abort();
         }
@@ -275,6 +309,45 @@ async fn register(
         .await
         .map(|_| ())
         .map_err(|e| BookieError::Registration(e.to_string()))
+}
+
+/// Garbage collection: ledgers this bookie holds that the metadata service
+/// no longer knows were deleted (a ledger's metadata is created before its
+/// first add reaches a bookie, so listing the journal's ledgers *before*
+/// reading the metadata never mistakes a new ledger for a deleted one).
+async fn gc_loop(journal: Journal, metadata: MetadataClient, every: Duration, min_garbage: f64) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let held = journal.ledger_ids();
+        let live: std::collections::BTreeSet<u64> =
+            match metadata.range(crate::client::LEDGERS_PREFIX, 0).await {
+                Ok(kvs) => kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        kv.key
+                            .strip_prefix(crate::client::LEDGERS_PREFIX)
+                            .and_then(|id| id.parse().ok())
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "gc: metadata unavailable");
+                    continue;
+                }
+            };
+        let dead: Vec<u64> = held.into_iter().filter(|l| !live.contains(l)).collect();
+        if !dead.is_empty() {
+            tracing::info!(ledgers = dead.len(), "gc: dropping deleted ledgers");
+            if let Err(e) = journal.delete_ledgers(dead).await {
+                tracing::warn!(error = %e, "gc: could not record deletions");
+                continue;
+            }
+        }
+        if let Err(e) = journal.compact(min_garbage).await {
+            tracing::warn!(error = %e, "gc: compaction failed");
+        }
+    }
 }
 
 /// Watches disk usage: above the high watermark the bookie turns read-only

@@ -51,6 +51,8 @@ impl Tier {
             cfg.disk_check_interval_ms = 100;
             cfg.auditor_grace_ms = 1_000;
             cfg.auditor_interval_ms = 200;
+            cfg.journal_segment_bytes = 64 * 1024;
+            cfg.gc_interval_ms = 200;
             bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
         }
         Tier {
@@ -93,6 +95,17 @@ impl Tier {
             Ok(BookieResponse::Entry { payload, .. }) => Some(payload),
             _ => None,
         }
+    }
+
+    fn journal_bytes(&self) -> u64 {
+        let mut total = 0;
+        for i in 0..self.bookies.len() {
+            let dir = self._dir.path().join(format!("bookie-{i}/journal"));
+            for e in std::fs::read_dir(dir).unwrap() {
+                total += e.unwrap().metadata().unwrap().len();
+            }
+        }
+        total
     }
 
     async fn shutdown(self) {
@@ -419,6 +432,38 @@ async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
                 );
             }
         }
+    }
+    tier.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_use_stays_bounded_when_ledgers_are_written_and_deleted() {
+    let tier = Tier::start(&[None, None]).await;
+    let lc = tier.client();
+    let data = Bytes::from(vec![3u8; 1024]);
+    let mut peak = 0;
+    for _ in 0..12 {
+        let w = lc.create(2, 2, 2, BTreeMap::new()).await.unwrap();
+        let adds: Vec<_> = (0..300).map(|_| w.add(data.clone())).collect();
+        for a in adds {
+            a.await.unwrap();
+        }
+        w.close().await.unwrap();
+        lc.delete(w.ledger_id()).await.unwrap();
+        peak = peak.max(tier.journal_bytes());
+    }
+    // Written: 12 ledgers x 300 KiB on each of 2 bookies (~7.4 MB in all).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = tier.journal_bytes();
+        if now < 512 * 1024 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "journals hold {now} bytes after every ledger was deleted (peak {peak})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tier.shutdown().await;
 }
