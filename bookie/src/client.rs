@@ -429,7 +429,12 @@ impl LedgerClient {
                 }
                 return self.finish_recovery(meta, version + 1).await;
             }
-            return self.finish_recovery(meta, version).await;
+            match self.finish_recovery(meta, version).await {
+                // Another recovery changed the metadata (replaced a bookie,
+                // or closed it): start over from what it stored.
+                Err(LedgerError::Conflict(_)) => continue,
+                r => return r,
+            }
         }
     }
 
@@ -471,9 +476,56 @@ impl LedgerClient {
             ));
         }
         let mut entry = (lac + 1).max(last.first_entry as i64) as u64;
+        // Entries are looked for on the last fragment as the writer left
+        // it; bookies of it that are unreachable are replaced first (a new
+        // fragment from `entry`, stored by CAS) so the tail can be
+        // re-replicated to a full write quorum.
+        let found_on = meta.clone();
+        let mut version = version;
+        let unreachable: Vec<String> = last
+            .bookies
+            .iter()
+            .zip(&fences)
+            .filter(|(_, r)| matches!(r, Err(LedgerError::Unreachable { .. })))
+            .map(|(b, _)| b.clone())
+            .collect();
+        if !unreachable.is_empty() {
+            let mut ensemble = last.bookies.clone();
+            for gone in &unreachable {
+                let Ok(new) = self.place_replacement(&ensemble).await else {
+                    tracing::warn!(ledger_id = id, bookie = %gone, "recovery: no bookie to replace an unreachable one");
+                    continue;
+                };
+                if let Some(p) = ensemble.iter().position(|b| b == gone) {
+                    ensemble[p] = new;
+                }
+            }
+            if ensemble != last.bookies {
+                match meta.fragments.last_mut() {
+                    Some(f) if f.first_entry == entry => f.bookies = ensemble.clone(),
+                    _ => meta.fragments.push(Fragment {
+                        first_entry: entry,
+                        bookies: ensemble.clone(),
+                    }),
+                }
+                if !self.store_metadata(&meta, version).await? {
+                    return Err(LedgerError::Conflict(id));
+                }
+                version += 1;
+                tracing::info!(ledger_id = id, replaced = ?unreachable, first_entry = entry, "recovery replaced unreachable bookies");
+            }
+        }
         let mut length = 0u64;
+        // Bookies that did not answer the fence are not asked again: each
+        // attempt would cost a connection timeout per entry.
+        let alive = |b: &String| !unreachable.contains(b);
         loop {
-            let set = meta.bookies_for(entry);
+            let set: Vec<String> = found_on
+                .bookies_for(entry)
+                .into_iter()
+                .filter(alive)
+                .collect();
+            let targets: Vec<String> = meta.bookies_for(entry).into_iter().filter(alive).collect();
             let read = BookieRequest::Read {
                 ledger_id: id,
                 entry_id: entry,
@@ -511,7 +563,7 @@ impl LedgerClient {
                         digest,
                         recovery: true,
                     };
-                    let acks = join_all(set.iter().map(|b| self.call(b, &add)))
+                    let acks = join_all(targets.iter().map(|b| self.call(b, &add)))
                         .await
                         .into_iter()
                         .filter(|r| r.is_ok())

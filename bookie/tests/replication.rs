@@ -467,3 +467,37 @@ async fn disk_use_stays_bounded_when_ledgers_are_written_and_deleted() {
     }
     tier.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_replaces_a_dead_bookie_of_the_last_fragment() {
+    let mut tier = Tier::start(&[None; 4]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    let adds: Vec<_> = (0..300).map(|i| w.add(payload(i))).collect();
+    for a in adds {
+        a.await.unwrap();
+    }
+    // The writer's broker and one bookie of its ensemble die together.
+    let dead = w.metadata().fragments[0].bookies[2].clone();
+    drop(w);
+    tier.stop_bookie(&dead).await;
+    let closed = tier.client().recover(1).await.unwrap();
+    assert_eq!(closed.state, LedgerState::Closed);
+    assert_eq!(closed.last_entry_id, 299);
+    let last = closed.fragments.last().unwrap();
+    assert!(!last.bookies.contains(&dead), "{closed:?}");
+    for e in 0..300u64 {
+        assert_eq!(lc.read(&closed, e).await.unwrap(), payload(e));
+    }
+    // The recovered tail is on a full write quorum of the new fragment.
+    for e in last.first_entry..300 {
+        for b in closed.bookies_for(e) {
+            assert_eq!(
+                tier.read_from(&b, 1, e).await,
+                Some(payload(e)),
+                "entry {e} on {b}"
+            );
+        }
+    }
+    tier.shutdown().await;
+}
