@@ -34,6 +34,7 @@ pub const JOURNAL_QUEUE_REQUESTS: usize = 64 * 1024;
 const REC_ADD: u8 = 1;
 const REC_FENCE: u8 = 2;
 const REC_DELETE: u8 = 3;
+const CHECKPOINT: &str = "checkpoint";
 /// `[u32 len][u32 crc32c][type]` then the body.
 const REC_HEADER: usize = 9;
 /// Add body before the payload: ledger, entry, lac, digest, master key.
@@ -89,6 +90,9 @@ enum Request {
         ledgers: Vec<u64>,
         done: oneshot::Sender<Result<(), BookieErrorCode>>,
     },
+    /// Answers the journal position after everything sent before it is
+    /// durable and indexed.
+    Mark { done: oneshot::Sender<(u64, u64)> },
 }
 
 /// Handle to the journal. Cheap to clone.
@@ -97,6 +101,15 @@ pub struct Journal {
     tx: mpsc::Sender<Request>,
     index: Arc<RwLock<Index>>,
     dir: PathBuf,
+    /// Checkpoints and compactions run one at a time.
+    maintenance: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What one checkpoint did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointStats {
+    pub entries_flushed: usize,
+    pub journal_segments_removed: usize,
 }
 
 /// What one `compact` pass did.
@@ -107,8 +120,101 @@ pub struct CompactStats {
     pub bytes_freed: u64,
 }
 
+/// File ids with this bit set are entry logs; the others journal segments.
+const ENTRY_LOG: u64 = 1 << 62;
+
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("{n:010}.jnl"))
+    if n & ENTRY_LOG != 0 {
+        dir.join(format!("{:010}.elog", n & !ENTRY_LOG))
+    } else {
+        dir.join(format!("{n:010}.jnl"))
+    }
+}
+
+fn entry_index_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{:010}.eidx", n & !ENTRY_LOG))
+}
+
+/// Writes entry log `id` (payloads copied from where `entries` are now, in
+/// the given order) and its index, both fsynced; returns the new locations.
+fn write_entry_log(
+    dir: &Path,
+    id: u64,
+    entries: &[(u64, u64, Location)],
+    files: &HashMap<u64, Arc<File>>,
+) -> std::io::Result<Vec<Location>> {
+    let mut out = std::io::BufWriter::new(File::create(segment_path(dir, id))?);
+    let mut listed = Vec::with_capacity(entries.len());
+    let mut locations = Vec::with_capacity(entries.len());
+    let mut offset = 0u64;
+    let mut buf = Vec::new();
+    for (ledger, entry, loc) in entries {
+        let file = files.get(&loc.segment).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("segment {}", loc.segment),
+            )
+        })?;
+        buf.resize(loc.len as usize, 0);
+        file.read_exact_at(&mut buf, loc.offset)?;
+        out.write_all(&buf)?;
+        listed.push(IndexedEntry {
+            ledger: *ledger,
+            entry: *entry,
+            offset,
+            len: loc.len,
+            lac: loc.lac,
+            digest: loc.digest,
+        });
+        locations.push(Location {
+            segment: id,
+            offset,
+            len: loc.len,
+            lac: loc.lac,
+            digest: loc.digest,
+        });
+        offset += loc.len as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let idx = bincode::serialize(&listed)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut f = File::create(entry_index_path(dir, id))?;
+    f.write_all(&idx)?;
+    f.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(locations)
+}
+
+/// One entry's place in an entry log, as its `.eidx` file lists it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IndexedEntry {
+    ledger: u64,
+    entry: u64,
+    offset: u64,
+    len: u32,
+    lac: i64,
+    digest: u32,
+}
+
+/// The last checkpoint: every add before (`segment`, `offset`) of the
+/// journal is in the listed entry logs, and the ledgers' state is here, so
+/// a restart replays only the journal after that point.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Checkpoint {
+    segment: u64,
+    offset: u64,
+    /// (ledger, master key, fenced, lac)
+    ledgers: Vec<(u64, Option<MasterKey>, bool, i64)>,
+    entry_logs: Vec<u64>,
+}
+
+fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,22 +232,95 @@ impl Journal {
     /// As `open`, rolling segments at `segment_bytes`.
     pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir)?;
-        let mut segs: Vec<u64> = std::fs::read_dir(dir)?
+        let names: Vec<String> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".jnl"))
-                    .and_then(|n| n.parse().ok())
-            })
+            .filter_map(|e| e.file_name().to_str().map(String::from))
             .collect();
-        segs.sort_unstable();
+        let numbered = |suffix: &str| -> Vec<u64> {
+            let mut v: Vec<u64> = names
+                .iter()
+                .filter_map(|n| n.strip_suffix(suffix).and_then(|n| n.parse().ok()))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut segs = numbered(".jnl");
         let mut index = Index::default();
+        let checkpoint: Checkpoint = match std::fs::read(dir.join(CHECKPOINT)) {
+            Ok(b) => bincode::deserialize(&b).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("checkpoint: {e}"))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
+            Err(e) => return Err(e.into()),
+        };
+        for (id, key, fenced, lac) in &checkpoint.ledgers {
+            index.ledgers.insert(
+                *id,
+                LedgerIndex {
+                    master_key: *key,
+                    fenced: *fenced,
+                    lac: *lac,
+                    entries: BTreeMap::new(),
+                },
+            );
+        }
+        for &n in &checkpoint.entry_logs {
+            let id = n | ENTRY_LOG;
+            let file = match File::open(segment_path(dir, id)) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // compacted away
+                Err(e) => return Err(e.into()),
+            };
+            let listed: Vec<IndexedEntry> =
+                bincode::deserialize(&std::fs::read(entry_index_path(dir, id))?).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("entry index {n}: {e}"),
+                    )
+                })?;
+            for ie in listed {
+                // Ledgers deleted before the checkpoint are not in it.
+                if let Some(l) = index.ledgers.get_mut(&ie.ledger) {
+                    l.entries.insert(
+                        ie.entry,
+                        Location {
+                            segment: id,
+                            offset: ie.offset,
+                            len: ie.len,
+                            lac: ie.lac,
+                            digest: ie.digest,
+                        },
+                    );
+                }
+            }
+            index.segments.insert(id, Arc::new(file));
+        }
+        // Entry logs a crash left before their checkpoint: not referenced.
+        for n in numbered(".elog") {
+            if !checkpoint.entry_logs.contains(&n) {
+                let _ = std::fs::remove_file(segment_path(dir, n | ENTRY_LOG));
+                let _ = std::fs::remove_file(entry_index_path(dir, n | ENTRY_LOG));
+            }
+        }
+        // Journal segments wholly before the checkpoint are no longer needed.
+        segs.retain(|&seg| {
+            if seg < checkpoint.segment {
+                let _ = std::fs::remove_file(segment_path(dir, seg));
+                false
+            } else {
+                true
+            }
+        });
         for &seg in &segs {
             let path = segment_path(dir, seg);
             let mut data = Vec::new();
             File::open(&path)?.read_to_end(&mut data)?;
-            let valid = replay(seg, &data, &mut index);
+            let base = if seg == checkpoint.segment {
+                (checkpoint.offset as usize).min(data.len())
+            } else {
+                0
+            };
+            let valid = base + replay(seg, &data[base..], base as u64, &mut index);
             if valid < data.len() {
                 tracing::warn!(segment = %path.display(), valid, len = data.len(), "journal has a torn tail; truncating");
                 let f = OpenOptions::new().write(true).open(&path)?;
@@ -150,7 +329,7 @@ impl Journal {
             }
             index.segments.insert(seg, Arc::new(File::open(&path)?));
         }
-        let current = segs.last().copied().unwrap_or(0);
+        let current = segs.last().copied().unwrap_or(checkpoint.segment);
         let path = segment_path(dir, current);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
@@ -181,7 +360,123 @@ impl Journal {
             tx,
             index,
             dir: dir.to_path_buf(),
+            maintenance: Arc::default(),
         })
+    }
+
+    async fn mark(&self) -> Result<(u64, u64), BookieErrorCode> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Mark { done })
+            .await
+            .map_err(|_| BookieErrorCode::Io)?;
+        rx.await.map_err(|_| BookieErrorCode::Io)
+    }
+
+    /// Moves every add journaled so far into a new entry log — sorted by
+    /// (ledger, entry), with an index file — then records a checkpoint (the
+    /// journal position and every ledger's state) and removes the journal
+    /// segments before it. A restart then replays only the journal after
+    /// the checkpoint.
+    pub async fn checkpoint(&self) -> Result<CheckpointStats, BookieErrorCode> {
+        let _one = self.maintenance.lock().await;
+        let (seg, off) = self.mark().await?;
+        let (mut moving, files, next_log) = {
+            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let mut moving = Vec::new();
+            for (id, l) in &g.ledgers {
+                for (e, loc) in &l.entries {
+                    if loc.segment & ENTRY_LOG == 0 && (loc.segment, loc.offset) < (seg, off) {
+                        moving.push((*id, *e, *loc));
+                    }
+                }
+            }
+            let next_log = g
+                .segments
+                .keys()
+                .filter(|k| *k & ENTRY_LOG != 0)
+                .map(|k| (k & !ENTRY_LOG) + 1)
+                .max()
+                .unwrap_or(1);
+            (moving, g.segments.clone(), next_log)
+        };
+        moving.sort_unstable_by_key(|(l, e, _)| (*l, *e));
+        let log_id = next_log | ENTRY_LOG;
+        let mut stats = CheckpointStats::default();
+        if !moving.is_empty() {
+            let dir = self.dir.clone();
+            let to_write: Vec<(u64, u64, Location)> = moving.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                write_entry_log(&dir, log_id, &to_write, &files)
+            })
+            .await
+            .map_err(|_| BookieErrorCode::Io)?
+            .map_err(|e| {
+                tracing::error!(error = %e, "writing an entry log failed");
+                BookieErrorCode::Io
+            })?;
+            let file =
+                File::open(segment_path(&self.dir, log_id)).map_err(|_| BookieErrorCode::Io)?;
+            let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+            g.segments.insert(log_id, Arc::new(file));
+            for ((ledger, entry, old), new) in moving.iter().zip(written) {
+                if let Some(l) = g.ledgers.get_mut(ledger) {
+                    if let Some(loc) = l.entries.get_mut(entry) {
+                        // Only if nothing re-wrote it meanwhile.
+                        if loc.segment == old.segment && loc.offset == old.offset {
+                            *loc = new;
+                        }
+                    }
+                }
+            }
+            stats.entries_flushed = moving.len();
+        }
+        let (cp, removable) = {
+            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let cp = Checkpoint {
+                segment: seg,
+                offset: off,
+                ledgers: g
+                    .ledgers
+                    .iter()
+                    .map(|(id, l)| (*id, l.master_key, l.fenced, l.lac))
+                    .collect(),
+                entry_logs: g
+                    .segments
+                    .keys()
+                    .filter(|k| *k & ENTRY_LOG != 0)
+                    .map(|k| k & !ENTRY_LOG)
+                    .collect(),
+            };
+            let used: std::collections::HashSet<u64> = g
+                .ledgers
+                .values()
+                .flat_map(|l| l.entries.values().map(|loc| loc.segment))
+                .collect();
+            let removable: Vec<u64> = g
+                .segments
+                .keys()
+                .copied()
+                .filter(|k| *k & ENTRY_LOG == 0 && *k < seg && !used.contains(k))
+                .collect();
+            (cp, removable)
+        };
+        let bytes = bincode::serialize(&cp).map_err(|_| BookieErrorCode::Io)?;
+        write_atomic(&self.dir, CHECKPOINT, &bytes).map_err(|e| {
+            tracing::error!(error = %e, "writing the checkpoint failed");
+            BookieErrorCode::Io
+        })?;
+        for k in removable {
+            self.index
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .segments
+                .remove(&k);
+            if std::fs::remove_file(segment_path(&self.dir, k)).is_ok() {
+                stats.journal_segments_removed += 1;
+            }
+        }
+        Ok(stats)
     }
 
     /// Ledgers this bookie holds anything of.
@@ -208,9 +503,16 @@ impl Journal {
     /// the journal and re-recording every fence (a fence record may live in
     /// a removed segment).
     pub async fn compact(&self, min_garbage: f64) -> Result<CompactStats, BookieErrorCode> {
+        let _one = self.maintenance.lock().await;
         let (victims, moves, fences) = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
-            let active = g.segments.keys().copied().max().unwrap_or(0);
+            let active = g
+                .segments
+                .keys()
+                .copied()
+                .filter(|k| k & ENTRY_LOG == 0)
+                .max()
+                .unwrap_or(0);
             let mut live: HashMap<u64, u64> = HashMap::new();
             for l in g.ledgers.values() {
                 for loc in l.entries.values() {
@@ -276,8 +578,11 @@ impl Journal {
             g.segments.remove(&seg);
             drop(g);
             if let Err(e) = std::fs::remove_file(segment_path(&self.dir, seg)) {
-                tracing::warn!(segment = seg, error = %e, "could not remove a compacted journal segment");
+                tracing::warn!(segment = seg, error = %e, "could not remove a compacted file");
                 continue;
+            }
+            if seg & ENTRY_LOG != 0 {
+                let _ = std::fs::remove_file(entry_index_path(&self.dir, seg));
             }
             stats.segments_removed += 1;
             stats.bytes_freed += total;
@@ -394,7 +699,9 @@ impl Journal {
     }
 }
 
-fn replay(seg: u64, data: &[u8], index: &mut Index) -> usize {
+/// Replays the records of `data`, which starts at `base` in segment `seg`;
+/// returns how many bytes of it are valid records.
+fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
     let mut pos = 0usize;
     while data.len() - pos >= REC_HEADER {
         let len =
@@ -421,7 +728,7 @@ fn replay(seg: u64, data: &[u8], index: &mut Index) -> usize {
                 });
                 l.master_key.get_or_insert(key);
                 l.lac = l.lac.max(lac);
-                let offset = (pos + REC_HEADER + ADD_HEADER) as u64;
+                let offset = base + (pos + REC_HEADER + ADD_HEADER) as u64;
                 l.entries.insert(
                     entry,
                     Location {
@@ -503,6 +810,7 @@ enum Done {
         oneshot::Sender<Result<i64, BookieErrorCode>>,
     ),
     Delete(Vec<u64>, oneshot::Sender<Result<(), BookieErrorCode>>),
+    Mark(oneshot::Sender<(u64, u64)>),
 }
 
 impl Writer {
@@ -518,7 +826,8 @@ impl Writer {
                 }
             }
             if buf.is_empty() {
-                // Everything in this group was refused; nothing to sync.
+                // Nothing to write (refused requests, or only marks): answer the marks.
+                self.finish(true, &mut done);
                 continue;
             }
             let res = self
@@ -563,6 +872,7 @@ impl Writer {
                 Request::Delete { done, .. } => {
                     let _ = done.send(Err(BookieErrorCode::Io));
                 }
+                Request::Mark { .. } => {}
             }
             return;
         }
@@ -625,6 +935,7 @@ impl Writer {
                 put_record(buf, REC_FENCE, &[&ledger_id.to_be_bytes(), &master_key]);
                 done.push(Done::Fence(ledger_id, master_key, tx));
             }
+            Request::Mark { done: tx } => done.push(Done::Mark(tx)),
             Request::Delete { ledgers, done: tx } => {
                 let ids: Vec<[u8; 8]> = ledgers.iter().map(|l| l.to_be_bytes()).collect();
                 let parts: Vec<&[u8]> = ids.iter().map(|b| &b[..]).collect();
@@ -644,6 +955,7 @@ impl Writer {
                     Done::Add(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                     Done::Fence(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                     Done::Delete(_, tx) => drop(tx.send(Err(BookieErrorCode::Io))),
+                    Done::Mark(_) => {}
                 }
             }
             return;
@@ -677,6 +989,9 @@ impl Writer {
                         g.ledgers.remove(&l);
                     }
                     let _ = tx.send(Ok(()));
+                }
+                Done::Mark(tx) => {
+                    let _ = tx.send((self.segment, self.size));
                 }
             }
         }
@@ -833,6 +1148,75 @@ mod tests {
         }
         assert_eq!(
             add(&j, 2, 150, &payload).await,
+            Err(BookieErrorCode::Fenced)
+        );
+    }
+
+    fn count(dir: &Path, suffix: &str) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(suffix)
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn checkpoint_moves_adds_to_entry_logs_and_restart_replays_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |l: u64, e: u64| format!("l{l}-e{e}").repeat(50).into_bytes();
+        {
+            let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+            for e in 0..100u64 {
+                for l in [5u64, 3, 9] {
+                    add(&j, l, e, &data(l, e)).await.unwrap();
+                }
+            }
+            let before = count(dir.path(), ".jnl");
+            let stats = j.checkpoint().await.unwrap();
+            assert_eq!(stats.entries_flushed, 300);
+            assert!(stats.journal_segments_removed > 0, "{stats:?}");
+            assert!(count(dir.path(), ".jnl") < before);
+            assert_eq!(count(dir.path(), ".elog"), 1);
+            // Reads now come from the entry log.
+            for e in 0..100u64 {
+                assert_eq!(j.read(3, e).unwrap().payload.as_ref(), &data(3, e)[..]);
+            }
+            // After the checkpoint: more adds, a fence, a deletion.
+            for e in 100..120u64 {
+                add(&j, 5, e, &data(5, e)).await.unwrap();
+            }
+            j.fence(3, key()).await.unwrap();
+            j.delete_ledgers(vec![9]).await.unwrap();
+        }
+        let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+        let mut ids = j.ledger_ids();
+        ids.sort();
+        assert_eq!(ids, vec![3, 5]);
+        for e in 0..120u64 {
+            assert_eq!(j.read(5, e).unwrap().payload.as_ref(), &data(5, e)[..]);
+        }
+        assert_eq!(j.lac(5).unwrap().1, 119);
+        assert_eq!(
+            add(&j, 3, 100, &data(3, 100)).await,
+            Err(BookieErrorCode::Fenced)
+        );
+        // A second checkpoint, compaction of the deleted ledger's share, restart again.
+        j.checkpoint().await.unwrap();
+        j.compact(0.2).await.unwrap();
+        drop(j);
+        let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+        for e in 0..100u64 {
+            assert_eq!(j.read(3, e).unwrap().payload.as_ref(), &data(3, e)[..]);
+            assert_eq!(j.read(5, e).unwrap().payload.as_ref(), &data(5, e)[..]);
+        }
+        assert!(matches!(j.read(9, 0), Err(BookieErrorCode::NoSuchLedger)));
+        assert_eq!(
+            add(&j, 3, 100, &data(3, 100)).await,
             Err(BookieErrorCode::Fenced)
         );
     }

@@ -71,6 +71,15 @@ pub struct BookieConfig {
     /// A segment is compacted once at least this share of it is garbage.
     #[serde(default = "default_gc_min_garbage")]
     pub gc_min_garbage: f64,
+    /// How often journaled adds move into a new entry log (sorted by
+    /// ledger) and a checkpoint is taken, so a restart replays only the
+    /// journal written since.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+}
+
+fn default_checkpoint_interval_ms() -> u64 {
+    10_000
 }
 
 fn default_journal_segment_bytes() -> u64 {
@@ -130,6 +139,7 @@ impl BookieConfig {
             journal_segment_bytes: default_journal_segment_bytes(),
             gc_interval_ms: default_gc_interval_ms(),
             gc_min_garbage: default_gc_min_garbage(),
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
         }
     }
 }
@@ -164,6 +174,7 @@ pub struct Bookie {
     task: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
     gc: tokio::task::JoinHandle<()>,
+    checkpoints: tokio::task::JoinHandle<()>,
     auditor: Option<tokio::task::JoinHandle<()>>,
     read_only: Arc<AtomicBool>,
     /// Fault injection for tests: the disk usage the monitor sees.
@@ -234,6 +245,10 @@ impl Bookie {
             Duration::from_millis(cfg.gc_interval_ms.max(10)),
             cfg.gc_min_garbage,
         ));
+        let checkpoints = tokio::spawn(checkpoint_loop(
+            journal.clone(),
+            Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
+        ));
         let monitor = tokio::spawn(disk_monitor(
             cfg.clone(),
             info,
@@ -250,6 +265,7 @@ impl Bookie {
             task,
             monitor,
             gc,
+            checkpoints,
             auditor,
             read_only,
             usage_override,
@@ -278,6 +294,7 @@ impl Bookie {
         self.task.abort();
         self.monitor.abort();
         self.gc.abort();
+        self.checkpoints.abort();
         if let Some(a) = &self.auditor {
             a.abort();
         }
@@ -309,6 +326,19 @@ async fn register(
         .await
         .map(|_| ())
         .map_err(|e| BookieError::Registration(e.to_string()))
+}
+
+async fn checkpoint_loop(journal: Journal, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match journal.checkpoint().await {
+            Ok(stats) if stats.entries_flushed > 0 => tracing::debug!(?stats, "checkpoint"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; retrying next interval"),
+        }
+    }
 }
 
 /// Garbage collection: ledgers this bookie holds that the metadata service

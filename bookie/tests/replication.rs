@@ -53,6 +53,7 @@ impl Tier {
             cfg.auditor_interval_ms = 200;
             cfg.journal_segment_bytes = 64 * 1024;
             cfg.gc_interval_ms = 200;
+            cfg.checkpoint_interval_ms = 150;
             bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
         }
         Tier {
