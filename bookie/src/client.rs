@@ -125,6 +125,9 @@ pub const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a read waits for one replica before asking the next as well.
 pub const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
 
+/// Reads in flight at once for a range read.
+pub const READ_AHEAD_PARALLEL: usize = 16;
+
 /// How long a bookie that failed is asked last by reads.
 const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
@@ -395,6 +398,22 @@ impl LedgerClient {
             entry_id,
             errors.join("; "),
         ))
+    }
+
+    /// Reads entries `first..=last` with up to [`READ_AHEAD_PARALLEL`] reads
+    /// in flight; one result per entry, in order.
+    pub async fn read_range(
+        &self,
+        meta: &LedgerMetadata,
+        first: u64,
+        last: u64,
+    ) -> Vec<Result<Bytes, LedgerError>> {
+        use futures::StreamExt;
+        futures::stream::iter(first..=last)
+            .map(|e| self.read(meta, e))
+            .buffered(READ_AHEAD_PARALLEL)
+            .collect()
+            .await
     }
 
     /// Notes that `bookie` just failed: reads ask it last for a while.

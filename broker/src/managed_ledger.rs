@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use magnetar_bookie::{LedgerClient, LedgerError, LedgerMetadata, LedgerWriter};
+use magnetar_bookie::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};
 use magnetar_metadata::MetadataClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -17,6 +17,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::cursor::{CursorState, Position};
 
 pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
+
+/// Entries fetched together when a reader misses the caches.
+const READ_AHEAD_ENTRIES: u64 = 64;
+/// Read-ahead entries kept per topic (the oldest go first).
+const READ_AHEAD_CACHE_ENTRIES: usize = 4096;
 
 /// How topics store their data: replication of their ledgers and when a
 /// ledger rolls. The `[managed_ledger]` section of a broker's config.
@@ -133,6 +138,8 @@ pub struct ManagedLedger {
     current: RwLock<Option<LedgerWriter>>,
     last_confirmed: watch::Sender<Position>,
     cache: Mutex<TailCache>,
+    /// Entries read ahead from the bookies for catch-up readers.
+    read_ahead: Mutex<BTreeMap<Position, Bytes>>,
     ledger_meta: Mutex<HashMap<u64, LedgerMetadata>>,
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, CursorLedger>>,
     appends: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<Position, MlError>>)>,
@@ -195,6 +202,7 @@ impl ManagedLedger {
             current: RwLock::new(None),
             last_confirmed: watch::channel(Position::new(first.unwrap_or(0), -1)).0,
             cache: Mutex::default(),
+            read_ahead: Mutex::default(),
             ledger_meta: Mutex::default(),
             cursor_ledgers: tokio::sync::Mutex::default(),
             appends,
@@ -466,8 +474,47 @@ impl ManagedLedger {
         {
             return Ok(d.clone());
         }
+        if let Some(d) = self
+            .read_ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p)
+        {
+            return Ok(d);
+        }
         let meta = self.meta_for(p.ledger_id).await?;
-        Ok(self.lc.read(&meta, p.entry_id as u64).await?)
+        // A miss is usually a catch-up reader: fetch the next entries of the
+        // ledger along with this one, several reads in flight at once.
+        let first = p.entry_id as u64;
+        let last_in_ledger = if meta.state == LedgerState::Closed {
+            meta.last_entry_id
+        } else {
+            let lc = self.last_confirmed();
+            if lc.ledger_id == p.ledger_id {
+                lc.entry_id
+            } else {
+                p.entry_id
+            }
+        };
+        let last = (first + READ_AHEAD_ENTRIES - 1).min(last_in_ledger.max(p.entry_id) as u64);
+        let mut got = self.lc.read_range(&meta, first, last).await.into_iter();
+        let data = got.next().ok_or_else(|| {
+            MlError::Ledger(LedgerError::Unreadable(
+                p.ledger_id,
+                first,
+                "no read issued".into(),
+            ))
+        })??;
+        let mut ra = self.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
+        for (e, r) in (first + 1..).zip(got) {
+            if let Ok(d) = r {
+                ra.insert(Position::new(p.ledger_id, e as i64), d);
+            }
+        }
+        while ra.len() > READ_AHEAD_CACHE_ENTRIES {
+            ra.pop_first();
+        }
+        Ok(data)
     }
 
     /// Names and positions of the durable cursors, restored from their ledgers.
