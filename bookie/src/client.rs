@@ -400,6 +400,53 @@ impl LedgerClient {
         ))
     }
 
+    /// For readers tailing an open ledger: waits until some bookie of the
+    /// current ensemble knows a LAC above `previous` (or `timeout`), and
+    /// returns the highest LAC known then. Entries up to it are readable.
+    pub async fn wait_for_lac(
+        &self,
+        meta: &LedgerMetadata,
+        previous: i64,
+        timeout: Duration,
+    ) -> Result<i64, LedgerError> {
+        use futures::StreamExt;
+        let bookies = meta
+            .fragments
+            .last()
+            .map(|f| f.bookies.clone())
+            .unwrap_or_default();
+        let req = BookieRequest::ReadLacLongPoll {
+            ledger_id: meta.ledger_id,
+            previous_lac: previous,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let mut rpc = self.rpc.clone();
+        rpc.timeout = timeout + Duration::from_secs(2);
+        let mut polls: futures::stream::FuturesUnordered<_> = bookies
+            .iter()
+            .map(|b| Self::call_with(&rpc, b, &req))
+            .collect();
+        let mut best = previous;
+        let mut answered = 0;
+        while let Some(r) = polls.next().await {
+            if let Ok(BookieResponse::Lac { lac, .. }) = r {
+                answered += 1;
+                best = best.max(lac);
+                if lac > previous {
+                    return Ok(best);
+                }
+            }
+        }
+        if answered == 0 {
+            return Err(LedgerError::Unreadable(
+                meta.ledger_id,
+                (previous + 1).max(0) as u64,
+                "no bookie answered the LAC poll".into(),
+            ));
+        }
+        Ok(best)
+    }
+
     /// Reads entries `first..=last` with up to [`READ_AHEAD_PARALLEL`] reads
     /// in flight; one result per entry, in order.
     pub async fn read_range(

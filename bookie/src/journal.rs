@@ -103,6 +103,8 @@ pub struct Journal {
     dir: PathBuf,
     /// Checkpoints and compactions run one at a time.
     maintenance: Arc<tokio::sync::Mutex<()>>,
+    /// Woken whenever adds were indexed (LACs may have moved).
+    added: Arc<tokio::sync::Notify>,
 }
 
 /// What one checkpoint did.
@@ -336,6 +338,7 @@ impl Journal {
         index.segments.insert(current, Arc::new(File::open(&path)?));
         File::open(dir)?.sync_all()?;
         let index = Arc::new(RwLock::new(index));
+        let added: Arc<tokio::sync::Notify> = Arc::default();
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_REQUESTS);
         let mut writer = Writer {
             dir: dir.to_path_buf(),
@@ -346,6 +349,7 @@ impl Journal {
             state: HashMap::new(),
             failed: false,
             segment_bytes: segment_bytes.max(4096),
+            added: added.clone(),
         };
         {
             let g = index.read().unwrap_or_else(|e| e.into_inner());
@@ -361,7 +365,33 @@ impl Journal {
             index,
             dir: dir.to_path_buf(),
             maintenance: Arc::default(),
+            added,
         })
+    }
+
+    /// Waits until the ledger's LAC is above `previous`, or `timeout`;
+    /// returns (LAC, last stored entry) as then known (-1, -1 for a ledger
+    /// this bookie has nothing of yet).
+    pub async fn wait_lac(
+        &self,
+        ledger_id: u64,
+        previous: i64,
+        timeout: std::time::Duration,
+    ) -> (i64, i64) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            // Register before looking, so an add in between is not missed.
+            added.as_mut().enable();
+            let now = self.lac(ledger_id).unwrap_or((-1, -1));
+            if now.0 > previous {
+                return now;
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return now;
+            }
+        }
     }
 
     async fn mark(&self) -> Result<(u64, u64), BookieErrorCode> {
@@ -779,6 +809,7 @@ struct Writer {
     /// journal refuses everything from then on rather than guess offsets.
     failed: bool,
     segment_bytes: u64,
+    added: Arc<tokio::sync::Notify>,
 }
 
 /// Appends `[len][crc32c][kind][parts…]` to `buf`; returns where the body starts.
@@ -996,6 +1027,9 @@ impl Writer {
             }
         }
         drop(g);
+        if !answers.is_empty() {
+            self.added.notify_waiters();
+        }
         for tx in answers {
             let _ = tx.send(Ok(()));
         }

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::{Journal, JournalError};
 
+/// Longest a LAC long-poll is held.
+pub const MAX_LONG_POLL_MS: u64 = 30_000;
+
 /// Where bookies register; the key is `BOOKIES_PREFIX + <address>`.
 pub const BOOKIES_PREFIX: &str = "/bookies/available/";
 
@@ -478,6 +481,19 @@ pub async fn handle(
                 payload: e.payload,
                 digest: e.digest,
             }),
+        BookieRequest::ReadLacLongPoll {
+            ledger_id,
+            previous_lac,
+            timeout_ms,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms.min(MAX_LONG_POLL_MS));
+            let (lac, last_entry) = journal.wait_lac(ledger_id, previous_lac, timeout).await;
+            Ok(BookieResponse::Lac {
+                ledger_id,
+                lac,
+                last_entry,
+            })
+        }
         BookieRequest::ReadLac { ledger_id } => {
             journal
                 .lac(ledger_id)

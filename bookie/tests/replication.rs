@@ -502,3 +502,44 @@ async fn recovery_replaces_a_dead_bookie_of_the_last_fragment() {
     }
     tier.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tailing_reader_long_polls_for_the_lac() {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    for i in 0..10 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.metadata();
+    // Bookies learn the LAC from the next add: with 10 adds they know 8.
+    let known = lc
+        .wait_for_lac(&meta, -1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(known >= 8, "{known}");
+    // Nothing new: the poll waits out its timeout and reports the same LAC.
+    let t = tokio::time::Instant::now();
+    let same = lc
+        .wait_for_lac(&meta, known, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(same, known);
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    // A poll in progress returns as soon as an add moves the LAC.
+    let poll = {
+        let (lc, meta) = (lc.clone(), meta.clone());
+        tokio::spawn(async move { lc.wait_for_lac(&meta, known, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = tokio::time::Instant::now();
+    w.add(payload(10)).await.unwrap();
+    w.add(payload(11)).await.unwrap();
+    let moved = poll.await.unwrap().unwrap();
+    assert!(moved > known, "{moved} > {known}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    for e in 0..=moved as u64 {
+        assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
+    }
+    tier.shutdown().await;
+}

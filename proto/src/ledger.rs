@@ -37,6 +37,13 @@ pub enum BookieRequest {
         ledger_id: u64,
         entry_id: u64,
     },
+    /// Answers once the bookie knows a LAC above `previous_lac`, or after
+    /// `timeout_ms` with what it knows — for readers tailing a ledger.
+    ReadLacLongPoll {
+        ledger_id: u64,
+        previous_lac: i64,
+        timeout_ms: u64,
+    },
     ReadLac {
         ledger_id: u64,
     },
