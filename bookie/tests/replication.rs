@@ -543,3 +543,39 @@ async fn a_tailing_reader_long_polls_for_the_lac() {
     }
     tier.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_copy_is_reported_and_read_from_another_replica() {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 3, 3, BTreeMap::new()).await.unwrap();
+    for i in 0..20 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    // Flip bytes of entry 5's payload in the first replica's journal files.
+    let first = meta.bookies_for(5)[0].clone();
+    let idx = tier
+        .bookies
+        .iter()
+        .position(|b| b.as_ref().is_some_and(|b| b.addr() == first))
+        .unwrap();
+    let needle = payload(5);
+    let dir = tier._dir.path().join(format!("bookie-{idx}/journal"));
+    let mut corrupted = false;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let mut data = std::fs::read(&path).unwrap();
+        if let Some(at) = data.windows(needle.len()).position(|w| w == &needle[..]) {
+            data[at + 3] ^= 0xff;
+            std::fs::write(&path, &data).unwrap();
+            corrupted = true;
+        }
+    }
+    assert!(corrupted, "entry 5 not found on disk");
+    // That bookie refuses to serve it...
+    assert_eq!(tier.read_from(&first, meta.ledger_id, 5).await, None);
+    // ...and the client gets the right bytes from another replica.
+    assert_eq!(lc.read(&meta, 5).await.unwrap(), payload(5));
+    tier.shutdown().await;
+}
