@@ -7,6 +7,20 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use magnetar_proto::tls::TlsMaterial;
 
+/// Prints a line; a reader that went away (`| head`) ends the command
+/// quietly instead of panicking on a broken pipe.
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e.into());
+        }
+    }};
+}
+
 #[derive(Args)]
 pub struct AdminArgs {
     /// Metadata endpoints, comma separated.
@@ -89,7 +103,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 match client.status_of(*addr).await {
                     Ok(s) => {
                         reachable += 1;
-                        println!(
+                        emit!(
                             "node {} {addr} state={} leader={} term={} revision={} applied={} voters={:?}",
                             s.node_id,
                             s.state,
@@ -100,7 +114,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                             s.voters
                         );
                     }
-                    Err(e) => println!("node ? {addr} unreachable: {e}"),
+                    Err(e) => emit!("node ? {addr} unreachable: {e}"),
                 }
             }
             if reachable == 0 {
@@ -114,7 +128,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .add_node(id, &addr)
                 .await
                 .with_context(|| format!("adding node {id} at {addr}"))?;
-            println!("node {id} at {addr} is a voter");
+            emit!("node {id} at {addr} is a voter");
         }
         AdminCmd::Metadata {
             cmd: MetadataCmd::RemoveNode { id },
@@ -123,17 +137,17 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .remove_node(id)
                 .await
                 .with_context(|| format!("removing node {id}"))?;
-            println!("node {id} removed");
+            emit!("node {id} removed");
         }
         AdminCmd::Ledgers {
             cmd: LedgersCmd::UnderReplicated,
         } => {
             let list = magnetar_bookie::auditor::under_replicated(&client).await?;
             if list.is_empty() {
-                println!("no under-replicated ledgers");
+                emit!("no under-replicated ledgers");
             }
             for u in list {
-                println!(
+                emit!(
                     "ledger {} state={:?} missing={}",
                     u.ledger_id,
                     u.state,
@@ -149,13 +163,13 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             for kv in bookies {
                 match serde_json::from_slice::<magnetar_bookie::server::BookieInfo>(&kv.value) {
-                    Ok(b) => println!(
+                    Ok(b) => emit!(
                         "{} rack={} {}",
                         b.addr,
                         b.rack.as_deref().unwrap_or("-"),
                         if b.writable { "writable" } else { "read-only" }
                     ),
-                    Err(e) => println!("{} unreadable registration: {e}", kv.key),
+                    Err(e) => emit!("{} unreadable registration: {e}", kv.key),
                 }
             }
         }

@@ -62,6 +62,9 @@ struct LedgerIndex {
 struct Index {
     ledgers: HashMap<u64, LedgerIndex>,
     segments: HashMap<u64, Arc<File>>,
+    /// Adds indexed in the journal since the last checkpoint took them:
+    /// (ledger, entry, segment, offset) — what the next checkpoint moves.
+    unflushed: Vec<(u64, u64, u64, u64)>,
 }
 
 pub struct StoredEntry {
@@ -412,12 +415,18 @@ impl Journal {
         let _one = self.maintenance.lock().await;
         let (seg, off) = self.mark().await?;
         let (mut moving, files, next_log) = {
-            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+            // Only what was journaled since the last checkpoint, up to the mark.
+            let (before, after): (Vec<_>, Vec<_>) = std::mem::take(&mut g.unflushed)
+                .into_iter()
+                .partition(|(_, _, sg, o)| (*sg, *o) < (seg, off));
+            g.unflushed = after;
             let mut moving = Vec::new();
-            for (id, l) in &g.ledgers {
-                for (e, loc) in &l.entries {
-                    if loc.segment & ENTRY_LOG == 0 && (loc.segment, loc.offset) < (seg, off) {
-                        moving.push((*id, *e, *loc));
+            for (id, e, sg, o) in before {
+                // Still there and still in the journal at that place?
+                if let Some(loc) = g.ledgers.get(&id).and_then(|l| l.entries.get(&e)) {
+                    if loc.segment == sg && loc.offset == o {
+                        moving.push((id, e, *loc));
                     }
                 }
             }
@@ -769,6 +778,7 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
                         digest,
                     },
                 );
+                index.unflushed.push((ledger, entry, seg, offset));
             }
             REC_DELETE => {
                 for id in body.chunks_exact(8) {
@@ -1003,6 +1013,7 @@ impl Writer {
                     l.master_key.get_or_insert(key);
                     l.lac = l.lac.max(loc.lac);
                     l.entries.insert(entry, loc);
+                    g.unflushed.push((ledger, entry, loc.segment, loc.offset));
                     answers.push(tx);
                 }
                 Done::Fence(ledger, key, tx) => {
