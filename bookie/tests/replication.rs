@@ -98,6 +98,24 @@ impl Tier {
         }
     }
 
+    /// Every entry of `entries` is on every bookie of its write set.
+    async fn assert_on_write_quorum(
+        &self,
+        meta: &magnetar_bookie::LedgerMetadata,
+        entries: impl Iterator<Item = u64>,
+    ) {
+        for e in entries {
+            for b in meta.bookies_for(e) {
+                assert_eq!(
+                    self.read_from(&b, meta.ledger_id, e).await,
+                    Some(payload(e)),
+                    "ledger {} entry {e} missing on {b}",
+                    meta.ledger_id
+                );
+            }
+        }
+    }
+
     fn journal_bytes(&self) -> u64 {
         let mut total = 0;
         for i in 0..self.bookies.len() {
@@ -154,16 +172,9 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     let (meta, _) = lc.metadata(w.ledger_id()).await.unwrap();
     for e in 0..1000u64 {
         assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
-        if e >= last.first_entry {
-            for b in meta.bookies_for(e) {
-                assert_eq!(
-                    tier.read_from(&b, meta.ledger_id, e).await,
-                    Some(payload(e)),
-                    "entry {e} missing on {b}"
-                );
-            }
-        }
     }
+    tier.assert_on_write_quorum(&meta, last.first_entry..1000)
+        .await;
     tier.shutdown().await;
 }
 
@@ -219,15 +230,8 @@ async fn recovery_with_tail_on(copies: usize) {
     let closed = tier.client().recover(id).await.unwrap();
     let expected = if copies > 0 { 5 } else { 4 };
     assert_eq!(closed.last_entry_id, expected, "tail on {copies} bookies");
-    for e in 0..=expected as u64 {
-        for b in closed.bookies_for(e) {
-            assert_eq!(
-                tier.read_from(&b, id, e).await,
-                Some(payload(e)),
-                "entry {e} not re-replicated to {b}"
-            );
-        }
-    }
+    tier.assert_on_write_quorum(&closed, 0..=expected as u64)
+        .await;
     tier.shutdown().await;
 }
 
@@ -423,16 +427,7 @@ async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
     for old in &closed {
         let (meta, _) = lc.metadata(old.ledger_id).await.unwrap();
         assert!(meta.fragments.iter().all(|f| !f.bookies.contains(&gone)));
-        for e in 0..200u64 {
-            for b in meta.bookies_for(e) {
-                assert_eq!(
-                    tier.read_from(&b, meta.ledger_id, e).await,
-                    Some(payload(e)),
-                    "ledger {} entry {e} missing on {b}",
-                    meta.ledger_id
-                );
-            }
-        }
+        tier.assert_on_write_quorum(&meta, 0..200).await;
     }
     tier.shutdown().await;
 }
@@ -491,15 +486,8 @@ async fn recovery_replaces_a_dead_bookie_of_the_last_fragment() {
         assert_eq!(lc.read(&closed, e).await.unwrap(), payload(e));
     }
     // The recovered tail is on a full write quorum of the new fragment.
-    for e in last.first_entry..300 {
-        for b in closed.bookies_for(e) {
-            assert_eq!(
-                tier.read_from(&b, 1, e).await,
-                Some(payload(e)),
-                "entry {e} on {b}"
-            );
-        }
-    }
+    tier.assert_on_write_quorum(&closed, last.first_entry..300)
+        .await;
     tier.shutdown().await;
 }
 
@@ -512,20 +500,24 @@ async fn a_tailing_reader_long_polls_for_the_lac() {
         w.add(payload(i)).await.unwrap();
     }
     let meta = w.metadata();
-    // Bookies learn the LAC from the next add: with 10 adds they know 8.
-    let known = lc
-        .wait_for_lac(&meta, -1, Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(known >= 8, "{known}");
-    // Nothing new: the poll waits out its timeout and reports the same LAC.
-    let t = tokio::time::Instant::now();
-    let same = lc
-        .wait_for_lac(&meta, known, Duration::from_millis(300))
-        .await
-        .unwrap();
-    assert_eq!(same, known);
-    assert!(t.elapsed() >= Duration::from_millis(250));
+    // Bookies learn the LAC from the adds that carry it (entry 9 carries 8).
+    // Poll until no bookie knows more: the last poll waits out its timeout
+    // and reports the same LAC.
+    let mut known = -1;
+    loop {
+        let t = tokio::time::Instant::now();
+        let k = lc
+            .wait_for_lac(&meta, known, Duration::from_millis(300))
+            .await
+            .unwrap();
+        if k == known {
+            assert!(t.elapsed() >= Duration::from_millis(250), "returned early");
+            break;
+        }
+        assert!(k > known, "the LAC never goes back: {k} after {known}");
+        known = k;
+    }
+    assert_eq!(known, 8, "the highest LAC the bookies were told");
     // A poll in progress returns as soon as an add moves the LAC.
     let poll = {
         let (lc, meta) = (lc.clone(), meta.clone());

@@ -31,26 +31,7 @@ async fn kill_9_the_metadata_leader() {
         .collect();
     let mut nodes = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
-        let id = i + 1;
-        let node_dir = dir.path().join(format!("metadata-{id}"));
-        TlsMaterial::issue(&ca, &node_dir.join("tls")).unwrap();
-        let config = node_dir.join("metadata.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\
-                 initial_members = [{}]\n[tls]\ndir = \"{}\"\n",
-                node_dir.join("data").display(),
-                members.join(", "),
-                node_dir.join("tls").display()
-            ),
-        )
-        .unwrap();
-        nodes.push(Member::spawn(
-            "metadata",
-            &config,
-            &node_dir.join("metadata.log"),
-        ));
+        nodes.push(spawn_node(dir.path(), &ca, i as u64 + 1, *addr, &members));
     }
     let tls = TlsMaterial::issue(&ca, &dir.path().join("client")).unwrap();
     let c = MetadataClient::new(
@@ -107,25 +88,7 @@ async fn kill_9_the_metadata_leader() {
 
     // An operator adds a fourth node and removes the current leader.
     let addr4 = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    let node_dir = dir.path().join("metadata-4");
-    TlsMaterial::issue(&ca, &node_dir.join("tls")).unwrap();
-    let config = node_dir.join("metadata.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = 4\nlisten = \"{addr4}\"\ndata_dir = \"{}\"\n\
-             initial_members = [{}]\n[tls]\ndir = \"{}\"\n",
-            node_dir.join("data").display(),
-            members.join(", "),
-            node_dir.join("tls").display()
-        ),
-    )
-    .unwrap();
-    nodes.push(Member::spawn(
-        "metadata",
-        &config,
-        &node_dir.join("metadata.log"),
-    ));
+    nodes.push(spawn_node(dir.path(), &ca, 4, addr4, &members));
     let out = admin(
         dir.path(),
         &addrs,
@@ -176,4 +139,30 @@ fn admin(dir: &std::path::Path, endpoints: &[SocketAddr], args: &[&str]) -> Stri
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// Starts `magnetar metadata` node `id` with its own directory, certificate
+/// and config naming `members` as the initial members.
+fn spawn_node(
+    dir: &std::path::Path,
+    ca: &std::path::Path,
+    id: u64,
+    addr: SocketAddr,
+    members: &[String],
+) -> Member {
+    let node_dir = dir.join(format!("metadata-{id}"));
+    TlsMaterial::issue(ca, &node_dir.join("tls")).unwrap();
+    let config = node_dir.join("metadata.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\
+             initial_members = [{}]\n[tls]\ndir = \"{}\"\n",
+            node_dir.join("data").display(),
+            members.join(", "),
+            node_dir.join("tls").display()
+        ),
+    )
+    .unwrap();
+    Member::spawn("metadata", &config, &node_dir.join("metadata.log"))
 }
