@@ -65,6 +65,47 @@ struct Index {
     /// Adds indexed in the journal since the last checkpoint took them:
     /// (ledger, entry, segment, offset) — what the next checkpoint moves.
     unflushed: Vec<(u64, u64, u64, u64)>,
+    /// Per file (journal segment or entry log): how many indexed entries it
+    /// holds and their payload bytes. A file absent here holds nothing live.
+    live: HashMap<u64, (u64, u64)>,
+}
+
+impl Index {
+    /// The ledger's index, created on first use.
+    fn ledger(&mut self, id: u64) -> &mut LedgerIndex {
+        self.ledgers.entry(id).or_insert_with(|| LedgerIndex {
+            lac: -1,
+            ..Default::default()
+        })
+    }
+
+    /// (ledger, entry) is now at `loc`; keeps the per-file counts.
+    fn put_entry(&mut self, ledger: u64, entry: u64, loc: Location) {
+        if let Some(old) = self.ledger(ledger).entries.insert(entry, loc) {
+            self.unref(old);
+        }
+        let r = self.live.entry(loc.segment).or_default();
+        r.0 += 1;
+        r.1 += loc.len as u64;
+    }
+
+    fn unref(&mut self, loc: Location) {
+        if let Some(r) = self.live.get_mut(&loc.segment) {
+            r.0 -= 1;
+            r.1 -= loc.len as u64;
+            if r.0 == 0 {
+                self.live.remove(&loc.segment);
+            }
+        }
+    }
+
+    fn drop_ledger(&mut self, id: u64) {
+        if let Some(l) = self.ledgers.remove(&id) {
+            for loc in l.entries.into_values() {
+                self.unref(loc);
+            }
+        }
+    }
 }
 
 pub struct StoredEntry {
@@ -285,17 +326,15 @@ impl Journal {
                 })?;
             for ie in listed {
                 // Ledgers deleted before the checkpoint are not in it.
-                if let Some(l) = index.ledgers.get_mut(&ie.ledger) {
-                    l.entries.insert(
-                        ie.entry,
-                        Location {
-                            segment: id,
-                            offset: ie.offset,
-                            len: ie.len,
-                            lac: ie.lac,
-                            digest: ie.digest,
-                        },
-                    );
+                if index.ledgers.contains_key(&ie.ledger) {
+                    let loc = Location {
+                        segment: id,
+                        offset: ie.offset,
+                        len: ie.len,
+                        lac: ie.lac,
+                        digest: ie.digest,
+                    };
+                    index.put_entry(ie.ledger, ie.entry, loc);
                 }
             }
             index.segments.insert(id, Arc::new(file));
@@ -449,23 +488,36 @@ impl Journal {
                 write_entry_log(&dir, log_id, &to_write, &files)
             })
             .await
-            .map_err(|_| BookieErrorCode::Io)?
-            .map_err(|e| {
-                tracing::error!(error = %e, "writing an entry log failed");
-                BookieErrorCode::Io
-            })?;
+            .map_err(|_| std::io::Error::other("entry log writer panicked"))
+            .and_then(|r| r);
+            let written = match written {
+                Ok(w) => w,
+                Err(e) => {
+                    // Leave them for the next checkpoint: their journal
+                    // segments stay until they are in an entry log.
+                    tracing::error!(error = %e, "writing an entry log failed");
+                    let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+                    g.unflushed.extend(
+                        moving
+                            .iter()
+                            .map(|(l, e, loc)| (*l, *e, loc.segment, loc.offset)),
+                    );
+                    return Err(BookieErrorCode::Io);
+                }
+            };
             let file =
                 File::open(segment_path(&self.dir, log_id)).map_err(|_| BookieErrorCode::Io)?;
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             g.segments.insert(log_id, Arc::new(file));
             for ((ledger, entry, old), new) in moving.iter().zip(written) {
-                if let Some(l) = g.ledgers.get_mut(ledger) {
-                    if let Some(loc) = l.entries.get_mut(entry) {
-                        // Only if nothing re-wrote it meanwhile.
-                        if loc.segment == old.segment && loc.offset == old.offset {
-                            *loc = new;
-                        }
-                    }
+                let unchanged = g
+                    .ledgers
+                    .get(ledger)
+                    .and_then(|l| l.entries.get(entry))
+                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
+                // Only if nothing re-wrote or deleted it meanwhile.
+                if unchanged {
+                    g.put_entry(*ledger, *entry, new);
                 }
             }
             stats.entries_flushed = moving.len();
@@ -487,16 +539,11 @@ impl Journal {
                     .map(|k| k & !ENTRY_LOG)
                     .collect(),
             };
-            let used: std::collections::HashSet<u64> = g
-                .ledgers
-                .values()
-                .flat_map(|l| l.entries.values().map(|loc| loc.segment))
-                .collect();
             let removable: Vec<u64> = g
                 .segments
                 .keys()
                 .copied()
-                .filter(|k| *k & ENTRY_LOG == 0 && *k < seg && !used.contains(k))
+                .filter(|k| *k & ENTRY_LOG == 0 && *k < seg && !g.live.contains_key(k))
                 .collect();
             (cp, removable)
         };
@@ -552,16 +599,10 @@ impl Journal {
                 .filter(|k| k & ENTRY_LOG == 0)
                 .max()
                 .unwrap_or(0);
-            let mut live: HashMap<u64, u64> = HashMap::new();
-            for l in g.ledgers.values() {
-                for loc in l.entries.values() {
-                    *live.entry(loc.segment).or_default() += loc.len as u64;
-                }
-            }
             let mut victims = Vec::new();
             for (seg, file) in &g.segments {
                 let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-                let used = live.get(seg).copied().unwrap_or(0);
+                let used = g.live.get(seg).map(|r| r.1).unwrap_or(0);
                 if *seg != active
                     && total > 0
                     && (total - used.min(total)) as f64 >= min_garbage * total as f64
@@ -607,11 +648,7 @@ impl Journal {
         }
         for (seg, total) in victims {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-            let still_used = g
-                .ledgers
-                .values()
-                .any(|l| l.entries.values().any(|loc| loc.segment == seg));
-            if still_used {
+            if g.live.contains_key(&seg) {
                 continue;
             }
             g.segments.remove(&seg);
@@ -761,40 +798,27 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
                 let digest = u32::from_be_bytes(body[24..28].try_into().unwrap_or([0; 4]));
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[28..44]);
-                let l = index.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
-                    lac: -1,
-                    ..Default::default()
-                });
+                let l = index.ledger(ledger);
                 l.master_key.get_or_insert(key);
                 l.lac = l.lac.max(lac);
                 let offset = base + (pos + REC_HEADER + ADD_HEADER) as u64;
-                l.entries.insert(
-                    entry,
-                    Location {
-                        segment: seg,
-                        offset,
-                        len: (body.len() - ADD_HEADER) as u32,
-                        lac,
-                        digest,
-                    },
-                );
+                let loc = Location {
+                    segment: seg,
+                    offset,
+                    len: (body.len() - ADD_HEADER) as u32,
+                    lac,
+                    digest,
+                };
+                index.put_entry(ledger, entry, loc);
                 index.unflushed.push((ledger, entry, seg, offset));
             }
             REC_DELETE => {
                 for id in body.chunks_exact(8) {
-                    index
-                        .ledgers
-                        .remove(&u64::from_be_bytes(id.try_into().unwrap_or([0; 8])));
+                    index.drop_ledger(u64::from_be_bytes(id.try_into().unwrap_or([0; 8])));
                 }
             }
             REC_FENCE if body.len() >= 24 => {
-                let l = index
-                    .ledgers
-                    .entry(u64_at(0))
-                    .or_insert_with(|| LedgerIndex {
-                        lac: -1,
-                        ..Default::default()
-                    });
+                let l = index.ledger(u64_at(0));
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[8..24]);
                 l.master_key.get_or_insert(key);
@@ -1006,21 +1030,15 @@ impl Writer {
         for d in done.drain(..) {
             match d {
                 Done::Add(ledger, entry, loc, key, tx) => {
-                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
-                        lac: -1,
-                        ..Default::default()
-                    });
+                    let l = g.ledger(ledger);
                     l.master_key.get_or_insert(key);
                     l.lac = l.lac.max(loc.lac);
-                    l.entries.insert(entry, loc);
+                    g.put_entry(ledger, entry, loc);
                     g.unflushed.push((ledger, entry, loc.segment, loc.offset));
                     answers.push(tx);
                 }
                 Done::Fence(ledger, key, tx) => {
-                    let l = g.ledgers.entry(ledger).or_insert_with(|| LedgerIndex {
-                        lac: -1,
-                        ..Default::default()
-                    });
+                    let l = g.ledger(ledger);
                     l.master_key.get_or_insert(key);
                     l.fenced = true;
                     let lac = l.lac;
@@ -1028,7 +1046,7 @@ impl Writer {
                 }
                 Done::Delete(ledgers, tx) => {
                     for l in ledgers {
-                        g.ledgers.remove(&l);
+                        g.drop_ledger(l);
                     }
                     let _ = tx.send(Ok(()));
                 }
