@@ -94,6 +94,18 @@ impl LedgerMetadata {
             .find(|f| f.first_entry <= entry_id)
     }
 
+    /// Entries from `first_entry` on go to `bookies`: a new fragment, or the
+    /// last one rewritten when it starts there too (nothing written to it yet).
+    pub fn start_fragment(&mut self, first_entry: u64, bookies: Vec<String>) {
+        match self.fragments.last_mut() {
+            Some(f) if f.first_entry == first_entry => f.bookies = bookies,
+            _ => self.fragments.push(Fragment {
+                first_entry,
+                bookies,
+            }),
+        }
+    }
+
     /// Bookies holding `entry_id`, in write-set order.
     pub fn bookies_for(&self, entry_id: u64) -> Vec<String> {
         match self.fragment_for(entry_id) {
@@ -204,20 +216,33 @@ impl LedgerClient {
         &self,
         current: &[String],
     ) -> Result<String, LedgerError> {
+        let have = self.place_replacements(current, &[], 1).await?;
+        have.into_iter()
+            .next()
+            .ok_or(LedgerError::NotEnoughBookies { need: 1, have: 0 })
+    }
+
+    /// Up to `leaving.len()` writable bookies outside `current` to take over
+    /// from `leaving` (members of `current`), on racks the staying members
+    /// do not cover when possible; fewer when there are not enough spares.
+    pub(crate) async fn place_replacements(
+        &self,
+        current: &[String],
+        leaving: &[String],
+        n: usize,
+    ) -> Result<Vec<String>, LedgerError> {
         let all = self.writable_bookies().await?;
         let used: BTreeSet<Option<String>> = all
             .iter()
-            .filter(|b| current.contains(&b.addr))
+            .filter(|b| current.contains(&b.addr) && !leaving.contains(&b.addr))
             .map(|b| b.rack.clone())
             .collect();
         let candidates: Vec<BookieInfo> = all
             .into_iter()
-            .filter(|b| !current.contains(&b.addr))
+            .filter(|b| !current.contains(&b.addr) && !leaving.contains(&b.addr))
             .collect();
-        let have = candidates.len();
-        place(candidates, 1, &used)
-            .and_then(|v| v.into_iter().next())
-            .ok_or(LedgerError::NotEnoughBookies { need: 1, have })
+        let n = n.min(candidates.len());
+        Ok(place(candidates, n, &used).unwrap_or_default())
     }
 
     /// Registered bookies that accept writes.
@@ -556,24 +581,19 @@ impl LedgerClient {
             .map(|(b, _)| b.clone())
             .collect();
         if !unreachable.is_empty() {
-            let mut ensemble = last.bookies.clone();
-            for gone in &unreachable {
-                let Ok(new) = self.place_replacement(&ensemble).await else {
-                    tracing::warn!(ledger_id = id, bookie = %gone, "recovery: no bookie to replace an unreachable one");
-                    continue;
-                };
-                if let Some(p) = ensemble.iter().position(|b| b == gone) {
-                    ensemble[p] = new;
-                }
+            let new = self
+                .place_replacements(&last.bookies, &unreachable, unreachable.len())
+                .await
+                .unwrap_or_default();
+            if new.len() < unreachable.len() {
+                tracing::warn!(
+                    ledger_id = id,
+                    "recovery: not enough bookies to replace every unreachable one"
+                );
             }
+            let (ensemble, _) = swap_bookies(&last.bookies, &unreachable, &new);
             if ensemble != last.bookies {
-                match meta.fragments.last_mut() {
-                    Some(f) if f.first_entry == entry => f.bookies = ensemble.clone(),
-                    _ => meta.fragments.push(Fragment {
-                        first_entry: entry,
-                        bookies: ensemble.clone(),
-                    }),
-                }
+                meta.start_fragment(entry, ensemble);
                 if !self.store_metadata(&meta, version).await? {
                     return Err(LedgerError::Conflict(id));
                 }
@@ -936,28 +956,19 @@ impl LedgerWriter {
                 .last()
                 .map(|f| f.bookies.clone())
                 .unwrap_or_default();
-            let replacements = match self.client.writable_bookies().await {
-                Ok(all) => {
-                    // Racks the bookies that stay already cover.
-                    let used: BTreeSet<Option<String>> = all
-                        .iter()
-                        .filter(|b| current.contains(&b.addr) && !failed.contains(&b.addr))
-                        .map(|b| b.rack.clone())
-                        .collect();
-                    let candidates: Vec<BookieInfo> = all
-                        .into_iter()
-                        .filter(|b| !current.contains(&b.addr) && !failed.contains(&b.addr))
-                        .collect();
-                    // Replace as many as there are spares; the rest are retried.
-                    let n = failed.len().min(candidates.len());
-                    place(candidates, n, &used).filter(|r| !r.is_empty())
-                }
+            // Replace as many as there are spares; the rest are retried.
+            let replacements = match self
+                .client
+                .place_replacements(&current, &failed, failed.len())
+                .await
+            {
+                Ok(r) => r,
                 Err(e) => {
                     self.fail(format!("ensemble change: {e}"));
                     return;
                 }
             };
-            let Some(replacements) = replacements else {
+            if replacements.is_empty() {
                 // No spare bookie: keep the ensemble and retry the failed
                 // bookies after a pause (a slow bookie may recover; the
                 // others may still make the ack quorum meanwhile).
@@ -984,21 +995,8 @@ impl LedgerWriter {
                 continue;
             };
             let failed: Vec<String> = failed.into_iter().take(replacements.len()).collect();
-            let mut ensemble = current.clone();
-            let mut replaced = Vec::new();
-            for (old, new) in failed.iter().zip(&replacements) {
-                if let Some(pos) = ensemble.iter().position(|b| b == old) {
-                    ensemble[pos] = new.clone();
-                    replaced.push(pos);
-                }
-            }
-            match meta.fragments.last_mut() {
-                Some(f) if f.first_entry == first_entry => f.bookies = ensemble.clone(),
-                _ => meta.fragments.push(Fragment {
-                    first_entry,
-                    bookies: ensemble.clone(),
-                }),
-            }
+            let (ensemble, replaced) = swap_bookies(&current, &failed, &replacements);
+            meta.start_fragment(first_entry, ensemble.clone());
             match self.client.store_metadata(&meta, version).await {
                 Ok(true) => {}
                 Ok(false) => {
@@ -1092,6 +1090,20 @@ impl LedgerWriter {
         self.lock().meta = meta.clone();
         Ok(meta)
     }
+}
+
+/// `ensemble` with `old[i]` replaced by `new[i]` (pairs beyond the shorter
+/// list are left alone); also the positions that changed.
+fn swap_bookies(ensemble: &[String], old: &[String], new: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut out = ensemble.to_vec();
+    let mut changed = Vec::new();
+    for (o, n) in old.iter().zip(new) {
+        if let Some(pos) = out.iter().position(|b| b == o) {
+            out[pos] = n.clone();
+            changed.push(pos);
+        }
+    }
+    (out, changed)
 }
 
 /// Chooses `n` bookies from `candidates`, spreading over racks: first one
