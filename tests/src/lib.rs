@@ -293,7 +293,54 @@ impl Verdict {
     }
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "acked {}, lost {}, unexpected {}, duplicates {}",
+            self.acked,
+            self.lost.len(),
+            self.unexpected.len(),
+            self.duplicates
+        )
+    }
+}
+
 impl QueueChecker {
+    /// Waits (until `within` from now) for each send's outcome: confirmed
+    /// ones must be delivered later, the others may or may not be.
+    /// `sends` holds (value, key, sequence, the send's future).
+    pub async fn settle<T, E>(
+        &mut self,
+        sends: Vec<(
+            String,
+            String,
+            u64,
+            impl std::future::Future<Output = Result<T, E>>,
+        )>,
+        within: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        for (value, key, seq, f) in sends {
+            match tokio::time::timeout_at(deadline, f).await {
+                Ok(Ok(_)) => self.sent_acked(&value, &key, seq),
+                _ => self.sent_unknown(&value, &key, seq),
+            }
+        }
+    }
+
+    /// Receives (and acknowledges) until nothing arrives for `idle`.
+    pub async fn drain(&mut self, consumer: &mut magnetar_client::Consumer, idle: Duration) {
+        while let Some(m) = consumer
+            .receive_timeout(idle)
+            .await
+            .expect("receive from the checker's consumer")
+        {
+            self.delivered(&String::from_utf8_lossy(&m.payload));
+            consumer.ack(&m).expect("ack");
+        }
+    }
+
     pub fn sent_acked(&mut self, value: &str, key: &str, seq: u64) {
         self.acked.insert(value.into(), (key.into(), seq));
     }

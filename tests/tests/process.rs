@@ -49,13 +49,13 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
             .unwrap();
         let mut inflight = Vec::new();
         for i in 0..3000u64 {
-            let value = format!("msg-{i}");
+            let (value, key) = (format!("msg-{i}"), format!("k{}", i % 4));
             let msg = OutgoingMessage {
                 payload: value.clone().into_bytes().into(),
-                key: Some(format!("k{}", i % 4)),
+                key: Some(key.clone()),
                 ..Default::default()
             };
-            inflight.push((value, i, producer.send_async(msg)));
+            inflight.push((value, key, i, producer.send_async(msg)));
             if i == 1500 {
                 // Crash in the middle of the stream, with sends in flight.
                 producer.flush();
@@ -67,13 +67,7 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
             }
         }
         producer.flush();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        for (value, i, f) in inflight {
-            match tokio::time::timeout_at(deadline, f).await {
-                Ok(Ok(_)) => checker.sent_acked(&value, &format!("k{}", i % 4), i),
-                _ => checker.sent_unknown(&value, &format!("k{}", i % 4), i),
-            }
-        }
+        checker.settle(inflight, Duration::from_secs(20)).await;
     }
     let acked = checker.verdict().acked;
     assert!(
@@ -95,18 +89,9 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
         )
         .await
         .unwrap();
-    while let Some(m) = c.receive_timeout(Duration::from_secs(3)).await.unwrap() {
-        checker.delivered(&String::from_utf8_lossy(&m.payload));
-        c.ack(&m).unwrap();
-    }
+    checker.drain(&mut c, Duration::from_secs(3)).await;
     let v = checker.verdict();
-    println!(
-        "kill -9 run: acked {}, lost {}, unexpected {}, duplicates {}",
-        v.acked,
-        v.lost.len(),
-        v.unexpected.len(),
-        v.duplicates
-    );
+    println!("kill -9 run: {v}");
     assert!(v.ok(), "{v:?}");
     drop(proc);
 }
