@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
+use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use magnetar_bookie::LedgerClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
@@ -86,36 +85,37 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
                 writers.push(lc.create(e, w, a, BTreeMap::new()).await?);
             }
             let payload = Bytes::from(vec![0x5a; size]);
-            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-                1, 60_000_000, 3,
-            )?));
-            let done = Arc::new(AtomicU64::new(0));
-            let permits = Arc::new(tokio::sync::Semaphore::new(inflight));
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut done = 0u64;
+            // One task drives every add (no task per add): the figure is
+            // the ledger client's, not the harness's.
+            let mut pending = FuturesUnordered::new();
             let stop = Instant::now() + Duration::from_secs(duration);
             let started = Instant::now();
             let mut i = 0usize;
-            while Instant::now() < stop {
-                let permit = permits.clone().acquire_owned().await?;
-                let add = writers[i % writers.len()].add(payload.clone());
-                i += 1;
-                let (hist, done) = (hist.clone(), done.clone());
-                let t = Instant::now();
-                tokio::spawn(async move {
-                    if add.await.is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                        let _ = hist
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .record(t.elapsed().as_micros().max(1) as u64);
+            let mut failed = 0u64;
+            loop {
+                let running = Instant::now() < stop;
+                while running && pending.len() < inflight {
+                    let add = writers[i % writers.len()].add(payload.clone());
+                    i += 1;
+                    let t = Instant::now();
+                    pending.push(async move { (add.await, t) });
+                }
+                match pending.next().await {
+                    Some((Ok(_), t)) => {
+                        done += 1;
+                        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                     }
-                    drop(permit);
-                });
+                    Some((Err(_), _)) => failed += 1,
+                    None => break,
+                }
             }
-            // Wait for what is in flight.
-            let _all = permits.acquire_many(inflight as u32).await?;
+            if failed > 0 {
+                bail!("{failed} adds failed");
+            }
             let secs = started.elapsed().as_secs_f64();
-            let n = done.load(Ordering::Relaxed);
-            let h = hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (n, h) = (done, hist);
             println!(
                 "ledger write E/Qw/Qa {e}/{w}/{a}, {size} B entries, {ledgers} ledger(s), {inflight} in flight: \
                  {:.0} adds/s, {:.1} MB/s | add latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",

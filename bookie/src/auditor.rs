@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use magnetar_metadata::MetadataClient;
-use magnetar_proto::ledger::{entry_digest, BookieRequest, BookieResponse};
+use magnetar_proto::ledger::{entry_digest, AddRequest, BookieRequest, BookieResponse};
 
 use crate::client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LEDGERS_PREFIX};
 use crate::server::{BookieInfo, BOOKIES_PREFIX};
@@ -186,7 +186,7 @@ async fn replicate_away(
                 continue;
             }
             let (lac, payload) = read_with_lac(ledgers, &meta, entry, gone).await?;
-            let add = BookieRequest::Add {
+            let add = BookieRequest::Add(AddRequest {
                 ledger_id,
                 entry_id: entry,
                 master_key: meta.master_key,
@@ -194,7 +194,7 @@ async fn replicate_away(
                 digest: entry_digest(ledger_id, entry, lac, &payload),
                 payload,
                 recovery: true,
-            };
+            });
             match ledgers.call(&target, &add).await? {
                 BookieResponse::Added { .. } => copied += 1,
                 other => {

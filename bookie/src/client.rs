@@ -12,12 +12,13 @@ use bytes::Bytes;
 use futures::future::join_all;
 use magnetar_metadata::{MetadataClient, MetadataError};
 use magnetar_proto::ledger::{
-    entry_digest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey,
+    entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey,
 };
 use magnetar_proto::rpc::RpcClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::add_queue::AddQueues;
 use crate::server::{BookieInfo, BOOKIES_PREFIX};
 use crate::write_state::{write_set, WriteState};
 
@@ -147,8 +148,8 @@ const SUSPECT_FOR: Duration = Duration::from_secs(30);
 pub struct LedgerClient {
     metadata: MetadataClient,
     rpc: RpcClient,
-    /// `rpc` with the add timeout.
-    add_rpc: RpcClient,
+    /// Per-bookie batching of adds, over `rpc` with the add timeout.
+    adds: AddQueues,
     /// Bookies that failed recently, and when.
     suspects: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
@@ -161,14 +162,14 @@ impl LedgerClient {
         LedgerClient {
             metadata,
             rpc,
-            add_rpc,
+            adds: AddQueues::new(add_rpc),
             suspects: Arc::default(),
         }
     }
 
     /// Sets how long an add may wait for a bookie before it is replaced.
     pub fn with_add_timeout(mut self, timeout: Duration) -> LedgerClient {
-        self.add_rpc.timeout = timeout;
+        self.adds.set_timeout(timeout);
         self
     }
 
@@ -178,14 +179,6 @@ impl LedgerClient {
         req: &BookieRequest,
     ) -> Result<BookieResponse, LedgerError> {
         Self::call_with(&self.rpc, bookie, req).await
-    }
-
-    async fn call_add(
-        &self,
-        bookie: &str,
-        req: &BookieRequest,
-    ) -> Result<BookieResponse, LedgerError> {
-        Self::call_with(&self.add_rpc, bookie, req).await
     }
 
     async fn call_with(
@@ -640,7 +633,7 @@ impl LedgerClient {
                 Some((l, payload, digest)) => {
                     // Re-replicate to the whole write set so the end is durable at Qw.
                     length += payload.len() as u64;
-                    let add = BookieRequest::Add {
+                    let add = BookieRequest::Add(AddRequest {
                         ledger_id: id,
                         entry_id: entry,
                         master_key: meta.master_key,
@@ -648,7 +641,7 @@ impl LedgerClient {
                         payload,
                         digest,
                         recovery: true,
-                    };
+                    });
                     let acks = join_all(targets.iter().map(|b| self.call(b, &add)))
                         .await
                         .into_iter()
@@ -718,7 +711,7 @@ struct WriterInner {
 impl WriterInner {
     /// Every unconfirmed entry whose write set includes one of `positions`,
     /// as (entry, position, bookie, request) to send again.
-    fn resend_to(&self, positions: &[usize]) -> Vec<(u64, usize, String, BookieRequest)> {
+    fn resend_to(&self, positions: &[usize]) -> Vec<(u64, usize, String, AddRequest)> {
         let mut out = Vec::new();
         for id in self.state.pending_ids() {
             let Some(e) = self.unconfirmed.get(&id) else {
@@ -746,8 +739,8 @@ impl WriterInner {
             .unwrap_or(&[])
     }
 
-    fn add_request(&self, entry_id: u64, e: &Unconfirmed) -> BookieRequest {
-        BookieRequest::Add {
+    fn add_request(&self, entry_id: u64, e: &Unconfirmed) -> AddRequest {
+        AddRequest {
             ledger_id: self.meta.ledger_id,
             entry_id,
             master_key: self.meta.master_key,
@@ -864,21 +857,21 @@ impl LedgerWriter {
         }
     }
 
-    fn send(&self, entry_id: u64, pos: usize, bookie: String, req: BookieRequest) {
+    fn send(&self, entry_id: u64, pos: usize, bookie: String, req: AddRequest) {
         let me = self.clone();
-        tokio::spawn(async move {
-            match me.client.call_add(&bookie, &req).await {
-                Ok(BookieResponse::Added { .. }) => me.acked(entry_id, pos, &bookie),
+        let target = bookie.clone();
+        self.client
+            .adds
+            .add(&target, req, move |outcome| match outcome {
+                Ok(()) => me.acked(entry_id, pos, &bookie),
                 Err(LedgerError::Bookie {
                     code: BookieErrorCode::Fenced,
                     ..
                 }) => me.fail(format!(
                     "{bookie}: ledger fenced (another writer is recovering it)"
                 )),
-                Ok(other) => me.bookie_failed(&bookie, format!("unexpected {other:?}")),
                 Err(e) => me.bookie_failed(&bookie, e.to_string()),
-            }
-        });
+            });
     }
 
     fn acked(&self, entry_id: u64, pos: usize, bookie: &str) {
@@ -1017,7 +1010,7 @@ impl LedgerWriter {
                 ensemble = ?ensemble,
                 "ensemble changed"
             );
-            let resend: Vec<(u64, usize, String, BookieRequest)> = {
+            let resend: Vec<(u64, usize, String, AddRequest)> = {
                 let mut g = self.lock();
                 g.meta = meta;
                 g.version = version + 1;

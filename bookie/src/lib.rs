@@ -4,6 +4,7 @@
 //!
 //! It must not know about topics: a ledger is an ordered list of byte entries.
 
+pub mod add_queue;
 pub mod auditor;
 pub mod client;
 pub mod journal;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use magnetar_metadata::{Lease, MetadataClient};
-use magnetar_proto::ledger::{BookieErrorCode, BookieRequest, BookieResponse, MAX_ENTRY_BYTES};
+use magnetar_proto::ledger::{
+    AddRequest, BookieErrorCode, BookieRequest, BookieResponse, MAX_ENTRY_BYTES,
+};
 use magnetar_proto::rpc::{respond, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use serde::{Deserialize, Serialize};
@@ -438,36 +440,52 @@ async fn disk_monitor(
     }
 }
 
+async fn add_one(
+    journal: &Journal,
+    read_only: &AtomicBool,
+    add: AddRequest,
+) -> Result<(), BookieErrorCode> {
+    if add.payload.len() > MAX_ENTRY_BYTES {
+        return Err(BookieErrorCode::TooLarge);
+    }
+    if !add.recovery && read_only.load(Ordering::Relaxed) {
+        return Err(BookieErrorCode::ReadOnly);
+    }
+    journal
+        .add(
+            add.ledger_id,
+            add.entry_id,
+            add.lac,
+            add.master_key,
+            add.payload,
+            add.digest,
+            add.recovery,
+        )
+        .await
+}
+
 pub async fn handle(
     journal: &Journal,
     read_only: &AtomicBool,
     req: BookieRequest,
 ) -> BookieResponse {
     let res = match req {
-        BookieRequest::Add {
-            ledger_id,
-            entry_id,
-            master_key,
-            lac,
-            payload,
-            digest,
-            recovery,
-        } => {
-            if payload.len() > MAX_ENTRY_BYTES {
-                Err(BookieErrorCode::TooLarge)
-            } else if !recovery && read_only.load(Ordering::Relaxed) {
-                Err(BookieErrorCode::ReadOnly)
-            } else {
-                journal
-                    .add(
-                        ledger_id, entry_id, lac, master_key, payload, digest, recovery,
-                    )
-                    .await
-                    .map(|_| BookieResponse::Added {
-                        ledger_id,
-                        entry_id,
-                    })
-            }
+        BookieRequest::Add(add) => {
+            let (ledger_id, entry_id) = (add.ledger_id, add.entry_id);
+            add_one(journal, read_only, add)
+                .await
+                .map(|_| BookieResponse::Added {
+                    ledger_id,
+                    entry_id,
+                })
+        }
+        BookieRequest::AddBatch(adds) => {
+            // Every add reaches the journal before any is awaited, so the
+            // batch shares group commits.
+            let results =
+                futures::future::join_all(adds.into_iter().map(|a| add_one(journal, read_only, a)))
+                    .await;
+            Ok(BookieResponse::AddedBatch(results))
         }
         BookieRequest::Read {
             ledger_id,

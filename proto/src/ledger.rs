@@ -20,19 +20,33 @@ pub fn entry_digest(ledger_id: u64, entry_id: u64, lac: i64, payload: &[u8]) -> 
     crc32c::crc32c_append(crc32c::crc32c(&head), payload)
 }
 
+/// One entry for a bookie to store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddRequest {
+    pub ledger_id: u64,
+    pub entry_id: u64,
+    pub master_key: MasterKey,
+    /// Last add confirmed known to the writer when it sent this add.
+    pub lac: i64,
+    pub payload: Bytes,
+    pub digest: u32,
+    /// Set by recovery: allowed on a fenced ledger.
+    pub recovery: bool,
+}
+
+/// Most adds a writer packs into one [`BookieRequest::AddBatch`].
+pub const MAX_BATCH_ADDS: usize = 1024;
+/// A writer stops packing a batch once its payloads reach this size, so a
+/// batch stays under the RPC message limit even with one maximal entry last.
+pub const BATCH_BYTES: usize = 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BookieRequest {
-    Add {
-        ledger_id: u64,
-        entry_id: u64,
-        master_key: MasterKey,
-        /// Last add confirmed known to the writer when it sent this add.
-        lac: i64,
-        payload: Bytes,
-        digest: u32,
-        /// Set by recovery: allowed on a fenced ledger.
-        recovery: bool,
-    },
+    Add(AddRequest),
+    /// Several adds (of any ledgers) in one message; answered by
+    /// [`BookieResponse::AddedBatch`] with one result per add, in order.
+    /// Each add is handled exactly as a single [`BookieRequest::Add`].
+    AddBatch(Vec<AddRequest>),
     Read {
         ledger_id: u64,
         entry_id: u64,
@@ -94,5 +108,7 @@ pub enum BookieResponse {
         lac: i64,
         last_entry: i64,
     },
+    /// The outcome of each add of an `AddBatch`, in the batch's order.
+    AddedBatch(Vec<Result<(), BookieErrorCode>>),
     Error(BookieErrorCode),
 }
