@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use magnetar_proto::ledger::{entry_digest, BookieErrorCode, MasterKey};
+use magnetar_proto::ledger::{entry_digest, AddRequest, BookieErrorCode, MasterKey};
 use tokio::sync::{mpsc, oneshot};
 
 /// Journal segments roll over at this size.
@@ -115,15 +115,11 @@ pub struct StoredEntry {
 }
 
 enum Request {
-    Add {
-        ledger_id: u64,
-        entry_id: u64,
-        lac: i64,
-        master_key: MasterKey,
-        payload: Bytes,
-        digest: u32,
-        recovery: bool,
-        done: oneshot::Sender<Result<(), BookieErrorCode>>,
+    /// Adds that already passed their digest check, staged in one group;
+    /// answered with a result per add, in order.
+    AddBatch {
+        adds: Vec<AddRequest>,
+        done: oneshot::Sender<Vec<Result<(), BookieErrorCode>>>,
     },
     Fence {
         ledger_id: u64,
@@ -683,24 +679,51 @@ impl Journal {
         digest: u32,
         recovery: bool,
     ) -> Result<(), BookieErrorCode> {
-        if entry_digest(ledger_id, entry_id, lac, &payload) != digest {
-            return Err(BookieErrorCode::BadDigest);
+        let add = AddRequest {
+            ledger_id,
+            entry_id,
+            master_key,
+            lac,
+            payload,
+            digest,
+            recovery,
+        };
+        self.add_batch(vec![add])
+            .await
+            .pop()
+            .unwrap_or(Err(BookieErrorCode::Io))
+    }
+
+    /// Adds many entries at once (one request to the journal thread, one
+    /// group commit when they fit); a result per add, in order.
+    pub async fn add_batch(&self, adds: Vec<AddRequest>) -> Vec<Result<(), BookieErrorCode>> {
+        let n = adds.len();
+        let mut results: Vec<Result<(), BookieErrorCode>> = Vec::with_capacity(n);
+        let mut valid = Vec::with_capacity(n);
+        for a in adds {
+            if entry_digest(a.ledger_id, a.entry_id, a.lac, &a.payload) == a.digest {
+                results.push(Ok(()));
+                valid.push(a);
+            } else {
+                results.push(Err(BookieErrorCode::BadDigest));
+            }
+        }
+        if valid.is_empty() {
+            return results;
         }
         let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Add {
-                ledger_id,
-                entry_id,
-                lac,
-                master_key,
-                payload,
-                digest,
-                recovery,
-                done,
-            })
-            .await
-            .map_err(|_| BookieErrorCode::Io)?;
-        rx.await.map_err(|_| BookieErrorCode::Io)?
+        let stored = match self.tx.send(Request::AddBatch { adds: valid, done }).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        let mut stored = stored.map(|v| v.into_iter());
+        for r in results.iter_mut().filter(|r| r.is_ok()) {
+            *r = match stored.as_mut() {
+                Some(it) => it.next().unwrap_or(Err(BookieErrorCode::Io)),
+                None => Err(BookieErrorCode::Io),
+            };
+        }
+        results
     }
 
     /// Fences the ledger durably; returns its LAC.
@@ -862,12 +885,12 @@ fn put_record(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
 }
 
 enum Done {
-    Add(
-        u64,
-        u64,
-        Location,
-        MasterKey,
-        oneshot::Sender<Result<(), BookieErrorCode>>,
+    /// Staged adds as (index in the batch, ledger, entry, location, key);
+    /// `results` already holds the refusals.
+    Batch(
+        Vec<(usize, u64, u64, Location, MasterKey)>,
+        Vec<Result<(), BookieErrorCode>>,
+        oneshot::Sender<Vec<Result<(), BookieErrorCode>>>,
     ),
     Fence(
         u64,
@@ -925,11 +948,50 @@ impl Writer {
         Ok(fenced)
     }
 
+    /// Appends an add's record to `buf` after the key and fencing checks;
+    /// returns where its payload will be.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_add(
+        &mut self,
+        ledger_id: u64,
+        entry_id: u64,
+        lac: i64,
+        master_key: MasterKey,
+        payload: &[u8],
+        digest: u32,
+        recovery: bool,
+        buf: &mut Vec<u8>,
+    ) -> Result<Location, BookieErrorCode> {
+        let fenced = *self.authorize(ledger_id, master_key)?;
+        if fenced && !recovery {
+            return Err(BookieErrorCode::Fenced);
+        }
+        let body = put_record(
+            buf,
+            REC_ADD,
+            &[
+                &ledger_id.to_be_bytes(),
+                &entry_id.to_be_bytes(),
+                &lac.to_be_bytes(),
+                &digest.to_be_bytes(),
+                &master_key,
+                payload,
+            ],
+        );
+        Ok(Location {
+            segment: self.segment,
+            offset: self.size + (body + ADD_HEADER) as u64,
+            len: payload.len() as u32,
+            lac,
+            digest,
+        })
+    }
+
     fn stage(&mut self, req: Request, buf: &mut Vec<u8>, done: &mut Vec<Done>) {
         if self.failed {
             match req {
-                Request::Add { done, .. } => {
-                    let _ = done.send(Err(BookieErrorCode::Io));
+                Request::AddBatch { adds, done } => {
+                    let _ = done.send(vec![Err(BookieErrorCode::Io); adds.len()]);
                 }
                 Request::Fence { done, .. } => {
                     let _ = done.send(Err(BookieErrorCode::Io));
@@ -942,48 +1004,28 @@ impl Writer {
             return;
         }
         match req {
-            Request::Add {
-                ledger_id,
-                entry_id,
-                lac,
-                master_key,
-                payload,
-                digest,
-                recovery,
-                done: tx,
-            } => {
-                let fenced = match self.authorize(ledger_id, master_key) {
-                    Ok(fenced) => *fenced,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
+            Request::AddBatch { adds, done: tx } => {
+                let mut staged = Vec::with_capacity(adds.len());
+                let mut results = Vec::with_capacity(adds.len());
+                for (i, a) in adds.into_iter().enumerate() {
+                    match self.stage_add(
+                        a.ledger_id,
+                        a.entry_id,
+                        a.lac,
+                        a.master_key,
+                        &a.payload,
+                        a.digest,
+                        a.recovery,
+                        buf,
+                    ) {
+                        Ok(loc) => {
+                            staged.push((i, a.ledger_id, a.entry_id, loc, a.master_key));
+                            results.push(Ok(()));
+                        }
+                        Err(e) => results.push(Err(e)),
                     }
-                };
-                if fenced && !recovery {
-                    let _ = tx.send(Err(BookieErrorCode::Fenced));
-                    return;
                 }
-                let body = put_record(
-                    buf,
-                    REC_ADD,
-                    &[
-                        &ledger_id.to_be_bytes(),
-                        &entry_id.to_be_bytes(),
-                        &lac.to_be_bytes(),
-                        &digest.to_be_bytes(),
-                        &master_key,
-                        &payload,
-                    ],
-                );
-                let offset = self.size + (body + ADD_HEADER) as u64;
-                let loc = Location {
-                    segment: self.segment,
-                    offset,
-                    len: payload.len() as u32,
-                    lac,
-                    digest,
-                };
-                done.push(Done::Add(ledger_id, entry_id, loc, master_key, tx));
+                done.push(Done::Batch(staged, results, tx));
             }
             Request::Fence {
                 ledger_id,
@@ -1017,7 +1059,9 @@ impl Writer {
         if !ok {
             for d in done.drain(..) {
                 match d {
-                    Done::Add(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
+                    Done::Batch(_, results, tx) => {
+                        drop(tx.send(vec![Err(BookieErrorCode::Io); results.len()]))
+                    }
                     Done::Fence(.., tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                     Done::Delete(_, tx) => drop(tx.send(Err(BookieErrorCode::Io))),
                     Done::Mark(_) => {}
@@ -1026,16 +1070,18 @@ impl Writer {
             return;
         }
         let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-        let mut answers = Vec::with_capacity(done.len());
+        let mut batches = Vec::new();
         for d in done.drain(..) {
             match d {
-                Done::Add(ledger, entry, loc, key, tx) => {
-                    let l = g.ledger(ledger);
-                    l.master_key.get_or_insert(key);
-                    l.lac = l.lac.max(loc.lac);
-                    g.put_entry(ledger, entry, loc);
-                    g.unflushed.push((ledger, entry, loc.segment, loc.offset));
-                    answers.push(tx);
+                Done::Batch(staged, results, tx) => {
+                    for (_, ledger, entry, loc, key) in staged {
+                        let l = g.ledger(ledger);
+                        l.master_key.get_or_insert(key);
+                        l.lac = l.lac.max(loc.lac);
+                        g.put_entry(ledger, entry, loc);
+                        g.unflushed.push((ledger, entry, loc.segment, loc.offset));
+                    }
+                    batches.push((results, tx));
                 }
                 Done::Fence(ledger, key, tx) => {
                     let l = g.ledger(ledger);
@@ -1056,11 +1102,11 @@ impl Writer {
             }
         }
         drop(g);
-        if !answers.is_empty() {
+        if !batches.is_empty() {
             self.added.notify_waiters();
         }
-        for tx in answers {
-            let _ = tx.send(Ok(()));
+        for (results, tx) in batches {
+            let _ = tx.send(results);
         }
     }
 

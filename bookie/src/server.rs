@@ -440,17 +440,24 @@ async fn disk_monitor(
     }
 }
 
-async fn add_one(
-    journal: &Journal,
-    read_only: &AtomicBool,
-    add: AddRequest,
-) -> Result<(), BookieErrorCode> {
+/// Checks that do not need the journal: size, and the read-only state
+/// (recovery adds are still taken when read-only).
+fn admit(read_only: &AtomicBool, add: &AddRequest) -> Result<(), BookieErrorCode> {
     if add.payload.len() > MAX_ENTRY_BYTES {
         return Err(BookieErrorCode::TooLarge);
     }
     if !add.recovery && read_only.load(Ordering::Relaxed) {
         return Err(BookieErrorCode::ReadOnly);
     }
+    Ok(())
+}
+
+async fn add_one(
+    journal: &Journal,
+    read_only: &AtomicBool,
+    add: AddRequest,
+) -> Result<(), BookieErrorCode> {
+    admit(read_only, &add)?;
     journal
         .add(
             add.ledger_id,
@@ -480,11 +487,22 @@ pub async fn handle(
                 })
         }
         BookieRequest::AddBatch(adds) => {
-            // Every add reaches the journal before any is awaited, so the
-            // batch shares group commits.
-            let results =
-                futures::future::join_all(adds.into_iter().map(|a| add_one(journal, read_only, a)))
-                    .await;
+            // Refusals decided here; the rest go to the journal together.
+            let mut results = Vec::with_capacity(adds.len());
+            let mut accepted = Vec::with_capacity(adds.len());
+            for a in adds {
+                match admit(read_only, &a) {
+                    Ok(()) => {
+                        results.push(Ok(()));
+                        accepted.push(a);
+                    }
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            let mut stored = journal.add_batch(accepted).await.into_iter();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = stored.next().unwrap_or(Err(BookieErrorCode::Io));
+            }
             Ok(BookieResponse::AddedBatch(results))
         }
         BookieRequest::Read {

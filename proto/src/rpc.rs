@@ -42,12 +42,12 @@ fn codec() -> impl Options {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
-    let body = codec()
-        .serialize(msg)
-        .map_err(|e| RpcError::Decode(e.to_string()))?;
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    let fail = |e: bincode::Error| RpcError::Decode(e.to_string());
+    // Sized first, so the body is written once, after its length.
+    let size = codec().serialized_size(msg).map_err(fail)? as usize;
+    let mut out = Vec::with_capacity(4 + size);
+    out.extend_from_slice(&(size as u32).to_be_bytes());
+    codec().serialize_into(&mut out, msg).map_err(fail)?;
     Ok(out)
 }
 
@@ -61,8 +61,8 @@ pub async fn write_msg<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), RpcError> {
-    let buf = encode(msg)?;
-    send.write_all(&buf).await?;
+    // Handed to quinn as is, not copied into its buffer.
+    send.write_chunk(encode(msg)?.into()).await?;
     Ok(())
 }
 
@@ -83,8 +83,14 @@ pub async fn read_msg<T: DeserializeOwned>(
             limit: MAX_RPC_MESSAGE_BYTES,
         });
     }
-    let mut body = vec![0u8; size];
-    recv.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(size);
+    while body.len() < size {
+        match recv.read_chunk(size - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(quinn::ReadExactError::FinishedEarly(body.len()).into()),
+            Err(e) => return Err(quinn::ReadExactError::ReadError(e).into()),
+        }
+    }
     decode_body(&body).map(Some)
 }
 
