@@ -45,6 +45,9 @@ enum LedgerPerfCmd {
         inflight: usize,
         #[arg(long, default_value_t = 20)]
         duration: u64,
+        /// Also print adds/s for every second of the run (to stderr).
+        #[arg(long)]
+        progress: bool,
     },
     /// Writes --entries to a ledger, abandons the writer, and times recovery.
     Recover {
@@ -79,6 +82,7 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
             ledgers,
             inflight,
             duration,
+            progress,
         } => {
             let mut writers = Vec::new();
             for _ in 0..ledgers {
@@ -94,7 +98,16 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
             let started = Instant::now();
             let mut i = 0usize;
             let mut failed = 0u64;
+            let (mut tick, mut at_tick) = (started + Duration::from_secs(1), 0u64);
             loop {
+                if progress && Instant::now() >= tick {
+                    eprintln!(
+                        "{:>4} s: {} adds/s",
+                        (tick - started).as_secs(),
+                        done - at_tick
+                    );
+                    (tick, at_tick) = (tick + Duration::from_secs(1), done);
+                }
                 let running = Instant::now() < stop;
                 while running && pending.len() < inflight {
                     let add = writers[i % writers.len()].add(payload.clone());

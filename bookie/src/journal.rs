@@ -31,6 +31,12 @@ pub const MAX_GROUP_BYTES: usize = 4 * 1024 * 1024;
 /// Requests that may wait for the journal thread; senders wait beyond this.
 pub const JOURNAL_QUEUE_REQUESTS: usize = 64 * 1024;
 
+/// Buffer of a checkpoint's entry log writes.
+const ENTRY_LOG_WRITE_BYTES: usize = 1024 * 1024;
+/// A checkpoint syncs its entry log every this many bytes.
+const ENTRY_LOG_SYNC_BYTES: u64 = 16 * 1024 * 1024;
+/// Entries a checkpoint re-points per hold of the index lock.
+const INDEX_UPDATE_SLICE: usize = 8192;
 const REC_ADD: u8 = 1;
 const REC_FENCE: u8 = 2;
 const REC_DELETE: u8 = 3;
@@ -63,8 +69,9 @@ struct Index {
     ledgers: HashMap<u64, LedgerIndex>,
     segments: HashMap<u64, Arc<File>>,
     /// Adds indexed in the journal since the last checkpoint took them:
-    /// (ledger, entry, segment, offset) — what the next checkpoint moves.
-    unflushed: Vec<(u64, u64, u64, u64)>,
+    /// (ledger, entry, where in the journal) — what the next checkpoint
+    /// moves, in journal order.
+    unflushed: Vec<(u64, u64, Location)>,
     /// Per file (journal segment or entry log): how many indexed entries it
     /// holds and their payload bytes. A file absent here holds nothing live.
     live: HashMap<u64, (u64, u64)>,
@@ -185,37 +192,56 @@ fn write_entry_log(
     entries: &[(u64, u64, Location)],
     files: &HashMap<u64, Arc<File>>,
 ) -> std::io::Result<Vec<Location>> {
-    let mut out = std::io::BufWriter::new(File::create(segment_path(dir, id))?);
+    // Large writes: page-sized pieces spare the file system partial pages.
+    let mut out = std::io::BufWriter::with_capacity(
+        ENTRY_LOG_WRITE_BYTES,
+        File::create(segment_path(dir, id))?,
+    );
     let mut listed = Vec::with_capacity(entries.len());
     let mut locations = Vec::with_capacity(entries.len());
     let mut offset = 0u64;
+    let mut synced = 0u64;
     let mut buf = Vec::new();
-    for (ledger, entry, loc) in entries {
-        let file = files.get(&loc.segment).ok_or_else(|| {
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let (run, after) = rest.split_at(run_len(rest));
+        rest = after;
+        let (first, last) = (&run[0].2, &run[run.len() - 1].2);
+        let file = files.get(&first.segment).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("segment {}", loc.segment),
+                format!("segment {}", first.segment),
             )
         })?;
-        buf.resize(loc.len as usize, 0);
-        file.read_exact_at(&mut buf, loc.offset)?;
-        out.write_all(&buf)?;
-        listed.push(IndexedEntry {
-            ledger: *ledger,
-            entry: *entry,
-            offset,
-            len: loc.len,
-            lac: loc.lac,
-            digest: loc.digest,
-        });
-        locations.push(Location {
-            segment: id,
-            offset,
-            len: loc.len,
-            lac: loc.lac,
-            digest: loc.digest,
-        });
-        offset += loc.len as u64;
+        buf.resize((last.offset + last.len as u64 - first.offset) as usize, 0);
+        file.read_exact_at(&mut buf, first.offset)?;
+        for (ledger, entry, loc) in run {
+            let at = (loc.offset - first.offset) as usize;
+            out.write_all(&buf[at..at + loc.len as usize])?;
+            listed.push(IndexedEntry {
+                ledger: *ledger,
+                entry: *entry,
+                offset,
+                len: loc.len,
+                lac: loc.lac,
+                digest: loc.digest,
+            });
+            locations.push(Location {
+                segment: id,
+                offset,
+                len: loc.len,
+                lac: loc.lac,
+                digest: loc.digest,
+            });
+            offset += loc.len as u64;
+        }
+        // Written back a slice at a time: one large flush at the end would
+        // queue the whole log ahead of the journal's next fsync.
+        if offset - synced >= ENTRY_LOG_SYNC_BYTES {
+            out.flush()?;
+            out.get_ref().sync_data()?;
+            synced = offset;
+        }
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let idx = bincode::serialize(&listed)
@@ -225,6 +251,35 @@ fn write_entry_log(
     f.sync_all()?;
     File::open(dir)?.sync_all()?;
     Ok(locations)
+}
+
+/// Largest single read when copying entries into an entry log, and the
+/// widest gap (record headers, other ledgers' entries) a read may span.
+const SPAN_BYTES: u64 = 1024 * 1024;
+const SPAN_GAP: u64 = 4096;
+
+/// How many of `entries` (from the first) one read can cover: entries that
+/// follow each other closely in the same file — a ledger's entries journaled
+/// one after another — instead of a read per entry.
+fn run_len(entries: &[(u64, u64, Location)]) -> usize {
+    let Some((_, _, first)) = entries.first() else {
+        return 0;
+    };
+    let mut end = first.offset + first.len as u64;
+    let mut n = 1;
+    for (_, _, loc) in &entries[1..] {
+        let next_end = loc.offset + loc.len as u64;
+        if loc.segment != first.segment
+            || loc.offset < end
+            || loc.offset - end > SPAN_GAP
+            || next_end - first.offset > SPAN_BYTES
+        {
+            break;
+        }
+        end = next_end;
+        n += 1;
+    }
+    n
 }
 
 /// One entry's place in an entry log, as its `.eidx` file lists it.
@@ -451,20 +506,13 @@ impl Journal {
         let (seg, off) = self.mark().await?;
         let (mut moving, files, next_log) = {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-            // Only what was journaled since the last checkpoint, up to the mark.
-            let (before, after): (Vec<_>, Vec<_>) = std::mem::take(&mut g.unflushed)
+            // Only what was journaled since the last checkpoint, up to the
+            // mark. Entries deleted or re-written since are skipped when the
+            // index is updated below.
+            let (moving, after): (Vec<_>, Vec<_>) = std::mem::take(&mut g.unflushed)
                 .into_iter()
-                .partition(|(_, _, sg, o)| (*sg, *o) < (seg, off));
+                .partition(|(_, _, loc)| (loc.segment, loc.offset) < (seg, off));
             g.unflushed = after;
-            let mut moving = Vec::new();
-            for (id, e, sg, o) in before {
-                // Still there and still in the journal at that place?
-                if let Some(loc) = g.ledgers.get(&id).and_then(|l| l.entries.get(&e)) {
-                    if loc.segment == sg && loc.offset == o {
-                        moving.push((id, e, *loc));
-                    }
-                }
-            }
             let next_log = g
                 .segments
                 .keys()
@@ -493,27 +541,32 @@ impl Journal {
                     // segments stay until they are in an entry log.
                     tracing::error!(error = %e, "writing an entry log failed");
                     let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-                    g.unflushed.extend(
-                        moving
-                            .iter()
-                            .map(|(l, e, loc)| (*l, *e, loc.segment, loc.offset)),
-                    );
+                    g.unflushed.extend(moving);
                     return Err(BookieErrorCode::Io);
                 }
             };
             let file =
                 File::open(segment_path(&self.dir, log_id)).map_err(|_| BookieErrorCode::Io)?;
-            let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-            g.segments.insert(log_id, Arc::new(file));
-            for ((ledger, entry, old), new) in moving.iter().zip(written) {
-                let unchanged = g
-                    .ledgers
-                    .get(ledger)
-                    .and_then(|l| l.entries.get(entry))
-                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
-                // Only if nothing re-wrote or deleted it meanwhile.
-                if unchanged {
-                    g.put_entry(*ledger, *entry, new);
+            self.index
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .segments
+                .insert(log_id, Arc::new(file));
+            // In slices, so that adds (which index under the same lock) are
+            // not held up for the whole checkpoint.
+            let updates: Vec<_> = moving.iter().zip(written).collect();
+            for slice in updates.chunks(INDEX_UPDATE_SLICE) {
+                let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+                for ((ledger, entry, old), new) in slice {
+                    let unchanged = g
+                        .ledgers
+                        .get(ledger)
+                        .and_then(|l| l.entries.get(entry))
+                        .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
+                    // Only if nothing re-wrote or deleted it meanwhile.
+                    if unchanged {
+                        g.put_entry(*ledger, *entry, *new);
+                    }
                 }
             }
             stats.entries_flushed = moving.len();
@@ -833,7 +886,7 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
                     digest,
                 };
                 index.put_entry(ledger, entry, loc);
-                index.unflushed.push((ledger, entry, seg, offset));
+                index.unflushed.push((ledger, entry, loc));
             }
             REC_DELETE => {
                 for id in body.chunks_exact(8) {
@@ -1079,7 +1132,7 @@ impl Writer {
                         l.master_key.get_or_insert(key);
                         l.lac = l.lac.max(loc.lac);
                         g.put_entry(ledger, entry, loc);
-                        g.unflushed.push((ledger, entry, loc.segment, loc.offset));
+                        g.unflushed.push((ledger, entry, loc));
                     }
                     batches.push((results, tx));
                 }
