@@ -23,34 +23,20 @@ pub const BATCHES_IN_FLIGHT: usize = 4;
 /// The outcome of one add: `Ok` once the bookie stored it durably.
 pub type AddOutcome = Result<(), LedgerError>;
 
-/// Called once with an add's outcome; if the add is dropped unanswered (its
-/// queue stopped), called with an error then, so no add is left hanging.
-struct Reply {
-    done: Option<Box<dyn FnOnce(AddOutcome) + Send>>,
-}
+/// What a sender attaches to an add to recognise its outcome.
+pub type AddTag = (u64, usize);
 
-impl Reply {
-    fn send(mut self, outcome: AddOutcome) {
-        if let Some(f) = self.done.take() {
-            f(outcome);
-        }
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        if let Some(f) = self.done.take() {
-            f(Err(LedgerError::Unreachable {
-                bookie: String::new(),
-                reason: "add queue stopped".into(),
-            }));
-        }
-    }
+/// Where outcomes go: the writer that queued the adds. A batch's outcomes
+/// arrive one call per run of consecutive adds from the same sink, in the
+/// order the adds were queued.
+pub trait AddSink: Send + Sync {
+    fn outcomes(self: Arc<Self>, bookie: &str, outcomes: Vec<(AddTag, AddOutcome)>);
 }
 
 struct Queued {
     add: AddRequest,
-    reply: Reply,
+    tag: AddTag,
+    sink: Arc<dyn AddSink>,
 }
 
 /// The per-bookie add queues of one ledger client (shared by its clones).
@@ -79,17 +65,10 @@ impl AddQueues {
         self.rpc.timeout = timeout;
     }
 
-    /// Queues `add` for `bookie`; `done` is called once with its outcome,
-    /// from the task that received the bookie's answer.
-    pub fn add(
-        &self,
-        bookie: &str,
-        add: AddRequest,
-        done: impl FnOnce(AddOutcome) + Send + 'static,
-    ) {
-        let reply = Reply {
-            done: Some(Box::new(done)),
-        };
+    /// Queues `add` for `bookie`; `sink` gets its outcome with `tag`, from
+    /// the task that received the bookie's answer (or at once, when the
+    /// add cannot be queued).
+    pub fn add(&self, bookie: &str, add: AddRequest, tag: AddTag, sink: Arc<dyn AddSink>) {
         let tx = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
             match queues.get(bookie).filter(|tx| !tx.is_closed()) {
@@ -100,17 +79,20 @@ impl AddQueues {
             }
         };
         // Outcomes known here are delivered outside the lock.
-        match tx {
-            Ok(tx) => {
-                if let Err(mpsc::error::SendError(item)) = tx.send(Queued { add, reply }) {
-                    item.reply.send(Err(LedgerError::Unreachable {
+        let err = match tx {
+            Ok(tx) => match tx.send(Queued { add, tag, sink }) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(q)) => (
+                    q.sink,
+                    LedgerError::Unreachable {
                         bookie: bookie.into(),
                         reason: "add queue stopped".into(),
-                    }));
-                }
-            }
-            Err(e) => reply.send(Err(e)),
-        }
+                    },
+                ),
+            },
+            Err(e) => (sink, e),
+        };
+        err.0.outcomes(bookie, vec![(tag, Err(err.1))]);
     }
 
     fn start(&self, bookie: &str) -> Result<mpsc::UnboundedSender<Queued>, LedgerError> {
@@ -156,7 +138,12 @@ async fn run(
 }
 
 async fn send_batch(rpc: &RpcClient, bookie: &str, addr: SocketAddr, batch: Vec<Queued>) {
-    let (adds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.add, q.reply)).unzip();
+    let mut adds = Vec::with_capacity(batch.len());
+    let mut tags = Vec::with_capacity(batch.len());
+    for q in batch {
+        adds.push(q.add);
+        tags.push((q.tag, q.sink));
+    }
     let n = adds.len();
     let failed = |reason: String| LedgerError::Unreachable {
         bookie: bookie.into(),
@@ -192,7 +179,21 @@ async fn send_batch(rpc: &RpcClient, bookie: &str, addr: SocketAddr, batch: Vec<
             (0..n).map(|_| Err(failed(reason.clone()))).collect()
         }
     };
-    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-        reply.send(outcome);
+    // One call per run of adds from the same sink (a writer's adds are
+    // usually queued together).
+    type Run = (Arc<dyn AddSink>, Vec<(AddTag, AddOutcome)>);
+    let mut run: Option<Run> = None;
+    for ((tag, sink), outcome) in tags.into_iter().zip(outcomes) {
+        match &mut run {
+            Some((s, list)) if Arc::ptr_eq(s, &sink) => list.push((tag, outcome)),
+            _ => {
+                if let Some((s, list)) = run.replace((sink, vec![(tag, outcome)])) {
+                    s.outcomes(bookie, list);
+                }
+            }
+        }
+    }
+    if let Some((s, list)) = run {
+        s.outcomes(bookie, list);
     }
 }

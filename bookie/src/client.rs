@@ -18,7 +18,7 @@ use magnetar_proto::rpc::RpcClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::add_queue::AddQueues;
+use crate::add_queue::{AddOutcome, AddQueues, AddSink, AddTag};
 use crate::server::{BookieInfo, BOOKIES_PREFIX};
 use crate::write_state::{write_set, WriteState};
 
@@ -757,22 +757,61 @@ impl WriterInner {
 /// unconfirmed entry, stored by CAS on the ledger's metadata, and every
 /// unconfirmed entry resent to the replacement — nothing lost or reordered.
 /// Fencing (another writer recovering the ledger) stops it for good.
+/// A handle: clones share one writer (one reference count).
 #[derive(Clone)]
 pub struct LedgerWriter {
+    core: Arc<WriterCore>,
+}
+
+pub struct WriterCore {
     client: LedgerClient,
     ledger_id: u64,
-    inner: Arc<Mutex<WriterInner>>,
+    inner: Mutex<WriterInner>,
     /// Woken when nothing is pending any more, or the writer failed.
-    settled: Arc<tokio::sync::Notify>,
+    settled: tokio::sync::Notify,
+}
+
+impl std::ops::Deref for LedgerWriter {
+    type Target = WriterCore;
+    fn deref(&self) -> &WriterCore {
+        &self.core
+    }
+}
+
+/// Bookies' answers come back a batch at a time: acks are counted under one
+/// hold of the writer's lock, and a failure is handled once per batch.
+impl AddSink for WriterCore {
+    fn outcomes(self: Arc<Self>, bookie: &str, outcomes: Vec<(AddTag, AddOutcome)>) {
+        let me = LedgerWriter { core: self };
+        let mut acks = Vec::with_capacity(outcomes.len());
+        let mut failure = None;
+        for ((entry_id, pos), outcome) in outcomes {
+            match outcome {
+                Ok(()) => acks.push((entry_id, pos)),
+                Err(e) => failure = Some(e),
+            }
+        }
+        me.acked(&acks, bookie);
+        match failure {
+            Some(LedgerError::Bookie {
+                code: BookieErrorCode::Fenced,
+                ..
+            }) => me.fail(format!(
+                "{bookie}: ledger fenced (another writer is recovering it)"
+            )),
+            Some(e) => me.bookie_failed(bookie, e.to_string()),
+            None => {}
+        }
+    }
 }
 
 impl LedgerWriter {
     fn new(client: LedgerClient, meta: LedgerMetadata, version: u64) -> LedgerWriter {
         let state = WriteState::new(meta.ensemble_size, meta.write_quorum, meta.ack_quorum, 0);
-        LedgerWriter {
+        let core = WriterCore {
             client,
             ledger_id: meta.ledger_id,
-            inner: Arc::new(Mutex::new(WriterInner {
+            inner: Mutex::new(WriterInner {
                 state,
                 meta,
                 version,
@@ -783,8 +822,11 @@ impl LedgerWriter {
                 failed: None,
                 closed: false,
                 length_bytes: 0,
-            })),
-            settled: Arc::default(),
+            }),
+            settled: Default::default(),
+        };
+        LedgerWriter {
+            core: Arc::new(core),
         }
     }
 
@@ -848,7 +890,7 @@ impl LedgerWriter {
             g.unconfirmed.insert(entry_id, e);
             drop(g);
             for (pos, bookie) in targets {
-                self.send(entry_id, pos, bookie, req.clone());
+                self.send(entry_id, pos, &bookie, req.clone());
             }
         }
         async move {
@@ -857,40 +899,34 @@ impl LedgerWriter {
         }
     }
 
-    fn send(&self, entry_id: u64, pos: usize, bookie: String, req: AddRequest) {
-        let me = self.clone();
-        let target = bookie.clone();
-        self.client
-            .adds
-            .add(&target, req, move |outcome| match outcome {
-                Ok(()) => me.acked(entry_id, pos, &bookie),
-                Err(LedgerError::Bookie {
-                    code: BookieErrorCode::Fenced,
-                    ..
-                }) => me.fail(format!(
-                    "{bookie}: ledger fenced (another writer is recovering it)"
-                )),
-                Err(e) => me.bookie_failed(&bookie, e.to_string()),
-            });
+    fn send(&self, entry_id: u64, pos: usize, bookie: &str, req: AddRequest) {
+        let sink: Arc<dyn AddSink> = self.core.clone();
+        self.client.adds.add(bookie, req, (entry_id, pos), sink);
     }
 
-    fn acked(&self, entry_id: u64, pos: usize, bookie: &str) {
-        let mut g = self.lock();
-        // An ack from a bookie that was replaced (or is being replaced) does
-        // not count: the entry's replica must be on the new ensemble.
-        if g.ensemble().get(pos).map(String::as_str) != Some(bookie)
-            || g.failed_bookies.contains(bookie)
-        {
+    /// `bookie` stored these (entry, position) adds.
+    fn acked(&self, acks: &[(u64, usize)], bookie: &str) {
+        if acks.is_empty() {
             return;
         }
-        let confirmed = g.state.on_ack(entry_id, pos);
-        let senders: Vec<_> = confirmed
-            .into_iter()
-            .filter_map(|e| {
+        let mut g = self.lock();
+        if g.failed_bookies.contains(bookie) {
+            return;
+        }
+        let mut senders = Vec::new();
+        for &(entry_id, pos) in acks {
+            // An ack from a bookie that was replaced (or is being replaced)
+            // does not count: the entry's replica must be on the new ensemble.
+            if g.ensemble().get(pos).map(String::as_str) != Some(bookie) {
+                continue;
+            }
+            for e in g.state.on_ack(entry_id, pos) {
                 g.unconfirmed.remove(&e);
-                g.waiting.remove(&e).map(|s| (e, s))
-            })
-            .collect();
+                if let Some(s) = g.waiting.remove(&e) {
+                    senders.push((e, s));
+                }
+            }
+        }
         let settled = g.state.pending() == 0;
         drop(g);
         if settled {
@@ -983,7 +1019,7 @@ impl LedgerWriter {
                     g.resend_to(&positions)
                 };
                 for (id, pos, bookie, req) in resend {
-                    self.send(id, pos, bookie, req);
+                    self.send(id, pos, &bookie, req);
                 }
                 continue;
             };
@@ -1023,7 +1059,7 @@ impl LedgerWriter {
                 g.resend_to(&replaced)
             };
             for (id, pos, bookie, req) in resend {
-                self.send(id, pos, bookie, req);
+                self.send(id, pos, &bookie, req);
             }
         }
     }
