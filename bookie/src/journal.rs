@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_proto::ledger::{entry_digest, AddRequest, BookieErrorCode, MasterKey};
@@ -186,12 +187,22 @@ fn entry_index_path(dir: &Path, n: u64) -> PathBuf {
 
 /// Writes entry log `id` (payloads copied from where `entries` are now, in
 /// the given order) and its index, both fsynced; returns the new locations.
+///
+/// With a `pace`, writing is spread over about that long (a burst of
+/// gigabytes would delay the journal's fsyncs behind it on a shared disk).
 fn write_entry_log(
     dir: &Path,
     id: u64,
     entries: &[(u64, u64, Location)],
     files: &HashMap<u64, Arc<File>>,
+    pace: Duration,
 ) -> std::io::Result<Vec<Location>> {
+    let total: u64 = entries
+        .iter()
+        .map(|(_, _, l)| l.len as u64)
+        .sum::<u64>()
+        .max(1);
+    let started = std::time::Instant::now();
     let mut out = LogWriter::create(&segment_path(dir, id))?;
     let mut listed = Vec::with_capacity(entries.len());
     let mut locations = Vec::with_capacity(entries.len());
@@ -236,6 +247,10 @@ fn write_entry_log(
         if offset - synced >= ENTRY_LOG_SYNC_BYTES {
             out.sync()?;
             synced = offset;
+            let due = pace.mul_f64(offset as f64 / total as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
         }
     }
     out.finish()?;
@@ -583,6 +598,14 @@ impl Journal {
     /// segments before it. A restart then replays only the journal after
     /// the checkpoint.
     pub async fn checkpoint(&self) -> Result<CheckpointStats, BookieErrorCode> {
+        self.checkpoint_paced(Duration::ZERO).await
+    }
+
+    /// [`Journal::checkpoint`], writing the entry log over about `pace`.
+    pub async fn checkpoint_paced(
+        &self,
+        pace: Duration,
+    ) -> Result<CheckpointStats, BookieErrorCode> {
         let _one = self.maintenance.lock().await;
         let (seg, off) = self.mark().await?;
         let (mut moving, files, next_log) = {
@@ -610,7 +633,7 @@ impl Journal {
             let dir = self.dir.clone();
             let to_write: Vec<(u64, u64, Location)> = moving.clone();
             let written = tokio::task::spawn_blocking(move || {
-                write_entry_log(&dir, log_id, &to_write, &files)
+                write_entry_log(&dir, log_id, &to_write, &files, pace)
             })
             .await
             .map_err(|_| std::io::Error::other("entry log writer panicked"))
