@@ -176,7 +176,7 @@ case "$cmd" in
       wait_for "$m" 60 broker_ready "$port"
     done
     "$0" status --dir "$DIR"
-    first="$(members | grep '^broker-' | head -1)"
+    first="$(members | grep '^broker-' | head -1 || true)"
     [ -z "$first" ] || echo "service URL: $(cat "$DIR/$first/addr")"
     ;;
   status)

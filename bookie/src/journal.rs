@@ -608,7 +608,7 @@ impl Journal {
     ) -> Result<CheckpointStats, BookieErrorCode> {
         let _one = self.maintenance.lock().await;
         let (seg, off) = self.mark().await?;
-        let (mut moving, files, next_log) = {
+        let (moving, files, next_log) = {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             // Only what was journaled since the last checkpoint, up to the
             // mark. Entries deleted or re-written since are skipped when the
@@ -635,6 +635,20 @@ impl Journal {
                 .unwrap_or(1);
             (moving, g.segments.clone(), next_log)
         };
+        // Keep only what is still indexed at that place: compaction may have
+        // moved an entry (and removed its old file) or the ledger may be
+        // gone. Looked up in slices, so adds are not held up meanwhile.
+        let mut current = Vec::with_capacity(moving.len());
+        for slice in moving.chunks(INDEX_UPDATE_SLICE) {
+            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+            current.extend(slice.iter().copied().filter(|(ledger, entry, old)| {
+                g.ledgers
+                    .get(ledger)
+                    .and_then(|l| l.entries.get(entry))
+                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset)
+            }));
+        }
+        let mut moving = current;
         moving.sort_unstable_by_key(|(l, e, _)| (*l, *e));
         let log_id = next_log | ENTRY_LOG;
         let mut stats = CheckpointStats::default();
@@ -1404,6 +1418,14 @@ mod tests {
             assert!(stats.segments_removed > 0, "{stats:?}");
             let after = segment_count(dir.path());
             assert!(after < before, "{before} -> {after} segments");
+            for e in 0..150u64 {
+                assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);
+            }
+            // Compaction moved entries no checkpoint had taken yet (and
+            // removed their old segments): the next checkpoint takes them
+            // from where they are now.
+            let cp = j.checkpoint().await.unwrap();
+            assert!(cp.entries_flushed >= 150, "{cp:?}");
             for e in 0..150u64 {
                 assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);
             }

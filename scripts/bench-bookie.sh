@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The bookie-tier benchmark of docs/benchmarks.md, in one run: the disk's own
+# limits (fio, when installed: `apt-get install fio`), then `magnetar perf
+# ledger` against a local cluster (3 metadata nodes, 3 bookies) for 1 bookie,
+# 3/2/2, 1,000 ledgers and recovery. Each write run is repeated (ROUNDS) with
+# a pause between runs, so that one run's checkpoint does not land in the
+# next. Not part of the test suite; takes about 5 minutes.
+#
+#   scripts/bench-bookie.sh [--dir DIR] [--rounds N] [--duration S] [--inflight N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=/tmp/magnetar-bench-bookie
+ROUNDS=3
+DURATION=20
+INFLIGHT=2000
+PAUSE=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) DIR="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --inflight) INFLIGHT="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet
+BIN=target/release/magnetar
+
+if command -v fio >/dev/null; then
+  mkdir -p "$DIR/fio"
+  echo "== fio (same filesystem as $DIR)"
+  fio --name=fsync4k --rw=write --bs=4k --size=256m --fdatasync=1 --runtime=10 \
+    --time_based --directory="$DIR/fio" | grep -E "write: IOPS"
+  fio --name=seq --rw=write --bs=1m --size=2g --runtime=10 --time_based \
+    --end_fsync=1 --directory="$DIR/fio" | grep -E "WRITE: bw"
+  rm -rf "$DIR/fio"
+else
+  echo "== fio not installed: no disk figures (apt-get install fio)"
+fi
+
+MAGNETAR_BIN=$BIN deploy/local-cluster.sh down --dir "$DIR/cluster" >/dev/null 2>&1 || true
+rm -rf "$DIR/cluster"
+MAGNETAR_BIN=$BIN deploy/local-cluster.sh up --dir "$DIR/cluster" --metadata 3 --bookies 3 \
+  --brokers 0 --ensemble 3,2,2 >/dev/null
+trap 'MAGNETAR_BIN=$BIN deploy/local-cluster.sh down --dir "$DIR/cluster" >/dev/null 2>&1 || true' EXIT
+EP=$(cat "$DIR/cluster/metadata-endpoints")
+T="$DIR/cluster/admin/tls"
+
+perf_write() {
+  "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble "$1" write --size 1024 \
+    --ledgers "$2" --inflight "$INFLIGHT" --duration "$DURATION"
+  sleep "$PAUSE"
+}
+
+echo "== ledger writes, 1 KiB entries, $INFLIGHT in flight, ${DURATION} s each"
+for round in $(seq "$ROUNDS"); do
+  echo "-- round $round"
+  perf_write 1,1,1 1
+  perf_write 3,2,2 1
+  perf_write 1,1,1 1000
+done
+echo "== recovery"
+"$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble 3,2,2 recover --entries 10000
