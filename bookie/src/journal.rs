@@ -766,7 +766,7 @@ impl Journal {
     /// a removed segment).
     pub async fn compact(&self, min_garbage: f64) -> Result<CompactStats, BookieErrorCode> {
         let _one = self.maintenance.lock().await;
-        let (victims, moves, fences) = {
+        let (victims, ledger_ids) = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
             let active = g
                 .segments
@@ -786,25 +786,42 @@ impl Journal {
                     victims.push((*seg, total));
                 }
             }
-            let set: Vec<u64> = victims.iter().map(|(s, _)| *s).collect();
-            let mut moves = Vec::new();
-            let mut fences = Vec::new();
-            for (id, l) in &g.ledgers {
-                for (e, loc) in &l.entries {
-                    if set.contains(&loc.segment) {
-                        moves.push((*id, *e, l.master_key));
-                    }
-                }
-                if l.fenced {
-                    if let Some(k) = l.master_key {
-                        fences.push((*id, k));
-                    }
-                }
-            }
-            (victims, moves, fences)
+            (victims, g.ledgers.keys().copied().collect::<Vec<u64>>())
         };
         if victims.is_empty() {
             return Ok(CompactStats::default());
+        }
+        // Which entries live in the victims: the whole index is scanned, a
+        // slice at a time, so that adds (which index under the same lock)
+        // are not held up behind millions of entries.
+        let set: std::collections::HashSet<u64> = victims.iter().map(|(s, _)| *s).collect();
+        let mut moves = Vec::new();
+        let mut fences = Vec::new();
+        for id in ledger_ids {
+            let mut from = 0u64;
+            loop {
+                let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+                let Some(l) = g.ledgers.get(&id) else { break };
+                if from == 0 && l.fenced {
+                    if let Some(k) = l.master_key {
+                        fences.push((id, k));
+                    }
+                }
+                let mut next = None;
+                for (n, (e, loc)) in l.entries.range(from..).enumerate() {
+                    if n == INDEX_UPDATE_SLICE {
+                        next = Some(*e);
+                        break;
+                    }
+                    if set.contains(&loc.segment) {
+                        moves.push((id, *e, l.master_key));
+                    }
+                }
+                match next {
+                    Some(e) => from = e,
+                    None => break,
+                }
+            }
         }
         let mut stats = CompactStats::default();
         for (ledger, entry, key) in moves {
