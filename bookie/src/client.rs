@@ -784,23 +784,25 @@ impl AddSink for WriterCore {
     fn outcomes(self: Arc<Self>, bookie: &str, outcomes: Vec<(AddTag, AddOutcome)>) {
         let me = LedgerWriter { core: self };
         let mut acks = Vec::with_capacity(outcomes.len());
-        let mut failure = None;
+        let (mut fenced, mut failure) = (false, None);
         for ((entry_id, pos), outcome) in outcomes {
             match outcome {
                 Ok(()) => acks.push((entry_id, pos)),
+                Err(LedgerError::Bookie {
+                    code: BookieErrorCode::Fenced,
+                    ..
+                }) => fenced = true,
                 Err(e) => failure = Some(e),
             }
         }
         me.acked(&acks, bookie);
-        match failure {
-            Some(LedgerError::Bookie {
-                code: BookieErrorCode::Fenced,
-                ..
-            }) => me.fail(format!(
+        // Fenced wins over any other failure in the batch: the writer stops.
+        if fenced {
+            me.fail(format!(
                 "{bookie}: ledger fenced (another writer is recovering it)"
-            )),
-            Some(e) => me.bookie_failed(bookie, e.to_string()),
-            None => {}
+            ));
+        } else if let Some(e) = failure {
+            me.bookie_failed(bookie, e.to_string());
         }
     }
 }

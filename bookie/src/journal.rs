@@ -153,6 +153,10 @@ pub struct Journal {
     maintenance: Arc<tokio::sync::Mutex<()>>,
     /// Woken whenever adds were indexed (LACs may have moved).
     added: Arc<tokio::sync::Notify>,
+    /// Set once a checkpoint succeeded: from then on journal segments are
+    /// freed by checkpoints, and compaction leaves alone those whose adds
+    /// the next checkpoint moves anyway.
+    checkpointing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What one checkpoint did.
@@ -555,6 +559,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             maintenance: Arc::default(),
             added,
+            checkpointing: Arc::default(),
         })
     }
 
@@ -738,6 +743,8 @@ impl Journal {
                 stats.journal_segments_removed += 1;
             }
         }
+        self.checkpointing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -775,14 +782,28 @@ impl Journal {
                 .filter(|k| k & ENTRY_LOG == 0)
                 .max()
                 .unwrap_or(0);
+            // Journal segments from the first add not yet checkpointed on:
+            // the next checkpoint copies their adds once and frees them;
+            // compacting them would copy those adds twice.
+            let pending_from = g
+                .unflushed
+                .first()
+                .map(|(_, _, loc)| loc.segment)
+                .filter(|_| {
+                    self.checkpointing
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .unwrap_or(u64::MAX);
             let mut victims = Vec::new();
             for (seg, file) in &g.segments {
+                if seg & ENTRY_LOG == 0 && *seg >= pending_from {
+                    continue;
+                }
                 let total = file.metadata().map(|m| m.len()).unwrap_or(0);
                 let used = g.live.get(seg).map(|r| r.1).unwrap_or(0);
-                if *seg != active
-                    && total > 0
-                    && (total - used.min(total)) as f64 >= min_garbage * total as f64
-                {
+                // An entry log's last block may be padding (O_DIRECT), not garbage.
+                let garbage = (total - used.min(total)).saturating_sub(DIRECT_ALIGN as u64);
+                if *seg != active && total > 0 && garbage as f64 >= min_garbage * total as f64 {
                     victims.push((*seg, total));
                 }
             }
@@ -1464,6 +1485,32 @@ mod tests {
             add(&j, 2, 150, &payload).await,
             Err(BookieErrorCode::Fenced)
         );
+    }
+
+    /// Once checkpoints run, compaction leaves journal segments whose adds
+    /// the next checkpoint will move anyway (moving them would copy them
+    /// twice); the checkpoint frees those segments.
+    #[tokio::test]
+    async fn compaction_leaves_pending_journal_segments_to_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = vec![7u8; 1000];
+        let j = Journal::open_with(dir.path(), 64 * 1024).unwrap();
+        add(&j, 9, 0, &payload).await.unwrap();
+        j.checkpoint().await.unwrap();
+        for e in 0..100u64 {
+            add(&j, 1, e, &payload).await.unwrap();
+            add(&j, 2, e, &payload).await.unwrap();
+        }
+        j.delete_ledgers(vec![1]).await.unwrap();
+        let st = j.compact(0.4).await.unwrap();
+        assert_eq!(st.entries_moved, 0, "{st:?}");
+        let cp = j.checkpoint().await.unwrap();
+        assert_eq!(cp.entries_flushed, 100, "{cp:?}");
+        assert!(cp.journal_segments_removed > 0, "{cp:?}");
+        for e in 0..100u64 {
+            assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);
+        }
+        assert!(matches!(j.read(1, 0), Err(BookieErrorCode::NoSuchLedger)));
     }
 
     fn count(dir: &Path, suffix: &str) -> usize {
