@@ -34,6 +34,8 @@ pub const JOURNAL_QUEUE_REQUESTS: usize = 64 * 1024;
 
 /// Buffer of a checkpoint's entry log writes.
 const ENTRY_LOG_WRITE_BYTES: usize = 1024 * 1024;
+/// Entries compaction moves per journal request.
+const COMPACT_BATCH: usize = 1024;
 /// A checkpoint syncs its entry log every this many bytes.
 const ENTRY_LOG_SYNC_BYTES: u64 = 16 * 1024 * 1024;
 /// Entries a checkpoint re-points per hold of the index lock.
@@ -845,17 +847,34 @@ impl Journal {
             }
         }
         let mut stats = CompactStats::default();
-        for (ledger, entry, key) in moves {
-            let Some(key) = key else { continue };
-            let e = match self.read(ledger, entry) {
-                Ok(e) => e,
-                // Deleted meanwhile.
-                Err(BookieErrorCode::NoSuchLedger | BookieErrorCode::NoSuchEntry) => continue,
-                Err(e) => return Err(e),
-            };
-            self.add(ledger, entry, e.lac, key, e.payload, e.digest, true)
-                .await?;
-            stats.entries_moved += 1;
+        // Moved in batches: one journal request (and group commit) per
+        // batch rather than one fsync per entry.
+        let mut batch = Vec::with_capacity(COMPACT_BATCH);
+        let mut moves = moves.into_iter().peekable();
+        while let Some((ledger, entry, key)) = moves.next() {
+            if let Some(key) = key {
+                match self.read(ledger, entry) {
+                    Ok(e) => batch.push(AddRequest {
+                        ledger_id: ledger,
+                        entry_id: entry,
+                        master_key: key,
+                        lac: e.lac,
+                        payload: e.payload,
+                        digest: e.digest,
+                        recovery: true,
+                    }),
+                    // Deleted meanwhile.
+                    Err(BookieErrorCode::NoSuchLedger | BookieErrorCode::NoSuchEntry) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if batch.len() == COMPACT_BATCH || (moves.peek().is_none() && !batch.is_empty()) {
+                let n = batch.len();
+                for r in self.add_batch(std::mem::take(&mut batch)).await {
+                    r?;
+                }
+                stats.entries_moved += n;
+            }
         }
         for (ledger, key) in fences {
             self.fence(ledger, key).await?;
