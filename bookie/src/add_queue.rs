@@ -57,10 +57,6 @@ impl AddQueues {
         }
     }
 
-    pub fn rpc(&self) -> &RpcClient {
-        &self.rpc
-    }
-
     pub fn set_timeout(&mut self, timeout: std::time::Duration) {
         self.rpc.timeout = timeout;
     }

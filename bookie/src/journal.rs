@@ -870,7 +870,7 @@ impl Journal {
             }
             if batch.len() == COMPACT_BATCH || (moves.peek().is_none() && !batch.is_empty()) {
                 let n = batch.len();
-                for r in self.add_batch(std::mem::take(&mut batch)).await {
+                for r in self.add_batch(std::mem::take(&mut batch), |_| Ok(())).await {
                     r?;
                 }
                 stats.entries_moved += n;
@@ -925,25 +925,36 @@ impl Journal {
             digest,
             recovery,
         };
-        self.add_batch(vec![add])
+        self.add_batch(vec![add], |_| Ok(()))
             .await
             .pop()
             .unwrap_or(Err(BookieErrorCode::Io))
     }
 
     /// Adds many entries at once (one request to the journal thread, one
-    /// group commit when they fit); a result per add, in order.
-    pub async fn add_batch(&self, adds: Vec<AddRequest>) -> Vec<Result<(), BookieErrorCode>> {
+    /// group commit when they fit); a result per add, in order. `admit` is
+    /// the caller's own check of each add (size, read-only…), made with
+    /// the digest check before anything reaches the journal.
+    pub async fn add_batch(
+        &self,
+        adds: Vec<AddRequest>,
+        admit: impl Fn(&AddRequest) -> Result<(), BookieErrorCode>,
+    ) -> Vec<Result<(), BookieErrorCode>> {
         let n = adds.len();
         let mut results: Vec<Result<(), BookieErrorCode>> = Vec::with_capacity(n);
         let mut valid = Vec::with_capacity(n);
         for a in adds {
-            if entry_digest(a.ledger_id, a.entry_id, a.lac, &a.payload) == a.digest {
-                results.push(Ok(()));
+            let check = admit(&a).and_then(|()| {
+                if entry_digest(a.ledger_id, a.entry_id, a.lac, &a.payload) == a.digest {
+                    Ok(())
+                } else {
+                    Err(BookieErrorCode::BadDigest)
+                }
+            });
+            if check.is_ok() {
                 valid.push(a);
-            } else {
-                results.push(Err(BookieErrorCode::BadDigest));
             }
+            results.push(check);
         }
         if valid.is_empty() {
             return results;
@@ -1122,10 +1133,10 @@ fn put_record(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
 }
 
 enum Done {
-    /// Staged adds as (index in the batch, ledger, entry, location, key);
-    /// `results` already holds the refusals.
+    /// Staged adds as (ledger, entry, location, key); `results` (one per
+    /// add of the batch) already holds the refusals.
     Batch(
-        Vec<(usize, u64, u64, Location, MasterKey)>,
+        Vec<(u64, u64, Location, MasterKey)>,
         Vec<Result<(), BookieErrorCode>>,
         oneshot::Sender<Vec<Result<(), BookieErrorCode>>>,
     ),
@@ -1187,40 +1198,33 @@ impl Writer {
 
     /// Appends an add's record to `buf` after the key and fencing checks;
     /// returns where its payload will be.
-    #[allow(clippy::too_many_arguments)]
     fn stage_add(
         &mut self,
-        ledger_id: u64,
-        entry_id: u64,
-        lac: i64,
-        master_key: MasterKey,
-        payload: &[u8],
-        digest: u32,
-        recovery: bool,
+        a: &AddRequest,
         buf: &mut Vec<u8>,
     ) -> Result<Location, BookieErrorCode> {
-        let fenced = *self.authorize(ledger_id, master_key)?;
-        if fenced && !recovery {
+        let fenced = *self.authorize(a.ledger_id, a.master_key)?;
+        if fenced && !a.recovery {
             return Err(BookieErrorCode::Fenced);
         }
         let body = put_record(
             buf,
             REC_ADD,
             &[
-                &ledger_id.to_be_bytes(),
-                &entry_id.to_be_bytes(),
-                &lac.to_be_bytes(),
-                &digest.to_be_bytes(),
-                &master_key,
-                payload,
+                &a.ledger_id.to_be_bytes(),
+                &a.entry_id.to_be_bytes(),
+                &a.lac.to_be_bytes(),
+                &a.digest.to_be_bytes(),
+                &a.master_key,
+                &a.payload,
             ],
         );
         Ok(Location {
             segment: self.segment,
             offset: self.size + (body + ADD_HEADER) as u64,
-            len: payload.len() as u32,
-            lac,
-            digest,
+            len: a.payload.len() as u32,
+            lac: a.lac,
+            digest: a.digest,
         })
     }
 
@@ -1244,19 +1248,10 @@ impl Writer {
             Request::AddBatch { adds, done: tx } => {
                 let mut staged = Vec::with_capacity(adds.len());
                 let mut results = Vec::with_capacity(adds.len());
-                for (i, a) in adds.into_iter().enumerate() {
-                    match self.stage_add(
-                        a.ledger_id,
-                        a.entry_id,
-                        a.lac,
-                        a.master_key,
-                        &a.payload,
-                        a.digest,
-                        a.recovery,
-                        buf,
-                    ) {
+                for a in &adds {
+                    match self.stage_add(a, buf) {
                         Ok(loc) => {
-                            staged.push((i, a.ledger_id, a.entry_id, loc, a.master_key));
+                            staged.push((a.ledger_id, a.entry_id, loc, a.master_key));
                             results.push(Ok(()));
                         }
                         Err(e) => results.push(Err(e)),
@@ -1311,7 +1306,7 @@ impl Writer {
         for d in done.drain(..) {
             match d {
                 Done::Batch(staged, results, tx) => {
-                    for (_, ledger, entry, loc, key) in staged {
+                    for (ledger, entry, loc, key) in staged {
                         let l = g.ledger(ledger);
                         l.master_key.get_or_insert(key);
                         l.lac = l.lac.max(loc.lac);
@@ -1441,19 +1436,6 @@ mod tests {
         assert_eq!(bad, Err(BookieErrorCode::BadDigest));
     }
 
-    fn segment_count(dir: &Path) -> usize {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".jnl")
-            })
-            .count()
-    }
-
     #[tokio::test]
     async fn deleted_ledgers_are_compacted_away_and_stay_deleted() {
         let dir = tempfile::tempdir().unwrap();
@@ -1467,13 +1449,13 @@ mod tests {
                 }
             }
             j.fence(2, key()).await.unwrap();
-            let before = segment_count(dir.path());
+            let before = count(dir.path(), ".jnl");
             assert!(before > 5, "{before} segments");
             j.delete_ledgers(vec![1, 3]).await.unwrap();
             assert_eq!(j.ledger_ids(), vec![2]);
             let stats = j.compact(0.5).await.unwrap();
             assert!(stats.segments_removed > 0, "{stats:?}");
-            let after = segment_count(dir.path());
+            let after = count(dir.path(), ".jnl");
             assert!(after < before, "{before} -> {after} segments");
             for e in 0..150u64 {
                 assert_eq!(j.read(2, e).unwrap().payload.as_ref(), &payload[..]);

@@ -453,25 +453,6 @@ fn admit(read_only: &AtomicBool, add: &AddRequest) -> Result<(), BookieErrorCode
     Ok(())
 }
 
-async fn add_one(
-    journal: &Journal,
-    read_only: &AtomicBool,
-    add: AddRequest,
-) -> Result<(), BookieErrorCode> {
-    admit(read_only, &add)?;
-    journal
-        .add(
-            add.ledger_id,
-            add.entry_id,
-            add.lac,
-            add.master_key,
-            add.payload,
-            add.digest,
-            add.recovery,
-        )
-        .await
-}
-
 pub async fn handle(
     journal: &Journal,
     read_only: &AtomicBool,
@@ -480,32 +461,19 @@ pub async fn handle(
     let res = match req {
         BookieRequest::Add(add) => {
             let (ledger_id, entry_id) = (add.ledger_id, add.entry_id);
-            add_one(journal, read_only, add)
+            journal
+                .add_batch(vec![add], |a| admit(read_only, a))
                 .await
-                .map(|_| BookieResponse::Added {
+                .pop()
+                .unwrap_or(Err(BookieErrorCode::Io))
+                .map(|()| BookieResponse::Added {
                     ledger_id,
                     entry_id,
                 })
         }
-        BookieRequest::AddBatch(adds) => {
-            // Refusals decided here; the rest go to the journal together.
-            let mut results = Vec::with_capacity(adds.len());
-            let mut accepted = Vec::with_capacity(adds.len());
-            for a in adds {
-                match admit(read_only, &a) {
-                    Ok(()) => {
-                        results.push(Ok(()));
-                        accepted.push(a);
-                    }
-                    Err(e) => results.push(Err(e)),
-                }
-            }
-            let mut stored = journal.add_batch(accepted).await.into_iter();
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = stored.next().unwrap_or(Err(BookieErrorCode::Io));
-            }
-            Ok(BookieResponse::AddedBatch(results))
-        }
+        BookieRequest::AddBatch(adds) => Ok(BookieResponse::AddedBatch(
+            journal.add_batch(adds, |a| admit(read_only, a)).await,
+        )),
         BookieRequest::Read {
             ledger_id,
             entry_id,
