@@ -159,8 +159,9 @@ pub struct Journal {
     tx: mpsc::Sender<Request>,
     index: Arc<RwLock<Index>>,
     dir: PathBuf,
-    /// Checkpoints and compactions run one at a time.
-    maintenance: Arc<tokio::sync::Mutex<()>>,
+    /// Checkpoints and compactions run one at a time; the checkpoint's
+    /// spare list of adds to move lives here.
+    maintenance: Arc<tokio::sync::Mutex<Vec<(u64, u64, Location)>>>,
     /// Woken whenever adds were indexed (LACs may have moved).
     added: Arc<tokio::sync::Notify>,
     /// Set once a checkpoint succeeded: from then on journal segments are
@@ -675,60 +676,74 @@ impl Journal {
         &self,
         pace: Duration,
     ) -> Result<CheckpointStats, BookieErrorCode> {
-        let _one = self.maintenance.lock().await;
+        // The lock holds the list a checkpoint works on, kept with its
+        // capacity between checkpoints: a fresh list of millions of entries
+        // every time cost page faults (and their zeroing) in profiles.
+        let mut spare = self.maintenance.lock().await;
         let (seg, off) = self.mark().await?;
-        let (moving, next_log) = {
+        let mut moving = std::mem::take(&mut *spare);
+        moving.clear();
+        let next_log = {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             // Only what was journaled since the last checkpoint, up to the
-            // mark. Entries deleted or re-written since are skipped when the
-            // index is updated below.
-            // The list keeps its capacity: grown from empty every time, its
-            // reallocations (tens of MB) showed in profiles.
-            let capacity = g.unflushed.capacity();
-            let all = std::mem::replace(&mut g.unflushed, Vec::with_capacity(capacity));
-            let mut moving = Vec::with_capacity(all.len());
-            for item in all {
-                let (_, _, loc) = &item;
-                if (loc.segment, loc.offset) < (seg, off) {
-                    moving.push(item);
+            // mark; the rest stays for the next one. (The two lists swap.)
+            std::mem::swap(&mut g.unflushed, &mut moving);
+            let mut kept = 0;
+            for i in 0..moving.len() {
+                let item = moving[i];
+                if (item.2.segment, item.2.offset) < (seg, off) {
+                    moving[kept] = item;
+                    kept += 1;
                 } else {
                     g.unflushed.push(item);
                 }
             }
-            let next_log = g
-                .segments
+            moving.truncate(kept);
+            g.segments
                 .keys()
                 .filter(|k| *k & ENTRY_LOG != 0)
                 .map(|k| (k & !ENTRY_LOG) + 1)
                 .max()
-                .unwrap_or(1);
-            (moving, next_log)
+                .unwrap_or(1)
         };
         // Keep only what is still indexed at that place: compaction may have
         // moved an entry (and removed its old file) or the ledger may be
         // gone. Looked up in slices, so adds are not held up meanwhile.
-        let mut current = Vec::with_capacity(moving.len());
-        for slice in moving.chunks(INDEX_UPDATE_SLICE) {
+        let mut kept = 0;
+        for from in (0..moving.len()).step_by(INDEX_UPDATE_SLICE) {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
-            current.extend(slice.iter().copied().filter(|(ledger, entry, old)| {
-                g.ledgers
-                    .get(ledger)
-                    .and_then(|l| l.entries.get(entry))
-                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset)
-            }));
+            for i in from..moving.len().min(from + INDEX_UPDATE_SLICE) {
+                let (ledger, entry, old) = moving[i];
+                let current = g
+                    .ledgers
+                    .get(&ledger)
+                    .and_then(|l| l.entries.get(&entry))
+                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
+                if current {
+                    moving[kept] = moving[i];
+                    kept += 1;
+                }
+            }
         }
-        let mut moving = current;
+        moving.truncate(kept);
         moving.sort_unstable_by_key(|(l, e, _)| (*l, *e));
         let log_id = next_log | ENTRY_LOG;
         let mut stats = CheckpointStats::default();
         if !moving.is_empty() {
             let dir = self.dir.clone();
-            let to_write: Vec<(u64, u64, Location)> = moving.clone();
-            let written =
-                tokio::task::spawn_blocking(move || write_entry_log(&dir, log_id, &to_write, pace))
-                    .await
-                    .map_err(|_| std::io::Error::other("entry log writer panicked"))
-                    .and_then(|r| r);
+            let (back, written) = tokio::task::spawn_blocking(move || {
+                let written = write_entry_log(&dir, log_id, &moving, pace);
+                (moving, written)
+            })
+            .await
+            .map_err(|_| {
+                // The list is lost with the task; its adds stay readable
+                // where they are in the journal, whose segments are kept
+                // while they hold indexed entries.
+                tracing::error!("the entry log writer panicked");
+                BookieErrorCode::Io
+            })?;
+            moving = back;
             let written = match written {
                 Ok(w) => w,
                 Err(e) => {
@@ -736,7 +751,7 @@ impl Journal {
                     // segments stay until they are in an entry log.
                     tracing::error!(error = %e, "writing an entry log failed");
                     let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-                    g.unflushed.extend(moving);
+                    g.unflushed.extend_from_slice(&moving);
                     return Err(BookieErrorCode::Io);
                 }
             };
@@ -749,10 +764,12 @@ impl Journal {
                 .insert(log_id, Arc::new(file));
             // In slices, so that adds (which index under the same lock) are
             // not held up for the whole checkpoint.
-            let updates: Vec<_> = moving.iter().zip(written).collect();
-            for slice in updates.chunks(INDEX_UPDATE_SLICE) {
+            let slices = moving
+                .chunks(INDEX_UPDATE_SLICE)
+                .zip(written.chunks(INDEX_UPDATE_SLICE));
+            for (olds, news) in slices {
                 let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-                for ((ledger, entry, old), new) in slice {
+                for ((ledger, entry, old), new) in olds.iter().zip(news) {
                     let unchanged = g
                         .ledgers
                         .get(ledger)
@@ -766,6 +783,8 @@ impl Journal {
             }
             stats.entries_flushed = moving.len();
         }
+        moving.clear();
+        *spare = moving;
         let (cp, removable) = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
             let cp = Checkpoint {

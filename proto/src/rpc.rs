@@ -82,59 +82,34 @@ pub async fn read_msg<T: DeserializeOwned>(
             limit: MAX_RPC_MESSAGE_BYTES,
         });
     }
-    // Decoded straight from the received chunks: no contiguous copy of a
-    // (possibly megabyte-sized) body.
-    let mut body = Chunks::default();
-    while body.len < size {
-        match recv.read_chunk(size - body.len, true).await {
-            Ok(Some(chunk)) => body.push(chunk.bytes),
-            Ok(None) => return Err(quinn::ReadExactError::FinishedEarly(body.len).into()),
+    // A body that came in one chunk is decoded where it is; a longer one is
+    // gathered into one buffer first (one copy), because decoding through
+    // a reader that walks the chunks field by field cost more than that.
+    let mut first: Option<bytes::Bytes> = None;
+    let mut gathered: Vec<u8> = Vec::new();
+    let mut got = 0;
+    while got < size {
+        let chunk = match recv.read_chunk(size - got, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return Err(quinn::ReadExactError::FinishedEarly(got).into()),
             Err(e) => return Err(quinn::ReadExactError::ReadError(e).into()),
+        };
+        got += chunk.len();
+        if first.is_none() && got == chunk.len() && got == size {
+            first = Some(chunk);
+            break;
         }
+        if gathered.is_empty() {
+            gathered.reserve_exact(size);
+        }
+        gathered.extend_from_slice(&chunk);
     }
+    let body: &[u8] = first.as_deref().unwrap_or(&gathered);
+    // The codec refuses bytes after the message.
     let msg = codec()
-        .deserialize_from(&mut body)
+        .deserialize(body)
         .map_err(|e| RpcError::Decode(e.to_string()))?;
-    if !body.parts.is_empty() {
-        return Err(RpcError::Decode(format!(
-            "{} bytes after the message",
-            body.parts.iter().map(|p| p.len()).sum::<usize>()
-        )));
-    }
     Ok(Some(msg))
-}
-
-/// A message body as received: a list of chunks read in order.
-#[derive(Default)]
-struct Chunks {
-    parts: std::collections::VecDeque<bytes::Bytes>,
-    len: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, b: bytes::Bytes) {
-        self.len += b.len();
-        self.parts.push_back(b);
-    }
-}
-
-impl std::io::Read for Chunks {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(front) = self.parts.front_mut() else {
-                break;
-            };
-            let take = front.len().min(out.len() - n);
-            out[n..n + take].copy_from_slice(&front[..take]);
-            bytes::Buf::advance(front, take);
-            if front.is_empty() {
-                self.parts.pop_front();
-            }
-            n += take;
-        }
-        Ok(n)
-    }
 }
 
 /// Stream reset code for a request that does not decode.
