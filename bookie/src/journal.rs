@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_proto::ledger::{entry_digest, AddRequest, BookieErrorCode, MasterKey};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 /// Journal segments roll over at this size.
@@ -77,15 +78,15 @@ struct LedgerIndex {
 
 #[derive(Default)]
 struct Index {
-    ledgers: HashMap<u64, LedgerIndex>,
-    segments: HashMap<u64, Arc<File>>,
+    ledgers: FxHashMap<u64, LedgerIndex>,
+    segments: FxHashMap<u64, Arc<File>>,
     /// Adds indexed in the journal since the last checkpoint took them:
     /// (ledger, entry, where in the journal) — what the next checkpoint
-    /// moves, in journal order.
+    /// moves. Kept in journal order (the checkpoint bisects it).
     unflushed: Vec<(u64, u64, Location)>,
     /// Per file (journal segment or entry log): how many indexed entries it
     /// holds and their payload bytes. A file absent here holds nothing live.
-    live: HashMap<u64, (u64, u64)>,
+    live: FxHashMap<u64, (u64, u64)>,
 }
 
 impl Index {
@@ -102,6 +103,43 @@ impl Index {
         if let Some(old) = self.ledger(ledger).entries.insert(entry, loc) {
             self.unref(old);
         }
+        self.count(loc);
+    }
+
+    /// An add the journal made durable at `loc`: indexed there, the
+    /// ledger's key and LAC taken from it, and listed for the next
+    /// checkpoint — with one lookup of the ledger.
+    fn journaled(&mut self, ledger: u64, entry: u64, loc: Location, key: MasterKey) {
+        let l = self.ledger(ledger);
+        l.master_key.get_or_insert(key);
+        l.lac = l.lac.max(loc.lac);
+        if let Some(old) = l.entries.insert(entry, loc) {
+            self.unref(old);
+        }
+        self.count(loc);
+        self.unflushed.push((ledger, entry, loc));
+    }
+
+    /// Moves (ledger, entry) from `old` to `new` if it is still at `old`
+    /// (nothing re-wrote or deleted it meanwhile); says whether it did.
+    fn relocate(&mut self, ledger: u64, entry: u64, old: &Location, new: Location) -> bool {
+        let Some(loc) = self
+            .ledgers
+            .get_mut(&ledger)
+            .and_then(|l| l.entries.get_mut(&entry))
+        else {
+            return false;
+        };
+        if loc.segment != old.segment || loc.offset != old.offset {
+            return false;
+        }
+        *loc = new;
+        self.unref(*old);
+        self.count(new);
+        true
+    }
+
+    fn count(&mut self, loc: Location) {
         let r = self.live.entry(loc.segment).or_default();
         r.0 += 1;
         r.1 += loc.len as u64;
@@ -287,6 +325,67 @@ fn write_entry_log(
     f.sync_all()?;
     File::open(dir)?.sync_all()?;
     Ok(locations)
+}
+
+/// The blocking part of a checkpoint: sorts the adds of `moving` by
+/// (ledger, entry), writes them to entry log `log_id` and points the index
+/// at their new places — except where something re-wrote or deleted them
+/// meanwhile. The index is updated in slices, so adds are not held up.
+/// Returns how many moved.
+fn move_to_entry_log(
+    index: &RwLock<Index>,
+    dir: &Path,
+    log_id: u64,
+    moving: &mut Vec<(u64, u64, Location)>,
+    pace: Duration,
+) -> std::io::Result<usize> {
+    // Adds whose journal segment is gone (compacted before checkpoints
+    // began) are left out; adds of deleted ledgers or re-written since are
+    // copied anyway (rare; garbage for compaction) — a lookup per add
+    // would cost more than it saves.
+    let present: Vec<u64> = index
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .segments
+        .keys()
+        .copied()
+        .collect();
+    moving.retain(|(_, _, loc)| present.contains(&loc.segment));
+    if moving.is_empty() {
+        return Ok(0);
+    }
+    // A stable sort: the journal holds each ledger's entries nearly in
+    // order, which it merges in about one pass.
+    moving.sort_by_key(|(l, e, _)| (*l, *e));
+    let started = std::time::Instant::now();
+    let written = write_entry_log(dir, log_id, moving, pace)?;
+    tracing::debug!(
+        adds = moving.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "checkpoint: entry log written"
+    );
+    let started = std::time::Instant::now();
+    let file = File::open(segment_path(dir, log_id))?;
+    index
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .segments
+        .insert(log_id, Arc::new(file));
+    let slices = moving
+        .chunks(INDEX_UPDATE_SLICE)
+        .zip(written.chunks(INDEX_UPDATE_SLICE));
+    let mut moved = 0;
+    for (olds, news) in slices {
+        let mut g = index.write().unwrap_or_else(|e| e.into_inner());
+        for ((ledger, entry, old), new) in olds.iter().zip(news) {
+            moved += g.relocate(*ledger, *entry, old, *new) as usize;
+        }
+    }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "checkpoint: index re-pointed"
+    );
+    Ok(moved)
 }
 
 /// Writes an entry log in aligned 1 MiB pieces. Where the file system
@@ -597,7 +696,7 @@ impl Journal {
             file,
             size,
             index: index.clone(),
-            state: HashMap::new(),
+            state: FxHashMap::default(),
             failed: false,
             segment_bytes: segment_bytes.max(4096),
             added: added.clone(),
@@ -686,19 +785,14 @@ impl Journal {
         let next_log = {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             // Only what was journaled since the last checkpoint, up to the
-            // mark; the rest stays for the next one. (The two lists swap.)
+            // mark; the few after it stay for the next one. (The two lists
+            // swap; the list is in journal order, so the mark is found by
+            // bisection, not by a pass over millions of adds under the lock.)
             std::mem::swap(&mut g.unflushed, &mut moving);
-            let mut kept = 0;
-            for i in 0..moving.len() {
-                let item = moving[i];
-                if (item.2.segment, item.2.offset) < (seg, off) {
-                    moving[kept] = item;
-                    kept += 1;
-                } else {
-                    g.unflushed.push(item);
-                }
-            }
-            moving.truncate(kept);
+            let split =
+                moving.partition_point(|(_, _, loc)| (loc.segment, loc.offset) < (seg, off));
+            g.unflushed.extend_from_slice(&moving[split..]);
+            moving.truncate(split);
             g.segments
                 .keys()
                 .filter(|k| *k & ENTRY_LOG != 0)
@@ -706,82 +800,37 @@ impl Journal {
                 .max()
                 .unwrap_or(1)
         };
-        // Keep only what is still indexed at that place: compaction may have
-        // moved an entry (and removed its old file) or the ledger may be
-        // gone. Looked up in slices, so adds are not held up meanwhile.
-        let mut kept = 0;
-        for from in (0..moving.len()).step_by(INDEX_UPDATE_SLICE) {
-            let g = self.index.read().unwrap_or_else(|e| e.into_inner());
-            for i in from..moving.len().min(from + INDEX_UPDATE_SLICE) {
-                let (ledger, entry, old) = moving[i];
-                let current = g
-                    .ledgers
-                    .get(&ledger)
-                    .and_then(|l| l.entries.get(&entry))
-                    .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
-                if current {
-                    moving[kept] = moving[i];
-                    kept += 1;
-                }
-            }
-        }
-        moving.truncate(kept);
-        moving.sort_unstable_by_key(|(l, e, _)| (*l, *e));
         let log_id = next_log | ENTRY_LOG;
+        let (index, dir) = (self.index.clone(), self.dir.clone());
+        // The work on millions of adds (filter, sort, copy, re-index) runs
+        // on a blocking thread: on a runtime worker it held up the bookie's
+        // network traffic for hundreds of milliseconds per checkpoint.
+        let (back, moved) = tokio::task::spawn_blocking(move || {
+            let moved = move_to_entry_log(&index, &dir, log_id, &mut moving, pace);
+            (moving, moved)
+        })
+        .await
+        .map_err(|_| {
+            // The list is lost with the task; its adds stay readable where
+            // they are in the journal, whose segments are kept while they
+            // hold indexed entries.
+            tracing::error!("the entry log writer panicked");
+            BookieErrorCode::Io
+        })?;
+        moving = back;
         let mut stats = CheckpointStats::default();
-        if !moving.is_empty() {
-            let dir = self.dir.clone();
-            let (back, written) = tokio::task::spawn_blocking(move || {
-                let written = write_entry_log(&dir, log_id, &moving, pace);
-                (moving, written)
-            })
-            .await
-            .map_err(|_| {
-                // The list is lost with the task; its adds stay readable
-                // where they are in the journal, whose segments are kept
-                // while they hold indexed entries.
-                tracing::error!("the entry log writer panicked");
-                BookieErrorCode::Io
-            })?;
-            moving = back;
-            let written = match written {
-                Ok(w) => w,
-                Err(e) => {
-                    // Leave them for the next checkpoint: their journal
-                    // segments stay until they are in an entry log.
-                    tracing::error!(error = %e, "writing an entry log failed");
-                    let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-                    g.unflushed.extend_from_slice(&moving);
-                    return Err(BookieErrorCode::Io);
-                }
-            };
-            let file =
-                File::open(segment_path(&self.dir, log_id)).map_err(|_| BookieErrorCode::Io)?;
-            self.index
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .segments
-                .insert(log_id, Arc::new(file));
-            // In slices, so that adds (which index under the same lock) are
-            // not held up for the whole checkpoint.
-            let slices = moving
-                .chunks(INDEX_UPDATE_SLICE)
-                .zip(written.chunks(INDEX_UPDATE_SLICE));
-            for (olds, news) in slices {
+        match moved {
+            Ok(n) => stats.entries_flushed = n,
+            Err(e) => {
+                // Leave them for the next checkpoint: their journal
+                // segments stay until they are in an entry log.
+                tracing::error!(error = %e, "writing an entry log failed");
+                // Back in front, in journal order (the list stays ordered).
+                moving.sort_unstable_by_key(|(_, _, loc)| (loc.segment, loc.offset));
                 let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
-                for ((ledger, entry, old), new) in olds.iter().zip(news) {
-                    let unchanged = g
-                        .ledgers
-                        .get(ledger)
-                        .and_then(|l| l.entries.get(entry))
-                        .is_some_and(|loc| loc.segment == old.segment && loc.offset == old.offset);
-                    // Only if nothing re-wrote or deleted it meanwhile.
-                    if unchanged {
-                        g.put_entry(*ledger, *entry, *new);
-                    }
-                }
+                g.unflushed.splice(0..0, moving.iter().copied());
+                return Err(BookieErrorCode::Io);
             }
-            stats.entries_flushed = moving.len();
         }
         moving.clear();
         *spare = moving;
@@ -810,21 +859,32 @@ impl Journal {
                 .collect();
             (cp, removable)
         };
-        let bytes = bincode::serialize(&cp).map_err(|_| BookieErrorCode::Io)?;
-        write_atomic(&self.dir, CHECKPOINT, &bytes).map_err(|e| {
+        // File system work (fsyncs, unlinking gigabytes of segments: ~40 ms
+        // each) on a blocking thread, not on a runtime worker.
+        let (index, dir) = (self.index.clone(), self.dir.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            let bytes = bincode::serialize(&cp).map_err(std::io::Error::other)?;
+            write_atomic(&dir, CHECKPOINT, &bytes)?;
+            let mut removed = 0;
+            for k in removable {
+                index
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .segments
+                    .remove(&k);
+                if std::fs::remove_file(segment_path(&dir, k)).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok::<usize, std::io::Error>(removed)
+        })
+        .await
+        .map_err(|_| BookieErrorCode::Io)?
+        .map_err(|e| {
             tracing::error!(error = %e, "writing the checkpoint failed");
             BookieErrorCode::Io
         })?;
-        for k in removable {
-            self.index
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .segments
-                .remove(&k);
-            if std::fs::remove_file(segment_path(&self.dir, k)).is_ok() {
-                stats.journal_segments_removed += 1;
-            }
-        }
+        stats.journal_segments_removed = removed;
         self.checkpointing
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(stats)
@@ -1149,9 +1209,6 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
                 let digest = u32::from_be_bytes(body[24..28].try_into().unwrap_or([0; 4]));
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[28..44]);
-                let l = index.ledger(ledger);
-                l.master_key.get_or_insert(key);
-                l.lac = l.lac.max(lac);
                 let offset = base + (pos + REC_HEADER + ADD_HEADER) as u64;
                 let loc = Location {
                     segment: seg,
@@ -1160,8 +1217,7 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
                     lac,
                     digest,
                 };
-                index.put_entry(ledger, entry, loc);
-                index.unflushed.push((ledger, entry, loc));
+                index.journaled(ledger, entry, loc, key);
             }
             REC_DELETE => {
                 for id in body.chunks_exact(8) {
@@ -1190,7 +1246,7 @@ struct Writer {
     size: u64,
     index: Arc<RwLock<Index>>,
     /// Authoritative per-ledger (master key, fenced), including requests not yet synced.
-    state: HashMap<u64, (Option<MasterKey>, bool)>,
+    state: FxHashMap<u64, (Option<MasterKey>, bool)>,
     /// Set after a failed write or sync: the file's tail is unknown, so the
     /// journal refuses everything from then on rather than guess offsets.
     failed: bool,
@@ -1429,11 +1485,7 @@ impl Writer {
             match d {
                 Done::Batch(staged, results, tx) => {
                     for (ledger, entry, loc, key) in staged {
-                        let l = g.ledger(ledger);
-                        l.master_key.get_or_insert(key);
-                        l.lac = l.lac.max(loc.lac);
-                        g.put_entry(ledger, entry, loc);
-                        g.unflushed.push((ledger, entry, loc));
+                        g.journaled(ledger, entry, loc, key);
                     }
                     batches.push((results, tx));
                 }

@@ -186,6 +186,9 @@ fn transport_config() -> quinn::TransportConfig {
     // lost harmlessly and the 1452-byte default stays.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(JUMBO_UDP_PAYLOAD);
+    // Loss under congestion can look like a black hole and drop the MTU to
+    // 1,200 bytes; look again soon rather than after quinn's minute.
+    mtu.black_hole_cooldown(Duration::from_secs(5));
     t.mtu_discovery_config(Some(mtu));
     // Default quinn idle timeout; a dead peer is noticed within it.
     if let Ok(idle) = Duration::from_secs(10).try_into() {
@@ -220,7 +223,57 @@ fn endpoint(
         }
     }
     socket.bind(&bind.into())?;
-    quinn::Endpoint::new(cfg, server, socket.into(), Arc::new(quinn::TokioRuntime))
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket.into())?;
+    quinn::Endpoint::new_with_abstract_socket(cfg, server, Arc::new(GsoCapped(socket)), runtime)
+}
+
+/// Most packets in one segmentation-offload (GSO) send: the batch goes to
+/// the kernel as one UDP datagram, which cannot exceed 64 KiB.
+const MAX_GSO_SEGMENTS: usize = 65_507 / JUMBO_UDP_PAYLOAD as usize;
+
+/// The endpoint's socket with GSO batches capped at [`MAX_GSO_SEGMENTS`].
+/// quinn batches up to 10 packets; ten jumbo packets exceed 64 KiB, the
+/// kernel refuses the whole batch with `EMSGSIZE`, and quinn-udp drops it
+/// silently (it takes that error for a lost MTU probe; quinn PR #2199). The
+/// result was bursts of loss on every busy connection, and quinn's
+/// black-hole detection falling back to 1,200-byte packets.
+#[derive(Debug)]
+struct GsoCapped(Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for GsoCapped {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.0.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments().min(MAX_GSO_SEGMENTS)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.0.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
+    }
 }
 
 /// A QUIC endpoint that accepts connections with mutual TLS.
@@ -341,6 +394,12 @@ impl RpcClient {
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr, conn.clone());
         Ok(conn)
+    }
+
+    /// Statistics of the connection to `addr`, if there is one (lost
+    /// packets, path MTU, congestion window).
+    pub fn connection_stats(&self, addr: SocketAddr) -> Option<quinn::ConnectionStats> {
+        self.cached(addr).map(|c| c.stats())
     }
 
     /// Opens a raw stream pair to `addr` (for streaming calls such as watches).
