@@ -238,15 +238,22 @@ fn entry_index_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{:010}.eidx", n & !ENTRY_LOG))
 }
 
-/// Writes entry log `id` (payloads copied from where `entries` are now, in
-/// the given order) and its index, both fsynced; returns the new locations.
+/// Writes entry log `id` and its index, both fsynced, from `entries` (in
+/// journal order), and returns the new locations — in the order `entries`
+/// is left in.
+///
+/// The journal is read a window of up to [`CHECKPOINT_WINDOW`] bytes at a
+/// time, with one sequential read, and each window's adds are written sorted
+/// by (ledger, entry): a ledger's entries end up in one block per window.
+/// (Reading entry by entry in ledger order instead cost a disk read per
+/// entry when many ledgers' adds are interleaved in the journal.)
 ///
 /// With a `pace`, writing is spread over about that long (a burst of
 /// gigabytes would delay the journal's fsyncs behind it on a shared disk).
 fn write_entry_log(
     dir: &Path,
     id: u64,
-    entries: &[(u64, u64, Location)],
+    entries: &mut [(u64, u64, Location)],
     pace: Duration,
 ) -> std::io::Result<Vec<Location>> {
     let total: u64 = entries
@@ -260,15 +267,16 @@ fn write_entry_log(
     let mut locations = Vec::with_capacity(entries.len());
     let mut offset = 0u64;
     let mut synced = 0u64;
-    let mut buf = AlignedBuf::new(SPAN_BYTES as usize + 2 * DIRECT_ALIGN);
+    let mut buf = AlignedBuf::new(CHECKPOINT_WINDOW + 2 * DIRECT_ALIGN);
     // The journal's segments opened for `O_DIRECT` reads: through the page
     // cache every byte would cost a kernel copy and a page allocation.
     let mut readers: HashMap<u64, File> = HashMap::new();
     let mut rest = entries;
     while !rest.is_empty() {
-        let (run, after) = rest.split_at(run_len(rest));
+        let n = window_len(rest);
+        let (window, after) = rest.split_at_mut(n);
         rest = after;
-        let (first, last) = (&run[0].2, &run[run.len() - 1].2);
+        let (first, last) = (window[0].2, window[n - 1].2);
         let from = first.offset - first.offset % DIRECT_ALIGN as u64;
         let need = (last.offset + last.len as u64 - from) as usize;
         let file = match readers.entry(first.segment) {
@@ -286,7 +294,9 @@ fn write_entry_log(
         }
         read_aligned(file, &mut buf, from, need)?;
         let data = &buf.window()[..need];
-        for (ledger, entry, loc) in run {
+        // Stable: a ledger's adds keep their journal order.
+        window.sort_by_key(|(l, e, _)| (*l, *e));
+        for (ledger, entry, loc) in window.iter() {
             let at = (loc.offset - from) as usize;
             out.write(&data[at..at + loc.len as usize])?;
             listed.push(IndexedEntry {
@@ -305,15 +315,15 @@ fn write_entry_log(
                 digest: loc.digest,
             });
             offset += loc.len as u64;
-        }
-        // Written back a slice at a time: one large flush at the end would
-        // queue the whole log ahead of the journal's next fsync.
-        if offset - synced >= ENTRY_LOG_SYNC_BYTES {
-            out.sync()?;
-            synced = offset;
-            let due = pace.mul_f64(offset as f64 / total as f64);
-            if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(ahead);
+            // Written back a slice at a time: one large flush at the end
+            // would queue the whole log ahead of the journal's next fsync.
+            if offset - synced >= ENTRY_LOG_SYNC_BYTES {
+                out.sync()?;
+                synced = offset;
+                let due = pace.mul_f64(offset as f64 / total as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
             }
         }
     }
@@ -327,10 +337,10 @@ fn write_entry_log(
     Ok(locations)
 }
 
-/// The blocking part of a checkpoint: sorts the adds of `moving` by
-/// (ledger, entry), writes them to entry log `log_id` and points the index
-/// at their new places — except where something re-wrote or deleted them
-/// meanwhile. The index is updated in slices, so adds are not held up.
+/// The blocking part of a checkpoint: writes the adds of `moving` (in
+/// journal order) to entry log `log_id`, sorted by (ledger, entry) a window
+/// at a time, and points the index at their new places — except where
+/// something re-wrote or deleted them meanwhile. The index is updated in slices, so adds are not held up.
 /// Returns how many moved.
 fn move_to_entry_log(
     index: &RwLock<Index>,
@@ -354,9 +364,6 @@ fn move_to_entry_log(
     if moving.is_empty() {
         return Ok(0);
     }
-    // A stable sort: the journal holds each ledger's entries nearly in
-    // order, which it merges in about one pass.
-    moving.sort_by_key(|(l, e, _)| (*l, *e));
     let started = std::time::Instant::now();
     let written = write_entry_log(dir, log_id, moving, pace)?;
     tracing::debug!(
@@ -510,33 +517,26 @@ impl LogWriter {
     }
 }
 
-/// Largest single read when copying entries into an entry log, and the
-/// widest gap (record headers, other ledgers' entries) a read may span.
-const SPAN_BYTES: u64 = 1024 * 1024;
-const SPAN_GAP: u64 = 4096;
+/// Most journal bytes a checkpoint reads (and holds) at a time; see
+/// [`write_entry_log`].
+const CHECKPOINT_WINDOW: usize = 64 * 1024 * 1024;
 
-/// How many of `entries` (from the first) one read can cover: entries that
-/// follow each other closely in the same file — a ledger's entries journaled
-/// one after another — instead of a read per entry.
-fn run_len(entries: &[(u64, u64, Location)]) -> usize {
+/// How many of `entries` (in journal order, from the first) one window
+/// covers: those in the first one's segment whose span stays within
+/// [`CHECKPOINT_WINDOW`] (at least one, however large).
+fn window_len(entries: &[(u64, u64, Location)]) -> usize {
     let Some((_, _, first)) = entries.first() else {
         return 0;
     };
-    let mut end = first.offset + first.len as u64;
-    let mut n = 1;
-    for (_, _, loc) in &entries[1..] {
-        let next_end = loc.offset + loc.len as u64;
-        if loc.segment != first.segment
-            || loc.offset < end
-            || loc.offset - end > SPAN_GAP
-            || next_end - first.offset > SPAN_BYTES
-        {
-            break;
-        }
-        end = next_end;
-        n += 1;
-    }
-    n
+    let n = entries
+        .iter()
+        .take_while(|(_, _, loc)| {
+            loc.segment == first.segment
+                && loc.offset >= first.offset
+                && loc.offset + loc.len as u64 - first.offset <= CHECKPOINT_WINDOW as u64
+        })
+        .count();
+    n.max(1)
 }
 
 /// One entry's place in an entry log, as its `.eidx` file lists it.
@@ -1776,6 +1776,22 @@ mod tests {
             assert!(stats.journal_segments_removed > 0, "{stats:?}");
             assert!(count(dir.path(), ".jnl") < before);
             assert_eq!(count(dir.path(), ".elog"), 1);
+            // Sorted by ledger a window at a time (here: a journal segment
+            // each): a few runs per segment, not one per add, entries in
+            // order within a run.
+            let listed: Vec<IndexedEntry> = bincode::deserialize(
+                &std::fs::read(entry_index_path(dir.path(), 1 | ENTRY_LOG)).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(listed.len(), 300);
+            let runs = 1 + listed
+                .windows(2)
+                .filter(|w| w[0].ledger != w[1].ledger)
+                .count();
+            assert!(runs <= 3 * before, "{runs} runs over {before} segments");
+            assert!(listed
+                .windows(2)
+                .all(|w| w[0].ledger != w[1].ledger || w[0].entry < w[1].entry));
             // Reads now come from the entry log.
             for e in 0..100u64 {
                 assert_eq!(j.read(3, e).unwrap().payload.as_ref(), &data(3, e)[..]);
