@@ -702,6 +702,7 @@ impl Journal {
             added: added.clone(),
             direct,
             scratch: AlignedBuf::new(MAX_GROUP_BYTES),
+            base: 0,
         };
         // O_DIRECT writes go at block boundaries; a segment that ends
         // elsewhere (a cut torn tail) is left as it is.
@@ -1253,9 +1254,23 @@ struct Writer {
     segment_bytes: u64,
     added: Arc<tokio::sync::Notify>,
     /// The segment is open with `O_DIRECT`: groups are padded to the block
-    /// size and written from `scratch`.
+    /// size and written where they were staged, which is block-aligned in
+    /// memory (through `scratch` if a large group made the buffer move).
     direct: bool,
     scratch: AlignedBuf,
+    /// Where groups start in the staging buffer (see [`staging_buffer`]).
+    base: usize,
+}
+
+/// The buffer groups are staged in, and the offset in it where a group
+/// starts: block-aligned in memory, so that an `O_DIRECT` write takes the
+/// group where it is. Room for two full groups, so that it rarely grows
+/// (and moves).
+fn staging_buffer() -> (Vec<u8>, usize) {
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * MAX_GROUP_BYTES + DIRECT_ALIGN);
+    let base = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    buf.resize(base, 0);
+    (buf, base)
 }
 
 /// Opens a journal segment for writing at explicit offsets.
@@ -1265,11 +1280,13 @@ fn open_segment(path: &Path) -> std::io::Result<(File, bool)> {
     open_direct(&options, path)
 }
 
-/// Pads a group to the block size with a record replay skips (a record
-/// needs a header, so a gap shorter than one takes a block more).
-fn pad_group(buf: &mut Vec<u8>) {
+/// Pads the group staged in `buf` from `base` to the block size with a
+/// record replay skips (a record needs a header, so a gap shorter than one
+/// takes a block more).
+fn pad_group(buf: &mut Vec<u8>, base: usize) {
     static ZEROS: [u8; DIRECT_ALIGN] = [0; DIRECT_ALIGN];
-    let mut pad = buf.len().next_multiple_of(DIRECT_ALIGN) - buf.len();
+    let len = buf.len() - base;
+    let mut pad = len.next_multiple_of(DIRECT_ALIGN) - len;
     if pad == 0 {
         return;
     }
@@ -1313,27 +1330,33 @@ enum Done {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut buf: Vec<u8> = Vec::with_capacity(MAX_GROUP_BYTES);
+        let (mut buf, base) = staging_buffer();
+        self.base = base;
         let mut done: Vec<Done> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 self.stage(req, &mut buf, &mut done);
-                if buf.len() < MAX_GROUP_BYTES {
+                if buf.len() - self.base < MAX_GROUP_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
-            if buf.is_empty() {
+            if buf.len() == self.base {
                 // Nothing to write (refused requests, or only marks): answer the marks.
                 self.finish(true, &mut done);
                 continue;
             }
             if self.direct {
-                pad_group(&mut buf);
+                pad_group(&mut buf, self.base);
             }
-            let res = self.write_group(&buf).and_then(|_| self.file.sync_data());
-            self.size += buf.len() as u64;
-            buf.clear();
+            let group = &buf[self.base..];
+            let res = self.write_group(group).and_then(|_| self.file.sync_data());
+            self.size += group.len() as u64;
+            if group.as_ptr().align_offset(DIRECT_ALIGN) != 0 {
+                // It grew and moved: start over with an aligned one.
+                (buf, self.base) = staging_buffer();
+            }
+            buf.truncate(self.base);
             if let Err(e) = &res {
                 tracing::error!(error = %e, "journal write failed; the journal refuses all further requests");
                 self.failed = true;
@@ -1347,10 +1370,10 @@ impl Writer {
         }
     }
 
-    /// Writes a group at the end of the segment (through the aligned
-    /// scratch buffer when the file is open with `O_DIRECT`).
+    /// Writes a group at the end of the segment (with `O_DIRECT`, through
+    /// the aligned scratch buffer if the group is not aligned in memory).
     fn write_group(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if !self.direct {
+        if !self.direct || data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
             return self.file.write_all_at(data, self.size);
         }
         let window = self.scratch.window();
@@ -1399,7 +1422,7 @@ impl Writer {
         );
         Ok(Location {
             segment: self.segment,
-            offset: self.size + (body + ADD_HEADER) as u64,
+            offset: self.size + (body - self.base + ADD_HEADER) as u64,
             len: a.payload.len() as u32,
             lac: a.lac,
             digest: a.digest,
@@ -1666,6 +1689,28 @@ mod tests {
             assert_eq!(&j.read(1, e).unwrap().payload[..], &payload(e)[..]);
         }
         assert_eq!(j.lac(1).unwrap().1, 19);
+    }
+
+    #[tokio::test]
+    async fn a_group_larger_than_the_staging_buffer_is_written_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Over twice the group size: the staging buffer grows and moves, so
+        // the group is written through the aligned scratch buffer, and the
+        // next group starts in a fresh aligned buffer.
+        let big: Vec<u8> = (0..9u32 << 20).map(|i| (i % 253) as u8).collect();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            add(&j, 1, 0, b"before").await.unwrap();
+            add(&j, 1, 1, &big).await.unwrap();
+            add(&j, 1, 2, b"after").await.unwrap();
+            assert_eq!(&j.read(1, 1).unwrap().payload[..], &big[..]);
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(&j.read(1, 0).unwrap().payload[..], b"before");
+        assert_eq!(&j.read(1, 1).unwrap().payload[..], &big[..]);
+        assert_eq!(&j.read(1, 2).unwrap().payload[..], b"after");
+        j.checkpoint().await.unwrap();
+        assert_eq!(&j.read(1, 1).unwrap().payload[..], &big[..]);
     }
 
     #[tokio::test]
