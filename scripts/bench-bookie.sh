@@ -61,14 +61,19 @@ perf_write() {
   sleep "$PAUSE"
 }
 
+# rounds E1 L1 E2 L2: ROUNDS rounds of two write runs (ensemble, ledgers).
+rounds() {
+  for round in $(seq "$ROUNDS"); do
+    echo "-- round $round"
+    perf_write "$1" "$2"
+    perf_write "$3" "$4"
+  done
+}
+
 echo "== ledger writes, 1 KiB entries, $INFLIGHT in flight, ${DURATION} s each"
 echo "== 3 metadata nodes, 3 bookies: 1 bookie (1/1/1) against 3/2/2"
 up --metadata 3 --bookies 3 --ensemble 3,2,2
-for round in $(seq "$ROUNDS"); do
-  echo "-- round $round"
-  perf_write 1,1,1 1
-  perf_write 3,2,2 1
-done
+rounds 1,1,1 1 3,2,2 1
 echo "== recovery"
 "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble 3,2,2 recover --entries 10000
 # One bookie holds every ledger in both runs, so the comparison is of the
@@ -76,8 +81,4 @@ echo "== recovery"
 # over three bookie processes sharing the same two cores).
 echo "== 1 metadata node, 1 bookie: 1 ledger against 1,000 ledgers"
 up --metadata 1 --bookies 1 --ensemble 1,1,1
-for round in $(seq "$ROUNDS"); do
-  echo "-- round $round"
-  perf_write 1,1,1 1
-  perf_write 1,1,1 1000
-done
+rounds 1,1,1 1 1,1,1 1000
