@@ -359,6 +359,7 @@ fn move_to_entry_log(
         .segments
         .keys()
         .copied()
+        .filter(|k| k & ENTRY_LOG == 0) // a handful; entry logs pile up
         .collect();
     moving.retain(|(_, _, loc)| present.contains(&loc.segment));
     if moving.is_empty() {
