@@ -263,7 +263,6 @@ fn write_entry_log(
         .max(1);
     let started = std::time::Instant::now();
     let mut out = LogWriter::create(&segment_path(dir, id))?;
-    let mut listed = Vec::with_capacity(entries.len());
     let mut locations = Vec::with_capacity(entries.len());
     let mut offset = 0u64;
     let mut synced = 0u64;
@@ -271,7 +270,7 @@ fn write_entry_log(
     // The journal's segments opened for `O_DIRECT` reads: through the page
     // cache every byte would cost a kernel copy and a page allocation.
     let mut readers: HashMap<u64, File> = HashMap::new();
-    let mut rest = entries;
+    let mut rest = &mut *entries;
     while !rest.is_empty() {
         let n = window_len(rest);
         let (window, after) = rest.split_at_mut(n);
@@ -296,17 +295,9 @@ fn write_entry_log(
         let data = &buf.window()[..need];
         // Stable: a ledger's adds keep their journal order.
         window.sort_by_key(|(l, e, _)| (*l, *e));
-        for (ledger, entry, loc) in window.iter() {
+        for (_, _, loc) in window.iter() {
             let at = (loc.offset - from) as usize;
-            out.write(&data[at..at + loc.len as usize])?;
-            listed.push(IndexedEntry {
-                ledger: *ledger,
-                entry: *entry,
-                offset,
-                len: loc.len,
-                lac: loc.lac,
-                digest: loc.digest,
-            });
+            out.append(&data[at..at + loc.len as usize])?;
             locations.push(Location {
                 segment: id,
                 offset,
@@ -328,13 +319,37 @@ fn write_entry_log(
         }
     }
     out.finish()?;
-    let idx = bincode::serialize(&listed)
+    // The index (tens of megabytes per checkpoint) goes the same way,
+    // encoded straight into the writer (the padding after it is ignored
+    // when it is read).
+    let mut idx = LogWriter::create(&entry_index_path(dir, id))?;
+    bincode::serialize_into(&mut idx, &Listing(entries, &locations))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut f = File::create(entry_index_path(dir, id))?;
-    f.write_all(&idx)?;
-    f.sync_all()?;
+    idx.finish()?;
     File::open(dir)?.sync_all()?;
     Ok(locations)
+}
+
+/// An entry log's index as its `.eidx` file holds it (a sequence of
+/// [`IndexedEntry`]), made from the adds and their new places.
+struct Listing<'a>(&'a [(u64, u64, Location)], &'a [Location]);
+
+impl serde::Serialize for Listing<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            self.0
+                .iter()
+                .zip(self.1)
+                .map(|((ledger, entry, _), at)| IndexedEntry {
+                    ledger: *ledger,
+                    entry: *entry,
+                    offset: at.offset,
+                    len: at.len,
+                    lac: at.lac,
+                    digest: at.digest,
+                }),
+        )
+    }
 }
 
 /// The blocking part of a checkpoint: writes the adds of `moving` (in
@@ -464,6 +479,18 @@ impl AlignedBuf {
     }
 }
 
+impl Write for LogWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.append(data)?;
+        Ok(data.len())
+    }
+
+    /// Pieces go out as they fill; [`LogWriter::finish`] writes the rest.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl LogWriter {
     fn create(path: &Path) -> std::io::Result<LogWriter> {
         let mut options = OpenOptions::new();
@@ -477,7 +504,7 @@ impl LogWriter {
         })
     }
 
-    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+    fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             let take = data.len().min(ENTRY_LOG_WRITE_BYTES - self.len);
             let at = self.len;
