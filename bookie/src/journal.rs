@@ -355,8 +355,8 @@ impl serde::Serialize for Listing<'_> {
 /// The blocking part of a checkpoint: writes the adds of `moving` (in
 /// journal order) to entry log `log_id`, sorted by (ledger, entry) a window
 /// at a time, and points the index at their new places — except where
-/// something re-wrote or deleted them meanwhile. The index is updated in slices, so adds are not held up.
-/// Returns how many moved.
+/// something re-wrote or deleted them meanwhile. The index is updated in
+/// slices, so adds are not held up. Returns how many moved.
 fn move_to_entry_log(
     index: &RwLock<Index>,
     dir: &Path,

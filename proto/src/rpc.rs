@@ -95,11 +95,11 @@ pub async fn read_msg<T: DeserializeOwned>(
             Err(e) => return Err(quinn::ReadExactError::ReadError(e).into()),
         };
         got += chunk.len();
-        if first.is_none() && got == chunk.len() && got == size {
-            first = Some(chunk);
-            break;
-        }
-        if gathered.is_empty() {
+        if got == chunk.len() {
+            if got == size {
+                first = Some(chunk);
+                break;
+            }
             gathered.reserve_exact(size);
         }
         gathered.extend_from_slice(&chunk);
