@@ -118,6 +118,33 @@ impl Tier {
         }
     }
 
+    /// Waits until every entry of `entries` is on every bookie of its write
+    /// set: an add is confirmed at Qa acks, the rest of its write quorum may
+    /// still be on the way.
+    async fn wait_on_write_quorum(
+        &self,
+        meta: &magnetar_bookie::LedgerMetadata,
+        entries: impl Iterator<Item = u64> + Clone,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        'poll: loop {
+            for e in entries.clone() {
+                for b in meta.bookies_for(e) {
+                    if self.read_from(&b, meta.ledger_id, e).await.is_none() {
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "ledger {} entry {e} never reached {b}",
+                            meta.ledger_id
+                        );
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue 'poll;
+                    }
+                }
+            }
+            return;
+        }
+    }
+
     fn journal_bytes(&self) -> u64 {
         let mut total = 0;
         for i in 0..self.bookies.len() {
@@ -214,6 +241,11 @@ async fn recovery_with_tail_on(copies: usize) {
         w.add(payload(i)).await.unwrap();
     }
     let meta = w.metadata();
+    // Confirmed means Qa = 2 acks; let the third copy of each land before
+    // the writer dies, or recovery's fence may refuse it — entries up to
+    // the LAC are only promised on Qa bookies, and this test is about the
+    // tail.
+    tier.wait_on_write_quorum(&meta, 0..5).await;
     let id = meta.ledger_id;
     let lac = 4;
     let add = BookieRequest::Add(AddRequest {
