@@ -32,6 +32,8 @@ use magnetar_proto::ledger::{entry_digest, AddRequest, BookieErrorCode, MasterKe
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::tail_cache::{TailCache, DEFAULT_CACHE_BYTES};
+
 /// Journal segments roll over at this size.
 pub const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 /// Most bytes one group commit writes before it syncs.
@@ -206,6 +208,8 @@ pub struct Journal {
     /// freed by checkpoints, and compaction leaves alone those whose adds
     /// the next checkpoint moves anyway.
     checkpointing: Arc<std::sync::atomic::AtomicBool>,
+    /// What the journal wrote since the last checkpoint, in memory.
+    cache: Arc<TailCache>,
 }
 
 /// What one checkpoint did.
@@ -255,6 +259,7 @@ fn write_entry_log(
     id: u64,
     entries: &mut [(u64, u64, Location)],
     pace: Duration,
+    cache: &TailCache,
 ) -> std::io::Result<Vec<Location>> {
     let total: u64 = entries
         .iter()
@@ -278,20 +283,25 @@ fn write_entry_log(
         let (first, last) = (window[0].2, window[n - 1].2);
         let from = first.offset - first.offset % DIRECT_ALIGN as u64;
         let need = (last.offset + last.len as u64 - from) as usize;
-        let file = match readers.entry(first.segment) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let path = segment_path(dir, first.segment);
-                let (file, _) = open_direct(OpenOptions::new().read(true), &path).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("segment {}: {e}", first.segment))
-                })?;
-                v.insert(file)
-            }
-        };
         if need.next_multiple_of(DIRECT_ALIGN) > buf.len {
             buf = AlignedBuf::new(need.next_multiple_of(DIRECT_ALIGN));
         }
-        read_aligned(file, &mut buf, from, need)?;
+        // From memory if the journal's tail cache still holds the window
+        // (the usual case), else from the segment.
+        if !cache.copy(first.segment, from, &mut buf.window()[..need]) {
+            let file = match readers.entry(first.segment) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let path = segment_path(dir, first.segment);
+                    let (file, _) =
+                        open_direct(OpenOptions::new().read(true), &path).map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("segment {}: {e}", first.segment))
+                        })?;
+                    v.insert(file)
+                }
+            };
+            read_aligned(file, &mut buf, from, need)?;
+        }
         let data = &buf.window()[..need];
         // Stable: a ledger's adds keep their journal order.
         window.sort_by_key(|(l, e, _)| (*l, *e));
@@ -363,6 +373,7 @@ fn move_to_entry_log(
     log_id: u64,
     moving: &mut Vec<(u64, u64, Location)>,
     pace: Duration,
+    cache: &TailCache,
 ) -> std::io::Result<usize> {
     // Adds whose journal segment is gone (compacted before checkpoints
     // began) are left out; adds of deleted ledgers or re-written since are
@@ -381,7 +392,7 @@ fn move_to_entry_log(
         return Ok(0);
     }
     let started = std::time::Instant::now();
-    let written = write_entry_log(dir, log_id, moving, pace)?;
+    let written = write_entry_log(dir, log_id, moving, pace, cache)?;
     tracing::debug!(
         adds = moving.len(),
         ms = started.elapsed().as_millis() as u64,
@@ -613,6 +624,16 @@ impl Journal {
 
     /// As `open`, rolling segments at `segment_bytes`.
     pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Journal, JournalError> {
+        Self::open_with_cache(dir, segment_bytes, DEFAULT_CACHE_BYTES)
+    }
+
+    /// As `open_with`, keeping up to `cache_bytes` of the journal's
+    /// unflushed tail in memory (see [`TailCache`]; 0 keeps none).
+    pub fn open_with_cache(
+        dir: &Path,
+        segment_bytes: u64,
+        cache_bytes: u64,
+    ) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir)?;
         let names: Vec<String> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -718,7 +739,9 @@ impl Journal {
         let index = Arc::new(RwLock::new(index));
         let added: Arc<tokio::sync::Notify> = Arc::default();
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_REQUESTS);
+        let cache = Arc::new(TailCache::new(cache_bytes));
         let mut writer = Writer {
+            cache: cache.clone(),
             dir: dir.to_path_buf(),
             segment: current,
             file,
@@ -753,7 +776,19 @@ impl Journal {
             maintenance: Arc::default(),
             added,
             checkpointing: Arc::default(),
+            cache,
         })
+    }
+
+    /// The journal's unflushed tail has filled half its cache: a
+    /// checkpoint should run now rather than at its next interval.
+    pub fn checkpoint_due(&self) -> bool {
+        self.cache.half_full()
+    }
+
+    /// Resolves when a checkpoint becomes due (see `checkpoint_due`).
+    pub async fn checkpoint_wanted(&self) {
+        self.cache.wanted().await
     }
 
     /// Waits until the ledger's LAC is above `previous`, or `timeout`;
@@ -830,12 +865,12 @@ impl Journal {
                 .unwrap_or(1)
         };
         let log_id = next_log | ENTRY_LOG;
-        let (index, dir) = (self.index.clone(), self.dir.clone());
+        let (index, dir, cache) = (self.index.clone(), self.dir.clone(), self.cache.clone());
         // The work on millions of adds (filter, sort, copy, re-index) runs
         // on a blocking thread: on a runtime worker it held up the bookie's
         // network traffic for hundreds of milliseconds per checkpoint.
         let (back, moved) = tokio::task::spawn_blocking(move || {
-            let moved = move_to_entry_log(&index, &dir, log_id, &mut moving, pace);
+            let moved = move_to_entry_log(&index, &dir, log_id, &mut moving, pace, &cache);
             (moving, moved)
         })
         .await
@@ -863,6 +898,8 @@ impl Journal {
         }
         moving.clear();
         *spare = moving;
+        // Everything before the mark is in an entry log now.
+        self.cache.release_before(seg, off);
         let (cp, removable) = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
             let cp = Checkpoint {
@@ -1181,10 +1218,12 @@ impl Journal {
             )
         };
         let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
-            tracing::error!(ledger_id, entry_id, error = %e, "journal read failed");
-            BookieErrorCode::Io
-        })?;
+        if loc.segment & ENTRY_LOG != 0 || !self.cache.copy(loc.segment, loc.offset, &mut buf) {
+            file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+                tracing::error!(ledger_id, entry_id, error = %e, "journal read failed");
+                BookieErrorCode::Io
+            })?;
+        }
         // Paired check: what we read back must be what we wrote.
         if entry_digest(ledger_id, entry_id, loc.lac, &buf) != loc.digest {
             tracing::error!(ledger_id, entry_id, "stored entry fails its digest");
@@ -1288,6 +1327,8 @@ struct Writer {
     scratch: AlignedBuf,
     /// Where groups start in the staging buffer (see [`staging_buffer`]).
     base: usize,
+    /// Written groups go here too, for the checkpoint and for reads.
+    cache: Arc<TailCache>,
 }
 
 /// The buffer groups are staged in, and the offset in it where a group
@@ -1379,17 +1420,23 @@ impl Writer {
             }
             let group = &buf[self.base..];
             let res = self.write_group(group).and_then(|_| self.file.sync_data());
+            let (segment, at) = (self.segment, self.size);
             self.size += group.len() as u64;
-            if group.as_ptr().align_offset(DIRECT_ALIGN) != 0 {
-                // It grew and moved: start over with an aligned one.
-                (buf, self.base) = staging_buffer();
-            }
-            buf.truncate(self.base);
             if let Err(e) = &res {
                 tracing::error!(error = %e, "journal write failed; the journal refuses all further requests");
                 self.failed = true;
             }
             self.finish(res.is_ok(), &mut done);
+            // Kept for the checkpoint once the adds are answered (the copy
+            // is not on their path).
+            if res.is_ok() {
+                self.cache.put(segment, at, &buf[self.base..]);
+            }
+            if buf[self.base..].as_ptr().align_offset(DIRECT_ALIGN) != 0 {
+                // It grew and moved: start over with an aligned one.
+                (buf, self.base) = staging_buffer();
+            }
+            buf.truncate(self.base);
             if self.size >= self.segment_bytes {
                 if let Err(e) = self.roll() {
                     tracing::error!(error = %e, "journal segment roll failed");
@@ -1834,10 +1881,51 @@ mod tests {
 
     #[tokio::test]
     async fn checkpoint_moves_adds_to_entry_logs_and_restart_replays_the_tail() {
+        checkpoint_round_trip(DEFAULT_CACHE_BYTES).await;
+    }
+
+    /// The same with no tail cache: the checkpoint reads the journal back.
+    #[tokio::test]
+    async fn checkpoint_without_a_tail_cache_reads_the_journal_back() {
+        checkpoint_round_trip(0).await;
+    }
+
+    #[tokio::test]
+    async fn checkpoint_copies_from_the_tail_cache_and_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |e: u64| format!("entry-{e:04}-").repeat(40).into_bytes();
+        let j = Journal::open_with(dir.path(), 1024 * 1024).unwrap();
+        for e in 0..200u64 {
+            add(&j, 1, e, &data(e)).await.unwrap();
+        }
+        assert!(j.cache.bytes() >= 200 * data(0).len());
+        // Spoil entry 7 on disk: the checkpoint must not read it from there.
+        let needle = data(7);
+        let mut spoiled = 0;
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let path = f.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            if let Some(at) = bytes.windows(needle.len()).position(|w| w == &needle[..]) {
+                bytes[at + 5] ^= 0xff;
+                std::fs::write(&path, &bytes).unwrap();
+                spoiled += 1;
+            }
+        }
+        assert_eq!(spoiled, 1);
+        assert_eq!(j.checkpoint().await.unwrap().entries_flushed, 200);
+        assert!(j.cache.bytes() <= crate::tail_cache::CHUNK, "released");
+        drop(j);
+        let j = Journal::open_with(dir.path(), 1024 * 1024).unwrap();
+        for e in 0..200u64 {
+            assert_eq!(j.read(1, e).unwrap().payload.as_ref(), &data(e)[..]);
+        }
+    }
+
+    async fn checkpoint_round_trip(cache_bytes: u64) {
         let dir = tempfile::tempdir().unwrap();
         let data = |l: u64, e: u64| format!("l{l}-e{e}").repeat(50).into_bytes();
         {
-            let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+            let j = Journal::open_with_cache(dir.path(), 32 * 1024, cache_bytes).unwrap();
             for e in 0..100u64 {
                 for l in [5u64, 3, 9] {
                     add(&j, l, e, &data(l, e)).await.unwrap();
@@ -1876,7 +1964,7 @@ mod tests {
             j.fence(3, key()).await.unwrap();
             j.delete_ledgers(vec![9]).await.unwrap();
         }
-        let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+        let j = Journal::open_with_cache(dir.path(), 32 * 1024, cache_bytes).unwrap();
         let mut ids = j.ledger_ids();
         ids.sort();
         assert_eq!(ids, vec![3, 5]);
@@ -1892,7 +1980,7 @@ mod tests {
         j.checkpoint().await.unwrap();
         j.compact(0.2).await.unwrap();
         drop(j);
-        let j = Journal::open_with(dir.path(), 32 * 1024).unwrap();
+        let j = Journal::open_with_cache(dir.path(), 32 * 1024, cache_bytes).unwrap();
         for e in 0..100u64 {
             assert_eq!(j.read(3, e).unwrap().payload.as_ref(), &data(3, e)[..]);
             assert_eq!(j.read(5, e).unwrap().payload.as_ref(), &data(5, e)[..]);

@@ -9,6 +9,7 @@ pub mod auditor;
 pub mod client;
 pub mod journal;
 pub mod server;
+pub mod tail_cache;
 pub mod write_state;
 
 pub use client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};

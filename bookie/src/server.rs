@@ -81,6 +81,15 @@ pub struct BookieConfig {
     /// journal written since.
     #[serde(default = "default_checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
+    /// Memory for the journal's unflushed tail: a checkpoint copies adds
+    /// from it instead of reading the journal back from disk, and runs
+    /// early once it is half full. 0 turns it off.
+    #[serde(default = "default_journal_cache_bytes")]
+    pub journal_cache_bytes: u64,
+}
+
+fn default_journal_cache_bytes() -> u64 {
+    crate::tail_cache::DEFAULT_CACHE_BYTES
 }
 
 fn default_checkpoint_interval_ms() -> u64 {
@@ -142,6 +151,7 @@ impl BookieConfig {
             auditor_grace_ms: default_auditor_grace_ms(),
             auditor_interval_ms: default_auditor_interval_ms(),
             journal_segment_bytes: default_journal_segment_bytes(),
+            journal_cache_bytes: default_journal_cache_bytes(),
             gc_interval_ms: default_gc_interval_ms(),
             gc_min_garbage: default_gc_min_garbage(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
@@ -192,7 +202,11 @@ impl Bookie {
         tls: &TlsMaterial,
         metadata: &MetadataClient,
     ) -> Result<Arc<Bookie>, BookieError> {
-        let journal = Journal::open_with(&cfg.data_dir.join("journal"), cfg.journal_segment_bytes)?;
+        let journal = Journal::open_with_cache(
+            &cfg.data_dir.join("journal"),
+            cfg.journal_segment_bytes,
+            cfg.journal_cache_bytes,
+        )?;
         let endpoint = magnetar_proto::rpc::server_endpoint(cfg.listen, tls).await?;
         let local = endpoint
             .local_addr()
@@ -333,16 +347,30 @@ async fn register(
         .map_err(|e| BookieError::Registration(e.to_string()))
 }
 
+/// A checkpoint every `every`, or sooner when the journal's tail cache is
+/// half full (then back to back while writes outpace them).
 async fn checkpoint_loop(journal: Journal, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
+    let mut last = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
-        // Spread over half the interval: the next one starts on time.
-        match journal.checkpoint_paced(every / 2).await {
+        if !journal.checkpoint_due() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + every) => {}
+                _ = journal.checkpoint_wanted() => {}
+            }
+        }
+        // Spread over half the time the adds took to come in: the entry
+        // log is written twice as fast as the journal filled.
+        let pace = last.elapsed().min(every) / 2;
+        last = tokio::time::Instant::now();
+        match journal.checkpoint_paced(pace).await {
             Ok(stats) if stats.entries_flushed > 0 => tracing::debug!(?stats, "checkpoint"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "checkpoint failed; retrying next interval"),
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; retrying next interval");
+                // Not back to back on a failing disk.
+                tokio::time::sleep(every).await;
+                last = tokio::time::Instant::now();
+            }
         }
     }
 }
