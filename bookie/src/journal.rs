@@ -271,7 +271,8 @@ fn write_entry_log(
     let mut locations = Vec::with_capacity(entries.len());
     let mut offset = 0u64;
     let mut synced = 0u64;
-    let mut buf = AlignedBuf::new(CHECKPOINT_WINDOW + 2 * DIRECT_ALIGN);
+    // Needed only for windows the tail cache does not hold.
+    let mut buf: Option<AlignedBuf> = None;
     // The journal's segments opened for `O_DIRECT` reads: through the page
     // cache every byte would cost a kernel copy and a page allocation.
     let mut readers: HashMap<u64, File> = HashMap::new();
@@ -283,12 +284,18 @@ fn write_entry_log(
         let (first, last) = (window[0].2, window[n - 1].2);
         let from = first.offset - first.offset % DIRECT_ALIGN as u64;
         let need = (last.offset + last.len as u64 - from) as usize;
-        if need.next_multiple_of(DIRECT_ALIGN) > buf.len {
-            buf = AlignedBuf::new(need.next_multiple_of(DIRECT_ALIGN));
-        }
-        // From memory if the journal's tail cache still holds the window
-        // (the usual case), else from the segment.
-        if !cache.copy(first.segment, from, &mut buf.window()[..need]) {
+        // From memory if the journal's tail cache holds the window (the
+        // usual case: entries go from its chunks straight to the log),
+        // else one read of the window from the segment.
+        let cached = cache.holds(first.segment, from, need);
+        let data: &[u8] = if cached {
+            &[]
+        } else {
+            let size = need.next_multiple_of(DIRECT_ALIGN);
+            let buf = match buf.as_mut() {
+                Some(b) if b.len >= size => b,
+                _ => buf.insert(AlignedBuf::new(size.max(CHECKPOINT_WINDOW))),
+            };
             let file = match readers.entry(first.segment) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -300,14 +307,23 @@ fn write_entry_log(
                     v.insert(file)
                 }
             };
-            read_aligned(file, &mut buf, from, need)?;
-        }
-        let data = &buf.window()[..need];
+            read_aligned(file, buf, from, need)?;
+            &buf.window()[..need]
+        };
         // Stable: a ledger's adds keep their journal order.
         window.sort_by_key(|(l, e, _)| (*l, *e));
         for (_, _, loc) in window.iter() {
-            let at = (loc.offset - from) as usize;
-            out.append(&data[at..at + loc.len as usize])?;
+            if cached {
+                let len = loc.len as usize;
+                if !cache.visit(loc.segment, loc.offset, len, |piece| out.append(piece))? {
+                    return Err(std::io::Error::other(
+                        "the journal's tail cache lost a window",
+                    ));
+                }
+            } else {
+                let at = (loc.offset - from) as usize;
+                out.append(&data[at..at + loc.len as usize])?;
+            }
             locations.push(Location {
                 segment: id,
                 offset,

@@ -89,27 +89,64 @@ impl TailCache {
         }
     }
 
-    /// Fills `dst` with the bytes at `offset` of journal segment `segment`,
-    /// if the cache holds all of them; says whether it did. The lock is
-    /// taken chunk by chunk, so the journal's writer is not held up behind
-    /// a large copy.
-    pub fn copy(&self, segment: u64, offset: u64, dst: &mut [u8]) -> bool {
+    /// Whether the cache holds all `len` bytes at `offset` of journal
+    /// segment `segment`. (Held bytes stay held until `release_before`.)
+    pub fn holds(&self, segment: u64, offset: u64, len: usize) -> bool {
+        let g = self.lock();
+        let mut pos = offset;
+        let end = offset + len as u64;
+        while pos < end {
+            let within = (pos % CHUNK as u64) as usize;
+            let take = ((CHUNK - within) as u64).min(end - pos);
+            match g.chunks.get(&(segment, pos / CHUNK as u64)) {
+                Some(c) if c.len() as u64 >= within as u64 + take => pos += take,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Passes the `len` bytes at `offset` of journal segment `segment` to
+    /// `f`, a chunk's piece at a time, if the cache holds them (says
+    /// whether it did; `f` may have seen a first piece when it did not).
+    /// The lock is taken piece by piece, so the journal's writer is not held
+    /// up behind a large copy.
+    pub fn visit<E>(
+        &self,
+        segment: u64,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
         let mut at = 0;
-        while at < dst.len() {
+        while at < len {
             let pos = offset + at as u64;
             let within = (pos % CHUNK as u64) as usize;
-            let take = (CHUNK - within).min(dst.len() - at);
+            let take = (CHUNK - within).min(len - at);
             let g = self.lock();
             match g.chunks.get(&(segment, pos / CHUNK as u64)) {
-                Some(c) if c.len() >= within + take => {
-                    dst[at..at + take].copy_from_slice(&c[within..within + take])
-                }
-                _ => return false,
+                Some(c) if c.len() >= within + take => f(&c[within..within + take])?,
+                _ => return Ok(false),
             }
             drop(g);
             at += take;
         }
-        true
+        Ok(true)
+    }
+
+    /// Fills `dst` with the bytes at `offset` of journal segment `segment`,
+    /// if the cache holds all of them; says whether it did.
+    pub fn copy(&self, segment: u64, offset: u64, dst: &mut [u8]) -> bool {
+        if !self.holds(segment, offset, dst.len()) {
+            return false;
+        }
+        let mut at = 0;
+        let done = self.visit(segment, offset, dst.len(), |piece| {
+            dst[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+            Ok::<(), std::convert::Infallible>(())
+        });
+        matches!(done, Ok(true))
     }
 
     /// Drops every chunk wholly before (`segment`, `offset`): a checkpoint
