@@ -288,6 +288,15 @@ fn write_entry_log(
         // usual case: entries go from its chunks straight to the log),
         // else one read of the window from the segment.
         let cached = cache.holds(first.segment, from, need);
+        if !cached {
+            tracing::debug!(
+                segment = first.segment,
+                from,
+                need,
+                cached_bytes = cache.bytes(),
+                "checkpoint: window read back from the journal"
+            );
+        }
         let data: &[u8] = if cached {
             &[]
         } else {

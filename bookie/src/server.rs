@@ -350,26 +350,28 @@ async fn register(
 /// A checkpoint every `every`, or sooner when the journal's tail cache is
 /// half full (then back to back while writes outpace them).
 async fn checkpoint_loop(journal: Journal, every: Duration) {
-    let mut last = tokio::time::Instant::now();
+    let mut next = tokio::time::Instant::now() + every;
     loop {
-        if !journal.checkpoint_due() {
+        // On the interval the adds are few (the cache is not half full):
+        // spread over half of it, the next one starts on time. When the
+        // cache is what asks, at once: the cache is bounded, and pacing it
+        // would let the journal outrun it.
+        let pace = if journal.checkpoint_due() {
+            Duration::ZERO
+        } else {
             tokio::select! {
-                _ = tokio::time::sleep_until(last + every) => {}
-                _ = journal.checkpoint_wanted() => {}
+                _ = tokio::time::sleep_until(next) => every / 2,
+                _ = journal.checkpoint_wanted() => Duration::ZERO,
             }
-        }
-        // Spread over half the time the adds took to come in: the entry
-        // log is written twice as fast as the journal filled.
-        let pace = last.elapsed().min(every) / 2;
-        last = tokio::time::Instant::now();
+        };
+        next = tokio::time::Instant::now() + every;
         match journal.checkpoint_paced(pace).await {
             Ok(stats) if stats.entries_flushed > 0 => tracing::debug!(?stats, "checkpoint"),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; retrying next interval");
                 // Not back to back on a failing disk.
-                tokio::time::sleep(every).await;
-                last = tokio::time::Instant::now();
+                tokio::time::sleep_until(next).await;
             }
         }
     }
