@@ -141,6 +141,23 @@ pub const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
 /// Reads in flight at once for a range read.
 pub const READ_AHEAD_PARALLEL: usize = 16;
 
+/// Recovery reads the ledger's tail this many entries at a time at first,
+/// then as many as fit [`RECOVERY_WINDOW_BYTES`] (at most
+/// [`RECOVERY_WINDOW_MAX`]).
+const RECOVERY_WINDOW_FIRST: usize = 16;
+const RECOVERY_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+const RECOVERY_WINDOW_MAX: usize = 256;
+
+/// One tail entry as recovery finds it.
+enum TailRead {
+    /// On some bookie, with a good digest: the add to re-replicate.
+    Found(AddRequest),
+    /// Missing on too many bookies to have been confirmed: the tail ends.
+    Missing,
+    /// Neither: too few bookies answered.
+    Unknown,
+}
+
 /// How long a bookie that failed is asked last by reads.
 const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
@@ -522,6 +539,56 @@ impl LedgerClient {
         }
     }
 
+    /// Reads entry `e` of the ledger's tail from every bookie of `set`
+    /// (its write set, less the unreachable) for recovery: found with a
+    /// good digest on any; or missing on more than `tolerance` (Qw - Qa) of
+    /// them, so it cannot have been confirmed; or neither.
+    async fn read_tail_entry(
+        &self,
+        ledger_id: u64,
+        master_key: MasterKey,
+        e: u64,
+        set: Vec<String>,
+        tolerance: usize,
+    ) -> TailRead {
+        let read = BookieRequest::Read {
+            ledger_id,
+            entry_id: e,
+        };
+        let reads = join_all(set.iter().map(|b| self.call(b, &read))).await;
+        let mut missing = 0;
+        for r in reads {
+            match r {
+                Ok(BookieResponse::Entry {
+                    lac,
+                    payload,
+                    digest,
+                    ..
+                }) if entry_digest(ledger_id, e, lac, &payload) == digest => {
+                    return TailRead::Found(AddRequest {
+                        ledger_id,
+                        entry_id: e,
+                        master_key,
+                        lac,
+                        payload,
+                        digest,
+                        recovery: true,
+                    });
+                }
+                Err(LedgerError::Bookie {
+                    code: BookieErrorCode::NoSuchEntry | BookieErrorCode::NoSuchLedger,
+                    ..
+                }) => missing += 1,
+                _ => {}
+            }
+        }
+        if missing > tolerance {
+            TailRead::Missing
+        } else {
+            TailRead::Unknown
+        }
+    }
+
     async fn finish_recovery(
         &self,
         mut meta: LedgerMetadata,
@@ -598,72 +665,76 @@ impl LedgerClient {
         // Bookies that did not answer the fence are not asked again: each
         // attempt would cost a connection timeout per entry.
         let alive = |b: &String| !unreachable.contains(b);
+        // A writer with many adds in flight leaves the bookies' LAC that
+        // far behind its last entry: the tail is read a window of entries
+        // at a time (all reads at once), and re-replicated the same way —
+        // one entry at a time cost two round trips per entry.
+        let mut window = RECOVERY_WINDOW_FIRST;
         loop {
-            let set: Vec<String> = found_on
-                .bookies_for(entry)
-                .into_iter()
-                .filter(alive)
-                .collect();
-            let targets: Vec<String> = meta.bookies_for(entry).into_iter().filter(alive).collect();
-            let read = BookieRequest::Read {
-                ledger_id: id,
-                entry_id: entry,
-            };
-            let reads = join_all(set.iter().map(|b| self.call(b, &read))).await;
-            let mut found = None;
-            let mut missing = 0;
-            for r in reads {
+            let ids: Vec<u64> = (entry..entry + window as u64).collect();
+            let reads = join_all(ids.iter().map(|&e| {
+                let set: Vec<String> = found_on.bookies_for(e).into_iter().filter(alive).collect();
+                let tolerance = meta.write_quorum - meta.ack_quorum;
+                self.read_tail_entry(id, meta.master_key, e, set, tolerance)
+            }))
+            .await;
+            // The tail ends at the first entry missing on enough bookies
+            // that it cannot have been confirmed.
+            let mut found = Vec::new();
+            let mut ended = false;
+            for (e, r) in ids.iter().zip(reads) {
                 match r {
-                    Ok(BookieResponse::Entry {
-                        lac: l,
-                        payload,
-                        digest,
-                        ..
-                    }) if entry_digest(id, entry, l, &payload) == digest => {
-                        found = Some((l, payload, digest));
+                    TailRead::Found(add) => found.push(add),
+                    TailRead::Missing => {
+                        ended = true;
+                        break;
                     }
-                    Err(LedgerError::Bookie {
-                        code: BookieErrorCode::NoSuchEntry | BookieErrorCode::NoSuchLedger,
-                        ..
-                    }) => missing += 1,
-                    _ => {}
+                    TailRead::Unknown => {
+                        return Err(LedgerError::Unreadable(
+                            id,
+                            *e,
+                            "too few bookies answered during recovery".into(),
+                        ))
+                    }
                 }
             }
-            match found {
-                Some((l, payload, digest)) => {
-                    // Re-replicate to the whole write set so the end is durable at Qw.
-                    length += payload.len() as u64;
-                    let add = BookieRequest::Add(AddRequest {
-                        ledger_id: id,
-                        entry_id: entry,
-                        master_key: meta.master_key,
-                        lac: l,
-                        payload,
-                        digest,
-                        recovery: true,
-                    });
-                    let acks = join_all(targets.iter().map(|b| self.call(b, &add)))
+            // Re-replicate to the whole write set so the end is durable at Qw.
+            let bytes: u64 = found.iter().map(|a| a.payload.len() as u64).sum();
+            let acks = join_all(found.into_iter().map(|add| {
+                let targets: Vec<String> = meta
+                    .bookies_for(add.entry_id)
+                    .into_iter()
+                    .filter(alive)
+                    .collect();
+                async move {
+                    let add = BookieRequest::Add(add);
+                    join_all(targets.iter().map(|b| self.call(b, &add)))
                         .await
                         .into_iter()
                         .filter(|r| r.is_ok())
-                        .count();
-                    if acks < meta.ack_quorum {
-                        return Err(LedgerError::WriterFailed(
-                            id,
-                            format!("re-replication of entry {entry} reached {acks} bookies"),
-                        ));
-                    }
-                    entry += 1;
+                        .count()
                 }
-                None if missing > meta.write_quorum - meta.ack_quorum => break,
-                None => {
-                    return Err(LedgerError::Unreadable(
+            }))
+            .await;
+            for (i, n) in acks.iter().enumerate() {
+                if *n < meta.ack_quorum {
+                    return Err(LedgerError::WriterFailed(
                         id,
-                        entry,
-                        "too few bookies answered during recovery".into(),
-                    ))
+                        format!(
+                            "re-replication of entry {} reached {n} bookies",
+                            entry + i as u64
+                        ),
+                    ));
                 }
             }
+            length += bytes;
+            entry += acks.len() as u64;
+            if ended {
+                break;
+            }
+            // As many entries as fit the byte budget, judged by these.
+            let per_entry = (bytes / acks.len().max(1) as u64).max(1);
+            window = ((RECOVERY_WINDOW_BYTES / per_entry) as usize).clamp(1, RECOVERY_WINDOW_MAX);
         }
         meta.state = LedgerState::Closed;
         meta.last_entry_id = entry as i64 - 1;

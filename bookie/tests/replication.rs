@@ -284,6 +284,45 @@ async fn recovery_closes_at_the_right_entry_for_0_1_and_qa_copies() {
     }
 }
 
+/// A writer with many adds in flight leaves the LAC far behind: entries
+/// 5..=44 reached one bookie each (LAC 4), 45 none, 46 one again. Recovery
+/// reads the tail in windows, closes at 44 — not past the hole — and leaves
+/// 0..=44 on their full write sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_reads_a_long_tail_and_stops_at_the_first_hole() {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    for i in 0..5 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.metadata();
+    let id = meta.ledger_id;
+    for e in (5..45).chain([46]) {
+        let add = BookieRequest::Add(AddRequest {
+            ledger_id: id,
+            entry_id: e,
+            master_key: meta.master_key,
+            lac: 4,
+            payload: payload(e),
+            digest: entry_digest(id, e, 4, &payload(e)),
+            recovery: false,
+        });
+        // Alternate which bookie of the write set has it.
+        let b = &meta.bookies_for(e)[(e % 2) as usize];
+        let r: BookieResponse = tier.rpc.call(b.parse().unwrap(), &add).await.unwrap();
+        assert!(matches!(r, BookieResponse::Added { .. }), "{r:?}");
+    }
+    drop(w);
+    let closed = tier.client().recover(id).await.unwrap();
+    assert_eq!(closed.last_entry_id, 44);
+    tier.assert_on_write_quorum(&closed, 5..=44).await;
+    for e in 0..=44 {
+        assert_eq!(lc.read(&closed, e).await.unwrap(), payload(e));
+    }
+    tier.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_recoveries_agree_on_the_end() {
     let tier = Tier::start(&[None; 3]).await;
