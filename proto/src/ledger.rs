@@ -28,6 +28,9 @@ pub struct AddRequest {
     pub master_key: MasterKey,
     /// Last add confirmed known to the writer when it sent this add.
     pub lac: i64,
+    /// Shared with the received message: the bookie journals it and lets
+    /// it go.
+    #[serde(with = "crate::shared_bytes")]
     pub payload: Bytes,
     pub digest: u32,
     /// Set by recovery: allowed on a fenced ledger.
@@ -98,6 +101,8 @@ pub enum BookieResponse {
         ledger_id: u64,
         entry_id: u64,
         lac: i64,
+        // Copied, not shared: a reader may keep entries (a cache), and a
+        // slice would keep the whole receive buffer it came in alive.
         payload: Bytes,
         digest: u32,
     },

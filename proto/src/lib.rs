@@ -8,6 +8,7 @@ pub mod frame;
 pub mod ledger;
 pub mod metadata_api;
 pub mod rpc;
+pub mod shared_bytes;
 pub mod tls;
 pub mod topic;
 

@@ -85,6 +85,7 @@ pub async fn read_msg<T: DeserializeOwned>(
     // A body that came in one chunk is decoded where it is; a longer one is
     // gathered into one buffer first (one copy), because decoding through
     // a reader that walks the chunks field by field cost more than that.
+    // Either way payloads come out as slices of it (`shared_bytes`).
     let mut first: Option<bytes::Bytes> = None;
     let mut gathered: Vec<u8> = Vec::new();
     let mut got = 0;
@@ -104,10 +105,9 @@ pub async fn read_msg<T: DeserializeOwned>(
         }
         gathered.extend_from_slice(&chunk);
     }
-    let body: &[u8] = first.as_deref().unwrap_or(&gathered);
+    let body = first.unwrap_or_else(|| bytes::Bytes::from(gathered));
     // The codec refuses bytes after the message.
-    let msg = codec()
-        .deserialize(body)
+    let msg = crate::shared_bytes::decode(&body, |b| codec().deserialize(b))
         .map_err(|e| RpcError::Decode(e.to_string()))?;
     Ok(Some(msg))
 }
