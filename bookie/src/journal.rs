@@ -54,6 +54,11 @@ const REC_FENCE: u8 = 2;
 const REC_DELETE: u8 = 3;
 /// Fills a group up to the block size; replay skips it.
 const REC_PAD: u8 = 4;
+/// An add whose record CRC covers its header only: the payload is covered
+/// by the entry's digest, which was checked when the add came in and is
+/// checked again at replay — one CRC pass over every payload fewer on the
+/// journal thread. (`REC_ADD`, CRC over everything, still replays.)
+const REC_ADD_SEALED: u8 = 5;
 const CHECKPOINT: &str = "checkpoint";
 /// `[u32 len][u32 crc32c][type]` then the body.
 const REC_HEADER: usize = 9;
@@ -1291,15 +1296,25 @@ fn replay(seg: u64, data: &[u8], base: u64, index: &mut Index) -> usize {
             break;
         }
         let rec = &data[pos + 8..pos + 8 + len];
-        if crc32c::crc32c(rec) != crc {
+        let covered = if rec[0] == REC_ADD_SEALED {
+            (1 + ADD_HEADER).min(rec.len())
+        } else {
+            rec.len()
+        };
+        if crc32c::crc32c(&rec[..covered]) != crc {
             break;
         }
         let body = &rec[1..];
         let u64_at = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap_or([0; 8]));
         match rec[0] {
-            REC_ADD if body.len() >= ADD_HEADER => {
+            REC_ADD | REC_ADD_SEALED if body.len() >= ADD_HEADER => {
                 let (ledger, entry, lac) = (u64_at(0), u64_at(8), u64_at(16) as i64);
                 let digest = u32::from_be_bytes(body[24..28].try_into().unwrap_or([0; 4]));
+                if rec[0] == REC_ADD_SEALED
+                    && entry_digest(ledger, entry, lac, &body[ADD_HEADER..]) != digest
+                {
+                    break; // a torn payload
+                }
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&body[28..44]);
                 let offset = base + (pos + REC_HEADER + ADD_HEADER) as u64;
@@ -1392,15 +1407,25 @@ fn pad_group(buf: &mut Vec<u8>, base: usize) {
 
 /// Appends `[len][crc32c][kind][parts…]` to `buf`; returns where the body starts.
 fn put_record(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
+    put_record_covering(buf, kind, parts, parts.len())
+}
+
+/// As [`put_record`], with the CRC over the type and the first `covered`
+/// parts only (see [`REC_ADD_SEALED`]).
+fn put_record_covering(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]], covered: usize) -> usize {
     let start = buf.len();
     let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
     buf.extend_from_slice(&(len as u32).to_be_bytes());
     buf.extend_from_slice(&[0; 4]);
     buf.push(kind);
-    for p in parts {
+    let mut crc_end = buf.len();
+    for (i, p) in parts.iter().enumerate() {
         buf.extend_from_slice(p);
+        if i < covered {
+            crc_end = buf.len();
+        }
     }
-    let crc = crc32c::crc32c(&buf[start + 8..]);
+    let crc = crc32c::crc32c(&buf[start + 8..crc_end]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
     start + REC_HEADER
 }
@@ -1508,9 +1533,10 @@ impl Writer {
         if fenced && !a.recovery {
             return Err(BookieErrorCode::Fenced);
         }
-        let body = put_record(
+        // The payload's digest was checked on the way in (`add_batch`).
+        let body = put_record_covering(
             buf,
-            REC_ADD,
+            REC_ADD_SEALED,
             &[
                 &a.ledger_id.to_be_bytes(),
                 &a.entry_id.to_be_bytes(),
@@ -1519,6 +1545,7 @@ impl Writer {
                 &a.master_key,
                 &a.payload,
             ],
+            5,
         );
         Ok(Location {
             segment: self.segment,
@@ -1732,6 +1759,56 @@ mod tests {
             .add(1, 1002, 0, key(), Bytes::from_static(b"x"), 12345, false)
             .await;
         assert_eq!(bad, Err(BookieErrorCode::BadDigest));
+    }
+
+    /// Adds are journaled with a CRC over their header only (the entry's
+    /// digest covers the payload): a payload torn or spoilt on disk ends the
+    /// replay there like a bad CRC would; records of the older kind (CRC
+    /// over everything) still replay.
+    #[test]
+    fn a_sealed_add_with_a_spoilt_payload_ends_replay_and_old_adds_replay() {
+        let add_record = |buf: &mut Vec<u8>, kind: u8, covered: usize, e: u64, p: &[u8]| {
+            let digest = entry_digest(1, e, e as i64 - 1, p);
+            put_record_covering(
+                buf,
+                kind,
+                &[
+                    &1u64.to_be_bytes(),
+                    &e.to_be_bytes(),
+                    &(e as i64 - 1).to_be_bytes(),
+                    &digest.to_be_bytes(),
+                    &key(),
+                    p,
+                ],
+                covered,
+            );
+        };
+        let mut data = Vec::new();
+        add_record(&mut data, REC_ADD, 6, 0, b"old kind, all covered");
+        add_record(&mut data, REC_ADD_SEALED, 5, 1, b"header covered");
+        let spoilt_at = data.len();
+        add_record(&mut data, REC_ADD_SEALED, 5, 2, b"spoilt on disk");
+        add_record(&mut data, REC_ADD_SEALED, 5, 3, b"after the spoilt one");
+        let mut index = Index::default();
+        assert_eq!(replay(0, &data, 0, &mut index), data.len());
+        assert_eq!(index.ledgers[&1].entries.len(), 4);
+        // One payload byte of entry 2 flipped: replay stops before it.
+        let last = data.len() - 1;
+        let mut spoilt = data.clone();
+        let in_payload = spoilt_at + REC_HEADER + ADD_HEADER + 3;
+        spoilt[in_payload] ^= 0x20;
+        let mut index = Index::default();
+        assert_eq!(replay(0, &spoilt, 0, &mut index), spoilt_at);
+        assert_eq!(index.ledgers[&1].entries.len(), 2);
+        // A flipped header byte is caught by the CRC.
+        let mut spoilt = data.clone();
+        spoilt[spoilt_at + REC_HEADER + 2] ^= 1;
+        let mut index = Index::default();
+        assert_eq!(replay(0, &spoilt, 0, &mut index), spoilt_at);
+        // A torn last payload, likewise.
+        let mut index = Index::default();
+        assert!(replay(0, &data[..last], 0, &mut index) < last);
+        assert_eq!(index.ledgers[&1].entries.len(), 3);
     }
 
     #[tokio::test]
