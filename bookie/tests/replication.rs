@@ -106,6 +106,29 @@ impl Tier {
         }
     }
 
+    /// Stores entry `e` (with `lac`) on `bookie` alone, as a writer's add
+    /// that reached only that bookie would.
+    async fn add_by_hand(
+        &self,
+        meta: &magnetar_bookie::LedgerMetadata,
+        bookie: &str,
+        e: u64,
+        lac: i64,
+    ) {
+        let id = meta.ledger_id;
+        let add = BookieRequest::Add(AddRequest {
+            ledger_id: id,
+            entry_id: e,
+            master_key: meta.master_key,
+            lac,
+            payload: payload(e),
+            digest: entry_digest(id, e, lac, &payload(e)),
+            recovery: false,
+        });
+        let r: BookieResponse = self.rpc.call(bookie.parse().unwrap(), &add).await.unwrap();
+        assert!(matches!(r, BookieResponse::Added { .. }), "{r:?}");
+    }
+
     /// Every entry of `entries` is on every bookie of its write set.
     async fn assert_on_write_quorum(
         &self,
@@ -253,19 +276,8 @@ async fn recovery_with_tail_on(copies: usize) {
     // tail.
     tier.wait_on_write_quorum(&meta, 0..5).await;
     let id = meta.ledger_id;
-    let lac = 4;
-    let add = BookieRequest::Add(AddRequest {
-        ledger_id: id,
-        entry_id: 5,
-        master_key: meta.master_key,
-        lac,
-        payload: payload(5),
-        digest: entry_digest(id, 5, lac, &payload(5)),
-        recovery: false,
-    });
     for b in meta.bookies_for(5).iter().take(copies) {
-        let r: BookieResponse = tier.rpc.call(b.parse().unwrap(), &add).await.unwrap();
-        assert!(matches!(r, BookieResponse::Added { .. }), "{r:?}");
+        tier.add_by_hand(&meta, b, 5, 4).await;
     }
     drop(w); // the writer dies without closing
     let closed = tier.client().recover(id).await.unwrap();
@@ -299,19 +311,9 @@ async fn recovery_reads_a_long_tail_and_stops_at_the_first_hole() {
     let meta = w.metadata();
     let id = meta.ledger_id;
     for e in (5..45).chain([46]) {
-        let add = BookieRequest::Add(AddRequest {
-            ledger_id: id,
-            entry_id: e,
-            master_key: meta.master_key,
-            lac: 4,
-            payload: payload(e),
-            digest: entry_digest(id, e, 4, &payload(e)),
-            recovery: false,
-        });
         // Alternate which bookie of the write set has it.
         let b = &meta.bookies_for(e)[(e % 2) as usize];
-        let r: BookieResponse = tier.rpc.call(b.parse().unwrap(), &add).await.unwrap();
-        assert!(matches!(r, BookieResponse::Added { .. }), "{r:?}");
+        tier.add_by_hand(&meta, b, e, 4).await;
     }
     drop(w);
     let closed = tier.client().recover(id).await.unwrap();
