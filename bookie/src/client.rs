@@ -671,11 +671,11 @@ impl LedgerClient {
         // at a time (all reads at once), and re-replicated the same way —
         // one entry at a time cost two round trips per entry.
         let mut window = RECOVERY_WINDOW_FIRST;
+        let tolerance = meta.write_quorum - meta.ack_quorum;
         loop {
             let ids: Vec<u64> = (entry..entry + window as u64).collect();
             let reads = join_all(ids.iter().map(|&e| {
                 let set: Vec<String> = found_on.bookies_for(e).into_iter().filter(alive).collect();
-                let tolerance = meta.write_quorum - meta.ack_quorum;
                 self.read_tail_entry(id, meta.master_key, e, set, tolerance)
             }))
             .await;

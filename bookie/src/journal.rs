@@ -292,8 +292,9 @@ fn write_entry_log(
         // From memory if the journal's tail cache holds the window (the
         // usual case: entries go from its chunks straight to the log),
         // else one read of the window from the segment.
-        let cached = cache.holds(first.segment, from, need);
-        if !cached {
+        let data: Option<&[u8]> = if cache.holds(first.segment, from, need) {
+            None
+        } else {
             tracing::debug!(
                 segment = first.segment,
                 from,
@@ -301,10 +302,6 @@ fn write_entry_log(
                 cached_bytes = cache.bytes(),
                 "checkpoint: window read back from the journal"
             );
-        }
-        let data: &[u8] = if cached {
-            &[]
-        } else {
             let size = need.next_multiple_of(DIRECT_ALIGN);
             let buf = match buf.as_mut() {
                 Some(b) if b.len >= size => b,
@@ -322,21 +319,24 @@ fn write_entry_log(
                 }
             };
             read_aligned(file, buf, from, need)?;
-            &buf.window()[..need]
+            Some(&buf.window()[..need])
         };
         // Stable: a ledger's adds keep their journal order.
         window.sort_by_key(|(l, e, _)| (*l, *e));
         for (_, _, loc) in window.iter() {
-            if cached {
-                let len = loc.len as usize;
-                if !cache.visit(loc.segment, loc.offset, len, |piece| out.append(piece))? {
-                    return Err(std::io::Error::other(
-                        "the journal's tail cache lost a window",
-                    ));
+            let len = loc.len as usize;
+            match data {
+                Some(data) => {
+                    let at = (loc.offset - from) as usize;
+                    out.append(&data[at..at + len])?;
                 }
-            } else {
-                let at = (loc.offset - from) as usize;
-                out.append(&data[at..at + loc.len as usize])?;
+                None => {
+                    if !cache.visit(loc.segment, loc.offset, len, |piece| out.append(piece))? {
+                        return Err(std::io::Error::other(
+                            "the journal's tail cache lost a window",
+                        ));
+                    }
+                }
             }
             locations.push(Location {
                 segment: id,
@@ -1407,25 +1407,22 @@ fn pad_group(buf: &mut Vec<u8>, base: usize) {
 
 /// Appends `[len][crc32c][kind][parts…]` to `buf`; returns where the body starts.
 fn put_record(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
-    put_record_covering(buf, kind, parts, parts.len())
+    put_record_sealed(buf, kind, parts, &[])
 }
 
-/// As [`put_record`], with the CRC over the type and the first `covered`
-/// parts only (see [`REC_ADD_SEALED`]).
-fn put_record_covering(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]], covered: usize) -> usize {
+/// As [`put_record`], with `tail` appended after `parts` and left out of
+/// the CRC (see [`REC_ADD_SEALED`]).
+fn put_record_sealed(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]], tail: &[u8]) -> usize {
     let start = buf.len();
-    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>() + tail.len();
     buf.extend_from_slice(&(len as u32).to_be_bytes());
     buf.extend_from_slice(&[0; 4]);
     buf.push(kind);
-    let mut crc_end = buf.len();
-    for (i, p) in parts.iter().enumerate() {
+    for p in parts {
         buf.extend_from_slice(p);
-        if i < covered {
-            crc_end = buf.len();
-        }
     }
-    let crc = crc32c::crc32c(&buf[start + 8..crc_end]);
+    let crc = crc32c::crc32c(&buf[start + 8..]);
+    buf.extend_from_slice(tail);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
     start + REC_HEADER
 }
@@ -1534,7 +1531,7 @@ impl Writer {
             return Err(BookieErrorCode::Fenced);
         }
         // The payload's digest was checked on the way in (`add_batch`).
-        let body = put_record_covering(
+        let body = put_record_sealed(
             buf,
             REC_ADD_SEALED,
             &[
@@ -1543,9 +1540,8 @@ impl Writer {
                 &a.lac.to_be_bytes(),
                 &a.digest.to_be_bytes(),
                 &a.master_key,
-                &a.payload,
             ],
-            5,
+            &a.payload,
         );
         Ok(Location {
             segment: self.segment,
@@ -1767,28 +1763,32 @@ mod tests {
     /// over everything) still replay.
     #[test]
     fn a_sealed_add_with_a_spoilt_payload_ends_replay_and_old_adds_replay() {
-        let add_record = |buf: &mut Vec<u8>, kind: u8, covered: usize, e: u64, p: &[u8]| {
+        let add_record = |buf: &mut Vec<u8>, sealed: bool, e: u64, p: &[u8]| {
             let digest = entry_digest(1, e, e as i64 - 1, p);
-            put_record_covering(
-                buf,
-                kind,
-                &[
-                    &1u64.to_be_bytes(),
-                    &e.to_be_bytes(),
-                    &(e as i64 - 1).to_be_bytes(),
-                    &digest.to_be_bytes(),
-                    &key(),
-                    p,
-                ],
-                covered,
-            );
+            let (id, lac, digest) = (e.to_be_bytes(), (e as i64 - 1).to_be_bytes(), digest);
+            let head: [&[u8]; 5] = [
+                &1u64.to_be_bytes(),
+                &id,
+                &lac,
+                &digest.to_be_bytes(),
+                &key(),
+            ];
+            if sealed {
+                put_record_sealed(buf, REC_ADD_SEALED, &head, p);
+            } else {
+                put_record(
+                    buf,
+                    REC_ADD,
+                    &[head[0], head[1], head[2], head[3], head[4], p],
+                );
+            }
         };
         let mut data = Vec::new();
-        add_record(&mut data, REC_ADD, 6, 0, b"old kind, all covered");
-        add_record(&mut data, REC_ADD_SEALED, 5, 1, b"header covered");
+        add_record(&mut data, false, 0, b"old kind, all covered");
+        add_record(&mut data, true, 1, b"header covered");
         let spoilt_at = data.len();
-        add_record(&mut data, REC_ADD_SEALED, 5, 2, b"spoilt on disk");
-        add_record(&mut data, REC_ADD_SEALED, 5, 3, b"after the spoilt one");
+        add_record(&mut data, true, 2, b"spoilt on disk");
+        add_record(&mut data, true, 3, b"after the spoilt one");
         let mut index = Index::default();
         assert_eq!(replay(0, &data, 0, &mut index), data.len());
         assert_eq!(index.ledgers[&1].entries.len(), 4);

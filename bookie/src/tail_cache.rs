@@ -135,11 +135,9 @@ impl TailCache {
     }
 
     /// Fills `dst` with the bytes at `offset` of journal segment `segment`,
-    /// if the cache holds all of them; says whether it did.
+    /// if the cache holds all of them; says whether it did (when it did
+    /// not, `dst` may be partly written).
     pub fn copy(&self, segment: u64, offset: u64, dst: &mut [u8]) -> bool {
-        if !self.holds(segment, offset, dst.len()) {
-            return false;
-        }
         let mut at = 0;
         let done = self.visit(segment, offset, dst.len(), |piece| {
             dst[at..at + piece.len()].copy_from_slice(piece);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use magnetar_bookie::{Bookie, BookieConfig, LedgerClient, LedgerError, LedgerState};
+use magnetar_bookie::{Bookie, BookieConfig, LedgerClient, LedgerError, LedgerState, LedgerWriter};
 use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
 use magnetar_proto::ledger::{
     entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse,
@@ -198,6 +198,19 @@ fn payload(i: u64) -> Bytes {
     Bytes::from(format!("entry-{i:05}").into_bytes())
 }
 
+/// A new E/Qw/Qa ledger with entries 0..n added one by one (each confirmed).
+async fn ledger_with(
+    lc: &LedgerClient,
+    (e, qw, qa): (usize, usize, usize),
+    n: u64,
+) -> LedgerWriter {
+    let w = lc.create(e, qw, qa, BTreeMap::new()).await.unwrap();
+    for i in 0..n {
+        w.add(payload(i)).await.unwrap();
+    }
+    w
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     let mut tier = Tier::start(&[None; 5]).await;
@@ -241,10 +254,7 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
 async fn a_fenced_writer_cannot_confirm_and_recovery_closes_the_ledger() {
     let tier = Tier::start(&[None; 3]).await;
     let old = tier.client();
-    let w = old.create(3, 3, 2, BTreeMap::new()).await.unwrap();
-    for i in 0..10 {
-        w.add(payload(i)).await.unwrap();
-    }
+    let w = ledger_with(&old, (3, 3, 2), 10).await;
     // Another broker takes over: recovery fences the ledger.
     let new = tier.client();
     let meta = new.recover(w.ledger_id()).await.unwrap();
@@ -265,10 +275,7 @@ async fn a_fenced_writer_cannot_confirm_and_recovery_closes_the_ledger() {
 async fn recovery_with_tail_on(copies: usize) {
     let tier = Tier::start(&[None; 3]).await;
     let lc = tier.client();
-    let w = lc.create(3, 3, 2, BTreeMap::new()).await.unwrap();
-    for i in 0..5 {
-        w.add(payload(i)).await.unwrap();
-    }
+    let w = ledger_with(&lc, (3, 3, 2), 5).await;
     let meta = w.metadata();
     // Confirmed means Qa = 2 acks; let the third copy of each land before
     // the writer dies, or recovery's fence may refuse it — entries up to
@@ -304,10 +311,7 @@ async fn recovery_closes_at_the_right_entry_for_0_1_and_qa_copies() {
 async fn recovery_reads_a_long_tail_and_stops_at_the_first_hole() {
     let tier = Tier::start(&[None; 3]).await;
     let lc = tier.client();
-    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
-    for i in 0..5 {
-        w.add(payload(i)).await.unwrap();
-    }
+    let w = ledger_with(&lc, (3, 2, 2), 5).await;
     let meta = w.metadata();
     let id = meta.ledger_id;
     for e in (5..45).chain([46]) {
@@ -577,10 +581,7 @@ async fn recovery_replaces_a_dead_bookie_of_the_last_fragment() {
 async fn a_tailing_reader_long_polls_for_the_lac() {
     let tier = Tier::start(&[None; 3]).await;
     let lc = tier.client();
-    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
-    for i in 0..10 {
-        w.add(payload(i)).await.unwrap();
-    }
+    let w = ledger_with(&lc, (3, 2, 2), 10).await;
     let meta = w.metadata();
     // Bookies learn the LAC from the adds that carry it (entry 9 carries 8).
     // Poll until no bookie knows more: the last poll waits out its timeout
@@ -624,10 +625,7 @@ async fn a_corrupt_copy_is_reported_and_read_from_another_replica() {
     // tail cache would still serve the intact copy from memory.
     let tier = Tier::start_tuned(&[None; 3], |cfg| cfg.journal_cache_bytes = 0).await;
     let lc = tier.client();
-    let w = lc.create(3, 3, 3, BTreeMap::new()).await.unwrap();
-    for i in 0..20 {
-        w.add(payload(i)).await.unwrap();
-    }
+    let w = ledger_with(&lc, (3, 3, 3), 20).await;
     let meta = w.close().await.unwrap();
     // Flip bytes of entry 5's payload in the first replica's journal files.
     let first = meta.bookies_for(5)[0].clone();

@@ -85,7 +85,7 @@ pub async fn read_msg<T: DeserializeOwned>(
     // A body that came in one chunk is decoded where it is; a longer one is
     // gathered into one buffer first (one copy), because decoding through
     // a reader that walks the chunks field by field cost more than that.
-    // Either way payloads come out as slices of it (`shared_bytes`).
+    // Either way, fields marked `shared_bytes` come out as slices of it.
     let mut first: Option<bytes::Bytes> = None;
     let mut gathered: Vec<u8> = Vec::new();
     let mut got = 0;

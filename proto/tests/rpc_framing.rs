@@ -1,7 +1,8 @@
 //! Message framing over QUIC streams: a body of many megabytes (arriving in
-//! many chunks) decodes whole, and the connection loses no packet doing so; a body with bytes after the message, or one
-//! shorter than its length prefix, is refused as malformed — the server
-//! resets the stream and goes on serving.
+//! many chunks) decodes whole, and the connection loses no packet doing so;
+//! a body with bytes after the message, or one shorter than its length
+//! prefix, is refused as malformed — the server resets the stream and goes
+//! on serving.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
