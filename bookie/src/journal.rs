@@ -32,6 +32,7 @@ use magnetar_proto::ledger::{entry_digest, AddRequest, BookieErrorCode, MasterKe
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::entry_index::{self, Record, Run};
 use crate::tail_cache::{TailCache, DEFAULT_CACHE_BYTES};
 
 /// Journal segments roll over at this size.
@@ -75,42 +76,68 @@ struct Location {
     digest: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LedgerIndex {
     master_key: Option<MasterKey>,
     fenced: bool,
     lac: i64,
-    entries: BTreeMap<u64, Location>,
+    /// Highest entry id stored, or -1.
+    last: i64,
+    /// Adds still in the journal, each where it is (the checkpoint moves
+    /// them to an entry log).
+    journaled: BTreeMap<u64, Location>,
+    /// Where the rest are: runs of entry-log indexes, oldest first. An
+    /// entry held in more than one place is the journal's copy, else the
+    /// latest run's.
+    runs: Vec<Run>,
+}
+
+impl Default for LedgerIndex {
+    fn default() -> Self {
+        LedgerIndex {
+            master_key: None,
+            fenced: false,
+            lac: -1,
+            last: -1,
+            journaled: BTreeMap::new(),
+            runs: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Index {
     ledgers: FxHashMap<u64, LedgerIndex>,
+    /// Journal segments and entry logs, open for reading.
     segments: FxHashMap<u64, Arc<File>>,
+    /// Entry logs' `.eidx` files, open for reading.
+    entry_indexes: FxHashMap<u64, Arc<File>>,
     /// Adds indexed in the journal since the last checkpoint took them:
     /// (ledger, entry, where in the journal) — what the next checkpoint
     /// moves. Kept in journal order (the checkpoint bisects it).
     unflushed: Vec<(u64, u64, Location)>,
     /// Per file (journal segment or entry log): how many indexed entries it
-    /// holds and their payload bytes. A file absent here holds nothing live.
+    /// holds and their payload bytes — for an entry log, counted by run, so
+    /// an entry re-written since stays counted (compaction errs towards
+    /// keeping). A file absent here holds nothing live.
     live: FxHashMap<u64, (u64, u64)>,
 }
 
 impl Index {
     /// The ledger's index, created on first use.
     fn ledger(&mut self, id: u64) -> &mut LedgerIndex {
-        self.ledgers.entry(id).or_insert_with(|| LedgerIndex {
-            lac: -1,
-            ..Default::default()
-        })
+        self.ledgers.entry(id).or_default()
     }
 
-    /// (ledger, entry) is now at `loc`; keeps the per-file counts.
-    fn put_entry(&mut self, ledger: u64, entry: u64, loc: Location) {
-        if let Some(old) = self.ledger(ledger).entries.insert(entry, loc) {
-            self.unref(old);
-        }
-        self.count(loc);
+    /// A run of an entry log for `ledger`, if the ledger is still here (one
+    /// deleted since the log was written leaves its entries as garbage).
+    fn add_run(&mut self, ledger: u64, run: Run) {
+        let Some(l) = self.ledgers.get_mut(&ledger) else {
+            return;
+        };
+        l.last = l.last.max(run.last as i64);
+        l.runs.push(run);
+        self.count(run.log, run.count, run.bytes);
     }
 
     /// An add the journal made durable at `loc`: indexed there, the
@@ -120,52 +147,73 @@ impl Index {
         let l = self.ledger(ledger);
         l.master_key.get_or_insert(key);
         l.lac = l.lac.max(loc.lac);
-        if let Some(old) = l.entries.insert(entry, loc) {
-            self.unref(old);
+        l.last = l.last.max(entry as i64);
+        if let Some(old) = l.journaled.insert(entry, loc) {
+            self.unref(old.segment, 1, old.len as u64);
         }
-        self.count(loc);
+        self.count(loc.segment, 1, loc.len as u64);
         self.unflushed.push((ledger, entry, loc));
     }
 
-    /// Moves (ledger, entry) from `old` to `new` if it is still at `old`
-    /// (nothing re-wrote or deleted it meanwhile); says whether it did.
-    fn relocate(&mut self, ledger: u64, entry: u64, old: &Location, new: Location) -> bool {
-        let Some(loc) = self
-            .ledgers
-            .get_mut(&ledger)
-            .and_then(|l| l.entries.get_mut(&entry))
-        else {
+    /// Forgets the journal's copy of (ledger, entry) if it is still the one
+    /// at `old` (nothing re-wrote or deleted it meanwhile) — the checkpoint
+    /// has put it in an entry log; says whether it did.
+    fn unjournal(&mut self, ledger: u64, entry: u64, old: &Location) -> bool {
+        let Some(l) = self.ledgers.get_mut(&ledger) else {
             return false;
         };
-        if loc.segment != old.segment || loc.offset != old.offset {
-            return false;
+        match l.journaled.get(&entry) {
+            Some(loc) if loc.segment == old.segment && loc.offset == old.offset => {
+                l.journaled.remove(&entry);
+                self.unref(old.segment, 1, old.len as u64);
+                true
+            }
+            _ => false,
         }
-        *loc = new;
-        self.unref(*old);
-        self.count(new);
-        true
     }
 
-    fn count(&mut self, loc: Location) {
-        let r = self.live.entry(loc.segment).or_default();
-        r.0 += 1;
-        r.1 += loc.len as u64;
+    /// Forgets the ledger's runs in `logs` (compaction copied their
+    /// entries to the journal).
+    fn drop_runs(&mut self, ledger: u64, logs: &std::collections::HashSet<u64>) {
+        let Some(l) = self.ledgers.get_mut(&ledger) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        l.runs.retain(|r| {
+            let keep = !logs.contains(&r.log);
+            if !keep {
+                gone.push(*r);
+            }
+            keep
+        });
+        for r in gone {
+            self.unref(r.log, r.count, r.bytes);
+        }
     }
 
-    fn unref(&mut self, loc: Location) {
-        if let Some(r) = self.live.get_mut(&loc.segment) {
-            r.0 -= 1;
-            r.1 -= loc.len as u64;
+    fn count(&mut self, file: u64, entries: u64, bytes: u64) {
+        let r = self.live.entry(file).or_default();
+        r.0 += entries;
+        r.1 += bytes;
+    }
+
+    fn unref(&mut self, file: u64, entries: u64, bytes: u64) {
+        if let Some(r) = self.live.get_mut(&file) {
+            r.0 -= entries.min(r.0);
+            r.1 -= bytes.min(r.1);
             if r.0 == 0 {
-                self.live.remove(&loc.segment);
+                self.live.remove(&file);
             }
         }
     }
 
     fn drop_ledger(&mut self, id: u64) {
         if let Some(l) = self.ledgers.remove(&id) {
-            for loc in l.entries.into_values() {
-                self.unref(loc);
+            for loc in l.journaled.into_values() {
+                self.unref(loc.segment, 1, loc.len as u64);
+            }
+            for r in l.runs {
+                self.unref(r.log, r.count, r.bytes);
             }
         }
     }
@@ -217,6 +265,15 @@ pub struct Journal {
     cache: Arc<TailCache>,
 }
 
+/// The in-memory index's size: entries still in the journal are indexed
+/// one by one, those in entry logs by run (see `entry_index.rs`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IndexStats {
+    pub ledgers: usize,
+    pub journaled_entries: usize,
+    pub runs: usize,
+}
+
 /// What one checkpoint did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointStats {
@@ -248,8 +305,7 @@ fn entry_index_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 /// Writes entry log `id` and its index, both fsynced, from `entries` (in
-/// journal order), and returns the new locations — in the order `entries`
-/// is left in.
+/// journal order), and returns the index's runs, by ledger.
 ///
 /// The journal is read a window of up to [`CHECKPOINT_WINDOW`] bytes at a
 /// time, with one sequential read, and each window's adds are written sorted
@@ -265,7 +321,7 @@ fn write_entry_log(
     entries: &mut [(u64, u64, Location)],
     pace: Duration,
     cache: &TailCache,
-) -> std::io::Result<Vec<Location>> {
+) -> std::io::Result<Vec<(u64, Run)>> {
     let total: u64 = entries
         .iter()
         .map(|(_, _, l)| l.len as u64)
@@ -273,7 +329,7 @@ fn write_entry_log(
         .max(1);
     let started = std::time::Instant::now();
     let mut out = LogWriter::create(&segment_path(dir, id))?;
-    let mut locations = Vec::with_capacity(entries.len());
+    let mut records = Vec::with_capacity(entries.len());
     let mut offset = 0u64;
     let mut synced = 0u64;
     // Needed only for windows the tail cache does not hold.
@@ -323,7 +379,7 @@ fn write_entry_log(
         };
         // Stable: a ledger's adds keep their journal order.
         window.sort_by_key(|(l, e, _)| (*l, *e));
-        for (_, _, loc) in window.iter() {
+        for (ledger, entry, loc) in window.iter() {
             let len = loc.len as usize;
             match data {
                 Some(data) => {
@@ -338,8 +394,9 @@ fn write_entry_log(
                     }
                 }
             }
-            locations.push(Location {
-                segment: id,
+            records.push(Record {
+                ledger: *ledger,
+                entry: *entry,
                 offset,
                 len: loc.len,
                 lac: loc.lac,
@@ -363,40 +420,18 @@ fn write_entry_log(
     // encoded straight into the writer (the padding after it is ignored
     // when it is read).
     let mut idx = LogWriter::create(&entry_index_path(dir, id))?;
-    bincode::serialize_into(&mut idx, &Listing(entries, &locations))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let runs = entry_index::write(&mut idx, id, records.into_iter())?;
     idx.finish()?;
     File::open(dir)?.sync_all()?;
-    Ok(locations)
-}
-
-/// An entry log's index as its `.eidx` file holds it (a sequence of
-/// [`IndexedEntry`]), made from the adds and their new places.
-struct Listing<'a>(&'a [(u64, u64, Location)], &'a [Location]);
-
-impl serde::Serialize for Listing<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            self.0
-                .iter()
-                .zip(self.1)
-                .map(|((ledger, entry, _), at)| IndexedEntry {
-                    ledger: *ledger,
-                    entry: *entry,
-                    offset: at.offset,
-                    len: at.len,
-                    lac: at.lac,
-                    digest: at.digest,
-                }),
-        )
-    }
+    Ok(runs)
 }
 
 /// The blocking part of a checkpoint: writes the adds of `moving` (in
 /// journal order) to entry log `log_id`, sorted by (ledger, entry) a window
-/// at a time, and points the index at their new places — except where
-/// something re-wrote or deleted them meanwhile. The index is updated in
-/// slices, so adds are not held up. Returns how many moved.
+/// at a time, adds the log's runs to the index, then forgets the journal's
+/// copies — except where something re-wrote or deleted them meanwhile. The
+/// index is updated in slices, so adds are not held up. Returns how many
+/// moved.
 fn move_to_entry_log(
     index: &RwLock<Index>,
     dir: &Path,
@@ -422,27 +457,31 @@ fn move_to_entry_log(
         return Ok(0);
     }
     let started = std::time::Instant::now();
-    let written = write_entry_log(dir, log_id, moving, pace, cache)?;
+    let runs = write_entry_log(dir, log_id, moving, pace, cache)?;
     tracing::debug!(
         adds = moving.len(),
+        runs = runs.len(),
         ms = started.elapsed().as_millis() as u64,
         "checkpoint: entry log written"
     );
     let started = std::time::Instant::now();
     let file = File::open(segment_path(dir, log_id))?;
-    index
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .segments
-        .insert(log_id, Arc::new(file));
-    let slices = moving
-        .chunks(INDEX_UPDATE_SLICE)
-        .zip(written.chunks(INDEX_UPDATE_SLICE));
-    let mut moved = 0;
-    for (olds, news) in slices {
+    let idx = File::open(entry_index_path(dir, log_id))?;
+    {
+        // The runs first: until the journal's copies are forgotten below,
+        // reads still find those (the journal's copy wins).
         let mut g = index.write().unwrap_or_else(|e| e.into_inner());
-        for ((ledger, entry, old), new) in olds.iter().zip(news) {
-            moved += g.relocate(*ledger, *entry, old, *new) as usize;
+        g.segments.insert(log_id, Arc::new(file));
+        g.entry_indexes.insert(log_id, Arc::new(idx));
+        for (ledger, run) in runs {
+            g.add_run(ledger, run);
+        }
+    }
+    let mut moved = 0;
+    for slice in moving.chunks(INDEX_UPDATE_SLICE) {
+        let mut g = index.write().unwrap_or_else(|e| e.into_inner());
+        for (ledger, entry, old) in slice {
+            moved += g.unjournal(*ledger, *entry, old) as usize;
         }
     }
     tracing::debug!(
@@ -608,17 +647,6 @@ fn window_len(entries: &[(u64, u64, Location)]) -> usize {
     n.max(1)
 }
 
-/// One entry's place in an entry log, as its `.eidx` file lists it.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct IndexedEntry {
-    ledger: u64,
-    entry: u64,
-    offset: u64,
-    len: u32,
-    lac: i64,
-    digest: u32,
-}
-
 /// The last checkpoint: every add before (`segment`, `offset`) of the
 /// journal is in the listed entry logs, and the ledgers' state is here, so
 /// a restart replays only the journal after that point.
@@ -693,38 +721,29 @@ impl Journal {
                     master_key: *key,
                     fenced: *fenced,
                     lac: *lac,
-                    entries: BTreeMap::new(),
+                    ..Default::default()
                 },
             );
         }
-        for &n in &checkpoint.entry_logs {
+        // Oldest first: a later log's copy of an entry is the newer one.
+        let mut logs = checkpoint.entry_logs.clone();
+        logs.sort_unstable();
+        for &n in &logs {
             let id = n | ENTRY_LOG;
             let file = match File::open(segment_path(dir, id)) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // compacted away
                 Err(e) => return Err(e.into()),
             };
-            let listed: Vec<IndexedEntry> =
-                bincode::deserialize(&std::fs::read(entry_index_path(dir, id))?).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("entry index {n}: {e}"),
-                    )
-                })?;
-            for ie in listed {
-                // Ledgers deleted before the checkpoint are not in it.
-                if index.ledgers.contains_key(&ie.ledger) {
-                    let loc = Location {
-                        segment: id,
-                        offset: ie.offset,
-                        len: ie.len,
-                        lac: ie.lac,
-                        digest: ie.digest,
-                    };
-                    index.put_entry(ie.ledger, ie.entry, loc);
-                }
+            let idx = File::open(entry_index_path(dir, id))?;
+            let runs = entry_index::load_runs(&idx, id)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("entry index {n}: {e}")))?;
+            // Ledgers deleted before the checkpoint are not in it.
+            for (ledger, run) in runs {
+                index.add_run(ledger, run);
             }
             index.segments.insert(id, Arc::new(file));
+            index.entry_indexes.insert(id, Arc::new(idx));
         }
         // Entry logs a crash left before their checkpoint: not referenced.
         for n in numbered(".elog") {
@@ -986,6 +1005,16 @@ impl Journal {
         Ok(stats)
     }
 
+    /// What the in-memory index holds.
+    pub fn index_stats(&self) -> IndexStats {
+        let g = self.index.read().unwrap_or_else(|e| e.into_inner());
+        IndexStats {
+            ledgers: g.ledgers.len(),
+            journaled_entries: g.ledgers.values().map(|l| l.journaled.len()).sum(),
+            runs: g.ledgers.values().map(|l| l.runs.len()).sum(),
+        }
+    }
+
     /// Ledgers this bookie holds anything of.
     pub fn ledger_ids(&self) -> Vec<u64> {
         let g = self.index.read().unwrap_or_else(|e| e.into_inner());
@@ -1050,24 +1079,39 @@ impl Journal {
         if victims.is_empty() {
             return Ok(CompactStats::default());
         }
-        // Which entries live in the victims: the whole index is scanned, a
-        // slice at a time, so that adds (which index under the same lock)
-        // are not held up behind millions of entries.
+        // Which entries live in the victims: the journal's part of the
+        // index is scanned a slice at a time, so that adds (which index
+        // under the same lock) are not held up behind millions of entries;
+        // the victim entry logs' runs are read from their index files.
         let set: std::collections::HashSet<u64> = victims.iter().map(|(s, _)| *s).collect();
         let mut moves = Vec::new();
         let mut fences = Vec::new();
+        // Ledgers whose runs in the victims are moved (the rest keep theirs
+        // and so their files).
+        let mut emptied = Vec::new();
         for id in ledger_ids {
             let mut from = 0u64;
+            let mut runs = Vec::new();
+            let mut key = None;
             loop {
                 let g = self.index.read().unwrap_or_else(|e| e.into_inner());
                 let Some(l) = g.ledgers.get(&id) else { break };
-                if from == 0 && l.fenced {
-                    if let Some(k) = l.master_key {
-                        fences.push((id, k));
+                if from == 0 {
+                    key = l.master_key;
+                    if l.fenced {
+                        if let Some(k) = l.master_key {
+                            fences.push((id, k));
+                        }
                     }
+                    runs = l
+                        .runs
+                        .iter()
+                        .filter(|r| set.contains(&r.log))
+                        .filter_map(|r| Some((*r, g.entry_indexes.get(&r.log)?.clone())))
+                        .collect();
                 }
                 let mut next = None;
-                for (n, (e, loc)) in l.entries.range(from..).enumerate() {
+                for (n, (e, loc)) in l.journaled.range(from..).enumerate() {
                     if n == INDEX_UPDATE_SLICE {
                         next = Some(*e);
                         break;
@@ -1081,6 +1125,25 @@ impl Journal {
                     None => break,
                 }
             }
+            let Some(key) = key.filter(|_| !runs.is_empty()) else {
+                continue; // nothing there, or no key to re-add with: its files stay
+            };
+            for (run, file) in &runs {
+                // Each entry once (the run lists a re-written one twice);
+                // `read` below takes whichever copy is current.
+                let mut last = None;
+                entry_index::visit(file, run, |r| {
+                    if last != Some(r.entry) {
+                        moves.push((id, r.entry, Some(key)));
+                        last = Some(r.entry);
+                    }
+                })
+                .map_err(|e| {
+                    tracing::error!(log = run.log, error = %e, "compaction: reading an entry index failed");
+                    BookieErrorCode::Io
+                })?;
+            }
+            emptied.push(id);
         }
         let mut stats = CompactStats::default();
         // Moved in batches: one journal request (and group commit) per
@@ -1115,12 +1178,19 @@ impl Journal {
         for (ledger, key) in fences {
             self.fence(ledger, key).await?;
         }
+        {
+            let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
+            for ledger in emptied {
+                g.drop_runs(ledger, &set);
+            }
+        }
         for (seg, total) in victims {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             if g.live.contains_key(&seg) {
                 continue;
             }
             g.segments.remove(&seg);
+            g.entry_indexes.remove(&seg);
             drop(g);
             if let Err(e) = std::fs::remove_file(segment_path(&self.dir, seg)) {
                 tracing::warn!(segment = seg, error = %e, "could not remove a compacted file");
@@ -1228,25 +1298,57 @@ impl Journal {
         rx.await.map_err(|_| BookieErrorCode::Io)?
     }
 
-    pub fn read(&self, ledger_id: u64, entry_id: u64) -> Result<StoredEntry, BookieErrorCode> {
-        let (loc, file) = {
+    /// Where (ledger, entry) is, with its file: the journal's copy, else
+    /// the latest entry-log run's (looked up in the log's index file).
+    fn locate(
+        &self,
+        ledger_id: u64,
+        entry_id: u64,
+    ) -> Result<(Location, Arc<File>), BookieErrorCode> {
+        let candidates: Vec<(Run, Arc<File>, Arc<File>)> = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
             let l = g
                 .ledgers
                 .get(&ledger_id)
                 .ok_or(BookieErrorCode::NoSuchLedger)?;
-            let loc = *l
-                .entries
-                .get(&entry_id)
-                .ok_or(BookieErrorCode::NoSuchEntry)?;
-            (
-                loc,
-                g.segments
-                    .get(&loc.segment)
-                    .cloned()
-                    .ok_or(BookieErrorCode::Io)?,
-            )
+            if let Some(loc) = l.journaled.get(&entry_id) {
+                let file = g.segments.get(&loc.segment).cloned();
+                return Ok((*loc, file.ok_or(BookieErrorCode::Io)?));
+            }
+            l.runs
+                .iter()
+                .rev()
+                .filter(|r| r.first <= entry_id && entry_id <= r.last)
+                .filter_map(|r| {
+                    let idx = g.entry_indexes.get(&r.log)?.clone();
+                    Some((*r, idx, g.segments.get(&r.log)?.clone()))
+                })
+                .collect()
         };
+        for (run, idx, log) in candidates {
+            match entry_index::find(&idx, ledger_id, &run, entry_id) {
+                Ok(Some(r)) => {
+                    let loc = Location {
+                        segment: run.log,
+                        offset: r.offset,
+                        len: r.len,
+                        lac: r.lac,
+                        digest: r.digest,
+                    };
+                    return Ok((loc, log));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(ledger_id, entry_id, log = run.log & !ENTRY_LOG, error = %e, "entry index read failed");
+                    return Err(BookieErrorCode::Io);
+                }
+            }
+        }
+        Err(BookieErrorCode::NoSuchEntry)
+    }
+
+    pub fn read(&self, ledger_id: u64, entry_id: u64) -> Result<StoredEntry, BookieErrorCode> {
+        let (loc, file) = self.locate(ledger_id, entry_id)?;
         let mut buf = vec![0u8; loc.len as usize];
         if loc.segment & ENTRY_LOG != 0 || !self.cache.copy(loc.segment, loc.offset, &mut buf) {
             file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -1273,14 +1375,7 @@ impl Journal {
             .ledgers
             .get(&ledger_id)
             .ok_or(BookieErrorCode::NoSuchLedger)?;
-        Ok((
-            l.lac,
-            l.entries
-                .keys()
-                .next_back()
-                .map(|e| *e as i64)
-                .unwrap_or(-1),
-        ))
+        Ok((l.lac, l.last))
     }
 }
 
@@ -1791,7 +1886,7 @@ mod tests {
         add_record(&mut data, true, 3, b"after the spoilt one");
         let mut index = Index::default();
         assert_eq!(replay(0, &data, 0, &mut index), data.len());
-        assert_eq!(index.ledgers[&1].entries.len(), 4);
+        assert_eq!(index.ledgers[&1].journaled.len(), 4);
         // One payload byte of entry 2 flipped: replay stops before it.
         let last = data.len() - 1;
         let mut spoilt = data.clone();
@@ -1799,7 +1894,7 @@ mod tests {
         spoilt[in_payload] ^= 0x20;
         let mut index = Index::default();
         assert_eq!(replay(0, &spoilt, 0, &mut index), spoilt_at);
-        assert_eq!(index.ledgers[&1].entries.len(), 2);
+        assert_eq!(index.ledgers[&1].journaled.len(), 2);
         // A flipped header byte is caught by the CRC.
         let mut spoilt = data.clone();
         spoilt[spoilt_at + REC_HEADER + 2] ^= 1;
@@ -1808,7 +1903,7 @@ mod tests {
         // A torn last payload, likewise.
         let mut index = Index::default();
         assert!(replay(0, &data[..last], 0, &mut index) < last);
-        assert_eq!(index.ledgers[&1].entries.len(), 3);
+        assert_eq!(index.ledgers[&1].journaled.len(), 3);
     }
 
     #[tokio::test]
@@ -2042,19 +2137,28 @@ mod tests {
             // Sorted by ledger a window at a time (here: a journal segment
             // each): a few runs per segment, not one per add, entries in
             // order within a run.
-            let listed: Vec<IndexedEntry> = bincode::deserialize(
-                &std::fs::read(entry_index_path(dir.path(), 1 | ENTRY_LOG)).unwrap(),
-            )
-            .unwrap();
-            assert_eq!(listed.len(), 300);
-            let runs = 1 + listed
-                .windows(2)
-                .filter(|w| w[0].ledger != w[1].ledger)
-                .count();
-            assert!(runs <= 3 * before, "{runs} runs over {before} segments");
-            assert!(listed
-                .windows(2)
-                .all(|w| w[0].ledger != w[1].ledger || w[0].entry < w[1].entry));
+            let idx = File::open(entry_index_path(dir.path(), 1 | ENTRY_LOG)).unwrap();
+            let runs = entry_index::load_runs(&idx, 1 | ENTRY_LOG).unwrap();
+            assert_eq!(runs.iter().map(|(_, r)| r.count).sum::<u64>(), 300);
+            assert!(
+                runs.len() <= 3 * before,
+                "{} runs over {before} segments",
+                runs.len()
+            );
+            for (ledger, run) in &runs {
+                let mut seen = Vec::new();
+                entry_index::visit(&idx, run, |r| {
+                    assert_eq!(r.ledger, *ledger);
+                    seen.push(r.entry);
+                })
+                .unwrap();
+                assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+                assert_eq!((seen[0], seen[seen.len() - 1]), (run.first, run.last));
+            }
+            // Only the runs are in memory now.
+            let stats = j.index_stats();
+            assert_eq!(stats.journaled_entries, 0, "{stats:?}");
+            assert_eq!(stats.runs, runs.len(), "{stats:?}");
             // Reads now come from the entry log.
             for e in 0..100u64 {
                 assert_eq!(j.read(3, e).unwrap().payload.as_ref(), &data(3, e)[..]);
@@ -2080,7 +2184,11 @@ mod tests {
         );
         // A second checkpoint, compaction of the deleted ledger's share, restart again.
         j.checkpoint().await.unwrap();
-        j.compact(0.2).await.unwrap();
+        let stats = j.compact(0.2).await.unwrap();
+        // The first entry log (a third of it ledger 9's) is gone, index and all.
+        assert!(stats.segments_removed > 0, "{stats:?}");
+        assert!(!segment_path(dir.path(), 1 | ENTRY_LOG).exists());
+        assert!(!entry_index_path(dir.path(), 1 | ENTRY_LOG).exists());
         drop(j);
         let j = Journal::open_with_cache(dir.path(), 32 * 1024, cache_bytes).unwrap();
         for e in 0..100u64 {
@@ -2092,5 +2200,44 @@ mod tests {
             add(&j, 3, 100, &data(3, 100)).await,
             Err(BookieErrorCode::Fenced)
         );
+    }
+
+    #[tokio::test]
+    async fn the_newest_copy_of_a_rewritten_entry_wins_across_entry_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let add_with_lac = |j: &Journal, e: u64, lac: i64| {
+            let p = Bytes::from(format!("entry {e}").into_bytes());
+            let digest = entry_digest(1, e, lac, &p);
+            let j = j.clone();
+            async move { j.add(1, e, lac, key(), p, digest, true).await.unwrap() }
+        };
+        let lac_of = |j: &Journal| j.read(1, 10).unwrap().lac;
+        let j = Journal::open(dir.path()).unwrap();
+        for e in 0..50u64 {
+            add_with_lac(&j, e, e as i64 - 1).await;
+        }
+        j.checkpoint().await.unwrap();
+        // Written again (recovery re-replicating it, say) with a later LAC.
+        add_with_lac(&j, 10, 40).await;
+        assert_eq!(lac_of(&j), 40, "the journal's copy");
+        j.checkpoint().await.unwrap();
+        assert_eq!(j.index_stats().journaled_entries, 0);
+        assert_eq!(lac_of(&j), 40, "the second entry log's copy");
+        assert_eq!(j.read(1, 11).unwrap().lac, 10);
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(lac_of(&j), 40, "after a restart");
+        assert_eq!(j.lac(1).unwrap(), (48, 49));
+        // Compacting everything moves each entry once, the current copy.
+        j.compact(0.0).await.unwrap();
+        j.checkpoint().await.unwrap();
+        assert_eq!(lac_of(&j), 40, "after compaction");
+        for e in (0..50u64).filter(|e| *e != 10) {
+            assert_eq!(j.read(1, e).unwrap().lac, e as i64 - 1);
+        }
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(lac_of(&j), 40);
+        assert!(matches!(j.read(1, 50), Err(BookieErrorCode::NoSuchEntry)));
     }
 }

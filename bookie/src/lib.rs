@@ -7,6 +7,7 @@
 pub mod add_queue;
 pub mod auditor;
 pub mod client;
+mod entry_index;
 pub mod journal;
 pub mod server;
 pub mod tail_cache;
