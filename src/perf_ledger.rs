@@ -1,7 +1,7 @@
 //! `magnetar perf ledger`: the bookie tier through the ledger client —
 //! adds/s, MB/s and add latency for a given ensemble, entry size and number
-//! of ledgers written at once; and the time to recover a ledger whose
-//! writer died.
+//! of ledgers written at once; catch-up reads of a closed ledger; and the
+//! time to recover a ledger whose writer died.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,6 +48,18 @@ enum LedgerPerfCmd {
         /// Also print adds/s for every second of the run (to stderr).
         #[arg(long)]
         progress: bool,
+    },
+    /// Writes --entries to a ledger and closes it, then reads them all
+    /// back as a catch-up reader does (--readers ranges at once, each with
+    /// the client's read-ahead) and prints reads/s and MB/s. Entries
+    /// written long enough before are read from the bookies' entry logs.
+    Read {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 4)]
+        readers: u64,
     },
     /// Writes --entries to a ledger, abandons the writer, and times recovery.
     Recover {
@@ -143,21 +155,62 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
                 wr.close().await?;
             }
         }
+        LedgerPerfCmd::Read {
+            entries,
+            size,
+            readers,
+        } => {
+            if entries == 0 {
+                bail!("--entries must be at least 1");
+            }
+            let wr = lc.create(e, w, a, BTreeMap::new()).await?;
+            let t = Instant::now();
+            fill(&wr, entries, size).await?;
+            let id = wr.ledger_id();
+            wr.close().await?;
+            println!(
+                "wrote ledger {id}: {entries} entries of {size} B in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            let (meta, _) = lc.metadata(id).await?;
+            let readers = readers.clamp(1, entries);
+            let per = entries.div_ceil(readers);
+            let t = Instant::now();
+            let ranges = (0..readers).map(|r| {
+                let (lc, meta) = (&lc, &meta);
+                async move {
+                    let (first, last) = (r * per, ((r + 1) * per).min(entries) - 1);
+                    let mut bytes = 0u64;
+                    // In slices, as a consumer catching up reads a backlog.
+                    let mut from = first;
+                    while from <= last {
+                        let to = (from + 9_999).min(last);
+                        for got in lc.read_range(meta, from, to).await {
+                            bytes += got?.len() as u64;
+                        }
+                        from = to + 1;
+                    }
+                    anyhow::Ok(bytes)
+                }
+            });
+            let mut bytes = 0;
+            for b in futures::future::join_all(ranges).await {
+                bytes += b?;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            if bytes != entries * size as u64 {
+                bail!("read {bytes} bytes, wrote {}", entries * size as u64);
+            }
+            println!(
+                "ledger read E/Qw/Qa {e}/{w}/{a}, {size} B entries, {readers} reader(s): \
+                 {:.0} reads/s, {:.1} MB/s ({entries} entries in {secs:.1} s)",
+                entries as f64 / secs,
+                bytes as f64 / secs / 1e6,
+            );
+        }
         LedgerPerfCmd::Recover { entries, size } => {
             let wr = lc.create(e, w, a, BTreeMap::new()).await?;
-            let payload = Bytes::from(vec![0x5a; size]);
-            let mut pending = Vec::new();
-            for _ in 0..entries {
-                pending.push(wr.add(payload.clone()));
-                if pending.len() >= 1000 {
-                    for p in pending.drain(..) {
-                        p.await?;
-                    }
-                }
-            }
-            for p in pending {
-                p.await?;
-            }
+            fill(&wr, entries, size).await?;
             let id = wr.ledger_id();
             drop(wr); // the writer "dies" without closing
             let t = Instant::now();
@@ -168,6 +221,24 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
                 meta.last_entry_id
             );
         }
+    }
+    Ok(())
+}
+
+/// Adds `entries` entries of `size` bytes, 1,000 in flight.
+async fn fill(wr: &magnetar_bookie::LedgerWriter, entries: u64, size: usize) -> anyhow::Result<()> {
+    let payload = Bytes::from(vec![0x5a; size]);
+    let mut pending = Vec::new();
+    for _ in 0..entries {
+        pending.push(wr.add(payload.clone()));
+        if pending.len() >= 1000 {
+            for p in pending.drain(..) {
+                p.await?;
+            }
+        }
+    }
+    for p in pending {
+        p.await?;
     }
     Ok(())
 }

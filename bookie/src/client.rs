@@ -13,6 +13,7 @@ use futures::future::join_all;
 use magnetar_metadata::{MetadataClient, MetadataError};
 use magnetar_proto::ledger::{
     entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey,
+    MAX_RANGE_BYTES,
 };
 use magnetar_proto::rpc::RpcClient;
 use rustc_hash::FxHashMap;
@@ -139,8 +140,17 @@ pub const DEFAULT_ADD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a read waits for one replica before asking the next as well.
 pub const SPECULATIVE_READ_DELAY: Duration = Duration::from_millis(50);
 
-/// Reads in flight at once for a range read.
+/// Single-entry reads in flight at once when a range read falls back to
+/// reading entry by entry.
 pub const READ_AHEAD_PARALLEL: usize = 16;
+
+/// A range read asks a bookie for this many entries of one stripe at a
+/// time (one `ReadRange` request; fewer when their payloads pass
+/// [`MAX_RANGE_BYTES`]).
+const RANGE_STRIPE_ENTRIES: u64 = 256;
+/// Stretches of [`RANGE_STRIPE_ENTRIES`] × E entries a range read has in
+/// flight at once (read-ahead).
+const RANGE_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Recovery reads the ledger's tail this many entries at a time at first,
 /// then as many as fit [`RECOVERY_WINDOW_BYTES`] (at most
@@ -483,8 +493,15 @@ impl LedgerClient {
         Ok(best)
     }
 
-    /// Reads entries `first..=last` with up to [`READ_AHEAD_PARALLEL`] reads
-    /// in flight; one result per entry, in order.
+    /// Reads entries `first..=last`, for catch-up readers; one result per
+    /// entry, in order. The range is read in stretches of
+    /// [`RANGE_STRIPE_ENTRIES`] × E entries ([`RANGE_CHUNKS_IN_FLIGHT`] at
+    /// once), each with one `ReadRange` request per stripe — the entries
+    /// whose ids are equal mod E, which share a write set — to its first
+    /// bookie not suspected of failing: a request carries hundreds of
+    /// entries instead of one. What a bookie does not return (it failed,
+    /// answered short, or sent a copy that fails its digest) is read entry
+    /// by entry as [`LedgerClient::read`] does, from any replica.
     pub async fn read_range(
         &self,
         meta: &LedgerMetadata,
@@ -492,11 +509,142 @@ impl LedgerClient {
         last: u64,
     ) -> Vec<Result<Bytes, LedgerError>> {
         use futures::StreamExt;
-        futures::stream::iter(first..=last)
-            .map(|e| self.read(meta, e))
-            .buffered(READ_AHEAD_PARALLEL)
+        let e = (meta.ensemble_size as u64).max(1);
+        let mut chunks = Vec::new();
+        let mut at = first;
+        while at <= last {
+            // Within one fragment: a stripe's write set is then the same
+            // for all its entries.
+            let fragment_end = meta
+                .fragments
+                .iter()
+                .find(|f| f.first_entry > at)
+                .map(|f| f.first_entry - 1)
+                .unwrap_or(u64::MAX);
+            let end = last
+                .min(fragment_end)
+                .min(at.saturating_add(RANGE_STRIPE_ENTRIES * e - 1));
+            chunks.push((at, end));
+            match end.checked_add(1) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        futures::stream::iter(chunks)
+            .map(|(a, b)| self.read_chunk(meta, a, b))
+            .buffered(RANGE_CHUNKS_IN_FLIGHT)
+            .flat_map(futures::stream::iter)
             .collect()
             .await
+    }
+
+    /// Entries `first..=last` of one fragment: a `ReadRange` per stripe,
+    /// then entry by entry for what those did not bring.
+    async fn read_chunk(
+        &self,
+        meta: &LedgerMetadata,
+        first: u64,
+        last: u64,
+    ) -> Vec<Result<Bytes, LedgerError>> {
+        use futures::StreamExt;
+        let step = (meta.ensemble_size as u64).max(1);
+        let n = (last - first + 1) as usize;
+        let mut got: Vec<Option<Bytes>> = vec![None; n];
+        let stripes = (first..=last).take(step as usize);
+        for (start, entries) in
+            join_all(stripes.map(|s| self.read_stripe(meta, s, last, step))).await
+        {
+            for (k, payload) in entries.into_iter().enumerate() {
+                got[(start - first) as usize + k * step as usize] = Some(payload);
+            }
+        }
+        let missing: Vec<usize> = (0..n).filter(|i| got[*i].is_none()).collect();
+        let filled: Vec<Result<Bytes, LedgerError>> = futures::stream::iter(missing)
+            .map(|i| self.read(meta, first + i as u64))
+            .buffered(READ_AHEAD_PARALLEL)
+            .collect()
+            .await;
+        // The gaps, in order, take the single reads, in the same order.
+        let mut filled = filled.into_iter();
+        got.into_iter()
+            .map(|g| match g {
+                Some(payload) => Ok(payload),
+                None => filled.next().unwrap_or_else(|| {
+                    Err(LedgerError::Unreadable(
+                        meta.ledger_id,
+                        first,
+                        "lost read".into(),
+                    ))
+                }),
+            })
+            .collect()
+    }
+
+    /// Entries `start`, `start + step`, … up to `last` from the first
+    /// bookie of their write set not suspected of failing, in as many
+    /// `ReadRange` requests as it takes: the payloads of the first entries
+    /// of the stripe that came back, in order, with good digests (maybe
+    /// none). Returns `start` with them.
+    async fn read_stripe(
+        &self,
+        meta: &LedgerMetadata,
+        start: u64,
+        last: u64,
+        step: u64,
+    ) -> (u64, Vec<Bytes>) {
+        let mut got = Vec::new();
+        let set = meta.bookies_for(start);
+        let Some(bookie) = set.iter().find(|b| !self.is_suspect(b)).or(set.first()) else {
+            return (start, got);
+        };
+        let mut next = start;
+        while next <= last {
+            let req = BookieRequest::ReadRange {
+                ledger_id: meta.ledger_id,
+                first: next,
+                last,
+                step,
+                max_bytes: MAX_RANGE_BYTES,
+            };
+            let entries = match self.call(bookie, &req).await {
+                Ok(BookieResponse::Entries { ledger_id, entries })
+                    if ledger_id == meta.ledger_id =>
+                {
+                    entries
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    if matches!(e, LedgerError::Unreachable { .. }) {
+                        self.suspect(bookie);
+                    }
+                    break;
+                }
+            };
+            let before = got.len();
+            for re in entries {
+                if re.entry_id != next || next > last {
+                    break;
+                }
+                if entry_digest(meta.ledger_id, next, re.lac, &re.payload) != re.digest {
+                    tracing::error!(
+                        bookie,
+                        ledger_id = meta.ledger_id,
+                        entry_id = next,
+                        "entry from bookie fails its digest; trying another replica"
+                    );
+                    return (start, got);
+                }
+                got.push(re.payload);
+                next = match next.checked_add(step) {
+                    Some(n) => n,
+                    None => return (start, got),
+                };
+            }
+            if got.len() == before {
+                break; // no progress: the rest entry by entry
+            }
+        }
+        (start, got)
     }
 
     /// Notes that `bookie` just failed: reads ask it last for a while.

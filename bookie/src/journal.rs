@@ -1368,6 +1368,39 @@ impl Journal {
         })
     }
 
+    /// Entries `first`, `first + step`, … up to `last` of a ledger, in
+    /// order: those held from `first` on, ending before the first that
+    /// cannot be read (its error if that is `first`), at `max_entries`, or
+    /// once the payloads reach `max_bytes` (one entry at least).
+    pub fn read_range(
+        &self,
+        ledger_id: u64,
+        first: u64,
+        last: u64,
+        step: u64,
+        max_bytes: u64,
+        max_entries: usize,
+    ) -> Result<Vec<(u64, StoredEntry)>, BookieErrorCode> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut e = first;
+        while e <= last && bytes < max_bytes && out.len() < max_entries.max(1) {
+            match self.read(ledger_id, e) {
+                Ok(s) => {
+                    bytes += s.payload.len() as u64;
+                    out.push((e, s));
+                }
+                Err(code) if out.is_empty() => return Err(code),
+                Err(_) => break,
+            }
+            match e.checked_add(step.max(1)) {
+                Some(next) => e = next,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// (LAC, last stored entry or -1) of a ledger.
     pub fn lac(&self, ledger_id: u64) -> Result<(i64, i64), BookieErrorCode> {
         let g = self.index.read().unwrap_or_else(|e| e.into_inner());
@@ -2239,5 +2272,40 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(lac_of(&j), 40);
         assert!(matches!(j.read(1, 50), Err(BookieErrorCode::NoSuchEntry)));
+    }
+
+    #[tokio::test]
+    async fn a_range_read_stops_at_its_entry_cap_and_before_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for e in (0..10u64).chain(11..15) {
+            add(&j, 1, e, b"0123456789").await.unwrap();
+        }
+        let ids = |r: Result<Vec<(u64, StoredEntry)>, BookieErrorCode>| match r {
+            Ok(v) => Ok(v.into_iter().map(|(e, _)| e).collect::<Vec<_>>()),
+            Err(code) => Err(code),
+        };
+        assert_eq!(
+            ids(j.read_range(1, 0, 100, 1, u64::MAX, 3)),
+            Ok(vec![0, 1, 2])
+        );
+        assert_eq!(ids(j.read_range(1, 0, 100, 4, 25, 100)), Ok(vec![0, 4, 8]));
+        assert_eq!(
+            ids(j.read_range(1, 8, 100, 1, u64::MAX, 100)),
+            Ok(vec![8, 9])
+        );
+        assert_eq!(
+            ids(j.read_range(1, 10, 100, 1, u64::MAX, 100)),
+            Err(BookieErrorCode::NoSuchEntry)
+        );
+        assert_eq!(
+            ids(j.read_range(2, 0, 5, 1, 100, 10)),
+            Err(BookieErrorCode::NoSuchLedger)
+        );
+        // No overflow at the top of the id space.
+        assert_eq!(
+            ids(j.read_range(1, 14, u64::MAX, u64::MAX, u64::MAX, 100)),
+            Ok(vec![14])
+        );
     }
 }

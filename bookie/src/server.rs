@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use magnetar_metadata::{Lease, MetadataClient};
 use magnetar_proto::ledger::{
-    AddRequest, BookieErrorCode, BookieRequest, BookieResponse, MAX_ENTRY_BYTES,
+    AddRequest, BookieErrorCode, BookieRequest, BookieResponse, RangeEntry, MAX_ENTRY_BYTES,
+    MAX_RANGE_BYTES, MAX_RANGE_ENTRIES,
 };
 use magnetar_proto::rpc::{respond, RpcError};
 use magnetar_proto::tls::TlsMaterial;
@@ -527,6 +528,34 @@ pub async fn handle(
                 ledger_id,
                 lac,
                 last_entry,
+            })
+        }
+        BookieRequest::ReadRange {
+            ledger_id,
+            first,
+            last,
+            step,
+            max_bytes,
+        } => {
+            // Up to a megabyte of reads, some from disk: off the runtime.
+            let journal = journal.clone();
+            let max_bytes = max_bytes.min(MAX_RANGE_BYTES) as u64;
+            tokio::task::spawn_blocking(move || {
+                journal.read_range(ledger_id, first, last, step, max_bytes, MAX_RANGE_ENTRIES)
+            })
+            .await
+            .unwrap_or(Err(BookieErrorCode::Io))
+            .map(|entries| BookieResponse::Entries {
+                ledger_id,
+                entries: entries
+                    .into_iter()
+                    .map(|(entry_id, e)| RangeEntry {
+                        entry_id,
+                        lac: e.lac,
+                        payload: e.payload,
+                        digest: e.digest,
+                    })
+                    .collect(),
             })
         }
         BookieRequest::ReadLac { ledger_id } => {

@@ -245,6 +245,15 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     for e in 0..1000u64 {
         assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
     }
+    // A range read over both fragments, with the gone bookie first in the
+    // write set of a third of the first fragment's entries.
+    let all: Vec<Bytes> = lc
+        .read_range(&meta, 0, 999)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(all, (0..1000).map(payload).collect::<Vec<_>>());
     tier.assert_on_write_quorum(&meta, last.first_entry..1000)
         .await;
     tier.shutdown().await;
@@ -651,6 +660,15 @@ async fn a_corrupt_copy_is_reported_and_read_from_another_replica() {
     assert_eq!(tier.read_from(&first, meta.ledger_id, 5).await, None);
     // ...and the client gets the right bytes from another replica.
     assert_eq!(lc.read(&meta, 5).await.unwrap(), payload(5));
+    // So does a range read (that bookie's answer for entry 5's stripe ends
+    // before it).
+    let all: Vec<Bytes> = lc
+        .read_range(&meta, 0, 19)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(all, (0..20).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
 
@@ -695,5 +713,65 @@ async fn a_batch_of_adds_is_answered_add_by_add() {
     }
     assert_eq!(tier.read_from(&bookie, 900, 3).await, None);
     assert_eq!(tier.read_from(&bookie, 901, 0).await, Some(payload(0)));
+    tier.shutdown().await;
+}
+
+/// `ReadRange` as a bookie answers it: a stripe of entries in order, cut
+/// at the byte budget (one entry at least) or before an entry it lacks, an
+/// error when it lacks the first; and the client's range read over large
+/// entries, which takes several requests per stripe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn range_reads_come_in_stripes_cut_at_the_byte_budget() {
+    let tier = Tier::start(&[None]).await;
+    let bookie: std::net::SocketAddr = tier.bookies[0].as_ref().unwrap().addr().parse().unwrap();
+    let lc = tier.client();
+    let big = |i: u64| Bytes::from(vec![i as u8; 300 * 1024]);
+    let w = lc.create(1, 1, 1, BTreeMap::new()).await.unwrap();
+    for i in 0..12u64 {
+        w.add(big(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    let range = |first: u64, last: u64, step: u64, max_bytes: u32| {
+        let rpc = tier.rpc.clone();
+        let req = BookieRequest::ReadRange {
+            ledger_id: meta.ledger_id,
+            first,
+            last,
+            step,
+            max_bytes,
+        };
+        async move { rpc.call::<_, BookieResponse>(bookie, &req).await.unwrap() }
+    };
+    let ids = |r: BookieResponse| match r {
+        BookieResponse::Entries { entries, .. } => {
+            entries.iter().map(|e| e.entry_id).collect::<Vec<_>>()
+        }
+        other => panic!("{other:?}"),
+    };
+    // 1 MiB holds three and a bit of these: the fourth passes it, then stop.
+    assert_eq!(ids(range(0, 11, 1, 1024 * 1024).await), vec![0, 1, 2, 3]);
+    assert_eq!(ids(range(1, 11, 3, 1024 * 1024).await), vec![1, 4, 7, 10]);
+    assert_eq!(ids(range(5, 11, 2, 1).await), vec![5], "one entry at least");
+    assert_eq!(
+        ids(range(10, 20, 1, 1024 * 1024).await),
+        vec![10, 11],
+        "ends before a missing entry"
+    );
+    assert_eq!(
+        range(12, 20, 1, 1024 * 1024).await,
+        BookieResponse::Error(BookieErrorCode::NoSuchEntry)
+    );
+    // Asking beyond the limit gets the limit.
+    assert_eq!(ids(range(0, 11, 1, u32::MAX).await).len(), 4);
+    let all: Vec<Bytes> = lc
+        .read_range(&meta, 0, 11)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(all, (0..12).map(big).collect::<Vec<_>>());
+    // Past the end: an error for each entry that is not there.
+    let tail = lc.read_range(&meta, 10, 13).await;
+    assert!(tail[0].is_ok() && tail[1].is_ok() && tail[2].is_err() && tail[3].is_err());
     tier.shutdown().await;
 }

@@ -69,6 +69,34 @@ pub enum BookieRequest {
         ledger_id: u64,
         master_key: MasterKey,
     },
+    /// Entries `first`, `first + step`, … up to `last`, in order, for
+    /// catch-up readers: answered by [`BookieResponse::Entries`] with those
+    /// the bookie holds from `first` on, ending before the first it cannot
+    /// return or once their payloads pass `max_bytes` (one entry at least);
+    /// by an error when it cannot return `first`.
+    ReadRange {
+        ledger_id: u64,
+        first: u64,
+        last: u64,
+        step: u64,
+        max_bytes: u32,
+    },
+}
+
+/// Most payload bytes a [`BookieRequest::ReadRange`] may ask for: with
+/// one maximal entry past it, an answer stays under the RPC message limit.
+pub const MAX_RANGE_BYTES: u32 = 1024 * 1024;
+/// Most entries a bookie returns for one [`BookieRequest::ReadRange`]
+/// (tiny entries: their per-entry overhead stays far below the limit).
+pub const MAX_RANGE_ENTRIES: usize = 4096;
+
+/// One entry of a [`BookieResponse::Entries`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeEntry {
+    pub entry_id: u64,
+    pub lac: i64,
+    pub payload: Bytes,
+    pub digest: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -116,4 +144,9 @@ pub enum BookieResponse {
     /// The outcome of each add of an `AddBatch`, in the batch's order.
     AddedBatch(Vec<Result<(), BookieErrorCode>>),
     Error(BookieErrorCode),
+    /// The answer to a [`BookieRequest::ReadRange`].
+    Entries {
+        ledger_id: u64,
+        entries: Vec<RangeEntry>,
+    },
 }
