@@ -18,8 +18,15 @@ use crate::cursor::{CursorState, Position};
 
 pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
 
-/// Entries fetched together when a reader misses the caches.
-const READ_AHEAD_ENTRIES: u64 = 64;
+/// Most entries fetched together when a reader misses the caches (one
+/// range read: a request or two per bookie).
+const READ_AHEAD_ENTRIES: u64 = 256;
+/// About how many bytes one read-ahead fetches: the entry count is sized
+/// from the last read's mean entry size, so large entries come fewer at a
+/// time.
+const READ_AHEAD_BYTES: u64 = 4 * 1024 * 1024;
+/// Entries of the first read-ahead, before any entry size is known.
+const READ_AHEAD_FIRST: u64 = 16;
 /// Read-ahead entries kept per topic (the oldest go first).
 const READ_AHEAD_CACHE_ENTRIES: usize = 4096;
 
@@ -140,6 +147,8 @@ pub struct ManagedLedger {
     cache: Mutex<TailCache>,
     /// Entries read ahead from the bookies for catch-up readers.
     read_ahead: Mutex<BTreeMap<Position, Bytes>>,
+    /// Mean payload size of the last read-ahead (0: none yet).
+    read_ahead_entry_bytes: std::sync::atomic::AtomicU64,
     ledger_meta: Mutex<HashMap<u64, LedgerMetadata>>,
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, CursorLedger>>,
     appends: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<Position, MlError>>)>,
@@ -203,6 +212,7 @@ impl ManagedLedger {
             last_confirmed: watch::channel(Position::new(first.unwrap_or(0), -1)).0,
             cache: Mutex::default(),
             read_ahead: Mutex::default(),
+            read_ahead_entry_bytes: Default::default(),
             ledger_meta: Mutex::default(),
             cursor_ledgers: tokio::sync::Mutex::default(),
             appends,
@@ -496,8 +506,24 @@ impl ManagedLedger {
                 p.entry_id
             }
         };
-        let last = (first + READ_AHEAD_ENTRIES - 1).min(last_in_ledger.max(p.entry_id) as u64);
-        let mut got = self.lc.read_range(&meta, first, last).await.into_iter();
+        let mean = self
+            .read_ahead_entry_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let count = match mean {
+            0 => READ_AHEAD_FIRST,
+            m => (READ_AHEAD_BYTES / m).clamp(1, READ_AHEAD_ENTRIES),
+        };
+        let last = (first + count - 1).min(last_in_ledger.max(p.entry_id) as u64);
+        let got = self.lc.read_range(&meta, first, last).await;
+        let (n, bytes) = got
+            .iter()
+            .flatten()
+            .fold((0u64, 0u64), |(n, b), d| (n + 1, b + d.len() as u64));
+        if let Some(mean) = bytes.checked_div(n) {
+            self.read_ahead_entry_bytes
+                .store(mean.max(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut got = got.into_iter();
         let data = got.next().ok_or_else(|| {
             MlError::Ledger(LedgerError::Unreadable(
                 p.ledger_id,
