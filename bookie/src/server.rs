@@ -388,21 +388,24 @@ async fn gc_loop(journal: Journal, metadata: MetadataClient, every: Duration, mi
     loop {
         tick.tick().await;
         let held = journal.ledger_ids();
-        let live: std::collections::BTreeSet<u64> =
-            match metadata.range(crate::client::LEDGERS_PREFIX, 0).await {
-                Ok(kvs) => kvs
-                    .iter()
-                    .filter_map(|kv| {
-                        kv.key
-                            .strip_prefix(crate::client::LEDGERS_PREFIX)
-                            .and_then(|id| id.parse().ok())
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "gc: metadata unavailable");
-                    continue;
-                }
-            };
+        // Names only, a page at a time: the ledgers' metadata would be
+        // megabytes per pass on a cluster with many ledgers.
+        let live: std::collections::BTreeSet<u64> = match metadata
+            .range_keys(crate::client::LEDGERS_PREFIX)
+            .await
+        {
+            Ok(keys) => keys
+                .iter()
+                .filter_map(|k| {
+                    k.strip_prefix(crate::client::LEDGERS_PREFIX)
+                        .and_then(|id| id.parse().ok())
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "gc: cannot list the ledgers; no collection this pass");
+                continue;
+            }
+        };
         let dead: Vec<u64> = held.into_iter().filter(|l| !live.contains(l)).collect();
         if !dead.is_empty() {
             tracing::info!(ledgers = dead.len(), "gc: dropping deleted ledgers");

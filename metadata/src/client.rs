@@ -164,17 +164,51 @@ impl MetadataClient {
         }
     }
 
-    /// Keys under `prefix` in key order; `limit` 0 means all.
+    /// Keys under `prefix` in key order; `limit` 0 means all. Read a page
+    /// at a time (`RangePage`), so a range of any size can be listed. Each
+    /// page is linearizable, the whole is not one snapshot: a key present
+    /// throughout the listing is in it; one created or deleted meanwhile
+    /// may or may not be.
     pub async fn range(&self, prefix: &str, limit: u32) -> Result<Vec<KeyValue>, MetadataError> {
-        match self
-            .request(&MetaRequest::Range {
+        self.range_pages(prefix, limit, false).await
+    }
+
+    /// The names of the keys under `prefix`, in order (as [`Self::range`],
+    /// without the values: for listings that need only the names).
+    pub async fn range_keys(&self, prefix: &str) -> Result<Vec<String>, MetadataError> {
+        let kvs = self.range_pages(prefix, 0, true).await?;
+        Ok(kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        limit: u32,
+        keys_only: bool,
+    ) -> Result<Vec<KeyValue>, MetadataError> {
+        let mut out: Vec<KeyValue> = Vec::new();
+        loop {
+            let req = MetaRequest::RangePage {
                 prefix: prefix.into(),
-                limit,
-            })
-            .await?
-        {
-            MetaResponse::Range(v) => Ok(v),
-            r => Err(MetadataError::Protocol(format!("{r:?}"))),
+                after: out.last().map(|kv| kv.key.clone()),
+                limit: if limit == 0 {
+                    0
+                } else {
+                    limit.saturating_sub(out.len() as u32)
+                },
+                keys_only,
+            };
+            match self.request(&req).await? {
+                MetaResponse::RangePage { kvs, more } => {
+                    let progress = !kvs.is_empty();
+                    out.extend(kvs);
+                    let full = limit != 0 && out.len() >= limit as usize;
+                    if !more || !progress || full {
+                        return Ok(out);
+                    }
+                }
+                r => return Err(MetadataError::Protocol(format!("{r:?}"))),
+            }
         }
     }
 

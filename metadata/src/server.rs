@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use magnetar_proto::metadata_api::{
-    self as api, Limits, MetaError, MetaRequest, MetaResponse, RaftKind, Status,
+    self as api, Limits, MetaError, MetaRequest, MetaResponse, RaftKind, Status, RANGE_PAGE_BYTES,
+    RANGE_PAGE_KEYS,
 };
 use magnetar_proto::rpc::{respond, serve, write_msg, ConnInfo, RpcClient, RpcError};
 use magnetar_proto::tls::TlsMaterial;
@@ -502,7 +503,33 @@ impl MetadataNode {
             MetaRequest::Range { prefix, limit: n } => {
                 self.linearizable().await?;
                 let n = if n == 0 { usize::MAX } else { n as usize };
-                MetaResponse::Range(self.sm.read(|kv| kv.range(&prefix, n)))
+                // In one answer only what fits one message; else a clear
+                // error (the stream would just be cut).
+                let (kvs, more) = self
+                    .sm
+                    .read(|kv| kv.range_page(&prefix, None, n, false, RANGE_ANSWER_BYTES));
+                if more && kvs.len() < n {
+                    return Err(limit(format!(
+                        "the range under {prefix:?} is over {RANGE_ANSWER_BYTES} bytes: read it in pages (RangePage)"
+                    )));
+                }
+                MetaResponse::Range(kvs)
+            }
+            MetaRequest::RangePage {
+                prefix,
+                after,
+                limit,
+                keys_only,
+            } => {
+                self.linearizable().await?;
+                let n = match limit {
+                    0 => RANGE_PAGE_KEYS,
+                    n => n.min(RANGE_PAGE_KEYS),
+                } as usize;
+                let (kvs, more) = self.sm.read(|kv| {
+                    kv.range_page(&prefix, after.as_deref(), n, keys_only, RANGE_PAGE_BYTES)
+                });
+                MetaResponse::RangePage { kvs, more }
             }
             MetaRequest::Txn(_) | MetaRequest::TxnOnce { .. } => {
                 let (txn, request) = match req {
@@ -784,12 +811,16 @@ async fn lease_loop(node: Arc<MetadataNode>, every: Duration) {
 /// transactions under the same request id, so it applies at most once.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(800);
 
+/// Most bytes of keys and values in one (unpaged) `Range` answer.
+const RANGE_ANSWER_BYTES: usize = 6 * 1024 * 1024;
+
 /// Requests only the leader can answer; a follower forwards them.
 fn needs_leader(req: &MetaRequest) -> bool {
     matches!(
         req,
         MetaRequest::Get { .. }
             | MetaRequest::Range { .. }
+            | MetaRequest::RangePage { .. }
             | MetaRequest::Txn(_)
             | MetaRequest::TxnOnce { .. }
             | MetaRequest::LeaseGrant { .. }

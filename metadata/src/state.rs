@@ -82,6 +82,44 @@ impl KvState {
             .collect()
     }
 
+    /// A page of the keys under `prefix` after `after` (exclusive): up to
+    /// `limit` keys, stopping once keys and values reach `budget` bytes
+    /// (one key at least); and whether more keys follow.
+    pub fn range_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keys_only: bool,
+        budget: usize,
+    ) -> (Vec<KeyValue>, bool) {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let mut it = self
+            .kv
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some((k, v)) = it.peek() {
+            if out.len() >= limit.max(1) || (!out.is_empty() && bytes >= budget) {
+                break;
+            }
+            let mut kv = (*v).clone();
+            if keys_only {
+                kv.value = Vec::new();
+            }
+            bytes += k.len() + kv.value.len();
+            out.push(kv);
+            it.next();
+        }
+        (out, it.peek().is_some())
+    }
+
     /// Oldest revision still in the watch history (events at or after it can be replayed).
     pub fn oldest_history_revision(&self) -> u64 {
         self.history
@@ -349,6 +387,49 @@ mod tests {
         assert_eq!(s.range("a/", 10).len(), 3);
         assert_eq!(s.range("a/", 2).len(), 2);
         assert_eq!(s.range("c/", 2).len(), 0);
+    }
+
+    #[test]
+    fn a_range_comes_in_pages_cut_by_count_and_bytes() {
+        let mut s = KvState::default();
+        for k in ["a", "a/1", "a/2", "a/3", "a/4", "b/1"] {
+            s.apply(&cas(k, 0, put(k, "0123456789", None)));
+        }
+        let keys = |(kvs, more): (Vec<KeyValue>, bool)| {
+            let v: Vec<String> = kvs.into_iter().map(|kv| kv.key).collect();
+            (v, more)
+        };
+        let ks = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(s.range_page("a/", None, 2, false, 1 << 20)),
+            (ks(&["a/1", "a/2"]), true)
+        );
+        assert_eq!(
+            keys(s.range_page("a/", Some("a/2"), 2, false, 1 << 20)),
+            (ks(&["a/3", "a/4"]), false)
+        );
+        // 13 bytes a key with its value: a 20-byte budget takes two (the
+        // second passes it), a 1-byte budget one.
+        assert_eq!(
+            keys(s.range_page("a/", None, 10, false, 20)),
+            (ks(&["a/1", "a/2"]), true)
+        );
+        assert_eq!(
+            keys(s.range_page("a/", None, 10, false, 1)),
+            (ks(&["a/1"]), true)
+        );
+        // Keys only: no values, so no bytes of them counted.
+        let (kvs, more) = s.range_page("a/", None, 10, true, 20);
+        assert!(kvs.iter().all(|kv| kv.value.is_empty()) && kvs.len() == 4 && !more);
+        // `after` before the prefix starts at the prefix; past it, nothing.
+        assert_eq!(
+            keys(s.range_page("a/", Some("a"), 1, false, 1 << 20)),
+            (ks(&["a/1"]), true)
+        );
+        assert_eq!(
+            keys(s.range_page("a/", Some("a/9"), 10, false, 1 << 20)),
+            (ks(&[]), false)
+        );
     }
 
     #[test]

@@ -162,3 +162,48 @@ async fn every_limit_is_enforced_with_a_clear_error() {
     }
     node.shutdown().await;
 }
+
+/// A range larger than one message (twelve values of about 1 MB) is read in
+/// pages: every key comes back, in order; a limit holds across pages; the
+/// names alone come without values.
+#[tokio::test]
+async fn a_range_larger_than_a_message_comes_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c) = start(dir.path()).await;
+    let value = |i: usize| vec![i as u8; 1_000_000];
+    for i in 0..12 {
+        c.put(&format!("big/{i:02}"), value(i)).await.unwrap();
+    }
+    c.put("bigger", b"not under the prefix".to_vec())
+        .await
+        .unwrap();
+    let all = c.range("big/", 0).await.unwrap();
+    assert_eq!(all.len(), 12);
+    for (i, kv) in all.iter().enumerate() {
+        assert_eq!(
+            (kv.key.as_str(), &kv.value),
+            (format!("big/{i:02}").as_str(), &value(i))
+        );
+    }
+    let some = c.range("big/", 5).await.unwrap();
+    assert_eq!(some.len(), 5);
+    assert_eq!(some[4].key, "big/04");
+    let names = c.range_keys("big/").await.unwrap();
+    assert_eq!(
+        names,
+        (0..12).map(|i| format!("big/{i:02}")).collect::<Vec<_>>()
+    );
+    // Asked for in one answer, it gets a clear error (the stream was cut).
+    let rpc = RpcClient::new(
+        client_endpoint(&TlsMaterial::load_or_generate(&dir.path().join("tls")).unwrap()).unwrap(),
+    );
+    let whole = MetaRequest::Range {
+        prefix: "big/".into(),
+        limit: 0,
+    };
+    match rpc.call::<_, MetaResponse>(node.local_addr(), &whole).await {
+        Ok(MetaResponse::Error(MetaError::Limit(why))) => assert!(why.contains("pages"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    node.shutdown().await;
+}

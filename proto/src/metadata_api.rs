@@ -160,7 +160,26 @@ pub enum MetaRequest {
         kind: RaftKind,
         body: Vec<u8>,
     },
+    /// One page of the keys under `prefix`, in key order, from just after
+    /// `after` (from the first when `None`): at most `limit` keys (0: the
+    /// server's most, [`RANGE_PAGE_KEYS`]), fewer once their keys and values
+    /// reach [`RANGE_PAGE_BYTES`] (one key at least). With `keys_only` the
+    /// values are left empty. Answered by [`MetaResponse::RangePage`]. A
+    /// range of any size is read this way; one answer must fit a message.
+    RangePage {
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+        keys_only: bool,
+    },
 }
+
+/// Most keys one [`MetaRequest::RangePage`] answer holds.
+pub const RANGE_PAGE_KEYS: u32 = 10_000;
+/// A [`MetaRequest::RangePage`] answer stops adding keys once their keys
+/// and values reach this many bytes: with one maximal value past it, an
+/// answer stays well under the RPC message limit.
+pub const RANGE_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RaftKind {
@@ -227,4 +246,9 @@ pub enum MetaResponse {
     },
     Raft(Vec<u8>),
     Error(MetaError),
+    /// A page of a range; `more` when keys under the prefix follow it.
+    RangePage {
+        kvs: Vec<KeyValue>,
+        more: bool,
+    },
 }
