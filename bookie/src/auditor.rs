@@ -38,6 +38,22 @@ impl Default for AuditorConfig {
     }
 }
 
+/// With nothing to repair, the auditor reads every ledger's metadata only
+/// this often (in rounds), or when a bookie it saw registered is gone: a
+/// listing of all ledgers every round is megabytes on a large cluster.
+const FULL_SCAN_EVERY_ROUNDS: u32 = 12;
+
+/// What the auditor remembers between rounds.
+#[derive(Default)]
+struct Audit {
+    /// Bookies named by some ledger and not registered, since when.
+    missing_since: BTreeMap<String, Instant>,
+    /// The bookies registered at the last round.
+    seen: BTreeSet<String>,
+    /// Rounds since the last scan of the ledgers (`None`: none yet).
+    since_scan: Option<u32>,
+}
+
 /// A ledger with entries on bookies that are gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnderReplicated {
@@ -93,14 +109,14 @@ pub async fn run(
     ledgers: LedgerClient,
     cfg: AuditorConfig,
 ) {
-    let mut missing_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut audit = Audit::default();
     let mut tick = tokio::time::interval(cfg.interval);
     loop {
         tick.tick().await;
         match metadata.get(AUDITOR_KEY).await {
             Ok(Some(kv)) if kv.value == me.as_bytes() => {}
             Ok(Some(_)) => {
-                missing_since.clear();
+                audit = Audit::default();
                 continue;
             }
             Ok(None) => match metadata
@@ -115,7 +131,7 @@ pub async fn run(
                 continue;
             }
         }
-        if let Err(e) = audit_once(&metadata, &ledgers, &cfg, &mut missing_since).await {
+        if let Err(e) = audit_once(&metadata, &ledgers, &cfg, &mut audit).await {
             tracing::warn!(error = %e, "audit round failed; retrying next round");
         }
     }
@@ -125,12 +141,26 @@ async fn audit_once(
     metadata: &MetadataClient,
     ledgers: &LedgerClient,
     cfg: &AuditorConfig,
-    missing_since: &mut BTreeMap<String, Instant>,
+    audit: &mut Audit,
 ) -> Result<(), LedgerError> {
     let alive = registered(metadata).await?;
     let now = Instant::now();
-    missing_since.retain(|b, _| !alive.contains(b));
-    for u in under_replicated(metadata).await? {
+    let one_gone = audit.seen.iter().any(|b| !alive.contains(b));
+    audit.seen = alive;
+    let due = audit
+        .since_scan
+        .is_none_or(|n| n + 1 >= FULL_SCAN_EVERY_ROUNDS);
+    if !(due || one_gone || !audit.missing_since.is_empty()) {
+        audit.since_scan = audit.since_scan.map(|n| n + 1);
+        return Ok(());
+    }
+    audit.since_scan = Some(0);
+    let found = under_replicated(metadata).await?;
+    // Only bookies some ledger still names stay tracked.
+    let named: BTreeSet<&String> = found.iter().flat_map(|u| u.missing.iter()).collect();
+    audit.missing_since.retain(|b, _| named.contains(b));
+    let missing_since = &mut audit.missing_since;
+    for u in found {
         for b in &u.missing {
             missing_since.entry(b.clone()).or_insert(now);
         }
