@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -763,18 +763,16 @@ impl Journal {
         });
         for &seg in &segs {
             let path = segment_path(dir, seg);
-            let mut data = Vec::new();
-            File::open(&path)?.read_to_end(&mut data)?;
-            let base = if seg == checkpoint.segment {
-                (checkpoint.offset as usize).min(data.len())
+            let from = if seg == checkpoint.segment {
+                checkpoint.offset
             } else {
                 0
             };
-            let valid = base + replay(seg, &data[base..], base as u64, &mut index);
-            if valid < data.len() {
-                tracing::warn!(segment = %path.display(), valid, len = data.len(), "journal has a torn tail; truncating");
+            let (valid, len) = replay_file(&path, seg, from, &mut index)?;
+            if valid < len {
+                tracing::warn!(segment = %path.display(), valid, len, "journal has a torn tail; truncating");
                 let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(valid as u64)?;
+                f.set_len(valid)?;
                 f.sync_all()?;
             }
             index.segments.insert(seg, Arc::new(File::open(&path)?));
@@ -1410,6 +1408,57 @@ impl Journal {
             .ok_or(BookieErrorCode::NoSuchLedger)?;
         Ok((l.lac, l.last))
     }
+}
+
+/// Bytes of a segment replay reads at a time (small in tests, so that
+/// records straddle chunks there).
+const REPLAY_CHUNK: usize = if cfg!(test) {
+    64 * 1024
+} else {
+    8 * 1024 * 1024
+};
+/// No journal record is longer (an add of the largest entry is ~6 MiB); a
+/// length field above it is a torn or spoilt record, not one to read on for.
+const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+
+/// Replays segment `seg` (at `path`) from offset `from`, reading it a chunk
+/// at a time (a whole segment in memory would be hundreds of megabytes at
+/// every restart); returns where its valid records end and its length.
+fn replay_file(path: &Path, seg: u64, from: u64, index: &mut Index) -> std::io::Result<(u64, u64)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // `buf` holds the segment from `pos` on, as far as read.
+    let mut pos = from.min(len);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let read_to = pos + buf.len() as u64;
+        let n = (len - read_to).min(REPLAY_CHUNK as u64) as usize;
+        if n > 0 {
+            let have = buf.len();
+            buf.resize(have + n, 0);
+            file.read_exact_at(&mut buf[have..], read_to)?;
+        }
+        let used = replay(seg, &buf, pos, index);
+        pos += used as u64;
+        buf.drain(..used);
+        let rest = &buf[..];
+        let at_end = pos + rest.len() as u64 >= len;
+        // Stopped at a record that is there in full (so it is spoilt), or
+        // at the end of the file: the valid records end here.
+        if at_end || !record_incomplete(rest) {
+            return Ok((pos, len));
+        }
+    }
+}
+
+/// Whether `rest` is the start of a record that continues past it (read
+/// more), rather than a complete record that failed its checks.
+fn record_incomplete(rest: &[u8]) -> bool {
+    if rest.len() < REC_HEADER {
+        return true;
+    }
+    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    (1..=MAX_RECORD_BYTES).contains(&len) && 8 + len > rest.len()
 }
 
 /// Replays the records of `data`, which starts at `base` in segment `seg`;
@@ -2306,6 +2355,51 @@ mod tests {
         assert_eq!(
             ids(j.read_range(1, 14, u64::MAX, u64::MAX, u64::MAX, 100)),
             Ok(vec![14])
+        );
+    }
+
+    #[tokio::test]
+    async fn replay_reads_a_segment_in_chunks_and_stops_at_a_spoilt_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |e: u64| {
+            // Entry 100 is longer than a replay chunk.
+            let n = if e == 100 { 3 * REPLAY_CHUNK } else { 3000 };
+            format!("e{e:04}-").repeat(n / 6).into_bytes()
+        };
+        {
+            let j = Journal::open_with(dir.path(), 64 * 1024 * 1024).unwrap();
+            for e in 0..=110u64 {
+                add(&j, 1, e, &data(e)).await.unwrap();
+            }
+        }
+        let seg = segment_path(dir.path(), 0);
+        let before = std::fs::metadata(&seg).unwrap().len();
+        assert!(before > 4 * REPLAY_CHUNK as u64);
+        let j = Journal::open_with(dir.path(), 64 * 1024 * 1024).unwrap();
+        for e in 0..=110u64 {
+            assert_eq!(j.read(1, e).unwrap().payload.as_ref(), &data(e)[..], "{e}");
+        }
+        drop(j);
+        // One byte of entry 105's payload spoilt on disk: replay ends before
+        // it, and the segment is cut there.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = bytes.windows(6).position(|w| w == b"e0105-").unwrap();
+        bytes[at + 100] ^= 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        let j = Journal::open_with(dir.path(), 64 * 1024 * 1024).unwrap();
+        for e in 0..105u64 {
+            assert_eq!(j.read(1, e).unwrap().payload.as_ref(), &data(e)[..], "{e}");
+        }
+        for e in 105..=110u64 {
+            assert!(
+                matches!(j.read(1, e), Err(BookieErrorCode::NoSuchEntry)),
+                "{e}"
+            );
+        }
+        let after = std::fs::metadata(&seg).unwrap().len();
+        assert!(
+            after < at as u64 && after > (at - 4096) as u64,
+            "{after} vs {at}"
         );
     }
 }
