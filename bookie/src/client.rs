@@ -13,7 +13,7 @@ use futures::future::join_all;
 use magnetar_metadata::{MetadataClient, MetadataError};
 use magnetar_proto::ledger::{
     entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse, MasterKey,
-    MAX_RANGE_BYTES,
+    RangeEntry, MAX_RANGE_BYTES,
 };
 use magnetar_proto::rpc::RpcClient;
 use rustc_hash::FxHashMap;
@@ -148,6 +148,10 @@ pub const READ_AHEAD_PARALLEL: usize = 16;
 /// time (one `ReadRange` request; fewer when their payloads pass
 /// [`MAX_RANGE_BYTES`]).
 const RANGE_STRIPE_ENTRIES: u64 = 256;
+/// How long a range read waits for one bookie's answer before asking the
+/// next of the write set as well (an answer carries up to 1 MiB, some of
+/// it from disk: longer than a single read's delay).
+pub const SPECULATIVE_RANGE_READ_DELAY: Duration = Duration::from_millis(200);
 /// Stretches of [`RANGE_STRIPE_ENTRIES`] × E entries a range read has in
 /// flight at once (read-ahead).
 const RANGE_CHUNKS_IN_FLIGHT: usize = 4;
@@ -593,10 +597,8 @@ impl LedgerClient {
         step: u64,
     ) -> (u64, Vec<Bytes>) {
         let mut got = Vec::new();
-        let set = meta.bookies_for(start);
-        let Some(bookie) = set.iter().find(|b| !self.is_suspect(b)).or(set.first()) else {
-            return (start, got);
-        };
+        let mut order = meta.bookies_for(start);
+        order.sort_by_key(|b| self.is_suspect(b));
         let mut next = start;
         while next <= last {
             let req = BookieRequest::ReadRange {
@@ -606,19 +608,9 @@ impl LedgerClient {
                 step,
                 max_bytes: MAX_RANGE_BYTES,
             };
-            let entries = match self.call(bookie, &req).await {
-                Ok(BookieResponse::Entries { ledger_id, entries })
-                    if ledger_id == meta.ledger_id =>
-                {
-                    entries
-                }
-                Ok(_) => break,
-                Err(e) => {
-                    if matches!(e, LedgerError::Unreachable { .. }) {
-                        self.suspect(bookie);
-                    }
-                    break;
-                }
+            let Some((entries, bookie)) = self.range_call(meta.ledger_id, &order, &req).await
+            else {
+                break;
             };
             let before = got.len();
             for re in entries {
@@ -627,7 +619,7 @@ impl LedgerClient {
                 }
                 if entry_digest(meta.ledger_id, next, re.lac, &re.payload) != re.digest {
                     tracing::error!(
-                        bookie,
+                        bookie = %bookie,
                         ledger_id = meta.ledger_id,
                         entry_id = next,
                         "entry from bookie fails its digest; trying another replica"
@@ -645,6 +637,51 @@ impl LedgerClient {
             }
         }
         (start, got)
+    }
+
+    /// Sends a `ReadRange` to the first bookie of `order`, and to the next
+    /// as well each time [`SPECULATIVE_RANGE_READ_DELAY`] passes with no
+    /// answer (a stalled bookie would otherwise hold a catch-up reader for
+    /// the whole RPC timeout); the first answer with entries wins, with the
+    /// bookie that sent it. `None` when every bookie failed or had none.
+    async fn range_call(
+        &self,
+        ledger_id: u64,
+        order: &[String],
+        req: &BookieRequest,
+    ) -> Option<(Vec<RangeEntry>, String)> {
+        let launch = |b: &String| {
+            let b = b.clone();
+            async move { (self.call(&b, req).await, b) }
+        };
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut next = 0;
+        loop {
+            if inflight.is_empty() {
+                inflight.push(launch(order.get(next)?));
+                next += 1;
+            }
+            let delay = tokio::time::sleep(SPECULATIVE_RANGE_READ_DELAY);
+            tokio::select! {
+                Some((r, bookie)) = futures::StreamExt::next(&mut inflight) => match r {
+                    Ok(BookieResponse::Entries { ledger_id: l, entries })
+                        if l == ledger_id && !entries.is_empty() =>
+                    {
+                        return Some((entries, bookie));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if matches!(e, LedgerError::Unreachable { .. }) {
+                            self.suspect(&bookie);
+                        }
+                    }
+                },
+                _ = delay, if next < order.len() => {
+                    inflight.push(launch(&order[next]));
+                    next += 1;
+                }
+            }
+        }
     }
 
     /// Notes that `bookie` just failed: reads ask it last for a while.

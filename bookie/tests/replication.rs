@@ -15,7 +15,7 @@ use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
 use magnetar_proto::ledger::{
     entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse,
 };
-use magnetar_proto::rpc::{client_endpoint, RpcClient};
+use magnetar_proto::rpc::{client_endpoint, serve, server_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
 
 struct Tier {
@@ -775,5 +775,41 @@ async fn range_reads_come_in_stripes_cut_at_the_byte_budget() {
     // Past the end: an error for each entry that is not there.
     let tail = lc.read_range(&meta, 10, 13).await;
     assert!(tail[0].is_ok() && tail[1].is_ok() && tail[2].is_err() && tail[3].is_err());
+    tier.shutdown().await;
+}
+
+/// A bookie that takes requests and never answers (a long pause, a hung
+/// disk) holds a range read up only for the speculative delay: the next
+/// bookie of the write set is asked as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_read_goes_around_a_stalled_bookie() {
+    let tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = ledger_with(&lc, (3, 3, 2), 30).await;
+    let mut meta = w.close().await.unwrap();
+    let tls = TlsMaterial::load_or_generate(&tier._dir.path().join("tls")).unwrap();
+    let stalled = server_endpoint("127.0.0.1:0".parse().unwrap(), &tls)
+        .await
+        .unwrap();
+    let addr = stalled.local_addr().unwrap().to_string();
+    tokio::spawn(serve(
+        stalled,
+        "stalled",
+        |_: BookieRequest, send, _| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(send);
+        },
+    ));
+    // It stands first in the write set of entries 0, 3, 6, ….
+    meta.fragments[0].bookies[0] = addr;
+    // A client that would wait ten minutes for an answer.
+    let mut rpc = tier.rpc.clone();
+    rpc.timeout = Duration::from_secs(600);
+    let patient = LedgerClient::new(tier.metadata.clone(), rpc);
+    let got = tokio::time::timeout(Duration::from_secs(60), patient.read_range(&meta, 0, 29))
+        .await
+        .expect("the range read waited on the stalled bookie");
+    let got: Vec<Bytes> = got.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(got, (0..30).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
