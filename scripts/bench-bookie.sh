@@ -2,7 +2,8 @@
 # The bookie-tier benchmark of docs/benchmarks.md, in one run: the disk's own
 # limits (fio, when installed: `apt-get install fio`), then `magnetar perf
 # ledger` against a local cluster of 3 metadata nodes and 3 bookies (1 bookie
-# against 3/2/2, then recovery), and against one of 1 metadata node and 1
+# against 3/2/2, then recovery and catch-up reads), and against one of 1
+# metadata node and 1
 # bookie (1 ledger against 1,000 ledgers). Each write run is repeated
 # (ROUNDS) with a pause between runs, so that one run's checkpoint does not
 # land in the next. Not part of the test suite; takes about 10 minutes and
@@ -76,6 +77,8 @@ up --metadata 3 --bookies 3 --ensemble 3,2,2
 rounds 1,1,1 1 3,2,2 1
 echo "== recovery"
 "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble 3,2,2 recover --entries 10000
+echo "== catch-up reads, 1,000,000 entries of 1 KiB, 4 readers"
+"$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble 3,2,2 read --entries 1000000 --readers 4
 # One bookie holds every ledger in both runs, so the comparison is of the
 # bookie's write path alone (with 3 bookies, 1,000 ledgers of 1/1/1 spread
 # over three bookie processes sharing the same two cores).
