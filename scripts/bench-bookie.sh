@@ -4,9 +4,8 @@
 # ledger` against a local cluster of 3 metadata nodes and 3 bookies (1 bookie
 # against 3/2/2, then recovery and catch-up reads), and against one of 1
 # metadata node and 1 bookie (1 ledger against 1,000 ledgers). Each write
-# run is repeated
-# (ROUNDS) with a pause between runs, so that one run's checkpoint does not
-# land in the next. Not part of the test suite; takes about 10 minutes and
+# run is repeated (ROUNDS) with a pause between runs, so that one run's
+# checkpoint does not land in the next. Not part of the test suite; takes about 10 minutes and
 # needs ~30 GB of free disk while it runs (removed at the end).
 #
 #   scripts/bench-bookie.sh [--dir DIR] [--rounds N] [--duration S] [--inflight N]
