@@ -170,6 +170,43 @@ fn disk_usage(path: &Path) -> std::io::Result<f64> {
     Ok(1.0 - st.blocks_available() as f64 / total)
 }
 
+/// A bookie keeps two files open per entry log (the log and its index)
+/// besides its journal segments and connections: a terabyte of 256 MB
+/// logs is eight thousand files, past the usual soft limit of 1,024. Like
+/// most servers it raises its soft limit on open files to the hard one,
+/// and says when that is still low. Returns the limit it runs with.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return None;
+        }
+    };
+    let now = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if now < LOW_OPEN_FILE_LIMIT {
+        tracing::warn!(
+            limit = now,
+            "the open-file limit is low for a bookie (two files per entry log stay open): raise `ulimit -n` / LimitNOFILE"
+        );
+    }
+    Some(now)
+}
+
+/// Below this many open files a bookie warns at start.
+const LOW_OPEN_FILE_LIMIT: u64 = 65_536;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BookieError {
     #[error(transparent)]
@@ -203,6 +240,7 @@ impl Bookie {
         tls: &TlsMaterial,
         metadata: &MetadataClient,
     ) -> Result<Arc<Bookie>, BookieError> {
+        raise_open_file_limit();
         let journal = Journal::open_with_cache(
             &cfg.data_dir.join("journal"),
             cfg.journal_segment_bytes,

@@ -813,3 +813,15 @@ async fn a_range_read_goes_around_a_stalled_bookie() {
     assert_eq!(got, (0..30).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
+
+/// A bookie raises its soft limit on open files to the hard one (it keeps
+/// two files open per entry log).
+#[test]
+fn a_bookie_raises_its_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // One below the hard limit (lower could starve the tests running beside).
+    setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
+    assert_eq!(magnetar_bookie::server::raise_open_file_limit(), Some(hard));
+    assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+}
