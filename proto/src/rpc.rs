@@ -427,3 +427,176 @@ impl RpcClient {
             .map_err(|_| RpcError::Timeout(self.timeout))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::ledger::{AddRequest, BookieErrorCode, BookieRequest, BookieResponse, RangeEntry};
+    use crate::metadata_api::{KeyValue, MetaError, MetaRequest, MetaResponse};
+    use bytes::Bytes;
+
+    /// Decodes `body` as the RPC layer does; a panic fails the test.
+    fn decode_as<T: DeserializeOwned + Serialize>(body: &[u8]) {
+        let body = Bytes::copy_from_slice(body);
+        let got: Result<T, _> = crate::shared_bytes::decode(&body, |b| codec().deserialize(b));
+        if let Ok(msg) = got {
+            encode(&msg).unwrap();
+        }
+    }
+
+    /// Every variant's encoding, spoilt (bytes changed, cut short,
+    /// lengthened) and random bytes: decoding gives a message or an error,
+    /// never a panic or a runaway allocation.
+    fn fuzz<T: DeserializeOwned + Serialize>(samples: &[T], seed: u64) {
+        let mut state = seed;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for sample in samples {
+            let good = encode(sample).unwrap()[4..].to_vec();
+            decode_as::<T>(&good);
+            for _ in 0..500 {
+                let mut b = good.clone();
+                match next() % 4 {
+                    0 => {
+                        let at = next() as usize % b.len();
+                        b[at] = next() as u8;
+                    }
+                    1 => b.truncate(next() as usize % b.len()),
+                    2 => b.extend((0..next() % 16).map(|_| next() as u8)),
+                    _ => {
+                        for _ in 0..4 {
+                            let at = next() as usize % b.len();
+                            b[at] = 0xff;
+                        }
+                    }
+                }
+                decode_as::<T>(&b);
+            }
+        }
+        for _ in 0..2000 {
+            let n = next() as usize % 64;
+            let b: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            decode_as::<T>(&b);
+        }
+    }
+
+    #[test]
+    fn ledger_protocol_decoders_survive_spoilt_input() {
+        let add = AddRequest {
+            ledger_id: 7,
+            entry_id: 3,
+            master_key: [1; 16],
+            lac: 2,
+            payload: Bytes::from_static(b"payload"),
+            digest: 99,
+            recovery: false,
+        };
+        let requests = vec![
+            BookieRequest::Add(add.clone()),
+            BookieRequest::AddBatch(vec![add.clone(), add]),
+            BookieRequest::Read {
+                ledger_id: 7,
+                entry_id: 3,
+            },
+            BookieRequest::ReadLacLongPoll {
+                ledger_id: 7,
+                previous_lac: -1,
+                timeout_ms: 10,
+            },
+            BookieRequest::ReadLac { ledger_id: 7 },
+            BookieRequest::Fence {
+                ledger_id: 7,
+                master_key: [2; 16],
+            },
+            BookieRequest::ReadRange {
+                ledger_id: 7,
+                first: 0,
+                last: 99,
+                step: 3,
+                max_bytes: 1 << 20,
+            },
+        ];
+        fuzz(&requests, 0x9e37_79b9_7f4a_7c15);
+        let entry = RangeEntry {
+            entry_id: 3,
+            lac: 2,
+            payload: Bytes::from_static(b"x"),
+            digest: 1,
+        };
+        let responses = vec![
+            BookieResponse::Added {
+                ledger_id: 7,
+                entry_id: 3,
+            },
+            BookieResponse::Entry {
+                ledger_id: 7,
+                entry_id: 3,
+                lac: 2,
+                payload: Bytes::from_static(b"payload"),
+                digest: 5,
+            },
+            BookieResponse::Lac {
+                ledger_id: 7,
+                lac: 2,
+                last_entry: 3,
+            },
+            BookieResponse::AddedBatch(vec![Ok(()), Err(BookieErrorCode::Fenced)]),
+            BookieResponse::Error(BookieErrorCode::NoSuchEntry),
+            BookieResponse::Entries {
+                ledger_id: 7,
+                entries: vec![entry.clone(), entry],
+            },
+        ];
+        fuzz(&responses, 0xd1b5_4a32_d192_ed03);
+    }
+
+    #[test]
+    fn metadata_protocol_decoders_survive_spoilt_input() {
+        let requests = vec![
+            MetaRequest::Get { key: "/a".into() },
+            MetaRequest::Range {
+                prefix: "/a".into(),
+                limit: 3,
+            },
+            MetaRequest::RangePage {
+                prefix: "/a".into(),
+                after: Some("/a/1".into()),
+                limit: 0,
+                keys_only: true,
+            },
+            MetaRequest::LeaseGrant { ttl_ms: 100 },
+            MetaRequest::Watch {
+                prefix: "/w".into(),
+                start_revision: 4,
+            },
+            MetaRequest::Status,
+        ];
+        fuzz(&requests, 0x94d0_49bb_1331_11eb);
+        let kv = KeyValue {
+            key: "/a/1".into(),
+            value: b"v".to_vec(),
+            create_revision: 1,
+            mod_revision: 2,
+            version: 1,
+            lease: Some(4),
+        };
+        let responses = vec![
+            MetaResponse::Get(Some(kv.clone())),
+            MetaResponse::Range(vec![kv.clone()]),
+            MetaResponse::RangePage {
+                kvs: vec![kv],
+                more: true,
+            },
+            MetaResponse::Lease { id: 1, ttl_ms: 100 },
+            MetaResponse::Ok,
+            MetaResponse::Error(MetaError::Limit("too big".into())),
+        ];
+        fuzz(&responses, 0xbf58_476d_1ce4_e5b9);
+    }
+}
