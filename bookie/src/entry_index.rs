@@ -18,6 +18,7 @@
 use std::fs::File;
 use std::io::{Error, ErrorKind, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 /// Bytes of one entry record: ledger, entry, offset, len (u32), LAC, digest (u32).
 pub(crate) const RECORD: usize = 8 + 8 + 8 + 4 + 8 + 4;
@@ -250,21 +251,44 @@ fn read_records<'a>(
     Ok(buf)
 }
 
-/// The record of `entry` of `ledger` in `run` (the later copy where it is
-/// listed twice), or `None` when the run does not hold it.
+/// The records of a run `find` read last, kept for the next look-up: a
+/// range read asks for entries in order, and one read of the index then
+/// serves the ~100 entries of a block instead of one.
+#[derive(Default)]
+pub(crate) struct Block {
+    /// The index file and run they are from.
+    file: Option<Arc<File>>,
+    run_start: u64,
+    bytes: Vec<u8>,
+}
+
+/// The record of `entry` of `ledger` in `run` of index `file` (the later
+/// copy where it is listed twice), or `None` when the run does not hold
+/// it; `block` is looked in first and left holding the records read.
 pub(crate) fn find(
-    file: &File,
+    file: &Arc<File>,
     ledger: u64,
     run: &Run,
     entry: u64,
+    block: &mut Block,
 ) -> std::io::Result<Option<Record>> {
     if entry < run.first || entry > run.last {
         return Ok(None);
     }
+    let same_run = block
+        .file
+        .as_ref()
+        .is_some_and(|f| Arc::ptr_eq(f, file) && block.run_start == run.start);
+    if same_run {
+        if let Some(found) = within(&block.bytes, entry) {
+            return Ok(found);
+        }
+    }
+    block.file = Some(file.clone());
+    block.run_start = run.start;
     // Records lo..hi of the run may hold it; lo_e and hi_e bound their ids.
     let (mut lo, mut hi) = (0u64, run.count);
     let (mut lo_e, mut hi_e) = (run.first, run.last);
-    let mut buf = Vec::new();
     while lo < hi {
         let span = hi - lo;
         let from = if span <= PROBE {
@@ -277,10 +301,13 @@ pub(crate) fn find(
             guess.saturating_sub(PROBE / 2).clamp(lo, hi - PROBE)
         };
         let n = (hi - from).min(PROBE);
-        let block = read_records(file, &mut buf, run.start + from, n)?;
-        let at = |i: usize| Record::decode(&block[i * RECORD..]);
-        let (head, tail) = (at(0), at(n as usize - 1));
+        let bytes = read_records(file, &mut block.bytes, run.start + from, n)?;
+        let (head, tail) = (
+            Record::decode(bytes),
+            Record::decode(&bytes[bytes.len() - RECORD..]),
+        );
         if head.ledger != ledger || tail.ledger != ledger {
+            block.bytes.clear();
             return Err(invalid(format!(
                 "entry index of log {}: run {run:?} holds ledger {} records",
                 run.log, head.ledger
@@ -291,21 +318,35 @@ pub(crate) fn find(
         } else if entry > tail.entry {
             (lo, lo_e) = (from + n, tail.entry);
         } else {
-            // In this block: the last record with that id, if any.
-            let (mut a, mut b) = (0, n as usize);
-            while a < b {
-                let m = (a + b) / 2;
-                if at(m).entry <= entry {
-                    a = m + 1;
-                } else {
-                    b = m;
-                }
-            }
-            // a ≥ 1: the block's first id is at most `entry`.
-            return Ok(Some(at(a - 1)).filter(|r| r.entry == entry));
+            return Ok(within(bytes, entry).flatten());
         }
     }
     Ok(None)
+}
+
+/// In `bytes` (whole records, ids rising): `Some` with the last record of
+/// `entry` (or `None` if it has none) when their ids span `entry`; `None`
+/// when it lies outside them.
+fn within(bytes: &[u8], entry: u64) -> Option<Option<Record>> {
+    let n = bytes.len() / RECORD;
+    if n == 0 {
+        return None;
+    }
+    let at = |i: usize| Record::decode(&bytes[i * RECORD..]);
+    if entry < at(0).entry || entry > at(n - 1).entry {
+        return None;
+    }
+    let (mut a, mut b) = (0, n);
+    while a < b {
+        let m = (a + b) / 2;
+        if at(m).entry <= entry {
+            a = m + 1;
+        } else {
+            b = m;
+        }
+    }
+    // a ≥ 1: the first id is at most `entry`.
+    Some(Some(at(a - 1)).filter(|r| r.entry == entry))
 }
 
 /// Calls `f` with every record of `run`, in order.
@@ -388,31 +429,57 @@ mod tests {
     fn every_listed_entry_is_found_and_no_other() {
         let listed = listing();
         let (f, runs) = written(&listed);
-        let file = f.as_file();
-        for (i, want) in listed.iter().enumerate() {
+        let file = &Arc::new(f.reopen().unwrap());
+        // Each look-up on its own, then all through one block (in order, as
+        // a range read asks, and backwards).
+        let mut shared = Block::default();
+        let order: Vec<usize> = (0..listed.len()).chain((0..listed.len()).rev()).collect();
+        for (k, &i) in order.iter().enumerate() {
+            let want = &listed[i];
             let (_, run) = runs
                 .iter()
                 .find(|(l, r)| {
                     *l == want.ledger && (r.start..r.start + r.count).contains(&(i as u64))
                 })
                 .unwrap();
-            let got = find(file, want.ledger, run, want.entry).unwrap().unwrap();
+            let got = if k < listed.len() {
+                find(file, want.ledger, run, want.entry, &mut Block::default())
+            } else {
+                find(file, want.ledger, run, want.entry, &mut shared)
+            };
+            let got = got.unwrap().unwrap();
             if want.entry == 5001 {
                 // Listed twice: the later copy.
                 assert_eq!(got, listed[listed.len() - 2]);
             } else {
                 assert_eq!(&got, want);
             }
+            // A missing id next to it, through the same block.
+            if want.ledger == 1 && want.entry < 3000 && want.entry.is_multiple_of(3) {
+                assert_eq!(
+                    find(file, 1, run, want.entry + 1, &mut shared).unwrap(),
+                    None
+                );
+            }
         }
         let (ledger1, ledger2) = (&runs[0].1, &runs[1].1);
+        let fresh = || Block::default();
         for missing in [1u64, 4, 2998, 3000, 99_999] {
-            assert_eq!(find(file, 1, ledger1, missing).unwrap(), None, "{missing}");
+            assert_eq!(
+                find(file, 1, ledger1, missing, &mut fresh()).unwrap(),
+                None,
+                "{missing}"
+            );
         }
         for missing in [2u64, 399 * 399 - 1, 200 * 200 + 1] {
-            assert_eq!(find(file, 2, ledger2, missing).unwrap(), None, "{missing}");
+            assert_eq!(
+                find(file, 2, ledger2, missing, &mut fresh()).unwrap(),
+                None,
+                "{missing}"
+            );
         }
         // A run that does not match the file is an error, not a wrong entry.
-        assert!(find(file, 2, ledger1, 3).is_err());
+        assert!(find(file, 2, ledger1, 3, &mut fresh()).is_err());
     }
 
     #[test]
@@ -455,7 +522,9 @@ mod tests {
         g.as_file().write_all_at(&bytes, 0).unwrap();
         assert_eq!(load_runs(g.as_file(), 7).unwrap(), runs);
         let (_, run) = runs[1];
-        assert_eq!(find(g.as_file(), 2, &run, 100).unwrap(), Some(listed[2010]));
+        let g_file = Arc::new(g.reopen().unwrap());
+        let found = find(&g_file, 2, &run, 100, &mut Block::default()).unwrap();
+        assert_eq!(found, Some(listed[2010]));
         // Unpadded, too.
         g.as_file()
             .set_len((8 + listed.len() * RECORD) as u64)
@@ -502,9 +571,11 @@ mod tests {
             let Ok(runs) = load_runs(f.as_file(), 7) else {
                 continue;
             };
+            let file = Arc::new(f.reopen().unwrap());
+            let mut block = Block::default();
             for (ledger, run) in runs.iter().take(8) {
                 for entry in [run.first, run.last, run.first / 2 + run.last / 2, next()] {
-                    let _ = find(f.as_file(), *ledger, run, entry);
+                    let _ = find(&file, *ledger, run, entry, &mut block);
                 }
                 let _ = visit(f.as_file(), run, |_| {});
             }

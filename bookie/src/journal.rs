@@ -1297,11 +1297,13 @@ impl Journal {
     }
 
     /// Where (ledger, entry) is, with its file: the journal's copy, else
-    /// the latest entry-log run's (looked up in the log's index file).
+    /// the latest entry-log run's (looked up in the log's index file, or in
+    /// `block`, the index records the last look-up read).
     fn locate(
         &self,
         ledger_id: u64,
         entry_id: u64,
+        block: &mut entry_index::Block,
     ) -> Result<(Location, Arc<File>), BookieErrorCode> {
         let candidates: Vec<(Run, Arc<File>, Arc<File>)> = {
             let g = self.index.read().unwrap_or_else(|e| e.into_inner());
@@ -1324,7 +1326,7 @@ impl Journal {
                 .collect()
         };
         for (run, idx, log) in candidates {
-            match entry_index::find(&idx, ledger_id, &run, entry_id) {
+            match entry_index::find(&idx, ledger_id, &run, entry_id, block) {
                 Ok(Some(r)) => {
                     let loc = Location {
                         segment: run.log,
@@ -1346,7 +1348,18 @@ impl Journal {
     }
 
     pub fn read(&self, ledger_id: u64, entry_id: u64) -> Result<StoredEntry, BookieErrorCode> {
-        let (loc, file) = self.locate(ledger_id, entry_id)?;
+        self.read_with(ledger_id, entry_id, &mut entry_index::Block::default())
+    }
+
+    /// [`Journal::read`], looking in `block` first for the entry's index
+    /// record (and leaving there what it read).
+    fn read_with(
+        &self,
+        ledger_id: u64,
+        entry_id: u64,
+        block: &mut entry_index::Block,
+    ) -> Result<StoredEntry, BookieErrorCode> {
+        let (loc, file) = self.locate(ledger_id, entry_id, block)?;
         let mut buf = vec![0u8; loc.len as usize];
         if loc.segment & ENTRY_LOG != 0 || !self.cache.copy(loc.segment, loc.offset, &mut buf) {
             file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -1381,9 +1394,11 @@ impl Journal {
     ) -> Result<Vec<(u64, StoredEntry)>, BookieErrorCode> {
         let mut out = Vec::new();
         let mut bytes = 0u64;
+        // One read of the index serves a block of entries.
+        let mut block = entry_index::Block::default();
         let mut e = first;
         while e <= last && bytes < max_bytes && out.len() < max_entries.max(1) {
-            match self.read(ledger_id, e) {
+            match self.read_with(ledger_id, e, &mut block) {
                 Ok(s) => {
                     bytes += s.payload.len() as u64;
                     out.push((e, s));
