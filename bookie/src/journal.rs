@@ -162,13 +162,17 @@ impl Index {
         let Some(l) = self.ledgers.get_mut(&ledger) else {
             return false;
         };
-        match l.journaled.get(&entry) {
+        // One look-up in the usual case; a copy written since goes back.
+        match l.journaled.remove(&entry) {
             Some(loc) if loc.segment == old.segment && loc.offset == old.offset => {
-                l.journaled.remove(&entry);
                 self.unref(old.segment, 1, old.len as u64);
                 true
             }
-            _ => false,
+            Some(newer) => {
+                l.journaled.insert(entry, newer);
+                false
+            }
+            None => false,
         }
     }
 
