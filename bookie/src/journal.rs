@@ -1364,6 +1364,23 @@ impl Journal {
         block: &mut entry_index::Block,
     ) -> Result<StoredEntry, BookieErrorCode> {
         let (loc, file) = self.locate(ledger_id, entry_id, block)?;
+        let payload = self.payload_at(ledger_id, entry_id, &loc, &file)?;
+        Ok(StoredEntry {
+            lac: loc.lac,
+            payload,
+            digest: loc.digest,
+        })
+    }
+
+    /// The payload at `loc` (from the tail cache when it holds it), its
+    /// digest checked.
+    fn payload_at(
+        &self,
+        ledger_id: u64,
+        entry_id: u64,
+        loc: &Location,
+        file: &File,
+    ) -> Result<Bytes, BookieErrorCode> {
         let mut buf = vec![0u8; loc.len as usize];
         if loc.segment & ENTRY_LOG != 0 || !self.cache.copy(loc.segment, loc.offset, &mut buf) {
             file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -1371,22 +1388,16 @@ impl Journal {
                 BookieErrorCode::Io
             })?;
         }
-        // Paired check: what we read back must be what we wrote.
-        if entry_digest(ledger_id, entry_id, loc.lac, &buf) != loc.digest {
-            tracing::error!(ledger_id, entry_id, "stored entry fails its digest");
-            return Err(BookieErrorCode::BadDigest);
-        }
-        Ok(StoredEntry {
-            lac: loc.lac,
-            payload: Bytes::from(buf),
-            digest: loc.digest,
-        })
+        let payload = Bytes::from(buf);
+        check_digest(ledger_id, entry_id, loc, &payload)?;
+        Ok(payload)
     }
 
     /// Entries `first`, `first + step`, … up to `last` of a ledger, in
     /// order: those held from `first` on, ending before the first that
     /// cannot be read (its error if that is `first`), at `max_entries`, or
-    /// once the payloads reach `max_bytes` (one entry at least).
+    /// once the payloads reach `max_bytes` (one entry at least). Entries
+    /// side by side in an entry log (as a run's are) come in one read.
     pub fn read_range(
         &self,
         ledger_id: u64,
@@ -1396,24 +1407,92 @@ impl Journal {
         max_bytes: u64,
         max_entries: usize,
     ) -> Result<Vec<(u64, StoredEntry)>, BookieErrorCode> {
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
-        // One read of the index serves a block of entries.
+        // Where each is first (one read of the index serves a block of
+        // entries), then their payloads.
         let mut block = entry_index::Block::default();
+        let mut places: Vec<(u64, Location, Arc<File>)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut stopped = None;
         let mut e = first;
-        while e <= last && bytes < max_bytes && out.len() < max_entries.max(1) {
-            match self.read_with(ledger_id, e, &mut block) {
-                Ok(s) => {
-                    bytes += s.payload.len() as u64;
-                    out.push((e, s));
+        while e <= last && bytes < max_bytes && places.len() < max_entries.max(1) {
+            match self.locate(ledger_id, e, &mut block) {
+                Ok((loc, file)) => {
+                    bytes += loc.len as u64;
+                    places.push((e, loc, file));
                 }
-                Err(code) if out.is_empty() => return Err(code),
-                Err(_) => break,
+                Err(code) => {
+                    stopped = Some(code);
+                    break;
+                }
             }
             match e.checked_add(step.max(1)) {
                 Some(next) => e = next,
                 None => break,
             }
+        }
+        if places.is_empty() {
+            return stopped.map_or(Ok(Vec::new()), Err);
+        }
+        let mut out = Vec::with_capacity(places.len());
+        let mut i = 0;
+        while i < places.len() {
+            let (entry, at, file) = &places[i];
+            // The stretch of entries that follow each other in one entry log.
+            let mut j = i + 1;
+            let mut end = at.offset + at.len as u64;
+            if at.segment & ENTRY_LOG != 0 {
+                while let Some((_, next, _)) = places.get(j) {
+                    if next.segment != at.segment || next.offset != end {
+                        break;
+                    }
+                    end += next.len as u64;
+                    j += 1;
+                }
+            }
+            // What was read of the stretch, and what ended it early.
+            let mut got = Vec::with_capacity(j - i);
+            let mut failed = None;
+            if j == i + 1 {
+                match self.payload_at(ledger_id, *entry, at, file) {
+                    Ok(p) => got.push((*entry, *at, p)),
+                    Err(code) => failed = Some(code),
+                }
+            } else {
+                let mut buf = vec![0u8; (end - at.offset) as usize];
+                match file.read_exact_at(&mut buf, at.offset) {
+                    Ok(()) => {
+                        let data = Bytes::from(buf);
+                        for (e, loc, _) in &places[i..j] {
+                            let from = (loc.offset - at.offset) as usize;
+                            let payload = data.slice(from..from + loc.len as usize);
+                            if let Err(code) = check_digest(ledger_id, *e, loc, &payload) {
+                                failed = Some(code);
+                                break;
+                            }
+                            got.push((*e, *loc, payload));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(ledger_id, entry_id = entry, error = %err, "entry log read failed");
+                        failed = Some(BookieErrorCode::Io);
+                    }
+                }
+            }
+            out.extend(got.into_iter().map(|(e, loc, payload)| {
+                let s = StoredEntry {
+                    lac: loc.lac,
+                    payload,
+                    digest: loc.digest,
+                };
+                (e, s)
+            }));
+            if let Some(code) = failed {
+                if out.is_empty() {
+                    return Err(code);
+                }
+                break;
+            }
+            i = j;
         }
         Ok(out)
     }
@@ -1478,6 +1557,20 @@ fn record_incomplete(rest: &[u8]) -> bool {
     }
     let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
     (1..=MAX_RECORD_BYTES).contains(&len) && 8 + len > rest.len()
+}
+
+/// Paired check: what was read back must be what was written.
+fn check_digest(
+    ledger_id: u64,
+    entry_id: u64,
+    loc: &Location,
+    payload: &[u8],
+) -> Result<(), BookieErrorCode> {
+    if entry_digest(ledger_id, entry_id, loc.lac, payload) != loc.digest {
+        tracing::error!(ledger_id, entry_id, "stored entry fails its digest");
+        return Err(BookieErrorCode::BadDigest);
+    }
+    Ok(())
 }
 
 /// Replays the records of `data`, which starts at `base` in segment `seg`;
@@ -2420,5 +2513,39 @@ mod tests {
             after < at as u64 && after > (at - 4096) as u64,
             "{after} vs {at}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_range_read_takes_side_by_side_entries_in_one_read_and_stops_at_a_spoilt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |e: u64| format!("entry-{e:03}-").repeat(20).into_bytes();
+        // No tail cache: the entries are read from the entry log on disk.
+        let j = Journal::open_with_cache(dir.path(), SEGMENT_BYTES, 0).unwrap();
+        for e in 0..20u64 {
+            add(&j, 1, e, &data(e)).await.unwrap();
+        }
+        j.checkpoint().await.unwrap();
+        assert_eq!(j.index_stats().journaled_entries, 0);
+        let read = |first: u64, step: u64| {
+            j.read_range(1, first, 19, step, u64::MAX, 100).map(|v| {
+                v.into_iter()
+                    .map(|(e, s)| {
+                        assert_eq!(s.payload.as_ref(), &data(e)[..], "{e}");
+                        e
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(read(0, 1), Ok((0..20).collect()));
+        assert_eq!(read(1, 4), Ok(vec![1, 5, 9, 13, 17]));
+        // One byte of entry 7 spoilt in the entry log.
+        let log = segment_path(dir.path(), 1 | ENTRY_LOG);
+        let mut bytes = std::fs::read(&log).unwrap();
+        let at = bytes.windows(10).position(|w| w == b"entry-007-").unwrap();
+        bytes[at + 3] ^= 1;
+        std::fs::write(&log, &bytes).unwrap();
+        assert_eq!(read(0, 1), Ok((0..7).collect()), "ends before it");
+        assert_eq!(read(7, 1), Err(BookieErrorCode::BadDigest));
+        assert_eq!(read(8, 1), Ok((8..20).collect()));
     }
 }
