@@ -267,6 +267,8 @@ pub struct Journal {
     checkpointing: Arc<std::sync::atomic::AtomicBool>,
     /// What the journal wrote since the last checkpoint, in memory.
     cache: Arc<TailCache>,
+    /// Set by the writer thread when a write or sync failed.
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The in-memory index's size: entries still in the journal are indexed
@@ -791,6 +793,7 @@ impl Journal {
         let added: Arc<tokio::sync::Notify> = Arc::default();
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_REQUESTS);
         let cache = Arc::new(TailCache::new(cache_bytes));
+        let broken: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let mut writer = Writer {
             cache: cache.clone(),
             dir: dir.to_path_buf(),
@@ -800,6 +803,7 @@ impl Journal {
             index: index.clone(),
             state: FxHashMap::default(),
             failed: false,
+            broken: broken.clone(),
             segment_bytes: segment_bytes.max(4096),
             added: added.clone(),
             direct,
@@ -828,7 +832,15 @@ impl Journal {
             added,
             checkpointing: Arc::default(),
             cache,
+            broken,
         })
+    }
+
+    /// Whether a journal write or sync failed (a full disk, a failing
+    /// device): from then on every add and fence is refused until the
+    /// bookie restarts; what was stored before stays readable.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The journal's unflushed tail has filled half its cache: a
@@ -1644,6 +1656,8 @@ struct Writer {
     index: Arc<RwLock<Index>>,
     /// Authoritative per-ledger (master key, fenced), including requests not yet synced.
     state: FxHashMap<u64, (Option<MasterKey>, bool)>,
+    /// Shared with the handles: set with `failed`.
+    broken: Arc<std::sync::atomic::AtomicBool>,
     /// Set after a failed write or sync: the file's tail is unknown, so the
     /// journal refuses everything from then on rather than guess offsets.
     failed: bool,
@@ -1761,6 +1775,8 @@ impl Writer {
             if let Err(e) = &res {
                 tracing::error!(error = %e, "journal write failed; the journal refuses all further requests");
                 self.failed = true;
+                self.broken
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             self.finish(res.is_ok(), &mut done);
             // Kept for the checkpoint once the adds are answered (the copy

@@ -314,6 +314,7 @@ impl Bookie {
             metadata.clone(),
             read_only.clone(),
             usage_override.clone(),
+            journal.clone(),
         ));
         Ok(Arc::new(Bookie {
             journal,
@@ -460,6 +461,9 @@ async fn gc_loop(journal: Journal, metadata: MetadataClient, every: Duration, mi
 
 /// Watches disk usage: above the high watermark the bookie turns read-only
 /// and registers as not writable; below the low one it turns writable again.
+/// A journal that failed a write (a disk full despite the watermarks, a
+/// failing device) keeps the bookie read-only until it restarts, so that
+/// writers stop placing ledgers on it.
 async fn disk_monitor(
     cfg: BookieConfig,
     mut info: BookieInfo,
@@ -467,6 +471,7 @@ async fn disk_monitor(
     metadata: MetadataClient,
     read_only: Arc<AtomicBool>,
     usage_override: Arc<Mutex<Option<f64>>>,
+    journal: Journal,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.disk_check_interval_ms.max(10)));
     loop {
@@ -483,15 +488,21 @@ async fn disk_monitor(
             },
         };
         let ro = read_only.load(Ordering::Relaxed);
-        let now_ro = if ro {
-            usage >= cfg.disk_low_watermark
-        } else {
-            usage >= cfg.disk_high_watermark
-        };
+        let broken = journal.is_broken();
+        let now_ro = broken
+            || if ro {
+                usage >= cfg.disk_low_watermark
+            } else {
+                usage >= cfg.disk_high_watermark
+            };
         if now_ro != ro || info.writable == now_ro {
             read_only.store(now_ro, Ordering::Relaxed);
             info.writable = !now_ro;
-            if now_ro != ro {
+            if broken && now_ro != ro {
+                tracing::error!(
+                    "bookie is now read-only: its journal failed a write; restart it once the disk is sound"
+                );
+            } else if now_ro != ro {
                 tracing::warn!(
                     usage = format!("{:.1} %", usage * 100.0),
                     high = cfg.disk_high_watermark,

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use magnetar_bookie::{Bookie, BookieConfig, LedgerClient, LedgerError, LedgerState, LedgerWriter};
+use magnetar_bookie::server::BOOKIES_PREFIX;
+use magnetar_bookie::{
+    Bookie, BookieConfig, BookieInfo, LedgerClient, LedgerError, LedgerState, LedgerWriter,
+};
 use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
 use magnetar_proto::ledger::{
     entry_digest, AddRequest, BookieErrorCode, BookieRequest, BookieResponse,
@@ -824,4 +827,78 @@ fn a_bookie_raises_its_open_file_limit() {
     setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
     assert_eq!(magnetar_bookie::server::raise_open_file_limit(), Some(hard));
     assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+}
+
+/// A journal whose writes fail (its next segment is `/dev/full`: ENOSPC,
+/// as on a disk that filled up despite the watermarks): the adds it took
+/// get an error, the writer goes on with another bookie, nothing
+/// acknowledged is lost, and the bookie registers as not writable, so new
+/// ledgers are placed elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_that_fails_a_write_turns_its_bookie_read_only() {
+    let tier = Tier::start(&[None; 2]).await;
+    let lc = tier.client();
+    let w = lc.create(1, 1, 1, BTreeMap::new()).await.unwrap();
+    let sick = w.metadata().fragments[0].bookies[0].clone();
+    let idx = tier
+        .bookies
+        .iter()
+        .position(|b| b.as_ref().is_some_and(|b| b.addr() == sick))
+        .unwrap();
+    let dir = tier._dir.path().join(format!("bookie-{idx}/journal"));
+    let last = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_suffix(".jnl")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.join(format!("{:010}.jnl", last + 1))).unwrap();
+    // Segments roll at 64 KiB here; lone adds take a 4 KiB block each.
+    for i in 0..100u64 {
+        assert_eq!(w.add(payload(i)).await.unwrap(), i);
+    }
+    let meta = w.close().await.unwrap();
+    assert!(
+        meta.fragments.len() >= 2,
+        "the writer left the failed bookie"
+    );
+    assert!(!meta.fragments.last().unwrap().bookies.contains(&sick));
+    let all: Vec<Bytes> = lc
+        .read_range(&meta, 0, 99)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(all, (0..100).map(payload).collect::<Vec<_>>());
+    // It says so in its registration…
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let kvs = tier.metadata.range(BOOKIES_PREFIX, 0).await.unwrap();
+        let info: Vec<BookieInfo> = kvs
+            .iter()
+            .map(|kv| serde_json::from_slice(&kv.value).unwrap())
+            .collect();
+        if info.iter().any(|b| b.addr == sick && !b.writable) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still writable: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // …so new ledgers go to the other bookie.
+    for _ in 0..4 {
+        let w = lc.create(1, 1, 1, BTreeMap::new()).await.unwrap();
+        assert_ne!(w.metadata().fragments[0].bookies[0], sick);
+        w.add(payload(0)).await.unwrap();
+        w.close().await.unwrap();
+    }
+    tier.shutdown().await;
 }
