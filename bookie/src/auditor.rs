@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use magnetar_metadata::MetadataClient;
-use magnetar_proto::ledger::{entry_digest, AddRequest, BookieRequest, BookieResponse};
+use magnetar_proto::ledger::{
+    entry_digest, AddRequest, BookieRequest, BookieResponse, MAX_BATCH_ADDS, MAX_RANGE_BYTES,
+};
 
 use crate::client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LEDGERS_PREFIX};
 use crate::server::{BookieInfo, BOOKIES_PREFIX};
@@ -208,31 +210,14 @@ async fn replicate_away(
         };
         let target = ledgers.place_replacement(&frag.bookies).await?;
         let mut copied = 0u64;
-        let mut e = frag.first_entry as i64;
-        while e <= last {
-            let entry = e as u64;
-            e += 1;
-            if !write_set(meta.ensemble_size, meta.write_quorum, entry).contains(&pos) {
-                continue;
-            }
-            let (lac, payload) = read_with_lac(ledgers, &meta, entry, gone).await?;
-            let add = BookieRequest::Add(AddRequest {
-                ledger_id,
-                entry_id: entry,
-                master_key: meta.master_key,
-                lac,
-                digest: entry_digest(ledger_id, entry, lac, &payload),
-                payload,
-                recovery: true,
-            });
-            match ledgers.call(&target, &add).await? {
-                BookieResponse::Added { .. } => copied += 1,
-                other => {
-                    return Err(LedgerError::Unreadable(
-                        ledger_id,
-                        entry,
-                        format!("copy to {target}: {other:?}"),
-                    ))
+        // The entries `gone` held: those of the stripes (ids equal mod E)
+        // whose write set includes its position.
+        let step = meta.ensemble_size.max(1) as u64;
+        if last >= frag.first_entry as i64 {
+            let last = last as u64;
+            for start in (frag.first_entry..=last).take(step as usize) {
+                if write_set(meta.ensemble_size, meta.write_quorum, start).contains(&pos) {
+                    copied += copy_stripe(ledgers, &meta, gone, &target, start, last, step).await?;
                 }
             }
         }
@@ -249,6 +234,98 @@ async fn replicate_away(
         }
         // On a CAS conflict the metadata changed under us: read it again.
     }
+}
+
+/// Copies entries `start`, `start + step`, … up to `last` to `target`: read
+/// from a surviving replica a `ReadRange` at a time and stored with one
+/// `AddBatch` per answer (recovery adds, with the LAC each was stored with,
+/// so the digest is the same). An entry no range answer brings is read on
+/// its own. Returns how many were copied.
+async fn copy_stripe(
+    ledgers: &LedgerClient,
+    meta: &LedgerMetadata,
+    gone: &str,
+    target: &str,
+    start: u64,
+    last: u64,
+    step: u64,
+) -> Result<u64, LedgerError> {
+    let sources: Vec<String> = meta
+        .bookies_for(start)
+        .into_iter()
+        .filter(|b| b != gone)
+        .collect();
+    let ledger_id = meta.ledger_id;
+    let add = |entry_id: u64, lac: i64, payload: bytes::Bytes, digest: u32| AddRequest {
+        ledger_id,
+        entry_id,
+        master_key: meta.master_key,
+        lac,
+        payload,
+        digest,
+        recovery: true,
+    };
+    let mut copied = 0;
+    let mut next = start;
+    while next <= last {
+        let req = BookieRequest::ReadRange {
+            ledger_id,
+            first: next,
+            last,
+            step,
+            max_bytes: MAX_RANGE_BYTES,
+        };
+        let mut batch = Vec::new();
+        for source in &sources {
+            if let Ok(BookieResponse::Entries {
+                ledger_id: l,
+                entries,
+            }) = ledgers.call(source, &req).await
+            {
+                let mut expect = next;
+                for e in entries.into_iter().take(MAX_BATCH_ADDS) {
+                    let good = l == ledger_id
+                        && e.entry_id == expect
+                        && entry_digest(ledger_id, expect, e.lac, &e.payload) == e.digest;
+                    if !good {
+                        break;
+                    }
+                    batch.push(add(expect, e.lac, e.payload, e.digest));
+                    expect = expect.saturating_add(step);
+                }
+            }
+            if !batch.is_empty() {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            // No range answer: this entry alone, from any survivor.
+            let (lac, payload) = read_with_lac(ledgers, meta, next, gone).await?;
+            let digest = entry_digest(ledger_id, next, lac, &payload);
+            batch.push(add(next, lac, payload, digest));
+        }
+        let n = batch.len() as u64;
+        let first = batch[0].entry_id;
+        match ledgers
+            .call(target, &BookieRequest::AddBatch(batch))
+            .await?
+        {
+            BookieResponse::AddedBatch(results) if results.iter().all(|r| r.is_ok()) => {}
+            other => {
+                return Err(LedgerError::Unreadable(
+                    ledger_id,
+                    first,
+                    format!("copy to {target}: {other:?}"),
+                ))
+            }
+        }
+        copied += n;
+        next = match next.checked_add(n * step) {
+            Some(n) => n,
+            None => break,
+        };
+    }
+    Ok(copied)
 }
 
 /// Reads an entry from a surviving replica, with the LAC it was stored with
