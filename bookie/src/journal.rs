@@ -48,6 +48,11 @@ const ENTRY_LOG_WRITE_BYTES: usize = 1024 * 1024;
 const COMPACT_BATCH: usize = 1024;
 /// A checkpoint syncs its entry log every this many bytes.
 const ENTRY_LOG_SYNC_BYTES: u64 = 16 * 1024 * 1024;
+/// A range read takes entries of an entry log in one read when at most this
+/// many bytes lie between them…
+const RANGE_READ_GAP: u64 = 4096;
+/// …and the read stays within this many bytes.
+const RANGE_READ_SPAN: u64 = 2 * 1024 * 1024;
 /// Entries a checkpoint re-points per hold of the index lock.
 const INDEX_UPDATE_SLICE: usize = 8192;
 const REC_ADD: u8 = 1;
@@ -1449,15 +1454,21 @@ impl Journal {
         let mut i = 0;
         while i < places.len() {
             let (entry, at, file) = &places[i];
-            // The stretch of entries that follow each other in one entry log.
+            // The stretch of entries that follow each other in one entry
+            // log, or nearly: a small gap (another stripe's entry between
+            // two of this one's) costs less read along than a read more.
             let mut j = i + 1;
             let mut end = at.offset + at.len as u64;
             if at.segment & ENTRY_LOG != 0 {
                 while let Some((_, next, _)) = places.get(j) {
-                    if next.segment != at.segment || next.offset != end {
+                    let close = next.segment == at.segment
+                        && next.offset >= end
+                        && next.offset - end <= RANGE_READ_GAP
+                        && next.offset + next.len as u64 - at.offset <= RANGE_READ_SPAN;
+                    if !close {
                         break;
                     }
-                    end += next.len as u64;
+                    end = next.offset + next.len as u64;
                     j += 1;
                 }
             }
@@ -2553,6 +2564,7 @@ mod tests {
             })
         };
         assert_eq!(read(0, 1), Ok((0..20).collect()));
+        // Every fourth entry: the three between are read along (small gaps).
         assert_eq!(read(1, 4), Ok(vec![1, 5, 9, 13, 17]));
         // One byte of entry 7 spoilt in the entry log.
         let log = segment_path(dir.path(), 1 | ENTRY_LOG);
@@ -2561,6 +2573,7 @@ mod tests {
         bytes[at + 3] ^= 1;
         std::fs::write(&log, &bytes).unwrap();
         assert_eq!(read(0, 1), Ok((0..7).collect()), "ends before it");
+        assert_eq!(read(1, 2), Ok(vec![1, 3, 5]), "read across gaps, likewise");
         assert_eq!(read(7, 1), Err(BookieErrorCode::BadDigest));
         assert_eq!(read(8, 1), Ok((8..20).collect()));
     }
