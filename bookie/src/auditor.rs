@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::ledger::{
-    entry_digest, AddRequest, BookieRequest, BookieResponse, MAX_BATCH_ADDS, MAX_RANGE_BYTES,
+    entry_digest, AddRequest, BookieRequest, BookieResponse, MAX_BATCH_ADDS,
 };
 
 use crate::client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LEDGERS_PREFIX};
@@ -237,10 +237,11 @@ async fn replicate_away(
 }
 
 /// Copies entries `start`, `start + step`, … up to `last` to `target`: read
-/// from a surviving replica a `ReadRange` at a time and stored with one
-/// `AddBatch` per answer (recovery adds, with the LAC each was stored with,
-/// so the digest is the same). An entry no range answer brings is read on
-/// its own. Returns how many were copied.
+/// from the surviving replicas a `ReadRange` at a time (as catch-up reads
+/// are, next replica after a delay) and stored with one `AddBatch` per
+/// answer (recovery adds, with the LAC each was stored with, so the digest
+/// is the same). An entry no range answer brings is read on its own.
+/// Returns how many were copied.
 async fn copy_stripe(
     ledgers: &LedgerClient,
     meta: &LedgerMetadata,
@@ -268,36 +269,13 @@ async fn copy_stripe(
     let mut copied = 0;
     let mut next = start;
     while next <= last {
-        let req = BookieRequest::ReadRange {
-            ledger_id,
-            first: next,
-            last,
-            step,
-            max_bytes: MAX_RANGE_BYTES,
-        };
-        let mut batch = Vec::new();
-        for source in &sources {
-            if let Ok(BookieResponse::Entries {
-                ledger_id: l,
-                entries,
-            }) = ledgers.call(source, &req).await
-            {
-                let mut expect = next;
-                for e in entries.into_iter().take(MAX_BATCH_ADDS) {
-                    let good = l == ledger_id
-                        && e.entry_id == expect
-                        && entry_digest(ledger_id, expect, e.lac, &e.payload) == e.digest;
-                    if !good {
-                        break;
-                    }
-                    batch.push(add(expect, e.lac, e.payload, e.digest));
-                    expect = expect.saturating_add(step);
-                }
-            }
-            if !batch.is_empty() {
-                break;
-            }
-        }
+        let mut batch: Vec<AddRequest> = ledgers
+            .range_read(ledger_id, &sources, next, last, step)
+            .await
+            .into_iter()
+            .take(MAX_BATCH_ADDS)
+            .map(|e| add(e.entry_id, e.lac, e.payload, e.digest))
+            .collect();
         if batch.is_empty() {
             // No range answer: this entry alone, from any survivor.
             let (lac, payload) = read_with_lac(ledgers, meta, next, gone).await?;

@@ -601,42 +601,63 @@ impl LedgerClient {
         order.sort_by_key(|b| self.is_suspect(b));
         let mut next = start;
         while next <= last {
-            let req = BookieRequest::ReadRange {
-                ledger_id: meta.ledger_id,
-                first: next,
-                last,
-                step,
-                max_bytes: MAX_RANGE_BYTES,
-            };
-            let Some((entries, bookie)) = self.range_call(meta.ledger_id, &order, &req).await
-            else {
-                break;
-            };
-            let before = got.len();
-            for re in entries {
-                if re.entry_id != next || next > last {
-                    break;
-                }
-                if entry_digest(meta.ledger_id, next, re.lac, &re.payload) != re.digest {
-                    tracing::error!(
-                        bookie = %bookie,
-                        ledger_id = meta.ledger_id,
-                        entry_id = next,
-                        "entry from bookie fails its digest; trying another replica"
-                    );
-                    return (start, got);
-                }
-                got.push(re.payload);
-                next = match next.checked_add(step) {
-                    Some(n) => n,
-                    None => return (start, got),
-                };
-            }
-            if got.len() == before {
+            let entries = self
+                .range_read(meta.ledger_id, &order, next, last, step)
+                .await;
+            if entries.is_empty() {
                 break; // no progress: the rest entry by entry
+            }
+            let n = entries.len() as u64;
+            got.extend(entries.into_iter().map(|e| e.payload));
+            match n.checked_mul(step).and_then(|d| next.checked_add(d)) {
+                Some(after) => next = after,
+                None => break,
             }
         }
         (start, got)
+    }
+
+    /// One `ReadRange` for entries `first`, `first + step`, … up to `last`,
+    /// from the bookies of `order` (see [`Self::range_call`]): the entries
+    /// of the answer that follow in sequence from `first` with good digests
+    /// — maybe none (a spoilt copy is reported and ends them).
+    pub(crate) async fn range_read(
+        &self,
+        ledger_id: u64,
+        order: &[String],
+        first: u64,
+        last: u64,
+        step: u64,
+    ) -> Vec<RangeEntry> {
+        let req = BookieRequest::ReadRange {
+            ledger_id,
+            first,
+            last,
+            step,
+            max_bytes: MAX_RANGE_BYTES,
+        };
+        let Some((entries, bookie)) = self.range_call(ledger_id, order, &req).await else {
+            return Vec::new();
+        };
+        let mut good = Vec::with_capacity(entries.len());
+        let mut expect = Some(first);
+        for re in entries {
+            if expect != Some(re.entry_id) || re.entry_id > last {
+                break;
+            }
+            if entry_digest(ledger_id, re.entry_id, re.lac, &re.payload) != re.digest {
+                tracing::error!(
+                    bookie = %bookie,
+                    ledger_id,
+                    entry_id = re.entry_id,
+                    "entry from bookie fails its digest; trying another replica"
+                );
+                break;
+            }
+            expect = re.entry_id.checked_add(step);
+            good.push(re);
+        }
+        good
     }
 
     /// Sends a `ReadRange` to the first bookie of `order`, and to the next

@@ -201,6 +201,17 @@ fn payload(i: u64) -> Bytes {
     Bytes::from(format!("entry-{i:05}").into_bytes())
 }
 
+/// Entries `first..=last` through a range read, each of which must be read.
+async fn read_all(
+    lc: &LedgerClient,
+    meta: &magnetar_bookie::LedgerMetadata,
+    first: u64,
+    last: u64,
+) -> Vec<Bytes> {
+    let got = lc.read_range(meta, first, last).await;
+    got.into_iter().map(|r| r.unwrap()).collect()
+}
+
 /// A new E/Qw/Qa ledger with entries 0..n added one by one (each confirmed).
 async fn ledger_with(
     lc: &LedgerClient,
@@ -248,13 +259,7 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     // A range read over both fragments, with the gone bookie first in the
     // write set of a third of the first fragment's entries (a new client:
     // it does not know yet that the bookie is gone).
-    let all: Vec<Bytes> = tier
-        .client()
-        .read_range(&meta, 0, 999)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let all = read_all(&tier.client(), &meta, 0, 999).await;
     assert_eq!(all, (0..1000).map(payload).collect::<Vec<_>>());
     for e in 0..1000u64 {
         assert_eq!(lc.read(&meta, e).await.unwrap(), payload(e));
@@ -477,14 +482,36 @@ async fn a_full_bookie_turns_read_only_and_writers_route_around_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
+    lose_a_bookie_and_wait_for_auto_recovery(200).await;
+}
+
+/// Not in the default run — the figure of docs/benchmarks.md:
+/// `cargo test --release -p magnetar-bookie --test replication -- --ignored --nocapture auto_recovery_of_many_entries`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn auto_recovery_of_many_entries() {
+    let took = lose_a_bookie_and_wait_for_auto_recovery(20_000).await;
+    println!("auto-recovery: 3 ledgers of 20,000 entries back at write quorum {took:?} after the bookie's registration expired");
+}
+
+/// Three closed 3/2/2 ledgers of `entries` entries over 4 bookies; one of
+/// them goes away for good; waits until the auditor has copied everything it
+/// held (checked entry by entry). Returns the time from its registration
+/// expiring to nothing being under-replicated (grace period included).
+async fn lose_a_bookie_and_wait_for_auto_recovery(entries: u64) -> Duration {
     let mut tier = Tier::start(&[None; 4]).await;
     let lc = tier.client();
     let mut closed = Vec::new();
     for _ in 0..3 {
         let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
         let mut adds = Vec::new();
-        for i in 0..200 {
+        for i in 0..entries {
             adds.push(w.add(payload(i)));
+            if adds.len() == 1000 {
+                for a in adds.drain(..) {
+                    a.await.unwrap();
+                }
+            }
         }
         for a in adds {
             a.await.unwrap();
@@ -510,6 +537,7 @@ async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ... then, after the grace period, the auditor copies its entries.
+    let expired = std::time::Instant::now();
     loop {
         let under = magnetar_bookie::auditor::under_replicated(&tier.metadata)
             .await
@@ -521,15 +549,17 @@ async fn auto_recovery_restores_write_quorum_after_a_bookie_is_gone() {
             tokio::time::Instant::now() < deadline,
             "still under-replicated: {under:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let took = expired.elapsed();
     // Every entry of every ledger is back on all Qw bookies of its write set.
     for old in &closed {
         let (meta, _) = lc.metadata(old.ledger_id).await.unwrap();
         assert!(meta.fragments.iter().all(|f| !f.bookies.contains(&gone)));
-        tier.assert_on_write_quorum(&meta, 0..200).await;
+        tier.assert_on_write_quorum(&meta, 0..entries).await;
     }
     tier.shutdown().await;
+    took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -667,12 +697,7 @@ async fn a_corrupt_copy_is_reported_and_read_from_another_replica() {
     assert_eq!(lc.read(&meta, 5).await.unwrap(), payload(5));
     // So does a range read (that bookie's answer for entry 5's stripe ends
     // before it).
-    let all: Vec<Bytes> = lc
-        .read_range(&meta, 0, 19)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let all = read_all(&lc, &meta, 0, 19).await;
     assert_eq!(all, (0..20).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
@@ -768,12 +793,7 @@ async fn range_reads_come_in_stripes_cut_at_the_byte_budget() {
     );
     // Asking beyond the limit gets the limit.
     assert_eq!(ids(range(0, 11, 1, u32::MAX).await).len(), 4);
-    let all: Vec<Bytes> = lc
-        .read_range(&meta, 0, 11)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let all = read_all(&lc, &meta, 0, 11).await;
     assert_eq!(all, (0..12).map(big).collect::<Vec<_>>());
     // Past the end: an error for each entry that is not there.
     let tail = lc.read_range(&meta, 10, 13).await;
@@ -809,10 +829,9 @@ async fn a_range_read_goes_around_a_stalled_bookie() {
     let mut rpc = tier.rpc.clone();
     rpc.timeout = Duration::from_secs(600);
     let patient = LedgerClient::new(tier.metadata.clone(), rpc);
-    let got = tokio::time::timeout(Duration::from_secs(60), patient.read_range(&meta, 0, 29))
+    let got = tokio::time::timeout(Duration::from_secs(60), read_all(&patient, &meta, 0, 29))
         .await
         .expect("the range read waited on the stalled bookie");
-    let got: Vec<Bytes> = got.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(got, (0..30).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
@@ -869,12 +888,7 @@ async fn a_journal_that_fails_a_write_turns_its_bookie_read_only() {
         "the writer left the failed bookie"
     );
     assert!(!meta.fragments.last().unwrap().bookies.contains(&sick));
-    let all: Vec<Bytes> = lc
-        .read_range(&meta, 0, 99)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let all = read_all(&lc, &meta, 0, 99).await;
     assert_eq!(all, (0..100).map(payload).collect::<Vec<_>>());
     // It says so in its registration…
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

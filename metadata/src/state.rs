@@ -73,15 +73,6 @@ impl KvState {
         self.kv.get(key)
     }
 
-    pub fn range(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
-        self.kv
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
     /// A page of the keys under `prefix` after `after` (exclusive): up to
     /// `limit` keys, stopping once keys and values reach `budget` bytes
     /// (one key at least); and whether more keys follow.
@@ -384,9 +375,10 @@ mod tests {
         for k in ["a/1", "a/2", "a/3", "b/1"] {
             s.apply(&cas(k, 0, put(k, "v", None)));
         }
-        assert_eq!(s.range("a/", 10).len(), 3);
-        assert_eq!(s.range("a/", 2).len(), 2);
-        assert_eq!(s.range("c/", 2).len(), 0);
+        let range = |prefix: &str, limit| s.range_page(prefix, None, limit, false, usize::MAX).0;
+        assert_eq!(range("a/", 10).len(), 3);
+        assert_eq!(range("a/", 2).len(), 2);
+        assert_eq!(range("c/", 2).len(), 0);
     }
 
     #[test]
