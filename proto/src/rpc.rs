@@ -14,9 +14,15 @@ use crate::tls::TlsMaterial;
 /// Largest internal message: an entry of the maximum Pulsar frame plus headers.
 pub const MAX_RPC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 pub const SERVER_NAME: &str = "magnetar";
-/// Largest UDP payload path MTU discovery tries: a 9001-byte jumbo frame
-/// less IPv6 and UDP headers.
-pub const JUMBO_UDP_PAYLOAD: u16 = 8953;
+/// Largest UDP payload path MTU discovery tries: the IPv4 maximum, which
+/// loopback carries (its MTU is 64 KiB). On a real network the probes
+/// above the path's MTU are refused by the kernel (quinn-udp sets the
+/// don't-fragment flag) or lost, and discovery settles at what the path
+/// takes — 8,953 bytes on a 9,001-byte jumbo-frame VPC, 1,452 on a
+/// 1,500-byte one.
+pub const MAX_UDP_PAYLOAD: u16 = 65_507;
+/// Largest UDP datagram the kernel takes in one send, GSO batches included.
+const MAX_DATAGRAM_BYTES: usize = 65_507;
 /// Socket buffers asked for on every QUIC endpoint.
 pub const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
@@ -180,12 +186,13 @@ fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4096u32.into());
     t.keep_alive_interval(Some(Duration::from_secs(1)));
-    // Let path MTU discovery find jumbo frames where the network has them
-    // (cloud VPCs: 9001 bytes; loopback) — a quarter of the packets, and of
-    // the per-packet work, for entry traffic. Probes that do not fit are
-    // lost harmlessly and the 1452-byte default stays.
+    // Let path MTU discovery find the largest packets the path carries
+    // (cloud VPCs: 9,001-byte jumbo frames; loopback: 64 KiB) — every
+    // packet costs its header, AEAD set-up, acknowledgement and loss
+    // tracking, and the peer's wake-up, so entry traffic wants few large
+    // ones. Probes that do not fit are lost harmlessly.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(JUMBO_UDP_PAYLOAD);
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
     // Loss under congestion can look like a black hole and drop the MTU to
     // 1,200 bytes; look again soon rather than after quinn's minute.
     mtu.black_hole_cooldown(Duration::from_secs(5));
@@ -198,13 +205,13 @@ fn transport_config() -> quinn::TransportConfig {
 }
 
 /// A UDP socket bound to `bind` as a QUIC endpoint that takes datagrams up
-/// to [`JUMBO_UDP_PAYLOAD`] (quinn's default stops at 1472 bytes).
+/// to [`MAX_UDP_PAYLOAD`] (quinn's default stops at 1472 bytes).
 fn endpoint(
     server: Option<quinn::ServerConfig>,
     bind: SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
     let mut cfg = quinn::EndpointConfig::default();
-    cfg.max_udp_payload_size(JUMBO_UDP_PAYLOAD)
+    cfg.max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
@@ -225,29 +232,56 @@ fn endpoint(
     socket.bind(&bind.into())?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket.into())?;
-    quinn::Endpoint::new_with_abstract_socket(cfg, server, Arc::new(GsoCapped(socket)), runtime)
+    quinn::Endpoint::new_with_abstract_socket(cfg, server, Arc::new(GsoSplit(socket)), runtime)
 }
 
-/// Most packets in one segmentation-offload (GSO) send: the batch goes to
-/// the kernel as one UDP datagram, which cannot exceed 64 KiB.
-const MAX_GSO_SEGMENTS: usize = 65_507 / JUMBO_UDP_PAYLOAD as usize;
-
-/// The endpoint's socket with GSO batches capped at [`MAX_GSO_SEGMENTS`].
-/// quinn batches up to 10 packets; ten jumbo packets exceed 64 KiB, the
-/// kernel refuses the whole batch with `EMSGSIZE`, and quinn-udp drops it
-/// silently (it takes that error for a lost MTU probe; quinn PR #2199). The
-/// result was bursts of loss on every busy connection, and quinn's
+/// The endpoint's socket, sending a segmentation-offload (GSO) batch that
+/// exceeds one UDP datagram as several sends. quinn batches up to 10
+/// packets of the path MTU; past 64 KiB (seven jumbo packets, or two of
+/// loopback's) the kernel refuses the whole batch with `EMSGSIZE`, and
+/// quinn-udp drops it silently (it takes that error for a lost MTU probe;
+/// quinn PR #2199) — bursts of loss on every busy connection, and quinn's
 /// black-hole detection falling back to 1,200-byte packets.
 #[derive(Debug)]
-struct GsoCapped(Arc<dyn quinn::AsyncUdpSocket>);
+struct GsoSplit(Arc<dyn quinn::AsyncUdpSocket>);
 
-impl quinn::AsyncUdpSocket for GsoCapped {
+/// `contents` cut into sends of whole `segment`-byte packets that each fit
+/// one datagram (a packet larger than that goes alone).
+fn gso_sends(contents: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
+    let per_send = (MAX_DATAGRAM_BYTES / segment.max(1)).max(1) * segment.max(1);
+    contents.chunks(per_send)
+}
+
+impl quinn::AsyncUdpSocket for GsoSplit {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
         self.0.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.0.try_send(transmit)
+        let segment = match transmit.segment_size {
+            Some(s) if transmit.contents.len() > MAX_DATAGRAM_BYTES => s,
+            _ => return self.0.try_send(transmit),
+        };
+        for (i, part) in gso_sends(transmit.contents, segment).enumerate() {
+            let t = quinn::udp::Transmit {
+                contents: part,
+                segment_size: (part.len() > segment).then_some(segment),
+                ..*transmit
+            };
+            match self.0.try_send(&t) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn waits until the socket is
+                // writable and tries the whole batch again.
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch went out: the rest counts as lost and
+                // QUIC's loss recovery resends it.
+                Err(e) => {
+                    tracing::debug!(error = %e, "part of a GSO batch not sent");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -264,7 +298,7 @@ impl quinn::AsyncUdpSocket for GsoCapped {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.0.max_transmit_segments().min(MAX_GSO_SEGMENTS)
+        self.0.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -434,6 +468,22 @@ mod tests {
 
     use super::*;
     use crate::ledger::{AddRequest, BookieErrorCode, BookieRequest, BookieResponse, RangeEntry};
+
+    #[test]
+    fn gso_batches_are_cut_into_sends_of_whole_packets_under_64_kib() {
+        let sizes = |len: usize, segment: usize| -> Vec<usize> {
+            gso_sends(&vec![0u8; len], segment)
+                .map(<[u8]>::len)
+                .collect()
+        };
+        // Ten jumbo packets (the last one short): seven, then the rest.
+        assert_eq!(sizes(9 * 8953 + 100, 8953), vec![7 * 8953, 2 * 8953 + 100]);
+        // Loopback's 64 KiB packets go one per send.
+        assert_eq!(sizes(2 * 65_507, 65_507), vec![65_507, 65_507]);
+        // Normal packets: 44 per send.
+        assert_eq!(sizes(10 * 1452, 1452), vec![10 * 1452]);
+        assert_eq!(sizes(50 * 1452, 1452), vec![45 * 1452, 5 * 1452]);
+    }
     use crate::metadata_api::{KeyValue, MetaError, MetaRequest, MetaResponse};
     use bytes::Bytes;
 

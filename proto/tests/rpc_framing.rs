@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use magnetar_proto::rpc::{
-    client_endpoint, encode, respond, serve, server_endpoint, RpcClient, JUMBO_UDP_PAYLOAD,
+    client_endpoint, encode, respond, serve, server_endpoint, RpcClient, MAX_UDP_PAYLOAD,
 };
 use magnetar_proto::tls::TlsMaterial;
 
@@ -39,12 +39,12 @@ async fn large_bodies_decode_and_malformed_ones_are_refused() {
         let got: (usize, u64) = client.call(addr, &big).await.unwrap();
         assert_eq!(got, want);
     }
-    // Loopback loses nothing and carries jumbo packets: a loss here is the
+    // Loopback loses nothing and carries 64 KiB packets: a loss here is the
     // sender's own doing (a GSO batch over 64 KiB, dropped silently), and
     // losses make quinn fall back to 1,200-byte packets.
     let path = client.connection_stats(addr).unwrap().path;
     assert_eq!(path.lost_packets, 0, "packets lost on loopback: {path:?}");
-    assert_eq!(path.current_mtu, JUMBO_UDP_PAYLOAD, "{path:?}");
+    assert_eq!(path.current_mtu, MAX_UDP_PAYLOAD, "{path:?}");
 
     // Bytes after the message, counted in the length prefix.
     let mut frame = encode(&vec![1u8, 2, 3]).unwrap();
