@@ -5,8 +5,13 @@
 # against 3/2/2, then recovery and catch-up reads), and against one of 1
 # metadata node and 1 bookie (1 ledger against 1,000 ledgers). Each write
 # run is repeated (ROUNDS) with a pause between runs, so that one run's
-# checkpoint does not land in the next. Not part of the test suite; takes about 10 minutes and
-# needs ~30 GB of free disk while it runs (removed at the end).
+# checkpoint does not land in the next. Writes run with 8,000 adds in flight,
+# where both 1/1/1 and 3/2/2 are at capacity (more in flight adds nothing);
+# one run of each at 2,000 and 4,000 in flight shows how the two depend on
+# pipeline depth (3/2/2 confirms an entry only once both bookies of its
+# write set have it, in order, so a stall of any of its three bookies holds
+# every add behind it). Not part of the test suite; takes about 12 minutes
+# and needs ~30 GB of free disk while it runs (removed at the end).
 #
 #   scripts/bench-bookie.sh [--dir DIR] [--rounds N] [--duration S] [--inflight N]
 set -euo pipefail
@@ -15,7 +20,7 @@ cd "$(dirname "$0")/.."
 DIR=/tmp/magnetar-bench-bookie
 ROUNDS=3
 DURATION=20
-INFLIGHT=2000
+INFLIGHT=8000
 PAUSE=20
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,9 +60,10 @@ up() {
   T="$DIR/cluster/admin/tls"
 }
 
+# perf_write ENSEMBLE LEDGERS [IN_FLIGHT]
 perf_write() {
   "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble "$1" write --size 1024 \
-    --ledgers "$2" --inflight "$INFLIGHT" --duration "$DURATION"
+    --ledgers "$2" --inflight "${3:-$INFLIGHT}" --duration "$DURATION"
   sleep "$PAUSE"
 }
 
@@ -74,6 +80,11 @@ echo "== ledger writes, 1 KiB entries, $INFLIGHT in flight, ${DURATION} s each"
 echo "== 3 metadata nodes, 3 bookies: 1 bookie (1/1/1) against 3/2/2"
 up --metadata 3 --bookies 3 --ensemble 3,2,2
 rounds 1,1,1 1 3,2,2 1
+echo "== pipeline depth: 1/1/1 and 3/2/2 with fewer adds in flight"
+for depth in 2000 4000; do
+  perf_write 1,1,1 1 "$depth"
+  perf_write 3,2,2 1 "$depth"
+done
 echo "== recovery"
 "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble 3,2,2 recover --entries 10000
 echo "== catch-up reads, 1,000,000 entries of 1 KiB, 4 readers"
