@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bincode::Options;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::tls::TlsMaterial;
@@ -53,13 +54,86 @@ fn codec() -> impl Options {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
-    let fail = |e: bincode::Error| RpcError::Decode(e.to_string());
-    // Sized first, so the body is written once, after its length.
-    let size = codec().serialized_size(msg).map_err(fail)? as usize;
+    let size = body_size(msg)?;
     let mut out = Vec::with_capacity(4 + size);
     out.extend_from_slice(&(size as u32).to_be_bytes());
-    codec().serialize_into(&mut out, msg).map_err(fail)?;
+    codec()
+        .serialize_into(&mut out, msg)
+        .map_err(encode_error)?;
     Ok(out)
+}
+
+/// As [`encode`], into a buffer of the pool (see [`BufferPool`]).
+fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, RpcError> {
+    let size = body_size(msg)?;
+    let mut buf = POOL.take(4 + size);
+    buf.extend_from_slice(&(size as u32).to_be_bytes());
+    codec()
+        .serialize_into((&mut buf).writer(), msg)
+        .map_err(encode_error)?;
+    Ok(POOL.lend(buf))
+}
+
+/// The body's size, found first so that the body is written once, after
+/// its length, into room reserved for it.
+fn body_size<T: Serialize>(msg: &T) -> Result<usize, RpcError> {
+    Ok(codec().serialized_size(msg).map_err(encode_error)? as usize)
+}
+
+fn encode_error(e: bincode::Error) -> RpcError {
+    RpcError::Decode(e.to_string())
+}
+
+/// Buffers of large messages, kept for reuse: an add batch or a range
+/// answer is about a megabyte, and a fresh buffer for each one cost page
+/// faults — the allocator hands such freed blocks back to the kernel, and
+/// zeroing the (huge) pages they come back as was a tenth of a ledger
+/// client's CPU. A buffer returns here as soon as it is lent out; it is
+/// taken again only once every `Bytes` of it (quinn's copy of a frame
+/// until it is acknowledged, an add's payload until it is journaled) has
+/// been dropped.
+struct BufferPool {
+    idle: Mutex<Vec<BytesMut>>,
+}
+
+/// Messages smaller than this get a buffer of their own.
+const POOLED_MIN_BYTES: usize = 64 * 1024;
+/// Buffers larger than this are not kept.
+const POOLED_MAX_BYTES: usize = 2 * 1024 * 1024;
+/// Most buffers kept (with [`POOLED_MAX_BYTES`]: 32 MiB at most).
+const POOLED_BUFFERS: usize = 16;
+
+static POOL: BufferPool = BufferPool {
+    idle: Mutex::new(Vec::new()),
+};
+
+impl BufferPool {
+    /// An empty buffer with room for `size` bytes: a kept one that is free
+    /// again and large enough, or a new one.
+    fn take(&self, size: usize) -> BytesMut {
+        if (POOLED_MIN_BYTES..=POOLED_MAX_BYTES).contains(&size) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = idle.iter_mut().rposition(|b| b.try_reclaim(size)) {
+                return idle.swap_remove(i);
+            }
+        }
+        BytesMut::with_capacity(size)
+    }
+
+    /// Freezes what `buf` holds and keeps the buffer for reuse once the
+    /// returned bytes (and every slice of them) are dropped.
+    fn lend(&self, mut buf: BytesMut) -> Bytes {
+        let size = buf.len();
+        let out = buf.split().freeze();
+        if (POOLED_MIN_BYTES..=POOLED_MAX_BYTES).contains(&size) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() == POOLED_BUFFERS {
+                idle.remove(0);
+            }
+            idle.push(buf);
+        }
+        out
+    }
 }
 
 pub async fn write_msg<T: Serialize>(
@@ -67,7 +141,7 @@ pub async fn write_msg<T: Serialize>(
     msg: &T,
 ) -> Result<(), RpcError> {
     // Handed to quinn as is, not copied into its buffer.
-    send.write_chunk(encode(msg)?.into()).await?;
+    send.write_chunk(encode_frame(msg)?).await?;
     Ok(())
 }
 
@@ -92,8 +166,8 @@ pub async fn read_msg<T: DeserializeOwned>(
     // gathered into one buffer first (one copy), because decoding through
     // a reader that walks the chunks field by field cost more than that.
     // Either way, fields marked `shared_bytes` come out as slices of it.
-    let mut first: Option<bytes::Bytes> = None;
-    let mut gathered: Vec<u8> = Vec::new();
+    let mut first: Option<Bytes> = None;
+    let mut gathered = BytesMut::new();
     let mut got = 0;
     while got < size {
         let chunk = match recv.read_chunk(size - got, true).await {
@@ -107,11 +181,11 @@ pub async fn read_msg<T: DeserializeOwned>(
                 first = Some(chunk);
                 break;
             }
-            gathered.reserve_exact(size);
+            gathered = POOL.take(size);
         }
         gathered.extend_from_slice(&chunk);
     }
-    let body = first.unwrap_or_else(|| bytes::Bytes::from(gathered));
+    let body = first.unwrap_or_else(|| POOL.lend(gathered));
     // The codec refuses bytes after the message.
     let msg = crate::shared_bytes::decode(&body, |b| codec().deserialize(b))
         .map_err(|e| RpcError::Decode(e.to_string()))?;
@@ -468,6 +542,37 @@ mod tests {
 
     use super::*;
     use crate::ledger::{AddRequest, BookieErrorCode, BookieRequest, BookieResponse, RangeEntry};
+
+    #[test]
+    fn a_pooled_buffer_is_reused_only_once_every_slice_of_it_is_dropped() {
+        let pool = BufferPool {
+            idle: Mutex::new(Vec::new()),
+        };
+        let size = 300 * 1024;
+        let mut buf = pool.take(size);
+        buf.extend_from_slice(&vec![7u8; size]);
+        let at = buf.as_ptr();
+        let frame = pool.lend(buf);
+        let payload = frame.slice(1000..2000);
+        drop(frame);
+        // A slice still holds it: a new buffer, and the slice stays intact.
+        let other = pool.take(size);
+        assert_ne!(other.as_ptr(), at);
+        assert_eq!(payload[..], [7u8; 1000][..]);
+        drop(payload);
+        let again = pool.take(size);
+        assert_eq!(again.as_ptr(), at, "the freed buffer is taken again");
+        assert!(again.is_empty() && again.capacity() >= size);
+        // Too large a request for it: a new one.
+        let mut small = pool.take(POOLED_MIN_BYTES);
+        small.extend_from_slice(&[1; POOLED_MIN_BYTES]);
+        drop(pool.lend(small));
+        assert!(pool.take(size).capacity() >= size);
+        // Small and oversized messages are not pooled.
+        drop(pool.lend(BytesMut::from(&[1u8; 10][..])));
+        drop(pool.lend(BytesMut::from(&vec![1u8; POOLED_MAX_BYTES + 1][..])));
+        assert_eq!(pool.idle.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn gso_batches_are_cut_into_sends_of_whole_packets_under_64_kib() {
