@@ -56,7 +56,16 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
                 ..Default::default()
             };
             inflight.push((value, key, i, producer.send_async(msg)));
-            if i == 1500 {
+            if i == 1000 {
+                // What was sent so far is acknowledged before the crash (a
+                // fixed pause was not always enough on a loaded machine:
+                // the first adds wait for the bookie connection's set-up).
+                producer.flush();
+                checker
+                    .settle(std::mem::take(&mut inflight), Duration::from_secs(20))
+                    .await;
+            }
+            if i == 2000 {
                 // Crash in the middle of the stream, with sends in flight.
                 producer.flush();
                 tokio::time::sleep(Duration::from_millis(20)).await;
