@@ -3,14 +3,14 @@
 # limits (fio, when installed: `apt-get install fio`), then `magnetar perf
 # ledger` against a local cluster of 3 metadata nodes and 3 bookies (1 bookie
 # against 3/2/2, then recovery and catch-up reads), and against one of 1
-# metadata node and 1 bookie (1 ledger against 1,000 ledgers). Each write
-# run is repeated (ROUNDS) with a pause between runs, so that one run's
-# checkpoint does not land in the next. Writes run with 8,000 adds in flight,
+# metadata node and 1 bookie (1 ledger against 1,000 ledgers). Each pair of
+# write runs is repeated (ROUNDS), each round on a fresh cluster, with a
+# pause between runs so that one run's checkpoint does not land in the next. Writes run with 8,000 adds in flight,
 # where both 1/1/1 and 3/2/2 are at capacity (more in flight adds nothing);
 # one run of each at 2,000 and 4,000 in flight shows how the two depend on
 # pipeline depth (3/2/2 confirms an entry only once both bookies of its
 # write set have it, in order, so a stall of any of its three bookies holds
-# every add behind it). Not part of the test suite; takes about 12 minutes
+# every add behind it). Not part of the test suite; takes about 15 minutes
 # and needs ~30 GB of free disk while it runs (removed at the end).
 #
 #   scripts/bench-bookie.sh [--dir DIR] [--rounds N] [--duration S] [--inflight N]
@@ -67,21 +67,29 @@ perf_write() {
   sleep "$PAUSE"
 }
 
-# rounds E1 L1 E2 L2: ROUNDS rounds of two write runs (ensemble, ledgers).
-rounds() {
-  for round in $(seq "$ROUNDS"); do
-    echo "-- round $round"
-    perf_write "$1" "$2"
-    perf_write "$3" "$4"
-  done
+# A fresh cluster (`up` arguments), warmed by a 5 s write of ENSEMBLE that is
+# not counted: every bookie's process has its memory (the journal's tail
+# cache) in use before the runs that count, and each round starts on empty
+# disks (a round writes ~20 GB; bookies turn read-only at 95 % disk use).
+fresh() {
+  local ensemble="$1"; shift
+  up "$@"
+  "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble "$ensemble" write --size 1024 \
+    --inflight "$INFLIGHT" --duration 5 >/dev/null
+  sleep "$PAUSE"
 }
 
 echo "== ledger writes, 1 KiB entries, $INFLIGHT in flight, ${DURATION} s each"
 echo "== 3 metadata nodes, 3 bookies: 1 bookie (1/1/1) against 3/2/2"
-up --metadata 3 --bookies 3 --ensemble 3,2,2
-rounds 1,1,1 1 3,2,2 1
+for round in $(seq "$ROUNDS"); do
+  echo "-- round $round"
+  fresh 3,2,2 --metadata 3 --bookies 3 --ensemble 3,2,2
+  perf_write 1,1,1 1
+  perf_write 3,2,2 1
+done
 echo "== pipeline depth: 1/1/1 and 3/2/2 with fewer adds in flight"
 for depth in 2000 4000; do
+  fresh 3,2,2 --metadata 3 --bookies 3 --ensemble 3,2,2
   perf_write 1,1,1 1 "$depth"
   perf_write 3,2,2 1 "$depth"
 done
@@ -93,5 +101,9 @@ echo "== catch-up reads, 1,000,000 entries of 1 KiB, 4 readers"
 # bookie's write path alone (with 3 bookies, 1,000 ledgers of 1/1/1 spread
 # over three bookie processes sharing the same two cores).
 echo "== 1 metadata node, 1 bookie: 1 ledger against 1,000 ledgers"
-up --metadata 1 --bookies 1 --ensemble 1,1,1
-rounds 1,1,1 1 1,1,1 1000
+for round in $(seq "$ROUNDS"); do
+  echo "-- round $round"
+  fresh 1,1,1 --metadata 1 --bookies 1 --ensemble 1,1,1
+  perf_write 1,1,1 1
+  perf_write 1,1,1 1000
+done

@@ -70,6 +70,9 @@ enum LedgerPerfCmd {
     },
 }
 
+/// How long a write run waits for its last adds after its duration.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 fn quorums(s: &str) -> anyhow::Result<(usize, usize, usize)> {
     let v: Vec<usize> = s
         .split(',')
@@ -127,7 +130,17 @@ pub async fn run(args: LedgerPerfArgs) -> anyhow::Result<()> {
                     let t = Instant::now();
                     pending.push(async move { (add.await, t) });
                 }
-                match pending.next().await {
+                // Adds still unconfirmed long after the run (no writable
+                // bookie left, say) end it with an error, not a hang.
+                let next = tokio::time::timeout_at((stop + DRAIN_LIMIT).into(), pending.next());
+                let Ok(next) = next.await else {
+                    bail!(
+                        "{} adds still unconfirmed {} s after the run ended ({failed} failed)",
+                        pending.len(),
+                        DRAIN_LIMIT.as_secs()
+                    );
+                };
+                match next {
                     Some((Ok(_), t)) => {
                         done += 1;
                         let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
