@@ -79,14 +79,23 @@ fresh() {
   sleep "$PAUSE"
 }
 
+# rounds WARM_ENSEMBLE "UP ARGUMENTS" E1 L1 E2 L2: ROUNDS rounds of two write
+# runs (ensemble, ledgers), each round on a fresh cluster.
+rounds() {
+  local warm="$1" cluster="$2"
+  shift 2
+  for round in $(seq "$ROUNDS"); do
+    echo "-- round $round"
+    # shellcheck disable=SC2086 # the cluster's arguments, split on purpose
+    fresh "$warm" $cluster
+    perf_write "$1" "$2"
+    perf_write "$3" "$4"
+  done
+}
+
 echo "== ledger writes, 1 KiB entries, $INFLIGHT in flight, ${DURATION} s each"
 echo "== 3 metadata nodes, 3 bookies: 1 bookie (1/1/1) against 3/2/2"
-for round in $(seq "$ROUNDS"); do
-  echo "-- round $round"
-  fresh 3,2,2 --metadata 3 --bookies 3 --ensemble 3,2,2
-  perf_write 1,1,1 1
-  perf_write 3,2,2 1
-done
+rounds 3,2,2 "--metadata 3 --bookies 3 --ensemble 3,2,2" 1,1,1 1 3,2,2 1
 echo "== pipeline depth: 1/1/1 and 3/2/2 with fewer adds in flight"
 for depth in 2000 4000; do
   fresh 3,2,2 --metadata 3 --bookies 3 --ensemble 3,2,2
@@ -101,9 +110,4 @@ echo "== catch-up reads, 1,000,000 entries of 1 KiB, 4 readers"
 # bookie's write path alone (with 3 bookies, 1,000 ledgers of 1/1/1 spread
 # over three bookie processes sharing the same two cores).
 echo "== 1 metadata node, 1 bookie: 1 ledger against 1,000 ledgers"
-for round in $(seq "$ROUNDS"); do
-  echo "-- round $round"
-  fresh 1,1,1 --metadata 1 --bookies 1 --ensemble 1,1,1
-  perf_write 1,1,1 1
-  perf_write 1,1,1 1000
-done
+rounds 1,1,1 "--metadata 1 --bookies 1 --ensemble 1,1,1" 1,1,1 1 1,1,1 1000
