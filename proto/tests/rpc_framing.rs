@@ -73,3 +73,46 @@ async fn large_bodies_decode_and_malformed_ones_are_refused() {
     assert_eq!(got, (10, 50));
     ep.close(0u32.into(), b"done");
 }
+
+/// Not a check: prints how long the first calls on a new connection take
+/// (path MTU discovery probes during them) and the time for 400 small
+/// calls, one at a time. Run with
+/// `cargo test --release -p magnetar-proto --test rpc_framing -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn first_calls_on_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    TlsMaterial::ensure_ca(&ca).unwrap();
+    let server_tls = TlsMaterial::issue(&ca, &dir.path().join("server")).unwrap();
+    let client_tls = TlsMaterial::issue(&ca, &dir.path().join("client")).unwrap();
+    let ep = server_endpoint("127.0.0.1:0".parse().unwrap(), &server_tls)
+        .await
+        .unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(serve(
+        ep.clone(),
+        "len",
+        |req: Vec<u8>, send, _conn| async move { respond(send, &req.len()).await },
+    ));
+    let client = RpcClient::new(client_endpoint(&client_tls).unwrap());
+    let started = std::time::Instant::now();
+    let mut first = Vec::new();
+    for i in 0..400 {
+        let size = if i % 10 == 0 { 20_000 } else { 1_000 };
+        let t = std::time::Instant::now();
+        let got: usize = client.call(addr, &vec![1u8; size]).await.unwrap();
+        assert_eq!(got, size);
+        if i < 3 {
+            first.push(t.elapsed());
+        }
+    }
+    let path = client.connection_stats(addr).unwrap().path;
+    println!(
+        "first calls {first:?}; 400 calls in {:?}; path MTU {}, lost {}",
+        started.elapsed(),
+        path.current_mtu,
+        path.lost_packets
+    );
+    ep.close(0u32.into(), b"done");
+}
