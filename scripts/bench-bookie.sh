@@ -60,10 +60,10 @@ up() {
   T="$DIR/cluster/admin/tls"
 }
 
-# perf_write ENSEMBLE LEDGERS [IN_FLIGHT]
+# perf_write ENSEMBLE LEDGERS [IN_FLIGHT] [DURATION]
 perf_write() {
   "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble "$1" write --size 1024 \
-    --ledgers "$2" --inflight "${3:-$INFLIGHT}" --duration "$DURATION"
+    --ledgers "$2" --inflight "${3:-$INFLIGHT}" --duration "${4:-$DURATION}"
   sleep "$PAUSE"
 }
 
@@ -74,9 +74,7 @@ perf_write() {
 fresh() {
   local ensemble="$1"; shift
   up "$@"
-  "$BIN" perf ledger --metadata "$EP" --tls-dir "$T" --ensemble "$ensemble" write --size 1024 \
-    --inflight "$INFLIGHT" --duration 5 >/dev/null
-  sleep "$PAUSE"
+  perf_write "$ensemble" 1 "$INFLIGHT" 5 >/dev/null
 }
 
 # rounds WARM_ENSEMBLE "UP ARGUMENTS" E1 L1 E2 L2: ROUNDS rounds of two write

@@ -53,31 +53,22 @@ fn codec() -> impl Options {
     bincode::DefaultOptions::new().with_limit(MAX_RPC_MESSAGE_BYTES as u64)
 }
 
+/// `[u32 length][body]` as a vector (for callers that build frames by hand).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, RpcError> {
-    let size = body_size(msg)?;
-    let mut out = Vec::with_capacity(4 + size);
-    out.extend_from_slice(&(size as u32).to_be_bytes());
-    codec()
-        .serialize_into(&mut out, msg)
-        .map_err(encode_error)?;
-    Ok(out)
+    Ok(encode_frame(msg)?.to_vec())
 }
 
-/// As [`encode`], into a buffer of the pool (see [`BufferPool`]).
+/// `[u32 length][body]` in a buffer of the pool (see [`BufferPool`]); the
+/// body is sized first, so that it is written once, after its length, into
+/// room reserved for it.
 fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, RpcError> {
-    let size = body_size(msg)?;
+    let size = codec().serialized_size(msg).map_err(encode_error)? as usize;
     let mut buf = POOL.take(4 + size);
     buf.extend_from_slice(&(size as u32).to_be_bytes());
     codec()
         .serialize_into((&mut buf).writer(), msg)
         .map_err(encode_error)?;
     Ok(POOL.lend(buf))
-}
-
-/// The body's size, found first so that the body is written once, after
-/// its length, into room reserved for it.
-fn body_size<T: Serialize>(msg: &T) -> Result<usize, RpcError> {
-    Ok(codec().serialized_size(msg).map_err(encode_error)? as usize)
 }
 
 fn encode_error(e: bincode::Error) -> RpcError {
@@ -322,7 +313,8 @@ struct GsoSplit(Arc<dyn quinn::AsyncUdpSocket>);
 /// `contents` cut into sends of whole `segment`-byte packets that each fit
 /// one datagram (a packet larger than that goes alone).
 fn gso_sends(contents: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
-    let per_send = (MAX_DATAGRAM_BYTES / segment.max(1)).max(1) * segment.max(1);
+    let segment = segment.max(1);
+    let per_send = (MAX_DATAGRAM_BYTES / segment).max(1) * segment;
     contents.chunks(per_send)
 }
 

@@ -58,8 +58,8 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
             inflight.push((value, key, i, producer.send_async(msg)));
             if i == 1000 {
                 // What was sent so far is acknowledged before the crash (a
-                // fixed pause was not always enough on a loaded machine:
-                // the first adds wait for the bookie connection's set-up).
+                // fixed pause was not always enough: the first adds wait
+                // while the new bookie connection probes its path MTU).
                 producer.flush();
                 checker
                     .settle(std::mem::take(&mut inflight), Duration::from_secs(20))
