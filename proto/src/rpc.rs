@@ -517,10 +517,23 @@ impl RpcClient {
         req: &Req,
     ) -> Result<Resp, RpcError> {
         let fut = async {
-            let (mut send, mut recv) = self.open(addr).await?;
-            write_msg(&mut send, req).await?;
-            let _ = send.finish();
-            read_msg(&mut recv).await?.ok_or(RpcError::Closed)
+            let conn = self.connection(addr).await?;
+            let answer = async {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_msg(&mut send, req).await?;
+                let _ = send.finish();
+                read_msg(&mut recv).await?.ok_or(RpcError::Closed)
+            }
+            .await;
+            // A stream cut by the end of its connection reports why the
+            // connection ended (the server refused our certificate, the
+            // peer closed), not just "connection lost".
+            match (answer, conn.close_reason()) {
+                (Err(RpcError::Read(_) | RpcError::Write(_)), Some(reason)) => {
+                    Err(RpcError::Connection(reason))
+                }
+                (answer, _) => answer,
+            }
         };
         tokio::time::timeout(self.timeout, fut)
             .await
