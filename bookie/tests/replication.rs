@@ -287,6 +287,77 @@ async fn a_fenced_writer_cannot_confirm_and_recovery_closes_the_ledger() {
     tier.shutdown().await;
 }
 
+/// Recovery while the old writer is still streaming adds (many in flight):
+/// every add the old writer saw confirmed lies within the recovered ledger
+/// and reads back, and every later add fails as "outcome unknown" — none is
+/// confirmed past the end recovery chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_during_writes_keeps_every_confirmed_add() {
+    for (e, qw, qa) in [(3, 3, 2), (3, 2, 2)] {
+        let tier = Tier::start(&[None; 3]).await;
+        let old = tier.client();
+        let w = old.create(e, qw, qa, BTreeMap::new()).await.unwrap();
+        let id = w.ledger_id();
+        let writer = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let mut confirmed = Vec::new();
+                let mut in_flight = std::collections::VecDeque::new();
+                for i in 0..20_000u64 {
+                    in_flight.push_back((i, w.add(payload(i))));
+                    if in_flight.len() >= 200 {
+                        let (i, add) = in_flight.pop_front().unwrap();
+                        match add.await {
+                            Ok(got) => confirmed.push((i, got)),
+                            Err(LedgerError::WriterFailed(..)) => break,
+                            Err(other) => panic!("add {i}: {other:?}"),
+                        }
+                    }
+                }
+                for (i, add) in in_flight {
+                    match add.await {
+                        Ok(got) => confirmed.push((i, got)),
+                        Err(LedgerError::WriterFailed(_, why)) => {
+                            assert!(why.contains("fenced"), "{why}")
+                        }
+                        Err(other) => panic!("add {i}: {other:?}"),
+                    }
+                }
+                confirmed
+            })
+        };
+        // Let a few thousand adds through, then another client takes over.
+        while w.lac() < 2_000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let closed = tier.client().recover(id).await.unwrap();
+        let confirmed = writer.await.unwrap();
+        assert!(w.is_failed(), "the old writer is fenced out");
+        assert!(confirmed.len() >= 2_000 && confirmed.len() < 20_000);
+        for (i, (sent, got)) in confirmed.iter().enumerate() {
+            assert_eq!((*sent, *got), (i as u64, i as u64), "confirmed in order");
+        }
+        let last = confirmed.len() as i64 - 1;
+        assert!(
+            closed.last_entry_id >= last,
+            "{e}/{qw}/{qa}: add {last} was confirmed but recovery closed at {}",
+            closed.last_entry_id
+        );
+        let all = read_all(&tier.client(), &closed, 0, closed.last_entry_id as u64).await;
+        assert_eq!(
+            all,
+            (0..=closed.last_entry_id as u64)
+                .map(payload)
+                .collect::<Vec<_>>()
+        );
+        match w.add(payload(0)).await {
+            Err(LedgerError::WriterFailed(_, why)) => assert!(why.contains("fenced"), "{why}"),
+            other => panic!("the fenced writer's add must fail, got {other:?}"),
+        }
+        tier.shutdown().await;
+    }
+}
+
 /// Entries 0..5 confirmed; entry 5 written by hand to `copies` of the 3
 /// bookies (Qa = 2); recovery must close at 5 when any copy exists (it may
 /// have been confirmed) and at 4 when none does, leaving the end on a full
