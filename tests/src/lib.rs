@@ -194,6 +194,30 @@ impl LocalCluster {
         text
     }
 
+    /// `magnetar admin <args>` against this cluster's metadata nodes (the
+    /// first `metadata_nodes` ports), with the admin certificate `up` made.
+    pub fn admin(&self, metadata_nodes: u16, args: &[&str]) -> String {
+        let endpoints: Vec<String> = (0..metadata_nodes)
+            .map(|i| format!("127.0.0.1:{}", self.ports[0] + i))
+            .collect();
+        let out = Command::new(magnetar_bin())
+            .arg("admin")
+            .arg("--metadata")
+            .arg(endpoints.join(","))
+            .arg("--tls-dir")
+            .arg(self.dir.join("admin/tls"))
+            .args(args)
+            .output()
+            .expect("run magnetar admin");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "magnetar admin {args:?} failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     /// The state column of `status` for `member`.
     pub fn state(&self, member: &str) -> String {
         let status = self.run(&["status"]);

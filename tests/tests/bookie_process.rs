@@ -1,7 +1,8 @@
 //! Bookies as real processes (deploy/local-cluster.sh: 3 metadata nodes,
 //! 4 bookies, a broker writing ensembles of 3/2/2): kill -9 a bookie of the
 //! topic's current ensemble mid-stream. The writer replaces it and goes on;
-//! every acknowledged message is delivered afterwards, in per-key order.
+//! every acknowledged message is delivered afterwards, in per-key order; and
+//! `magnetar admin` shows the bookie gone and its ledgers under-replicated.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -118,4 +119,28 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
         serde_json::from_slice::<LedgerMetadata>(&kv.value).is_ok_and(|m| m.fragments.len() > 1)
     });
     assert!(changed, "an ensemble change replaced the dead bookie");
+
+    // The operator's view: once its registration expired (10 s), the dead
+    // bookie is gone from `bookies list`, and the ledgers that still name
+    // it are under-replicated (the auditor waits 60 s before copying).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let list = loop {
+        let list = cluster.admin(3, &["bookies", "list"]);
+        if !list.contains(&victim) {
+            break list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{victim} stays registered:\n{list}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(list.lines().all(|l| l.ends_with(" writable")), "{list}");
+    let under = cluster.admin(3, &["ledgers", "under-replicated"]);
+    let line = under
+        .lines()
+        .find(|l| l.starts_with(&format!("ledger {} ", last.ledger_id)))
+        .unwrap_or_else(|| panic!("ledger {} not listed:\n{under}", last.ledger_id));
+    assert!(line.ends_with(&format!("missing={victim}")), "{line}");
 }
