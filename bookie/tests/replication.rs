@@ -50,30 +50,58 @@ impl Tier {
         assert!(node.wait_for_leader(Duration::from_secs(10)).await);
         let rpc = RpcClient::new(client_endpoint(&tls).unwrap());
         let metadata = MetadataClient::new(rpc.clone(), vec![node.local_addr()]);
-        let mut bookies = Vec::new();
-        for (i, rack) in racks.iter().enumerate() {
-            let mut cfg = BookieConfig::new(
-                "127.0.0.1:0".parse().unwrap(),
-                dir.path().join(format!("bookie-{i}")),
-            );
-            cfg.rack = rack.map(String::from);
-            cfg.registration_ttl_ms = 2_000;
-            cfg.disk_check_interval_ms = 100;
-            cfg.auditor_grace_ms = 1_000;
-            cfg.auditor_interval_ms = 200;
-            cfg.journal_segment_bytes = 64 * 1024;
-            cfg.gc_interval_ms = 200;
-            cfg.checkpoint_interval_ms = 150;
-            tune(&mut cfg);
-            bookies.push(Some(Bookie::start(cfg, &tls, &metadata).await.unwrap()));
-        }
-        Tier {
+        let mut tier = Tier {
             _dir: dir,
             node,
-            bookies,
+            bookies: Vec::new(),
             rpc,
             metadata,
+        };
+        for rack in racks {
+            tier.add_bookie(*rack, &tune).await;
         }
+        tier
+    }
+
+    /// Starts one more bookie (in the rack given), `tune` applied to its
+    /// configuration.
+    async fn add_bookie(&mut self, rack: Option<&str>, tune: impl Fn(&mut BookieConfig)) {
+        let dir = self._dir.path();
+        let mut cfg = BookieConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.join(format!("bookie-{}", self.bookies.len())),
+        );
+        cfg.rack = rack.map(String::from);
+        cfg.registration_ttl_ms = 2_000;
+        cfg.disk_check_interval_ms = 100;
+        cfg.auditor_grace_ms = 1_000;
+        cfg.auditor_interval_ms = 200;
+        cfg.journal_segment_bytes = 64 * 1024;
+        cfg.gc_interval_ms = 200;
+        cfg.checkpoint_interval_ms = 150;
+        tune(&mut cfg);
+        let tls = TlsMaterial::load_or_generate(&dir.join("tls")).unwrap();
+        let bookie = Bookie::start(cfg, &tls, &self.metadata).await.unwrap();
+        self.bookies.push(Some(bookie));
+    }
+
+    /// A server of the cluster's certificates that takes requests and never
+    /// answers them (a hung disk, a paused process); its address.
+    async fn stalled_bookie(&self) -> String {
+        let tls = TlsMaterial::load_or_generate(&self._dir.path().join("tls")).unwrap();
+        let stalled = server_endpoint("127.0.0.1:0".parse().unwrap(), &tls)
+            .await
+            .unwrap();
+        let addr = stalled.local_addr().unwrap().to_string();
+        tokio::spawn(serve(
+            stalled,
+            "stalled",
+            |_: BookieRequest, send, _| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(send);
+            },
+        ));
+        addr
     }
 
     fn client(&self) -> LedgerClient {
@@ -266,6 +294,49 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     }
     tier.assert_on_write_quorum(&meta, last.first_entry..1000)
         .await;
+    tier.shutdown().await;
+}
+
+/// A bookie of the ensemble that takes adds and never answers them (no
+/// error, no closed connection) is replaced once the add timeout passes, as
+/// one that fails outright: nothing is lost, the order is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_replaces_a_bookie_that_stops_answering() {
+    let mut tier = Tier::start(&[None; 2]).await;
+    let stalled = tier.stalled_bookie().await;
+    let info = BookieInfo {
+        addr: stalled.clone(),
+        rack: None,
+        writable: true,
+    };
+    tier.metadata
+        .put(
+            &format!("{BOOKIES_PREFIX}{stalled}"),
+            serde_json::to_vec(&info).unwrap(),
+        )
+        .await
+        .unwrap();
+    let lc = tier.client(); // 2 s add timeout
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    assert!(w.metadata().fragments[0].bookies.contains(&stalled));
+    tier.add_bookie(None, |_| {}).await; // the replacement
+    let adds: Vec<_> = (0..200u64).map(|i| w.add(payload(i))).collect();
+    for (i, add) in adds.into_iter().enumerate() {
+        assert_eq!(add.await.unwrap(), i as u64, "confirmed in order");
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.last_entry_id, 199);
+    let last = meta.fragments.last().unwrap();
+    // Entry 0 or 1 is the first whose write set holds the stalled bookie;
+    // a fragment left without entries is replaced rather than kept.
+    assert!(
+        !last.bookies.contains(&stalled) && last.first_entry <= 1,
+        "{stalled} replaced: {meta:?}"
+    );
+    tier.assert_on_write_quorum(&meta, last.first_entry..200)
+        .await;
+    let all = read_all(&tier.client(), &meta, 0, 199).await;
+    assert_eq!(all, (0..200).map(payload).collect::<Vec<_>>());
     tier.shutdown().await;
 }
 
@@ -885,19 +956,7 @@ async fn a_range_read_goes_around_a_stalled_bookie() {
     let lc = tier.client();
     let w = ledger_with(&lc, (3, 3, 2), 30).await;
     let mut meta = w.close().await.unwrap();
-    let tls = TlsMaterial::load_or_generate(&tier._dir.path().join("tls")).unwrap();
-    let stalled = server_endpoint("127.0.0.1:0".parse().unwrap(), &tls)
-        .await
-        .unwrap();
-    let addr = stalled.local_addr().unwrap().to_string();
-    tokio::spawn(serve(
-        stalled,
-        "stalled",
-        |_: BookieRequest, send, _| async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(send);
-        },
-    ));
+    let addr = tier.stalled_bookie().await;
     // It stands first in the write set of entries 0, 3, 6, ….
     meta.fragments[0].bookies[0] = addr;
     // A client that would wait ten minutes for an answer.
