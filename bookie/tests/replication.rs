@@ -948,8 +948,8 @@ async fn range_reads_come_in_stripes_cut_at_the_byte_budget() {
 }
 
 /// A bookie that takes requests and never answers (a long pause, a hung
-/// disk) holds a range read up only for the speculative delay: the next
-/// bookie of the write set is asked as well.
+/// disk) holds a range read or a single read up only for the speculative
+/// delay: the next bookie of the write set is asked as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_range_read_goes_around_a_stalled_bookie() {
     let tier = Tier::start(&[None; 3]).await;
@@ -967,6 +967,13 @@ async fn a_range_read_goes_around_a_stalled_bookie() {
         .await
         .expect("the range read waited on the stalled bookie");
     assert_eq!(got, (0..30).map(payload).collect::<Vec<_>>());
+    // So does a single read: its speculative read of the next bookie.
+    for e in [0, 3, 27] {
+        let one = tokio::time::timeout(Duration::from_secs(10), patient.read(&meta, e))
+            .await
+            .expect("the read waited on the stalled bookie");
+        assert_eq!(one.unwrap(), payload(e));
+    }
     tier.shutdown().await;
 }
 
