@@ -27,6 +27,17 @@ async fn echo_server(tls: &TlsMaterial) -> (quinn::Endpoint, std::net::SocketAdd
     (ep, addr)
 }
 
+/// The error of a call with `tls` to `addr`, which must fail.
+async fn refused_call(tls: &TlsMaterial, addr: std::net::SocketAddr) -> String {
+    let mut client = RpcClient::new(client_endpoint(tls).unwrap());
+    client.timeout = Duration::from_secs(5);
+    client
+        .call::<_, String>(addr, &"hi".to_string())
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 #[tokio::test]
 async fn a_peer_from_another_ca_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,13 +51,7 @@ async fn a_peer_from_another_ca_is_refused_clearly() {
 
     let (ep, addr) = echo_server(&server_tls).await;
 
-    let mut bad = RpcClient::new(client_endpoint(&bad_tls).unwrap());
-    bad.timeout = Duration::from_secs(5);
-    let err = bad
-        .call::<_, String>(addr, &"hi".to_string())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused_call(&bad_tls, addr).await;
     eprintln!("foreign certificate refused: {err}");
     assert!(
         err.contains("certificate") || err.contains("handshake") || err.contains("UnknownIssuer"),
@@ -116,13 +121,7 @@ async fn a_peer_without_a_certificate_is_refused_clearly() {
         ca: server_tls.ca.clone(),
         ..foreign
     };
-    let mut client = RpcClient::new(client_endpoint(&misissued).unwrap());
-    client.timeout = Duration::from_secs(5);
-    let err = client
-        .call::<_, String>(addr, &"hi".to_string())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused_call(&misissued, addr).await;
     eprintln!("certificate of another CA refused by the server: {err}");
     assert!(
         err.contains("certificate") || err.contains("UnknownIssuer"),

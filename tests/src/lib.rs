@@ -2,7 +2,7 @@
 //! the queue checker that judges end-to-end runs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,6 +108,25 @@ pub fn magnetar_bin() -> PathBuf {
     dir.join("magnetar")
 }
 
+/// `magnetar admin <args>` against the metadata nodes at `endpoints`, with
+/// the certificate in `tls_dir`; its output (a failure fails the test).
+pub fn admin(tls_dir: &Path, endpoints: &[SocketAddr], args: &[&str]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
+    let out = Command::new(magnetar_bin())
+        .args(["admin", "--metadata", &list.join(","), "--tls-dir"])
+        .arg(tls_dir)
+        .args(args)
+        .output()
+        .expect("run magnetar admin");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "magnetar admin {args:?} failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// `magnetar standalone` as a child process.
 pub struct Process {
     pub child: Child,
@@ -197,25 +216,10 @@ impl LocalCluster {
     /// `magnetar admin <args>` against this cluster's metadata nodes (the
     /// first `metadata_nodes` ports), with the admin certificate `up` made.
     pub fn admin(&self, metadata_nodes: u16, args: &[&str]) -> String {
-        let endpoints: Vec<String> = (0..metadata_nodes)
-            .map(|i| format!("127.0.0.1:{}", self.ports[0] + i))
+        let endpoints: Vec<SocketAddr> = (0..metadata_nodes)
+            .map(|i| ([127, 0, 0, 1], self.ports[0] + i).into())
             .collect();
-        let out = Command::new(magnetar_bin())
-            .arg("admin")
-            .arg("--metadata")
-            .arg(endpoints.join(","))
-            .arg("--tls-dir")
-            .arg(self.dir.join("admin/tls"))
-            .args(args)
-            .output()
-            .expect("run magnetar admin");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "magnetar admin {args:?} failed: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        admin(&self.dir.join("admin/tls"), &endpoints, args)
     }
 
     /// The state column of `status` for `member`.

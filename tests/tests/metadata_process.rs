@@ -12,7 +12,7 @@ use std::time::Duration;
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{free_udp_port, init_logs, magnetar_bin, Member};
+use magnetar_tests::{admin, free_udp_port, init_logs, Member};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,8 +89,9 @@ async fn kill_9_the_metadata_leader() {
     // An operator adds a fourth node and removes the current leader.
     let addr4 = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     nodes.push(spawn_node(dir.path(), &ca, 4, addr4, &members));
+    let client_tls = dir.path().join("client");
     let out = admin(
-        dir.path(),
+        &client_tls,
         &addrs,
         &[
             "metadata",
@@ -104,11 +105,11 @@ async fn kill_9_the_metadata_leader() {
     assert!(out.contains("node 4"), "{out}");
     let mut all = addrs.clone();
     all.push(addr4);
-    let status = admin(dir.path(), &all, &["metadata", "status"]);
+    let status = admin(&client_tls, &all, &["metadata", "status"]);
     assert!(status.contains("voters=[1, 2, 3, 4]"), "{status}");
     let leader = c.status().await.unwrap().leader.unwrap();
     admin(
-        dir.path(),
+        &client_tls,
         &all,
         &["metadata", "remove-node", "--id", &leader.to_string()],
     );
@@ -122,23 +123,6 @@ async fn kill_9_the_metadata_leader() {
     let s = c.status().await.unwrap();
     assert_eq!(s.voters.len(), 3, "{s:?}");
     assert!(!s.voters.contains(&leader));
-}
-
-fn admin(dir: &std::path::Path, endpoints: &[SocketAddr], args: &[&str]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
-    let out = std::process::Command::new(magnetar_bin())
-        .args(["admin", "--metadata", &list.join(","), "--tls-dir"])
-        .arg(dir.join("client"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "admin {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 /// Starts `magnetar metadata` node `id` with its own directory, certificate
