@@ -112,16 +112,23 @@ pub fn magnetar_bin() -> PathBuf {
 /// the certificate in `tls_dir`; its output (a failure fails the test).
 pub fn admin(tls_dir: &Path, endpoints: &[SocketAddr], args: &[&str]) -> String {
     let list: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
-    let out = Command::new(magnetar_bin())
-        .args(["admin", "--metadata", &list.join(","), "--tls-dir"])
+    let mut cmd = Command::new(magnetar_bin());
+    cmd.args(["admin", "--metadata", &list.join(","), "--tls-dir"])
         .arg(tls_dir)
-        .args(args)
+        .args(args);
+    stdout_of(cmd, &format!("magnetar admin {args:?}"))
+}
+
+/// Runs `cmd` to its end; its standard output (a failure fails the test,
+/// showing both outputs).
+fn stdout_of(mut cmd: Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .expect("run magnetar admin");
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "magnetar admin {args:?} failed: {text}\n{}",
+        "{what} failed: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     text
@@ -194,23 +201,15 @@ pub struct LocalCluster {
 impl LocalCluster {
     pub fn run(&self, args: &[&str]) -> String {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = Command::new(root.join("deploy/local-cluster.sh"))
-            .args(args)
+        let mut cmd = Command::new(root.join("deploy/local-cluster.sh"));
+        cmd.args(args)
             .arg("--dir")
             .arg(&self.dir)
             .env("MAGNETAR_BIN", magnetar_bin())
             .env("MAGNETAR_LC_METADATA_PORT", self.ports[0].to_string())
             .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
-            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string())
-            .output()
-            .expect("run deploy/local-cluster.sh");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "local-cluster.sh {args:?} failed: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string());
+        stdout_of(cmd, &format!("local-cluster.sh {args:?}"))
     }
 
     /// `magnetar admin <args>` against this cluster's metadata nodes (the
