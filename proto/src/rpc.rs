@@ -528,11 +528,12 @@ impl RpcClient {
             // A stream cut by the end of its connection reports why the
             // connection ended (the server refused our certificate, the
             // peer closed), not just "connection lost".
-            match (answer, conn.close_reason()) {
-                (Err(RpcError::Read(_) | RpcError::Write(_)), Some(reason)) => {
-                    Err(RpcError::Connection(reason))
-                }
-                (answer, _) => answer,
+            match answer {
+                Err(RpcError::Read(_) | RpcError::Write(_)) => match conn.close_reason() {
+                    Some(reason) => Err(RpcError::Connection(reason)),
+                    None => answer,
+                },
+                answer => answer,
             }
         };
         tokio::time::timeout(self.timeout, fut)
