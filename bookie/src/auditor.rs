@@ -216,7 +216,7 @@ async fn replicate_away(
         if last >= frag.first_entry as i64 {
             let last = last as u64;
             for start in (frag.first_entry..=last).take(step as usize) {
-                if write_set(meta.ensemble_size, meta.write_quorum, start).contains(&pos) {
+                if write_set(meta.ensemble_size, meta.write_quorum, start).any(|p| p == pos) {
                     copied += copy_stripe(ledgers, &meta, gone, &target, start, last, step).await?;
                 }
             }

@@ -2,7 +2,7 @@
 //! and quorums), writes with quorum counting, reads with digest checks,
 //! closes, and fences + recovers ledgers whose writer went away.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,6 @@ use magnetar_proto::ledger::{
     RangeEntry, MAX_RANGE_BYTES,
 };
 use magnetar_proto::rpc::RpcClient;
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -113,7 +112,6 @@ impl LedgerMetadata {
     pub fn bookies_for(&self, entry_id: u64) -> Vec<String> {
         match self.fragment_for(entry_id) {
             Some(f) => write_set(self.ensemble_size, self.write_quorum, entry_id)
-                .into_iter()
                 .map(|i| f.bookies[i].clone())
                 .collect(),
             None => Vec::new(),
@@ -964,11 +962,13 @@ impl LedgerClient {
 
 type AddResult = Result<u64, LedgerError>;
 
-/// An entry sent but not yet confirmed, kept to resend after an ensemble change.
+/// An entry sent but not yet confirmed, kept to resend after an ensemble
+/// change, with its adder waiting for the outcome.
 struct Unconfirmed {
     payload: Bytes,
     lac: i64,
     digest: u32,
+    done: oneshot::Sender<AddResult>,
 }
 
 struct WriterInner {
@@ -976,9 +976,10 @@ struct WriterInner {
     /// The ledger's metadata as last stored, and its version for CAS.
     meta: LedgerMetadata,
     version: u64,
-    /// (FxHash: an insert and a remove per add; SipHash showed in profiles.)
-    waiting: FxHashMap<u64, oneshot::Sender<AddResult>>,
-    unconfirmed: BTreeMap<u64, Unconfirmed>,
+    /// The entries `state` has pending, in the same (entry id) order:
+    /// entries are confirmed in order, so each one confirmed is the front
+    /// (no map look-up per add).
+    unconfirmed: VecDeque<Unconfirmed>,
     /// Bookies of the current ensemble that failed and await replacement.
     failed_bookies: BTreeSet<String>,
     changing: bool,
@@ -992,10 +993,7 @@ impl WriterInner {
     /// as (entry, position, bookie, request) to send again.
     fn resend_to(&self, positions: &[usize]) -> Vec<(u64, usize, String, AddRequest)> {
         let mut out = Vec::new();
-        for id in self.state.pending_ids() {
-            let Some(e) = self.unconfirmed.get(&id) else {
-                continue;
-            };
+        for (id, e) in self.state.pending_ids().zip(&self.unconfirmed) {
             for pos in self.state.write_set(id) {
                 if positions.contains(&pos) {
                     out.push((
@@ -1096,8 +1094,7 @@ impl LedgerWriter {
                 state,
                 meta,
                 version,
-                waiting: FxHashMap::default(),
-                unconfirmed: BTreeMap::new(),
+                unconfirmed: VecDeque::new(),
                 failed_bookies: BTreeSet::new(),
                 changing: false,
                 failed: None,
@@ -1152,23 +1149,22 @@ impl LedgerWriter {
             let entry_id = g.state.assign();
             let lac = g.state.lac();
             g.length_bytes += payload.len() as u64;
-            g.waiting.insert(entry_id, tx);
             let digest = entry_digest(self.ledger_id, entry_id, lac, &payload);
             let e = Unconfirmed {
                 payload,
                 lac,
                 digest,
+                done: tx,
             };
             let req = g.add_request(entry_id, &e);
             // A bookie awaiting replacement gets the entry after the change.
             let targets: Vec<(usize, String)> = g
                 .state
                 .write_set(entry_id)
-                .into_iter()
                 .map(|pos| (pos, g.ensemble()[pos].clone()))
                 .filter(|(_, b)| !g.failed_bookies.contains(b))
                 .collect();
-            g.unconfirmed.insert(entry_id, e);
+            g.unconfirmed.push_back(e);
             drop(g);
             for (pos, bookie) in targets {
                 self.send(entry_id, pos, &bookie, req.clone());
@@ -1202,9 +1198,8 @@ impl LedgerWriter {
                 continue;
             }
             for e in g.state.on_ack(entry_id, pos) {
-                g.unconfirmed.remove(&e);
-                if let Some(s) = g.waiting.remove(&e) {
-                    senders.push((e, s));
+                if let Some(u) = g.unconfirmed.pop_front() {
+                    senders.push((e, u.done));
                 }
             }
         }
@@ -1354,12 +1349,11 @@ impl LedgerWriter {
             tracing::warn!(ledger_id = self.ledger_id, error = %err, "ledger writer failed");
             g.failed = Some(err.clone());
         }
-        let waiting: Vec<_> = g.waiting.drain().collect();
-        g.unconfirmed.clear();
+        let waiting = std::mem::take(&mut g.unconfirmed);
         drop(g);
         self.settled.notify_waiters();
-        for (_, s) in waiting {
-            let _ = s.send(Err(err.clone()));
+        for u in waiting {
+            let _ = u.done.send(Err(err.clone()));
         }
     }
 
