@@ -1165,6 +1165,11 @@ impl LedgerWriter {
                 .filter(|(_, b)| !g.failed_bookies.contains(b))
                 .collect();
             g.unconfirmed.push_back(e);
+            debug_assert_eq!(
+                g.unconfirmed.len(),
+                g.state.pending(),
+                "one per pending entry"
+            );
             drop(g);
             for (pos, bookie) in targets {
                 self.send(entry_id, pos, &bookie, req.clone());
