@@ -19,7 +19,7 @@
 //! to the head of the journal and removes those files, so disk use follows
 //! live data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -33,6 +33,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::entry_index::{self, Record, Run};
+use crate::entry_map::EntryMap;
 use crate::tail_cache::{TailCache, DEFAULT_CACHE_BYTES};
 
 /// Journal segments roll over at this size.
@@ -90,7 +91,7 @@ struct LedgerIndex {
     last: i64,
     /// Adds still in the journal, each where it is (the checkpoint moves
     /// them to an entry log).
-    journaled: BTreeMap<u64, Location>,
+    journaled: EntryMap<Location>,
     /// Where the rest are: runs of entry-log indexes, oldest first. An
     /// entry held in more than one place is the journal's copy, else the
     /// latest run's.
@@ -104,7 +105,7 @@ impl Default for LedgerIndex {
             fenced: false,
             lac: -1,
             last: -1,
-            journaled: BTreeMap::new(),
+            journaled: EntryMap::default(),
             runs: Vec::new(),
         }
     }
@@ -168,7 +169,7 @@ impl Index {
             return false;
         };
         // One look-up in the usual case; a copy written since goes back.
-        match l.journaled.remove(&entry) {
+        match l.journaled.remove(entry) {
             Some(loc) if loc.segment == old.segment && loc.offset == old.offset => {
                 self.unref(old.segment, 1, old.len as u64);
                 true
@@ -262,8 +263,8 @@ pub struct Journal {
     index: Arc<RwLock<Index>>,
     dir: PathBuf,
     /// Checkpoints and compactions run one at a time; the checkpoint's
-    /// spare list of adds to move lives here.
-    maintenance: Arc<tokio::sync::Mutex<Vec<(u64, u64, Location)>>>,
+    /// memory, kept from one to the next, lives here.
+    maintenance: Arc<tokio::sync::Mutex<Spare>>,
     /// Woken whenever adds were indexed (LACs may have moved).
     added: Arc<tokio::sync::Notify>,
     /// Set once a checkpoint succeeded: from then on journal segments are
@@ -332,6 +333,7 @@ fn write_entry_log(
     entries: &mut [(u64, u64, Location)],
     pace: Duration,
     cache: &TailCache,
+    buffers: &mut Buffers,
 ) -> std::io::Result<Vec<(u64, Run)>> {
     let total: u64 = entries
         .iter()
@@ -339,12 +341,17 @@ fn write_entry_log(
         .sum::<u64>()
         .max(1);
     let started = std::time::Instant::now();
-    let mut out = LogWriter::create(&segment_path(dir, id))?;
-    let mut records = Vec::with_capacity(entries.len());
+    let mut out = LogWriter::create(&segment_path(dir, id), buffers.piece.take())?;
+    let records = &mut buffers.records;
+    records.clear();
+    records.reserve(entries.len());
     let mut offset = 0u64;
     let mut synced = 0u64;
-    // Needed only for windows the tail cache does not hold.
-    let mut buf: Option<AlignedBuf> = None;
+    // Needed only for windows the tail cache does not hold: kept for the
+    // next checkpoint while checkpoints read back (the cache overflows
+    // while writes outpace them), let go after one that did not.
+    let buf = &mut buffers.read;
+    let mut read_back = false;
     // The journal's segments opened for `O_DIRECT` reads: through the page
     // cache every byte would cost a kernel copy and a page allocation.
     let mut readers: HashMap<u64, File> = HashMap::new();
@@ -386,6 +393,7 @@ fn write_entry_log(
                 }
             };
             read_aligned(file, buf, from, need)?;
+            read_back = true;
             Some(&buf.window()[..need])
         };
         // Stable: a ledger's adds keep their journal order.
@@ -426,13 +434,16 @@ fn write_entry_log(
             }
         }
     }
-    out.finish()?;
+    let piece = out.finish()?;
+    if !read_back {
+        *buf = None;
+    }
     // The index (tens of megabytes per checkpoint) goes the same way,
     // encoded straight into the writer (the padding after it is ignored
     // when it is read).
-    let mut idx = LogWriter::create(&entry_index_path(dir, id))?;
-    let runs = entry_index::write(&mut idx, id, records.into_iter())?;
-    idx.finish()?;
+    let mut idx = LogWriter::create(&entry_index_path(dir, id), Some(piece))?;
+    let runs = entry_index::write(&mut idx, id, records.drain(..))?;
+    buffers.piece = Some(idx.finish()?);
     File::open(dir)?.sync_all()?;
     Ok(runs)
 }
@@ -447,10 +458,11 @@ fn move_to_entry_log(
     index: &RwLock<Index>,
     dir: &Path,
     log_id: u64,
-    moving: &mut Vec<(u64, u64, Location)>,
+    spare: &mut Spare,
     pace: Duration,
     cache: &TailCache,
 ) -> std::io::Result<usize> {
+    let Spare { moving, buffers } = spare;
     // Adds whose journal segment is gone (compacted before checkpoints
     // began) are left out; adds of deleted ledgers or re-written since are
     // copied anyway (rare; garbage for compaction) — a lookup per add
@@ -468,7 +480,7 @@ fn move_to_entry_log(
         return Ok(0);
     }
     let started = std::time::Instant::now();
-    let runs = write_entry_log(dir, log_id, moving, pace, cache)?;
+    let runs = write_entry_log(dir, log_id, moving, pace, cache, buffers)?;
     tracing::debug!(
         adds = moving.len(),
         runs = runs.len(),
@@ -583,14 +595,18 @@ impl Write for LogWriter {
 }
 
 impl LogWriter {
-    fn create(path: &Path) -> std::io::Result<LogWriter> {
+    /// Writes through `buf` if given (a piece's worth, from an earlier
+    /// writer's `finish`).
+    fn create(path: &Path, buf: Option<AlignedBuf>) -> std::io::Result<LogWriter> {
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true);
         let (file, direct) = open_direct(&options, path)?;
         Ok(LogWriter {
             file,
             direct,
-            buf: AlignedBuf::new(ENTRY_LOG_WRITE_BYTES),
+            buf: buf
+                .filter(|b| b.len == ENTRY_LOG_WRITE_BYTES)
+                .unwrap_or_else(|| AlignedBuf::new(ENTRY_LOG_WRITE_BYTES)),
             len: 0,
         })
     }
@@ -628,12 +644,35 @@ impl LogWriter {
         self.file.sync_data()
     }
 
-    fn finish(mut self) -> std::io::Result<()> {
+    /// Writes the rest and syncs; gives the buffer back for the next writer.
+    fn finish(mut self) -> std::io::Result<AlignedBuf> {
         if self.len > 0 {
             self.flush_piece()?;
         }
-        self.file.sync_all()
+        self.file.sync_all()?;
+        Ok(self.buf)
     }
+}
+
+/// What a checkpoint works in, kept from one to the next: fresh buffers of
+/// tens of megabytes every checkpoint cost page faults, and the kernel's
+/// zeroing of every page, in profiles (64 MiB for each window read back
+/// alone).
+#[derive(Default)]
+struct Spare {
+    /// The adds to move, in journal order.
+    moving: Vec<(u64, u64, Location)>,
+    buffers: Buffers,
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// The entry log's index records.
+    records: Vec<Record>,
+    /// Journal windows read back from disk.
+    read: Option<AlignedBuf>,
+    /// The log writers' piece.
+    piece: Option<AlignedBuf>,
 }
 
 /// Most journal bytes a checkpoint reads (and holds) at a time; see
@@ -907,20 +946,19 @@ impl Journal {
         &self,
         pace: Duration,
     ) -> Result<CheckpointStats, BookieErrorCode> {
-        // The lock holds the list a checkpoint works on, kept with its
-        // capacity between checkpoints: a fresh list of millions of entries
-        // every time cost page faults (and their zeroing) in profiles.
-        let mut spare = self.maintenance.lock().await;
+        // The lock holds the memory a checkpoint works in (see `Spare`).
+        let mut guard = self.maintenance.lock().await;
         let (seg, off) = self.mark().await?;
-        let mut moving = std::mem::take(&mut *spare);
-        moving.clear();
+        let mut spare = std::mem::take(&mut *guard);
+        spare.moving.clear();
         let next_log = {
             let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
             // Only what was journaled since the last checkpoint, up to the
             // mark; the few after it stay for the next one. (The two lists
             // swap; the list is in journal order, so the mark is found by
             // bisection, not by a pass over millions of adds under the lock.)
-            std::mem::swap(&mut g.unflushed, &mut moving);
+            let moving = &mut spare.moving;
+            std::mem::swap(&mut g.unflushed, moving);
             let split =
                 moving.partition_point(|(_, _, loc)| (loc.segment, loc.offset) < (seg, off));
             g.unflushed.extend_from_slice(&moving[split..]);
@@ -938,8 +976,8 @@ impl Journal {
         // on a blocking thread: on a runtime worker it held up the bookie's
         // network traffic for hundreds of milliseconds per checkpoint.
         let (back, moved) = tokio::task::spawn_blocking(move || {
-            let moved = move_to_entry_log(&index, &dir, log_id, &mut moving, pace, &cache);
-            (moving, moved)
+            let moved = move_to_entry_log(&index, &dir, log_id, &mut spare, pace, &cache);
+            (spare, moved)
         })
         .await
         .map_err(|_| {
@@ -949,7 +987,8 @@ impl Journal {
             tracing::error!("the entry log writer panicked");
             BookieErrorCode::Io
         })?;
-        moving = back;
+        let mut spare = back;
+        let moving = &mut spare.moving;
         let mut stats = CheckpointStats::default();
         match moved {
             Ok(n) => stats.entries_flushed = n,
@@ -961,11 +1000,13 @@ impl Journal {
                 moving.sort_unstable_by_key(|(_, _, loc)| (loc.segment, loc.offset));
                 let mut g = self.index.write().unwrap_or_else(|e| e.into_inner());
                 g.unflushed.splice(0..0, moving.iter().copied());
+                moving.clear();
+                *guard = spare;
                 return Err(BookieErrorCode::Io);
             }
         }
         moving.clear();
-        *spare = moving;
+        *guard = spare;
         // Everything before the mark is in an entry log now.
         self.cache.release_before(seg, off);
         let (cp, removable) = {
@@ -1130,13 +1171,13 @@ impl Journal {
                         .collect();
                 }
                 let mut next = None;
-                for (n, (e, loc)) in l.journaled.range(from..).enumerate() {
+                for (n, (e, loc)) in l.journaled.range_from(from).enumerate() {
                     if n == INDEX_UPDATE_SLICE {
-                        next = Some(*e);
+                        next = Some(e);
                         break;
                     }
                     if set.contains(&loc.segment) {
-                        moves.push((id, *e, l.master_key));
+                        moves.push((id, e, l.master_key));
                     }
                 }
                 match next {
@@ -1332,7 +1373,7 @@ impl Journal {
                 .ledgers
                 .get(&ledger_id)
                 .ok_or(BookieErrorCode::NoSuchLedger)?;
-            if let Some(loc) = l.journaled.get(&entry_id) {
+            if let Some(loc) = l.journaled.get(entry_id) {
                 let file = g.segments.get(&loc.segment).cloned();
                 return Ok((*loc, file.ok_or(BookieErrorCode::Io)?));
             }

@@ -8,6 +8,7 @@ pub mod add_queue;
 pub mod auditor;
 pub mod client;
 mod entry_index;
+mod entry_map;
 pub mod journal;
 pub mod server;
 pub mod tail_cache;
