@@ -7,6 +7,37 @@ use serde::{Deserialize, Serialize};
 /// for a ledger and refuses adds and fences that carry another.
 pub type MasterKey = [u8; 16];
 
+/// A [`MasterKey`] on the wire as one byte string (a length and 16 bytes):
+/// as an array it went through the encoder and decoder byte by byte, on
+/// every add to every bookie.
+mod key_bytes {
+    use super::MasterKey;
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(key: &MasterKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(key)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MasterKey, D::Error> {
+        d.deserialize_bytes(Key)
+    }
+
+    struct Key;
+
+    impl Visitor<'_> for Key {
+        type Value = MasterKey;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a 16-byte master key")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<MasterKey, E> {
+            v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+        }
+    }
+}
+
 /// Largest entry a bookie accepts.
 pub const MAX_ENTRY_BYTES: usize = 6 * 1024 * 1024;
 
@@ -25,6 +56,7 @@ pub fn entry_digest(ledger_id: u64, entry_id: u64, lac: i64, payload: &[u8]) -> 
 pub struct AddRequest {
     pub ledger_id: u64,
     pub entry_id: u64,
+    #[serde(with = "key_bytes")]
     pub master_key: MasterKey,
     /// Last add confirmed known to the writer when it sent this add.
     pub lac: i64,
@@ -67,6 +99,7 @@ pub enum BookieRequest {
     /// Fences the ledger (persisted before the answer) and returns its LAC.
     Fence {
         ledger_id: u64,
+        #[serde(with = "key_bytes")]
         master_key: MasterKey,
     },
     /// Entries `first`, `first + step`, … up to `last`, in order, for
@@ -149,4 +182,29 @@ pub enum BookieResponse {
         ledger_id: u64,
         entries: Vec<RangeEntry>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bincode::Options;
+
+    #[test]
+    fn a_master_key_travels_as_one_byte_string() {
+        let codec = bincode::DefaultOptions::new();
+        let fence = BookieRequest::Fence {
+            ledger_id: 9,
+            master_key: *b"sixteen byte key",
+        };
+        let body = codec.serialize(&fence).unwrap();
+        // Variant, ledger id, then the key as a length and its bytes.
+        assert_eq!(&body[2..], b"\x10sixteen byte key");
+        assert_eq!(codec.deserialize::<BookieRequest>(&body).unwrap(), fence);
+        // A key of another length is refused, not cut or padded.
+        let mut short = body.clone();
+        short[2] = 15;
+        short.pop();
+        let err = codec.deserialize::<BookieRequest>(&short).unwrap_err();
+        assert!(err.to_string().contains("16-byte master key"), "{err}");
+    }
 }
