@@ -2,7 +2,7 @@
 //! and quorums), writes with quorum counting, reads with digest checks,
 //! closes, and fences + recovers ledgers whose writer went away.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -963,23 +963,20 @@ impl LedgerClient {
 type AddResult = Result<u64, LedgerError>;
 
 /// An entry sent but not yet confirmed, kept to resend after an ensemble
-/// change, with its adder waiting for the outcome.
+/// change, with its adder waiting for the outcome (until the writer fails).
 struct Unconfirmed {
     payload: Bytes,
     lac: i64,
     digest: u32,
-    done: oneshot::Sender<AddResult>,
+    done: Option<oneshot::Sender<AddResult>>,
 }
 
 struct WriterInner {
-    state: WriteState,
+    /// Entries pending confirmation, each with its `Unconfirmed`.
+    state: WriteState<Unconfirmed>,
     /// The ledger's metadata as last stored, and its version for CAS.
     meta: LedgerMetadata,
     version: u64,
-    /// The entries `state` has pending, in the same (entry id) order:
-    /// entries are confirmed in order, so each one confirmed is the front
-    /// (no map look-up per add).
-    unconfirmed: VecDeque<Unconfirmed>,
     /// Bookies of the current ensemble that failed and await replacement.
     failed_bookies: BTreeSet<String>,
     changing: bool,
@@ -990,10 +987,15 @@ struct WriterInner {
 
 impl WriterInner {
     /// Every unconfirmed entry whose write set includes one of `positions`,
-    /// as (entry, position, bookie, request) to send again.
+    /// as (entry, position, bookie, request) to send again — none once the
+    /// writer failed (its adders were answered; the entries stay pending
+    /// only so that late acks still move the LAC).
     fn resend_to(&self, positions: &[usize]) -> Vec<(u64, usize, String, AddRequest)> {
         let mut out = Vec::new();
-        for (id, e) in self.state.pending_ids().zip(&self.unconfirmed) {
+        if self.failed.is_some() {
+            return out;
+        }
+        for (id, e) in self.state.pending_entries() {
             for pos in self.state.write_set(id) {
                 if positions.contains(&pos) {
                     out.push((
@@ -1094,7 +1096,6 @@ impl LedgerWriter {
                 state,
                 meta,
                 version,
-                unconfirmed: VecDeque::new(),
                 failed_bookies: BTreeSet::new(),
                 changing: false,
                 failed: None,
@@ -1146,7 +1147,7 @@ impl LedgerWriter {
             drop(g);
             let _ = tx.send(r);
         } else {
-            let entry_id = g.state.assign();
+            let entry_id = g.state.next_entry();
             let lac = g.state.lac();
             g.length_bytes += payload.len() as u64;
             let digest = entry_digest(self.ledger_id, entry_id, lac, &payload);
@@ -1154,7 +1155,7 @@ impl LedgerWriter {
                 payload,
                 lac,
                 digest,
-                done: tx,
+                done: Some(tx),
             };
             let req = g.add_request(entry_id, &e);
             // A bookie awaiting replacement gets the entry after the change.
@@ -1164,12 +1165,7 @@ impl LedgerWriter {
                 .map(|pos| (pos, g.ensemble()[pos].clone()))
                 .filter(|(_, b)| !g.failed_bookies.contains(b))
                 .collect();
-            g.unconfirmed.push_back(e);
-            debug_assert_eq!(
-                g.unconfirmed.len(),
-                g.state.pending(),
-                "one per pending entry"
-            );
+            g.state.assign(e);
             drop(g);
             for (pos, bookie) in targets {
                 self.send(entry_id, pos, &bookie, req.clone());
@@ -1195,26 +1191,24 @@ impl LedgerWriter {
         if g.failed_bookies.contains(bookie) {
             return;
         }
-        let mut senders = Vec::new();
+        let mut confirmed = Vec::new();
         for &(entry_id, pos) in acks {
             // An ack from a bookie that was replaced (or is being replaced)
             // does not count: the entry's replica must be on the new ensemble.
             if g.ensemble().get(pos).map(String::as_str) != Some(bookie) {
                 continue;
             }
-            for e in g.state.on_ack(entry_id, pos) {
-                if let Some(u) = g.unconfirmed.pop_front() {
-                    senders.push((e, u.done));
-                }
-            }
+            g.state.on_ack(entry_id, pos, &mut confirmed);
         }
         let settled = g.state.pending() == 0;
         drop(g);
         if settled {
             self.settled.notify_waiters();
         }
-        for (e, s) in senders {
-            let _ = s.send(Ok(e));
+        for (e, u) in confirmed {
+            if let Some(done) = u.done {
+                let _ = done.send(Ok(e));
+            }
         }
     }
 
@@ -1354,11 +1348,15 @@ impl LedgerWriter {
             tracing::warn!(ledger_id = self.ledger_id, error = %err, "ledger writer failed");
             g.failed = Some(err.clone());
         }
-        let waiting = std::mem::take(&mut g.unconfirmed);
+        let waiting: Vec<_> = g
+            .state
+            .pending_values_mut()
+            .filter_map(|u| u.done.take())
+            .collect();
         drop(g);
         self.settled.notify_waiters();
-        for u in waiting {
-            let _ = u.done.send(Err(err.clone()));
+        for done in waiting {
+            let _ = done.send(Err(err.clone()));
         }
     }
 
