@@ -604,9 +604,7 @@ impl LogWriter {
         Ok(LogWriter {
             file,
             direct,
-            buf: buf
-                .filter(|b| b.len == ENTRY_LOG_WRITE_BYTES)
-                .unwrap_or_else(|| AlignedBuf::new(ENTRY_LOG_WRITE_BYTES)),
+            buf: buf.unwrap_or_else(|| AlignedBuf::new(ENTRY_LOG_WRITE_BYTES)),
             len: 0,
         })
     }
