@@ -238,6 +238,33 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(|| self.run(&["down"]));
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
+    }
+}
+
+impl LocalCluster {
+    /// The last lines of every member's log, so a failed test says what the
+    /// processes saw (their data dirs go with the test's temporary dir).
+    fn print_log_tails(&self) {
+        const TAIL: usize = 60;
+        let Ok(dirs) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut members: Vec<PathBuf> = dirs.flatten().map(|d| d.path()).collect();
+        members.sort();
+        for m in members {
+            let Ok(log) = std::fs::read_to_string(m.join("log")) else {
+                continue;
+            };
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(TAIL);
+            eprintln!("==== {} (last {} lines)", m.display(), lines.len() - from);
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
