@@ -269,13 +269,44 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// An endpoint configuration whose connection IDs and stateless-reset
+/// tokens are keyed by secrets derived from the node's TLS private key, so
+/// that they are the same in every run of the node.
+///
+/// A node killed with SIGKILL sends no CONNECTION_CLOSE: its peers keep the
+/// old connections and their calls go unanswered until the idle timeout.
+/// When the node comes back on its address, its new endpoint answers the
+/// old connections' packets with stateless resets — if it recognises their
+/// connection IDs as its own (quinn drops packets whose ID fails its
+/// generator's keyed check) — and a peer accepts a reset only if its token
+/// matches the one the old endpoint issued. With quinn's defaults (random
+/// keys per endpoint) neither holds; with these keys the peer drops the dead
+/// connection at its next packet (a keep-alive within a second) and dials
+/// anew.
+fn keyed_endpoint_config(tls: &TlsMaterial) -> quinn::EndpointConfig {
+    use aws_lc_rs::hmac;
+    let secret = hmac::Key::new(hmac::HMAC_SHA256, tls.key.secret_der());
+    let reset = hmac::sign(&secret, b"magnetar quic stateless-reset key v1");
+    let cid = hmac::sign(&secret, b"magnetar quic connection-id key v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
+}
+
 /// A UDP socket bound to `bind` as a QUIC endpoint that takes datagrams up
 /// to [`MAX_UDP_PAYLOAD`] (quinn's default stops at 1472 bytes).
 fn endpoint(
     server: Option<quinn::ServerConfig>,
     bind: SocketAddr,
+    tls: &TlsMaterial,
 ) -> std::io::Result<quinn::Endpoint> {
-    let mut cfg = quinn::EndpointConfig::default();
+    let mut cfg = keyed_endpoint_config(tls);
     cfg.max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let socket = socket2::Socket::new(
@@ -388,7 +419,7 @@ pub async fn server_endpoint(
     // moment to release its socket.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut ep = loop {
-        match endpoint(Some(cfg.clone()), bind) {
+        match endpoint(Some(cfg.clone()), bind, tls) {
             Ok(ep) => break ep,
             Err(e)
                 if e.kind() == std::io::ErrorKind::AddrInUse
@@ -418,7 +449,7 @@ fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, RpcError> {
 /// A client endpoint bound to an ephemeral loopback-or-any port.
 pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut ep = endpoint(None, bind).map_err(|e| RpcError::Connect {
+    let mut ep = endpoint(None, bind, tls).map_err(|e| RpcError::Connect {
         addr: bind,
         reason: e.to_string(),
     })?;

@@ -1,0 +1,60 @@
+//! A peer that crashes (no CONNECTION_CLOSE) and comes back on its address:
+//! its new endpoint resets the old connection with a token the client
+//! accepts, so the client dials anew at once instead of calling into the
+//! dead connection until the idle timeout.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use magnetar_proto::rpc::{client_endpoint, respond, serve, server_endpoint, RpcClient, RpcError};
+use magnetar_proto::tls::TlsMaterial;
+
+/// A server that answers `n` with `n + tag`, on `bind`, run by `rt`.
+fn start(rt: &tokio::runtime::Runtime, bind: SocketAddr, tls: &TlsMaterial, tag: u64) {
+    let ep = rt.block_on(server_endpoint(bind, tls)).unwrap();
+    rt.spawn(serve(ep, "add", move |n: u64, send, _| async move {
+        respond(send, &(n + tag)).await
+    }));
+}
+
+#[test]
+fn a_restarted_peer_resets_its_old_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    TlsMaterial::ensure_ca(&ca).unwrap();
+    let server_tls = TlsMaterial::issue(&ca, &dir.path().join("server")).unwrap();
+    let client_tls = TlsMaterial::issue(&ca, &dir.path().join("client")).unwrap();
+    let addr: SocketAddr = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+
+    // The first run of the server, in a runtime of its own so that it can
+    // vanish the way a killed process does: every task dropped, nothing sent.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    start(&first, addr, &server_tls, 1);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut client = RpcClient::new(rt.block_on(async { client_endpoint(&client_tls) }).unwrap());
+    // Long enough that only the connection's own fate ends a call.
+    client.timeout = Duration::from_secs(60);
+    let got: u64 = rt.block_on(client.call(addr, &41u64)).unwrap();
+    assert_eq!(got, 42);
+
+    first.shutdown_background();
+    let second = tokio::runtime::Runtime::new().unwrap();
+    start(&second, addr, &server_tls, 2);
+
+    // The old connection is dead. A call on it ends with the reset (or, if
+    // a keep-alive drew the reset first, goes out on a new connection);
+    // before resets were accepted it waited out the 10 s idle timeout.
+    match rt.block_on(client.call::<u64, u64>(addr, &40)) {
+        Ok(got) => assert_eq!(got, 42, "answered by the restarted server"),
+        Err(RpcError::Connection(quinn::ConnectionError::Reset)) => {}
+        Err(e) => panic!("the old connection ended otherwise than by a reset: {e}"),
+    }
+    let got: u64 = rt.block_on(client.call(addr, &40u64)).unwrap();
+    assert_eq!(got, 42, "the next call reaches the restarted server");
+}
