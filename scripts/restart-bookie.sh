@@ -4,11 +4,11 @@
 # docs/benchmarks.md. For each binary in turn, ROUNDS times: a fresh local
 # cluster (3 metadata nodes, 4 bookies), a 3/2/2 write of 1 KiB entries
 # (1,000 in flight) for 20 s; at 6 s the busiest bookie (one of the
-# ensemble) is killed and restarted. Prints adds/s for every second and the
-# seconds whose rate fell under half the median of the first five. Not part
-# of the test suite.
+# ensemble) is killed and restarted — at once, or DOWN seconds later. Prints
+# adds/s for every second and the seconds whose rate fell under half the
+# median of the first five. Not part of the test suite.
 #
-#   scripts/restart-bookie.sh ROUNDS BINARY...
+#   [DOWN=S] scripts/restart-bookie.sh ROUNDS BINARY...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 ROUNDS BINARY..." >&2; exit 2; }
@@ -37,6 +37,7 @@ for _ in $(seq "$ROUNDS"); do
       if [ "$used" -gt "$most" ]; then most=$used; victim=$b; fi
     done
     lc kill "bookie-$victim" --signal KILL >/dev/null
+    sleep "${DOWN:-0}"
     lc start "bookie-$victim" >/dev/null
     wait "$perf" || true
     rates=$(grep -o '[0-9]* adds/s' "$DIR/perf.err" | cut -d' ' -f1 | tr '\n' ' ')
@@ -44,7 +45,7 @@ for _ in $(seq "$ROUNDS"); do
     median=$(printf '%s\n' "${r[@]:0:5}" | sort -n | sed -n 3p)
     low=0
     for x in "${r[@]:5}"; do [ "$x" -lt $((median / 2)) ] && low=$((low + 1)); done
-    echo "$bin  killed+restarted bookie-$victim at 6 s  adds/s per second: $rates"
+    echo "$bin  killed bookie-$victim at 6 s, restarted ${DOWN:-0} s later  adds/s per second: $rates"
     echo "    seconds under half of the first five's median ($median): $low"
     [ -n "${KEEP:-}" ] || down
   done

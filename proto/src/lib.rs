@@ -11,6 +11,7 @@ pub mod rpc;
 pub mod shared_bytes;
 pub mod tls;
 pub mod topic;
+mod unreachable;
 
 /// Types generated from `proto/pulsar_api.proto` (Pulsar wire subset).
 #[allow(clippy::all, missing_docs)]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -45,6 +45,8 @@ pub enum RpcError {
     Decode(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("{0} is not listening (ICMP port unreachable): the process there is gone")]
+    NotListening(SocketAddr),
     #[error("tls: {0}")]
     Tls(String),
 }
@@ -326,9 +328,14 @@ fn endpoint(
         }
     }
     socket.bind(&bind.into())?;
+    let watch = crate::unreachable::watch(&socket);
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket.into())?;
-    quinn::Endpoint::new_with_abstract_socket(cfg, server, Arc::new(GsoSplit(socket)), runtime)
+    let socket = GsoSplit {
+        socket,
+        _watch: watch,
+    };
+    quinn::Endpoint::new_with_abstract_socket(cfg, server, Arc::new(socket), runtime)
 }
 
 /// The endpoint's socket, sending a segmentation-offload (GSO) batch that
@@ -338,8 +345,14 @@ fn endpoint(
 /// quinn-udp drops it silently (it takes that error for a lost MTU probe;
 /// quinn PR #2199) — bursts of loss on every busy connection, and quinn's
 /// black-hole detection falling back to 1,200-byte packets.
+///
+/// It also keeps the socket's watch for ICMP port unreachable
+/// ([`crate::unreachable`]) alive for as long as the socket.
 #[derive(Debug)]
-struct GsoSplit(Arc<dyn quinn::AsyncUdpSocket>);
+struct GsoSplit {
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    _watch: Option<crate::unreachable::Watch>,
+}
 
 /// `contents` cut into sends of whole `segment`-byte packets that each fit
 /// one datagram (a packet larger than that goes alone).
@@ -351,13 +364,13 @@ fn gso_sends(contents: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
 
 impl quinn::AsyncUdpSocket for GsoSplit {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.0.clone().create_io_poller()
+        self.socket.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
         let segment = match transmit.segment_size {
             Some(s) if transmit.contents.len() > MAX_DATAGRAM_BYTES => s,
-            _ => return self.0.try_send(transmit),
+            _ => return self.socket.try_send(transmit),
         };
         for (i, part) in gso_sends(transmit.contents, segment).enumerate() {
             let t = quinn::udp::Transmit {
@@ -365,7 +378,7 @@ impl quinn::AsyncUdpSocket for GsoSplit {
                 segment_size: (part.len() > segment).then_some(segment),
                 ..*transmit
             };
-            match self.0.try_send(&t) {
+            match self.socket.try_send(&t) {
                 Ok(()) => {}
                 // Nothing sent yet: quinn waits until the socket is
                 // writable and tries the whole batch again.
@@ -387,23 +400,23 @@ impl quinn::AsyncUdpSocket for GsoSplit {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.poll_recv(cx, bufs, meta)
+        self.socket.poll_recv(cx, bufs, meta)
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.socket.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.0.max_transmit_segments()
+        self.socket.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.0.max_receive_segments()
+        self.socket.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.0.may_fragment()
+        self.socket.may_fragment()
     }
 }
 
@@ -457,6 +470,10 @@ pub fn client_endpoint(tls: &TlsMaterial) -> Result<quinn::Endpoint, RpcError> {
     Ok(ep)
 }
 
+/// How long after its host said nothing listens there a peer is not
+/// dialled again (calls fail with [`RpcError::NotListening`] meanwhile).
+pub const NOT_LISTENING_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Request/response calls over QUIC: one bidirectional stream per request,
 /// one cached connection per peer, re-established when it dies.
 #[derive(Clone)]
@@ -471,6 +488,12 @@ pub struct RpcClient {
     /// Budget of establishing a connection (within `timeout`): a peer that
     /// is down does not answer the handshake at all.
     pub connect_timeout: Duration,
+    /// Peers whose host said nothing listens there any more, and when (until
+    /// a new connection to them succeeds).
+    gone: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    /// Whether the task that closes connections to dead peers runs (it is
+    /// started with the first connection, inside the runtime).
+    watching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RpcClient {
@@ -481,7 +504,52 @@ impl RpcClient {
             dialing: Arc::default(),
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            gone: Arc::default(),
+            watching: Arc::default(),
         }
+    }
+
+    /// Closes the connection to a peer as soon as the endpoint's socket
+    /// hears that nothing listens at its address (the process died): calls
+    /// waiting on it fail with [`RpcError::NotListening`] rather than at
+    /// their timeout. The task ends with the endpoint or with the client.
+    fn close_on_port_unreachable(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(mut peers) = self
+            .endpoint
+            .local_addr()
+            .ok()
+            .and_then(crate::unreachable::subscribe)
+        else {
+            return;
+        };
+        let conns = Arc::downgrade(&self.conns);
+        let gone = Arc::downgrade(&self.gone);
+        rt.spawn(async move {
+            loop {
+                let peer = match peers.recv().await {
+                    Ok(p) => p,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let (Some(conns), Some(gone)) = (conns.upgrade(), gone.upgrade()) else {
+                    return;
+                };
+                gone.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(peer, Instant::now());
+                let conn = conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&peer);
+                if let Some(conn) = conn {
+                    tracing::info!(%peer, "peer not listening (ICMP port unreachable); closing its connection");
+                    conn.close(0u32.into(), b"peer not listening");
+                }
+            }
+        });
     }
 
     fn cached(&self, addr: SocketAddr) -> Option<quinn::Connection> {
@@ -509,6 +577,18 @@ impl RpcClient {
         if let Some(c) = self.cached(addr) {
             return Ok(c);
         }
+        // Not again right away: every datagram to a dead port draws another
+        // ICMP error, and the socket's pending error fails the next send on
+        // it, whatever its destination (QUIC resends it, as a loss).
+        let gone_since = self
+            .gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .copied();
+        if gone_since.is_some_and(|t| t.elapsed() < NOT_LISTENING_BACKOFF) {
+            return Err(RpcError::NotListening(addr));
+        }
         let connecting =
             self.endpoint
                 .connect(addr, SERVER_NAME)
@@ -524,6 +604,16 @@ impl RpcClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr, conn.clone());
+        self.gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+        if !self
+            .watching
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.close_on_port_unreachable();
+        }
         Ok(conn)
     }
 
@@ -560,10 +650,21 @@ impl RpcClient {
             // connection ended (the server refused our certificate, the
             // peer closed), not just "connection lost".
             match answer {
-                Err(RpcError::Read(_) | RpcError::Write(_)) => match conn.close_reason() {
-                    Some(reason) => Err(RpcError::Connection(reason)),
-                    None => answer,
-                },
+                Err(RpcError::Read(_) | RpcError::Write(_) | RpcError::Connection(_)) => {
+                    match conn.close_reason() {
+                        Some(quinn::ConnectionError::LocallyClosed)
+                            if self
+                                .gone
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .contains_key(&addr) =>
+                        {
+                            Err(RpcError::NotListening(addr))
+                        }
+                        Some(reason) => Err(RpcError::Connection(reason)),
+                        None => answer,
+                    }
+                }
                 answer => answer,
             }
         };

@@ -1,14 +1,17 @@
-//! A peer that crashes (no CONNECTION_CLOSE) and comes back on its address:
-//! its new endpoint resets the old connection with a token the client
-//! accepts, so the client dials anew at once instead of calling into the
-//! dead connection until the idle timeout.
+//! A peer that crashes (no CONNECTION_CLOSE): its host's ICMP port
+//! unreachable ends the client's connection at once; and when the peer
+//! comes back on its address, its new endpoint resets the old connection
+//! with a token the client accepts. Either way the client dials anew
+//! instead of calling into the dead connection until the idle timeout.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use magnetar_proto::rpc::{client_endpoint, respond, serve, server_endpoint, RpcClient, RpcError};
+use magnetar_proto::rpc::{
+    client_endpoint, respond, serve, server_endpoint, RpcClient, RpcError, NOT_LISTENING_BACKOFF,
+};
 use magnetar_proto::tls::TlsMaterial;
 
 /// A server that answers `n` with `n + tag`, on `bind`, run by `rt`.
@@ -53,8 +56,48 @@ fn a_restarted_peer_resets_its_old_connections() {
     match rt.block_on(client.call::<u64, u64>(addr, &40)) {
         Ok(got) => assert_eq!(got, 42, "answered by the restarted server"),
         Err(RpcError::Connection(quinn::ConnectionError::Reset)) => {}
+        // Packets that reached the port while nothing was bound there: the
+        // client leaves the peer alone for a moment.
+        Err(RpcError::NotListening(a)) => {
+            assert_eq!(a, addr);
+            std::thread::sleep(NOT_LISTENING_BACKOFF);
+        }
         Err(e) => panic!("the old connection ended otherwise than by a reset: {e}"),
     }
     let got: u64 = rt.block_on(client.call(addr, &40u64)).unwrap();
     assert_eq!(got, 42, "the next call reaches the restarted server");
+}
+
+/// A peer that crashes and stays down: its host answers the client's next
+/// packets with ICMP port unreachable, and the call waiting on the dead
+/// connection fails with that at once (before, it waited for the idle
+/// timeout, 10 s). The next call dials anew.
+#[test]
+fn a_call_to_a_crashed_peer_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    TlsMaterial::ensure_ca(&ca).unwrap();
+    let server_tls = TlsMaterial::issue(&ca, &dir.path().join("server")).unwrap();
+    let client_tls = TlsMaterial::issue(&ca, &dir.path().join("client")).unwrap();
+    let addr: SocketAddr = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let server = tokio::runtime::Runtime::new().unwrap();
+    start(&server, addr, &server_tls, 1);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut client = RpcClient::new(rt.block_on(async { client_endpoint(&client_tls) }).unwrap());
+    client.timeout = Duration::from_secs(60);
+    let got: u64 = rt.block_on(client.call(addr, &41u64)).unwrap();
+    assert_eq!(got, 42);
+
+    server.shutdown_background();
+    match rt.block_on(client.call::<u64, u64>(addr, &1)) {
+        Err(RpcError::NotListening(a)) => assert_eq!(a, addr),
+        other => panic!("expected the dead peer to be reported as not listening: {other:?}"),
+    }
+    // A new connection is tried (and refused the same way, or not answered).
+    client.connect_timeout = Duration::from_millis(500);
+    assert!(rt.block_on(client.call::<u64, u64>(addr, &1)).is_err());
 }
