@@ -526,6 +526,7 @@ impl RpcClient {
             return;
         };
         let conns = Arc::downgrade(&self.conns);
+        let dialing = Arc::downgrade(&self.dialing);
         let gone = Arc::downgrade(&self.gone);
         rt.spawn(async move {
             loop {
@@ -534,16 +535,27 @@ impl RpcClient {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let (Some(conns), Some(gone)) = (conns.upgrade(), gone.upgrade()) else {
+                let (Some(conns), Some(dialing), Some(gone)) =
+                    (conns.upgrade(), dialing.upgrade(), gone.upgrade())
+                else {
                     return;
                 };
-                gone.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(peer, Instant::now());
                 let conn = conns
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&peer);
+                // Only peers this client calls (a server's socket also hears
+                // about its departed clients' ports).
+                let ours = conn.is_some()
+                    || dialing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(&peer);
+                if ours {
+                    let mut g = gone.lock().unwrap_or_else(|e| e.into_inner());
+                    g.retain(|_, at| at.elapsed() < 4 * NOT_LISTENING_BACKOFF);
+                    g.insert(peer, Instant::now());
+                }
                 if let Some(conn) = conn {
                     tracing::info!(%peer, "peer not listening (ICMP port unreachable); closing its connection");
                     conn.close(0u32.into(), b"peer not listening");
