@@ -22,8 +22,20 @@ fn start(rt: &tokio::runtime::Runtime, bind: SocketAddr, tls: &TlsMaterial, tag:
     }));
 }
 
-#[test]
-fn a_restarted_peer_resets_its_old_connections() {
+/// A server's first run (answering `n + 1`) in a runtime of its own, so
+/// that it can vanish the way a killed process does — every task dropped,
+/// nothing sent — and a client (in `rt`) that has called it once. The
+/// client's calls end only by their connection's fate (a 60 s timeout).
+struct Setup {
+    _dir: tempfile::TempDir,
+    server_tls: TlsMaterial,
+    addr: SocketAddr,
+    server: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
+    client: RpcClient,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
     TlsMaterial::ensure_ca(&ca).unwrap();
@@ -33,19 +45,33 @@ fn a_restarted_peer_resets_its_old_connections() {
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
-
-    // The first run of the server, in a runtime of its own so that it can
-    // vanish the way a killed process does: every task dropped, nothing sent.
-    let first = tokio::runtime::Runtime::new().unwrap();
-    start(&first, addr, &server_tls, 1);
-
+    let server = tokio::runtime::Runtime::new().unwrap();
+    start(&server, addr, &server_tls, 1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut client = RpcClient::new(rt.block_on(async { client_endpoint(&client_tls) }).unwrap());
-    // Long enough that only the connection's own fate ends a call.
     client.timeout = Duration::from_secs(60);
     let got: u64 = rt.block_on(client.call(addr, &41u64)).unwrap();
     assert_eq!(got, 42);
+    Setup {
+        _dir: dir,
+        server_tls,
+        addr,
+        server,
+        rt,
+        client,
+    }
+}
 
+#[test]
+fn a_restarted_peer_resets_its_old_connections() {
+    let Setup {
+        _dir,
+        server_tls,
+        addr,
+        server: first,
+        rt,
+        client,
+    } = setup();
     first.shutdown_background();
     let second = tokio::runtime::Runtime::new().unwrap();
     start(&second, addr, &server_tls, 2);
@@ -74,24 +100,14 @@ fn a_restarted_peer_resets_its_old_connections() {
 /// timeout, 10 s). The next call dials anew.
 #[test]
 fn a_call_to_a_crashed_peer_fails_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    TlsMaterial::ensure_ca(&ca).unwrap();
-    let server_tls = TlsMaterial::issue(&ca, &dir.path().join("server")).unwrap();
-    let client_tls = TlsMaterial::issue(&ca, &dir.path().join("client")).unwrap();
-    let addr: SocketAddr = {
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let server = tokio::runtime::Runtime::new().unwrap();
-    start(&server, addr, &server_tls, 1);
-
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut client = RpcClient::new(rt.block_on(async { client_endpoint(&client_tls) }).unwrap());
-    client.timeout = Duration::from_secs(60);
-    let got: u64 = rt.block_on(client.call(addr, &41u64)).unwrap();
-    assert_eq!(got, 42);
-
+    let Setup {
+        _dir,
+        addr,
+        server,
+        rt,
+        mut client,
+        ..
+    } = setup();
     server.shutdown_background();
     match rt.block_on(client.call::<u64, u64>(addr, &1)) {
         Err(RpcError::NotListening(a)) => assert_eq!(a, addr),

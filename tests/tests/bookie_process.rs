@@ -9,18 +9,30 @@
 use std::time::Duration;
 
 use magnetar_bookie::LedgerMetadata;
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions};
+use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
 use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_a_bookie_mid_stream_loses_nothing() {
-    init_logs();
-    let tmp = tempfile::tempdir().unwrap();
+/// The checker's subscription options: from the earliest message on.
+fn checker_options() -> ConsumerOptions {
+    ConsumerOptions {
+        earliest: true,
+        receiver_queue: 1000,
+        ..Default::default()
+    }
+}
+
+/// A local cluster of 3 metadata nodes, 4 bookies and a broker writing 3/2/2
+/// ensembles; a client of it; the "checker" subscription made on `topic`
+/// (so that it sees everything); and a batching producer on `topic`.
+async fn cluster_and_producer(
+    dir: &std::path::Path,
+    topic: &str,
+) -> (LocalCluster, Client, Producer) {
     let cluster = LocalCluster {
-        dir: tmp.path().join("lc"),
+        dir: dir.join("lc"),
         ports: [free_port_range(3), free_port_range(4), free_port_range(1)],
     };
     cluster.run(&[
@@ -36,14 +48,13 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
     ]);
     let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
     let client = Client::connect(&url).await.unwrap();
-    let topic = "persistent://public/default/bookie-kill";
-    let options = || ConsumerOptions {
-        earliest: true,
-        receiver_queue: 1000,
-        ..Default::default()
-    };
-    let consumer = client.subscribe(topic, "checker", options()).await.unwrap();
-    consumer.close().await.unwrap();
+    client
+        .subscribe(topic, "checker", checker_options())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
     let producer = client
         .create_producer(
             topic,
@@ -55,6 +66,15 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
         )
         .await
         .unwrap();
+    (cluster, client, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_bookie_mid_stream_loses_nothing() {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let topic = "persistent://public/default/bookie-kill";
+    let (cluster, client, producer) = cluster_and_producer(tmp.path(), topic).await;
     let mut checker = QueueChecker::default();
     let mut inflight = Vec::new();
     let send = |i: u64| {
@@ -109,7 +129,10 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
     }
     producer.flush();
     checker.settle(inflight, Duration::from_secs(60)).await;
-    let mut c = client.subscribe(topic, "checker", options()).await.unwrap();
+    let mut c = client
+        .subscribe(topic, "checker", checker_options())
+        .await
+        .unwrap();
     checker.drain(&mut c, Duration::from_secs(5)).await;
     let v = checker.verdict();
     println!("bookie kill -9 ({member}): {v}");
@@ -170,47 +193,8 @@ async fn bookies_killed_and_restarted_again_and_again_lose_nothing() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster {
-        dir: tmp.path().join("lc"),
-        ports: [free_port_range(3), free_port_range(4), free_port_range(1)],
-    };
-    cluster.run(&[
-        "up",
-        "--metadata",
-        "3",
-        "--bookies",
-        "4",
-        "--brokers",
-        "1",
-        "--ensemble",
-        "3,2,2",
-    ]);
-    let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
-    let client = Client::connect(&url).await.unwrap();
     let topic = "persistent://public/default/bookie-soak";
-    let options = || ConsumerOptions {
-        earliest: true,
-        receiver_queue: 1000,
-        ..Default::default()
-    };
-    client
-        .subscribe(topic, "checker", options())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let producer = client
-        .create_producer(
-            topic,
-            ProducerOptions {
-                batching: true,
-                batch_delay_ms: 2,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (cluster, client, producer) = cluster_and_producer(tmp.path(), topic).await;
     let mut checker = QueueChecker::default();
     let mut inflight = Vec::new();
     let mut next = 0u64;
@@ -260,7 +244,10 @@ async fn bookies_killed_and_restarted_again_and_again_lose_nothing() {
     producer.flush();
     let sent = next;
     checker.settle(inflight, Duration::from_secs(120)).await;
-    let mut c = client.subscribe(topic, "checker", options()).await.unwrap();
+    let mut c = client
+        .subscribe(topic, "checker", checker_options())
+        .await
+        .unwrap();
     checker.drain(&mut c, Duration::from_secs(10)).await;
     let v = checker.verdict();
     println!(
