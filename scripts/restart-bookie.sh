@@ -8,7 +8,10 @@
 # adds/s for every second and the seconds whose rate fell under half the
 # median of the first five. Not part of the test suite.
 #
-#   [DOWN=S] scripts/restart-bookie.sh ROUNDS BINARY...
+#   [DOWN=S] [KEEP=1] scripts/restart-bookie.sh ROUNDS BINARY...
+#
+# KEEP=1 leaves the last cluster's directory (/tmp/magnetar-restart-bookie,
+# with every member's log and the writer's perf.err) in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 ROUNDS BINARY..." >&2; exit 2; }

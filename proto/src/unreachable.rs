@@ -35,9 +35,6 @@ use nix::sys::socket::{
 use tokio::io::Interest;
 use tokio::sync::broadcast;
 
-/// `sock_extended_err.ee_origin` of an ICMP (v4) and an ICMPv6 error.
-const ORIGIN_ICMP: u8 = 2;
-const ORIGIN_ICMP6: u8 = 3;
 /// Destination unreachable / port unreachable, in ICMP and in ICMPv6.
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -191,12 +188,12 @@ fn drain(socket: &tokio::net::UdpSocket, peers: &mut Vec<SocketAddr>) {
         };
         let unreachable = cmsgs.into_iter().any(|c| match c {
             ControlMessageOwned::Ipv4RecvErr(e, _) => {
-                e.ee_origin == ORIGIN_ICMP
+                e.ee_origin == nix::libc::SO_EE_ORIGIN_ICMP
                     && e.ee_type == ICMP_DEST_UNREACH
                     && e.ee_code == ICMP_PORT_UNREACH
             }
             ControlMessageOwned::Ipv6RecvErr(e, _) => {
-                e.ee_origin == ORIGIN_ICMP6
+                e.ee_origin == nix::libc::SO_EE_ORIGIN_ICMP6
                     && e.ee_type == ICMP6_DEST_UNREACH
                     && e.ee_code == ICMP6_PORT_UNREACH
             }

@@ -113,7 +113,8 @@ fn a_call_to_a_crashed_peer_fails_at_once() {
         Err(RpcError::NotListening(a)) => assert_eq!(a, addr),
         other => panic!("expected the dead peer to be reported as not listening: {other:?}"),
     }
-    // A new connection is tried (and refused the same way, or not answered).
+    // The peer stays gone: within the back-off the client does not dial it
+    // again; after it, a new dial is refused or goes unanswered.
     client.connect_timeout = Duration::from_millis(500);
     assert!(rt.block_on(client.call::<u64, u64>(addr, &1)).is_err());
 }
