@@ -6,7 +6,7 @@ use std::sync::Arc;
 use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
 
-use crate::cursor::CursorState;
+use crate::managed_ledger::cursor::CursorState;
 use crate::managed_ledger::ManagedLedger;
 use crate::subscription::{self, SubscriptionHandle};
 use crate::{Broker, BrokerError};

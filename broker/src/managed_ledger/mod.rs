@@ -14,9 +14,11 @@ use magnetar_metadata::MetadataClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::cursor::{CursorState, Position};
+pub mod cursor;
 
-pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
+use cursor::{CursorState, Position};
+
+pub use crate::keys::MANAGED_LEDGERS_PREFIX;
 
 /// Most entries fetched together when a reader misses the caches (one
 /// range read: a request or two per bookie).

@@ -27,7 +27,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cursor::Position;
+use crate::managed_ledger::cursor::Position;
 use crate::managed_ledger::MlError;
 use crate::subscription::{ConnTx, SeekTarget, SubEvent, SubscriptionHandle};
 use crate::topic::{InitialPosition, Topic};

@@ -15,7 +15,7 @@ use magnetar_proto::pulsar::{
 use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cursor::{CursorState, Position};
+use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
 use crate::BrokerError;
 

@@ -1,0 +1,3 @@
+//! The Pulsar binary protocol: one task per client connection.
+
+pub mod connection;

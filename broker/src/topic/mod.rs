@@ -1,0 +1,5 @@
+//! Loaded topics.
+
+pub mod persistent;
+
+pub use persistent::{InitialPosition, Topic};
