@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 
 use crate::managed_ledger::ManagedLedgerConfig;
+use crate::protocol::ConnectionLimits;
 
-/// A broker's configuration: what `magnetar broker --config` reads (TOML,
-/// unknown keys refused) apart from its `metadata` and `[tls]` entries.
+/// A broker's configuration: what `magnetar broker --config` reads.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -15,21 +15,12 @@ pub struct BrokerConfig {
     /// URL clients are sent to by LOOKUP (default: `pulsar://<listen>`).
     #[serde(default)]
     pub advertised_url: Option<String>,
+    /// `[managed_ledger]`: replication and ledger rolls of topics.
     #[serde(default)]
     pub managed_ledger: ManagedLedgerConfig,
-    #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: usize,
-    /// Seconds without traffic before the broker pings; twice that closes.
-    #[serde(default = "default_keepalive_secs")]
-    pub keepalive_secs: u64,
-}
-
-fn default_max_message_bytes() -> usize {
-    magnetar_proto::frame::DEFAULT_MAX_MESSAGE_BYTES
-}
-
-fn default_keepalive_secs() -> u64 {
-    30
+    /// `[connection]`: per-client limits and keep-alive.
+    #[serde(default)]
+    pub connection: ConnectionLimits,
 }
 
 impl BrokerConfig {
@@ -38,8 +29,7 @@ impl BrokerConfig {
             listen,
             advertised_url: None,
             managed_ledger: ManagedLedgerConfig::default(),
-            max_message_bytes: default_max_message_bytes(),
-            keepalive_secs: default_keepalive_secs(),
+            connection: ConnectionLimits::default(),
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Standalone {
     pub metadata_node: Arc<MetadataNode>,
     pub bookie: Arc<Bookie>,
     pub broker: Arc<Broker>,
+    /// The ledger client the broker writes with.
+    pub ledgers: LedgerClient,
 }
 
 impl Standalone {
@@ -73,13 +75,14 @@ impl Standalone {
         let ledgers = LedgerClient::new(metadata.clone(), rpc);
         let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
         broker_cfg.managed_ledger = cfg.managed_ledger.clone();
-        let broker = Broker::start(broker_cfg, metadata, ledgers)
+        let broker = Broker::start(broker_cfg, metadata, ledgers.clone())
             .await
             .map_err(err)?;
         Ok(Standalone {
             metadata_node,
             bookie,
             broker,
+            ledgers,
         })
     }
 

@@ -456,6 +456,7 @@ impl Producer {
         cmd.close_producer = Some(CommandCloseProducer {
             producer_id: self.inner.producer_id,
             request_id: 0,
+            ..Default::default()
         });
         self.inner.conn.request(cmd).await.map(|_| ())
     }
@@ -721,6 +722,7 @@ impl Consumer {
         cmd.close_consumer = Some(CommandCloseConsumer {
             consumer_id: self.consumer_id,
             request_id: 0,
+            ..Default::default()
         });
         self.conn.request(cmd).await.map(|_| ())
     }

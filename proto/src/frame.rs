@@ -249,14 +249,11 @@ pub const MAX_COALESCED_WRITE_BYTES: usize = 1 << 20;
 /// Writes encoded frames from `rx` to `wr` until the queue closes or a write
 /// fails. A lone frame is written as it is; frames that queued up meanwhile
 /// are coalesced into one write so a busy connection makes few syscalls.
-pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
-    mut wr: W,
-) {
+pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut rx: impl FrameQueue, mut wr: W) {
     use tokio::io::AsyncWriteExt;
     let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
-        let Ok(second) = rx.try_recv() else {
+        let Some(second) = rx.try_recv() else {
             if wr.write_all(&first).await.is_err() {
                 return;
             }
@@ -267,13 +264,37 @@ pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         batch.extend_from_slice(&second);
         while batch.len() < MAX_COALESCED_WRITE_BYTES {
             match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
+                Some(more) => batch.extend_from_slice(&more),
+                None => break,
             }
         }
         if wr.write_all(&batch).await.is_err() {
             return;
         }
+    }
+}
+
+/// Where `write_loop` takes its frames from: a bounded or unbounded queue.
+pub trait FrameQueue {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send;
+    fn try_recv(&mut self) -> Option<Bytes>;
+}
+
+impl FrameQueue for tokio::sync::mpsc::Receiver<Bytes> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send {
+        tokio::sync::mpsc::Receiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Bytes> {
+        tokio::sync::mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl FrameQueue for tokio::sync::mpsc::UnboundedReceiver<Bytes> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send {
+        tokio::sync::mpsc::UnboundedReceiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Bytes> {
+        tokio::sync::mpsc::UnboundedReceiver::try_recv(self).ok()
     }
 }
 

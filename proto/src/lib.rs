@@ -4,6 +4,7 @@
 //!
 //! This crate must not depend on the broker, bookie or metadata crates.
 
+pub mod commands;
 pub mod frame;
 pub mod ledger;
 pub mod metadata_api;

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("invalid topic name {name:?}: {reason}")]
 pub struct TopicNameError {
     pub name: String,

@@ -427,7 +427,7 @@ async fn consumed_ledgers_are_deleted() {
         p.send(format!("t{i}").as_str()).await.unwrap();
     }
     let name = magnetar_proto::TopicName::parse(topic).unwrap();
-    let t = s.broker.topic(&name).await.unwrap();
+    let t = s.broker.topics.get(&name).unwrap();
     let before = t.ml.ledger_ids();
     assert!(before.len() >= 5, "23 entries in ledgers of 5: {before:?}");
     for _ in 0..23 {
@@ -449,7 +449,7 @@ async fn consumed_ledgers_are_deleted() {
     // The deleted ledgers are gone from the metadata store too.
     let first = before[0];
     assert!(matches!(
-        s.broker.ledgers.metadata(first).await,
+        s.ledgers.metadata(first).await,
         Err(magnetar_bookie::LedgerError::NoSuchLedger(_))
     ));
     s.shutdown().await;

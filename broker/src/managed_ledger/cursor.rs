@@ -4,12 +4,15 @@
 
 use std::collections::BTreeSet;
 
+use magnetar_proto::pulsar::MessageIdData;
 use serde::{Deserialize, Serialize};
 
 /// A position in a managed ledger. `entry_id == -1` means "before the first
 /// entry of `ledger_id`". Ledger ids grow over a topic's life, so the derived
 /// order is the log order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Position {
     pub ledger_id: u64,
     pub entry_id: i64,
@@ -21,6 +24,22 @@ impl Position {
             ledger_id,
             entry_id,
         }
+    }
+
+    /// The wire form (not partitioned, not batched).
+    pub fn message_id(self) -> MessageIdData {
+        MessageIdData {
+            ledger_id: self.ledger_id,
+            entry_id: self.entry_id as u64,
+            partition: Some(-1),
+            batch_index: Some(-1),
+            ..Default::default()
+        }
+    }
+
+    /// The entry a wire message id names (its batch index aside).
+    pub fn from_message_id(id: &MessageIdData) -> Position {
+        Position::new(id.ledger_id, id.entry_id as i64)
     }
 
     /// The position right after this one within the same ledger.

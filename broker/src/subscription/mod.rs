@@ -1,50 +1,74 @@
-//! A subscription: one task per durable cursor that owns its state, its
-//! consumers and their permits, and dispatches entries to them — to the one
-//! consumer of an Exclusive subscription, round-robin over consumers with
-//! permits for Shared.
+//! A subscription: one task per durable cursor that executes what its
+//! dispatcher decides. It owns the cursor and the consumers' connections,
+//! reads entries and sends them, batches cursor flushes, and on unload
+//! persists the cursor and hands its consumers back to the topic.
+//!
+//! The decisions live in the I/O-free `Dispatcher` of the subscription's
+//! type (`exclusive.rs`, `shared.rs`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+pub mod dispatcher;
+pub mod exclusive;
+pub mod redelivery;
+pub mod shared;
+#[cfg(test)]
+mod testing;
+
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use magnetar_proto::frame::{base, encode_payload_command};
-use magnetar_proto::pulsar::{
-    base_command::Type, command_subscribe::SubType, CommandMessage, MessageIdData, ServerError,
-};
+use bytes::Bytes;
+use magnetar_proto::commands;
+use magnetar_proto::pulsar::{command_subscribe::SubType, ServerError};
 use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
 use crate::BrokerError;
+pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher};
+use dispatcher::{Delivery, EntrySource};
+use redelivery::Unacked;
 
-pub type ConnTx = mpsc::UnboundedSender<Bytes>;
+/// A connection's outgoing frames (bounded: a slow client slows its senders).
+pub type ConnTx = mpsc::Sender<Bytes>;
 
 /// How often acknowledgements are made durable at most (they are batched).
 pub const CURSOR_FLUSH_INTERVAL_MS: u64 = 100;
+/// Events waiting for a subscription's task.
+pub const SUBSCRIPTION_EVENT_QUEUE: usize = 1024;
+
+/// How the topic tells a client connection that the broker closed one of
+/// its producers or consumers (so it forgets the id and sends the close).
+pub trait ClientLink: Send + Sync {
+    fn close_producer(&self, producer_id: u64, assigned: &commands::Assigned);
+    fn close_consumer(&self, consumer_id: u64, assigned: &commands::Assigned);
+}
 
 pub enum SeekTarget {
     Position(Position),
     PublishTime(u64),
 }
 
+/// A consumer as the subscription task holds it.
+pub struct ConsumerConn {
+    pub info: ConsumerInfo,
+    pub tx: ConnTx,
+    pub link: Arc<dyn ClientLink>,
+}
+
 pub enum SubEvent {
     AddConsumer {
-        consumer_id: u64,
-        conn_id: u64,
+        consumer: ConsumerConn,
         sub_type: SubType,
-        tx: ConnTx,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     RemoveConsumer {
-        consumer_id: u64,
-        conn_id: u64,
+        key: ConsumerKey,
         reply: Option<oneshot::Sender<()>>,
     },
     Flow {
-        consumer_id: u64,
-        conn_id: u64,
+        key: ConsumerKey,
         permits: u32,
     },
     Ack {
@@ -52,8 +76,7 @@ pub enum SubEvent {
         cumulative: bool,
     },
     Redeliver {
-        consumer_id: u64,
-        conn_id: u64,
+        key: ConsumerKey,
         positions: Option<Vec<Position>>,
     },
     Seek {
@@ -61,59 +84,85 @@ pub enum SubEvent {
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     Unsubscribe {
-        consumer_id: u64,
-        conn_id: u64,
+        key: ConsumerKey,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     MarkDelete {
         reply: oneshot::Sender<Position>,
     },
+    /// Unload: persist the cursor, stop, and hand back the consumers.
+    Close {
+        reply: oneshot::Sender<Vec<ConsumerConn>>,
+    },
 }
 
-struct Consumer {
-    consumer_id: u64,
-    conn_id: u64,
-    tx: ConnTx,
-    permits: u32,
+#[derive(Clone)]
+pub struct SubscriptionHandle {
+    pub tx: mpsc::Sender<SubEvent>,
+}
+
+impl SubscriptionHandle {
+    /// Sends an event that carries a reply channel and waits for the reply.
+    pub async fn ask<T>(
+        &self,
+        event: impl FnOnce(oneshot::Sender<Result<T, BrokerError>>) -> SubEvent,
+    ) -> Result<T, BrokerError> {
+        let closed = || BrokerError::new(ServerError::ServiceNotReady, "subscription closed");
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(event(reply)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Sends an event without waiting for its effect (a closed subscription
+    /// drops it: its consumers are being told to go elsewhere).
+    pub async fn tell(&self, event: SubEvent) {
+        let _ = self.tx.send(event).await;
+    }
 }
 
 struct Sub {
     name: String,
     ml: Arc<ManagedLedger>,
     cursor: CursorState,
-    sub_type: Option<SubType>,
-    consumers: Vec<Consumer>,
-    rr: usize,
-    /// Next position to read for first delivery.
-    read_pos: Position,
-    /// Delivered and not yet acked: position -> (consumer, conn).
-    pending: BTreeMap<Position, (u64, u64)>,
-    redeliver: BTreeSet<Position>,
-    redelivery_count: HashMap<Position, u32>,
+    dispatcher: Box<dyn Dispatcher>,
+    consumers: HashMap<ConsumerKey, ConsumerConn>,
     dirty: bool,
     read_error: bool,
 }
 
-#[derive(Clone)]
-pub struct SubscriptionHandle {
-    pub tx: mpsc::UnboundedSender<SubEvent>,
+/// What a dispatcher sees: the topic's confirmed entries and the cursor.
+struct Source<'a> {
+    ml: &'a ManagedLedger,
+    cursor: &'a CursorState,
+    last: Position,
+}
+
+impl EntrySource for Source<'_> {
+    fn at_or_after(&self, p: Position) -> Option<Position> {
+        self.ml.at_or_after(p).filter(|q| *q <= self.last)
+    }
+    fn is_acked(&self, p: Position) -> bool {
+        self.cursor.is_acked(p)
+    }
+}
+
+fn dispatcher_for(sub_type: SubType, unacked: Unacked) -> Box<dyn Dispatcher> {
+    match sub_type {
+        SubType::Shared => Box::new(shared::Shared::new(unacked)),
+        _ => Box::new(exclusive::Exclusive::new(unacked)),
+    }
 }
 
 /// Starts the task of a subscription whose cursor is at `cursor`.
 pub fn spawn(name: String, ml: Arc<ManagedLedger>, cursor: CursorState) -> SubscriptionHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let read_pos = cursor.mark_delete.bump();
+    let (tx, rx) = mpsc::channel(SUBSCRIPTION_EVENT_QUEUE);
+    let unacked = Unacked::new(cursor.mark_delete.bump());
     let sub = Sub {
         name,
         ml,
         cursor,
-        sub_type: None,
-        consumers: Vec::new(),
-        rr: 0,
-        read_pos,
-        pending: BTreeMap::new(),
-        redeliver: BTreeSet::new(),
-        redelivery_count: HashMap::new(),
+        dispatcher: dispatcher_for(SubType::Exclusive, unacked),
+        consumers: HashMap::new(),
         dirty: false,
         read_error: false,
     };
@@ -122,12 +171,17 @@ pub fn spawn(name: String, ml: Arc<ManagedLedger>, cursor: CursorState) -> Subsc
 }
 
 impl Sub {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SubEvent>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<SubEvent>) {
         let mut appends = self.ml.subscribe_appends();
         let mut flush = tokio::time::interval(Duration::from_millis(CURSOR_FLUSH_INTERVAL_MS));
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
+                    Some(SubEvent::Close { reply }) => {
+                        self.flush().await;
+                        let _ = reply.send(self.consumers.into_values().collect());
+                        return;
+                    }
                     Some(ev) => {
                         if !self.handle(ev).await {
                             return;
@@ -164,182 +218,71 @@ impl Sub {
         }
     }
 
-    /// Drops delivery bookkeeping for every position up to and including `p`.
-    fn forget_through(&mut self, p: Position) {
-        let later = self.pending.split_off(&p.bump());
-        for q in std::mem::replace(&mut self.pending, later).into_keys() {
-            self.redelivery_count.remove(&q);
+    fn add_consumer(&mut self, c: ConsumerConn, sub_type: SubType) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        if self.dispatcher.sub_type() != sub_type {
+            if !self.consumers.is_empty() {
+                return Err(BrokerError::new(
+                    ServerError::ConsumerBusy,
+                    "subscription is of another type",
+                ));
+            }
+            let placeholder = dispatcher_for(SubType::Exclusive, Unacked::default());
+            let old = std::mem::replace(&mut self.dispatcher, placeholder);
+            self.dispatcher = dispatcher_for(sub_type, old.into_unacked());
         }
-        let later = self.redeliver.split_off(&p.bump());
-        for q in std::mem::replace(&mut self.redeliver, later) {
-            self.redelivery_count.remove(&q);
-        }
+        self.dispatcher.add_consumer(c.info.clone(), now)?;
+        self.consumers.insert(c.info.key, c);
+        Ok(())
     }
 
-    fn give_back(&mut self, consumer_id: u64, conn_id: u64) {
-        let mine: Vec<Position> = self
-            .pending
-            .iter()
-            .filter(|(_, c)| **c == (consumer_id, conn_id))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in mine {
-            self.pending.remove(&p);
-            self.redeliver.insert(p);
-            *self.redelivery_count.entry(p).or_default() += 1;
-        }
+    fn remove_consumer(&mut self, key: ConsumerKey) {
+        self.dispatcher.remove_consumer(key, Instant::now());
+        self.consumers.remove(&key);
     }
 
     /// Returns false when the subscription is gone.
     async fn handle(&mut self, ev: SubEvent) -> bool {
         match ev {
             SubEvent::AddConsumer {
-                consumer_id,
-                conn_id,
+                consumer,
                 sub_type,
-                tx,
                 reply,
             } => {
-                let busy = match (self.sub_type, sub_type) {
-                    (_, _) if self.consumers.is_empty() => None,
-                    (Some(SubType::Exclusive), _) => {
-                        Some("Exclusive subscription already has a consumer")
-                    }
-                    (Some(cur), new) if cur != new => Some("subscription is of another type"),
-                    _ => None,
-                };
-                if let Some(msg) = busy {
-                    let _ = reply.send(Err(BrokerError::new(ServerError::ConsumerBusy, msg)));
-                } else {
-                    self.sub_type = Some(sub_type);
-                    self.consumers.push(Consumer {
-                        consumer_id,
-                        conn_id,
-                        tx,
-                        permits: 0,
-                    });
-                    let _ = reply.send(Ok(()));
-                }
+                let _ = reply.send(self.add_consumer(consumer, sub_type));
             }
-            SubEvent::RemoveConsumer {
-                consumer_id,
-                conn_id,
-                reply,
-            } => {
-                self.consumers
-                    .retain(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id));
-                self.give_back(consumer_id, conn_id);
+            SubEvent::RemoveConsumer { key, reply } => {
+                self.remove_consumer(key);
                 self.flush().await;
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
             }
-            SubEvent::Flow {
-                consumer_id,
-                conn_id,
-                permits,
-            } => {
-                if let Some(c) = self
-                    .consumers
-                    .iter_mut()
-                    .find(|c| (c.consumer_id, c.conn_id) == (consumer_id, conn_id))
-                {
-                    c.permits = c.permits.saturating_add(permits);
-                }
-            }
+            SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {
                 positions,
                 cumulative,
-            } => {
-                for p in positions {
-                    let changed = {
-                        let next = |q: Position| self.ml.next_after(q);
-                        if cumulative {
-                            self.cursor.ack_cumulative(p, &next)
-                        } else {
-                            self.cursor.ack(p, &next)
-                        }
-                    };
-                    self.dirty |= changed;
-                    // Anything the mark-delete folded over was acked (and
-                    // forgotten) earlier, so only `p` itself, or everything up
-                    // to it for a cumulative ack, needs forgetting here.
-                    if cumulative {
-                        self.forget_through(p);
-                    } else {
-                        self.pending.remove(&p);
-                        self.redeliver.remove(&p);
-                        self.redelivery_count.remove(&p);
-                    }
-                }
+            } => self.ack(positions, cumulative),
+            SubEvent::Redeliver { key, positions } => {
+                self.dispatcher.redeliver(key, positions.as_deref())
             }
-            SubEvent::Redeliver {
-                consumer_id,
-                conn_id,
-                positions,
-            } => match positions {
-                Some(list) => {
-                    for p in list {
-                        if self.pending.get(&p) == Some(&(consumer_id, conn_id)) {
-                            self.pending.remove(&p);
-                            self.redeliver.insert(p);
-                            *self.redelivery_count.entry(p).or_default() += 1;
-                        }
-                    }
-                }
-                None => self.give_back(consumer_id, conn_id),
-            },
             SubEvent::Seek { target, reply } => {
-                let res = match target {
-                    SeekTarget::Position(p) => Ok(p),
-                    SeekTarget::PublishTime(t) => {
-                        self.ml.find_by_publish_time(t).await.map_err(|e| {
-                            BrokerError::new(ServerError::PersistenceError, e.to_string())
-                        })
-                    }
-                };
-                match res {
-                    Ok(p) => {
-                        let start = if p.entry_id < 0 {
-                            p
-                        } else {
-                            Position::new(p.ledger_id, p.entry_id - 1)
-                        };
-                        let start = start.max(self.ml.before_first());
-                        self.cursor = CursorState::new(start);
-                        self.read_pos = start.bump();
-                        self.pending.clear();
-                        self.redeliver.clear();
-                        self.redelivery_count.clear();
-                        self.dirty = true;
-                        self.flush().await;
-                        let _ = reply.send(Ok(()));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                let res = self.seek(target).await;
+                let _ = reply.send(res);
             }
-            SubEvent::Unsubscribe {
-                consumer_id,
-                conn_id,
-                reply,
-            } => {
-                if self
-                    .consumers
-                    .iter()
-                    .any(|c| (c.consumer_id, c.conn_id) != (consumer_id, conn_id))
-                {
+            SubEvent::Unsubscribe { key, reply } => {
+                if self.consumers.keys().any(|k| *k != key) {
                     let _ = reply.send(Err(BrokerError::new(
                         ServerError::ConsumerBusy,
                         "subscription has other consumers",
                     )));
                     return true;
                 }
-                let res =
-                    self.ml.delete_cursor(&self.name).await.map_err(|e| {
-                        BrokerError::new(ServerError::PersistenceError, e.to_string())
-                    });
+                let res = self
+                    .ml
+                    .delete_cursor(&self.name)
+                    .await
+                    .map_err(BrokerError::from);
                 let ok = res.is_ok();
                 let _ = reply.send(res);
                 return !ok;
@@ -347,66 +290,68 @@ impl Sub {
             SubEvent::MarkDelete { reply } => {
                 let _ = reply.send(self.cursor.mark_delete);
             }
+            SubEvent::Close { .. } => {}
         }
         true
     }
 
-    fn pick_consumer(&mut self) -> Option<usize> {
-        let n = self.consumers.len();
-        if n == 0 {
-            return None;
-        }
-        if self.sub_type != Some(SubType::Shared) {
-            return (self.consumers[0].permits > 0).then_some(0);
-        }
-        for i in 0..n {
-            let idx = (self.rr + i) % n;
-            if self.consumers[idx].permits > 0 {
-                self.rr = idx + 1;
-                return Some(idx);
+    fn ack(&mut self, positions: Vec<Position>, cumulative: bool) {
+        for p in positions {
+            let changed = {
+                let next = |q: Position| self.ml.next_after(q);
+                if cumulative {
+                    self.cursor.ack_cumulative(p, &next)
+                } else {
+                    self.cursor.ack(p, &next)
+                }
+            };
+            self.dirty |= changed;
+            if cumulative {
+                self.dispatcher.acked_through(p);
+            } else {
+                self.dispatcher.acked(p);
             }
         }
-        None
     }
 
-    fn next_to_deliver(&mut self) -> Option<Position> {
-        while let Some(p) = self.redeliver.pop_first() {
-            if !self.cursor.is_acked(p) {
-                return Some(p);
-            }
-        }
-        let last = self.ml.last_confirmed();
-        loop {
-            let p = self.ml.at_or_after(self.read_pos)?;
-            if p > last {
-                return None;
-            }
-            self.read_pos = p.bump();
-            if !self.cursor.is_acked(p) && !self.pending.contains_key(&p) {
-                return Some(p);
-            }
-        }
+    async fn seek(&mut self, target: SeekTarget) -> Result<(), BrokerError> {
+        let p = match target {
+            SeekTarget::Position(p) => p,
+            SeekTarget::PublishTime(t) => self.ml.find_by_publish_time(t).await?,
+        };
+        let start = if p.entry_id < 0 {
+            p
+        } else {
+            Position::new(p.ledger_id, p.entry_id - 1)
+        };
+        let start = start.max(self.ml.before_first());
+        self.cursor = CursorState::new(start);
+        self.dispatcher.rewind(start.bump());
+        self.dirty = true;
+        self.flush().await;
+        Ok(())
     }
 
     async fn dispatch(&mut self) {
         if self.read_error {
             return;
         }
+        let now = Instant::now();
         loop {
-            let rr = self.rr;
-            let Some(idx) = self.pick_consumer() else {
-                return;
+            let next = {
+                let src = Source {
+                    ml: &self.ml,
+                    cursor: &self.cursor,
+                    last: self.ml.last_confirmed(),
+                };
+                self.dispatcher.next(&src, now)
             };
-            let Some(p) = self.next_to_deliver() else {
-                // Nothing to send: the turn stays with the same consumer.
-                self.rr = rr;
-                return;
-            };
-            let data = match self.ml.read(p).await {
-                Ok(d) => d,
+            let Some(d) = next else { return };
+            let data = match self.ml.read(d.position).await {
+                Ok(data) => data,
                 Err(e) => {
-                    tracing::warn!(subscription = %self.name, position = ?p, error = %e, "read failed; will retry");
-                    self.redeliver.insert(p);
+                    tracing::warn!(subscription = %self.name, position = ?d.position, error = %e, "read failed; will retry");
+                    self.dispatcher.not_sent(d);
                     self.read_error = true;
                     return;
                 }
@@ -414,34 +359,31 @@ impl Sub {
             let count = match Payload::peek_metadata(&data) {
                 Ok(md) => md.num_messages_in_batch.unwrap_or(1).max(1) as u32,
                 Err(e) => {
-                    tracing::error!(subscription = %self.name, position = ?p, error = %e, "stored entry does not parse; skipping it");
+                    tracing::error!(subscription = %self.name, position = ?d.position, error = %e, "stored entry does not parse; skipping it");
                     continue;
                 }
             };
-            let c = &mut self.consumers[idx];
-            let mut cmd = base(Type::Message);
-            cmd.message = Some(CommandMessage {
-                consumer_id: c.consumer_id,
-                message_id: MessageIdData {
-                    ledger_id: p.ledger_id,
-                    entry_id: p.entry_id as u64,
-                    ..Default::default()
-                },
-                redelivery_count: Some(self.redelivery_count.get(&p).copied().unwrap_or(0)),
-                ..Default::default()
-            });
-            let mut buf = BytesMut::new();
-            encode_payload_command(&cmd, &data, &mut buf);
-            c.permits = c.permits.saturating_sub(count);
-            if c.tx.send(buf.freeze()).is_err() {
-                // Connection gone; its removal event is on the way.
-                self.redeliver.insert(p);
-                let (cid, conn) = (c.consumer_id, c.conn_id);
-                self.consumers
-                    .retain(|c| (c.consumer_id, c.conn_id) != (cid, conn));
-                continue;
-            }
-            self.pending.insert(p, (c.consumer_id, c.conn_id));
+            self.send(d, count, &data).await;
+        }
+    }
+
+    async fn send(&mut self, d: Delivery, count: u32, data: &Bytes) {
+        let frame = commands::message(
+            d.consumer.1,
+            d.position.message_id(),
+            d.redelivery_count,
+            data,
+        );
+        let sent = match self.consumers.get(&d.consumer) {
+            Some(c) => c.tx.send(frame).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            self.dispatcher.sent(d, count);
+        } else {
+            // Connection gone; its removal event may still be on the way.
+            self.dispatcher.not_sent(d);
+            self.remove_consumer(d.consumer);
         }
     }
 }

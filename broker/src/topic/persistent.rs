@@ -1,21 +1,21 @@
-//! A loaded topic: its managed ledger and its subscriptions.
+//! A loaded persistent topic: its managed ledger, its producers and its
+//! subscriptions. Publishing goes through `publish`; unloading closes the
+//! storage first, then tells every client where to go.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use magnetar_proto::commands::Assigned;
 use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
+use tokio::sync::oneshot;
 
 use crate::managed_ledger::cursor::CursorState;
-use crate::managed_ledger::ManagedLedger;
-use crate::subscription::{self, SubscriptionHandle};
-use crate::{Broker, BrokerError};
-
-pub struct Topic {
-    pub name: TopicName,
-    pub ml: Arc<ManagedLedger>,
-    subs: tokio::sync::Mutex<HashMap<String, SubscriptionHandle>>,
-}
+use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
+use crate::subscription::{self, ClientLink, ConsumerConn, SubEvent, SubscriptionHandle};
+use crate::BrokerError;
 
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,25 +24,35 @@ pub enum InitialPosition {
     Latest,
 }
 
+/// A producer as the topic knows it: (connection id, producer id) and how
+/// to tell its connection that the broker closed it.
+struct ProducerRef {
+    link: Arc<dyn ClientLink>,
+}
+
+pub struct Topic {
+    pub name: TopicName,
+    pub ml: Arc<ManagedLedger>,
+    producers: Mutex<HashMap<(u64, u64), ProducerRef>>,
+    subs: tokio::sync::Mutex<HashMap<String, SubscriptionHandle>>,
+    /// Set once unloading started: no new producers or subscriptions.
+    closing: AtomicBool,
+}
+
+/// What an unload leaves for `disconnect`: the clients to tell.
+pub struct Detached {
+    producers: Vec<(u64, Arc<dyn ClientLink>)>,
+    consumers: Vec<ConsumerConn>,
+}
+
 impl Topic {
-    pub async fn load(name: TopicName, broker: &Broker) -> Result<Arc<Topic>, BrokerError> {
-        let ml = ManagedLedger::open(
-            &name.as_key(),
-            broker.cfg.managed_ledger.clone(),
-            broker.ledgers.clone(),
-            broker.metadata.clone(),
-        )
-        .await
-        .map_err(|e| {
-            BrokerError::new(
-                ServerError::PersistenceError,
-                format!("cannot open {name}: {e}"),
-            )
-        })?;
-        let cursors = ml
-            .open_cursors()
-            .await
-            .map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
+    pub async fn load(
+        name: TopicName,
+        cfg: ManagedLedgerConfig,
+        stores: Stores,
+    ) -> Result<Arc<Topic>, BrokerError> {
+        let ml = ManagedLedger::open(&name.as_key(), cfg, stores).await?;
+        let cursors = ml.open_cursors().await?;
         let mut subs = HashMap::new();
         for (sub, state) in cursors {
             subs.insert(sub.clone(), subscription::spawn(sub, ml.clone(), state));
@@ -50,8 +60,53 @@ impl Topic {
         Ok(Arc::new(Topic {
             name,
             ml,
+            producers: Mutex::default(),
             subs: tokio::sync::Mutex::new(subs),
+            closing: AtomicBool::new(false),
         }))
+    }
+
+    fn producers(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), ProducerRef>> {
+        self.producers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    fn refuse_if_closing(&self) -> Result<(), BrokerError> {
+        if self.is_closing() {
+            return Err(BrokerError::NotServedHere(format!(
+                "topic {} is being unloaded",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn add_producer(
+        &self,
+        conn_id: u64,
+        producer_id: u64,
+        link: Arc<dyn ClientLink>,
+    ) -> Result<(), BrokerError> {
+        self.refuse_if_closing()?;
+        self.producers()
+            .insert((conn_id, producer_id), ProducerRef { link });
+        Ok(())
+    }
+
+    pub fn remove_producer(&self, conn_id: u64, producer_id: u64) {
+        self.producers().remove(&(conn_id, producer_id));
+    }
+
+    pub fn producer_count(&self) -> usize {
+        self.producers().len()
+    }
+
+    /// Appends a message; `done` gets its position once it is durable.
+    pub async fn publish(&self, data: Bytes, done: AppendDone) {
+        self.ml.append(data, done).await
     }
 
     /// The subscription, created (durably) at `initial` if it does not exist.
@@ -60,6 +115,7 @@ impl Topic {
         sub: &str,
         initial: InitialPosition,
     ) -> Result<SubscriptionHandle, BrokerError> {
+        self.refuse_if_closing()?;
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub) {
             if !h.tx.is_closed() {
@@ -71,10 +127,7 @@ impl Topic {
             InitialPosition::Latest => self.ml.last_confirmed(),
         };
         let state = CursorState::new(start);
-        self.ml
-            .persist_cursor(sub, &state)
-            .await
-            .map_err(|e| BrokerError::new(ServerError::PersistenceError, e.to_string()))?;
+        self.ml.persist_cursor(sub, &state).await?;
         let h = subscription::spawn(sub.to_string(), self.ml.clone(), state);
         subs.insert(sub.to_string(), h.clone());
         Ok(h)
@@ -83,4 +136,68 @@ impl Topic {
     pub async fn forget_subscription(&self, sub: &str) {
         self.subs.lock().await.remove(sub);
     }
+
+    pub async fn subscription_names(&self) -> Vec<String> {
+        self.subs.lock().await.keys().cloned().collect()
+    }
+
+    /// First half of an unload: refuses new clients, completes what was
+    /// queued, closes the open ledger and persists every cursor. Clients
+    /// stay connected (their late sends are dropped, unacknowledged) until
+    /// `disconnect`.
+    pub async fn close(&self) -> (Detached, Result<(), MlError>) {
+        self.closing.store(true, Ordering::SeqCst);
+        let closed = self.ml.close().await;
+        let handles: Vec<SubscriptionHandle> =
+            self.subs.lock().await.drain().map(|(_, h)| h).collect();
+        let mut consumers = Vec::new();
+        for h in handles {
+            let (reply, rx) = oneshot::channel();
+            h.tell(SubEvent::Close { reply }).await;
+            if let Ok(cs) = rx.await {
+                consumers.extend(cs);
+            }
+        }
+        self.ml.close_cursor_ledgers().await;
+        let producers = self
+            .producers()
+            .drain()
+            .map(|((_, pid), p)| (pid, p.link))
+            .collect();
+        (
+            Detached {
+                producers,
+                consumers,
+            },
+            closed,
+        )
+    }
+}
+
+impl Detached {
+    /// Second half of an unload: CLOSE_PRODUCER / CLOSE_CONSUMER to every
+    /// client, naming the new owner where there is one.
+    pub fn disconnect(self, assigned: &Assigned) {
+        for (pid, link) in self.producers {
+            link.close_producer(pid, assigned);
+        }
+        for c in self.consumers {
+            c.link.close_consumer(c.info.key.1, assigned);
+        }
+    }
+
+    pub fn clients(&self) -> usize {
+        self.producers.len() + self.consumers.len()
+    }
+}
+
+/// The error for a request naming a producer or consumer the connection
+/// does not have.
+pub fn unknown(what: &str) -> BrokerError {
+    let code = if what == "consumer" {
+        ServerError::ConsumerNotFound
+    } else {
+        ServerError::UnknownError
+    };
+    BrokerError::new(code, format!("unknown {what}"))
 }

@@ -1,0 +1,247 @@
+//! SUBSCRIBE, FLOW, ACK, REDELIVER_UNACKNOWLEDGED_MESSAGES, CLOSE_CONSUMER,
+//! UNSUBSCRIBE, SEEK, GET_LAST_MESSAGE_ID: each turned into an event of the
+//! consumer's subscription.
+
+use std::sync::Arc;
+
+use magnetar_proto::commands;
+use magnetar_proto::frame::base;
+use magnetar_proto::pulsar::{
+    base_command::Type,
+    command_ack::AckType,
+    command_subscribe::{InitialPosition as WireInitial, SubType},
+    CommandAck, CommandCloseConsumer, CommandFlow, CommandGetLastMessageId,
+    CommandGetLastMessageIdResponse, CommandRedeliverUnacknowledgedMessages, CommandSeek,
+    CommandSubscribe, CommandUnsubscribe, ServerError,
+};
+use tokio::sync::oneshot;
+
+use super::connection::{error_cmd, Conn};
+use super::{lock, ConsumerSlot};
+use crate::managed_ledger::cursor::Position;
+use crate::subscription::{ConsumerConn, ConsumerInfo, SeekTarget, SubEvent};
+use crate::topic::{persistent::unknown, InitialPosition};
+use crate::BrokerError;
+
+pub async fn subscribe(conn: &mut Conn, c: Option<CommandSubscribe>) -> bool {
+    let Some(c) = c else { return false };
+    let res = async {
+        let name = Conn::topic_name(&c.topic)?;
+        if conn.shared.consumer(c.consumer_id).is_some() {
+            return Err(BrokerError::new(
+                ServerError::ConsumerBusy,
+                "consumer id already in use on this connection",
+            ));
+        }
+        let sub_type = SubType::try_from(c.sub_type).unwrap_or(SubType::Exclusive);
+        if !matches!(sub_type, SubType::Exclusive | SubType::Shared) {
+            return Err(BrokerError::new(
+                ServerError::UnsupportedVersionError,
+                format!("{sub_type:?} subscriptions are not supported yet"),
+            ));
+        }
+        let topic = conn.ctx.topics.get_or_load(&name).await?;
+        let initial = match c
+            .initial_position
+            .and_then(|p| WireInitial::try_from(p).ok())
+        {
+            Some(WireInitial::Earliest) => InitialPosition::Earliest,
+            _ => InitialPosition::Latest,
+        };
+        let handle = topic.subscription(&c.subscription, initial).await?;
+        let consumer = ConsumerConn {
+            info: ConsumerInfo {
+                key: (conn.shared.id, c.consumer_id),
+                name: c.consumer_name.clone().unwrap_or_default(),
+                priority: c.priority_level.unwrap_or(0),
+            },
+            tx: conn.shared.tx.clone(),
+            link: conn.shared.clone(),
+        };
+        handle
+            .ask(|reply| SubEvent::AddConsumer {
+                consumer,
+                sub_type,
+                reply,
+            })
+            .await?;
+        Ok(ConsumerSlot {
+            topic,
+            sub: c.subscription.clone(),
+            handle,
+        })
+    }
+    .await;
+    match res {
+        Ok(slot) => {
+            lock(&conn.shared.consumers).insert(c.consumer_id, Arc::new(slot));
+            conn.shared.send(&commands::success(c.request_id)).await;
+        }
+        Err(e) => {
+            tracing::info!(peer = %conn.peer, topic = %c.topic, subscription = %c.subscription, error = %e, "subscribe refused");
+            conn.shared.send(&error_cmd(c.request_id, &e)).await;
+        }
+    }
+    true
+}
+
+pub async fn flow(conn: &mut Conn, c: Option<CommandFlow>) -> bool {
+    let Some(c) = c else { return false };
+    if let Some(slot) = conn.shared.consumer(c.consumer_id) {
+        let key = (conn.shared.id, c.consumer_id);
+        slot.handle
+            .tell(SubEvent::Flow {
+                key,
+                permits: c.message_permits,
+            })
+            .await;
+    }
+    true
+}
+
+pub async fn ack(conn: &mut Conn, c: Option<CommandAck>) -> bool {
+    let Some(c) = c else { return false };
+    if let Some(slot) = conn.shared.consumer(c.consumer_id) {
+        let cumulative = c.ack_type == AckType::Cumulative as i32;
+        let mut positions = Vec::with_capacity(c.message_id.len());
+        for id in &c.message_id {
+            // A partial batch ack (some bits still set) does not ack the entry.
+            let partial = id.ack_set.iter().any(|w| *w != 0);
+            let p = Position::from_message_id(id);
+            if !partial {
+                positions.push(p);
+            } else if cumulative && p.entry_id > 0 {
+                positions.push(Position::new(p.ledger_id, p.entry_id - 1));
+            }
+        }
+        slot.handle
+            .tell(SubEvent::Ack {
+                positions,
+                cumulative,
+            })
+            .await;
+    }
+    true
+}
+
+pub async fn redeliver(conn: &mut Conn, c: Option<CommandRedeliverUnacknowledgedMessages>) -> bool {
+    let Some(c) = c else { return false };
+    if let Some(slot) = conn.shared.consumer(c.consumer_id) {
+        let positions = (!c.message_ids.is_empty()).then(|| {
+            c.message_ids
+                .iter()
+                .map(Position::from_message_id)
+                .collect()
+        });
+        slot.handle
+            .tell(SubEvent::Redeliver {
+                key: (conn.shared.id, c.consumer_id),
+                positions,
+            })
+            .await;
+    }
+    true
+}
+
+pub async fn close(conn: &mut Conn, c: Option<CommandCloseConsumer>) -> bool {
+    let Some(c) = c else { return false };
+    let slot = lock(&conn.shared.consumers).remove(&c.consumer_id);
+    if let Some(slot) = slot {
+        let (reply, rx) = oneshot::channel();
+        slot.handle
+            .tell(SubEvent::RemoveConsumer {
+                key: (conn.shared.id, c.consumer_id),
+                reply: Some(reply),
+            })
+            .await;
+        let _ = rx.await;
+    }
+    conn.shared.send(&commands::success(c.request_id)).await;
+    true
+}
+
+pub async fn unsubscribe(conn: &mut Conn, c: Option<CommandUnsubscribe>) -> bool {
+    let Some(c) = c else { return false };
+    let Some(slot) = conn.shared.consumer(c.consumer_id) else {
+        conn.answer(c.request_id, Err(unknown("consumer"))).await;
+        return true;
+    };
+    let key = (conn.shared.id, c.consumer_id);
+    let res = slot
+        .handle
+        .ask(|reply| SubEvent::Unsubscribe { key, reply })
+        .await;
+    if res.is_ok() {
+        lock(&conn.shared.consumers).remove(&c.consumer_id);
+        slot.topic.forget_subscription(&slot.sub).await;
+    }
+    conn.answer(c.request_id, res).await;
+    true
+}
+
+pub async fn seek(conn: &mut Conn, c: Option<CommandSeek>) -> bool {
+    let Some(c) = c else { return false };
+    let Some(slot) = conn.shared.consumer(c.consumer_id) else {
+        conn.answer(c.request_id, Err(unknown("consumer"))).await;
+        return true;
+    };
+    let ml = &slot.topic.ml;
+    let target = match (&c.message_id, c.message_publish_time) {
+        // The client's "earliest" and "latest" ids.
+        (Some(id), _) if id.ledger_id == u64::MAX => {
+            Some(SeekTarget::Position(ml.before_first().bump()))
+        }
+        (Some(id), _) if id.ledger_id >= i64::MAX as u64 => {
+            Some(SeekTarget::Position(ml.last_confirmed().bump()))
+        }
+        (Some(id), _) => Some(SeekTarget::Position(Position::from_message_id(id))),
+        (None, Some(t)) => Some(SeekTarget::PublishTime(t)),
+        (None, None) => None,
+    };
+    let res = match target {
+        Some(target) => {
+            slot.handle
+                .ask(|reply| SubEvent::Seek { target, reply })
+                .await
+        }
+        None => Err(BrokerError::new(
+            ServerError::UnknownError,
+            "SEEK needs a message id or a publish time",
+        )),
+    };
+    conn.answer(c.request_id, res).await;
+    true
+}
+
+pub async fn last_message_id(conn: &mut Conn, c: Option<CommandGetLastMessageId>) -> bool {
+    let Some(c) = c else { return false };
+    let Some(slot) = conn.shared.consumer(c.consumer_id) else {
+        conn.answer(c.request_id, Err(unknown("consumer"))).await;
+        return true;
+    };
+    let (reply, rx) = oneshot::channel();
+    slot.handle.tell(SubEvent::MarkDelete { reply }).await;
+    let md = rx.await.ok();
+    let mut r = base(Type::GetLastMessageIdResponse);
+    r.get_last_message_id_response = Some(CommandGetLastMessageIdResponse {
+        last_message_id: slot.topic.ml.last_confirmed().message_id(),
+        request_id: c.request_id,
+        consumer_mark_delete_position: md.map(Position::message_id),
+    });
+    conn.shared.send(&r).await;
+    true
+}
+
+/// The connection ended: its consumers leave their subscriptions (what
+/// they held unacknowledged goes to others or waits for redelivery).
+pub async fn close_all(conn: &Conn) {
+    let all: Vec<(u64, Arc<ConsumerSlot>)> = lock(&conn.shared.consumers).drain().collect();
+    for (cid, slot) in all {
+        slot.handle
+            .tell(SubEvent::RemoveConsumer {
+                key: (conn.shared.id, cid),
+                reply: None,
+            })
+            .await;
+    }
+}

@@ -1,0 +1,102 @@
+//! LOOKUP and PARTITIONED_METADATA.
+
+use magnetar_proto::frame::base;
+use magnetar_proto::pulsar::{
+    base_command::Type, command_lookup_topic_response::LookupType,
+    command_partitioned_topic_metadata_response as pmr, CommandLookupTopic,
+    CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
+    CommandPartitionedTopicMetadataResponse,
+};
+use magnetar_proto::TopicName;
+
+use super::connection::Conn;
+use crate::BrokerError;
+
+/// Where a topic is served: the answer to a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupAnswer {
+    /// Connect to this broker (final).
+    Connect { url: String },
+    /// Ask this broker again, authoritatively.
+    Redirect { url: String },
+}
+
+/// Answers lookups.
+pub struct Lookups {
+    pub service_url: String,
+}
+
+impl Lookups {
+    pub async fn lookup(
+        &self,
+        _topic: &TopicName,
+        _authoritative: bool,
+    ) -> Result<LookupAnswer, BrokerError> {
+        Ok(LookupAnswer::Connect {
+            url: self.service_url.clone(),
+        })
+    }
+}
+
+pub async fn partitioned_metadata(
+    conn: &mut Conn,
+    c: Option<CommandPartitionedTopicMetadata>,
+) -> bool {
+    let Some(c) = c else { return false };
+    let mut r = base(Type::PartitionedMetadataResponse);
+    r.partition_metadata_response = Some(match Conn::topic_name(&c.topic) {
+        Ok(_) => CommandPartitionedTopicMetadataResponse {
+            partitions: Some(0),
+            request_id: c.request_id,
+            response: Some(pmr::LookupType::Success as i32),
+            ..Default::default()
+        },
+        Err(e) => CommandPartitionedTopicMetadataResponse {
+            request_id: c.request_id,
+            response: Some(pmr::LookupType::Failed as i32),
+            error: Some(e.code() as i32),
+            message: Some(e.to_string()),
+            ..Default::default()
+        },
+    });
+    conn.shared.send(&r).await;
+    true
+}
+
+pub async fn lookup(conn: &mut Conn, c: Option<CommandLookupTopic>) -> bool {
+    let Some(c) = c else { return false };
+    let authoritative = c.authoritative.unwrap_or(false);
+    let answer = match Conn::topic_name(&c.topic) {
+        Ok(name) => conn.ctx.lookup.lookup(&name, authoritative).await,
+        Err(e) => Err(e),
+    };
+    let mut r = base(Type::LookupResponse);
+    r.lookup_topic_response = Some(match answer {
+        Ok(LookupAnswer::Connect { url }) => CommandLookupTopicResponse {
+            broker_service_url: Some(url),
+            response: Some(LookupType::Connect as i32),
+            request_id: c.request_id,
+            authoritative: Some(true),
+            ..Default::default()
+        },
+        Ok(LookupAnswer::Redirect { url }) => CommandLookupTopicResponse {
+            broker_service_url: Some(url),
+            response: Some(LookupType::Redirect as i32),
+            request_id: c.request_id,
+            authoritative: Some(true),
+            ..Default::default()
+        },
+        Err(e) => {
+            tracing::info!(peer = %conn.peer, topic = %c.topic, error = %e, "lookup failed");
+            CommandLookupTopicResponse {
+                response: Some(LookupType::Failed as i32),
+                request_id: c.request_id,
+                error: Some(e.code() as i32),
+                message: Some(e.to_string()),
+                ..Default::default()
+            }
+        }
+    });
+    conn.shared.send(&r).await;
+    true
+}

@@ -1,0 +1,182 @@
+//! PRODUCER, SEND, CLOSE_PRODUCER. A SEND goes to `Topic::publish`; its
+//! receipt is written by the topic's appender through a slot of the
+//! connection's queue reserved before the send was accepted.
+
+use std::sync::Arc;
+
+use magnetar_proto::frame::{base, FrameError};
+use magnetar_proto::pulsar::{
+    base_command::Type, CommandCloseProducer, CommandProducer, CommandProducerSuccess, CommandSend,
+    ServerError,
+};
+use magnetar_proto::{commands, Payload};
+
+use super::codec::{send_error, send_receipt};
+use super::connection::{error_cmd, Conn};
+use super::{lock, ProducerSlot};
+use crate::managed_ledger::MlError;
+use crate::BrokerError;
+
+/// Producer ids a connection remembers as closed by the broker (beyond
+/// this the memory is cleared: a very late send then gets an error).
+const MAX_REMEMBERED_CLOSED_PRODUCERS: usize = 4096;
+
+pub async fn create(conn: &mut Conn, c: Option<CommandProducer>) -> bool {
+    let Some(c) = c else { return false };
+    let res = async {
+        let name = Conn::topic_name(&c.topic)?;
+        if conn.shared.producer(c.producer_id).is_some() {
+            return Err(BrokerError::new(
+                ServerError::ProducerBusy,
+                "producer id already in use on this connection",
+            ));
+        }
+        let topic = conn.ctx.topics.get_or_load(&name).await?;
+        topic.add_producer(conn.shared.id, c.producer_id, conn.shared.clone())?;
+        Ok(topic)
+    }
+    .await;
+    match res {
+        Ok(topic) => {
+            let producer_name = c
+                .producer_name
+                .clone()
+                .unwrap_or_else(|| format!("magnetar-{}-{}", conn.shared.id, c.producer_id));
+            lock(&conn.shared.producers).insert(
+                c.producer_id,
+                Arc::new(ProducerSlot {
+                    topic,
+                    name: producer_name.clone(),
+                }),
+            );
+            lock(&conn.shared.closed_producers).remove(&c.producer_id);
+            let mut r = base(Type::ProducerSuccess);
+            r.producer_success = Some(CommandProducerSuccess {
+                request_id: c.request_id,
+                producer_name,
+                last_sequence_id: Some(-1),
+                producer_ready: Some(true),
+                ..Default::default()
+            });
+            conn.shared.send(&r).await;
+        }
+        Err(e) => {
+            tracing::info!(peer = %conn.peer, topic = %c.topic, error = %e, "producer refused");
+            conn.shared.send(&error_cmd(c.request_id, &e)).await;
+        }
+    }
+    true
+}
+
+pub async fn send(
+    conn: &mut Conn,
+    c: Option<CommandSend>,
+    payload: Option<Payload>,
+    payload_error: Option<FrameError>,
+) -> bool {
+    let Some(c) = c else { return false };
+    let (pid, seq) = (c.producer_id, c.sequence_id);
+    let Some(slot) = conn.shared.producer(pid) else {
+        if conn.shared.was_closed_by_broker(pid) {
+            tracing::debug!(peer = %conn.peer, producer_id = pid, sequence_id = seq, "send after the broker closed the producer; dropped");
+        } else {
+            tracing::warn!(peer = %conn.peer, producer_id = pid, "send for an unknown producer");
+            let e = send_error(
+                pid,
+                seq,
+                ServerError::UnknownError,
+                "unknown producer".into(),
+            );
+            conn.shared.send(&e).await;
+        }
+        return true;
+    };
+    let max = conn.ctx.limits.max_message_bytes;
+    let (code, msg) = match (payload, payload_error) {
+        (Some(pl), _) if pl.headers_and_payload.len() <= max => {
+            let highest = c.highest_sequence_id.unwrap_or(0).max(seq);
+            publish(conn, &slot, pid, seq, highest, pl).await;
+            return true;
+        }
+        (Some(pl), _) => (
+            ServerError::UnknownError,
+            format!(
+                "message of {} bytes exceeds {max}",
+                pl.headers_and_payload.len()
+            ),
+        ),
+        (None, Some(e @ FrameError::Checksum { .. })) => {
+            (ServerError::ChecksumError, e.to_string())
+        }
+        (None, Some(e)) => (ServerError::UnknownError, e.to_string()),
+        (None, None) => (ServerError::UnknownError, "SEND without a payload".into()),
+    };
+    tracing::warn!(peer = %conn.peer, producer_id = pid, sequence_id = seq, error = %msg, "send refused");
+    conn.shared.send(&send_error(pid, seq, code, msg)).await;
+    true
+}
+
+/// Waits for room under the connection's limits (the read loop does not
+/// read meanwhile), then hands the message to the topic.
+async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: u64, pl: Payload) {
+    let data = pl.headers_and_payload;
+    let max_kib = (conn.ctx.limits.max_pending_send_bytes >> 10).max(1);
+    let kib = (data.len().div_ceil(1024)).clamp(1, max_kib) as u32;
+    let (Ok(count), Ok(bytes), Ok(out)) = (
+        conn.pending_sends.clone().acquire_owned().await,
+        conn.pending_kib.clone().acquire_many_owned(kib).await,
+        conn.shared.tx.clone().reserve_owned().await,
+    ) else {
+        return;
+    };
+    let topic = slot.topic.name.clone();
+    slot.topic
+        .publish(
+            data,
+            Box::new(move |res| {
+                let cmd = match res {
+                    Ok(p) => send_receipt(pid, seq, highest, p),
+                    Err(MlError::Closed(_) | MlError::NotWritable(_)) => {
+                        // The topic is leaving this broker; the producer is
+                        // told to reconnect and resends what has no receipt.
+                        tracing::debug!(%topic, producer_id = pid, sequence_id = seq, "send not stored: topic closing");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%topic, producer_id = pid, sequence_id = seq, error = %e, "persisting a message failed");
+                        send_error(pid, seq, ServerError::PersistenceError, e.to_string())
+                    }
+                };
+                out.send(commands::frame(&cmd));
+                drop((count, bytes));
+            }),
+        )
+        .await;
+}
+
+pub async fn close(conn: &mut Conn, c: Option<CommandCloseProducer>) -> bool {
+    let Some(c) = c else { return false };
+    if let Some(slot) = lock(&conn.shared.producers).remove(&c.producer_id) {
+        slot.topic.remove_producer(conn.shared.id, c.producer_id);
+    }
+    conn.shared.send(&commands::success(c.request_id)).await;
+    true
+}
+
+/// The connection ended: its producers leave their topics.
+pub fn close_all(conn: &Conn) {
+    let all: Vec<(u64, Arc<ProducerSlot>)> = lock(&conn.shared.producers).drain().collect();
+    for (pid, slot) in all {
+        slot.topic.remove_producer(conn.shared.id, pid);
+    }
+}
+
+impl super::ConnShared {
+    pub(super) fn remember_closed_producer(&self, producer_id: u64) {
+        let mut g = lock(&self.closed_producers);
+        if g.len() >= MAX_REMEMBERED_CLOSED_PRODUCERS {
+            g.clear();
+        }
+        g.insert(producer_id);
+    }
+}

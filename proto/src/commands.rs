@@ -1,0 +1,84 @@
+//! Builders of the Pulsar commands servers and clients send, in one place.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{base, encode_command, encode_payload_command};
+use crate::pulsar::{
+    base_command::Type, BaseCommand, CommandCloseConsumer, CommandCloseProducer, CommandError,
+    CommandMessage, CommandSuccess, MessageIdData, ServerError,
+};
+
+/// A command-only frame.
+pub fn frame(cmd: &BaseCommand) -> Bytes {
+    let mut buf = BytesMut::new();
+    encode_command(cmd, &mut buf);
+    buf.freeze()
+}
+
+pub fn error(request_id: u64, code: ServerError, message: impl Into<String>) -> BaseCommand {
+    let mut c = base(Type::Error);
+    c.error = Some(CommandError {
+        request_id,
+        error: code as i32,
+        message: message.into(),
+    });
+    c
+}
+
+pub fn success(request_id: u64) -> BaseCommand {
+    let mut c = base(Type::Success);
+    c.success = Some(CommandSuccess { request_id });
+    c
+}
+
+/// Where a closed producer or consumer should reconnect (PIP-307): the new
+/// owner's `pulsar://` and `pulsar+ssl://` URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assigned {
+    pub url: Option<String>,
+    pub url_tls: Option<String>,
+}
+
+/// The broker closes a producer: the client looks the topic up again, or
+/// goes straight to `assigned`.
+pub fn close_producer(producer_id: u64, assigned: &Assigned) -> BaseCommand {
+    let mut c = base(Type::CloseProducer);
+    c.close_producer = Some(CommandCloseProducer {
+        producer_id,
+        request_id: 0,
+        assigned_broker_service_url: assigned.url.clone(),
+        assigned_broker_service_url_tls: assigned.url_tls.clone(),
+    });
+    c
+}
+
+/// The broker closes a consumer (see `close_producer`).
+pub fn close_consumer(consumer_id: u64, assigned: &Assigned) -> BaseCommand {
+    let mut c = base(Type::CloseConsumer);
+    c.close_consumer = Some(CommandCloseConsumer {
+        consumer_id,
+        request_id: 0,
+        assigned_broker_service_url: assigned.url.clone(),
+        assigned_broker_service_url_tls: assigned.url_tls.clone(),
+    });
+    c
+}
+
+/// A MESSAGE frame carrying a stored entry (`[0x0e01][crc]...` form).
+pub fn message(
+    consumer_id: u64,
+    message_id: MessageIdData,
+    redelivery_count: u32,
+    headers_and_payload: &[u8],
+) -> Bytes {
+    let mut cmd = base(Type::Message);
+    cmd.message = Some(CommandMessage {
+        consumer_id,
+        message_id,
+        redelivery_count: Some(redelivery_count),
+        ..Default::default()
+    });
+    let mut buf = BytesMut::new();
+    encode_payload_command(&cmd, headers_and_payload, &mut buf);
+    buf.freeze()
+}
