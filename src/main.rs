@@ -223,9 +223,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Broker { config } => {
             let f = config::load::<magnetar_broker::BrokerConfig>(&config, true)?;
             let metadata = metadata_client(&f.tls, f.metadata)?;
-            magnetar_broker::Broker::create_namespace(&metadata, "public/default")
-                .await
-                .context("creating namespace public/default")?;
+            magnetar_broker::Broker::create_namespace(
+                &metadata,
+                "public/default",
+                f.role.default_bundles,
+            )
+            .await
+            .context("creating namespace public/default")?;
             let rpc =
                 magnetar_proto::rpc::RpcClient::new(magnetar_proto::rpc::client_endpoint(&f.tls)?);
             let ledgers = magnetar_bookie::LedgerClient::new(metadata.clone(), rpc);

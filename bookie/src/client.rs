@@ -278,32 +278,25 @@ impl LedgerClient {
             .collect())
     }
 
+    /// A new ledger id: the revision of an unconditional write to the id
+    /// key. Revisions are unique and grow, so ids do too, and concurrent
+    /// creators never retry (a compare-and-set counter made n creators at
+    /// once cost O(n²) attempts). Ids handed out by that older counter are
+    /// all below the revision of any write made after them.
     async fn next_ledger_id(&self) -> Result<u64, LedgerError> {
-        loop {
-            let cur = self.metadata.get(LEDGER_ID_KEY).await?;
-            let (version, next) = match &cur {
-                Some(kv) => (
-                    kv.version,
-                    std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(1),
-                ),
-                None => (0, 1),
-            };
-            if self
-                .metadata
-                .cas(
-                    LEDGER_ID_KEY,
-                    version,
-                    (next + 1).to_string().into_bytes(),
-                    None,
-                )
-                .await?
-            {
-                return Ok(next);
-            }
-        }
+        let res = self
+            .metadata
+            .txn(magnetar_metadata::Txn {
+                compares: vec![],
+                success: vec![magnetar_metadata::Op::Put {
+                    key: LEDGER_ID_KEY.into(),
+                    value: Vec::new(),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        Ok(res.revision)
     }
 
     pub async fn create(

@@ -769,9 +769,10 @@ async fn recovery_replaces_a_dead_bookie_of_the_last_fragment() {
     }
     // The writer's broker and one bookie of its ensemble die together.
     let dead = w.metadata().fragments[0].bookies[2].clone();
+    let id = w.ledger_id();
     drop(w);
     tier.stop_bookie(&dead).await;
-    let closed = tier.client().recover(1).await.unwrap();
+    let closed = tier.client().recover(id).await.unwrap();
     assert_eq!(closed.state, LedgerState::Closed);
     assert_eq!(closed.last_entry_id, 299);
     let last = closed.fragments.last().unwrap();

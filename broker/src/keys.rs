@@ -1,11 +1,21 @@
 //! Every metadata key the broker reads or writes, in one place.
 
-/// Where namespaces are declared; a topic can only live in one that exists.
+/// Where namespaces are declared (with their bundles); a topic can only
+/// live in one that exists.
 pub const NAMESPACES_PREFIX: &str = "/namespaces/";
 /// Brokers register here (ephemeral keys on their leases).
 pub const BROKERS_PREFIX: &str = "/brokers/available/";
 /// A topic's ledger list and cursor pointers.
 pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
+/// Bundle owners: `/ownership/<tenant>/<ns>/<range>`, ephemeral on the
+/// owner's lease; the key's creation revision is the ownership epoch.
+pub const OWNERSHIP_PREFIX: &str = "/ownership/";
+/// Where a released bundle should go next: ephemeral on the target's lease.
+pub const ASSIGNMENTS_PREFIX: &str = "/loadbalance/assignments/";
+/// The load manager's leader (ephemeral on its broker's lease).
+pub const LOAD_MANAGER_LEADER: &str = "/loadbalance/leader";
+/// Work for a bundle's owner (unload, split): `<prefix><broker>/<id>`.
+pub const COMMANDS_PREFIX: &str = "/loadbalance/commands/";
 
 pub fn namespace(namespace: &str) -> String {
     format!("{NAMESPACES_PREFIX}{namespace}")
@@ -13,4 +23,21 @@ pub fn namespace(namespace: &str) -> String {
 
 pub fn managed_ledger(name: &str) -> String {
     format!("{MANAGED_LEDGERS_PREFIX}{name}")
+}
+
+pub fn broker(broker_id: &str) -> String {
+    format!("{BROKERS_PREFIX}{broker_id}")
+}
+
+/// `bundle` is `tenant/ns/0x.._0x..`.
+pub fn owner(bundle: &str) -> String {
+    format!("{OWNERSHIP_PREFIX}{bundle}")
+}
+
+pub fn assignment(bundle: &str) -> String {
+    format!("{ASSIGNMENTS_PREFIX}{bundle}")
+}
+
+pub fn commands_of(broker_id: &str) -> String {
+    format!("{COMMANDS_PREFIX}{broker_id}/")
 }

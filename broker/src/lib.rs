@@ -5,13 +5,16 @@
 //! is only a cache).
 //!
 //! Layers, top to bottom (nothing imports upward): `service` builds and owns
-//! the parts; `protocol` speaks to clients; `topic` holds loaded topics;
-//! `subscription` dispatches; `managed_ledger` stores.
+//! the parts; `protocol` speaks to clients; `load` balances bundles; `topic`
+//! holds loaded topics; `ownership` decides which broker serves which
+//! bundle; `subscription` dispatches; `managed_ledger` stores.
 
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod load;
 pub mod managed_ledger;
+pub mod ownership;
 pub mod protocol;
 pub mod service;
 pub mod standalone;

@@ -1,24 +1,59 @@
 //! `Broker`: builds, owns, starts and stops the broker's parts. Nothing
 //! below this module holds it; the parts get narrow handles.
+//!
+//! Start: bind the Pulsar listener first (a broker whose address refuses
+//! connections is taken for dead, see `ownership`), then take a lease and
+//! register, then serve. Stop (SIGTERM): unload every bundle to the other
+//! brokers, revoke the lease, then close the listener.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use futures::StreamExt;
 use magnetar_bookie::LedgerClient;
 use magnetar_metadata::MetadataClient;
-use magnetar_proto::commands::Assigned;
 use tokio::net::TcpListener;
 
+use crate::load::report::Reporter;
 use crate::managed_ledger::Stores;
-use crate::protocol::{connection, lookup::Lookups, ProtocolContext};
+use crate::ownership::namespaces::{self, Namespaces};
+use crate::ownership::registration::{BrokerInfo, Registration};
+use crate::ownership::{assign, Ownership};
+use crate::protocol::{connection, ProtocolContext};
 use crate::topic::TopicRegistry;
-use crate::{keys, BrokerConfig};
+use crate::{BrokerConfig, BrokerError};
+
+/// Bundles unloaded at once when the broker stops.
+const STOP_UNLOAD_CONCURRENCY: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("registering the broker: {0}")]
+    Register(#[from] magnetar_metadata::MetadataError),
+}
 
 pub struct Broker {
     pub service_url: String,
+    pub broker_id: String,
     pub local_addr: SocketAddr,
     pub topics: Arc<TopicRegistry>,
+    pub ownership: Arc<Ownership>,
+    stopping: Arc<AtomicBool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// `host:port` of the advertised URL: the broker's id.
+fn broker_id_of(url: &str) -> String {
+    url.split_once("://")
+        .map(|(_, r)| r)
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_string()
 }
 
 impl Broker {
@@ -26,27 +61,42 @@ impl Broker {
         cfg: BrokerConfig,
         metadata: MetadataClient,
         ledgers: LedgerClient,
-    ) -> std::io::Result<Arc<Broker>> {
-        let listener = TcpListener::bind(cfg.listen).await?;
-        let local_addr = listener.local_addr()?;
+    ) -> Result<Arc<Broker>, StartError> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| StartError::Bind(cfg.listen, e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(cfg.listen, e))?;
         let service_url = cfg
             .advertised_url
             .clone()
             .unwrap_or_else(|| format!("pulsar://{local_addr}"));
-        let stores = Stores::new(Arc::new(ledgers), Arc::new(metadata.clone()));
+        let broker_id = broker_id_of(&service_url);
+        let info = BrokerInfo {
+            broker_id: broker_id.clone(),
+            pulsar_url: service_url.clone(),
+            http_url: None,
+            draining: false,
+            load: Default::default(),
+        };
+        let registration = Arc::new(Registration::new(metadata.clone(), info, cfg.lease_ttl_ms));
+        registration.register().await?;
+        let namespaces = Namespaces::new(metadata.clone(), cfg.default_bundles);
+        let ownership = Arc::new(Ownership::new(
+            metadata.clone(),
+            registration.clone(),
+            namespaces,
+            cfg.fast_failover,
+        ));
+        let stores = Stores::new(Arc::new(ledgers), Arc::new(metadata));
         let topics = Arc::new(TopicRegistry::new(
-            metadata,
+            ownership.clone(),
             stores,
             cfg.managed_ledger.clone(),
         ));
-        let ctx = Arc::new(ProtocolContext::new(
-            topics.clone(),
-            Arc::new(Lookups {
-                service_url: service_url.clone(),
-            }),
-            cfg.connection.clone(),
-        ));
-        let task = tokio::spawn(async move {
+        let ctx = Arc::new(ProtocolContext::new(topics.clone(), cfg.connection.clone()));
+        let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
@@ -55,43 +105,129 @@ impl Broker {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }
         });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let tasks = vec![
+            tokio::spawn(guard_lease(topics.clone(), stopping.clone())),
+            tokio::spawn(report_load(
+                topics.clone(),
+                Duration::from_millis(cfg.load_report_interval_ms.max(100)),
+            )),
+        ];
         tracing::info!(addr = %local_addr, url = %service_url, "broker listening");
         Ok(Arc::new(Broker {
             service_url,
+            broker_id,
             local_addr,
             topics,
-            accept: Mutex::new(Some(task)),
+            ownership,
+            stopping,
+            tasks: Mutex::new(tasks),
+            accept: Mutex::new(Some(accept)),
         }))
     }
 
-    /// Stops accepting, closes every topic's open ledger and tells clients.
+    /// Graceful stop: stops taking bundles, unloads every bundle to the
+    /// other brokers (clients are told where to go), revokes the lease,
+    /// then stops listening. A rolling restart loses nothing.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let reg = &self.ownership.registration;
+        reg.set_draining(true);
+        if let Err(e) = reg.publish().await {
+            tracing::warn!(error = %e, "could not mark this broker as stopping");
+        }
+        let bundles: Vec<_> = self.ownership.owned().into_iter().map(|(b, _)| b).collect();
+        let cluster = self.ownership.cluster().await.ok();
+        let started = std::time::Instant::now();
+        let me = self.broker_id.clone();
+        futures::stream::iter(bundles)
+            .for_each_concurrent(STOP_UNLOAD_CONCURRENCY, |bundle| {
+                let next = cluster.as_ref().and_then(|(brokers, owned)| {
+                    assign::choose(&bundle.to_string(), brokers, owned, Some(&me)).cloned()
+                });
+                let topics = self.topics.clone();
+                async move {
+                    if let Err(e) = topics.unload_bundle(&bundle, next).await {
+                        tracing::warn!(%bundle, error = %e, "unloading at stop failed");
+                    }
+                }
+            })
+            .await;
+        // Topics whose bundle was not ours any more (none, normally).
+        let left = self.topics.drop_all().await;
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            left = left.topics,
+            "all bundles unloaded"
+        );
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        reg.revoke().await;
         if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
-        for t in self.topics.loaded() {
-            let (detached, res) = t.close().await;
-            if let Err(e) = res {
-                tracing::warn!(topic = %t.name, error = %e, "closing topic failed");
-            }
-            detached.disconnect(&Assigned::default());
-            self.topics.remove(&t);
-        }
     }
 
-    /// Creates a namespace (idempotent).
+    /// Creates a namespace with `bundles` bundles (nothing if it exists).
     pub async fn create_namespace(
         metadata: &MetadataClient,
         namespace: &str,
-    ) -> Result<(), magnetar_metadata::MetadataError> {
-        metadata
-            .cas(&keys::namespace(namespace), 0, b"{}".to_vec(), None)
+        bundles: usize,
+    ) -> Result<(), BrokerError> {
+        namespaces::create(metadata, namespace, bundles)
             .await
             .map(|_| ())
+    }
+}
+
+/// Stops serving once the lease can no longer be trusted, then registers
+/// again under a new lease.
+async fn guard_lease(topics: Arc<TopicRegistry>, stopping: Arc<AtomicBool>) {
+    let reg = topics.ownership.registration.clone();
+    loop {
+        reg.until_invalid().await;
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(
+            "the broker's lease can no longer be trusted; stopping service of every bundle"
+        );
+        topics.drop_all().await;
+        loop {
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match reg.register().await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering again failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the load report with the registration every `every`.
+async fn report_load(topics: Arc<TopicRegistry>, every: Duration) {
+    let mut reporter = Reporter::default();
+    let reg = topics.ownership.registration.clone();
+    loop {
+        tokio::time::sleep(every).await;
+        reg.set_load(reporter.report(&topics));
+        if let Err(e) = reg.publish().await {
+            tracing::debug!(error = %e, "publishing the load report failed");
+        }
     }
 }

@@ -67,14 +67,14 @@ impl Standalone {
         }
         let rpc = RpcClient::new(client_endpoint(&tls).map_err(err)?);
         let metadata = MetadataClient::new(rpc.clone(), vec![metadata_node.local_addr()]);
-        Broker::create_namespace(&metadata, "public/default")
+        let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
+        broker_cfg.managed_ledger = cfg.managed_ledger.clone();
+        Broker::create_namespace(&metadata, "public/default", broker_cfg.default_bundles)
             .await
             .map_err(err)?;
         let bcfg = BookieConfig::new(addr(cfg.bookie_port)?, cfg.data_dir.join("bookie"));
         let bookie = Bookie::start(bcfg, &tls, &metadata).await.map_err(err)?;
         let ledgers = LedgerClient::new(metadata.clone(), rpc);
-        let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
-        broker_cfg.managed_ledger = cfg.managed_ledger.clone();
         let broker = Broker::start(broker_cfg, metadata, ledgers.clone())
             .await
             .map_err(err)?;

@@ -328,11 +328,17 @@ impl MetadataClient {
     /// reports itself lost when a keep-alive is refused or none succeeded for
     /// a whole TTL — its holder must then stop acting on it.
     pub async fn grant_lease(&self, ttl_ms: u64) -> Result<Lease, MetadataError> {
+        // The service starts the TTL when it grants (or renews) the lease,
+        // which is after we asked: our send time plus the TTL is an instant
+        // before which it cannot expire.
+        let asked = tokio::time::Instant::now();
         let id = match self.request(&MetaRequest::LeaseGrant { ttl_ms }).await? {
             MetaResponse::Lease { id, .. } => id,
             r => return Err(MetadataError::Protocol(format!("{r:?}"))),
         };
+        let ttl = Duration::from_millis(ttl_ms);
         let (lost_tx, lost_rx) = watch::channel(false);
+        let (expiry_tx, expiry_rx) = watch::channel(asked + ttl);
         let me = self.clone();
         let task = tokio::spawn(async move {
             let every = Duration::from_millis((ttl_ms / 4).max(50));
@@ -341,8 +347,12 @@ impl MetadataClient {
             quick.retry_for = every;
             loop {
                 tokio::time::sleep(every).await;
+                let sent = tokio::time::Instant::now();
                 match quick.request(&MetaRequest::LeaseKeepAlive { id }).await {
-                    Ok(_) => last_ok = tokio::time::Instant::now(),
+                    Ok(_) => {
+                        last_ok = tokio::time::Instant::now();
+                        expiry_tx.send_replace(sent + ttl);
+                    }
                     Err(MetadataError::Server(MetaError::LeaseNotFound(_))) => {
                         tracing::warn!(lease = id, "lease is gone");
                         let _ = lost_tx.send(true);
@@ -350,7 +360,7 @@ impl MetadataClient {
                     }
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "lease keep-alive failed");
-                        if last_ok.elapsed() >= Duration::from_millis(ttl_ms) {
+                        if last_ok.elapsed() >= ttl {
                             let _ = lost_tx.send(true);
                             return;
                         }
@@ -362,9 +372,20 @@ impl MetadataClient {
             id,
             ttl_ms,
             lost: lost_rx,
+            safe_until: expiry_rx,
             task,
             client: self.clone(),
         })
+    }
+
+    /// Revokes a lease by id (its ephemeral keys go with it): for a holder
+    /// known to be gone. Revoking a lease that no longer exists is not an
+    /// error.
+    pub async fn revoke_lease(&self, id: u64) -> Result<(), MetadataError> {
+        match self.request(&MetaRequest::LeaseRevoke { id }).await {
+            Ok(_) | Err(MetadataError::Server(MetaError::LeaseNotFound(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Every change under `prefix` from `start_revision` on (0: from now),
@@ -484,6 +505,11 @@ pub struct Lease {
     pub ttl_ms: u64,
     /// Turns true when the lease is (or may be) lost.
     pub lost: watch::Receiver<bool>,
+    /// Before this instant the service cannot have expired the lease (the
+    /// send time of the last successful grant or keep-alive plus the TTL).
+    /// A holder that must stop acting before another can take over stops
+    /// somewhat before it.
+    pub safe_until: watch::Receiver<tokio::time::Instant>,
     task: tokio::task::JoinHandle<()>,
     client: MetadataClient,
 }

@@ -770,7 +770,13 @@ impl MetadataNode {
             write_msg(send, &MetaResponse::Event(ev)).await?;
         }
         loop {
-            match rx.recv().await {
+            // A watch with no events must still end with its connection
+            // (the node shutting down, the client gone): it holds both.
+            let next = tokio::select! {
+                r = rx.recv() => r,
+                _ = send.stopped() => return Ok(()),
+            };
+            match next {
                 Ok(ev) if ev.revision >= start && ev.kv.key.starts_with(&prefix) => {
                     write_msg(send, &MetaResponse::Event(ev)).await?
                 }

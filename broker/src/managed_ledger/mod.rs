@@ -295,16 +295,13 @@ impl ManagedLedger {
         Ok(writer)
     }
 
-    /// Closes the open ledger and records it closed (unload, shutdown).
+    /// Closes the open ledger (unload, shutdown). The ledger list still
+    /// names it open: the next owner finds it closed when it recovers it (a
+    /// metadata read), which saves a write here, on the unload's path.
     async fn close_open(&self, writer: Option<Handle>) -> Result<(), MlError> {
         let Some(wr) = writer else { return Ok(()) };
         let meta = wr.close().await?;
-        let mut w = self.write.lock().await;
-        w.info.mark_closed(&meta);
         lock(&self.ledger_meta).insert(meta.ledger_id, meta);
-        self.store_info(&mut w).await?;
-        *write(&self.view) = w.info.ledgers.clone();
-        *write(&self.current) = None;
         Ok(())
     }
 

@@ -7,36 +7,9 @@ use magnetar_proto::pulsar::{
     CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
     CommandPartitionedTopicMetadataResponse,
 };
-use magnetar_proto::TopicName;
 
 use super::connection::Conn;
-use crate::BrokerError;
-
-/// Where a topic is served: the answer to a lookup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupAnswer {
-    /// Connect to this broker (final).
-    Connect { url: String },
-    /// Ask this broker again, authoritatively.
-    Redirect { url: String },
-}
-
-/// Answers lookups.
-pub struct Lookups {
-    pub service_url: String,
-}
-
-impl Lookups {
-    pub async fn lookup(
-        &self,
-        _topic: &TopicName,
-        _authoritative: bool,
-    ) -> Result<LookupAnswer, BrokerError> {
-        Ok(LookupAnswer::Connect {
-            url: self.service_url.clone(),
-        })
-    }
-}
+use crate::ownership::LookupAnswer;
 
 pub async fn partitioned_metadata(
     conn: &mut Conn,
@@ -67,7 +40,7 @@ pub async fn lookup(conn: &mut Conn, c: Option<CommandLookupTopic>) -> bool {
     let Some(c) = c else { return false };
     let authoritative = c.authoritative.unwrap_or(false);
     let answer = match Conn::topic_name(&c.topic) {
-        Ok(name) => conn.ctx.lookup.lookup(&name, authoritative).await,
+        Ok(name) => conn.ctx.topics.ownership.lookup(&name, authoritative).await,
         Err(e) => Err(e),
     };
     let mut r = base(Type::LookupResponse);

@@ -55,20 +55,14 @@ impl Default for ConnectionLimits {
 /// What connections need from the rest of the broker.
 pub struct ProtocolContext {
     pub topics: Arc<TopicRegistry>,
-    pub lookup: Arc<lookup::Lookups>,
     pub limits: ConnectionLimits,
     next_id: AtomicU64,
 }
 
 impl ProtocolContext {
-    pub fn new(
-        topics: Arc<TopicRegistry>,
-        lookup: Arc<lookup::Lookups>,
-        limits: ConnectionLimits,
-    ) -> ProtocolContext {
+    pub fn new(topics: Arc<TopicRegistry>, limits: ConnectionLimits) -> ProtocolContext {
         ProtocolContext {
             topics,
-            lookup,
             limits,
             next_id: AtomicU64::new(1),
         }

@@ -30,6 +30,14 @@ pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher};
 use dispatcher::{Delivery, EntrySource};
 use redelivery::Unacked;
 
+/// Messages and bytes a topic's subscriptions sent (for load reports and
+/// statistics).
+#[derive(Debug, Default)]
+pub struct OutCounters {
+    pub msgs: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
 /// A connection's outgoing frames (bounded: a slow client slows its senders).
 pub type ConnTx = mpsc::Sender<Bytes>;
 
@@ -123,6 +131,7 @@ impl SubscriptionHandle {
 struct Sub {
     name: String,
     ml: Arc<ManagedLedger>,
+    out: Arc<OutCounters>,
     cursor: CursorState,
     dispatcher: Box<dyn Dispatcher>,
     consumers: HashMap<ConsumerKey, ConsumerConn>,
@@ -154,12 +163,18 @@ fn dispatcher_for(sub_type: SubType, unacked: Unacked) -> Box<dyn Dispatcher> {
 }
 
 /// Starts the task of a subscription whose cursor is at `cursor`.
-pub fn spawn(name: String, ml: Arc<ManagedLedger>, cursor: CursorState) -> SubscriptionHandle {
+pub fn spawn(
+    name: String,
+    ml: Arc<ManagedLedger>,
+    cursor: CursorState,
+    out: Arc<OutCounters>,
+) -> SubscriptionHandle {
     let (tx, rx) = mpsc::channel(SUBSCRIPTION_EVENT_QUEUE);
     let unacked = Unacked::new(cursor.mark_delete.bump());
     let sub = Sub {
         name,
         ml,
+        out,
         cursor,
         dispatcher: dispatcher_for(SubType::Exclusive, unacked),
         consumers: HashMap::new(),
@@ -379,6 +394,9 @@ impl Sub {
             None => false,
         };
         if sent {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.out.msgs.fetch_add(count as u64, Relaxed);
+            self.out.bytes.fetch_add(data.len() as u64, Relaxed);
             self.dispatcher.sent(d, count);
         } else {
             // Connection gone; its removal event may still be on the way.

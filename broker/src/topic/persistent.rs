@@ -3,7 +3,7 @@
 //! storage first, then tells every client where to go.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -14,7 +14,9 @@ use tokio::sync::oneshot;
 
 use crate::managed_ledger::cursor::CursorState;
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
-use crate::subscription::{self, ClientLink, ConsumerConn, SubEvent, SubscriptionHandle};
+use crate::subscription::{
+    self, ClientLink, ConsumerConn, OutCounters, SubEvent, SubscriptionHandle,
+};
 use crate::BrokerError;
 
 /// Where a new subscription starts.
@@ -37,6 +39,15 @@ pub struct Topic {
     subs: tokio::sync::Mutex<HashMap<String, SubscriptionHandle>>,
     /// Set once unloading started: no new producers or subscriptions.
     closing: AtomicBool,
+    pub stats: TopicStats,
+}
+
+/// Traffic counters of a topic (rates come from their differences).
+#[derive(Debug, Default)]
+pub struct TopicStats {
+    pub msgs_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub out: Arc<OutCounters>,
 }
 
 /// What an unload leaves for `disconnect`: the clients to tell.
@@ -53,9 +64,11 @@ impl Topic {
     ) -> Result<Arc<Topic>, BrokerError> {
         let ml = ManagedLedger::open(&name.as_key(), cfg, stores).await?;
         let cursors = ml.open_cursors().await?;
+        let stats = TopicStats::default();
         let mut subs = HashMap::new();
         for (sub, state) in cursors {
-            subs.insert(sub.clone(), subscription::spawn(sub, ml.clone(), state));
+            let h = subscription::spawn(sub.clone(), ml.clone(), state, stats.out.clone());
+            subs.insert(sub, h);
         }
         Ok(Arc::new(Topic {
             name,
@@ -63,6 +76,7 @@ impl Topic {
             producers: Mutex::default(),
             subs: tokio::sync::Mutex::new(subs),
             closing: AtomicBool::new(false),
+            stats,
         }))
     }
 
@@ -90,9 +104,11 @@ impl Topic {
         producer_id: u64,
         link: Arc<dyn ClientLink>,
     ) -> Result<(), BrokerError> {
+        // Checked under the producers' lock, which `close` takes to set it:
+        // no producer joins after `close` collected them.
+        let mut g = self.producers();
         self.refuse_if_closing()?;
-        self.producers()
-            .insert((conn_id, producer_id), ProducerRef { link });
+        g.insert((conn_id, producer_id), ProducerRef { link });
         Ok(())
     }
 
@@ -106,6 +122,10 @@ impl Topic {
 
     /// Appends a message; `done` gets its position once it is durable.
     pub async fn publish(&self, data: Bytes, done: AppendDone) {
+        self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.ml.append(data, done).await
     }
 
@@ -128,7 +148,12 @@ impl Topic {
         };
         let state = CursorState::new(start);
         self.ml.persist_cursor(sub, &state).await?;
-        let h = subscription::spawn(sub.to_string(), self.ml.clone(), state);
+        let h = subscription::spawn(
+            sub.to_string(),
+            self.ml.clone(),
+            state,
+            self.stats.out.clone(),
+        );
         subs.insert(sub.to_string(), h.clone());
         Ok(h)
     }
@@ -146,8 +171,13 @@ impl Topic {
     /// stay connected (their late sends are dropped, unacknowledged) until
     /// `disconnect`.
     pub async fn close(&self) -> (Detached, Result<(), MlError>) {
-        self.closing.store(true, Ordering::SeqCst);
+        {
+            let _g = self.producers();
+            self.closing.store(true, Ordering::SeqCst);
+        }
+        let t0 = std::time::Instant::now();
         let closed = self.ml.close().await;
+        let t1 = t0.elapsed();
         let handles: Vec<SubscriptionHandle> =
             self.subs.lock().await.drain().map(|(_, h)| h).collect();
         let mut consumers = Vec::new();
@@ -158,7 +188,9 @@ impl Topic {
                 consumers.extend(cs);
             }
         }
+        let t2 = t0.elapsed();
         self.ml.close_cursor_ledgers().await;
+        tracing::debug!(topic = %self.name, ledger_ms = t1.as_millis() as u64, cursors_ms = (t2 - t1).as_millis() as u64, cursor_ledgers_ms = (t0.elapsed() - t2).as_millis() as u64, "topic closed");
         let producers = self
             .producers()
             .drain()

@@ -1,32 +1,54 @@
-//! The topics this broker has loaded. A topic is loaded once (concurrent
-//! loads of one topic share the work), only in a namespace that exists, and
-//! removed again when it is unloaded.
+//! The topics this broker has loaded. A topic is loaded only in a bundle
+//! this broker owns (acquiring it if nobody does), once (concurrent loads
+//! share the work), with a write gate that closes when the broker's lease
+//! can no longer be trusted. Unloading a bundle closes its topics' storage
+//! first, releases the bundle, then tells the clients where to go.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use magnetar_metadata::MetadataClient;
+use futures::future::join_all;
+use magnetar_proto::commands::Assigned;
 use magnetar_proto::TopicName;
 use tokio::sync::OnceCell;
 
 use super::Topic;
 use crate::managed_ledger::{ManagedLedgerConfig, Stores};
-use crate::{keys, BrokerError};
+use crate::ownership::bundle::{topic_hash, BundleKey};
+use crate::ownership::registration::RegisteredBroker;
+use crate::ownership::Ownership;
+use crate::BrokerError;
 
 type Slot = Arc<OnceCell<Arc<Topic>>>;
 
+/// Attempts to release a bundle before giving up (the key then goes with
+/// the lease, or is adopted again).
+const RELEASE_ATTEMPTS: usize = 3;
+
 pub struct TopicRegistry {
     topics: Mutex<HashMap<TopicName, Slot>>,
-    metadata: MetadataClient,
+    pub ownership: Arc<Ownership>,
     stores: Stores,
     ml_cfg: ManagedLedgerConfig,
 }
 
+/// What an unload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unloaded {
+    pub topics: usize,
+    pub clients: usize,
+}
+
 impl TopicRegistry {
-    pub fn new(metadata: MetadataClient, stores: Stores, ml_cfg: ManagedLedgerConfig) -> Self {
+    pub fn new(ownership: Arc<Ownership>, stores: Stores, ml_cfg: ManagedLedgerConfig) -> Self {
+        let reg = ownership.registration.clone();
+        let stores = Stores {
+            gate: Arc::new(move || reg.is_valid()),
+            ..stores
+        };
         TopicRegistry {
             topics: Mutex::default(),
-            metadata,
+            ownership,
             stores,
             ml_cfg,
         }
@@ -36,7 +58,7 @@ impl TopicRegistry {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The loaded topic, loading it if needed.
+    /// The loaded topic, loading it if needed; its bundle must be ours.
     pub async fn get_or_load(&self, name: &TopicName) -> Result<Arc<Topic>, BrokerError> {
         if !name.persistent {
             return Err(BrokerError::new(
@@ -44,13 +66,10 @@ impl TopicRegistry {
                 "non-persistent topics are not supported yet",
             ));
         }
+        let bundle = self.ownership.claim(name).await?;
         let cell = self.lock().entry(name.clone()).or_default().clone();
         let res = cell
             .get_or_try_init(|| async {
-                let ns = name.namespace();
-                if self.metadata.get(&keys::namespace(&ns)).await?.is_none() {
-                    return Err(BrokerError::NamespaceNotFound(ns));
-                }
                 Topic::load(name.clone(), self.ml_cfg.clone(), self.stores.clone()).await
             })
             .await
@@ -59,6 +78,16 @@ impl TopicRegistry {
             Ok(t) if t.is_closing() => Err(BrokerError::NotServedHere(format!(
                 "topic {name} is being unloaded"
             ))),
+            // An unload of the bundle began while the topic loaded; it did
+            // not see the topic, so close it here.
+            Ok(t) if !self.ownership.serves(&bundle) => {
+                let (detached, _) = t.close().await;
+                detached.disconnect(&Assigned::default());
+                self.remove(&t);
+                Err(BrokerError::NotServedHere(format!(
+                    "bundle {bundle} of {name} is moving"
+                )))
+            }
             Ok(t) => Ok(t),
             Err(e) => {
                 self.remove_slot(name, &cell);
@@ -75,7 +104,7 @@ impl TopicRegistry {
         }
     }
 
-    /// The topic if it is loaded (or loading finished).
+    /// The topic if it is loaded.
     pub fn get(&self, name: &TopicName) -> Option<Arc<Topic>> {
         self.lock().get(name).and_then(|c| c.get().cloned())
     }
@@ -99,11 +128,96 @@ impl TopicRegistry {
             .collect()
     }
 
+    /// Loaded topics of `bundle`.
+    pub fn in_bundle(&self, bundle: &BundleKey) -> Vec<Arc<Topic>> {
+        self.loaded()
+            .into_iter()
+            .filter(|t| {
+                t.name.namespace() == bundle.namespace && bundle.range.contains(topic_hash(&t.name))
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Closes `topics` (in parallel), then runs `between`, then sends every
+    /// client a close naming `assigned`.
+    async fn close_topics(
+        &self,
+        topics: Vec<Arc<Topic>>,
+        between: impl std::future::Future<Output = ()>,
+        assigned: impl Fn() -> Assigned,
+    ) -> Unloaded {
+        let closed = join_all(topics.iter().map(|t| t.close())).await;
+        between.await;
+        let assigned = assigned();
+        let mut done = Unloaded::default();
+        for (t, (detached, res)) in topics.iter().zip(closed) {
+            if let Err(e) = res {
+                tracing::warn!(topic = %t.name, error = %e, "closing the topic's ledger failed; the next owner recovers it");
+            }
+            done.topics += 1;
+            done.clients += detached.clients();
+            detached.disconnect(&assigned);
+            self.remove(t);
+        }
+        done
+    }
+
+    /// Unloads a bundle we own: new loads stop, its topics' storage closes
+    /// (queued messages are stored, cursors persisted), the bundle is
+    /// released — assigned to `next` if given — and producers and consumers
+    /// are told to reconnect, to `next` where their protocol has the field.
+    pub async fn unload_bundle(
+        &self,
+        bundle: &BundleKey,
+        next: Option<RegisteredBroker>,
+    ) -> Result<Unloaded, BrokerError> {
+        if !self.ownership.start_unloading(bundle) {
+            return Err(BrokerError::NotServedHere(format!(
+                "bundle {bundle} is not owned here"
+            )));
+        }
+        let started = std::time::Instant::now();
+        let topics = self.in_bundle(bundle);
+        let release = async {
+            for attempt in 1..=RELEASE_ATTEMPTS {
+                match self.ownership.release(bundle, next.as_ref()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(%bundle, attempt, error = %e, "releasing the bundle failed")
+                    }
+                }
+            }
+        };
+        let url = next.as_ref().map(|n| n.info.pulsar_url.clone());
+        let done = self
+            .close_topics(topics, release, || Assigned {
+                url: url.clone(),
+                url_tls: None,
+            })
+            .await;
+        tracing::info!(%bundle, topics = done.topics, clients = done.clients, next = ?url, ms = started.elapsed().as_millis() as u64, "bundle unloaded");
+        Ok(done)
+    }
+
+    /// The lease is lost: every bundle is gone with it. Topics close (their
+    /// writes are already refused by the gate) and clients are told to look
+    /// their topics up again.
+    pub async fn drop_all(&self) -> Unloaded {
+        let bundles = self.ownership.forget_all();
+        let topics = self.loaded();
+        tracing::warn!(
+            bundles = bundles.len(),
+            topics = topics.len(),
+            "ownership lost; closing every topic"
+        );
+        self.close_topics(topics, async {}, Assigned::default).await
     }
 }
