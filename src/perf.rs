@@ -219,6 +219,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 sub_type: SubscriptionType::Shared,
                 earliest: true,
                 receiver_queue: 5000,
+                ..Default::default()
             };
             let mut consumer = client.subscribe(&topic, &subscription, opts).await?;
             let started = Instant::now();

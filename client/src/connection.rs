@@ -1,5 +1,7 @@
 //! One TCP connection to a broker: the handshake, a writer task, and a reader
-//! task that routes responses, receipts and messages.
+//! task that routes responses, receipts, messages and the broker's closes of
+//! producers and consumers. When it ends, every route's channel closes: that
+//! is how producers and consumers learn to reconnect.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,7 @@ struct Routes {
 }
 
 pub struct Connection {
+    pub url: String,
     tx: mpsc::UnboundedSender<Bytes>,
     routes: Arc<Mutex<Routes>>,
     next_request: AtomicU64,
@@ -180,6 +183,7 @@ impl Connection {
             g.consumers.clear();
         });
         Ok(Arc::new(Connection {
+            url: service_url.trim_end_matches('/').to_string(),
             tx,
             routes,
             next_request: AtomicU64::new(1),
@@ -241,10 +245,28 @@ impl Connection {
         rx
     }
 
+    pub fn unregister_producer(&self, id: u64) {
+        lock(&self.routes).producers.remove(&id);
+    }
+
+    pub fn unregister_consumer(&self, id: u64) {
+        lock(&self.routes).consumers.remove(&id);
+    }
+
+    /// Whether the connection ended (its routes are gone).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.routes).closed || self.tx.is_closed()
+    }
+
     pub fn close(&self) {
         for t in &self.tasks {
             t.abort();
         }
+        let mut g = lock(&self.routes);
+        g.closed = true;
+        g.requests.clear();
+        g.producers.clear();
+        g.consumers.clear();
     }
 }
 
@@ -283,6 +305,20 @@ fn route(
             let cid = cmd.message.as_ref().map(|m| m.consumer_id);
             if let Some(s) = cid.and_then(|c| lock(routes).consumers.get(&c).cloned()) {
                 let _ = s.send((cmd, payload));
+            }
+        }
+        // The broker closed a producer or consumer (its topic moved): the
+        // route goes, the owner reconnects.
+        Some(Type::CloseProducer) => {
+            let pid = cmd.close_producer.as_ref().map(|c| c.producer_id);
+            if let Some(s) = pid.and_then(|p| lock(routes).producers.remove(&p)) {
+                let _ = s.send(cmd);
+            }
+        }
+        Some(Type::CloseConsumer) => {
+            let cid = cmd.close_consumer.as_ref().map(|c| c.consumer_id);
+            if let Some(s) = cid.and_then(|c| lock(routes).consumers.remove(&c)) {
+                let _ = s.send((cmd, None));
             }
         }
         _ => match request_id_of(&cmd) {

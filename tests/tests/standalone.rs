@@ -172,6 +172,7 @@ async fn shared_subscription_spreads_and_redelivers_unacked() {
         sub_type: SubscriptionType::Shared,
         earliest: true,
         receiver_queue: 10,
+        ..Default::default()
     };
     let mut a = client.subscribe(topic, "work", opts.clone()).await.unwrap();
     let mut b = client.subscribe(topic, "work", opts.clone()).await.unwrap();

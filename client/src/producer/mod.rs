@@ -1,0 +1,488 @@
+//! A producer that follows its topic: a task looks the topic up, opens the
+//! producer on the broker that serves it, and — when that connection ends
+//! or the broker closes the producer (the topic moved) — does so again with
+//! back-off, then sends every message still without a receipt again, in
+//! sequence order. Sends made meanwhile wait in the pending queue.
+
+pub mod state;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use magnetar_proto::frame::{base, encode_batch, BatchItem};
+use magnetar_proto::pulsar::{
+    base_command::Type, BaseCommand, CommandCloseProducer, CommandProducer, CommandSend,
+    MessageMetadata, SingleMessageMetadata,
+};
+use magnetar_proto::Payload;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::backoff::Backoff;
+use crate::pool::Pool;
+use crate::{kvs, now_ms, Connection, Error, MessageId, OutgoingMessage};
+use state::{ProducerState, ReceiptOutcome};
+
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    pub name: Option<String>,
+    pub batching: bool,
+    pub batch_max_messages: usize,
+    pub batch_max_bytes: usize,
+    pub batch_delay_ms: u64,
+    /// A message without a receipt after this long fails with `Timeout`.
+    pub send_timeout_ms: u64,
+    /// How long `create_producer` keeps retrying while the topic is moving.
+    pub operation_timeout_ms: u64,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            name: None,
+            batching: false,
+            batch_max_messages: 1000,
+            batch_max_bytes: 128 * 1024,
+            batch_delay_ms: 10,
+            send_timeout_ms: 30_000,
+            operation_timeout_ms: 30_000,
+        }
+    }
+}
+
+type Receipt = oneshot::Sender<Result<MessageId, Error>>;
+
+struct Shared {
+    state: ProducerState<Receipt>,
+    batch: Vec<(BatchItem, Receipt)>,
+    batch_bytes: usize,
+    /// The connection the producer is open on, if it is now.
+    conn: Option<Arc<Connection>>,
+    /// Set once the producer is closed or failed for good.
+    closed: Option<Error>,
+    /// The broker-assigned name, kept across reconnects.
+    name: Option<String>,
+}
+
+pub(crate) struct ProducerInner {
+    pool: Arc<Pool>,
+    topic: String,
+    producer_id: u64,
+    options: ProducerOptions,
+    shared: Mutex<Shared>,
+    closing: Notify,
+}
+
+fn send_cmd(producer_id: u64, seq: u64, n: u32) -> BaseCommand {
+    let mut cmd = base(Type::Send);
+    cmd.send = Some(CommandSend {
+        producer_id,
+        sequence_id: seq,
+        num_messages: Some(n as i32),
+        highest_sequence_id: Some(seq + n.max(1) as u64 - 1),
+        ..Default::default()
+    });
+    cmd
+}
+
+impl ProducerInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an entry (a message or a batch) and sends it if connected.
+    fn enqueue(
+        &self,
+        sh: &mut Shared,
+        n: u32,
+        metadata_for: impl FnOnce(u64, String) -> MessageMetadata,
+        payload: &[u8],
+        waiters: Vec<Receipt>,
+    ) {
+        if let Some(e) = &sh.closed {
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
+            }
+            return;
+        }
+        let name = sh.name.clone().unwrap_or_default();
+        let (seq, stored) = sh.state.push(
+            n,
+            |seq| Payload::build(metadata_for(seq, name), payload).headers_and_payload,
+            waiters,
+            Instant::now(),
+        );
+        if let Some(c) = &sh.conn {
+            // A failed send is noticed by the task, which resends it.
+            let _ = c.send_payload(&send_cmd(self.producer_id, seq, n), &stored);
+        }
+    }
+
+    fn flush_batch(&self) {
+        let mut sh = self.lock();
+        if sh.batch.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut sh.batch);
+        sh.batch_bytes = 0;
+        let (items, waiters): (Vec<BatchItem>, Vec<Receipt>) = items.into_iter().unzip();
+        let payload = encode_batch(&items);
+        let n = items.len() as u32;
+        self.enqueue(
+            &mut sh,
+            n,
+            |seq, name| MessageMetadata {
+                producer_name: name,
+                sequence_id: seq,
+                publish_time: now_ms(),
+                num_messages_in_batch: Some(n as i32),
+                ..Default::default()
+            },
+            &payload,
+            waiters,
+        );
+    }
+
+    /// Opens the producer on the broker serving the topic (or on `hint`)
+    /// and sends what is pending again. Returns the producer's route.
+    async fn open(
+        &self,
+        hint: Option<&str>,
+    ) -> Result<mpsc::UnboundedReceiver<BaseCommand>, Error> {
+        let conn = self.pool.for_topic(&self.topic, hint).await?;
+        let routes = conn.register_producer(self.producer_id);
+        let mut cmd = base(Type::Producer);
+        let name = self.lock().name.clone().or(self.options.name.clone());
+        cmd.producer = Some(CommandProducer {
+            topic: self.topic.clone(),
+            producer_id: self.producer_id,
+            request_id: 0,
+            producer_name: name,
+            ..Default::default()
+        });
+        let resp = match conn.request(cmd).await {
+            Ok(r) => r,
+            Err(e) => {
+                conn.unregister_producer(self.producer_id);
+                return Err(e);
+            }
+        };
+        let Some(ok) = resp.producer_success else {
+            conn.unregister_producer(self.producer_id);
+            return Err(Error::Protocol("no PRODUCER_SUCCESS".into()));
+        };
+        let mut sh = self.lock();
+        sh.name = Some(ok.producer_name);
+        for p in sh.state.to_resend() {
+            let _ = conn.send_payload(
+                &send_cmd(self.producer_id, p.sequence_id, p.messages),
+                &p.payload,
+            );
+        }
+        sh.conn = Some(conn);
+        Ok(routes)
+    }
+
+    /// Opens the producer, retrying retriable failures until `deadline`.
+    async fn open_until(
+        &self,
+        hint: Option<String>,
+        deadline: Option<tokio::time::Instant>,
+        backoff: &mut Backoff,
+    ) -> Result<mpsc::UnboundedReceiver<BaseCommand>, Error> {
+        let mut hint = hint;
+        loop {
+            match self.open(hint.take().as_deref()).await {
+                Ok(r) => {
+                    backoff.reset();
+                    return Ok(r);
+                }
+                Err(e) if e.is_retriable() => {
+                    let delay = backoff.next_delay();
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + delay > d) {
+                        return Err(e);
+                    }
+                    tracing::debug!(topic = %self.topic, error = %e, ?delay, "producer not open yet; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn receipt(&self, cmd: BaseCommand) -> bool {
+        let mut sh = self.lock();
+        if let Some(r) = cmd.send_receipt {
+            let (outcome, p) = sh.state.receipt(r.sequence_id);
+            drop(sh);
+            if let Some(p) = p {
+                let batched = p.waiters.len() > 1 || self.options.batching;
+                let id = r.message_id.as_ref().map(MessageId::from_data);
+                for (i, w) in p.waiters.into_iter().enumerate() {
+                    let res = match id {
+                        Some(mut id) => {
+                            id.batch_index = if batched { i as i32 } else { -1 };
+                            Ok(id)
+                        }
+                        None => Err(Error::Protocol("receipt without a message id".into())),
+                    };
+                    let _ = w.send(res);
+                }
+            }
+            return outcome != ReceiptOutcome::OutOfOrder;
+        }
+        if let Some(e) = cmd.send_error {
+            if let Some(p) = sh.state.failed(e.sequence_id) {
+                for w in p.waiters {
+                    let _ = w.send(Err(Error::Server {
+                        code: e.error,
+                        message: e.message.clone(),
+                    }));
+                }
+            }
+        }
+        true
+    }
+
+    fn expire(&self) {
+        let timeout = Duration::from_millis(self.options.send_timeout_ms.max(1));
+        let gone = self.lock().state.expired(Instant::now(), timeout);
+        for p in gone {
+            for w in p.waiters {
+                let _ = w.send(Err(Error::Timeout));
+            }
+        }
+    }
+
+    fn fail_all(&self, e: Error) {
+        let pending = {
+            let mut sh = self.lock();
+            sh.closed = Some(e.clone());
+            sh.conn = None;
+            let mut all: Vec<Receipt> = sh.batch.drain(..).map(|(_, r)| r).collect();
+            for p in sh.state.drain() {
+                all.extend(p.waiters);
+            }
+            all
+        };
+        for w in pending {
+            let _ = w.send(Err(e.clone()));
+        }
+    }
+}
+
+/// The producer's task: serve the route while connected; reconnect when the
+/// connection ends or the broker closes the producer.
+async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<BaseCommand>) {
+    let mut backoff = Backoff::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        // Connected: receipts until the route ends.
+        let hint = loop {
+            tokio::select! {
+                cmd = routes.recv() => match cmd {
+                    None => break None,
+                    Some(c) if c.close_producer.is_some() => {
+                        break c.close_producer.and_then(|c| c.assigned_broker_service_url);
+                    }
+                    Some(c) => {
+                        if !inner.receipt(c) {
+                            tracing::warn!(topic = %inner.topic, "receipts out of order; reconnecting");
+                            if let Some(conn) = inner.lock().conn.clone() {
+                                conn.unregister_producer(inner.producer_id);
+                            }
+                            break None;
+                        }
+                    }
+                },
+                _ = tick.tick() => inner.expire(),
+                _ = inner.closing.notified() => return,
+            }
+        };
+        let moved = hint.is_some();
+        inner.lock().conn = None;
+        tracing::debug!(topic = %inner.topic, assigned = ?hint, "producer disconnected; reconnecting");
+        if !moved {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        loop {
+            tokio::select! {
+                r = inner.open_until(hint.clone(), None, &mut backoff) => match r {
+                    Ok(r) => {
+                        routes = r;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %inner.topic, error = %e, "producer cannot reconnect");
+                        inner.fail_all(e);
+                        return;
+                    }
+                },
+                _ = tick.tick() => inner.expire(),
+                _ = inner.closing.notified() => return,
+            }
+        }
+    }
+}
+
+/// Sends messages to one topic, following it from broker to broker.
+pub struct Producer {
+    inner: Arc<ProducerInner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Producer {
+    pub(crate) async fn create(
+        pool: Arc<Pool>,
+        topic: &str,
+        producer_id: u64,
+        options: ProducerOptions,
+    ) -> Result<Producer, Error> {
+        let inner = Arc::new(ProducerInner {
+            pool,
+            topic: topic.to_string(),
+            producer_id,
+            shared: Mutex::new(Shared {
+                state: ProducerState::new(0),
+                batch: Vec::new(),
+                batch_bytes: 0,
+                conn: None,
+                closed: None,
+                name: None,
+            }),
+            options,
+            closing: Notify::new(),
+        });
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(inner.options.operation_timeout_ms);
+        let routes = inner
+            .open_until(None, Some(deadline), &mut Backoff::default())
+            .await?;
+        let mut tasks = vec![tokio::spawn(run(inner.clone(), routes))];
+        if inner.options.batching {
+            let weak = Arc::downgrade(&inner);
+            let every = Duration::from_millis(inner.options.batch_delay_ms.max(1));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match weak.upgrade() {
+                        Some(p) => p.flush_batch(),
+                        None => return,
+                    }
+                }
+            }));
+        }
+        Ok(Producer { inner, tasks })
+    }
+
+    pub fn name(&self) -> String {
+        self.inner.lock().name.clone().unwrap_or_default()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    /// Messages sent and not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        let sh = self.inner.lock();
+        sh.state.messages() + sh.batch.len()
+    }
+
+    /// Queues a message and returns a future of its receipt: it resolves
+    /// once the broker has stored the message durably (after reconnects if
+    /// the topic moves meanwhile).
+    pub fn send_async(
+        &self,
+        msg: impl Into<OutgoingMessage>,
+    ) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
+        let msg = msg.into();
+        let (tx, rx) = oneshot::channel();
+        let p = &self.inner;
+        if p.options.batching {
+            let flush = {
+                let mut sh = p.lock();
+                let metadata = SingleMessageMetadata {
+                    properties: kvs(&msg.properties),
+                    partition_key: msg.key.clone(),
+                    payload_size: msg.payload.len() as i32,
+                    ..Default::default()
+                };
+                sh.batch_bytes += msg.payload.len();
+                sh.batch.push((
+                    BatchItem {
+                        metadata,
+                        payload: msg.payload,
+                    },
+                    tx,
+                ));
+                sh.batch.len() >= p.options.batch_max_messages
+                    || sh.batch_bytes >= p.options.batch_max_bytes
+            };
+            if flush {
+                p.flush_batch();
+            }
+        } else {
+            let mut sh = p.lock();
+            let (key, properties) = (msg.key.clone(), kvs(&msg.properties));
+            p.enqueue(
+                &mut sh,
+                1,
+                |seq, name| MessageMetadata {
+                    producer_name: name,
+                    sequence_id: seq,
+                    publish_time: now_ms(),
+                    partition_key: key,
+                    properties,
+                    ..Default::default()
+                },
+                &msg.payload,
+                vec![tx],
+            );
+        }
+        async move { rx.await.unwrap_or(Err(Error::Closed)) }
+    }
+
+    /// Sends a message and waits for its receipt.
+    pub async fn send(&self, msg: impl Into<OutgoingMessage>) -> Result<MessageId, Error> {
+        let f = self.send_async(msg);
+        self.flush();
+        f.await
+    }
+
+    /// Sends what is waiting in the current batch now.
+    pub fn flush(&self) {
+        self.inner.flush_batch();
+    }
+
+    /// Flushes, waits (up to the send timeout) for the pending messages'
+    /// receipts, and closes the producer on the broker.
+    pub async fn close(self) -> Result<(), Error> {
+        self.flush();
+        let deadline = Instant::now() + Duration::from_millis(self.inner.options.send_timeout_ms);
+        while !self.inner.lock().state.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.inner.closing.notify_waiters();
+        let conn = self.inner.lock().conn.take();
+        self.inner.fail_all(Error::Closed);
+        if let Some(conn) = conn {
+            let mut cmd = base(Type::CloseProducer);
+            cmd.close_producer = Some(CommandCloseProducer {
+                producer_id: self.inner.producer_id,
+                request_id: 0,
+                ..Default::default()
+            });
+            conn.request(cmd).await?;
+            conn.unregister_producer(self.inner.producer_id);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
