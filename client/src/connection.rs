@@ -23,6 +23,9 @@ use crate::Error;
 
 pub const CLIENT_PROTOCOL_VERSION: i32 = 12;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence after which the client pings the broker; as much again without
+/// an answer closes the connection.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
 type Responder = oneshot::Sender<Result<BaseCommand, Error>>;
 
@@ -155,19 +158,33 @@ impl Connection {
         let ptx = tx.clone();
         let reader = tokio::spawn(async move {
             let res: Result<(), Error> = async {
+                let mut pinged = false;
                 loop {
                     while let Some(f) =
                         frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))?
                     {
+                        pinged = false;
                         route(&r, &ptx, f.command, f.payload);
                     }
-                    if rd
-                        .read_buf(&mut rbuf)
-                        .await
-                        .map_err(|e| Error::Connection(e.to_string()))?
-                        == 0
-                    {
-                        return Err(Error::Closed);
+                    // Keep-alive: silence gets a PING; silence after it ends
+                    // the connection (a broker that froze or vanished).
+                    match tokio::time::timeout(KEEPALIVE, rd.read_buf(&mut rbuf)).await {
+                        Ok(read) => {
+                            if read.map_err(|e| Error::Connection(e.to_string()))? == 0 {
+                                return Err(Error::Closed);
+                            }
+                        }
+                        Err(_) if pinged => {
+                            return Err(Error::Connection("no answer to keep-alive".into()))
+                        }
+                        Err(_) => {
+                            let mut ping = base(Type::Ping);
+                            ping.ping = Some(magnetar_proto::pulsar::CommandPing {});
+                            let mut buf = BytesMut::new();
+                            encode_command(&ping, &mut buf);
+                            let _ = ptx.send(buf.freeze());
+                            pinged = true;
+                        }
                     }
                 }
             }

@@ -37,7 +37,7 @@ use registration::{brokers, BrokerInfo, RegisteredBroker, Registration};
 /// How long a TCP probe of another broker may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a probe that found a broker alive is believed.
-const PROBE_VALID_FOR: Duration = Duration::from_secs(1);
+const PROBE_VALID_FOR: Duration = Duration::from_millis(250);
 /// Attempts of a lookup while ownership changes under it.
 const LOOKUP_ATTEMPTS: usize = 5;
 

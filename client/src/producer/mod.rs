@@ -84,6 +84,16 @@ fn send_cmd(producer_id: u64, seq: u64, n: u32) -> BaseCommand {
     cmd
 }
 
+fn close_cmd(producer_id: u64) -> BaseCommand {
+    let mut cmd = base(Type::CloseProducer);
+    cmd.close_producer = Some(CommandCloseProducer {
+        producer_id,
+        request_id: 0,
+        ..Default::default()
+    });
+    cmd
+}
+
 impl ProducerInner {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
@@ -288,6 +298,9 @@ async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<Base
                         if !inner.receipt(c) {
                             tracing::warn!(topic = %inner.topic, "receipts out of order; reconnecting");
                             if let Some(conn) = inner.lock().conn.clone() {
+                                // Closed on the broker first: the reconnect
+                                // may come over this same connection.
+                                let _ = conn.send(&close_cmd(inner.producer_id));
                                 conn.unregister_producer(inner.producer_id);
                             }
                             break None;
@@ -304,9 +317,13 @@ async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<Base
         if !moved {
             tokio::time::sleep(backoff.next_delay()).await;
         }
+        // One attempt runs to its end while sends time out meanwhile
+        // (cancelling it would send PRODUCER again under the same id).
+        let open = inner.open_until(hint, None, &mut backoff);
+        tokio::pin!(open);
         loop {
             tokio::select! {
-                r = inner.open_until(hint.clone(), None, &mut backoff) => match r {
+                r = &mut open => match r {
                     Ok(r) => {
                         routes = r;
                         break;
@@ -466,13 +483,7 @@ impl Producer {
         let conn = self.inner.lock().conn.take();
         self.inner.fail_all(Error::Closed);
         if let Some(conn) = conn {
-            let mut cmd = base(Type::CloseProducer);
-            cmd.close_producer = Some(CommandCloseProducer {
-                producer_id: self.inner.producer_id,
-                request_id: 0,
-                ..Default::default()
-            });
-            conn.request(cmd).await?;
+            conn.request(close_cmd(self.inner.producer_id)).await?;
             conn.unregister_producer(self.inner.producer_id);
         }
         Ok(())
