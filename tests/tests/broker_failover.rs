@@ -6,6 +6,7 @@
 //! - the split-brain guard: an owner frozen (SIGSTOP) past its lease while
 //!   another broker takes its topics over, then resumed: it gets no add
 //!   confirmed, closes its clients, and they go on at the new owner.
+//!
 //! In each, every acknowledged message is delivered, in per-topic order.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
