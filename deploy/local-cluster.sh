@@ -7,18 +7,21 @@
 #   deploy/local-cluster.sh status                  # name, pid, state, addresses
 #   deploy/local-cluster.sh kill MEMBER [--signal KILL|TERM|STOP|CONT]
 #   deploy/local-cluster.sh start MEMBER
+#   deploy/local-cluster.sh add broker|bookie       # the next member of a running cluster
 #   deploy/local-cluster.sh down
 #
 # Every subcommand takes --dir DIR (default ./data/local-cluster). Members are
 # metadata-N, bookie-N and broker-N. Ports: metadata 2379.., bookies 3181..,
-# brokers 6650.. (broker-1 serves pulsar://127.0.0.1:6650); the bases can be
-# moved with MAGNETAR_LC_METADATA_PORT, MAGNETAR_LC_BOOKIE_PORT and
-# MAGNETAR_LC_BROKER_PORT (tests do, to run beside other clusters).
+# brokers 6650.. with HTTP (admin REST, lookups) on 8080.. (broker-1 serves
+# pulsar://127.0.0.1:6650 and http://127.0.0.1:8080); the bases can be moved
+# with MAGNETAR_LC_METADATA_PORT, MAGNETAR_LC_BOOKIE_PORT,
+# MAGNETAR_LC_BROKER_PORT and MAGNETAR_LC_HTTP_PORT (tests do, to run beside
+# other clusters).
 # The binary is $MAGNETAR_BIN, or target/release/magnetar built on demand.
 # `down` stops every member and keeps the data; `up` again restarts them.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 cmd="${1:-}"; [ -n "$cmd" ] || usage; shift
@@ -41,6 +44,7 @@ done
 META_BASE="${MAGNETAR_LC_METADATA_PORT:-2379}"
 BOOKIE_BASE="${MAGNETAR_LC_BOOKIE_PORT:-3181}"
 BROKER_BASE="${MAGNETAR_LC_BROKER_PORT:-6650}"
+HTTP_BASE="${MAGNETAR_LC_HTTP_PORT:-8080}"
 
 binary() {
   if [ -n "${MAGNETAR_BIN:-}" ]; then echo "$MAGNETAR_BIN"; return; fi
@@ -100,6 +104,40 @@ metadata_ready() { local out; out="$(admin metadata status)" && grep -q 'state=L
 bookies_ready() { local out; out="$(admin bookies list)" && [ "$(grep -c writable <<<"$out")" -ge "$1" ]; }
 broker_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+write_bookie_config() { # index
+  local i="$1" b="$DIR/bookie-$1"
+  "$BIN" tls issue --ca-dir "$DIR/ca" --out "$b/tls" >/dev/null
+  echo "127.0.0.1:$((BOOKIE_BASE + i - 1))" >"$b/addr"
+  cat >"$b/config.toml" <<EOF
+listen = "127.0.0.1:$((BOOKIE_BASE + i - 1))"
+data_dir = "$b/data"
+rack = "rack-$(( (i - 1) % 3 + 1 ))"
+metadata = $(meta_list)
+[tls]
+dir = "$b/tls"
+EOF
+}
+
+write_broker_config() { # index E Qw Qa
+  local i="$1" k="$DIR/broker-$1"
+  "$BIN" tls issue --ca-dir "$DIR/ca" --out "$k/tls" >/dev/null
+  echo "pulsar://127.0.0.1:$((BROKER_BASE + i - 1))" >"$k/addr"
+  echo "http://127.0.0.1:$((HTTP_BASE + i - 1))" >"$k/http"
+  cat >"$k/config.toml" <<EOF
+listen = "127.0.0.1:$((BROKER_BASE + i - 1))"
+http_listen = "127.0.0.1:$((HTTP_BASE + i - 1))"
+metadata = $(meta_list)
+[managed_ledger]
+ensemble_size = $2
+write_quorum = $3
+ack_quorum = $4
+[tls]
+dir = "$k/tls"
+EOF
+}
+
+meta_list() { local e; e="$(cat "$DIR/metadata-endpoints")"; echo "[\"${e//,/\", \"}\"]"; }
+
 write_configs() {
   local e qw qa
   IFS=, read -r e qw qa <<<"${ENSEMBLE:-$(( N_BOOKIES < 3 ? N_BOOKIES : 3 )),$(( N_BOOKIES < 2 ? N_BOOKIES : 2 )),$(( N_BOOKIES < 2 ? N_BOOKIES : 2 ))}"
@@ -112,7 +150,6 @@ write_configs() {
     endpoints="$endpoints${endpoints:+,}127.0.0.1:$((META_BASE + i - 1))"
   done
   echo "$endpoints" >"$DIR/metadata-endpoints"
-  local meta_list="[\"${endpoints//,/\", \"}\"]"
   for i in $(seq 1 "$N_META"); do
     local m="$DIR/metadata-$i"
     "$BIN" tls issue --ca-dir "$DIR/ca" --out "$m/tls" >/dev/null
@@ -126,34 +163,17 @@ initial_members = [$members]
 dir = "$m/tls"
 EOF
   done
-  for i in $(seq 1 "$N_BOOKIES"); do
-    local b="$DIR/bookie-$i"
-    "$BIN" tls issue --ca-dir "$DIR/ca" --out "$b/tls" >/dev/null
-    echo "127.0.0.1:$((BOOKIE_BASE + i - 1))" >"$b/addr"
-    cat >"$b/config.toml" <<EOF
-listen = "127.0.0.1:$((BOOKIE_BASE + i - 1))"
-data_dir = "$b/data"
-rack = "rack-$(( (i - 1) % 3 + 1 ))"
-metadata = $meta_list
-[tls]
-dir = "$b/tls"
-EOF
+  for i in $(seq 1 "$N_BOOKIES"); do write_bookie_config "$i"; done
+  for i in $(seq 1 "$N_BROKERS"); do write_broker_config "$i" "$e" "$qw" "$qa"; done
+}
+
+# The service URL: every broker, comma separated (any Pulsar client takes it).
+service_url() {
+  local hosts="" m
+  for m in $(members | grep '^broker-'); do
+    hosts="$hosts${hosts:+,}$(sed 's|pulsar://||' "$DIR/$m/addr")"
   done
-  for i in $(seq 1 "$N_BROKERS"); do
-    local k="$DIR/broker-$i"
-    "$BIN" tls issue --ca-dir "$DIR/ca" --out "$k/tls" >/dev/null
-    echo "pulsar://127.0.0.1:$((BROKER_BASE + i - 1))" >"$k/addr"
-    cat >"$k/config.toml" <<EOF
-listen = "127.0.0.1:$((BROKER_BASE + i - 1))"
-metadata = $meta_list
-[managed_ledger]
-ensemble_size = $e
-write_quorum = $qw
-ack_quorum = $qa
-[tls]
-dir = "$k/tls"
-EOF
-  done
+  [ -z "$hosts" ] || echo "pulsar://$hosts"
 }
 
 case "$cmd" in
@@ -176,14 +196,40 @@ case "$cmd" in
       wait_for "$m" 60 broker_ready "$port"
     done
     "$0" status --dir "$DIR"
-    first="$(members | grep '^broker-' | head -1 || true)"
-    [ -z "$first" ] || echo "service URL: $(cat "$DIR/$first/addr")"
+    url="$(service_url)"
+    [ -z "$url" ] || echo "service URL: $url"
     ;;
+  add)
+    [ -d "$DIR" ] || die "no cluster in $DIR"
+    DIR="$(abs "$DIR")"
+    BIN="$(binary)"
+    case "$MEMBER" in
+      broker)
+        n=$(( $(members | grep -c '^broker-' || true) + 1 ))
+        first="$(members | grep '^broker-' | head -1 || true)"
+        [ -n "$first" ] || die "no broker to copy the ensemble from"
+        q() { sed -n "s/^$1 = //p" "$DIR/$first/config.toml"; }
+        write_broker_config "$n" "$(q ensemble_size)" "$(q write_quorum)" "$(q ack_quorum)"
+        start_member "broker-$n" "$BIN"
+        wait_for "broker-$n" 60 broker_ready "$((BROKER_BASE + n - 1))"
+        echo "broker-$n: $(cat "$DIR/broker-$n/addr") $(cat "$DIR/broker-$n/http")"
+        ;;
+      bookie)
+        n=$(( $(members | grep -c '^bookie-' || true) + 1 ))
+        write_bookie_config "$n"
+        start_member "bookie-$n" "$BIN"
+        wait_for "bookie-$n" 60 bookies_ready "$n"
+        echo "bookie-$n: $(cat "$DIR/bookie-$n/addr")"
+        ;;
+      *) die "add needs broker or bookie" ;;
+    esac
+    ;;
+
   status)
     [ -d "$DIR" ] || die "no cluster in $DIR"
     DIR="$(abs "$DIR")"
     for m in $(members); do
-      printf '%-12s pid=%-8s %-8s %s\n' "$m" "$(pid_of "$m")" "$(state_of "$m")" "$(cat "$DIR/$m/addr")"
+      printf '%-12s pid=%-8s %-8s %s %s\n' "$m" "$(pid_of "$m")" "$(state_of "$m")" "$(cat "$DIR/$m/addr")" "$(cat "$DIR/$m/http" 2>/dev/null || true)"
     done
     ;;
   kill)

@@ -14,7 +14,8 @@ bin="${CARGO_TARGET_DIR:-target}/debug/magnetar"
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-"$bin" standalone --data-dir "$work/data" --broker-port "$port" --metadata-port "$(udp)" --bookie-port "$(udp)" 2>"$work/standalone.log" &
+http=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" standalone --data-dir "$work/data" --broker-port "$port" --http-port "$http" --metadata-port "$(udp)" --bookie-port "$(udp)" 2>"$work/standalone.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do

@@ -1,4 +1,6 @@
-//! `magnetar admin`: operating a cluster through its metadata service.
+//! `magnetar admin`: operating a cluster — brokers, topics and bundles
+//! through a broker's admin REST API (`--url`), the metadata and bookie
+//! tiers through the metadata service (`--metadata`, `--tls-dir`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,9 +33,21 @@ pub struct AdminArgs {
         default_value = "127.0.0.1:2379"
     )]
     metadata: Vec<SocketAddr>,
-    /// Directory with ca.pem, node.pem and node-key.pem signed by the cluster CA.
+    /// Directory with ca.pem, node.pem and node-key.pem signed by the cluster
+    /// CA (for the metadata, bookies and ledgers commands).
     #[arg(long, env = "MAGNETAR_TLS_DIR")]
-    tls_dir: PathBuf,
+    tls_dir: Option<PathBuf>,
+    /// A broker's HTTP URL (for the brokers, topics, namespaces and bundles
+    /// commands); any broker answers.
+    #[arg(
+        long,
+        env = "MAGNETAR_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// The cluster's name (as the brokers are configured).
+    #[arg(long, env = "MAGNETAR_CLUSTER", default_value = "magnetar")]
+    cluster: String,
     #[command(subcommand)]
     cmd: AdminCmd,
 }
@@ -55,6 +69,60 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: LedgersCmd,
     },
+    /// Brokers (admin REST API).
+    Brokers {
+        #[command(subcommand)]
+        cmd: BrokersCmd,
+    },
+    /// Topics (admin REST API).
+    Topics {
+        #[command(subcommand)]
+        cmd: TopicsCmd,
+    },
+    /// Namespaces (admin REST API).
+    Namespaces {
+        #[command(subcommand)]
+        cmd: NamespacesCmd,
+    },
+    /// Bundles of a namespace (admin REST API).
+    Bundles {
+        #[command(subcommand)]
+        cmd: BundlesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokersCmd {
+    /// The active brokers.
+    List,
+    /// A round trip through the broker the URL names.
+    Health,
+}
+
+#[derive(Subcommand)]
+enum TopicsCmd {
+    /// The broker that serves a topic (assigning one if none does).
+    Lookup { topic: String },
+}
+
+#[derive(Subcommand)]
+enum NamespacesCmd {
+    /// A namespace's bundle boundaries.
+    Bundles { namespace: String },
+}
+
+#[derive(Subcommand)]
+enum BundlesCmd {
+    /// Moves a bundle off its owner (to `--destination`, a broker id, or to
+    /// the least loaded broker): its clients reconnect there.
+    Unload {
+        namespace: String,
+        range: String,
+        #[arg(long)]
+        destination: Option<String>,
+    },
+    /// Splits a bundle in two halves.
+    Split { namespace: String, range: String },
 }
 
 #[derive(Subcommand)]
@@ -90,9 +158,132 @@ enum BookiesCmd {
     List,
 }
 
+/// `GET` or `PUT` `path` on the broker; the body of a success, the
+/// broker's reason otherwise.
+async fn http(args: &AdminArgs, put: bool, path: &str) -> anyhow::Result<String> {
+    let url = format!("{}{path}", args.url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let req = if put {
+        client.put(&url)
+    } else {
+        client.get(&url)
+    };
+    let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let reason = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(String::from))
+            .unwrap_or(body);
+        anyhow::bail!("{status}: {reason}");
+    }
+    Ok(body)
+}
+
+/// A topic's REST path: `persistent/tenant/ns/topic`.
+fn topic_path(topic: &str) -> anyhow::Result<String> {
+    let t = magnetar_proto::TopicName::parse(topic)?;
+    let domain = if t.persistent {
+        "persistent"
+    } else {
+        "non-persistent"
+    };
+    Ok(format!("{domain}/{}/{}/{}", t.tenant, t.namespace, t.local))
+}
+
+async fn run_http(args: &AdminArgs) -> anyhow::Result<bool> {
+    match &args.cmd {
+        AdminCmd::Brokers {
+            cmd: BrokersCmd::List,
+        } => {
+            let body = http(args, false, &format!("/admin/v2/brokers/{}", args.cluster)).await?;
+            for b in serde_json::from_str::<Vec<String>>(&body)? {
+                emit!("{b}");
+            }
+        }
+        AdminCmd::Brokers {
+            cmd: BrokersCmd::Health,
+        } => emit!("{}", http(args, false, "/admin/v2/brokers/health").await?),
+        AdminCmd::Topics {
+            cmd: TopicsCmd::Lookup { topic },
+        } => {
+            let body = http(
+                args,
+                false,
+                &format!("/lookup/v2/topic/{}", topic_path(topic)?),
+            )
+            .await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            emit!(
+                "{} {}",
+                v["brokerUrl"].as_str().unwrap_or("?"),
+                v["httpUrl"].as_str().unwrap_or("-")
+            );
+        }
+        AdminCmd::Namespaces {
+            cmd: NamespacesCmd::Bundles { namespace },
+        } => {
+            let body = http(
+                args,
+                false,
+                &format!("/admin/v2/namespaces/{namespace}/bundles"),
+            )
+            .await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            let b: Vec<&str> = v["boundaries"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            for w in b.windows(2) {
+                emit!("{}_{}", w[0], w[1]);
+            }
+        }
+        AdminCmd::Bundles {
+            cmd:
+                BundlesCmd::Unload {
+                    namespace,
+                    range,
+                    destination,
+                },
+        } => {
+            let q = destination
+                .as_ref()
+                .map(|d| format!("?destinationBroker={d}"))
+                .unwrap_or_default();
+            http(
+                args,
+                true,
+                &format!("/admin/v2/namespaces/{namespace}/{range}/unload{q}"),
+            )
+            .await?;
+            emit!("unloaded {namespace}/{range}");
+        }
+        AdminCmd::Bundles {
+            cmd: BundlesCmd::Split { namespace, range },
+        } => {
+            http(
+                args,
+                true,
+                &format!("/admin/v2/namespaces/{namespace}/{range}/split"),
+            )
+            .await?;
+            emit!("split {namespace}/{range}");
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let tls = TlsMaterial::load(&TlsMaterial::paths_in(&args.tls_dir))
-        .with_context(|| format!("loading certificates from {}", args.tls_dir.display()))?;
+    if run_http(&args).await? {
+        return Ok(());
+    }
+    let Some(tls_dir) = &args.tls_dir else {
+        anyhow::bail!("this command talks to the metadata service: give --tls-dir");
+    };
+    let tls = TlsMaterial::load(&TlsMaterial::paths_in(tls_dir))
+        .with_context(|| format!("loading certificates from {}", tls_dir.display()))?;
     let client = crate::metadata_client(&tls, args.metadata.clone())?;
     match args.cmd {
         AdminCmd::Metadata {
@@ -155,6 +346,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        AdminCmd::Brokers { .. }
+        | AdminCmd::Topics { .. }
+        | AdminCmd::Namespaces { .. }
+        | AdminCmd::Bundles { .. } => {}
         AdminCmd::Bookies {
             cmd: BookiesCmd::List,
         } => {

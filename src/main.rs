@@ -50,6 +50,9 @@ enum Cmd {
         bind_host: String,
         #[arg(long, env = "MAGNETAR_BROKER_PORT", default_value_t = 6650)]
         broker_port: u16,
+        /// Admin REST API and HTTP lookups.
+        #[arg(long, env = "MAGNETAR_HTTP_PORT", default_value_t = 8080)]
+        http_port: u16,
         #[arg(long, env = "MAGNETAR_METADATA_PORT", default_value_t = 2379)]
         metadata_port: u16,
         #[arg(long, env = "MAGNETAR_BOOKIE_PORT", default_value_t = 3181)]
@@ -184,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             bind_host,
             broker_port,
+            http_port,
             metadata_port,
             bookie_port,
             max_entries_per_ledger,
@@ -191,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             let mut cfg = StandaloneConfig::new(data_dir.clone());
             cfg.bind_host = bind_host;
             cfg.broker_port = broker_port;
+            cfg.http_port = http_port;
             cfg.metadata_port = metadata_port;
             cfg.bookie_port = bookie_port;
             cfg.managed_ledger.max_entries_per_ledger = max_entries_per_ledger;

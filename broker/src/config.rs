@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use crate::load::manager::LoadManagerConfig;
 use crate::managed_ledger::ManagedLedgerConfig;
 use crate::protocol::ConnectionLimits;
 
@@ -16,6 +17,17 @@ pub struct BrokerConfig {
     /// Its `host:port` is the broker's id in the cluster.
     #[serde(default)]
     pub advertised_url: Option<String>,
+    /// HTTP listener: admin REST API and HTTP lookups (default: port 8080
+    /// on the host of `listen`).
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
+    /// URL other brokers and clients reach the HTTP listener at (default:
+    /// `http://<http_listen>`).
+    #[serde(default)]
+    pub advertised_http_url: Option<String>,
+    /// The cluster's name, as in Pulsar's `/admin/v2/brokers/{cluster}`.
+    #[serde(default = "default_cluster")]
+    pub cluster_name: String,
     /// TTL of the broker's lease, on which its registration and every
     /// bundle it owns hang: a broker that cannot renew it stops serving
     /// before it can expire; another broker takes over after.
@@ -33,12 +45,19 @@ pub struct BrokerConfig {
     /// lives (a proxy or port mapping in between).
     #[serde(default = "default_true")]
     pub fast_failover: bool,
+    /// `[load_manager]`: bundle balancing between brokers.
+    #[serde(default)]
+    pub load_manager: LoadManagerConfig,
     /// `[managed_ledger]`: replication and ledger rolls of topics.
     #[serde(default)]
     pub managed_ledger: ManagedLedgerConfig,
     /// `[connection]`: per-client limits and keep-alive.
     #[serde(default)]
     pub connection: ConnectionLimits,
+}
+
+fn default_cluster() -> String {
+    "magnetar".into()
 }
 
 fn default_lease_ttl_ms() -> u64 {
@@ -57,15 +76,28 @@ fn default_true() -> bool {
     true
 }
 
+/// The default HTTP port (Pulsar's).
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
 impl BrokerConfig {
+    /// Where the HTTP listener binds.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listen
+            .unwrap_or_else(|| SocketAddr::new(self.listen.ip(), DEFAULT_HTTP_PORT))
+    }
+
     pub fn new(listen: SocketAddr) -> BrokerConfig {
         BrokerConfig {
             listen,
             advertised_url: None,
+            http_listen: None,
+            advertised_http_url: None,
+            cluster_name: default_cluster(),
             lease_ttl_ms: default_lease_ttl_ms(),
             default_bundles: default_bundles(),
             load_report_interval_ms: default_load_report_interval_ms(),
             fast_failover: true,
+            load_manager: LoadManagerConfig::default(),
             managed_ledger: ManagedLedgerConfig::default(),
             connection: ConnectionLimits::default(),
         }

@@ -8,10 +8,10 @@ pub const BROKERS_PREFIX: &str = "/brokers/available/";
 /// A topic's ledger list and cursor pointers.
 pub const MANAGED_LEDGERS_PREFIX: &str = "/managed-ledgers/";
 /// Bundle owners: `/ownership/<tenant>/<ns>/<range>`, ephemeral on the
-/// owner's lease; the key's creation revision is the ownership epoch.
+/// owner's lease; the key's creation revision is the ownership epoch. A
+/// bundle handed to another broker gets its key re-created on that
+/// broker's lease.
 pub const OWNERSHIP_PREFIX: &str = "/ownership/";
-/// Where a released bundle should go next: ephemeral on the target's lease.
-pub const ASSIGNMENTS_PREFIX: &str = "/loadbalance/assignments/";
 /// The load manager's leader (ephemeral on its broker's lease).
 pub const LOAD_MANAGER_LEADER: &str = "/loadbalance/leader";
 /// Work for a bundle's owner (unload, split): `<prefix><broker>/<id>`.
@@ -32,10 +32,6 @@ pub fn broker(broker_id: &str) -> String {
 /// `bundle` is `tenant/ns/0x.._0x..`.
 pub fn owner(bundle: &str) -> String {
     format!("{OWNERSHIP_PREFIX}{bundle}")
-}
-
-pub fn assignment(bundle: &str) -> String {
-    format!("{ASSIGNMENTS_PREFIX}{bundle}")
 }
 
 pub fn commands_of(broker_id: &str) -> String {

@@ -9,6 +9,7 @@
 //! holds loaded topics; `ownership` decides which broker serves which
 //! bundle; `subscription` dispatches; `managed_ledger` stores.
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod keys;

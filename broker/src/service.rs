@@ -16,7 +16,9 @@ use magnetar_bookie::LedgerClient;
 use magnetar_metadata::MetadataClient;
 use tokio::net::TcpListener;
 
+use crate::admin::http::{self, AdminContext};
 use crate::load::report::Reporter;
+use crate::load::{commands, manager};
 use crate::managed_ledger::Stores;
 use crate::ownership::namespaces::{self, Namespaces};
 use crate::ownership::registration::{BrokerInfo, Registration};
@@ -32,14 +34,18 @@ const STOP_UNLOAD_CONCURRENCY: usize = 8;
 pub enum StartError {
     #[error("binding {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("binding the HTTP listener {0}: {1}")]
+    BindHttp(SocketAddr, std::io::Error),
     #[error("registering the broker: {0}")]
     Register(#[from] magnetar_metadata::MetadataError),
 }
 
 pub struct Broker {
     pub service_url: String,
+    pub http_url: String,
     pub broker_id: String,
     pub local_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub topics: Arc<TopicRegistry>,
     pub ownership: Arc<Ownership>,
     stopping: Arc<AtomicBool>,
@@ -72,11 +78,21 @@ impl Broker {
             .advertised_url
             .clone()
             .unwrap_or_else(|| format!("pulsar://{local_addr}"));
+        let http_listener = TcpListener::bind(cfg.http_addr())
+            .await
+            .map_err(|e| StartError::BindHttp(cfg.http_addr(), e))?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|e| StartError::BindHttp(cfg.http_addr(), e))?;
+        let http_url = cfg
+            .advertised_http_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
         let broker_id = broker_id_of(&service_url);
         let info = BrokerInfo {
             broker_id: broker_id.clone(),
             pulsar_url: service_url.clone(),
-            http_url: None,
+            http_url: Some(http_url.clone()),
             draining: false,
             load: Default::default(),
         };
@@ -89,7 +105,8 @@ impl Broker {
             namespaces,
             cfg.fast_failover,
         ));
-        let stores = Stores::new(Arc::new(ledgers), Arc::new(metadata));
+        let ledgers: Arc<dyn crate::managed_ledger::store::LedgerStore> = Arc::new(ledgers);
+        let stores = Stores::new(ledgers.clone(), Arc::new(metadata.clone()));
         let topics = Arc::new(TopicRegistry::new(
             ownership.clone(),
             stores,
@@ -111,18 +128,34 @@ impl Broker {
             }
         });
         let stopping = Arc::new(AtomicBool::new(false));
+        let admin = Arc::new(AdminContext {
+            topics: topics.clone(),
+            md: metadata.clone(),
+            ledgers,
+            ml_cfg: cfg.managed_ledger.clone(),
+            cluster: cfg.cluster_name.clone(),
+        });
         let tasks = vec![
             tokio::spawn(guard_lease(topics.clone(), stopping.clone())),
             tokio::spawn(report_load(
                 topics.clone(),
                 Duration::from_millis(cfg.load_report_interval_ms.max(100)),
             )),
+            tokio::spawn(commands::run_executor(topics.clone(), metadata.clone())),
+            tokio::spawn(manager::run(
+                topics.clone(),
+                metadata.clone(),
+                cfg.load_manager.clone(),
+            )),
+            tokio::spawn(http::serve(http_listener, admin)),
         ];
-        tracing::info!(addr = %local_addr, url = %service_url, "broker listening");
+        tracing::info!(addr = %local_addr, url = %service_url, http = %http_url, "broker listening");
         Ok(Arc::new(Broker {
             service_url,
+            http_url,
             broker_id,
             local_addr,
+            http_addr,
             topics,
             ownership,
             stopping,
@@ -140,6 +173,9 @@ impl Broker {
         reg.set_draining(true);
         if let Err(e) = reg.publish().await {
             tracing::warn!(error = %e, "could not mark this broker as stopping");
+        }
+        if let Err(e) = self.ownership.adopt_all().await {
+            tracing::warn!(error = %e, "could not list the bundles handed to this broker");
         }
         let bundles: Vec<_> = self.ownership.owned().into_iter().map(|(b, _)| b).collect();
         let cluster = self.ownership.cluster().await.ok();

@@ -19,6 +19,8 @@ pub struct StandaloneConfig {
     pub data_dir: PathBuf,
     pub bind_host: String,
     pub broker_port: u16,
+    /// The broker's HTTP port: admin REST API and HTTP lookups.
+    pub http_port: u16,
     pub metadata_port: u16,
     pub bookie_port: u16,
     pub managed_ledger: ManagedLedgerConfig,
@@ -30,6 +32,7 @@ impl StandaloneConfig {
             data_dir,
             bind_host: "127.0.0.1".into(),
             broker_port: 6650,
+            http_port: crate::config::DEFAULT_HTTP_PORT,
             metadata_port: 2379,
             bookie_port: 3181,
             managed_ledger: ManagedLedgerConfig::default(),
@@ -69,6 +72,7 @@ impl Standalone {
         let metadata = MetadataClient::new(rpc.clone(), vec![metadata_node.local_addr()]);
         let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
         broker_cfg.managed_ledger = cfg.managed_ledger.clone();
+        broker_cfg.http_listen = Some(addr(cfg.http_port)?);
         Broker::create_namespace(&metadata, "public/default", broker_cfg.default_bundles)
             .await
             .map_err(err)?;

@@ -59,6 +59,7 @@ pub fn init_logs() {
 pub struct StandaloneSpec {
     pub data_dir: PathBuf,
     pub broker_port: u16,
+    pub http_port: u16,
     pub metadata_port: u16,
     pub bookie_port: u16,
 }
@@ -68,6 +69,7 @@ impl StandaloneSpec {
         StandaloneSpec {
             data_dir: data_dir.to_path_buf(),
             broker_port: free_tcp_port(),
+            http_port: free_tcp_port(),
             metadata_port: free_udp_port(),
             bookie_port: free_udp_port(),
         }
@@ -76,6 +78,7 @@ impl StandaloneSpec {
     pub fn config(&self) -> StandaloneConfig {
         let mut c = StandaloneConfig::new(self.data_dir.clone());
         c.broker_port = self.broker_port;
+        c.http_port = self.http_port;
         c.metadata_port = self.metadata_port;
         c.bookie_port = self.bookie_port;
         c
@@ -151,6 +154,7 @@ impl Process {
             .args(["standalone", "--data-dir"])
             .arg(&spec.data_dir)
             .args(["--broker-port", &spec.broker_port.to_string()])
+            .args(["--http-port", &spec.http_port.to_string()])
             .args(["--metadata-port", &spec.metadata_port.to_string()])
             .args(["--bookie-port", &spec.bookie_port.to_string()])
             .stdout(Stdio::null())
@@ -196,9 +200,20 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     /// Base ports of metadata nodes, bookies and brokers.
     pub ports: [u16; 3],
+    /// Base port of the brokers' HTTP listeners (0: the script's default).
+    pub http_port: u16,
 }
 
 impl LocalCluster {
+    /// A cluster in `dir` with free ports for `n` members of each role.
+    pub fn new(dir: PathBuf, n: u16) -> LocalCluster {
+        LocalCluster {
+            dir,
+            ports: [free_port_range(n), free_port_range(n), free_port_range(n)],
+            http_port: free_port_range(n),
+        }
+    }
+
     pub fn run(&self, args: &[&str]) -> String {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(root.join("deploy/local-cluster.sh"));
@@ -209,6 +224,9 @@ impl LocalCluster {
             .env("MAGNETAR_LC_METADATA_PORT", self.ports[0].to_string())
             .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
             .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string());
+        if self.http_port != 0 {
+            cmd.env("MAGNETAR_LC_HTTP_PORT", self.http_port.to_string());
+        }
         stdout_of(cmd, &format!("local-cluster.sh {args:?}"))
     }
 

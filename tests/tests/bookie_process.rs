@@ -34,6 +34,7 @@ async fn cluster_and_producer(
     let cluster = LocalCluster {
         dir: dir.join("lc"),
         ports: [free_port_range(3), free_port_range(4), free_port_range(1)],
+        http_port: free_port_range(4),
     };
     cluster.run(&[
         "up",

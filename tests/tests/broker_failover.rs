@@ -165,6 +165,7 @@ async fn brokers_killed_restarted_and_frozen_lose_no_acknowledged_message() {
             free_port_range(3),
             free_port_range(BROKERS),
         ],
+        http_port: free_port_range(4),
     };
     cluster.run(&["up", "--metadata", "3", "--bookies", "3", "--brokers", "3"]);
     let url = service_url(&cluster);

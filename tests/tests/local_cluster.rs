@@ -16,6 +16,7 @@ async fn local_cluster_up_kill_start_down() {
     let script = LocalCluster {
         dir: tmp.path().join("lc"),
         ports: [free_port_range(3), free_port_range(3), free_port_range(1)],
+        http_port: free_port_range(4),
     };
     let up = script.run(&[
         "up",

@@ -48,6 +48,7 @@ mod tests {
                 load: Default::default(),
             },
             lease: Some(1),
+            version: 1,
         }
     }
 

@@ -62,9 +62,15 @@ pub struct Owned {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupAnswer {
     /// Connect to this broker (final).
-    Connect { url: String },
+    Connect {
+        url: String,
+        http_url: Option<String>,
+    },
     /// Ask this broker again, authoritatively.
-    Redirect { url: String },
+    Redirect {
+        url: String,
+        http_url: Option<String>,
+    },
 }
 
 /// A bundle's owner as found in the metadata service.
@@ -85,6 +91,18 @@ pub struct Ownership {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `tenant/ns/0x.._0x..` as a bundle key.
+pub fn parse_bundle(name: &str) -> Result<BundleKey, BrokerError> {
+    let (ns, range) = name
+        .rsplit_once('/')
+        .ok_or_else(|| BrokerError::NotServedHere(format!("bad bundle name {name}")))?;
+    let range = BundleRange::parse(range).map_err(|e| BrokerError::NotServedHere(e.to_string()))?;
+    Ok(BundleKey {
+        namespace: ns.to_string(),
+        range,
+    })
 }
 
 /// `host:port` of a `pulsar://host:port` URL.
@@ -216,6 +234,24 @@ impl Ownership {
         let Found::Owner(o, kv) = self.find_owner(bundle).await? else {
             return Ok(None);
         };
+        if kv.lease.is_none() {
+            // An owner key that can never expire (written on a lease that
+            // was gone): nobody can hold it, so it is cleared.
+            tracing::warn!(%bundle, owner = %o.broker_id, "owner key without a lease; clearing it");
+            self.md
+                .txn(Txn {
+                    compares: vec![Compare {
+                        key: kv.key.clone(),
+                        version: kv.version,
+                    }],
+                    success: vec![Op::Delete {
+                        key: kv.key.clone(),
+                    }],
+                    failure: vec![],
+                })
+                .await?;
+            return Ok(None);
+        }
         let mine = o.broker_id == self.me().broker_id;
         let lease = self.registration.lease_id();
         if mine && kv.lease == Some(lease) {
@@ -260,16 +296,11 @@ impl Ownership {
                         version: 0,
                     },
                 ],
-                success: vec![
-                    Op::Put {
-                        key,
-                        value,
-                        lease: Some(lease),
-                    },
-                    Op::Delete {
-                        key: keys::assignment(&bundle.to_string()),
-                    },
-                ],
+                success: vec![Op::Put {
+                    key,
+                    value,
+                    lease: Some(lease),
+                }],
                 failure: vec![],
             })
             .await?;
@@ -290,36 +321,98 @@ impl Ownership {
         Ok(true)
     }
 
-    /// Releases `bundle` (deletes our owner key) and, if `next` is given,
-    /// assigns it to that broker (a key on its lease: gone if it dies).
+    /// Releases `bundle` and, if `next` is given, hands it to that broker:
+    /// its owner key is re-created on `next`'s lease (a new epoch) in the
+    /// same transaction, provided `next` is still registered as we saw it
+    /// (a key put on a lease that is gone would never expire). `next`
+    /// learns it owns the bundle when a client or a lookup arrives.
     pub async fn release(
         &self,
         bundle: &BundleKey,
         next: Option<&RegisteredBroker>,
     ) -> Result<(), BrokerError> {
         let name = bundle.to_string();
-        let mut success = vec![Op::Delete {
-            key: keys::owner(&name),
-        }];
-        if let Some(n) = next {
-            success.push(Op::Put {
-                key: keys::assignment(&name),
-                value: n.info.broker_id.clone().into_bytes(),
-                lease: n.lease,
-            });
+        let key = keys::owner(&name);
+        let mut handed = None;
+        if let Some(n) = next.filter(|n| n.lease.is_some()) {
+            let owner = OwnerInfo {
+                broker_id: n.info.broker_id.clone(),
+                pulsar_url: n.info.pulsar_url.clone(),
+                http_url: n.info.http_url.clone(),
+            };
+            let value = serde_json::to_vec(&owner)
+                .map_err(|e| BrokerError::NotServedHere(e.to_string()))?;
+            let res = self
+                .md
+                .txn(Txn {
+                    compares: vec![Compare {
+                        key: keys::broker(&n.info.broker_id),
+                        version: n.version,
+                    }],
+                    success: vec![
+                        Op::Delete { key: key.clone() },
+                        Op::Put {
+                            key: key.clone(),
+                            value,
+                            lease: n.lease,
+                        },
+                    ],
+                    failure: vec![],
+                })
+                .await;
+            match res {
+                Ok(r) if r.succeeded => handed = Some(n.info.broker_id.clone()),
+                Ok(_) => {
+                    tracing::info!(%bundle, next = %n.info.broker_id, "the next owner's registration changed; releasing instead")
+                }
+                Err(e) => {
+                    lock(&self.owned).remove(bundle);
+                    return Err(e.into());
+                }
+            }
         }
-        let res = self
-            .md
-            .txn(Txn {
-                compares: vec![],
-                success,
-                failure: vec![],
-            })
-            .await;
+        if handed.is_none() {
+            let res = self
+                .md
+                .txn(Txn {
+                    compares: vec![],
+                    success: vec![Op::Delete { key }],
+                    failure: vec![],
+                })
+                .await;
+            if let Err(e) = res {
+                lock(&self.owned).remove(bundle);
+                return Err(e.into());
+            }
+        }
         lock(&self.owned).remove(bundle);
-        res?;
-        tracing::info!(%bundle, next = ?next.map(|n| &n.info.broker_id), "bundle released");
+        tracing::info!(%bundle, next = ?handed, "bundle released");
         Ok(())
+    }
+
+    /// Takes into our table every owner key on our current lease (bundles
+    /// handed to us that no client asked for yet); returns them.
+    pub async fn adopt_all(&self) -> Result<Vec<BundleKey>, BrokerError> {
+        let lease = self.registration.lease_id();
+        let mut out = Vec::new();
+        for kv in self.md.range(keys::OWNERSHIP_PREFIX, 0).await? {
+            if kv.lease != Some(lease) {
+                continue;
+            }
+            let Some(name) = kv.key.strip_prefix(keys::OWNERSHIP_PREFIX) else {
+                continue;
+            };
+            let Ok(bundle) = parse_bundle(name) else {
+                continue;
+            };
+            lock(&self.owned).entry(bundle.clone()).or_insert(Owned {
+                lease,
+                epoch: kv.create_revision,
+                unloading: false,
+            });
+            out.push(bundle);
+        }
+        Ok(out)
     }
 
     /// Replaces `parent` (ours) by its two halves in the namespace's bundles
@@ -423,22 +516,12 @@ impl Ownership {
         Ok((brokers, owned))
     }
 
-    /// The broker an unowned bundle should go to: the one it was assigned
-    /// to if that broker is still registered, else the assignment choice.
+    /// The broker an unowned bundle should go to.
     async fn target_for(
         &self,
         bundle: &BundleKey,
     ) -> Result<Option<RegisteredBroker>, BrokerError> {
         let (brokers, owned) = self.cluster().await?;
-        if let Some(kv) = self.md.get(&keys::assignment(&bundle.to_string())).await? {
-            let id = String::from_utf8_lossy(&kv.value).into_owned();
-            if let Some(b) = brokers
-                .iter()
-                .find(|b| b.info.broker_id == id && !b.info.draining)
-            {
-                return Ok(Some(b.clone()));
-            }
-        }
         Ok(assign::choose(&bundle.to_string(), &brokers, &owned, None).cloned())
     }
 
@@ -454,11 +537,17 @@ impl Ownership {
         for _ in 0..LOOKUP_ATTEMPTS {
             let (bundle, version) = self.bundle_of(topic).await?;
             if self.serves(&bundle) {
-                return Ok(LookupAnswer::Connect { url: me.pulsar_url });
+                return Ok(LookupAnswer::Connect {
+                    url: me.pulsar_url,
+                    http_url: me.http_url,
+                });
             }
             if let Some(o) = self.live_owner(&bundle).await? {
                 if o.broker_id != me.broker_id {
-                    return Ok(LookupAnswer::Connect { url: o.pulsar_url });
+                    return Ok(LookupAnswer::Connect {
+                        url: o.pulsar_url,
+                        http_url: o.http_url,
+                    });
                 }
                 // Our key, our lease, but not in our table: unloading.
                 return Err(BrokerError::NotServedHere(format!(
@@ -475,13 +564,17 @@ impl Ownership {
                     return Err(BrokerError::NotServedHere("this broker is stopping".into()));
                 }
                 if self.acquire(&bundle, version).await? {
-                    return Ok(LookupAnswer::Connect { url: me.pulsar_url });
+                    return Ok(LookupAnswer::Connect {
+                        url: me.pulsar_url,
+                        http_url: me.http_url,
+                    });
                 }
                 continue;
             }
             if let Some(t) = target {
                 return Ok(LookupAnswer::Redirect {
                     url: t.info.pulsar_url,
+                    http_url: t.info.http_url,
                 });
             }
         }

@@ -60,6 +60,8 @@ pub struct BrokerInfo {
 pub struct RegisteredBroker {
     pub info: BrokerInfo,
     pub lease: Option<u64>,
+    /// Version of its registration key (to check it is still there).
+    pub version: u64,
 }
 
 /// Every registered broker.
@@ -73,6 +75,7 @@ pub async fn brokers(md: &MetadataClient) -> Result<Vec<RegisteredBroker>, Metad
             Some(RegisteredBroker {
                 info,
                 lease: kv.lease,
+                version: kv.version,
             })
         })
         .collect())

@@ -45,14 +45,14 @@ pub async fn lookup(conn: &mut Conn, c: Option<CommandLookupTopic>) -> bool {
     };
     let mut r = base(Type::LookupResponse);
     r.lookup_topic_response = Some(match answer {
-        Ok(LookupAnswer::Connect { url }) => CommandLookupTopicResponse {
+        Ok(LookupAnswer::Connect { url, .. }) => CommandLookupTopicResponse {
             broker_service_url: Some(url),
             response: Some(LookupType::Connect as i32),
             request_id: c.request_id,
             authoritative: Some(true),
             ..Default::default()
         },
-        Ok(LookupAnswer::Redirect { url }) => CommandLookupTopicResponse {
+        Ok(LookupAnswer::Redirect { url, .. }) => CommandLookupTopicResponse {
             broker_service_url: Some(url),
             response: Some(LookupType::Redirect as i32),
             request_id: c.request_id,

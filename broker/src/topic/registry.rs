@@ -180,9 +180,13 @@ impl TopicRegistry {
         next: Option<RegisteredBroker>,
     ) -> Result<Unloaded, BrokerError> {
         if !self.ownership.start_unloading(bundle) {
-            return Err(BrokerError::NotServedHere(format!(
-                "bundle {bundle} is not owned here"
-            )));
+            // Handed to us and never asked for yet: ours all the same.
+            let adopted = self.ownership.adopt_all().await?;
+            if !adopted.contains(bundle) || !self.ownership.start_unloading(bundle) {
+                return Err(BrokerError::NotServedHere(format!(
+                    "bundle {bundle} is not owned here"
+                )));
+            }
         }
         let started = std::time::Instant::now();
         let topics = self.in_bundle(bundle);

@@ -1,0 +1,3 @@
+//! The admin REST API and HTTP lookups (`http.rs`: routing only).
+
+pub mod http;
