@@ -338,6 +338,14 @@ impl Drop for Member {
     }
 }
 
+/// A send's outcome, boxed so sends of many producers share one list.
+pub type SendFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<magnetar_client::MessageId, magnetar_client::Error>>
+            + Send,
+    >,
+>;
+
 /// Judges a queue run: every acknowledged message delivered, nothing
 /// delivered that was never sent, per-key order kept; duplicates counted.
 /// Sends whose outcome is unknown may or may not show up.

@@ -14,10 +14,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use magnetar_client::{
-    Client, ConsumerOptions, MessageId, OutgoingMessage, Producer, ProducerOptions,
-};
-use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker};
+use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker, SendFuture};
 
 const BROKERS: u16 = 3;
 
@@ -43,10 +41,6 @@ struct Workload {
     inflight: Vec<(String, String, u64, SendFuture)>,
     next: u64,
 }
-
-type SendFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<MessageId, magnetar_client::Error>> + Send>,
->;
 
 impl Workload {
     async fn new(client: &Client, phase: &str, n: usize) -> Workload {
