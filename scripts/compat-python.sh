@@ -38,4 +38,38 @@ for _ in range(3):
 c.close()
 print("python reads what the magnetar CLI produced: ok")
 PY
-echo "1 passed, 0 failed: python compatibility"
+kill $pid 2>/dev/null || true
+wait $pid 2>/dev/null || true
+
+# A cluster of three brokers as processes; the client gets all of them.
+base() { # a base with $1 consecutive free TCP and UDP ports
+  python3 - "$1" <<'PY'
+import socket, sys
+n = int(sys.argv[1])
+for _ in range(200):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); b = s.getsockname()[1]; s.close()
+    if b + n > 65535:
+        continue
+    try:
+        held = []
+        for p in range(b, b + n):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                x = socket.socket(socket.AF_INET, kind); x.bind(("127.0.0.1", p)); held.append(x)
+        [x.close() for x in held]
+        print(b); break
+    except OSError:
+        [x.close() for x in held]
+PY
+}
+export MAGNETAR_BIN="$bin"
+export MAGNETAR_LC_METADATA_PORT=$(base 3) MAGNETAR_LC_BOOKIE_PORT=$(base 3)
+export MAGNETAR_LC_BROKER_PORT=$(base 4) MAGNETAR_LC_HTTP_PORT=$(base 4)
+lc="$work/lc"
+trap 'deploy/local-cluster.sh down --dir "$lc" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+deploy/local-cluster.sh up --metadata 3 --bookies 3 --brokers 3 --dir "$lc" >/dev/null
+url="pulsar://127.0.0.1:$MAGNETAR_LC_BROKER_PORT,127.0.0.1:$((MAGNETAR_LC_BROKER_PORT + 1)),127.0.0.1:$((MAGNETAR_LC_BROKER_PORT + 2))"
+if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/local-cluster.sh "$lc"; then
+  for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
+  exit 1
+fi
+echo "2 passed, 0 failed: python compatibility"
