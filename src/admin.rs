@@ -123,6 +123,9 @@ enum BundlesCmd {
     },
     /// Splits a bundle in two halves.
     Split { namespace: String, range: String },
+    /// Every owned bundle and its owner (from the metadata service: needs
+    /// --metadata and --tls-dir).
+    Owners,
 }
 
 #[derive(Subcommand)]
@@ -343,6 +346,21 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     u.ledger_id,
                     u.state,
                     u.missing.join(",")
+                );
+            }
+        }
+        AdminCmd::Bundles {
+            cmd: BundlesCmd::Owners,
+        } => {
+            for kv in client.range("/ownership/", 0).await? {
+                let owner = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                    .ok()
+                    .and_then(|v| v["broker_id"].as_str().map(String::from))
+                    .unwrap_or_else(|| "?".into());
+                emit!(
+                    "{} {owner} epoch={}",
+                    kv.key.trim_start_matches("/ownership/"),
+                    kv.create_revision
                 );
             }
         }

@@ -1,5 +1,7 @@
-//! `magnetar perf produce|consume`: throughput and publish latency, printed
-//! every few seconds and summarised at the end.
+//! `magnetar perf produce|consume|topics`: throughput and publish latency,
+//! printed every few seconds and summarised at the end; the longest stall
+//! of each producer (a failover or a topic move shows there); how fast
+//! topics are looked up and opened.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,18 @@ pub enum PerfCmd {
         /// Most sends in flight per producer.
         #[arg(long, default_value_t = 1000)]
         max_pending: usize,
+        /// Stalls are measured from this many seconds after the start (the
+        /// first seconds see topics assigned and balanced).
+        #[arg(long, default_value_t = 0)]
+        stall_after: u64,
+        /// At this many seconds: look every topic up, pick the broker that
+        /// serves the most of them, run --event-cmd with `{port}` replaced by
+        /// its Pulsar port, and report how long after that each topic's
+        /// first message sent afterwards took to be acknowledged.
+        #[arg(long, default_value_t = 0)]
+        event_at: u64,
+        #[arg(long, default_value = "")]
+        event_cmd: String,
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
@@ -38,6 +52,20 @@ pub enum PerfCmd {
     Metadata(crate::perf_metadata::MetaPerfArgs),
     /// The bookie tier through the ledger client: writes and recovery.
     Ledger(crate::perf_ledger::LedgerPerfArgs),
+    /// Looks up and opens a producer on each of COUNT topics (many at once),
+    /// reports the rate and latency, then holds them idle for HOLD seconds
+    /// (to weigh a broker's memory per topic) and closes them.
+    Topics {
+        prefix: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
+        #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
+        service_url: String,
+    },
     /// Consume and report throughput.
     Consume {
         topic: String,
@@ -90,8 +118,13 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             duration,
             batching,
             max_pending,
+            stall_after,
+            event_at,
+            event_cmd,
             service_url,
         } => {
+            let started_at = Instant::now();
+            let stall_from = Instant::now() + Duration::from_secs(stall_after);
             let sent = Arc::new(AtomicU64::new(0));
             let window = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
                 1, 60_000_000, 3,
@@ -108,8 +141,12 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 (rate / producers as u64).max(1)
             };
             let mut tasks = Vec::new();
+            let mut stalls = Vec::new();
+            let client = Client::connect(&service_url).await?;
             for i in 0..producers {
-                let client = Client::connect(&service_url).await?;
+                let client = client.clone();
+                let stall = Arc::new(Stall::new(stall_from));
+                stalls.push(stall.clone());
                 let opts = ProducerOptions {
                     batching,
                     ..Default::default()
@@ -142,11 +179,18 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                         };
                         let t0 = Instant::now();
                         let f = producer.send_async(payload.clone());
-                        let (sent, window, total, errors) =
-                            (sent.clone(), window.clone(), total.clone(), errors.clone());
+                        let (sent, window, total, errors, stall) = (
+                            sent.clone(),
+                            window.clone(),
+                            total.clone(),
+                            errors.clone(),
+                            stall.clone(),
+                        );
                         tokio::spawn(async move {
                             match f.await {
                                 Ok(_) => {
+                                    stall.receipt();
+                                    stall.after_event(t0);
                                     let us = t0.elapsed().as_micros() as u64;
                                     let _ = window
                                         .lock()
@@ -172,6 +216,21 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             }
             let started = Instant::now();
             let mut last = (Instant::now(), 0u64);
+            let mut event: Option<tokio::task::JoinHandle<anyhow::Result<String>>> = None;
+            if event_at > 0 {
+                let (client, stalls, names) = (
+                    client.clone(),
+                    stalls.clone(),
+                    (0..producers)
+                        .map(|i| topic_name(&topic, topics, i % topics.max(1)))
+                        .collect::<Vec<_>>(),
+                );
+                let at = started_at + Duration::from_secs(event_at);
+                event = Some(tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    run_event(&client, &stalls, &names, &event_cmd).await
+                }));
+            }
             while Instant::now() < end {
                 tokio::time::sleep(
                     Duration::from_secs(5)
@@ -196,18 +255,32 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 let _ = t.await;
             }
             let n = sent.load(Ordering::Relaxed);
-            let h = total.lock().unwrap_or_else(|e| e.into_inner());
-            report(
-                &format!(
-                    "summary ({n} msgs, {} errors, {size} B, batching {batching})",
-                    errors.load(Ordering::Relaxed)
-                ),
-                n,
-                n * size as u64,
-                started.elapsed().as_secs_f64(),
-                Some(&h),
-            );
+            {
+                let h = total.lock().unwrap_or_else(|e| e.into_inner());
+                report(
+                    &format!(
+                        "summary ({n} msgs, {} errors, {size} B, batching {batching})",
+                        errors.load(Ordering::Relaxed)
+                    ),
+                    n,
+                    n * size as u64,
+                    started.elapsed().as_secs_f64(),
+                    Some(&h),
+                );
+            }
+            report_stalls(&stalls);
+            if let Some(e) = event {
+                let victim = e.await??;
+                report_event(&stalls, &victim);
+            }
         }
+        PerfCmd::Topics {
+            prefix,
+            count,
+            concurrency,
+            hold,
+            service_url,
+        } => topics_bench(&prefix, count, concurrency, hold, &service_url).await?,
         PerfCmd::Consume {
             topic,
             subscription,
@@ -253,4 +326,209 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A producer's longest time without a receipt: from one successful
+/// receipt to the next. Under a steady rate it is about the send interval;
+/// when the producer's broker dies or its topic moves, it is the time from
+/// the last receipt before to the first after.
+struct Stall {
+    last: Mutex<Option<Instant>>,
+    max_us: AtomicU64,
+    /// Gaps that begin before this are not counted.
+    from: Instant,
+    /// The event (see --event-at), this producer's broker then, and how
+    /// long after it the first message sent after it was acknowledged.
+    event: Mutex<Option<(Instant, String)>>,
+    first_after: Mutex<Option<Duration>>,
+}
+
+impl Stall {
+    fn new(from: Instant) -> Stall {
+        Stall {
+            last: Mutex::new(None),
+            max_us: AtomicU64::new(0),
+            from,
+            event: Mutex::new(None),
+            first_after: Mutex::new(None),
+        }
+    }
+
+    /// A message sent at `sent` was acknowledged now.
+    fn after_event(&self, sent: Instant) {
+        let ev = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((at, _)) = &*ev else { return };
+        if sent < *at {
+            return;
+        }
+        let mut f = self.first_after.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(Instant::now().saturating_duration_since(*at));
+        }
+    }
+
+    fn receipt(&self) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = last.filter(|t| *t >= self.from) {
+            let gap = now.saturating_duration_since(t).as_micros() as u64;
+            self.max_us.fetch_max(gap, Ordering::Relaxed);
+        }
+        *last = Some(now);
+    }
+}
+
+fn quantile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+/// The distribution of the producers' longest stalls, and of those above
+/// 250 ms (the producers a failover or a move reached).
+fn report_stalls(stalls: &[Arc<Stall>]) {
+    let mut all: Vec<u64> = stalls.iter().map(|s| s.max_us.load(Ordering::Relaxed)).collect();
+    all.sort_unstable();
+    println!(
+        "longest stall per producer ms: p50 {:.1} p99 {:.1} max {:.1} ({} producers)",
+        quantile(&all, 0.5),
+        quantile(&all, 0.99),
+        quantile(&all, 1.0),
+        all.len()
+    );
+    let hit: Vec<u64> = all.iter().copied().filter(|us| *us > 250_000).collect();
+    if !hit.is_empty() {
+        println!(
+            "producers stalled over 250 ms: {} — their stall ms p50 {:.1} p99 {:.1} max {:.1}",
+            hit.len(),
+            quantile(&hit, 0.5),
+            quantile(&hit, 0.99),
+            quantile(&hit, 1.0)
+        );
+    }
+}
+
+async fn topics_bench(
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+    hold: u64,
+    service_url: &str,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let client = Client::connect(service_url).await?;
+    let mut lat = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let started = Instant::now();
+    let opened: Vec<_> = futures::stream::iter(0..count)
+        .map(|i| {
+            let client = client.clone();
+            let topic = format!("{prefix}-{i}");
+            async move {
+                let t0 = Instant::now();
+                let r = client.create_producer(&topic, ProducerOptions::default()).await;
+                (r, t0.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut producers = Vec::new();
+    let mut errors = 0;
+    for (r, d) in opened {
+        match r {
+            Ok(p) => {
+                let _ = lat.record((d.as_micros() as u64).max(1));
+                producers.push(p);
+            }
+            Err(e) => {
+                errors += 1;
+                tracing::warn!(error = %e, "opening a producer failed");
+            }
+        }
+    }
+    println!(
+        "opened {} producers on as many topics in {secs:.1} s: {:.0}/s (lookup + producer open), {errors} errors | ms p50 {:.1} p99 {:.1} max {:.1}",
+        producers.len(),
+        producers.len() as f64 / secs,
+        lat.value_at_quantile(0.5) as f64 / 1000.0,
+        lat.value_at_quantile(0.99) as f64 / 1000.0,
+        lat.max() as f64 / 1000.0
+    );
+    if hold > 0 {
+        println!("holding them idle for {hold} s");
+        tokio::time::sleep(Duration::from_secs(hold)).await;
+    }
+    for p in producers {
+        let _ = p.close().await;
+    }
+    Ok(())
+}
+
+/// The event of --event-at: owners looked up, the busiest broker chosen,
+/// the command run. Returns the chosen broker's URL.
+async fn run_event(
+    client: &Client,
+    stalls: &[Arc<Stall>],
+    topics: &[String],
+    cmd: &str,
+) -> anyhow::Result<String> {
+    let mut owners = Vec::new();
+    for t in topics {
+        owners.push(client.lookup(t).await?);
+    }
+    let mut counts: std::collections::HashMap<&String, usize> = Default::default();
+    for o in &owners {
+        *counts.entry(o).or_default() += 1;
+    }
+    let victim = counts
+        .into_iter()
+        .max_by_key(|(o, n)| (*n, (*o).clone()))
+        .map(|(o, _)| o.clone())
+        .ok_or_else(|| anyhow::anyhow!("no topics"))?;
+    let port = victim.rsplit(':').next().unwrap_or_default().to_string();
+    let at = Instant::now();
+    for (s, o) in stalls.iter().zip(&owners) {
+        *s.event.lock().unwrap_or_else(|e| e.into_inner()) = Some((at, o.clone()));
+    }
+    let cmd = cmd.replace("{port}", &port);
+    println!("event: `{cmd}` on {victim} (it served {} of {} topics)", owners.iter().filter(|o| **o == victim).count(), owners.len());
+    tokio::process::Command::new("sh").arg("-c").arg(&cmd).status().await?;
+    Ok(victim)
+}
+
+/// How long after the event each topic's first message sent after it took
+/// to be acknowledged: for the topics the chosen broker served, and for
+/// the others.
+fn report_event(stalls: &[Arc<Stall>], victim: &str) {
+    let mut hit = Vec::new();
+    let mut rest = Vec::new();
+    let mut never = 0;
+    for s in stalls {
+        let on_victim = s
+            .event
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(_, o)| o == victim);
+        match *s.first_after.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(d) if on_victim => hit.push(d.as_micros() as u64),
+            Some(d) => rest.push(d.as_micros() as u64),
+            None => never += 1,
+        }
+    }
+    hit.sort_unstable();
+    rest.sort_unstable();
+    println!(
+        "event -> first acknowledged publish, topics of {victim}: p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} topics); other topics: p50 {:.1} ms p99 {:.1} ms ({}); never: {never}",
+        quantile(&hit, 0.5),
+        quantile(&hit, 0.99),
+        quantile(&hit, 1.0),
+        hit.len(),
+        quantile(&rest, 0.5),
+        quantile(&rest, 0.99),
+        rest.len()
+    );
 }

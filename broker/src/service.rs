@@ -28,7 +28,7 @@ use crate::topic::TopicRegistry;
 use crate::{BrokerConfig, BrokerError};
 
 /// Bundles unloaded at once when the broker stops.
-const STOP_UNLOAD_CONCURRENCY: usize = 8;
+const STOP_UNLOAD_CONCURRENCY: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -178,14 +178,22 @@ impl Broker {
             tracing::warn!(error = %e, "could not list the bundles handed to this broker");
         }
         let bundles: Vec<_> = self.ownership.owned().into_iter().map(|(b, _)| b).collect();
-        let cluster = self.ownership.cluster().await.ok();
-        let started = std::time::Instant::now();
+        // Targets chosen one bundle after the other, each counted as it is
+        // placed, so the bundles spread over the other brokers.
+        let mut cluster = self.ownership.cluster().await.ok();
         let me = self.broker_id.clone();
-        futures::stream::iter(bundles)
-            .for_each_concurrent(STOP_UNLOAD_CONCURRENCY, |bundle| {
-                let next = cluster.as_ref().and_then(|(brokers, owned)| {
-                    assign::choose(&bundle.to_string(), brokers, owned, Some(&me)).cloned()
-                });
+        let mut moves = Vec::new();
+        for bundle in bundles {
+            let next = cluster.as_mut().and_then(|(brokers, owned)| {
+                let n = assign::choose(&bundle.to_string(), brokers, owned, Some(&me)).cloned()?;
+                *owned.entry(n.info.broker_id.clone()).or_default() += 1;
+                Some(n)
+            });
+            moves.push((bundle, next));
+        }
+        let started = std::time::Instant::now();
+        futures::stream::iter(moves)
+            .for_each_concurrent(STOP_UNLOAD_CONCURRENCY, |(bundle, next)| {
                 let topics = self.topics.clone();
                 async move {
                     if let Err(e) = topics.unload_bundle(&bundle, next).await {

@@ -334,7 +334,13 @@ impl Ownership {
         let name = bundle.to_string();
         let key = keys::owner(&name);
         let mut handed = None;
-        if let Some(n) = next.filter(|n| n.lease.is_some()) {
+        // The next owner's registration changes with every load report it
+        // publishes: read it again once if the first try missed.
+        let mut next = next.cloned();
+        for _ in 0..2 {
+            let Some(n) = next.as_ref().filter(|n| n.lease.is_some()) else {
+                break;
+            };
             let owner = OwnerInfo {
                 broker_id: n.info.broker_id.clone(),
                 pulsar_url: n.info.pulsar_url.clone(),
@@ -361,9 +367,19 @@ impl Ownership {
                 })
                 .await;
             match res {
-                Ok(r) if r.succeeded => handed = Some(n.info.broker_id.clone()),
+                Ok(r) if r.succeeded => {
+                    handed = Some(n.info.broker_id.clone());
+                    break;
+                }
                 Ok(_) => {
-                    tracing::info!(%bundle, next = %n.info.broker_id, "the next owner's registration changed; releasing instead")
+                    let (id, lease) = (n.info.broker_id.clone(), n.lease);
+                    next = brokers(&self.md)
+                        .await?
+                        .into_iter()
+                        .find(|b| b.info.broker_id == id && b.lease == lease);
+                    if next.is_none() {
+                        tracing::info!(%bundle, next = %id, "the next owner is gone; releasing instead");
+                    }
                 }
                 Err(e) => {
                     lock(&self.owned).remove(bundle);
@@ -549,7 +565,14 @@ impl Ownership {
                         http_url: o.http_url,
                     });
                 }
-                // Our key, our lease, but not in our table: unloading.
+                // Our key on our lease: handed to us (now adopted), or ours
+                // and unloading.
+                if self.serves(&bundle) {
+                    return Ok(LookupAnswer::Connect {
+                        url: me.pulsar_url,
+                        http_url: me.http_url,
+                    });
+                }
                 return Err(BrokerError::NotServedHere(format!(
                     "bundle {bundle} is moving"
                 )));
@@ -598,6 +621,8 @@ impl Ownership {
                         o.pulsar_url
                     )));
                 }
+                // Handed to us (now adopted), or ours and unloading.
+                Some(_) if self.serves(&bundle) => return Ok(bundle),
                 Some(_) => {
                     return Err(BrokerError::NotServedHere(format!(
                         "bundle {bundle} is moving"

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use magnetar_proto::frame::{self, Frame, FRAME_OVERHEAD_BYTES};
-use magnetar_proto::pulsar::{base_command::Type, ServerError};
+use magnetar_proto::pulsar::{base_command::Type, BaseCommand, ServerError};
 use magnetar_proto::{commands, TopicName};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -20,6 +20,19 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::{consumer, handshake, lookup, producer, ConnShared, ProtocolContext};
 use crate::BrokerError;
+
+/// What a request handler running on its own task needs of its
+/// connection.
+#[derive(Clone)]
+pub struct ConnRef {
+    pub ctx: Arc<ProtocolContext>,
+    pub shared: Arc<ConnShared>,
+    pub peer: SocketAddr,
+}
+
+/// Requests (lookups, producer and consumer creations) a connection has
+/// running at once; past it the connection's socket is not read.
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
 
 /// One connection's state, owned by its read loop.
 pub struct Conn {
@@ -31,6 +44,8 @@ pub struct Conn {
     pub pending_kib: Arc<Semaphore>,
     /// The protocol version agreed in CONNECTED.
     pub version: i32,
+    /// Permits for requests running on their own tasks.
+    requests: Arc<Semaphore>,
 }
 
 pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAddr) {
@@ -45,6 +60,7 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
         pending_sends: Arc::new(Semaphore::new(limits.max_pending_sends.max(1))),
         pending_kib: Arc::new(Semaphore::new((limits.max_pending_send_bytes >> 10).max(1))),
         version: 0,
+        requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
     };
     let max_frame = limits.max_message_bytes + FRAME_OVERHEAD_BYTES;
     let idle = Duration::from_secs(limits.keepalive_secs.max(1));
@@ -98,6 +114,33 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
 }
 
 impl Conn {
+    fn handle_ref(&self) -> ConnRef {
+        ConnRef {
+            ctx: self.ctx.clone(),
+            shared: self.shared.clone(),
+            peer: self.peer,
+        }
+    }
+
+    /// Runs a request on a task of its own (it may wait for a topic to load
+    /// or for the metadata service, and must not hold up the connection's
+    /// other producers and consumers), within the connection's bound.
+    async fn spawn<F, Fut>(&self, f: F) -> bool
+    where
+        F: FnOnce(ConnRef) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+            return true;
+        };
+        let fut = f(self.handle_ref());
+        tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+        true
+    }
+
     async fn close(&mut self) {
         producer::close_all(self);
         consumer::close_all(self).await;
@@ -132,11 +175,17 @@ impl Conn {
             (Some(Type::PartitionedMetadata), c) => {
                 lookup::partitioned_metadata(self, c.partition_metadata).await
             }
-            (Some(Type::Lookup), c) => lookup::lookup(self, c.lookup_topic).await,
-            (Some(Type::Producer), c) => producer::create(self, c.producer).await,
+            (Some(Type::Lookup), BaseCommand { lookup_topic: Some(c), .. }) => {
+                self.spawn(|r| lookup::lookup(r, c)).await
+            }
+            (Some(Type::Producer), BaseCommand { producer: Some(c), .. }) => {
+                self.spawn(|r| producer::create(r, c)).await
+            }
             (Some(Type::Send), c) => producer::send(self, c.send, payload, payload_error).await,
             (Some(Type::CloseProducer), c) => producer::close(self, c.close_producer).await,
-            (Some(Type::Subscribe), c) => consumer::subscribe(self, c.subscribe).await,
+            (Some(Type::Subscribe), BaseCommand { subscribe: Some(c), .. }) => {
+                self.spawn(|r| consumer::subscribe(r, c)).await
+            }
             (Some(Type::Flow), c) => consumer::flow(self, c.flow).await,
             (Some(Type::Ack), c) => consumer::ack(self, c.ack).await,
             (Some(Type::RedeliverUnacknowledgedMessages), c) => {

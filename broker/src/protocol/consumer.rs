@@ -16,23 +16,24 @@ use magnetar_proto::pulsar::{
 };
 use tokio::sync::oneshot;
 
-use super::connection::{error_cmd, Conn};
+use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ConsumerSlot};
 use crate::managed_ledger::cursor::Position;
 use crate::subscription::{ConsumerConn, ConsumerInfo, SeekTarget, SubEvent};
 use crate::topic::{persistent::unknown, InitialPosition};
 use crate::BrokerError;
 
-pub async fn subscribe(conn: &mut Conn, c: Option<CommandSubscribe>) -> bool {
-    let Some(c) = c else { return false };
+pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
+    if !conn.shared.reserve_consumer(c.consumer_id) {
+        let e = BrokerError::new(
+            ServerError::ConsumerBusy,
+            "consumer id already in use on this connection",
+        );
+        conn.shared.send(&error_cmd(c.request_id, &e)).await;
+        return;
+    }
     let res = async {
         let name = Conn::topic_name(&c.topic)?;
-        if conn.shared.consumer(c.consumer_id).is_some() {
-            return Err(BrokerError::new(
-                ServerError::ConsumerBusy,
-                "consumer id already in use on this connection",
-            ));
-        }
         let sub_type = SubType::try_from(c.sub_type).unwrap_or(SubType::Exclusive);
         if !matches!(sub_type, SubType::Exclusive | SubType::Shared) {
             return Err(BrokerError::new(
@@ -72,17 +73,38 @@ pub async fn subscribe(conn: &mut Conn, c: Option<CommandSubscribe>) -> bool {
         })
     }
     .await;
+    conn.shared.unreserve_consumer(c.consumer_id);
     match res {
         Ok(slot) => {
-            lock(&conn.shared.consumers).insert(c.consumer_id, Arc::new(slot));
-            conn.shared.send(&commands::success(c.request_id)).await;
+            let added = {
+                // Under the lock `close_all` takes to mark the connection closed.
+                let mut g = lock(&conn.shared.consumers);
+                let open = !conn.shared.is_closed();
+                if open {
+                    g.insert(c.consumer_id, Arc::new(slot));
+                    None
+                } else {
+                    Some(slot)
+                }
+            };
+            match added {
+                None => conn.shared.send(&commands::success(c.request_id)).await,
+                // The connection ended while subscribing.
+                Some(slot) => {
+                    slot.handle
+                        .tell(SubEvent::RemoveConsumer {
+                            key: (conn.shared.id, c.consumer_id),
+                            reply: None,
+                        })
+                        .await
+                }
+            }
         }
         Err(e) => {
             tracing::info!(peer = %conn.peer, topic = %c.topic, subscription = %c.subscription, error = %e, "subscribe refused");
             conn.shared.send(&error_cmd(c.request_id, &e)).await;
         }
     }
-    true
 }
 
 pub async fn flow(conn: &mut Conn, c: Option<CommandFlow>) -> bool {
@@ -235,7 +257,11 @@ pub async fn last_message_id(conn: &mut Conn, c: Option<CommandGetLastMessageId>
 /// The connection ended: its consumers leave their subscriptions (what
 /// they held unacknowledged goes to others or waits for redelivery).
 pub async fn close_all(conn: &Conn) {
-    let all: Vec<(u64, Arc<ConsumerSlot>)> = lock(&conn.shared.consumers).drain().collect();
+    let all: Vec<(u64, Arc<ConsumerSlot>)> = {
+        let mut g = lock(&conn.shared.consumers);
+        conn.shared.mark_closed();
+        g.drain().collect()
+    };
     for (cid, slot) in all {
         slot.handle
             .tell(SubEvent::RemoveConsumer {

@@ -8,7 +8,7 @@ use magnetar_proto::pulsar::{
     CommandPartitionedTopicMetadataResponse,
 };
 
-use super::connection::Conn;
+use super::connection::{Conn, ConnRef};
 use crate::ownership::LookupAnswer;
 
 pub async fn partitioned_metadata(
@@ -36,8 +36,7 @@ pub async fn partitioned_metadata(
     true
 }
 
-pub async fn lookup(conn: &mut Conn, c: Option<CommandLookupTopic>) -> bool {
-    let Some(c) = c else { return false };
+pub async fn lookup(conn: ConnRef, c: CommandLookupTopic) {
     let authoritative = c.authoritative.unwrap_or(false);
     let answer = match Conn::topic_name(&c.topic) {
         Ok(name) => conn.ctx.topics.ownership.lookup(&name, authoritative).await,
@@ -71,5 +70,4 @@ pub async fn lookup(conn: &mut Conn, c: Option<CommandLookupTopic>) -> bool {
         }
     });
     conn.shared.send(&r).await;
-    true
 }

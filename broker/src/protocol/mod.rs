@@ -95,6 +95,10 @@ pub struct ConnShared {
     /// Producer ids the broker closed: their late sends are dropped quietly
     /// (the client resends them wherever it reconnects).
     closed_producers: Mutex<HashSet<u64>>,
+    /// Producer and consumer ids being created (their requests run on
+    /// tasks of their own): a second request for one is refused.
+    creating: Mutex<HashSet<(bool, u64)>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,7 +113,44 @@ impl ConnShared {
             producers: Mutex::default(),
             consumers: Mutex::default(),
             closed_producers: Mutex::default(),
+            creating: Mutex::default(),
+            closed: Default::default(),
         }
+    }
+
+    fn reserve(&self, producer: bool, id: u64) -> bool {
+        let taken = if producer {
+            lock(&self.producers).contains_key(&id)
+        } else {
+            lock(&self.consumers).contains_key(&id)
+        };
+        !taken && lock(&self.creating).insert((producer, id))
+    }
+
+    /// Claims a producer id for a creation; false if it is in use.
+    pub fn reserve_producer(&self, id: u64) -> bool {
+        self.reserve(true, id)
+    }
+
+    pub fn unreserve_producer(&self, id: u64) {
+        lock(&self.creating).remove(&(true, id));
+    }
+
+    pub fn reserve_consumer(&self, id: u64) -> bool {
+        self.reserve(false, id)
+    }
+
+    pub fn unreserve_consumer(&self, id: u64) {
+        lock(&self.creating).remove(&(false, id));
+    }
+
+    /// The connection ended (creations still running undo themselves).
+    pub fn mark_closed(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Queues a frame without waiting; when the queue is full, a task waits

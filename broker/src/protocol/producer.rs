@@ -12,7 +12,7 @@ use magnetar_proto::pulsar::{
 use magnetar_proto::{commands, Payload};
 
 use super::codec::{send_error, send_receipt};
-use super::connection::{error_cmd, Conn};
+use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ProducerSlot};
 use crate::managed_ledger::MlError;
 use crate::BrokerError;
@@ -21,16 +21,17 @@ use crate::BrokerError;
 /// this the memory is cleared: a very late send then gets an error).
 const MAX_REMEMBERED_CLOSED_PRODUCERS: usize = 4096;
 
-pub async fn create(conn: &mut Conn, c: Option<CommandProducer>) -> bool {
-    let Some(c) = c else { return false };
+pub async fn create(conn: ConnRef, c: CommandProducer) {
+    if !conn.shared.reserve_producer(c.producer_id) {
+        let e = BrokerError::new(
+            ServerError::ProducerBusy,
+            "producer id already in use on this connection",
+        );
+        conn.shared.send(&error_cmd(c.request_id, &e)).await;
+        return;
+    }
     let res = async {
         let name = Conn::topic_name(&c.topic)?;
-        if conn.shared.producer(c.producer_id).is_some() {
-            return Err(BrokerError::new(
-                ServerError::ProducerBusy,
-                "producer id already in use on this connection",
-            ));
-        }
         let topic = conn.ctx.topics.get_or_load(&name).await?;
         topic.add_producer(conn.shared.id, c.producer_id, conn.shared.clone())?;
         Ok(topic)
@@ -42,14 +43,25 @@ pub async fn create(conn: &mut Conn, c: Option<CommandProducer>) -> bool {
                 .producer_name
                 .clone()
                 .unwrap_or_else(|| format!("magnetar-{}-{}", conn.shared.id, c.producer_id));
-            lock(&conn.shared.producers).insert(
-                c.producer_id,
-                Arc::new(ProducerSlot {
-                    topic,
-                    name: producer_name.clone(),
-                }),
-            );
+            {
+                // Under the lock `close_all` takes to mark the connection closed.
+                let mut g = lock(&conn.shared.producers);
+                if conn.shared.is_closed() {
+                    drop(g);
+                    topic.remove_producer(conn.shared.id, c.producer_id);
+                    conn.shared.unreserve_producer(c.producer_id);
+                    return;
+                }
+                g.insert(
+                    c.producer_id,
+                    Arc::new(ProducerSlot {
+                        topic,
+                        name: producer_name.clone(),
+                    }),
+                );
+            }
             lock(&conn.shared.closed_producers).remove(&c.producer_id);
+            conn.shared.unreserve_producer(c.producer_id);
             let mut r = base(Type::ProducerSuccess);
             r.producer_success = Some(CommandProducerSuccess {
                 request_id: c.request_id,
@@ -62,10 +74,10 @@ pub async fn create(conn: &mut Conn, c: Option<CommandProducer>) -> bool {
         }
         Err(e) => {
             tracing::info!(peer = %conn.peer, topic = %c.topic, error = %e, "producer refused");
+            conn.shared.unreserve_producer(c.producer_id);
             conn.shared.send(&error_cmd(c.request_id, &e)).await;
         }
     }
-    true
 }
 
 pub async fn send(
@@ -165,7 +177,11 @@ pub async fn close(conn: &mut Conn, c: Option<CommandCloseProducer>) -> bool {
 
 /// The connection ended: its producers leave their topics.
 pub fn close_all(conn: &Conn) {
-    let all: Vec<(u64, Arc<ProducerSlot>)> = lock(&conn.shared.producers).drain().collect();
+    let all: Vec<(u64, Arc<ProducerSlot>)> = {
+        let mut g = lock(&conn.shared.producers);
+        conn.shared.mark_closed();
+        g.drain().collect()
+    };
     for (pid, slot) in all {
         slot.topic.remove_producer(conn.shared.id, pid);
     }
