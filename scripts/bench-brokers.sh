@@ -146,7 +146,7 @@ topics() {
   grep opened "$dir/perf.out"
   sleep 5
   local r1; r1="$(rss)"
-  echo "broker RSS $r0 KiB -> $r1 KiB with $MANY_TOPICS topics loaded, each with an idle producer: $(( (r1 - r0) / (MANY_TOPICS / 1000) )) bytes per topic... i.e. $(echo "scale=1; ($r1 - $r0) / $MANY_TOPICS" | bc) KiB per topic"
+  echo "broker RSS $r0 KiB -> $r1 KiB with $MANY_TOPICS topics loaded, each with an idle producer: $(echo "scale=1; ($r1 - $r0) / $MANY_TOPICS" | bc) KiB per topic"
   kill $perf 2>/dev/null || true; wait $perf 2>/dev/null || true
   down
 }

@@ -389,7 +389,10 @@ fn quantile(sorted: &[u64], q: f64) -> f64 {
 /// The distribution of the producers' longest stalls, and of those above
 /// 250 ms (the producers a failover or a move reached).
 fn report_stalls(stalls: &[Arc<Stall>]) {
-    let mut all: Vec<u64> = stalls.iter().map(|s| s.max_us.load(Ordering::Relaxed)).collect();
+    let mut all: Vec<u64> = stalls
+        .iter()
+        .map(|s| s.max_us.load(Ordering::Relaxed))
+        .collect();
     all.sort_unstable();
     println!(
         "longest stall per producer ms: p50 {:.1} p99 {:.1} max {:.1} ({} producers)",
@@ -427,7 +430,9 @@ async fn topics_bench(
             let topic = format!("{prefix}-{i}");
             async move {
                 let t0 = Instant::now();
-                let r = client.create_producer(&topic, ProducerOptions::default()).await;
+                let r = client
+                    .create_producer(&topic, ProducerOptions::default())
+                    .await;
                 (r, t0.elapsed())
             }
         })
@@ -494,8 +499,16 @@ async fn run_event(
         *s.event.lock().unwrap_or_else(|e| e.into_inner()) = Some((at, o.clone()));
     }
     let cmd = cmd.replace("{port}", &port);
-    println!("event: `{cmd}` on {victim} (it served {} of {} topics)", owners.iter().filter(|o| **o == victim).count(), owners.len());
-    tokio::process::Command::new("sh").arg("-c").arg(&cmd).status().await?;
+    println!(
+        "event: `{cmd}` on {victim} (it served {} of {} topics)",
+        owners.iter().filter(|o| **o == victim).count(),
+        owners.len()
+    );
+    tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .status()
+        .await?;
     Ok(victim)
 }
 

@@ -175,17 +175,27 @@ impl Conn {
             (Some(Type::PartitionedMetadata), c) => {
                 lookup::partitioned_metadata(self, c.partition_metadata).await
             }
-            (Some(Type::Lookup), BaseCommand { lookup_topic: Some(c), .. }) => {
-                self.spawn(|r| lookup::lookup(r, c)).await
-            }
-            (Some(Type::Producer), BaseCommand { producer: Some(c), .. }) => {
-                self.spawn(|r| producer::create(r, c)).await
-            }
+            (
+                Some(Type::Lookup),
+                BaseCommand {
+                    lookup_topic: Some(c),
+                    ..
+                },
+            ) => self.spawn(|r| lookup::lookup(r, c)).await,
+            (
+                Some(Type::Producer),
+                BaseCommand {
+                    producer: Some(c), ..
+                },
+            ) => self.spawn(|r| producer::create(r, c)).await,
             (Some(Type::Send), c) => producer::send(self, c.send, payload, payload_error).await,
             (Some(Type::CloseProducer), c) => producer::close(self, c.close_producer).await,
-            (Some(Type::Subscribe), BaseCommand { subscribe: Some(c), .. }) => {
-                self.spawn(|r| consumer::subscribe(r, c)).await
-            }
+            (
+                Some(Type::Subscribe),
+                BaseCommand {
+                    subscribe: Some(c), ..
+                },
+            ) => self.spawn(|r| consumer::subscribe(r, c)).await,
             (Some(Type::Flow), c) => consumer::flow(self, c.flow).await,
             (Some(Type::Ack), c) => consumer::ack(self, c.ack).await,
             (Some(Type::RedeliverUnacknowledgedMessages), c) => {
