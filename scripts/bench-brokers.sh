@@ -23,25 +23,7 @@ export MAGNETAR_BIN="$PWD/target/release/magnetar"
 B="$MAGNETAR_BIN"
 LC=deploy/local-cluster.sh
 
-base() { # a base port with $1 consecutive free TCP and UDP ports
-  python3 - "$1" <<'PY'
-import socket, sys
-n = int(sys.argv[1])
-for _ in range(200):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); b = s.getsockname()[1]; s.close()
-    if b + n > 65535:
-        continue
-    held = []
-    try:
-        for p in range(b, b + n):
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                x = socket.socket(socket.AF_INET, kind); x.bind(("127.0.0.1", p)); held.append(x)
-        [x.close() for x in held]
-        print(b); break
-    except OSError:
-        [x.close() for x in held]
-PY
-}
+base() { python3 scripts/free-ports.py "$1"; } # a base with $1 consecutive free ports
 
 # up NAME METADATA BOOKIES BROKERS: a cluster in $dir; sets $url and $meta.
 up() {

@@ -42,25 +42,7 @@ kill $pid 2>/dev/null || true
 wait $pid 2>/dev/null || true
 
 # A cluster of three brokers as processes; the client gets all of them.
-base() { # a base with $1 consecutive free TCP and UDP ports
-  python3 - "$1" <<'PY'
-import socket, sys
-n = int(sys.argv[1])
-for _ in range(200):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); b = s.getsockname()[1]; s.close()
-    if b + n > 65535:
-        continue
-    try:
-        held = []
-        for p in range(b, b + n):
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                x = socket.socket(socket.AF_INET, kind); x.bind(("127.0.0.1", p)); held.append(x)
-        [x.close() for x in held]
-        print(b); break
-    except OSError:
-        [x.close() for x in held]
-PY
-}
+base() { python3 scripts/free-ports.py "$1"; } # a base with $1 consecutive free ports
 export MAGNETAR_BIN="$bin"
 export MAGNETAR_LC_METADATA_PORT=$(base 3) MAGNETAR_LC_BOOKIE_PORT=$(base 3)
 export MAGNETAR_LC_BROKER_PORT=$(base 4) MAGNETAR_LC_HTTP_PORT=$(base 4)

@@ -470,6 +470,117 @@ impl QueueChecker {
     }
 }
 
+/// Producers on many topics judged by a queue checker: a checker
+/// subscription on each topic (made first, so it sees everything) and a
+/// batching producer on each; messages keyed by topic (order is per topic).
+pub struct Workload {
+    pub topics: Vec<String>,
+    pub producers: Vec<magnetar_client::Producer>,
+    pub checker: QueueChecker,
+    inflight: Vec<(String, String, u64, SendFuture)>,
+    next: u64,
+}
+
+impl Workload {
+    pub async fn new(client: &magnetar_client::Client, topics: &[String]) -> Workload {
+        use magnetar_client::{ConsumerOptions, ProducerOptions};
+        let topics = topics.to_vec();
+        let mut producers = Vec::new();
+        for t in &topics {
+            let opts = ConsumerOptions {
+                earliest: true,
+                ..Default::default()
+            };
+            client
+                .subscribe(t, "checker", opts)
+                .await
+                .expect("checker subscription")
+                .close()
+                .await
+                .expect("close the checker");
+            let p = ProducerOptions {
+                batching: true,
+                batch_delay_ms: 2,
+                ..Default::default()
+            };
+            producers.push(client.create_producer(t, p).await.expect("producer"));
+        }
+        Workload {
+            topics,
+            producers,
+            checker: QueueChecker::default(),
+            inflight: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// One message to every topic (keyed by topic: order is per topic).
+    pub fn send_round(&mut self) {
+        let i = self.next;
+        self.next += 1;
+        for (t, p) in self.producers.iter().enumerate() {
+            let (value, key) = (format!("t{t}-m{i}"), format!("t{t}"));
+            let f = p.send_async(magnetar_client::OutgoingMessage {
+                payload: value.clone().into_bytes().into(),
+                key: Some(key.clone()),
+                ..Default::default()
+            });
+            self.inflight.push((value, key, i, Box::pin(f)));
+        }
+    }
+
+    /// Sends `rounds` rounds, about 100 a second.
+    pub async fn run(&mut self, rounds: u64) {
+        for _ in 0..rounds {
+            self.send_round();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends rounds for `d`, about 50 a second.
+    pub async fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.send_round();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the outcomes, drains every topic, returns the verdict.
+    /// Fails the test on any loss, stranger or reordering, or when fewer
+    /// than 95 % of the sends were acknowledged.
+    pub async fn judge(mut self, client: &magnetar_client::Client, phase: &str) -> Verdict {
+        use magnetar_client::ConsumerOptions;
+        for p in &self.producers {
+            p.flush();
+        }
+        let sent = self.inflight.len();
+        self.checker
+            .settle(std::mem::take(&mut self.inflight), Duration::from_secs(90))
+            .await;
+        for t in &self.topics {
+            let opts = ConsumerOptions {
+                earliest: true,
+                ..Default::default()
+            };
+            let mut c = client
+                .subscribe(t, "checker", opts)
+                .await
+                .expect("checker subscription");
+            self.checker.drain(&mut c, Duration::from_secs(3)).await;
+            c.close().await.expect("close the checker");
+        }
+        let v = self.checker.verdict();
+        println!("{phase}: sent {sent}, {v}");
+        assert!(v.ok(), "{phase}: {v:?}");
+        assert!(
+            v.acked * 100 >= sent * 95,
+            "{phase}: most sends were acknowledged: {v}"
+        );
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,9 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
-use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker, SendFuture};
+use magnetar_client::{Client, OutgoingMessage, ProducerOptions};
+use magnetar_tests::{free_port_range, init_logs, LocalCluster, Workload};
 
 const BROKERS: u16 = 3;
 
@@ -32,100 +31,10 @@ fn member_of(cluster: &LocalCluster, url: &str) -> String {
     format!("broker-{}", port - cluster.ports[2] + 1)
 }
 
-/// One phase's topics: a checker subscription on each (made first, so it
-/// sees everything) and a producer on each.
-struct Workload {
-    topics: Vec<String>,
-    producers: Vec<Producer>,
-    checker: QueueChecker,
-    inflight: Vec<(String, String, u64, SendFuture)>,
-    next: u64,
-}
-
-impl Workload {
-    async fn new(client: &Client, phase: &str, n: usize) -> Workload {
-        let topics: Vec<String> = (0..n)
-            .map(|i| format!("persistent://public/default/{phase}-{i}"))
-            .collect();
-        let mut producers = Vec::new();
-        for t in &topics {
-            let opts = ConsumerOptions {
-                earliest: true,
-                ..Default::default()
-            };
-            client
-                .subscribe(t, "checker", opts)
-                .await
-                .unwrap()
-                .close()
-                .await
-                .unwrap();
-            let p = ProducerOptions {
-                batching: true,
-                batch_delay_ms: 2,
-                ..Default::default()
-            };
-            producers.push(client.create_producer(t, p).await.unwrap());
-        }
-        Workload {
-            topics,
-            producers,
-            checker: QueueChecker::default(),
-            inflight: Vec::new(),
-            next: 0,
-        }
-    }
-
-    /// One message to every topic (keyed by topic: order is per topic).
-    fn send_round(&mut self) {
-        let i = self.next;
-        self.next += 1;
-        for (t, p) in self.producers.iter().enumerate() {
-            let (value, key) = (format!("t{t}-m{i}"), format!("t{t}"));
-            let f = p.send_async(OutgoingMessage {
-                payload: value.clone().into_bytes().into(),
-                key: Some(key.clone()),
-                ..Default::default()
-            });
-            self.inflight.push((value, key, i, Box::pin(f)));
-        }
-    }
-
-    /// Sends `rounds` rounds, about 100 a second.
-    async fn run(&mut self, rounds: u64) {
-        for _ in 0..rounds {
-            self.send_round();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for the outcomes, drains every topic, returns the verdict.
-    async fn judge(mut self, client: &Client, phase: &str) -> magnetar_tests::Verdict {
-        for p in &self.producers {
-            p.flush();
-        }
-        let sent = self.inflight.len();
-        self.checker
-            .settle(std::mem::take(&mut self.inflight), Duration::from_secs(90))
-            .await;
-        for t in &self.topics {
-            let opts = ConsumerOptions {
-                earliest: true,
-                ..Default::default()
-            };
-            let mut c = client.subscribe(t, "checker", opts).await.unwrap();
-            self.checker.drain(&mut c, Duration::from_secs(3)).await;
-            c.close().await.unwrap();
-        }
-        let v = self.checker.verdict();
-        println!("{phase}: sent {sent}, {v}");
-        assert!(v.ok(), "{phase}: {v:?}");
-        assert!(
-            v.acked * 100 >= sent * 95,
-            "{phase}: most sends were acknowledged: {v}"
-        );
-        v
-    }
+fn topics(phase: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("persistent://public/default/{phase}-{i}"))
+        .collect()
 }
 
 /// Which broker serves each topic now.
@@ -166,7 +75,7 @@ async fn brokers_killed_restarted_and_frozen_lose_no_acknowledged_message() {
     let client = Client::connect(&url).await.unwrap();
 
     // kill -9 of the busiest owner, under load; it comes back later.
-    let mut w = Workload::new(&client, "kill", 12).await;
+    let mut w = Workload::new(&client, &topics("kill", 12)).await;
     w.run(100).await;
     let victim = most_common(&owners(&client, &cluster, &w.topics).await);
     cluster.run(&["kill", &victim, "--signal", "KILL"]);
@@ -179,7 +88,7 @@ async fn brokers_killed_restarted_and_frozen_lose_no_acknowledged_message() {
 
     // Rolling restart: each broker stopped with SIGTERM (it unloads its
     // bundles to the others) and started again, under load.
-    let mut w = Workload::new(&client, "roll", 12).await;
+    let mut w = Workload::new(&client, &topics("roll", 12)).await;
     w.run(50).await;
     for b in 1..=BROKERS {
         let member = format!("broker-{b}");
@@ -193,7 +102,7 @@ async fn brokers_killed_restarted_and_frozen_lose_no_acknowledged_message() {
     // Split-brain guard: the owner of a topic is frozen past its lease
     // (5 s TTL). Meanwhile a second client's producer gets the topic from
     // another broker, which fenced the frozen owner's ledger.
-    let mut w = Workload::new(&client, "freeze", 4).await;
+    let mut w = Workload::new(&client, &topics("freeze", 4)).await;
     w.run(50).await;
     let frozen = member_of(&cluster, &client.lookup(&w.topics[0]).await.unwrap());
     cluster.run(&["kill", &frozen, "--signal", "STOP"]);

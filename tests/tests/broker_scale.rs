@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use magnetar_client::Client;
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{init_logs, magnetar_bin, LocalCluster, QueueChecker};
+use magnetar_tests::{init_logs, magnetar_bin, LocalCluster, Workload};
 
 const TOPICS: usize = 16;
 
@@ -37,39 +37,14 @@ async fn owned(md: &MetadataClient) -> HashMap<String, usize> {
     n
 }
 
-struct Load {
-    producers: Vec<Producer>,
-    checker: QueueChecker,
-    inflight: Vec<(String, String, u64, magnetar_tests::SendFuture)>,
-    round: u64,
-}
-
-impl Load {
-    fn round(&mut self) {
-        let i = self.round;
-        self.round += 1;
-        for (t, p) in self.producers.iter().enumerate() {
-            let (value, key) = (format!("t{t}-m{i}"), format!("t{t}"));
-            let f = p.send_async(OutgoingMessage {
-                payload: value.clone().into_bytes().into(),
-                key: Some(key.clone()),
-                ..Default::default()
-            });
-            self.inflight.push((value, key, i, Box::pin(f)));
-        }
-    }
-
-    async fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            self.round();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
 fn topic(i: usize) -> String {
     format!("persistent://public/default/scale-{i}")
+}
+
+async fn get_json(web: &reqwest::Client, url: String) -> serde_json::Value {
+    let resp = web.get(&url).send().await.unwrap();
+    assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    resp.json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,69 +63,32 @@ async fn a_broker_added_under_load_takes_its_share_and_the_admin_api_moves_bundl
     let md = metadata(&cluster).await;
     let web = reqwest::Client::new();
 
-    let mut load = Load {
-        producers: Vec::new(),
-        checker: QueueChecker::default(),
-        inflight: Vec::new(),
-        round: 0,
-    };
-    for i in 0..TOPICS {
-        let opts = ConsumerOptions {
-            earliest: true,
-            ..Default::default()
-        };
-        client
-            .subscribe(&topic(i), "checker", opts)
-            .await
-            .unwrap()
-            .close()
-            .await
-            .unwrap();
-        let p = ProducerOptions {
-            batching: true,
-            batch_delay_ms: 2,
-            ..Default::default()
-        };
-        load.producers
-            .push(client.create_producer(&topic(i), p).await.unwrap());
-    }
+    let names: Vec<String> = (0..TOPICS).map(topic).collect();
+    let mut load = Workload::new(&client, &names).await;
     load.run_for(Duration::from_secs(2)).await;
 
     // The REST API, as Pulsar's tools call it.
-    let brokers: Vec<String> = web
-        .get(format!("{}/admin/v2/brokers/magnetar", http(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let brokers: Vec<String> = serde_json::from_value(
+        get_json(&web, format!("{}/admin/v2/brokers/magnetar", http(1))).await,
+    )
+    .unwrap();
     assert_eq!(brokers, hosts[..2].to_vec());
-    let lookup: serde_json::Value = web
-        .get(format!(
+    let lookup: serde_json::Value = get_json(
+        &web,
+        format!(
             "{}/lookup/v2/topic/persistent/public/default/scale-0",
             http(2)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let owner0 = lookup["brokerUrl"].as_str().unwrap().to_string();
     assert_eq!(owner0, client.lookup(&topic(0)).await.unwrap());
     assert!(lookup["httpUrl"].as_str().unwrap().starts_with("http://"));
-    let bundles: serde_json::Value = web
-        .get(format!(
-            "{}/admin/v2/namespaces/public/default/bundles",
-            http(1)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bundles: serde_json::Value = get_json(
+        &web,
+        format!("{}/admin/v2/namespaces/public/default/bundles", http(1)),
+    )
+    .await;
     assert_eq!(bundles["numBundles"], 16);
     let health = web
         .get(format!("{}/admin/v2/brokers/health", http(2)))
@@ -259,38 +197,14 @@ async fn a_broker_added_under_load_takes_its_share_and_the_admin_api_moves_bundl
         .await
         .unwrap();
     assert_eq!(split.status(), 204, "{:?}", split.text().await);
-    let bundles: serde_json::Value = web
-        .get(format!(
-            "{}/admin/v2/namespaces/public/default/bundles",
-            http(1)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bundles: serde_json::Value = get_json(
+        &web,
+        format!("{}/admin/v2/namespaces/public/default/bundles", http(1)),
+    )
+    .await;
     assert_eq!(bundles["numBundles"], 17);
     load.run_for(Duration::from_secs(2)).await;
 
     // Nothing acknowledged was lost through the moves.
-    for p in &load.producers {
-        p.flush();
-    }
-    let sent = load.inflight.len();
-    load.checker
-        .settle(std::mem::take(&mut load.inflight), Duration::from_secs(60))
-        .await;
-    for i in 0..TOPICS {
-        let opts = ConsumerOptions {
-            earliest: true,
-            ..Default::default()
-        };
-        let mut c = client.subscribe(&topic(i), "checker", opts).await.unwrap();
-        load.checker.drain(&mut c, Duration::from_secs(3)).await;
-    }
-    let v = load.checker.verdict();
-    println!("scale-out and moves: sent {sent}, {v}");
-    assert!(v.ok(), "{v:?}");
-    assert!(v.acked * 100 >= sent * 95, "{v}");
+    load.judge(&client, "scale-out and moves").await;
 }

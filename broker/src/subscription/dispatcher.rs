@@ -47,19 +47,35 @@ pub trait Dispatcher: Send {
     fn consumers(&self) -> Vec<ConsumerKey>;
     /// The consumer asks for `permits` more messages.
     fn flow(&mut self, key: ConsumerKey, permits: u32);
-    fn acked(&mut self, p: Position);
-    /// Everything up to and including `p` is acknowledged.
-    fn acked_through(&mut self, p: Position);
-    /// The consumer gives back `positions` (or everything it holds) for redelivery.
-    fn redeliver(&mut self, key: ConsumerKey, positions: Option<&[Position]>);
-    /// Starts over from `next_read` (seek); forgets what was in flight.
-    fn rewind(&mut self, next_read: Position);
     /// The next entry to send and to whom, if any consumer can take one.
     fn next(&mut self, src: &dyn EntrySource, now: Instant) -> Option<Delivery>;
     /// `d` was sent; it carried `messages` messages (a batch counts each).
     fn sent(&mut self, d: Delivery, messages: u32);
-    /// `d` could not be sent (read failed, consumer gone): it goes back.
-    fn not_sent(&mut self, d: Delivery);
+    /// The delivery state every type keeps.
+    fn unacked(&mut self) -> &mut Unacked;
     /// The delivery state, to carry over when the subscription changes type.
     fn into_unacked(self: Box<Self>) -> Unacked;
+
+    fn acked(&mut self, p: Position) {
+        self.unacked().acked(p);
+    }
+    /// Everything up to and including `p` is acknowledged.
+    fn acked_through(&mut self, p: Position) {
+        self.unacked().acked_through(p);
+    }
+    /// The consumer gives back `positions` (or everything it holds) for redelivery.
+    fn redeliver(&mut self, key: ConsumerKey, positions: Option<&[Position]>) {
+        match positions {
+            Some(ps) => self.unacked().give_back_some(key, ps),
+            None => self.unacked().give_back(key),
+        }
+    }
+    /// Starts over from `next_read` (seek); forgets what was in flight.
+    fn rewind(&mut self, next_read: Position) {
+        self.unacked().rewind(next_read);
+    }
+    /// `d` could not be sent (read failed, consumer gone): it goes back.
+    fn not_sent(&mut self, d: Delivery) {
+        self.unacked().not_delivered(d.position);
+    }
 }

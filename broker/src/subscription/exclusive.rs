@@ -7,7 +7,6 @@ use magnetar_proto::pulsar::{command_subscribe::SubType, ServerError};
 
 use super::dispatcher::{ConsumerInfo, ConsumerKey, Delivery, Dispatcher, EntrySource};
 use super::redelivery::Unacked;
-use crate::managed_ledger::cursor::Position;
 use crate::BrokerError;
 
 pub struct Exclusive {
@@ -59,25 +58,6 @@ impl Dispatcher for Exclusive {
         }
     }
 
-    fn acked(&mut self, p: Position) {
-        self.unacked.acked(p);
-    }
-
-    fn acked_through(&mut self, p: Position) {
-        self.unacked.acked_through(p);
-    }
-
-    fn redeliver(&mut self, key: ConsumerKey, positions: Option<&[Position]>) {
-        match positions {
-            Some(ps) => self.unacked.give_back_some(key, ps),
-            None => self.unacked.give_back(key),
-        }
-    }
-
-    fn rewind(&mut self, next_read: Position) {
-        self.unacked.rewind(next_read);
-    }
-
     fn next(&mut self, src: &dyn EntrySource, _now: Instant) -> Option<Delivery> {
         let (key, permits) = self.consumer?;
         if permits == 0 {
@@ -100,8 +80,8 @@ impl Dispatcher for Exclusive {
         self.unacked.delivered(d.position, d.consumer);
     }
 
-    fn not_sent(&mut self, d: Delivery) {
-        self.unacked.not_delivered(d.position);
+    fn unacked(&mut self) -> &mut Unacked {
+        &mut self.unacked
     }
 
     fn into_unacked(self: Box<Self>) -> Unacked {
@@ -111,16 +91,9 @@ impl Dispatcher for Exclusive {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{drain, Entries};
+    use super::super::testing::{consumer, drain, Entries};
     use super::*;
-
-    fn consumer(id: u64) -> ConsumerInfo {
-        ConsumerInfo {
-            key: (1, id),
-            name: format!("c{id}"),
-            priority: 0,
-        }
-    }
+    use crate::managed_ledger::cursor::Position;
 
     #[test]
     fn one_consumer_in_order_within_permits_and_a_second_is_refused() {

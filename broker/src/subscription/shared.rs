@@ -7,7 +7,6 @@ use magnetar_proto::pulsar::command_subscribe::SubType;
 
 use super::dispatcher::{ConsumerInfo, ConsumerKey, Delivery, Dispatcher, EntrySource};
 use super::redelivery::Unacked;
-use crate::managed_ledger::cursor::Position;
 use crate::BrokerError;
 
 pub struct Shared {
@@ -66,25 +65,6 @@ impl Dispatcher for Shared {
         }
     }
 
-    fn acked(&mut self, p: Position) {
-        self.unacked.acked(p);
-    }
-
-    fn acked_through(&mut self, p: Position) {
-        self.unacked.acked_through(p);
-    }
-
-    fn redeliver(&mut self, key: ConsumerKey, positions: Option<&[Position]>) {
-        match positions {
-            Some(ps) => self.unacked.give_back_some(key, ps),
-            None => self.unacked.give_back(key),
-        }
-    }
-
-    fn rewind(&mut self, next_read: Position) {
-        self.unacked.rewind(next_read);
-    }
-
     fn next(&mut self, src: &dyn EntrySource, _now: Instant) -> Option<Delivery> {
         let i = self.pick()?;
         let (position, redelivery_count) = self.unacked.take_next(src)?;
@@ -104,8 +84,8 @@ impl Dispatcher for Shared {
         self.unacked.delivered(d.position, d.consumer);
     }
 
-    fn not_sent(&mut self, d: Delivery) {
-        self.unacked.not_delivered(d.position);
+    fn unacked(&mut self) -> &mut Unacked {
+        &mut self.unacked
     }
 
     fn into_unacked(self: Box<Self>) -> Unacked {
@@ -115,16 +95,9 @@ impl Dispatcher for Shared {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::Entries;
+    use super::super::testing::{consumer as info, Entries};
     use super::*;
-
-    fn info(id: u64) -> ConsumerInfo {
-        ConsumerInfo {
-            key: (1, id),
-            name: format!("c{id}"),
-            priority: 0,
-        }
-    }
+    use crate::managed_ledger::cursor::Position;
 
     fn deliver_all(d: &mut Shared, src: &Entries, now: Instant) -> Vec<(u64, i64, u32)> {
         let mut out = Vec::new();

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use super::dispatcher::{Dispatcher, EntrySource};
+use super::dispatcher::{ConsumerInfo, Dispatcher, EntrySource};
 use crate::managed_ledger::cursor::Position;
 
 /// Entries 0..n of one ledger, and which are acknowledged.
@@ -53,4 +53,13 @@ pub fn drain(d: &mut dyn Dispatcher, src: &Entries, now: Instant) -> Vec<(u64, i
         d.sent(x, 1);
     }
     out
+}
+
+/// Consumer `id` on connection 1.
+pub fn consumer(id: u64) -> ConsumerInfo {
+    ConsumerInfo {
+        key: (1, id),
+        name: format!("c{id}"),
+        priority: 0,
+    }
 }
