@@ -49,6 +49,7 @@ pub struct Broker {
     pub topics: Arc<TopicRegistry>,
     pub ownership: Arc<Ownership>,
     stopping: Arc<AtomicBool>,
+    crash: tokio::sync::watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -112,7 +113,12 @@ impl Broker {
             stores,
             cfg.managed_ledger.clone(),
         ));
-        let ctx = Arc::new(ProtocolContext::new(topics.clone(), cfg.connection.clone()));
+        let (crash, crashed) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(ProtocolContext::new(
+            topics.clone(),
+            cfg.connection.clone(),
+            crashed,
+        ));
         let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -159,6 +165,7 @@ impl Broker {
             topics,
             ownership,
             stopping,
+            crash,
             tasks: Mutex::new(tasks),
             accept: Mutex::new(Some(accept)),
         }))
@@ -221,6 +228,28 @@ impl Broker {
         if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
+    }
+
+    /// What a process death does, inside a process (for in-process cluster
+    /// tests): the listeners close, every connection drops, the lease is
+    /// neither renewed nor revoked, no bundle is released and no ledger
+    /// closed. Other brokers take over as they would after a kill -9.
+    pub fn crash(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.crash.send(true);
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+        self.ownership.registration.abandon();
+        self.ownership.forget_all();
     }
 
     /// Creates a namespace with `bundles` bundles (nothing if it exists).

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 use magnetar_broker::standalone::{Standalone, StandaloneConfig};
 
 /// A UDP port free right now (QUIC tiers need stable ports across restarts,

@@ -236,6 +236,13 @@ impl Registration {
         }
     }
 
+    /// Stops renewing the lease without revoking it (a crash, in tests): it
+    /// expires, or is revoked by a broker that finds this one gone.
+    pub fn abandon(&self) {
+        self.valid_until_ns.store(0, Ordering::Release);
+        drop(self.lease.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
     /// Ends the registration (graceful stop): revokes the lease.
     pub async fn revoke(&self) {
         self.valid_until_ns.store(0, Ordering::Release);

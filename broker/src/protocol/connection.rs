@@ -67,6 +67,7 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut connected = false;
     let mut pinged = false;
+    let mut stop = conn.ctx.stop.clone();
     'outer: loop {
         loop {
             match frame::decode(&mut buf, max_frame) {
@@ -88,7 +89,11 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
                 }
             }
         }
-        match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => r,
+            _ = stop.changed() => break,
+        };
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(_)) => {}
             Err(_) if pinged => {

@@ -57,13 +57,20 @@ pub struct ProtocolContext {
     pub topics: Arc<TopicRegistry>,
     pub limits: ConnectionLimits,
     next_id: AtomicU64,
+    /// Turns true when every connection must end at once (a crash, in tests).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ProtocolContext {
-    pub fn new(topics: Arc<TopicRegistry>, limits: ConnectionLimits) -> ProtocolContext {
+    pub fn new(
+        topics: Arc<TopicRegistry>,
+        limits: ConnectionLimits,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> ProtocolContext {
         ProtocolContext {
             topics,
             limits,
+            stop,
             next_id: AtomicU64::new(1),
         }
     }

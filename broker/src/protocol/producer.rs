@@ -88,6 +88,32 @@ pub async fn send(
 ) -> bool {
     let Some(c) = c else { return false };
     let (pid, seq) = (c.producer_id, c.sequence_id);
+    // The message itself first: a bad one is refused for what it is,
+    // whatever its producer.
+    let max = conn.ctx.limits.max_message_bytes;
+    let refused = match (payload, payload_error) {
+        (Some(pl), _) if pl.headers_and_payload.len() <= max => Ok(pl),
+        (Some(pl), _) => Err((
+            ServerError::UnknownError,
+            format!(
+                "message of {} bytes exceeds {max}",
+                pl.headers_and_payload.len()
+            ),
+        )),
+        (None, Some(e @ FrameError::Checksum { .. })) => {
+            Err((ServerError::ChecksumError, e.to_string()))
+        }
+        (None, Some(e)) => Err((ServerError::UnknownError, e.to_string())),
+        (None, None) => Err((ServerError::UnknownError, "SEND without a payload".into())),
+    };
+    let pl = match refused {
+        Ok(pl) => pl,
+        Err((code, msg)) => {
+            tracing::warn!(peer = %conn.peer, producer_id = pid, sequence_id = seq, error = %msg, "send refused");
+            conn.shared.send(&send_error(pid, seq, code, msg)).await;
+            return true;
+        }
+    };
     let Some(slot) = conn.shared.producer(pid) else {
         if conn.shared.was_closed_by_broker(pid) {
             tracing::debug!(peer = %conn.peer, producer_id = pid, sequence_id = seq, "send after the broker closed the producer; dropped");
@@ -103,28 +129,8 @@ pub async fn send(
         }
         return true;
     };
-    let max = conn.ctx.limits.max_message_bytes;
-    let (code, msg) = match (payload, payload_error) {
-        (Some(pl), _) if pl.headers_and_payload.len() <= max => {
-            let highest = c.highest_sequence_id.unwrap_or(0).max(seq);
-            publish(conn, &slot, pid, seq, highest, pl).await;
-            return true;
-        }
-        (Some(pl), _) => (
-            ServerError::UnknownError,
-            format!(
-                "message of {} bytes exceeds {max}",
-                pl.headers_and_payload.len()
-            ),
-        ),
-        (None, Some(e @ FrameError::Checksum { .. })) => {
-            (ServerError::ChecksumError, e.to_string())
-        }
-        (None, Some(e)) => (ServerError::UnknownError, e.to_string()),
-        (None, None) => (ServerError::UnknownError, "SEND without a payload".into()),
-    };
-    tracing::warn!(peer = %conn.peer, producer_id = pid, sequence_id = seq, error = %msg, "send refused");
-    conn.shared.send(&send_error(pid, seq, code, msg)).await;
+    let highest = c.highest_sequence_id.unwrap_or(0).max(seq);
+    publish(conn, &slot, pid, seq, highest, pl).await;
     true
 }
 
