@@ -1,7 +1,8 @@
 """Compatibility through ownership changes: the official Python pulsar-client,
 given every broker in a multi-host service URL, produces to and consumes from
 many topics while brokers of a local cluster are killed (-9), restarted,
-stopped gracefully (SIGTERM) and added. Every message the client saw
+stopped gracefully (SIGTERM), frozen past their lease (SIGSTOP, then
+SIGCONT) and added. Every message the client saw
 acknowledged must be delivered; per-topic order is kept.
 
 Usage: python_failover.py SERVICE_URL CLUSTER_SCRIPT CLUSTER_DIR"""
@@ -59,11 +60,12 @@ def produce():
 
 thread = threading.Thread(target=produce)
 thread.start()
-steps = [("kill", "broker-1", "--signal", "KILL"), ("start", "broker-1"),
-         ("kill", "broker-2", "--signal", "TERM"), ("start", "broker-2"),
-         ("add", "broker")]
-for step in steps:
-    time.sleep(3)
+steps = [(3, ("kill", "broker-1", "--signal", "KILL")), (3, ("start", "broker-1")),
+         (3, ("kill", "broker-2", "--signal", "TERM")), (3, ("start", "broker-2")),
+         (3, ("kill", "broker-3", "--signal", "STOP")), (8, ("kill", "broker-3", "--signal", "CONT")),
+         (3, ("add", "broker"))]
+for pause, step in steps:
+    time.sleep(pause)
     cluster(*step)
 time.sleep(5)
 stop.set()
@@ -90,5 +92,5 @@ for t, c in enumerate(consumers):
 total = sum(len(a) for a in acked)
 assert total > 0
 client.close()
-print(f"python through kill -9, restart, SIGTERM and an added broker: {total} acknowledged, "
+print(f"python through kill -9, restart, SIGTERM, SIGSTOP past the lease and an added broker: {total} acknowledged, "
       f"0 lost, {failed[0]} failed sends")
