@@ -212,11 +212,12 @@ async fn replicate_away(
         let mut copied = 0u64;
         // The entries `gone` held: those of the stripes (ids equal mod E)
         // whose write set includes its position.
-        let step = meta.ensemble_size.max(1) as u64;
+        let width = frag.bookies.len().max(1);
+        let step = width as u64;
         if last >= frag.first_entry as i64 {
             let last = last as u64;
             for start in (frag.first_entry..=last).take(step as usize) {
-                if write_set(meta.ensemble_size, meta.write_quorum, start).any(|p| p == pos) {
+                if write_set(width, meta.write_quorum.min(width), start).any(|p| p == pos) {
                     copied += copy_stripe(ledgers, &meta, gone, &target, start, last, step).await?;
                 }
             }

@@ -24,6 +24,14 @@ use crate::server::{BookieInfo, BOOKIES_PREFIX};
 use crate::write_state::{write_set, WriteState};
 
 pub const LEDGERS_PREFIX: &str = "/ledgers/";
+
+/// How long a writer left with fewer bookies than its write quorum waits
+/// for one to come back before it fails (its adds with it).
+pub const BELOW_QUORUM_WAIT: Duration = Duration::from_secs(10);
+
+/// Ledgers created, and fragments started, on fewer bookies than their
+/// ensemble size (no spare bookie was writable), since the process started.
+pub static SHRUNK_ENSEMBLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const LEDGER_ID_KEY: &str = "/ledger-ids/next";
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -108,12 +116,26 @@ impl LedgerMetadata {
         }
     }
 
+    /// How many bookies the entries of `entry_id`'s fragment are striped
+    /// over: its bookie count. That is the ledger's ensemble size, except
+    /// in a fragment a writer shrank because no spare bookie was left.
+    pub fn width_at(&self, entry_id: u64) -> usize {
+        self.fragment_for(entry_id)
+            .map(|f| f.bookies.len())
+            .unwrap_or(self.ensemble_size)
+            .max(1)
+    }
+
     /// Bookies holding `entry_id`, in write-set order.
     pub fn bookies_for(&self, entry_id: u64) -> Vec<String> {
         match self.fragment_for(entry_id) {
-            Some(f) => write_set(self.ensemble_size, self.write_quorum, entry_id)
-                .map(|i| f.bookies[i].clone())
-                .collect(),
+            Some(f) => write_set(
+                f.bookies.len().max(1),
+                self.write_quorum.min(f.bookies.len().max(1)),
+                entry_id,
+            )
+            .map(|i| f.bookies[i].clone())
+            .collect(),
             None => Vec::new(),
         }
     }
@@ -182,6 +204,8 @@ pub struct LedgerClient {
     adds: AddQueues,
     /// Bookies that failed recently, and when.
     suspects: Arc<Mutex<HashMap<String, std::time::Instant>>>,
+    /// How long a writer below its write quorum waits for a bookie.
+    below_quorum_wait: Duration,
 }
 
 impl LedgerClient {
@@ -194,10 +218,18 @@ impl LedgerClient {
             rpc,
             adds: AddQueues::new(add_rpc),
             suspects: Arc::default(),
+            below_quorum_wait: BELOW_QUORUM_WAIT,
         }
     }
 
     /// Sets how long an add may wait for a bookie before it is replaced.
+    /// How long a writer left with fewer bookies than its write quorum waits
+    /// for one before failing (default [`BELOW_QUORUM_WAIT`]).
+    pub fn with_below_quorum_wait(mut self, wait: Duration) -> LedgerClient {
+        self.below_quorum_wait = wait;
+        self
+    }
+
     pub fn with_add_timeout(mut self, timeout: Duration) -> LedgerClient {
         self.adds.set_timeout(timeout);
         self
@@ -308,12 +340,23 @@ impl LedgerClient {
     ) -> Result<LedgerWriter, LedgerError> {
         let bookies = self.writable_bookies().await?;
         let have = bookies.len();
-        let ensemble = place(bookies, ensemble_size, &BTreeSet::new()).ok_or(
-            LedgerError::NotEnoughBookies {
-                need: ensemble_size,
-                have,
-            },
-        )?;
+        // Fewer writable bookies than the ensemble asks for, but a write
+        // quorum: the ledger is striped over those (the next one gets the
+        // full width again once bookies are back).
+        let width = crate::ensemble::create_width(ensemble_size, write_quorum, have)
+            .map_err(|(need, have)| LedgerError::NotEnoughBookies { need, have })?;
+        if width < ensemble_size {
+            SHRUNK_ENSEMBLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                ensemble_size,
+                width,
+                write_quorum,
+                "only {width} writable bookies: the new ledger is striped over them"
+            );
+        }
+        let ensemble = place(bookies, width, &BTreeSet::new())
+            .ok_or(LedgerError::NotEnoughBookies { need: width, have })?;
+        let ensemble_size = width;
         let ledger_id = self.next_ledger_id().await?;
         let mut master_key = [0u8; 16];
         master_key[..8].copy_from_slice(&ledger_id.to_be_bytes());
@@ -542,7 +585,7 @@ impl LedgerClient {
         last: u64,
     ) -> Vec<Result<Bytes, LedgerError>> {
         use futures::StreamExt;
-        let step = (meta.ensemble_size as u64).max(1);
+        let step = meta.width_at(first) as u64;
         let n = (last - first + 1) as usize;
         let mut got: Vec<Option<Bytes>> = vec![None; n];
         let stripes = (first..=last).take(step as usize);
@@ -817,7 +860,7 @@ impl LedgerClient {
             }
         }
         // With at most Qa-1 bookies unfenced, no write set can gather Qa acks any more.
-        let need = meta.ensemble_size - meta.ack_quorum + 1;
+        let need = last.bookies.len().saturating_sub(meta.ack_quorum) + 1;
         if fenced < need {
             return Err(LedgerError::WriterFailed(
                 id,
@@ -976,6 +1019,9 @@ struct WriterInner {
     failed: Option<LedgerError>,
     closed: bool,
     length_bytes: u64,
+    /// Since when fewer than a write quorum of bookies were left (kept
+    /// across ensemble-change rounds: the retried bookie fails again).
+    short_since: Option<std::time::Instant>,
 }
 
 impl WriterInner {
@@ -1094,6 +1140,7 @@ impl LedgerWriter {
                 failed: None,
                 closed: false,
                 length_bytes: 0,
+                short_since: None,
             }),
             settled: Default::default(),
         };
@@ -1193,6 +1240,10 @@ impl LedgerWriter {
             }
             g.state.on_ack(entry_id, pos, &mut confirmed);
         }
+        if !confirmed.is_empty() && g.failed_bookies.is_empty() {
+            // Writes go on: a later shortage counts its wait afresh.
+            g.short_since = None;
+        }
         let settled = g.state.pending() == 0;
         drop(g);
         if settled {
@@ -1253,7 +1304,8 @@ impl LedgerWriter {
                 .last()
                 .map(|f| f.bookies.clone())
                 .unwrap_or_default();
-            // Replace as many as there are spares; the rest are retried.
+            // Replace as many as there are spares; with too few, shrink
+            // the fragment while a write quorum is left; below that, retry.
             let replacements = match self
                 .client
                 .place_replacements(&current, &failed, failed.len())
@@ -1265,32 +1317,59 @@ impl LedgerWriter {
                     return;
                 }
             };
-            if replacements.is_empty() {
-                // No spare bookie: keep the ensemble and retry the failed
-                // bookies after a pause (a slow bookie may recover; the
-                // others may still make the ack quorum meanwhile).
-                tracing::warn!(
-                    ledger_id = self.ledger_id,
-                    failed = ?failed,
-                    "no writable bookie to replace the failed ones; retrying them"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let resend = {
-                    let mut g = self.lock();
-                    for b in &failed {
-                        g.failed_bookies.remove(b);
+            let qw = meta.write_quorum;
+            match crate::ensemble::plan(&current, &failed, &replacements, qw) {
+                crate::ensemble::Change::Swap { .. } => {}
+                crate::ensemble::Change::Shrink { ensemble } => {
+                    if !self
+                        .shrink(meta, version, first_entry, &failed, ensemble)
+                        .await
+                    {
+                        return;
                     }
-                    let positions: Vec<usize> = failed
-                        .iter()
-                        .filter_map(|b| g.ensemble().iter().position(|x| x == b))
-                        .collect();
-                    g.resend_to(&positions)
-                };
-                for (id, pos, bookie, req) in resend {
-                    self.send(id, pos, &bookie, req);
+                    self.lock().short_since = None;
+                    continue;
                 }
-                continue;
-            };
+                crate::ensemble::Change::Short { have, need } => {
+                    let since = *self
+                        .lock()
+                        .short_since
+                        .get_or_insert_with(std::time::Instant::now);
+                    let wait = self.client.below_quorum_wait;
+                    if since.elapsed() >= wait {
+                        self.fail(format!(
+                            "not enough writable bookies: need {need} for the write quorum, have {have} (waited {:.1} s)",
+                            wait.as_secs_f64()
+                        ));
+                        return;
+                    }
+                    // Keep the ensemble and retry the failed bookies after
+                    // a pause: one may come back; adds wait meanwhile.
+                    tracing::warn!(
+                        ledger_id = self.ledger_id,
+                        failed = ?failed,
+                        have,
+                        need,
+                        "fewer writable bookies than the write quorum; retrying the failed ones"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let resend = {
+                        let mut g = self.lock();
+                        for b in &failed {
+                            g.failed_bookies.remove(b);
+                        }
+                        let positions: Vec<usize> = failed
+                            .iter()
+                            .filter_map(|b| g.ensemble().iter().position(|x| x == b))
+                            .collect();
+                        g.resend_to(&positions)
+                    };
+                    for (id, pos, bookie, req) in resend {
+                        self.send(id, pos, &bookie, req);
+                    }
+                    continue;
+                }
+            }
             let failed: Vec<String> = failed.into_iter().take(replacements.len()).collect();
             let (ensemble, replaced) = swap_bookies(&current, &failed, &replacements);
             meta.start_fragment(first_entry, ensemble.clone());
@@ -1318,6 +1397,7 @@ impl LedgerWriter {
                 let mut g = self.lock();
                 g.meta = meta;
                 g.version = version + 1;
+                g.short_since = None;
                 for old in &failed {
                     g.failed_bookies.remove(old);
                 }
@@ -1330,6 +1410,56 @@ impl LedgerWriter {
                 self.send(id, pos, &bookie, req);
             }
         }
+    }
+
+    /// Starts a narrower fragment at `first_entry` on `ensemble` (no spare
+    /// bookie was left to replace `failed`): stored by CAS, then every
+    /// unconfirmed entry goes again to its write set over the new width.
+    /// False if the writer failed.
+    async fn shrink(
+        &self,
+        mut meta: LedgerMetadata,
+        version: u64,
+        first_entry: u64,
+        failed: &[String],
+        ensemble: Vec<String>,
+    ) -> bool {
+        let width = ensemble.len();
+        meta.start_fragment(first_entry, ensemble.clone());
+        match self.client.store_metadata(&meta, version).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.fail("ensemble change: ledger metadata changed (being recovered)".into());
+                return false;
+            }
+            Err(e) => {
+                self.fail(format!("ensemble change: {e}"));
+                return false;
+            }
+        }
+        SHRUNK_ENSEMBLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            ledger_id = self.ledger_id,
+            first_entry,
+            failed = ?failed,
+            ensemble = ?ensemble,
+            "no spare bookie: the ensemble shrank to the bookies left"
+        );
+        let resend: Vec<(u64, usize, String, AddRequest)> = {
+            let mut g = self.lock();
+            g.meta = meta;
+            g.version = version + 1;
+            for old in failed {
+                g.failed_bookies.remove(old);
+            }
+            g.state.reshape(width);
+            let all: Vec<usize> = (0..width).collect();
+            g.resend_to(&all)
+        };
+        for (id, pos, bookie, req) in resend {
+            self.send(id, pos, &bookie, req);
+        }
+        true
     }
 
     /// The writer cannot go on: every add not yet confirmed has an unknown

@@ -7,6 +7,7 @@
 pub mod add_queue;
 pub mod auditor;
 pub mod client;
+pub mod ensemble;
 mod entry_index;
 mod entry_map;
 pub mod journal;

@@ -109,6 +109,18 @@ impl<T> WriteState<T> {
 }
 
 impl<T> WriteState<T> {
+    /// The ensemble became `ensemble_size` bookies wide (a shrunk fragment
+    /// starting at the first pending entry): positions mean other bookies
+    /// now, so no ack given so far for a pending entry counts; each must be
+    /// sent again to its new write set.
+    pub fn reshape(&mut self, ensemble_size: usize) {
+        assert!(ensemble_size >= self.write_quorum && ensemble_size <= 64);
+        self.ensemble_size = ensemble_size;
+        for p in &mut self.pending {
+            p.acked = 0;
+        }
+    }
+
     /// The bookie at `position` was replaced: acks it gave for entries still
     /// pending no longer count (the new bookie must ack them again).
     pub fn forget_position(&mut self, position: usize) {

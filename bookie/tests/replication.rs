@@ -297,6 +297,94 @@ async fn writer_replaces_a_failed_bookie_and_loses_nothing() {
     tier.shutdown().await;
 }
 
+/// Waits (10 s at most) until `n` bookies are registered writable (a
+/// stopped bookie's registration lasts until its lease expires).
+async fn wait_writable(lc: &LedgerClient, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while lc.writable_bookies().await.unwrap().len() > n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registrations linger"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three bookies, ensemble 3/2/2, one stops: with no spare the writer
+/// shrinks the fragment to the two left (every entry still on a write
+/// quorum of two) and goes on; a new ledger is created on those two; two
+/// of three gone, adds wait and then fail naming the shortfall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_spare_the_writer_shrinks_to_the_bookies_left() {
+    let mut tier = Tier::start(&[None; 3]).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    let victim = w.metadata().fragments[0].bookies[1].clone();
+    let mut pending = Vec::new();
+    for i in 0..600u64 {
+        pending.push(w.add(payload(i)));
+        if i == 200 {
+            tier.stop_bookie(&victim).await;
+        }
+        if pending.len() >= 50 {
+            for p in pending.drain(..) {
+                p.await.unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.last_entry_id, 599);
+    let last = meta.fragments.last().unwrap();
+    assert_eq!(last.bookies.len(), 2, "shrunk to the two left: {meta:?}");
+    assert!(!last.bookies.contains(&victim));
+    assert!(last.first_entry <= 300, "{meta:?}");
+    let (meta, _) = lc.metadata(w.ledger_id()).await.unwrap();
+    let all = read_all(&tier.client(), &meta, 0, 599).await;
+    assert_eq!(all, (0..600).map(payload).collect::<Vec<_>>());
+    tier.assert_on_write_quorum(&meta, last.first_entry..600)
+        .await;
+    // A recovery of the shrunk ledger agrees on its end.
+    let recovered = tier.client().recover(meta.ledger_id).await.unwrap();
+    assert_eq!(recovered.last_entry_id, 599);
+
+    // A new ledger once only two are registered: 2 wide, every entry on both.
+    wait_writable(&lc, 2).await;
+    let w2 = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    assert_eq!(w2.metadata().fragments[0].bookies.len(), 2);
+    for i in 0..20u64 {
+        w2.add(payload(i)).await.unwrap();
+    }
+    let meta2 = w2.close().await.unwrap();
+    tier.assert_on_write_quorum(&meta2, 0..20).await;
+
+    // Below the write quorum: the add waits, then fails naming the shortfall.
+    let lc = tier.client().with_below_quorum_wait(Duration::from_secs(2));
+    let w3 = lc.create(2, 2, 2, BTreeMap::new()).await.unwrap();
+    w3.add(payload(0)).await.unwrap();
+    let second = w3.metadata().fragments[0].bookies[0].clone();
+    tier.stop_bookie(&second).await;
+    let started = tokio::time::Instant::now();
+    let err = w3.add(payload(1)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not enough writable bookies: need 2"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it waited first"
+    );
+    wait_writable(&lc, 1).await;
+    assert!(matches!(
+        lc.create(2, 2, 2, BTreeMap::new()).await,
+        Err(LedgerError::NotEnoughBookies { need: 2, have: 1 })
+    ));
+    tier.shutdown().await;
+}
+
 /// A bookie of the ensemble that takes adds and never answers them (no
 /// error, no closed connection) is replaced once the add timeout passes, as
 /// one that fails outright: nothing is lost, the order is kept.
@@ -850,15 +938,31 @@ async fn a_corrupt_copy_is_reported_and_read_from_another_replica() {
         .position(|b| b.as_ref().is_some_and(|b| b.addr() == first))
         .unwrap();
     let needle = payload(5);
-    let dir = tier._dir.path().join(format!("bookie-{idx}/journal"));
+    // Every copy the bookie has on disk: its journal, and an entry log if
+    // a checkpoint (asked for at once by the empty tail cache) moved the
+    // entry there meanwhile. A file a checkpoint removes as we go is
+    // skipped (its entries are in an entry log we visit).
     let mut corrupted = false;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        let mut data = std::fs::read(&path).unwrap();
-        if let Some(at) = data.windows(needle.len()).position(|w| w == &needle[..]) {
-            data[at + 3] ^= 0xff;
-            std::fs::write(&path, &data).unwrap();
-            corrupted = true;
+    let mut dirs = vec![tier._dir.path().join(format!("bookie-{idx}"))];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let Ok(mut data) = std::fs::read(&path) else {
+                continue;
+            };
+            if let Some(at) = data.windows(needle.len()).position(|w| w == &needle[..]) {
+                data[at + 3] ^= 0xff;
+                if std::fs::write(&path, &data).is_ok() {
+                    corrupted = true;
+                }
+            }
         }
     }
     assert!(corrupted, "entry 5 not found on disk");
