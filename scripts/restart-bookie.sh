@@ -2,13 +2,14 @@
 # How long a ledger writer stalls when a bookie of its ensemble is killed
 # with SIGKILL and started again at once (a supervisor's restart), for
 # docs/benchmarks.md. For each binary in turn, ROUNDS times: a fresh local
-# cluster (3 metadata nodes, 4 bookies), a 3/2/2 write of 1 KiB entries
+# cluster (3 metadata nodes, BOOKIES bookies — 4 by default; with 3 there
+# is no spare and the writer shrinks its ensemble), a 3/2/2 write of 1 KiB entries
 # (1,000 in flight) for 20 s; at 6 s the busiest bookie (one of the
 # ensemble) is killed and restarted — at once, or DOWN seconds later. Prints
 # adds/s for every second and the seconds whose rate fell under half the
 # median of the first five. Not part of the test suite.
 #
-#   [DOWN=S] [KEEP=1] scripts/restart-bookie.sh ROUNDS BINARY...
+#   [DOWN=S] [BOOKIES=N] [KEEP=1] scripts/restart-bookie.sh ROUNDS BINARY...
 #
 # KEEP=1 leaves the last cluster's directory (/tmp/magnetar-restart-bookie,
 # with every member's log and the writer's perf.err) in place.
@@ -25,17 +26,17 @@ ticks() { awk '{print $14 + $15}' "/proc/$(cat "$DIR/bookie-$1/pid")/stat"; }
 for _ in $(seq "$ROUNDS"); do
   for bin in "$@"; do
     down
-    lc up --metadata 3 --bookies 4 --brokers 0 --ensemble 3,2,2 >/dev/null
+    lc up --metadata 3 --bookies "${BOOKIES:-4}" --brokers 0 --ensemble 3,2,2 >/dev/null
     ep=$(cat "$DIR/metadata-endpoints")
     "$bin" perf ledger --metadata "$ep" --tls-dir "$DIR/admin/tls" --ensemble 3,2,2 \
       write --size 1024 --inflight 1000 --duration 20 --progress \
       >"$DIR/perf.out" 2>"$DIR/perf.err" &
     perf=$!
     sleep 2
-    before=(); for b in 1 2 3 4; do before+=("$(ticks "$b")"); done
+    before=(); for b in $(seq "${BOOKIES:-4}"); do before+=("$(ticks "$b")"); done
     sleep 4
     victim=1 most=0
-    for b in 1 2 3 4; do
+    for b in $(seq "${BOOKIES:-4}"); do
       used=$(( $(ticks "$b") - ${before[$((b - 1))]} ))
       if [ "$used" -gt "$most" ]; then most=$used; victim=$b; fi
     done
