@@ -8,11 +8,8 @@ pub mod add_queue;
 pub mod auditor;
 pub mod client;
 pub mod ensemble;
-mod entry_index;
-mod entry_map;
-pub mod journal;
 pub mod server;
-pub mod tail_cache;
+pub mod storage;
 pub mod write_state;
 
 pub use client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};

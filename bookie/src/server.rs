@@ -16,7 +16,7 @@ use magnetar_proto::rpc::{respond, RpcError};
 use magnetar_proto::tls::TlsMaterial;
 use serde::{Deserialize, Serialize};
 
-use crate::journal::{Journal, JournalError};
+use crate::storage::{Storage, StorageError};
 
 /// Longest a LAC long-poll is held.
 pub const MAX_LONG_POLL_MS: u64 = 30_000;
@@ -90,7 +90,7 @@ pub struct BookieConfig {
 }
 
 fn default_journal_cache_bytes() -> u64 {
-    crate::tail_cache::DEFAULT_CACHE_BYTES
+    crate::storage::tail_cache::DEFAULT_CACHE_BYTES
 }
 
 fn default_checkpoint_interval_ms() -> u64 {
@@ -98,7 +98,7 @@ fn default_checkpoint_interval_ms() -> u64 {
 }
 
 fn default_journal_segment_bytes() -> u64 {
-    crate::journal::SEGMENT_BYTES
+    crate::storage::SEGMENT_BYTES
 }
 
 fn default_gc_interval_ms() -> u64 {
@@ -210,7 +210,7 @@ const LOW_OPEN_FILE_LIMIT: u64 = 65_536;
 #[derive(Debug, thiserror::Error)]
 pub enum BookieError {
     #[error(transparent)]
-    Journal(#[from] JournalError),
+    Storage(#[from] StorageError),
     #[error(transparent)]
     Transport(#[from] RpcError),
     #[error("registration: {0}")]
@@ -220,7 +220,7 @@ pub enum BookieError {
 }
 
 pub struct Bookie {
-    pub journal: Journal,
+    pub storage: Storage,
     endpoint: quinn::Endpoint,
     addr: String,
     lease: Mutex<Option<Lease>>,
@@ -241,7 +241,7 @@ impl Bookie {
         metadata: &MetadataClient,
     ) -> Result<Arc<Bookie>, BookieError> {
         raise_open_file_limit();
-        let journal = Journal::open_with_cache(
+        let journal = Storage::open_with_cache(
             &cfg.data_dir.join("journal"),
             cfg.journal_segment_bytes,
             cfg.journal_cache_bytes,
@@ -317,7 +317,7 @@ impl Bookie {
             journal.clone(),
         ));
         Ok(Arc::new(Bookie {
-            journal,
+            storage: journal,
             endpoint,
             addr,
             lease: Mutex::new(Some(lease)),
@@ -389,7 +389,7 @@ async fn register(
 
 /// A checkpoint every `every`, or sooner when the journal's tail cache is
 /// half full (then back to back while writes outpace them).
-async fn checkpoint_loop(journal: Journal, every: Duration) {
+async fn checkpoint_loop(journal: Storage, every: Duration) {
     let mut next = tokio::time::Instant::now() + every;
     loop {
         // On the interval the adds are few (the cache is not half full):
@@ -421,7 +421,7 @@ async fn checkpoint_loop(journal: Journal, every: Duration) {
 /// no longer knows were deleted (a ledger's metadata is created before its
 /// first add reaches a bookie, so listing the journal's ledgers *before*
 /// reading the metadata never mistakes a new ledger for a deleted one).
-async fn gc_loop(journal: Journal, metadata: MetadataClient, every: Duration, min_garbage: f64) {
+async fn gc_loop(journal: Storage, metadata: MetadataClient, every: Duration, min_garbage: f64) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -471,7 +471,7 @@ async fn disk_monitor(
     metadata: MetadataClient,
     read_only: Arc<AtomicBool>,
     usage_override: Arc<Mutex<Option<f64>>>,
-    journal: Journal,
+    journal: Storage,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.disk_check_interval_ms.max(10)));
     loop {
@@ -537,7 +537,7 @@ fn admit(read_only: &AtomicBool, add: &AddRequest) -> Result<(), BookieErrorCode
 }
 
 pub async fn handle(
-    journal: &Journal,
+    journal: &Storage,
     read_only: &AtomicBool,
     req: BookieRequest,
 ) -> BookieResponse {

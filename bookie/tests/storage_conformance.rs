@@ -10,19 +10,19 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use magnetar_bookie::journal::Journal;
+use magnetar_bookie::storage::Storage;
 use magnetar_proto::ledger::{entry_digest, BookieErrorCode, MasterKey};
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
-    Journal,
+    Storage,
     EntryLog,
     Compacting,
 }
 
 struct Store {
     mode: Mode,
-    journal: Journal,
+    journal: Storage,
 }
 
 impl Store {
@@ -33,14 +33,14 @@ impl Store {
         };
         Store {
             mode,
-            journal: Journal::open_with(dir, segment).unwrap(),
+            journal: Storage::open_with(dir, segment).unwrap(),
         }
     }
 
     /// What the mode does between steps.
     async fn settle(&self) {
         match self.mode {
-            Mode::Journal => {}
+            Mode::Storage => {}
             Mode::EntryLog => {
                 self.journal.checkpoint().await.unwrap();
             }
@@ -173,7 +173,7 @@ async fn suite(mode: Mode) {
 
 #[tokio::test]
 async fn journal_only_storage_conforms() {
-    suite(Mode::Journal).await;
+    suite(Mode::Storage).await;
 }
 
 #[tokio::test]
