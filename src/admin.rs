@@ -372,10 +372,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             cmd: BookiesCmd::List,
         } => {
             let bookies = client
-                .range(magnetar_bookie::server::BOOKIES_PREFIX, 0)
+                .range(magnetar_bookie::registry::BOOKIES_PREFIX, 0)
                 .await?;
             for kv in bookies {
-                match serde_json::from_slice::<magnetar_bookie::server::BookieInfo>(&kv.value) {
+                match serde_json::from_slice::<magnetar_bookie::registry::BookieInfo>(&kv.value) {
                     Ok(b) => emit!(
                         "{} rack={} {}",
                         b.addr,

@@ -12,16 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use magnetar_metadata::MetadataClient;
-use magnetar_proto::ledger::{
-    entry_digest, AddRequest, BookieRequest, BookieResponse, MAX_BATCH_ADDS,
-};
 
-use crate::client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LEDGERS_PREFIX};
-use crate::server::{BookieInfo, BOOKIES_PREFIX};
-use crate::write_state::write_set;
-
-/// The key the elected auditor holds.
-pub const AUDITOR_KEY: &str = "/auditor/leader";
+use crate::ledger::{LedgerClient, LedgerError, LedgerMetadata, LedgerState};
+use crate::registry::{BookieInfo, AUDITOR_KEY, BOOKIES_PREFIX, LEDGERS_PREFIX};
 
 #[derive(Debug, Clone)]
 pub struct AuditorConfig {
@@ -180,167 +173,12 @@ async fn audit_once(
             .cloned()
             .collect();
         for bookie in lost {
-            replicate_away(ledgers, u.ledger_id, &bookie).await?;
+            while ledgers
+                .replicate_fragment(u.ledger_id, &bookie)
+                .await?
+                .is_some()
+            {}
         }
     }
     Ok(())
-}
-
-/// Copies every entry of `ledger_id` that `gone` held to a replacement
-/// bookie, fragment by fragment, and records each replacement by CAS.
-async fn replicate_away(
-    ledgers: &LedgerClient,
-    ledger_id: u64,
-    gone: &str,
-) -> Result<(), LedgerError> {
-    loop {
-        let (mut meta, version) = ledgers.metadata(ledger_id).await?;
-        let Some(fi) = meta
-            .fragments
-            .iter()
-            .position(|f| f.bookies.iter().any(|b| b == gone))
-        else {
-            return Ok(());
-        };
-        let frag = meta.fragments[fi].clone();
-        let pos = frag.bookies.iter().position(|b| b == gone).unwrap_or(0);
-        let last = match meta.fragments.get(fi + 1) {
-            Some(next) => next.first_entry as i64 - 1,
-            None => meta.last_entry_id,
-        };
-        let target = ledgers.place_replacement(&frag.bookies).await?;
-        let mut copied = 0u64;
-        // The entries `gone` held: those of the stripes (ids equal mod E)
-        // whose write set includes its position.
-        let width = frag.bookies.len().max(1);
-        let step = width as u64;
-        if last >= frag.first_entry as i64 {
-            let last = last as u64;
-            for start in (frag.first_entry..=last).take(step as usize) {
-                if write_set(width, meta.write_quorum.min(width), start).any(|p| p == pos) {
-                    copied += copy_stripe(ledgers, &meta, gone, &target, start, last, step).await?;
-                }
-            }
-        }
-        meta.fragments[fi].bookies[pos] = target.clone();
-        if ledgers.store_metadata(&meta, version).await? {
-            tracing::info!(
-                ledger_id,
-                gone,
-                target,
-                fragment = fi,
-                entries = copied,
-                "re-replicated a lost bookie's entries"
-            );
-        }
-        // On a CAS conflict the metadata changed under us: read it again.
-    }
-}
-
-/// Copies entries `start`, `start + step`, … up to `last` to `target`: read
-/// from the surviving replicas a `ReadRange` at a time (as catch-up reads
-/// are, next replica after a delay) and stored with one `AddBatch` per
-/// answer (recovery adds, with the LAC each was stored with, so the digest
-/// is the same). An entry no range answer brings is read on its own.
-/// Returns how many were copied.
-async fn copy_stripe(
-    ledgers: &LedgerClient,
-    meta: &LedgerMetadata,
-    gone: &str,
-    target: &str,
-    start: u64,
-    last: u64,
-    step: u64,
-) -> Result<u64, LedgerError> {
-    let sources: Vec<String> = meta
-        .bookies_for(start)
-        .into_iter()
-        .filter(|b| b != gone)
-        .collect();
-    let ledger_id = meta.ledger_id;
-    let add = |entry_id: u64, lac: i64, payload: bytes::Bytes, digest: u32| AddRequest {
-        ledger_id,
-        entry_id,
-        master_key: meta.master_key,
-        lac,
-        payload,
-        digest,
-        recovery: true,
-    };
-    let mut copied = 0;
-    let mut next = start;
-    while next <= last {
-        let mut batch: Vec<AddRequest> = ledgers
-            .range_read(ledger_id, &sources, next, last, step)
-            .await
-            .into_iter()
-            .take(MAX_BATCH_ADDS)
-            .map(|e| add(e.entry_id, e.lac, e.payload, e.digest))
-            .collect();
-        if batch.is_empty() {
-            // No range answer: this entry alone, from any survivor.
-            let (lac, payload) = read_with_lac(ledgers, meta, next, gone).await?;
-            let digest = entry_digest(ledger_id, next, lac, &payload);
-            batch.push(add(next, lac, payload, digest));
-        }
-        let n = batch.len() as u64;
-        let first = batch[0].entry_id;
-        match ledgers
-            .call(target, &BookieRequest::AddBatch(batch))
-            .await?
-        {
-            BookieResponse::AddedBatch(results) if results.iter().all(|r| r.is_ok()) => {}
-            other => {
-                return Err(LedgerError::Unreadable(
-                    ledger_id,
-                    first,
-                    format!("copy to {target}: {other:?}"),
-                ))
-            }
-        }
-        copied += n;
-        next = match next.checked_add(n * step) {
-            Some(n) => n,
-            None => break,
-        };
-    }
-    Ok(copied)
-}
-
-/// Reads an entry from a surviving replica, with the LAC it was stored with
-/// (the copy must carry the same digest input).
-async fn read_with_lac(
-    ledgers: &LedgerClient,
-    meta: &LedgerMetadata,
-    entry: u64,
-    gone: &str,
-) -> Result<(i64, bytes::Bytes), LedgerError> {
-    let mut errors = Vec::new();
-    for b in meta.bookies_for(entry).into_iter().filter(|b| b != gone) {
-        let req = BookieRequest::Read {
-            ledger_id: meta.ledger_id,
-            entry_id: entry,
-        };
-        match ledgers.call(&b, &req).await {
-            Ok(BookieResponse::Entry {
-                ledger_id,
-                entry_id,
-                lac,
-                payload,
-                digest,
-            }) if ledger_id == meta.ledger_id
-                && entry_id == entry
-                && entry_digest(ledger_id, entry_id, lac, &payload) == digest =>
-            {
-                return Ok((lac, payload));
-            }
-            Ok(other) => errors.push(format!("{b}: {other:?}")),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    Err(LedgerError::Unreadable(
-        meta.ledger_id,
-        entry,
-        errors.join("; "),
-    ))
 }

@@ -4,13 +4,12 @@
 //!
 //! It must not know about topics: a ledger is an ordered list of byte entries.
 
-pub mod add_queue;
 pub mod auditor;
-pub mod client;
-pub mod ensemble;
+pub mod ledger;
+pub mod registry;
 pub mod server;
 pub mod storage;
-pub mod write_state;
 
-pub use client::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};
-pub use server::{Bookie, BookieConfig, BookieInfo};
+pub use ledger::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};
+pub use registry::BookieInfo;
+pub use server::{Bookie, BookieConfig};

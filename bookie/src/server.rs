@@ -14,22 +14,12 @@ use magnetar_proto::ledger::{
 };
 use magnetar_proto::rpc::{respond, RpcError};
 use magnetar_proto::tls::TlsMaterial;
-use serde::{Deserialize, Serialize};
 
+use crate::registry::{BookieInfo, BOOKIES_PREFIX};
 use crate::storage::{Storage, StorageError};
 
 /// Longest a LAC long-poll is held.
 pub const MAX_LONG_POLL_MS: u64 = 30_000;
-
-/// Where bookies register; the key is `BOOKIES_PREFIX + <address>`.
-pub const BOOKIES_PREFIX: &str = "/bookies/available/";
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BookieInfo {
-    pub addr: String,
-    pub rack: Option<String>,
-    pub writable: bool,
-}
 
 /// A bookie's configuration: what `magnetar bookie --config` reads (TOML,
 /// unknown keys refused) apart from its `metadata` and `[tls]` entries.
@@ -430,13 +420,13 @@ async fn gc_loop(journal: Storage, metadata: MetadataClient, every: Duration, mi
         // Names only, a page at a time: the ledgers' metadata would be
         // megabytes per pass on a cluster with many ledgers.
         let live: std::collections::BTreeSet<u64> = match metadata
-            .range_keys(crate::client::LEDGERS_PREFIX)
+            .range_keys(crate::registry::LEDGERS_PREFIX)
             .await
         {
             Ok(keys) => keys
                 .iter()
                 .filter_map(|k| {
-                    k.strip_prefix(crate::client::LEDGERS_PREFIX)
+                    k.strip_prefix(crate::registry::LEDGERS_PREFIX)
                         .and_then(|id| id.parse().ok())
                 })
                 .collect(),

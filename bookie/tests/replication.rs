@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use magnetar_bookie::server::BOOKIES_PREFIX;
+use magnetar_bookie::registry::BOOKIES_PREFIX;
 use magnetar_bookie::{
     Bookie, BookieConfig, BookieInfo, LedgerClient, LedgerError, LedgerState, LedgerWriter,
 };

@@ -39,7 +39,7 @@ async fn a_bookie_of_the_topic(cluster: &LocalCluster) -> String {
         .collect();
     let md = MetadataClient::new(RpcClient::new(client_endpoint(&tls).unwrap()), endpoints);
     let last: LedgerMetadata = md
-        .range(magnetar_bookie::client::LEDGERS_PREFIX, 0)
+        .range(magnetar_bookie::registry::LEDGERS_PREFIX, 0)
         .await
         .unwrap()
         .iter()

@@ -107,7 +107,7 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
         .collect();
     let meta = MetadataClient::new(RpcClient::new(client_endpoint(&tls).unwrap()), endpoints);
     let ledgers = meta
-        .range(magnetar_bookie::client::LEDGERS_PREFIX, 0)
+        .range(magnetar_bookie::registry::LEDGERS_PREFIX, 0)
         .await
         .unwrap();
     // The topic's data ledger (cursor ledgers are ledgers too).
@@ -143,7 +143,7 @@ async fn kill_9_a_bookie_mid_stream_loses_nothing() {
         "the writer went on after the bookie died: {v:?}"
     );
     let ledgers = meta
-        .range(magnetar_bookie::client::LEDGERS_PREFIX, 0)
+        .range(magnetar_bookie::registry::LEDGERS_PREFIX, 0)
         .await
         .unwrap();
     let changed = ledgers.iter().any(|kv| {

@@ -15,7 +15,7 @@ use magnetar_proto::ledger::{
 use magnetar_proto::rpc::RpcClient;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::client::LedgerError;
+use super::LedgerError;
 
 /// Batches outstanding to one bookie at once.
 pub const BATCHES_IN_FLIGHT: usize = 4;

@@ -1,9 +1,14 @@
-//! The ledger writer's ensemble decisions without I/O: how wide a new
-//! ledger is with the bookies that are writable, and what an ensemble
-//! change does with the spares there are — swap every failed bookie for a
-//! spare; with too few spares, shrink the fragment to the bookies left as
-//! long as a write quorum remains (every entry still gets Qw copies and Qa
-//! acks, striped over fewer bookies); below that, wait for bookies.
+//! Where a ledger's entries go, without I/O: how wide a new ledger is with
+//! the bookies that are writable, which bookies it is placed on (spread
+//! over racks), and what an ensemble change does with the spares there are
+//! — swap every failed bookie for a spare; with too few spares, shrink the
+//! fragment to the bookies left as long as a write quorum remains (every
+//! entry still gets Qw copies and Qa acks, striped over fewer bookies);
+//! below that, wait for bookies.
+
+use std::collections::BTreeSet;
+
+use crate::registry::BookieInfo;
 
 /// What to do with an ensemble some of whose bookies failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,10 +83,58 @@ pub fn create_width(
     }
 }
 
+/// `ensemble` with `old[i]` replaced by `new[i]` (pairs beyond the shorter
+/// list are left alone); also the positions that changed.
+pub fn swap_bookies(
+    ensemble: &[String],
+    old: &[String],
+    new: &[String],
+) -> (Vec<String>, Vec<usize>) {
+    let mut out = ensemble.to_vec();
+    let mut changed = Vec::new();
+    for (o, n) in old.iter().zip(new) {
+        if let Some(pos) = out.iter().position(|b| b == o) {
+            out[pos] = n.clone();
+            changed.push(pos);
+        }
+    }
+    (out, changed)
+}
+
+/// Chooses `n` bookies from `candidates`, spreading over racks: first one
+/// per rack not in `used_racks`, then any. `None` when there are too few.
+/// The candidates are taken from position `turn` (mod their number) on:
+/// callers pass something that moves (the clock), so load spreads.
+pub fn place(
+    mut candidates: Vec<BookieInfo>,
+    n: usize,
+    used_racks: &BTreeSet<Option<String>>,
+    turn: usize,
+) -> Option<Vec<String>> {
+    if candidates.len() < n {
+        return None;
+    }
+    let start = turn % candidates.len().max(1);
+    candidates.rotate_left(start);
+    let mut racks = used_racks.clone();
+    let mut chosen: Vec<String> = Vec::with_capacity(n);
+    for b in &candidates {
+        if chosen.len() < n && b.rack.is_some() && racks.insert(b.rack.clone()) {
+            chosen.push(b.addr.clone());
+        }
+    }
+    for b in &candidates {
+        if chosen.len() < n && !chosen.contains(&b.addr) {
+            chosen.push(b.addr.clone());
+        }
+    }
+    Some(chosen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::write_state::write_set;
+    use crate::ledger::write_state::write_set;
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
@@ -149,5 +202,45 @@ mod tests {
         assert_eq!(create_width(3, 2, 2), Ok(2), "shrunk");
         assert_eq!(create_width(3, 2, 1), Err((2, 1)));
         assert_eq!(create_width(1, 1, 0), Err((1, 0)));
+    }
+
+    fn info(addr: &str, rack: Option<&str>) -> BookieInfo {
+        BookieInfo {
+            addr: addr.into(),
+            rack: rack.map(String::from),
+            writable: true,
+        }
+    }
+
+    #[test]
+    fn placement_spreads_over_racks_before_doubling_up() {
+        let c = vec![
+            info("a", Some("r1")),
+            info("b", Some("r1")),
+            info("c", Some("r2")),
+            info("d", Some("r3")),
+        ];
+        for turn in 0..8 {
+            let got = place(c.clone(), 3, &BTreeSet::new(), turn).unwrap();
+            assert_eq!(got.len(), 3);
+            let racks: BTreeSet<_> = got
+                .iter()
+                .map(|a| c.iter().find(|b| &b.addr == a).unwrap().rack.clone())
+                .collect();
+            assert_eq!(racks.len(), 3, "one per rack at turn {turn}: {got:?}");
+        }
+        // A rack the staying bookies cover is taken last.
+        let used: BTreeSet<_> = [Some("r1".to_string()), Some("r2".to_string())].into();
+        assert_eq!(
+            place(c.clone(), 1, &used, 0).unwrap(),
+            vec!["d".to_string()]
+        );
+        assert_eq!(place(c.clone(), 5, &BTreeSet::new(), 0), None, "too few");
+        // Without racks, the turn spreads the choice.
+        let plain = vec![info("a", None), info("b", None), info("c", None)];
+        let firsts: BTreeSet<_> = (0..3)
+            .map(|t| place(plain.clone(), 1, &BTreeSet::new(), t).unwrap()[0].clone())
+            .collect();
+        assert_eq!(firsts.len(), 3);
     }
 }
