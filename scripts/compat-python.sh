@@ -27,6 +27,7 @@ url="pulsar://127.0.0.1:$port"
 # Our CLI and the Python client on the same topic.
 "$bin" produce cli-to-python -m from-cli -n 3 --service-url "$url" 2>/dev/null
 timeout 120 .venv/bin/python tests/compat/python_roundtrip.py "$url"
+timeout 120 .venv/bin/python tests/compat/python_subscriptions.py "$url"
 timeout 60 .venv/bin/python - "$url" <<'PY'
 import sys, pulsar
 c = pulsar.Client(sys.argv[1])
@@ -54,4 +55,4 @@ if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "2 passed, 0 failed: python compatibility"
+echo "3 passed, 0 failed: python compatibility"

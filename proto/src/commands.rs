@@ -4,8 +4,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::frame::{base, encode_command, encode_payload_command};
 use crate::pulsar::{
-    base_command::Type, BaseCommand, CommandCloseConsumer, CommandCloseProducer, CommandError,
-    CommandMessage, CommandSuccess, MessageIdData, ServerError,
+    base_command::Type, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer,
+    CommandCloseProducer, CommandError, CommandMessage, CommandSuccess, MessageIdData, ServerError,
 };
 
 /// A command-only frame.
@@ -60,6 +60,16 @@ pub fn close_consumer(consumer_id: u64, assigned: &Assigned) -> BaseCommand {
         request_id: 0,
         assigned_broker_service_url: assigned.url.clone(),
         assigned_broker_service_url_tls: assigned.url_tls.clone(),
+    });
+    c
+}
+
+/// Tells a consumer of a Failover subscription whether it is the active one.
+pub fn active_consumer_change(consumer_id: u64, is_active: bool) -> BaseCommand {
+    let mut c = base(Type::ActiveConsumerChange);
+    c.active_consumer_change = Some(CommandActiveConsumerChange {
+        consumer_id,
+        is_active: Some(is_active),
     });
     c
 }

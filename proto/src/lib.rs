@@ -6,6 +6,7 @@
 
 pub mod commands;
 pub mod frame;
+pub mod hash;
 pub mod ledger;
 pub mod metadata_api;
 pub mod rpc;

@@ -107,7 +107,7 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
             .await
             .unwrap();
         let mut c2 = client
-            .subscribe(topic, "s2", earliest(SubscriptionType::Shared))
+            .subscribe(topic, "s2", earliest(SubscriptionType::Failover))
             .await
             .unwrap();
         let p = client
@@ -117,7 +117,8 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
         for i in 0..30 {
             p.send(format!("v{i}").as_str()).await.unwrap();
         }
-        // s1 acks the first 20 individually; s2 acks cumulatively up to 10.
+        // s1 acks the first 20 individually; s2 (Failover: cumulative acks
+        // count there, not on Shared) acks cumulatively up to 10.
         for i in 0..20 {
             let m = c1.receive_timeout(WAIT).await.unwrap().unwrap();
             assert_eq!(m.payload, format!("v{i}").as_bytes());
@@ -149,7 +150,7 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
         assert_eq!(m.payload, format!("v{i}").as_bytes());
     }
     let mut c2 = client
-        .subscribe(topic, "s2", earliest(SubscriptionType::Shared))
+        .subscribe(topic, "s2", earliest(SubscriptionType::Failover))
         .await
         .unwrap();
     let m = c2.receive_timeout(WAIT).await.unwrap().unwrap();
@@ -226,6 +227,27 @@ async fn shared_subscription_spreads_and_redelivers_unacked() {
         matches!(err, magnetar_client::Error::Server { code: 5, .. }),
         "ConsumerBusy, got {err:?}"
     );
+    // A cumulative ack on a Shared subscription is ignored (as Pulsar does):
+    // nothing becomes acknowledged.
+    let shared = ConsumerOptions {
+        sub_type: SubscriptionType::Shared,
+        earliest: true,
+        ..Default::default()
+    };
+    let mut c = client
+        .subscribe(topic, "cum", shared.clone())
+        .await
+        .unwrap();
+    let mut last = None;
+    for _ in 0..10 {
+        last = Some(c.receive_timeout(WAIT).await.unwrap().expect("message"));
+    }
+    c.ack_cumulative(&last.unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.close().await.unwrap();
+    let mut c = client.subscribe(topic, "cum", shared).await.unwrap();
+    let first = c.receive_timeout(WAIT).await.unwrap().expect("still there");
+    assert_eq!(first.payload, b"w0".as_slice(), "nothing was acknowledged");
     s.shutdown().await;
 }
 
@@ -339,11 +361,25 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     let unsupported =
         magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::GetSchema);
     magnetar_proto::frame::encode_command(&unsupported, &mut out);
+    let mut sub =
+        magnetar_proto::frame::base(magnetar_proto::pulsar::base_command::Type::Subscribe);
+    sub.subscribe = Some(magnetar_proto::pulsar::CommandSubscribe {
+        topic: "crc-topic".into(),
+        subscription: "s".into(),
+        sub_type: 9,
+        consumer_id: 1,
+        request_id: 7,
+        ..Default::default()
+    });
+    magnetar_proto::frame::encode_command(&sub, &mut out);
     raw.write_all(&out).await.unwrap();
     let mut inbuf = BytesMut::new();
     let (mut saw_checksum_error, mut saw_unsupported_error) = (false, false);
+    let mut saw_bad_sub_type = false;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !(saw_checksum_error && saw_unsupported_error) && tokio::time::Instant::now() < deadline {
+    while !(saw_checksum_error && saw_unsupported_error && saw_bad_sub_type)
+        && tokio::time::Instant::now() < deadline
+    {
         let _ = tokio::time::timeout(Duration::from_millis(500), raw.read_buf(&mut inbuf)).await;
         while let Ok(Some(f)) = magnetar_proto::frame::decode(&mut inbuf, 1 << 20) {
             if let Some(e) = f.command.send_error {
@@ -354,8 +390,18 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
                 saw_checksum_error = true;
             }
             if let Some(e) = f.command.error {
-                assert!(e.message.contains("not supported"), "{e:?}");
-                saw_unsupported_error = true;
+                if e.request_id == 7 {
+                    assert_eq!(
+                        e.error,
+                        magnetar_proto::pulsar::ServerError::NotAllowedError as i32,
+                        "{e:?}"
+                    );
+                    assert!(e.message.contains("unknown subscription type 9"), "{e:?}");
+                    saw_bad_sub_type = true;
+                } else {
+                    assert!(e.message.contains("not supported"), "{e:?}");
+                    saw_unsupported_error = true;
+                }
             }
         }
     }
@@ -366,6 +412,10 @@ async fn bad_input_gets_errors_and_the_broker_keeps_serving() {
     assert!(
         saw_unsupported_error,
         "unsupported command answered with ERROR"
+    );
+    assert!(
+        saw_bad_sub_type,
+        "an unknown subscription type answered with ERROR NotAllowedError"
     );
     // Unknown namespace and invalid names: clear errors.
     let err = client
@@ -502,5 +552,134 @@ async fn last_message_id_and_seek_by_publish_time() {
     c.seek_time(cut).await.unwrap();
     let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
     assert_eq!(m.payload, b"late0".as_slice());
+    s.shutdown().await;
+}
+
+/// Reads frames from a raw connection until `want` ACTIVE_CONSUMER_CHANGE
+/// notices came (or the wait ends); returns them as (consumer id, active).
+async fn active_notices(
+    raw: &mut tokio::net::TcpStream,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Vec<(u64, bool)> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < want && tokio::time::Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), raw.read_buf(buf)).await;
+        while let Ok(Some(f)) = magnetar_proto::frame::decode(buf, 1 << 20) {
+            if let Some(c) = f.command.active_consumer_change {
+                got.push((c.consumer_id, c.is_active.unwrap_or(false)));
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_has_one_active_consumer_and_the_standby_takes_over() {
+    use magnetar_proto::frame::{base, encode_command};
+    use magnetar_proto::pulsar::{base_command::Type, CommandConnect, CommandSubscribe};
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StandaloneSpec::new(dir.path()).start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "failover-topic";
+    let opts = |name: &str| ConsumerOptions {
+        sub_type: SubscriptionType::Failover,
+        earliest: true,
+        consumer_name: Some(name.into()),
+        ..Default::default()
+    };
+    // "b" first, then "a": "a" sorts first and takes over as the active one.
+    let mut b = client.subscribe(topic, "fo", opts("b")).await.unwrap();
+    let mut a = client.subscribe(topic, "fo", opts("a")).await.unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        p.send(format!("f{i}").as_str()).await.unwrap();
+    }
+    for i in 0..6 {
+        let m = a
+            .receive_timeout(WAIT)
+            .await
+            .unwrap()
+            .expect("active gets it");
+        assert_eq!(m.payload, format!("f{i}").as_bytes());
+        if i < 3 {
+            a.ack(&m).unwrap();
+        }
+    }
+    assert!(
+        b.receive_timeout(Duration::from_millis(1000))
+            .await
+            .unwrap()
+            .is_none(),
+        "the standby receives nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // acks are grouped
+    a.close().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        let m = b.receive_timeout(WAIT).await.unwrap().expect("taken over");
+        assert!(m.redelivery_count >= 1, "{m:?}");
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        b.ack(&m).unwrap();
+    }
+    let want: Vec<String> = (3..10).map(|i| format!("f{i}")).collect();
+    assert_eq!(got, want, "the unacknowledged rest, in order");
+
+    // The notices, on a raw connection: each consumer learns whether it is
+    // the active one when it joins and whenever that changes.
+    let mut raw = tokio::net::TcpStream::connect(s.broker.local_addr)
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    let mut hello = base(Type::Connect);
+    hello.connect = Some(CommandConnect {
+        client_version: "raw".into(),
+        protocol_version: Some(12),
+        ..Default::default()
+    });
+    encode_command(&hello, &mut out);
+    let subscribe = |consumer_id: u64, name: &str| {
+        let mut c = base(Type::Subscribe);
+        c.subscribe = Some(CommandSubscribe {
+            topic: "failover-raw".into(),
+            subscription: "fo".into(),
+            sub_type: SubscriptionType::Failover as i32,
+            consumer_id,
+            request_id: consumer_id,
+            consumer_name: Some(name.into()),
+            ..Default::default()
+        });
+        c
+    };
+    encode_command(&subscribe(1, "y"), &mut out);
+    raw.write_all(&out).await.unwrap();
+    let mut inbuf = BytesMut::new();
+    assert_eq!(
+        active_notices(&mut raw, &mut inbuf, 1).await,
+        vec![(1, true)]
+    );
+    let mut out = BytesMut::new();
+    encode_command(&subscribe(2, "z"), &mut out);
+    raw.write_all(&out).await.unwrap();
+    assert_eq!(
+        active_notices(&mut raw, &mut inbuf, 1).await,
+        vec![(2, false)],
+        "a standby joins: only it is told"
+    );
+    let mut out = BytesMut::new();
+    encode_command(&subscribe(3, "x"), &mut out);
+    raw.write_all(&out).await.unwrap();
+    let mut notices = active_notices(&mut raw, &mut inbuf, 3).await;
+    notices.sort();
+    assert_eq!(
+        notices,
+        vec![(1, false), (2, false), (3, true)],
+        "'x' sorts first: everyone is told"
+    );
     s.shutdown().await;
 }

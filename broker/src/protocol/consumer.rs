@@ -6,20 +6,21 @@ use std::sync::Arc;
 
 use magnetar_proto::commands;
 use magnetar_proto::frame::base;
+use magnetar_proto::hash::KEY_HASH_SLOTS;
 use magnetar_proto::pulsar::{
     base_command::Type,
     command_ack::AckType,
     command_subscribe::{InitialPosition as WireInitial, SubType},
     CommandAck, CommandCloseConsumer, CommandFlow, CommandGetLastMessageId,
     CommandGetLastMessageIdResponse, CommandRedeliverUnacknowledgedMessages, CommandSeek,
-    CommandSubscribe, CommandUnsubscribe, ServerError,
+    CommandSubscribe, CommandUnsubscribe, KeySharedMode, ServerError,
 };
 use tokio::sync::oneshot;
 
 use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ConsumerSlot};
 use crate::managed_ledger::cursor::Position;
-use crate::subscription::{ConsumerConn, ConsumerInfo, SeekTarget, SubEvent};
+use crate::subscription::{ConsumerConn, ConsumerInfo, KeySharedSpec, SeekTarget, SubEvent};
 use crate::topic::{persistent::unknown, InitialPosition};
 use crate::BrokerError;
 
@@ -34,13 +35,13 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
     }
     let res = async {
         let name = Conn::topic_name(&c.topic)?;
-        let sub_type = SubType::try_from(c.sub_type).unwrap_or(SubType::Exclusive);
-        if !matches!(sub_type, SubType::Exclusive | SubType::Shared) {
-            return Err(BrokerError::new(
-                ServerError::UnsupportedVersionError,
-                format!("{sub_type:?} subscriptions are not supported yet"),
-            ));
-        }
+        let sub_type = SubType::try_from(c.sub_type).map_err(|_| {
+            BrokerError::new(
+                ServerError::NotAllowedError,
+                format!("unknown subscription type {}", c.sub_type),
+            )
+        })?;
+        let key_shared = key_shared_spec(&c)?;
         let topic = conn.ctx.topics.get_or_load(&name).await?;
         let initial = match c
             .initial_position
@@ -55,6 +56,7 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
                 key: (conn.shared.id, c.consumer_id),
                 name: c.consumer_name.clone().unwrap_or_default(),
                 priority: c.priority_level.unwrap_or(0),
+                key_shared,
             },
             tx: conn.shared.tx.clone(),
             link: conn.shared.clone(),
@@ -105,6 +107,32 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
             conn.shared.send(&error_cmd(c.request_id, &e)).await;
         }
     }
+}
+
+/// A Key_Shared consumer's `KeySharedMeta`: auto-split (also when absent)
+/// or sticky with its hash ranges, each within the slots.
+fn key_shared_spec(c: &CommandSubscribe) -> Result<KeySharedSpec, BrokerError> {
+    let Some(meta) = &c.key_shared_meta else {
+        return Ok(KeySharedSpec::AutoSplit);
+    };
+    if KeySharedMode::try_from(meta.key_shared_mode) != Ok(KeySharedMode::Sticky) {
+        return Ok(KeySharedSpec::AutoSplit);
+    }
+    let last = KEY_HASH_SLOTS as i32 - 1;
+    let mut ranges = Vec::with_capacity(meta.hash_ranges.len());
+    for r in &meta.hash_ranges {
+        if r.start < 0 || r.end > last || r.start > r.end {
+            return Err(BrokerError::new(
+                ServerError::ConsumerAssignError,
+                format!(
+                    "hash range [{}, {}] is not within [0, {last}]",
+                    r.start, r.end
+                ),
+            ));
+        }
+        ranges.push((r.start as u16, r.end as u16));
+    }
+    Ok(KeySharedSpec::Sticky(ranges))
 }
 
 pub async fn flow(conn: &mut Conn, c: Option<CommandFlow>) -> bool {

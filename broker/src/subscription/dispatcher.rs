@@ -19,6 +19,18 @@ pub struct ConsumerInfo {
     pub key: ConsumerKey,
     pub name: String,
     pub priority: i32,
+    /// What a Key_Shared consumer asks for (ignored by the other types).
+    pub key_shared: KeySharedSpec,
+}
+
+/// How a Key_Shared consumer gets its hash slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum KeySharedSpec {
+    /// Ranges split automatically as consumers come and go.
+    #[default]
+    AutoSplit,
+    /// Exactly these slot ranges (inclusive), overlapping no other consumer's.
+    Sticky(Vec<(u16, u16)>),
 }
 
 /// What the dispatcher may see of the topic and the cursor.
@@ -45,6 +57,17 @@ pub trait Dispatcher: Send {
     /// Removes a consumer; what it had unacknowledged goes back for redelivery.
     fn remove_consumer(&mut self, key: ConsumerKey, now: Instant);
     fn consumers(&self) -> Vec<ConsumerKey>;
+    /// The one consumer entries go to, for types that have one (Failover).
+    fn active_consumer(&self) -> Option<ConsumerKey> {
+        None
+    }
+    /// Entries whose key must be known before the next decision (Key_Shared):
+    /// the task reads them and tells their slots through `learn_key`.
+    fn wants_keys(&self, _src: &dyn EntrySource) -> Vec<Position> {
+        Vec::new()
+    }
+    /// The key hash slot of the entry at `p`.
+    fn learn_key(&mut self, _p: Position, _slot: u16) {}
     /// The consumer asks for `permits` more messages.
     fn flow(&mut self, key: ConsumerKey, permits: u32);
     /// The next entry to send and to whom, if any consumer can take one.

@@ -4,10 +4,12 @@
 //! persists the cursor and hands its consumers back to the topic.
 //!
 //! The decisions live in the I/O-free `Dispatcher` of the subscription's
-//! type (`exclusive.rs`, `shared.rs`).
+//! type (`exclusive.rs`, `failover.rs`, `shared.rs`, `key_shared.rs`).
 
 pub mod dispatcher;
 pub mod exclusive;
+pub mod failover;
+pub mod key_shared;
 pub mod redelivery;
 pub mod shared;
 #[cfg(test)]
@@ -26,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
 use crate::BrokerError;
-pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher};
+pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher, KeySharedSpec};
 use dispatcher::{Delivery, EntrySource};
 use redelivery::Unacked;
 
@@ -155,9 +157,14 @@ impl EntrySource for Source<'_> {
     }
 }
 
-fn dispatcher_for(sub_type: SubType, unacked: Unacked) -> Box<dyn Dispatcher> {
+fn dispatcher_for(sub_type: SubType, unacked: Unacked, topic: &str) -> Box<dyn Dispatcher> {
     match sub_type {
         SubType::Shared => Box::new(shared::Shared::new(unacked)),
+        SubType::KeyShared => Box::new(key_shared::KeyShared::new(unacked)),
+        SubType::Failover => Box::new(failover::Failover::new(
+            unacked,
+            failover::partition_index(topic),
+        )),
         _ => Box::new(exclusive::Exclusive::new(unacked)),
     }
 }
@@ -176,7 +183,7 @@ pub fn spawn(
         ml,
         out,
         cursor,
-        dispatcher: dispatcher_for(SubType::Exclusive, unacked),
+        dispatcher: dispatcher_for(SubType::Exclusive, unacked, ""),
         consumers: HashMap::new(),
         dirty: false,
         read_error: false,
@@ -242,18 +249,51 @@ impl Sub {
                     "subscription is of another type",
                 ));
             }
-            let placeholder = dispatcher_for(SubType::Exclusive, Unacked::default());
+            let placeholder = dispatcher_for(SubType::Exclusive, Unacked::default(), "");
             let old = std::mem::replace(&mut self.dispatcher, placeholder);
-            self.dispatcher = dispatcher_for(sub_type, old.into_unacked());
+            self.dispatcher = dispatcher_for(sub_type, old.into_unacked(), &self.ml.name);
         }
+        let before = self.dispatcher.active_consumer();
+        let key = c.info.key;
         self.dispatcher.add_consumer(c.info.clone(), now)?;
-        self.consumers.insert(c.info.key, c);
+        self.consumers.insert(key, c);
+        self.tell_active(before, Some(key));
         Ok(())
     }
 
     fn remove_consumer(&mut self, key: ConsumerKey) {
+        let before = self.dispatcher.active_consumer();
         self.dispatcher.remove_consumer(key, Instant::now());
         self.consumers.remove(&key);
+        self.tell_active(before, None);
+    }
+
+    /// Failover: when the active consumer changed from `before`, tells every
+    /// consumer whether it is the active one; otherwise tells only `joined`
+    /// (a consumer that just came) — as Pulsar does.
+    fn tell_active(&self, before: Option<ConsumerKey>, joined: Option<ConsumerKey>) {
+        if self.dispatcher.sub_type() != SubType::Failover {
+            return;
+        }
+        let active = self.dispatcher.active_consumer();
+        let tell: Vec<ConsumerKey> = if active != before {
+            self.consumers.keys().copied().collect()
+        } else {
+            joined.into_iter().collect()
+        };
+        for key in tell {
+            if let Some(c) = self.consumers.get(&key) {
+                let frame = commands::frame(&commands::active_consumer_change(
+                    key.1,
+                    Some(key) == active,
+                ));
+                // A full queue drops the notice rather than stall the
+                // subscription: it is advisory, and the next change repeats it.
+                if c.tx.try_send(frame).is_err() {
+                    tracing::debug!(subscription = %self.name, consumer = ?key, "active-consumer notice not queued");
+                }
+            }
+        }
     }
 
     /// Returns false when the subscription is gone.
@@ -311,6 +351,18 @@ impl Sub {
     }
 
     fn ack(&mut self, positions: Vec<Position>, cumulative: bool) {
+        if cumulative
+            && matches!(
+                self.dispatcher.sub_type(),
+                SubType::Shared | SubType::KeyShared
+            )
+        {
+            // As Pulsar: a cumulative ack has no meaning where consumers
+            // share the entries; it is dropped (ACK has no answer below
+            // protocol version 17), and the entries stay unacknowledged.
+            tracing::warn!(subscription = %self.name, sub_type = ?self.dispatcher.sub_type(), "cumulative ack on a shared subscription ignored");
+            return;
+        }
         for p in positions {
             let changed = {
                 let next = |q: Position| self.ml.next_after(q);
@@ -352,7 +404,12 @@ impl Sub {
             return;
         }
         let now = Instant::now();
+        // Entries read to learn their keys, kept for sending in this round.
+        let mut read: HashMap<Position, Bytes> = HashMap::new();
         loop {
+            if !self.learn_keys(&mut read).await {
+                return;
+            }
             let next = {
                 let src = Source {
                     ml: &self.ml,
@@ -362,7 +419,11 @@ impl Sub {
                 self.dispatcher.next(&src, now)
             };
             let Some(d) = next else { return };
-            let data = match self.ml.read(d.position).await {
+            let data = match read.remove(&d.position) {
+                Some(data) => Ok(data),
+                None => self.ml.read(d.position).await,
+            };
+            let data = match data {
                 Ok(data) => data,
                 Err(e) => {
                     tracing::warn!(subscription = %self.name, position = ?d.position, error = %e, "read failed; will retry");
@@ -380,6 +441,35 @@ impl Sub {
             };
             self.send(d, count, &data).await;
         }
+    }
+
+    /// Reads the entries whose keys the dispatcher wants (Key_Shared) and
+    /// tells it their slots; keeps what it read in `read`. False after a
+    /// read failed (the round stops; the flush tick retries).
+    async fn learn_keys(&mut self, read: &mut HashMap<Position, Bytes>) -> bool {
+        let wanted = {
+            let src = Source {
+                ml: &self.ml,
+                cursor: &self.cursor,
+                last: self.ml.last_confirmed(),
+            };
+            self.dispatcher.wants_keys(&src)
+        };
+        for p in wanted {
+            let data = match self.ml.read(p).await {
+                Ok(data) => data,
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, position = ?p, error = %e, "read failed; will retry");
+                    self.read_error = true;
+                    return false;
+                }
+            };
+            self.dispatcher.learn_key(p, sticky_slot(&data));
+            if read.len() < KEYS_KEPT_PER_ROUND {
+                read.insert(p, data);
+            }
+        }
+        true
     }
 
     async fn send(&mut self, d: Delivery, count: u32, data: &Bytes) {
@@ -403,5 +493,33 @@ impl Sub {
             self.dispatcher.not_sent(d);
             self.remove_consumer(d.consumer);
         }
+    }
+}
+
+/// Entries read for their keys kept for sending within one dispatch round.
+const KEYS_KEPT_PER_ROUND: usize = 256;
+
+/// The Key_Shared hash slot of a stored entry: of its ordering key, else its
+/// partition key (base64-decoded when it says so), else `NONE_KEY` — as
+/// Pulsar's `peekStickyKey`. An entry whose metadata does not parse counts
+/// as keyless (it is skipped when sent).
+pub fn sticky_slot(entry: &[u8]) -> u16 {
+    use base64::Engine;
+    use magnetar_proto::hash::{key_hash_slot, NONE_KEY};
+    let Ok(md) = Payload::peek_metadata(entry) else {
+        return key_hash_slot(NONE_KEY);
+    };
+    if let Some(k) = md.ordering_key.as_deref() {
+        return key_hash_slot(k);
+    }
+    match md.partition_key.as_deref() {
+        Some(k) if md.partition_key_b64_encoded == Some(true) => {
+            match base64::engine::general_purpose::STANDARD.decode(k) {
+                Ok(raw) => key_hash_slot(&raw),
+                Err(_) => key_hash_slot(k.as_bytes()),
+            }
+        }
+        Some(k) => key_hash_slot(k.as_bytes()),
+        None => key_hash_slot(NONE_KEY),
     }
 }

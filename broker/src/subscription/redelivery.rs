@@ -43,6 +43,62 @@ impl Unacked {
         }
     }
 
+    /// The entries that could go next, in the order they should: those due
+    /// for redelivery (or held back), then new ones — with their redelivery
+    /// counts. Lazy; changes nothing.
+    pub fn candidates<'a>(
+        &'a self,
+        src: &'a dyn EntrySource,
+    ) -> impl Iterator<Item = (Position, u32)> + 'a {
+        let due = self
+            .redeliver
+            .iter()
+            .filter(move |p| !src.is_acked(**p))
+            .map(|p| (*p, self.counts.get(p).copied().unwrap_or(0)));
+        let fresh = std::iter::successors(src.at_or_after(self.read_pos), move |p| {
+            src.at_or_after(p.bump())
+        })
+        .filter(move |p| !src.is_acked(*p) && !self.pending.contains_key(p))
+        .map(|p| (p, 0));
+        due.chain(fresh)
+    }
+
+    /// Takes `p`, one of the `candidates`, for delivery. New entries before
+    /// it that were passed over stay due (held back: not counted as
+    /// redelivered).
+    pub fn take(&mut self, p: Position, src: &dyn EntrySource) {
+        if self.redeliver.remove(&p) {
+            return;
+        }
+        while let Some(q) = src.at_or_after(self.read_pos) {
+            if q > p {
+                break;
+            }
+            self.read_pos = q.bump();
+            if q == p {
+                break;
+            }
+            if !src.is_acked(q) && !self.pending.contains_key(&q) {
+                self.redeliver.insert(q);
+            }
+        }
+    }
+
+    /// Who holds `p` (delivered, not acknowledged), if anyone.
+    pub fn holder(&self, p: Position) -> Option<ConsumerKey> {
+        self.pending.get(&p).copied()
+    }
+
+    /// The entries delivered and not acknowledged, with their holders.
+    pub fn pending(&self) -> impl Iterator<Item = (Position, ConsumerKey)> + '_ {
+        self.pending.iter().map(|(p, c)| (*p, *c))
+    }
+
+    /// How many entries are due again or held back.
+    pub fn due(&self) -> usize {
+        self.redeliver.len()
+    }
+
     /// Whether `take_next` could return something without new entries.
     pub fn has_redeliveries(&self) -> bool {
         !self.redeliver.is_empty()

@@ -61,5 +61,6 @@ pub fn consumer(id: u64) -> ConsumerInfo {
         key: (1, id),
         name: format!("c{id}"),
         priority: 0,
+        key_shared: Default::default(),
     }
 }

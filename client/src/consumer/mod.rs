@@ -29,6 +29,10 @@ use state::ConsumerState;
 pub enum SubscriptionType {
     Exclusive = 0,
     Shared = 1,
+    /// One active consumer (the first by priority level, then name — per
+    /// partition, spread over the consumers); the others stand by and take
+    /// over, with what it left unacknowledged, when it goes.
+    Failover = 2,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +43,12 @@ pub struct ConsumerOptions {
     pub receiver_queue: u32,
     /// How long `subscribe` keeps retrying while the topic is moving.
     pub operation_timeout_ms: u64,
+    /// The consumer's name (Failover picks the active consumer by it);
+    /// the broker's choice when `None`.
+    pub consumer_name: Option<String>,
+    /// Lower levels are served first (Failover: the active consumer is of
+    /// the lowest level there is).
+    pub priority_level: i32,
 }
 
 impl Default for ConsumerOptions {
@@ -48,6 +58,8 @@ impl Default for ConsumerOptions {
             earliest: false,
             receiver_queue: 1000,
             operation_timeout_ms: 30_000,
+            consumer_name: None,
+            priority_level: 0,
         }
     }
 }
@@ -104,6 +116,8 @@ impl Inner {
             sub_type: self.options.sub_type as i32,
             consumer_id: self.consumer_id,
             request_id: 0,
+            consumer_name: self.options.consumer_name.clone(),
+            priority_level: Some(self.options.priority_level),
             initial_position: Some(if self.options.earliest {
                 WireInitial::Earliest
             } else {
