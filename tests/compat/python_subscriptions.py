@@ -2,6 +2,10 @@
 Failover: the consumer first by name is active and alone receives; the
 standby receives nothing until the active one leaves, then takes over with
 what it left unacknowledged (redelivered, counted) and the rest, in order.
+Key_Shared: every message once, each key on one consumer at a time and in
+order, also for keys that move to a consumer that joins while the first
+holds their earlier messages unacknowledged; sticky ranges that overlap
+are refused with ConsumerAssignError.
 Usage: python_subscriptions.py SERVICE_URL"""
 import sys
 import time
@@ -53,6 +57,87 @@ def failover():
     return len(got)
 
 
+def drain(consumers, want, seen):
+    """Receives from every consumer in turn until `want` messages came,
+    acknowledging each; records (index, key) per consumer."""
+    total = sum(len(v) for v in seen.values())
+    deadline = time.time() + 60
+    while total < want:
+        assert time.time() < deadline, f"only {total} of {want} arrived"
+        for name, c in consumers.items():
+            try:
+                m = c.receive(timeout_millis=100)
+            except pulsar.Timeout:
+                continue
+            seen[name].append((int(m.data()), m.partition_key()))
+            c.acknowledge(m)
+            total += 1
+
+
+def key_shared():
+    topic = "persistent://public/default/py-key-shared-" + uuid.uuid4().hex[:8]
+    ks = dict(consumer_type=pulsar.ConsumerType.KeyShared,
+              initial_position=pulsar.InitialPosition.Earliest)
+    c1 = client.subscribe(topic, "ks", consumer_name="c1", **ks)
+    producer = client.create_producer(topic, batching_enabled=True,
+                                      batching_type=pulsar.BatchingType.KeyBased,
+                                      batching_max_publish_delay_ms=5)
+    keys = [f"key-{k}" for k in range(20)]
+
+    def send(first, end):
+        for i in range(first, end):
+            producer.send_async(str(i).encode(), None, partition_key=keys[i % len(keys)])
+        producer.flush()
+
+    send(0, 100)
+    held = [c1.receive(timeout_millis=10000) for _ in range(40)]
+    seen = {"c1": [(int(m.data()), m.partition_key()) for m in held], "c2": []}
+    # c2 joins and takes half the hash range while c1 holds 40 messages
+    # (and has the other 60 of every key in its queue) unacknowledged.
+    c2 = client.subscribe(topic, "ks", consumer_name="c2", **ks)
+    send(100, 200)
+    for m in held:
+        c1.acknowledge(m)
+    drain({"c1": c1, "c2": c2}, 200, seen)
+    for name, c in (("c1", c1), ("c2", c2)):
+        assert nothing_within(c, 300), f"{name} got more than was sent"
+    got = sorted(i for v in seen.values() for i, _ in v)
+    assert got == list(range(200)), "every message exactly once"
+    assert seen["c2"], "the newcomer got keys"
+    for name, v in seen.items():
+        for key in keys:
+            order = [i for i, k in v if k == key]
+            assert order == sorted(order), f"{name} got {key} out of order: {order}"
+    for key in keys:
+        on1 = [i for i, k in seen["c1"] if k == key]
+        on2 = [i for i, k in seen["c2"] if k == key]
+        if on1 and on2:
+            assert max(on1) < min(on2), f"{key}: c2 got {min(on2)} before c1's {max(on1)}"
+    moved = sum(1 for key in keys if any(k == key for _, k in seen["c2"]))
+    c1.close()
+    c2.close()
+
+    # Sticky ranges: an overlap is refused.
+    sticky = lambda ranges: pulsar.ConsumerKeySharedPolicy(
+        key_shared_mode=pulsar.KeySharedMode.Sticky, sticky_ranges=ranges)
+    s1 = client.subscribe(topic, "ks-sticky", key_shared_policy=sticky([(0, 30000)]), **ks)
+    try:
+        client.subscribe(topic, "ks-sticky", key_shared_policy=sticky([(20000, 40000)]), **ks)
+        raise AssertionError("an overlapping sticky range was accepted")
+    except pulsar.ConsumerAssignError:
+        pass
+    s2 = client.subscribe(topic, "ks-sticky", key_shared_policy=sticky([(30001, 65535)]), **ks)
+    sticky_seen = {"s1": [], "s2": []}
+    drain({"s1": s1, "s2": s2}, 200, sticky_seen)
+    assert sorted(i for v in sticky_seen.values() for i, _ in v) == list(range(200))
+    s1.close()
+    s2.close()
+    producer.close()
+    return moved
+
+
 taken_over = failover()
+moved = key_shared()
 client.close()
-print(f"python subscriptions ok: failover takeover with {taken_over} messages")
+print(f"python subscriptions ok: failover takeover with {taken_over} messages; "
+      f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused")

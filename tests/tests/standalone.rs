@@ -683,3 +683,93 @@ async fn failover_has_one_active_consumer_and_the_standby_takes_over() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_shared_keeps_each_key_on_one_consumer_in_order_across_a_leave() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StandaloneSpec::new(dir.path()).start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "key-shared-topic";
+    let ks = ConsumerOptions {
+        sub_type: SubscriptionType::KeyShared,
+        earliest: true,
+        ..Default::default()
+    };
+    let mut a = client.subscribe(topic, "ks", ks.clone()).await.unwrap();
+    let mut b = client.subscribe(topic, "ks", ks.clone()).await.unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    let keys = 16;
+    for i in 0..160 {
+        let msg = OutgoingMessage {
+            payload: i.to_string().into_bytes().into(),
+            key: Some(format!("k{}", i % keys)),
+            properties: BTreeMap::new(),
+        };
+        p.send(msg).await.unwrap();
+    }
+    // Each consumer takes what comes; b acknowledges nothing and leaves.
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while on_a.len() + on_b.len() < 160 {
+        assert!(tokio::time::Instant::now() < deadline, "not all arrived");
+        if let Some(m) = a.receive_timeout(Duration::from_millis(20)).await.unwrap() {
+            a.ack(&m).unwrap();
+            on_a.push(m);
+        }
+        if let Some(m) = b.receive_timeout(Duration::from_millis(20)).await.unwrap() {
+            on_b.push(m);
+        }
+    }
+    let key_of = |m: &magnetar_client::Message| m.key.clone().unwrap();
+    let index = |m: &magnetar_client::Message| {
+        String::from_utf8(m.payload.to_vec())
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert!(!on_a.is_empty() && !on_b.is_empty(), "keys spread");
+    let b_keys: std::collections::BTreeSet<String> = on_b.iter().map(key_of).collect();
+    for m in &on_a {
+        assert!(!b_keys.contains(&key_of(m)), "a key on both consumers");
+    }
+    b.close().await.unwrap();
+    // b's keys come to a: its unacknowledged messages first, in order.
+    let mut again = Vec::new();
+    while again.len() < on_b.len() {
+        let m = a.receive_timeout(WAIT).await.unwrap().expect("taken over");
+        assert!(m.redelivery_count >= 1);
+        a.ack(&m).unwrap();
+        again.push(m);
+    }
+    for key in &b_keys {
+        let before: Vec<u32> = on_b
+            .iter()
+            .filter(|m| &key_of(m) == key)
+            .map(index)
+            .collect();
+        let after: Vec<u32> = again
+            .iter()
+            .filter(|m| &key_of(m) == key)
+            .map(index)
+            .collect();
+        assert_eq!(before, after, "{key}: the same messages, in the same order");
+    }
+    // New messages of b's keys now go to a, after the redelivered ones.
+    for i in 160..176 {
+        let msg = OutgoingMessage {
+            payload: i.to_string().into_bytes().into(),
+            key: Some(format!("k{}", i % keys)),
+            properties: BTreeMap::new(),
+        };
+        p.send(msg).await.unwrap();
+    }
+    for i in 160..176 {
+        let m = a.receive_timeout(WAIT).await.unwrap().expect("new ones");
+        assert_eq!(index(&m), i);
+    }
+    s.shutdown().await;
+}

@@ -15,7 +15,8 @@ use magnetar_proto::frame::{base, decode_batch};
 use magnetar_proto::pulsar::{
     base_command::Type, command_ack::AckType, command_subscribe::InitialPosition as WireInitial,
     BaseCommand, CommandAck, CommandCloseConsumer, CommandFlow, CommandGetLastMessageId,
-    CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSubscribe,
+    CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSubscribe, IntRange, KeySharedMeta,
+    KeySharedMode,
 };
 use magnetar_proto::Payload;
 use tokio::sync::mpsc;
@@ -33,6 +34,9 @@ pub enum SubscriptionType {
     /// partition, spread over the consumers); the others stand by and take
     /// over, with what it left unacknowledged, when it goes.
     Failover = 2,
+    /// Every message of a key goes to the same consumer, in order; keys
+    /// spread over the consumers (see `ConsumerOptions::sticky_ranges`).
+    KeyShared = 3,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +53,10 @@ pub struct ConsumerOptions {
     /// Lower levels are served first (Failover: the active consumer is of
     /// the lowest level there is).
     pub priority_level: i32,
+    /// Key_Shared: the hash slot ranges (inclusive, within `0..65536`) this
+    /// consumer takes (sticky mode); `None` lets the broker split ranges as
+    /// consumers come and go.
+    pub sticky_ranges: Option<Vec<(u16, u16)>>,
 }
 
 impl Default for ConsumerOptions {
@@ -60,6 +68,7 @@ impl Default for ConsumerOptions {
             operation_timeout_ms: 30_000,
             consumer_name: None,
             priority_level: 0,
+            sticky_ranges: None,
         }
     }
 }
@@ -118,6 +127,24 @@ impl Inner {
             request_id: 0,
             consumer_name: self.options.consumer_name.clone(),
             priority_level: Some(self.options.priority_level),
+            key_shared_meta: (self.options.sub_type == SubscriptionType::KeyShared).then(|| {
+                let ranges = self.options.sticky_ranges.clone().unwrap_or_default();
+                KeySharedMeta {
+                    key_shared_mode: if self.options.sticky_ranges.is_some() {
+                        KeySharedMode::Sticky
+                    } else {
+                        KeySharedMode::AutoSplit
+                    } as i32,
+                    hash_ranges: ranges
+                        .into_iter()
+                        .map(|(start, end)| IntRange {
+                            start: start as i32,
+                            end: end as i32,
+                        })
+                        .collect(),
+                    allow_out_of_order_delivery: None,
+                }
+            }),
             initial_position: Some(if self.options.earliest {
                 WireInitial::Earliest
             } else {
