@@ -5,7 +5,9 @@ what it left unacknowledged (redelivered, counted) and the rest, in order.
 Key_Shared: every message once, each key on one consumer at a time and in
 order, also for keys that move to a consumer that joins while the first
 holds their earlier messages unacknowledged; sticky ranges that overlap
-are refused with ConsumerAssignError.
+are refused with ConsumerAssignError. Readers (non-durable subscriptions)
+from a message id, the earliest and the latest, has_message_available, and
+seek by publish time and by message id.
 Usage: python_subscriptions.py SERVICE_URL"""
 import sys
 import time
@@ -19,7 +21,10 @@ client = pulsar.Client(url, operation_timeout_seconds=20)
 
 def nothing_within(consumer, ms):
     try:
-        m = consumer.receive(timeout_millis=ms)
+        if isinstance(consumer, pulsar.Reader):
+            m = consumer.read_next(timeout_millis=ms)
+        else:
+            m = consumer.receive(timeout_millis=ms)
     except pulsar.Timeout:
         return True
     raise AssertionError(f"unexpected message {m.data()}")
@@ -136,8 +141,47 @@ def key_shared():
     return moved
 
 
+def readers_and_seek():
+    topic = "persistent://public/default/py-reader-" + uuid.uuid4().hex[:8]
+    producer = client.create_producer(topic, batching_enabled=False)
+    ids, after = [], []
+    for i in range(10):
+        ids.append(producer.send(f"r-{i}".encode()))
+        after.append(int(time.time() * 1000))  # at or after r-i's publish time
+        time.sleep(0.02)
+    # A reader from a message id starts after it; one from the earliest at the first.
+    r = client.create_reader(topic, ids[3])
+    assert r.read_next(timeout_millis=10000).data() == b"r-4"
+    r.close()
+    r = client.create_reader(topic, pulsar.MessageId.earliest)
+    got = [r.read_next(timeout_millis=10000).data() for _ in range(10)]
+    assert got == [f"r-{i}".encode() for i in range(10)], got
+    assert not r.has_message_available(), "read to the end"
+    producer.send(b"r-10")
+    assert r.has_message_available()
+    assert r.read_next(timeout_millis=10000).data() == b"r-10"
+    r.close()
+    r = client.create_reader(topic, pulsar.MessageId.latest)
+    assert nothing_within(r, 500), "a reader from the latest sees only new messages"
+    producer.send(b"r-11")
+    assert r.read_next(timeout_millis=10000).data() == b"r-11"
+    r.close()
+    # Seek a durable subscription by publish time and by message id.
+    s = client.subscribe(topic, "seeker", initial_position=pulsar.InitialPosition.Earliest)
+    for _ in range(12):
+        s.acknowledge(s.receive(timeout_millis=10000))
+    s.seek(after[5])
+    assert s.receive(timeout_millis=10000).data() == b"r-6", "first published after the time"
+    s.seek(pulsar.MessageId.earliest)
+    assert s.receive(timeout_millis=10000).data() == b"r-0"
+    s.close()
+    producer.close()
+
+
 taken_over = failover()
 moved = key_shared()
+readers_and_seek()
 client.close()
 print(f"python subscriptions ok: failover takeover with {taken_over} messages; "
-      f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused")
+      f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused; "
+      f"readers from an id, the earliest and the latest; seek by time and id")

@@ -50,7 +50,26 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
             Some(WireInitial::Earliest) => InitialPosition::Earliest,
             _ => InitialPosition::Latest,
         };
-        let handle = topic.subscription(&c.subscription, initial).await?;
+        let handle = if c.durable == Some(false) {
+            // A reader: from its start message id, in memory only.
+            let ml = &topic.ml;
+            let mark_delete = match &c.start_message_id {
+                Some(id) if id.ledger_id == u64::MAX => ml.before_first(),
+                None => ml.last_confirmed(),
+                Some(id) if id.ledger_id >= i64::MAX as u64 => ml.last_confirmed(),
+                // Inside a batch: the whole batch again (the client skips
+                // what came before), as Pulsar does.
+                Some(id) if id.batch_index.is_some_and(|b| b >= 0) => {
+                    Position::new(id.ledger_id, id.entry_id as i64 - 1)
+                }
+                Some(id) => Position::from_message_id(id),
+            };
+            topic
+                .reader_subscription(&c.subscription, mark_delete)
+                .await?
+        } else {
+            topic.subscription(&c.subscription, initial).await?
+        };
         let consumer = ConsumerConn {
             info: ConsumerInfo {
                 key: (conn.shared.id, c.consumer_id),

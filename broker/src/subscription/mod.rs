@@ -132,6 +132,9 @@ impl SubscriptionHandle {
 
 struct Sub {
     name: String,
+    /// False for a reader's subscription: its cursor lives in memory only,
+    /// and the subscription ends with its last consumer.
+    durable: bool,
     ml: Arc<ManagedLedger>,
     out: Arc<OutCounters>,
     cursor: CursorState,
@@ -169,9 +172,11 @@ fn dispatcher_for(sub_type: SubType, unacked: Unacked, topic: &str) -> Box<dyn D
     }
 }
 
-/// Starts the task of a subscription whose cursor is at `cursor`.
+/// Starts the task of a subscription whose cursor is at `cursor` (kept in
+/// the cursor store when `durable`).
 pub fn spawn(
     name: String,
+    durable: bool,
     ml: Arc<ManagedLedger>,
     cursor: CursorState,
     out: Arc<OutCounters>,
@@ -180,6 +185,7 @@ pub fn spawn(
     let unacked = Unacked::new(cursor.mark_delete.bump());
     let sub = Sub {
         name,
+        durable,
         ml,
         out,
         cursor,
@@ -225,7 +231,7 @@ impl Sub {
     }
 
     async fn flush(&mut self) {
-        if !self.dirty {
+        if !self.dirty || !self.durable {
             return;
         }
         match self.ml.persist_cursor(&self.name, &self.cursor).await {
@@ -312,6 +318,9 @@ impl Sub {
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
+                if !self.durable && self.consumers.is_empty() {
+                    return false;
+                }
             }
             SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {
@@ -333,11 +342,14 @@ impl Sub {
                     )));
                     return true;
                 }
-                let res = self
-                    .ml
-                    .delete_cursor(&self.name)
-                    .await
-                    .map_err(BrokerError::from);
+                let res = if self.durable {
+                    self.ml
+                        .delete_cursor(&self.name)
+                        .await
+                        .map_err(BrokerError::from)
+                } else {
+                    Ok(())
+                };
                 let ok = res.is_ok();
                 let _ = reply.send(res);
                 return !ok;
@@ -396,6 +408,15 @@ impl Sub {
         self.dispatcher.rewind(start.bump());
         self.dirty = true;
         self.flush().await;
+        // As Pulsar does: the consumers are disconnected and subscribe
+        // again, so nothing sent before the seek is mistaken for after.
+        let keys: Vec<ConsumerKey> = self.consumers.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.consumers.get(&key) {
+                c.link.close_consumer(key.1, &commands::Assigned::default());
+            }
+            self.remove_consumer(key);
+        }
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
 use tokio::sync::oneshot;
 
-use crate::managed_ledger::cursor::CursorState;
+use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
 use crate::subscription::{
     self, ClientLink, ConsumerConn, OutCounters, SubEvent, SubscriptionHandle,
@@ -67,7 +67,7 @@ impl Topic {
         let stats = TopicStats::default();
         let mut subs = HashMap::new();
         for (sub, state) in cursors {
-            let h = subscription::spawn(sub.clone(), ml.clone(), state, stats.out.clone());
+            let h = subscription::spawn(sub.clone(), true, ml.clone(), state, stats.out.clone());
             subs.insert(sub, h);
         }
         Ok(Arc::new(Topic {
@@ -150,8 +150,36 @@ impl Topic {
         self.ml.persist_cursor(sub, &state).await?;
         let h = subscription::spawn(
             sub.to_string(),
+            true,
             self.ml.clone(),
             state,
+            self.stats.out.clone(),
+        );
+        subs.insert(sub.to_string(), h.clone());
+        Ok(h)
+    }
+
+    /// A reader's subscription: not durable, its cursor (in memory only)
+    /// with everything up to `mark_delete` taken as read. It ends with its
+    /// last consumer. An existing one of that name is returned as it is.
+    pub async fn reader_subscription(
+        &self,
+        sub: &str,
+        mark_delete: Position,
+    ) -> Result<SubscriptionHandle, BrokerError> {
+        self.refuse_if_closing()?;
+        let mut subs = self.subs.lock().await;
+        if let Some(h) = subs.get(sub) {
+            if !h.tx.is_closed() {
+                return Ok(h.clone());
+            }
+        }
+        let start = mark_delete.max(self.ml.before_first());
+        let h = subscription::spawn(
+            sub.to_string(),
+            false,
+            self.ml.clone(),
+            CursorState::new(start),
             self.stats.out.clone(),
         );
         subs.insert(sub.to_string(), h.clone());
@@ -163,7 +191,13 @@ impl Topic {
     }
 
     pub async fn subscription_names(&self) -> Vec<String> {
-        self.subs.lock().await.keys().cloned().collect()
+        self.subs
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, h)| !h.tx.is_closed())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// First half of an unload: refuses new clients, completes what was
