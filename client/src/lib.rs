@@ -127,6 +127,9 @@ pub struct OutgoingMessage {
     pub payload: Bytes,
     pub key: Option<String>,
     pub properties: BTreeMap<String, String>,
+    /// Deliver no earlier than this (ms since the epoch) to Shared and
+    /// Key_Shared subscriptions; such a message is never batched.
+    pub deliver_at_ms: Option<u64>,
 }
 
 impl From<Bytes> for OutgoingMessage {

@@ -7,7 +7,8 @@ order, also for keys that move to a consumer that joins while the first
 holds their earlier messages unacknowledged; sticky ranges that overlap
 are refused with ConsumerAssignError. Readers (non-durable subscriptions)
 from a message id, the earliest and the latest, has_message_available, and
-seek by publish time and by message id.
+seek by publish time and by message id. Delayed delivery (deliver_after)
+on a Shared subscription.
 Usage: python_subscriptions.py SERVICE_URL"""
 import sys
 import time
@@ -178,10 +179,32 @@ def readers_and_seek():
     producer.close()
 
 
+def delayed():
+    import datetime
+    topic = "persistent://public/default/py-delayed-" + uuid.uuid4().hex[:8]
+    c = client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Shared)
+    producer = client.create_producer(topic)
+    t0 = time.time()
+    producer.send(b"later", deliver_after=datetime.timedelta(seconds=2))
+    producer.send(b"now")
+    m = c.receive(timeout_millis=10000)
+    assert m.data() == b"now", m.data()
+    c.acknowledge(m)
+    m = c.receive(timeout_millis=10000)
+    waited = time.time() - t0
+    assert m.data() == b"later" and waited >= 1.9, (m.data(), waited)
+    c.acknowledge(m)
+    c.close()
+    producer.close()
+    return waited
+
+
 taken_over = failover()
 moved = key_shared()
 readers_and_seek()
+waited = delayed()
 client.close()
 print(f"python subscriptions ok: failover takeover with {taken_over} messages; "
       f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused; "
-      f"readers from an id, the earliest and the latest; seek by time and id")
+      f"readers from an id, the earliest and the latest; seek by time and id; "
+      f"deliver_after=2s came after {waited:.2f} s")

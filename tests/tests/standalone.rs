@@ -52,6 +52,7 @@ async fn produce_consume_batched_and_not_with_keys_and_properties() {
                 payload: format!("m{i}").into_bytes().into(),
                 key: Some(format!("k{}", i % 3)),
                 properties: BTreeMap::from([("i".to_string(), i.to_string())]),
+                deliver_at_ms: None,
             };
             receipts.push(producer.send_async(msg));
         }
@@ -708,6 +709,7 @@ async fn key_shared_keeps_each_key_on_one_consumer_in_order_across_a_leave() {
             payload: i.to_string().into_bytes().into(),
             key: Some(format!("k{}", i % keys)),
             properties: BTreeMap::new(),
+            deliver_at_ms: None,
         };
         p.send(msg).await.unwrap();
     }
@@ -764,6 +766,7 @@ async fn key_shared_keeps_each_key_on_one_consumer_in_order_across_a_leave() {
             payload: i.to_string().into_bytes().into(),
             key: Some(format!("k{}", i % keys)),
             properties: BTreeMap::new(),
+            deliver_at_ms: None,
         };
         p.send(msg).await.unwrap();
     }
@@ -771,5 +774,75 @@ async fn key_shared_keeps_each_key_on_one_consumer_in_order_across_a_leave() {
         let m = a.receive_timeout(WAIT).await.unwrap().expect("new ones");
         assert_eq!(index(&m), i);
     }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_wait_for_their_time_also_across_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let topic = "delayed-topic";
+    let shared = ConsumerOptions {
+        sub_type: SubscriptionType::Shared,
+        earliest: true,
+        ..Default::default()
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let due = now_ms() + 4_000;
+    {
+        let client = Client::connect(&s.service_url()).await.unwrap();
+        let mut c = client
+            .subscribe(topic, "work", shared.clone())
+            .await
+            .unwrap();
+        let mut excl = client
+            .subscribe(topic, "audit", earliest(SubscriptionType::Exclusive))
+            .await
+            .unwrap();
+        let p = client
+            .create_producer(topic, ProducerOptions::default())
+            .await
+            .unwrap();
+        let delayed = OutgoingMessage {
+            payload: "later".into(),
+            deliver_at_ms: Some(due),
+            ..Default::default()
+        };
+        p.send(delayed).await.unwrap();
+        p.send("now").await.unwrap();
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert_eq!(m.payload, b"now".as_slice(), "the undelayed one first");
+        c.ack(&m).unwrap();
+        assert!(
+            c.receive_timeout(Duration::from_millis(500))
+                .await
+                .unwrap()
+                .is_none(),
+            "not before its time"
+        );
+        // Exclusive subscriptions are not delayed (as in Pulsar).
+        let first = excl.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert_eq!(first.payload, b"later".as_slice());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.shutdown().await;
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let mut c = client.subscribe(topic, "work", shared).await.unwrap();
+    let m = c
+        .receive_timeout(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .expect("delivered after the restart");
+    assert_eq!(m.payload, b"later".as_slice());
+    assert!(now_ms() >= due, "{} ms early", due - now_ms());
+    c.ack(&m).unwrap();
     s.shutdown().await;
 }

@@ -221,6 +221,7 @@ impl Sub {
                     }
                 },
                 r = appends.changed() => if r.is_err() { return },
+                _ = delayed_due(self.dispatcher.unacked().next_delayed()) => {}
                 _ = flush.tick() => {
                     self.read_error = false;
                     self.flush().await;
@@ -425,6 +426,7 @@ impl Sub {
             return;
         }
         let now = Instant::now();
+        self.dispatcher.unacked().release_delayed(now_ms());
         // Entries read to learn their keys, kept for sending in this round.
         let mut read: HashMap<Position, Bytes> = HashMap::new();
         loop {
@@ -453,13 +455,26 @@ impl Sub {
                     return;
                 }
             };
-            let count = match Payload::peek_metadata(&data) {
-                Ok(md) => md.num_messages_in_batch.unwrap_or(1).max(1) as u32,
+            let md = match Payload::peek_metadata(&data) {
+                Ok(md) => md,
                 Err(e) => {
                     tracing::error!(subscription = %self.name, position = ?d.position, error = %e, "stored entry does not parse; skipping it");
                     continue;
                 }
             };
+            // Delayed delivery (Shared and Key_Shared, as in Pulsar): an
+            // entry whose time has not come waits in the dispatcher.
+            if let Some(at) = md.deliver_at_time.filter(|at| *at > 0) {
+                let shares = matches!(
+                    self.dispatcher.sub_type(),
+                    SubType::Shared | SubType::KeyShared
+                );
+                if shares && at as u64 > now_ms() {
+                    self.dispatcher.unacked().delay(d.position, at as u64);
+                    continue;
+                }
+            }
+            let count = md.num_messages_in_batch.unwrap_or(1).max(1) as u32;
             self.send(d, count, &data).await;
         }
     }
@@ -542,5 +557,20 @@ pub fn sticky_slot(entry: &[u8]) -> u16 {
         }
         Some(k) => key_hash_slot(k.as_bytes()),
         None => key_hash_slot(NONE_KEY),
+    }
+}
+
+/// Milliseconds since the epoch (the clock of `deliver_at_time`).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Resolves when the delayed entry due at `at_ms` is due; never without one.
+async fn delayed_due(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+        None => std::future::pending().await,
     }
 }

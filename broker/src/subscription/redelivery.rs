@@ -1,6 +1,7 @@
 //! `Unacked`: what every dispatcher tracks — the next new entry to read,
 //! entries delivered and not yet acknowledged (and to whom), entries due
-//! for redelivery, and how often each was redelivered.
+//! for redelivery, how often each was redelivered, and entries whose
+//! delivery is delayed (`deliver_at_time`) until their time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -15,7 +16,14 @@ pub struct Unacked {
     pending: BTreeMap<Position, ConsumerKey>,
     redeliver: BTreeSet<Position>,
     counts: HashMap<Position, u32>,
+    /// Delayed entries by the time (ms since the epoch) they are due.
+    delayed: BTreeSet<(u64, Position)>,
+    delayed_at: HashMap<Position, u64>,
 }
+
+/// Most delayed entries a subscription keeps waiting; at the limit it
+/// reads no new entries until some are due (nothing is dropped).
+pub const MAX_DELAYED: usize = 1_000_000;
 
 impl Unacked {
     pub fn new(read_from: Position) -> Unacked {
@@ -33,6 +41,9 @@ impl Unacked {
                 return Some((p, self.counts.get(&p).copied().unwrap_or(0)));
             }
             self.counts.remove(&p);
+        }
+        if self.delayed.len() >= MAX_DELAYED {
+            return None;
         }
         loop {
             let p = src.at_or_after(self.read_pos)?;
@@ -59,7 +70,12 @@ impl Unacked {
             src.at_or_after(p.bump())
         })
         .filter(move |p| !src.is_acked(*p) && !self.pending.contains_key(p))
-        .map(|p| (p, 0));
+        .map(|p| (p, 0))
+        .take(if self.delayed.len() >= MAX_DELAYED {
+            0
+        } else {
+            usize::MAX
+        });
         due.chain(fresh)
     }
 
@@ -146,6 +162,42 @@ impl Unacked {
         self.pending.remove(&p);
         self.redeliver.remove(&p);
         self.counts.remove(&p);
+        if let Some(at) = self.delayed_at.remove(&p) {
+            self.delayed.remove(&(at, p));
+        }
+    }
+
+    /// `p` (taken, not sent) waits until `at_ms`; it is not counted as a
+    /// redelivery when it goes.
+    pub fn delay(&mut self, p: Position, at_ms: u64) {
+        self.pending.remove(&p);
+        self.redeliver.remove(&p);
+        if let Some(old) = self.delayed_at.insert(p, at_ms) {
+            self.delayed.remove(&(old, p));
+        }
+        self.delayed.insert((at_ms, p));
+    }
+
+    /// Delayed entries due at `now_ms` become due for delivery.
+    pub fn release_delayed(&mut self, now_ms: u64) {
+        while let Some(&(at, p)) = self.delayed.first() {
+            if at > now_ms {
+                break;
+            }
+            self.delayed.pop_first();
+            self.delayed_at.remove(&p);
+            self.redeliver.insert(p);
+        }
+    }
+
+    /// When the next delayed entry is due (ms since the epoch).
+    pub fn next_delayed(&self) -> Option<u64> {
+        self.delayed.first().map(|(at, _)| *at)
+    }
+
+    /// How many entries wait for their delivery time.
+    pub fn delayed(&self) -> usize {
+        self.delayed.len()
     }
 
     pub fn acked_through(&mut self, p: Position) {
@@ -157,6 +209,17 @@ impl Unacked {
         for q in std::mem::replace(&mut self.redeliver, later) {
             self.counts.remove(&q);
         }
+        let gone: Vec<Position> = self
+            .delayed_at
+            .keys()
+            .filter(|q| **q <= p)
+            .copied()
+            .collect();
+        for q in gone {
+            if let Some(at) = self.delayed_at.remove(&q) {
+                self.delayed.remove(&(at, q));
+            }
+        }
     }
 
     pub fn rewind(&mut self, next_read: Position) {
@@ -166,5 +229,47 @@ impl Unacked {
     /// Entries delivered to `consumer` and not acknowledged.
     pub fn held_by(&self, consumer: ConsumerKey) -> usize {
         self.pending.values().filter(|c| **c == consumer).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::Entries;
+    use super::*;
+
+    #[test]
+    fn delayed_entries_wait_for_their_time_then_go_uncounted() {
+        let src = Entries::new(1, 4);
+        let mut u = Unacked::new(Position::new(1, 0));
+        let (p0, _) = u.take_next(&src).unwrap();
+        u.delay(p0, 5_000);
+        let (p1, _) = u.take_next(&src).unwrap();
+        assert_eq!(p1, Position::new(1, 1), "later entries are not held up");
+        u.delivered(p1, (1, 1));
+        assert_eq!(u.next_delayed(), Some(5_000));
+        u.release_delayed(4_999);
+        assert_eq!(u.take_next(&src).unwrap().0, Position::new(1, 2));
+        u.release_delayed(5_000);
+        assert_eq!(u.next_delayed(), None);
+        assert_eq!(
+            u.take_next(&src),
+            Some((p0, 0)),
+            "due now, not a redelivery"
+        );
+    }
+
+    #[test]
+    fn acknowledged_delayed_entries_are_forgotten() {
+        let src = Entries::new(1, 3);
+        let mut u = Unacked::new(Position::new(1, 0));
+        for _ in 0..3 {
+            let (p, _) = u.take_next(&src).unwrap();
+            u.delay(p, 100 + p.entry_id as u64);
+        }
+        u.acked(Position::new(1, 1));
+        assert_eq!(u.delayed(), 2);
+        u.acked_through(Position::new(1, 0));
+        assert_eq!(u.delayed(), 1);
+        assert_eq!(u.next_delayed(), Some(102));
     }
 }

@@ -415,7 +415,7 @@ impl Producer {
         let msg = msg.into();
         let (tx, rx) = oneshot::channel();
         let p = &self.inner;
-        if p.options.batching {
+        if p.options.batching && msg.deliver_at_ms.is_none() {
             let flush = {
                 let mut sh = p.lock();
                 let metadata = SingleMessageMetadata {
@@ -450,6 +450,7 @@ impl Producer {
                     publish_time: now_ms(),
                     partition_key: key,
                     properties,
+                    deliver_at_time: msg.deliver_at_ms.map(|t| t as i64),
                     ..Default::default()
                 },
                 &msg.payload,
