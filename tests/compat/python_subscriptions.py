@@ -8,7 +8,8 @@ holds their earlier messages unacknowledged; sticky ranges that overlap
 are refused with ConsumerAssignError. Readers (non-durable subscriptions)
 from a message id, the earliest and the latest, has_message_available, and
 seek by publish time and by message id. Delayed delivery (deliver_after)
-on a Shared subscription.
+on a Shared subscription. Negative acks redeliver with a growing count, and
+the client's own dead-letter policy moves the message to its DLQ topic.
 Usage: python_subscriptions.py SERVICE_URL"""
 import sys
 import time
@@ -199,12 +200,37 @@ def delayed():
     return waited
 
 
+def nack_and_client_dead_letters():
+    topic = "persistent://public/default/py-nack-" + uuid.uuid4().hex[:8]
+    dlq = topic + "-work-DLQ"
+    policy = pulsar.ConsumerDeadLetterPolicy(max_redeliver_count=2, dead_letter_topic=dlq)
+    s = client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Shared,
+                         negative_ack_redelivery_delay_ms=200, dead_letter_policy=policy)
+    d = client.subscribe(dlq, "dlq", initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic)
+    producer.send(b"poison")
+    counts = []
+    for _ in range(3):
+        m = s.receive(timeout_millis=10000)
+        counts.append(m.redelivery_count())
+        s.negative_acknowledge(m)
+    assert counts == [0, 1, 2], counts
+    m = d.receive(timeout_millis=10000)
+    assert m.data() == b"poison" and m.properties().get("REAL_TOPIC") == topic, m.properties()
+    d.acknowledge(m)
+    for c in (s, d, producer):
+        c.close()
+    return counts
+
+
 taken_over = failover()
 moved = key_shared()
 readers_and_seek()
 waited = delayed()
+counts = nack_and_client_dead_letters()
 client.close()
 print(f"python subscriptions ok: failover takeover with {taken_over} messages; "
       f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused; "
       f"readers from an id, the earliest and the latest; seek by time and id; "
-      f"deliver_after=2s came after {waited:.2f} s")
+      f"deliver_after=2s came after {waited:.2f} s; nacked redelivery counts {counts}, "
+      f"then the client's dead-letter topic")

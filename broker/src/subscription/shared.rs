@@ -1,5 +1,7 @@
 //! Shared: any number of consumers; entries go round-robin to those with
-//! permits; a leaving consumer's unacknowledged entries go to the others.
+//! permits — of the highest priority (the lowest `priority_level`) that has
+//! any, as Pulsar's consumer priority levels; a leaving consumer's
+//! unacknowledged entries go to the others.
 
 use std::time::Instant;
 
@@ -12,6 +14,8 @@ use crate::BrokerError;
 pub struct Shared {
     /// Consumers in arrival order, with their permits.
     consumers: Vec<(ConsumerKey, u32)>,
+    /// Each consumer's priority level.
+    priorities: std::collections::HashMap<ConsumerKey, i32>,
     /// Whose turn it is.
     turn: usize,
     unacked: Unacked,
@@ -21,17 +25,26 @@ impl Shared {
     pub fn new(unacked: Unacked) -> Shared {
         Shared {
             consumers: Vec::new(),
+            priorities: Default::default(),
             turn: 0,
             unacked,
         }
     }
 
-    /// The next consumer with permits, from whose turn it is.
+    /// The next consumer with permits of the highest priority that has
+    /// any, from whose turn it is.
     fn pick(&self) -> Option<usize> {
         let n = self.consumers.len();
+        let level = |k: &ConsumerKey| self.priorities.get(k).copied().unwrap_or(0);
+        let top = self
+            .consumers
+            .iter()
+            .filter(|(_, p)| *p > 0)
+            .map(|(k, _)| level(k))
+            .min()?;
         (0..n)
             .map(|i| (self.turn + i) % n)
-            .find(|&i| self.consumers[i].1 > 0)
+            .find(|&i| self.consumers[i].1 > 0 && level(&self.consumers[i].0) == top)
     }
 }
 
@@ -42,12 +55,14 @@ impl Dispatcher for Shared {
 
     fn add_consumer(&mut self, c: ConsumerInfo, _now: Instant) -> Result<(), BrokerError> {
         self.consumers.push((c.key, 0));
+        self.priorities.insert(c.key, c.priority);
         Ok(())
     }
 
     fn remove_consumer(&mut self, key: ConsumerKey, _now: Instant) {
         if let Some(i) = self.consumers.iter().position(|(k, _)| *k == key) {
             self.consumers.remove(i);
+            self.priorities.remove(&key);
             if self.turn > i {
                 self.turn -= 1;
             }
@@ -165,5 +180,28 @@ mod tests {
         d.acked_through(Position::new(1, 1));
         d.flow((1, 1), 3);
         assert_eq!(deliver_all(&mut d, &src, now), vec![(1, 2, 1)]);
+    }
+
+    #[test]
+    fn higher_priority_consumers_are_served_first_while_they_have_permits() {
+        let now = Instant::now();
+        let src = Entries::new(1, 6);
+        let mut d = Shared::new(Unacked::new(Position::new(1, 0)));
+        let with_level = |id, priority| ConsumerInfo {
+            priority,
+            ..info(id)
+        };
+        d.add_consumer(with_level(1, 1), now).unwrap();
+        d.add_consumer(with_level(2, 0), now).unwrap();
+        d.add_consumer(with_level(3, 0), now).unwrap();
+        d.flow((1, 1), 10);
+        d.flow((1, 2), 2);
+        d.flow((1, 3), 1);
+        let whom: Vec<u64> = deliver_all(&mut d, &src, now).iter().map(|g| g.0).collect();
+        assert_eq!(
+            whom,
+            vec![2, 3, 2, 1, 1, 1],
+            "level 0 until its permits run out"
+        );
     }
 }
