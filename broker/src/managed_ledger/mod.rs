@@ -547,24 +547,49 @@ impl ManagedLedger {
         read(&self.view).iter().map(|l| l.ledger_id).collect()
     }
 
-    /// The first entry whose publish time is at or after `publish_time_ms`
-    /// (a scan; entries are read from cache or bookies).
+    /// The first entry whose publish time is at or after `publish_time_ms`,
+    /// or the position after the last when there is none: a binary search
+    /// over the entries (publish times grow along a topic; like Pulsar's
+    /// search it assumes so), reading about log2(entries) of them.
     pub async fn find_by_publish_time(&self, publish_time_ms: u64) -> Result<Position, MlError> {
-        let mut p = self.before_first();
         let last = self.last_confirmed();
-        while let Some(n) = self.next_after(p) {
-            if n > last {
-                break;
-            }
-            let data = self.read(n).await?;
-            if let Ok(md) = magnetar_proto::Payload::peek_metadata(&data) {
-                if md.publish_time >= publish_time_ms {
-                    return Ok(n);
+        let spans: Vec<(u64, u64)> = read(&self.view)
+            .iter()
+            .map(|l| (l.ledger_id, self.count(l)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let total: u64 = spans.iter().map(|(_, n)| n).sum();
+        let nth = |mut i: u64| -> Position {
+            for (ledger_id, n) in &spans {
+                if i < *n {
+                    return Position::new(*ledger_id, i as i64);
                 }
+                i -= n;
             }
-            p = n;
+            last.bump()
+        };
+        let (mut lo, mut hi) = (0u64, total);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let p = nth(mid);
+            if p > last {
+                hi = mid;
+                continue;
+            }
+            let data = self.read(p).await?;
+            // An entry that does not parse counts as old.
+            let t = magnetar_proto::Payload::peek_metadata(&data).map_or(0, |md| md.publish_time);
+            if t >= publish_time_ms {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
         }
-        Ok(last.bump())
+        Ok(if lo < total && nth(lo) <= last {
+            nth(lo)
+        } else {
+            last.bump()
+        })
     }
 }
 

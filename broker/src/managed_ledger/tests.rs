@@ -145,3 +145,33 @@ async fn a_closed_gate_refuses_appends() {
     ));
     assert_eq!(l.stored_bytes(), 1);
 }
+
+#[tokio::test]
+async fn finding_by_publish_time_searches_across_ledgers() {
+    let (l, m) = (MemoryLedgers::new(), MemoryMeta::new());
+    let ml = ManagedLedger::open("t", cfg(4), stores(&l, &m))
+        .await
+        .unwrap();
+    let mut positions = Vec::new();
+    for i in 0..11u64 {
+        let md = magnetar_proto::pulsar::MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: i,
+            publish_time: 1_000 + 10 * i,
+            ..Default::default()
+        };
+        let entry = magnetar_proto::Payload::build(md, b"x").headers_and_payload;
+        positions.push(ml.append_wait(entry).await.unwrap());
+    }
+    assert_eq!(ml.ledger_ids().len(), 3);
+    assert_eq!(ml.find_by_publish_time(0).await.unwrap(), positions[0]);
+    assert_eq!(ml.find_by_publish_time(1_000).await.unwrap(), positions[0]);
+    assert_eq!(ml.find_by_publish_time(1_001).await.unwrap(), positions[1]);
+    assert_eq!(ml.find_by_publish_time(1_040).await.unwrap(), positions[4]);
+    assert_eq!(ml.find_by_publish_time(1_095).await.unwrap(), positions[10]);
+    assert_eq!(
+        ml.find_by_publish_time(1_101).await.unwrap(),
+        positions[10].bump(),
+        "after the last"
+    );
+}
