@@ -846,3 +846,105 @@ async fn delayed_messages_wait_for_their_time_also_across_a_restart() {
     c.ack(&m).unwrap();
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_managed_through_pulsars_rest_paths() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/rest-subs";
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        p.send(format!("m{i}").as_str()).await.unwrap();
+    }
+    let web = reqwest::Client::new();
+    let base = format!(
+        "http://127.0.0.1:{}/admin/v2/persistent/public/default/rest-subs",
+        spec.http_port
+    );
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let at_earliest = r#"{"ledgerId":-1,"entryId":-1}"#;
+    let put = |sub: &str| {
+        web.put(format!("{base}/subscription/{sub}"))
+            .body(at_earliest)
+            .send()
+    };
+    assert_eq!(status(put("ops").await.unwrap()), 204);
+    assert_eq!(status(put("ops").await.unwrap()), 409, "already exists");
+    let list: Vec<String> = web
+        .get(format!("{base}/subscriptions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list, vec!["ops".to_string()]);
+    let post = |path: String| web.post(format!("{base}/subscription/{path}")).send();
+    let first = |client: &Client| {
+        let client = client.clone();
+        async move {
+            let mut c = client
+                .subscribe(topic, "ops", earliest(SubscriptionType::Exclusive))
+                .await
+                .unwrap();
+            let m = c
+                .receive_timeout(Duration::from_millis(1500))
+                .await
+                .unwrap();
+            c.close().await.unwrap();
+            m.map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        }
+    };
+    assert_eq!(status(post("ops/skip/3".into()).await.unwrap()), 204);
+    assert_eq!(first(&client).await.as_deref(), Some("m3"), "three skipped");
+    assert_eq!(status(post("ops/resetcursor/0".into()).await.unwrap()), 204);
+    assert_eq!(
+        first(&client).await.as_deref(),
+        Some("m0"),
+        "reset to the start"
+    );
+    assert_eq!(status(post("ops/skip_all".into()).await.unwrap()), 204);
+    assert_eq!(first(&client).await, None, "backlog cleared");
+    let r = web
+        .post(format!("{base}/subscription/ops/resetcursor"))
+        .body(at_earliest)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 204);
+    assert_eq!(
+        status(post("ops/expireMessages/0".into()).await.unwrap()),
+        204
+    );
+    assert_eq!(
+        first(&client).await,
+        None,
+        "everything published before now expired"
+    );
+    assert_eq!(status(post("nope/skip/1".into()).await.unwrap()), 404);
+    // Deleting: refused while a consumer is connected, unless forced.
+    let _c = client
+        .subscribe(topic, "ops", earliest(SubscriptionType::Exclusive))
+        .await
+        .unwrap();
+    let del = |q: &str| web.delete(format!("{base}/subscription/ops{q}")).send();
+    assert_eq!(status(del("").await.unwrap()), 412);
+    assert_eq!(status(del("?force=true").await.unwrap()), 204);
+    let list: Vec<String> = web
+        .get(format!("{base}/subscriptions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.is_empty(), "{list:?}");
+    s.shutdown().await;
+}

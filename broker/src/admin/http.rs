@@ -34,7 +34,7 @@ pub struct AdminContext {
 type Ctx = State<Arc<AdminContext>>;
 
 /// An error as Pulsar's REST API returns it: a status and `{"reason"}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -78,6 +78,7 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
             "/admin/v2/namespaces/{tenant}/{ns}/{bundle}/split",
             put(split),
         )
+        .merge(super::subscriptions::routes())
         .with_state(ctx)
 }
 

@@ -100,6 +100,23 @@ pub enum SubEvent {
     MarkDelete {
         reply: oneshot::Sender<Position>,
     },
+    /// Admin: acknowledge the next `entries` unacknowledged entries.
+    Skip {
+        entries: u64,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// Admin: acknowledge everything published before `publish_time_ms`
+    /// (everything, with `u64::MAX`: clear the backlog).
+    Expire {
+        publish_time_ms: u64,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// Admin: delete the subscription — refused while it has consumers,
+    /// unless `force` (then they are disconnected).
+    Delete {
+        force: bool,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
     /// Unload: persist the cursor, stop, and hand back the consumers.
     Close {
         reply: oneshot::Sender<Vec<ConsumerConn>>,
@@ -358,9 +375,112 @@ impl Sub {
             SubEvent::MarkDelete { reply } => {
                 let _ = reply.send(self.cursor.mark_delete);
             }
+            SubEvent::Skip { entries, reply } => {
+                self.skip(entries);
+                self.flush().await;
+                let _ = reply.send(Ok(()));
+            }
+            SubEvent::Expire {
+                publish_time_ms,
+                reply,
+            } => {
+                let res = self.expire(publish_time_ms).await;
+                self.flush().await;
+                let _ = reply.send(res);
+            }
+            SubEvent::Delete { force, reply } => {
+                if !self.consumers.is_empty() && !force {
+                    let _ = reply.send(Err(BrokerError::new(
+                        ServerError::ConsumerBusy,
+                        "Subscription has active connected consumers",
+                    )));
+                    return true;
+                }
+                self.disconnect_all();
+                let res = if self.durable {
+                    self.ml
+                        .delete_cursor(&self.name)
+                        .await
+                        .map_err(BrokerError::from)
+                } else {
+                    Ok(())
+                };
+                let ok = res.is_ok();
+                let _ = reply.send(res);
+                return !ok;
+            }
             SubEvent::Close { .. } => {}
         }
         true
+    }
+
+    /// Acknowledges the next `n` unacknowledged entries after the
+    /// mark-delete position.
+    fn skip(&mut self, n: u64) {
+        let last = self.ml.last_confirmed();
+        let mut p = self.cursor.mark_delete;
+        let mut skipped = Vec::new();
+        while (skipped.len() as u64) < n {
+            let Some(q) = self.ml.next_after(p).filter(|q| *q <= last) else {
+                break;
+            };
+            if !self.cursor.is_acked(q) {
+                skipped.push(q);
+            }
+            p = q;
+        }
+        self.ack(skipped, false);
+    }
+
+    /// Acknowledges every entry published before `publish_time_ms`.
+    async fn expire(&mut self, publish_time_ms: u64) -> Result<(), BrokerError> {
+        let last = self.ml.last_confirmed();
+        let first_kept = if publish_time_ms == u64::MAX {
+            last.bump()
+        } else {
+            self.ml.find_by_publish_time(publish_time_ms).await?
+        };
+        // The entry before the first kept one.
+        let through = if first_kept.entry_id > 0 {
+            Some(Position::new(first_kept.ledger_id, first_kept.entry_id - 1))
+        } else {
+            let mut p = self.cursor.mark_delete;
+            let mut before = None;
+            while let Some(q) = self
+                .ml
+                .next_after(p)
+                .filter(|q| *q < first_kept && *q <= last)
+            {
+                before = Some(q);
+                p = q;
+            }
+            before
+        };
+        if let Some(p) = through.filter(|p| *p > self.cursor.mark_delete) {
+            self.ack_through(p);
+        }
+        Ok(())
+    }
+
+    /// Everything up to `p` is acknowledged (whatever the type).
+    fn ack_through(&mut self, p: Position) {
+        let changed = {
+            let next = |q: Position| self.ml.next_after(q);
+            self.cursor.ack_cumulative(p, &next)
+        };
+        self.dirty |= changed;
+        self.dispatcher.acked_through(p);
+    }
+
+    /// Disconnects every consumer (they may subscribe again).
+    fn disconnect_all(&mut self) {
+        let keys: Vec<ConsumerKey> = self.consumers.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.consumers.get(&key) {
+                c.link.close_consumer(key.1, &commands::Assigned::default());
+            }
+            self.remove_consumer(key);
+        }
     }
 
     fn ack(&mut self, positions: Vec<Position>, cumulative: bool) {
@@ -411,13 +531,7 @@ impl Sub {
         self.flush().await;
         // As Pulsar does: the consumers are disconnected and subscribe
         // again, so nothing sent before the seek is mistaken for after.
-        let keys: Vec<ConsumerKey> = self.consumers.keys().copied().collect();
-        for key in keys {
-            if let Some(c) = self.consumers.get(&key) {
-                c.link.close_consumer(key.1, &commands::Assigned::default());
-            }
-            self.remove_consumer(key);
-        }
+        self.disconnect_all();
         Ok(())
     }
 

@@ -186,6 +186,16 @@ impl Topic {
         Ok(h)
     }
 
+    /// The subscription `sub`, if it exists.
+    pub async fn existing_subscription(&self, sub: &str) -> Option<SubscriptionHandle> {
+        self.subs
+            .lock()
+            .await
+            .get(sub)
+            .filter(|h| !h.tx.is_closed())
+            .cloned()
+    }
+
     pub async fn forget_subscription(&self, sub: &str) {
         self.subs.lock().await.remove(sub);
     }
