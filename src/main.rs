@@ -38,6 +38,8 @@ enum Position {
 enum SubType {
     Exclusive,
     Shared,
+    Failover,
+    KeyShared,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +302,8 @@ async fn main() -> anyhow::Result<()> {
                 sub_type: match sub_type {
                     SubType::Exclusive => SubscriptionType::Exclusive,
                     SubType::Shared => SubscriptionType::Shared,
+                    SubType::Failover => SubscriptionType::Failover,
+                    SubType::KeyShared => SubscriptionType::KeyShared,
                 },
                 earliest: matches!(position, Position::Earliest),
                 ..Default::default()

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Subcommand;
 use hdrhistogram::Histogram;
-use magnetar_client::{Client, ConsumerOptions, ProducerOptions, SubscriptionType};
+use magnetar_client::{
+    Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
+};
 
 #[derive(Subcommand)]
 pub enum PerfCmd {
@@ -30,6 +32,9 @@ pub enum PerfCmd {
         duration: u64,
         #[arg(long, default_value_t = false)]
         batching: bool,
+        /// Key the messages round-robin over this many keys (0: no key).
+        #[arg(long, default_value_t = 0)]
+        keys: u64,
         /// Most sends in flight per producer.
         #[arg(long, default_value_t = 1000)]
         max_pending: usize,
@@ -73,6 +78,12 @@ pub enum PerfCmd {
         subscription: String,
         #[arg(long, default_value_t = 30)]
         duration: u64,
+        /// exclusive, shared, failover or key-shared.
+        #[arg(long, default_value = "shared")]
+        sub_type: String,
+        /// Consumers on the subscription (one connection each).
+        #[arg(long, default_value_t = 1)]
+        consumers: usize,
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
@@ -118,6 +129,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             duration,
             batching,
             max_pending,
+            keys,
             stall_after,
             event_at,
             event_cmd,
@@ -178,7 +190,12 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                             break;
                         };
                         let t0 = Instant::now();
-                        let f = producer.send_async(payload.clone());
+                        let msg = OutgoingMessage {
+                            payload: payload.clone(),
+                            key: (keys > 0).then(|| format!("key-{}", n % keys)),
+                            ..Default::default()
+                        };
+                        let f = producer.send_async(msg);
                         let (sent, window, total, errors, stall) = (
                             sent.clone(),
                             window.clone(),
@@ -285,27 +302,58 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             topic,
             subscription,
             duration,
+            sub_type,
+            consumers,
             service_url,
         } => {
-            let client = Client::connect(&service_url).await?;
-            let opts = ConsumerOptions {
-                sub_type: SubscriptionType::Shared,
-                earliest: true,
-                receiver_queue: 5000,
-                ..Default::default()
+            let sub_type = match sub_type.as_str() {
+                "exclusive" => SubscriptionType::Exclusive,
+                "shared" => SubscriptionType::Shared,
+                "failover" => SubscriptionType::Failover,
+                "key-shared" => SubscriptionType::KeyShared,
+                other => {
+                    anyhow::bail!("--sub-type {other}: exclusive, shared, failover or key-shared")
+                }
             };
-            let mut consumer = client.subscribe(&topic, &subscription, opts).await?;
             let started = Instant::now();
             let end = started + Duration::from_secs(duration);
-            let (mut n, mut bytes) = (0u64, 0u64);
+            let received = Arc::new(AtomicU64::new(0));
+            let received_bytes = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for i in 0..consumers.max(1) {
+                // A client (connection) per consumer, as separate processes would have.
+                let client = Client::connect(&service_url).await?;
+                let opts = ConsumerOptions {
+                    sub_type,
+                    earliest: true,
+                    receiver_queue: 5000,
+                    consumer_name: Some(format!("perf-{i}")),
+                    ..Default::default()
+                };
+                let mut consumer = client.subscribe(&topic, &subscription, opts).await?;
+                let (received, received_bytes) = (received.clone(), received_bytes.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _client = client;
+                    while Instant::now() < end {
+                        if let Some(m) =
+                            consumer.receive_timeout(Duration::from_millis(200)).await?
+                        {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            received_bytes.fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+                            consumer.ack(&m)?;
+                        }
+                    }
+                    anyhow::Ok(())
+                }));
+            }
             let mut last = (Instant::now(), 0u64, 0u64);
             while Instant::now() < end {
-                if let Some(m) = consumer.receive_timeout(Duration::from_millis(200)).await? {
-                    n += 1;
-                    bytes += m.payload.len() as u64;
-                    consumer.ack(&m)?;
-                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 if last.0.elapsed() >= Duration::from_secs(5) {
+                    let (n, bytes) = (
+                        received.load(Ordering::Relaxed),
+                        received_bytes.load(Ordering::Relaxed),
+                    );
                     report(
                         "interval",
                         n - last.1,
@@ -316,6 +364,13 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                     last = (Instant::now(), n, bytes);
                 }
             }
+            for t in tasks {
+                t.await??;
+            }
+            let (n, bytes) = (
+                received.load(Ordering::Relaxed),
+                received_bytes.load(Ordering::Relaxed),
+            );
             report(
                 &format!("summary ({n} msgs)"),
                 n,
