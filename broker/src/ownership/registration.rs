@@ -209,19 +209,22 @@ impl Registration {
     /// Resolves once we may no longer act as an owner: the lease's safe
     /// time (less the margin) passed without a keep-alive, or it is lost.
     pub async fn until_invalid(&self) {
+        // One receiver each, marked seen as it is read: a fresh clone of the
+        // lease's receivers would report every keep-alive since the lease
+        // began as new, and this loop would spin.
+        let (mut safe, mut lost) = {
+            let g = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+            match &*g {
+                Some(l) => (l.safe_until.clone(), l.lost.clone()),
+                None => return,
+            }
+        };
         loop {
-            let (mut safe, mut lost) = {
-                let g = self.lease.lock().unwrap_or_else(|e| e.into_inner());
-                match &*g {
-                    Some(l) => (l.safe_until.clone(), l.lost.clone()),
-                    None => return,
-                }
-            };
-            if *lost.borrow() {
+            if *lost.borrow_and_update() {
                 return;
             }
             let deadline = safe
-                .borrow()
+                .borrow_and_update()
                 .checked_sub(self.margin())
                 .unwrap_or_else(Instant::now);
             tokio::select! {

@@ -19,11 +19,12 @@
 //! keys it lacks (`wants_keys`) and the subscription task reads them
 //! (`learn_key`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use magnetar_proto::hash::KEY_HASH_SLOTS;
 use magnetar_proto::pulsar::{command_subscribe::SubType, ServerError};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::dispatcher::{
     ConsumerInfo, ConsumerKey, Delivery, Dispatcher, EntrySource, KeySharedSpec,
@@ -36,7 +37,7 @@ use crate::BrokerError;
 /// can send.
 pub const LOOKAHEAD: usize = 1000;
 /// Keys asked for at a time.
-const KEYS_PER_ASK: usize = 64;
+const KEYS_PER_ASK: usize = 256;
 
 const LAST_SLOT: u16 = (KEY_HASH_SLOTS - 1) as u16;
 
@@ -159,6 +160,16 @@ impl Owners {
     }
 }
 
+/// How far `next` looked since the state last changed: every candidate up
+/// to `last` waits (their slots in `waiting`), so the next call goes on
+/// after it. Any event that could let one of them go drops it.
+#[derive(Default)]
+struct Scan {
+    last: Option<Position>,
+    scanned: usize,
+    waiting: HashSet<u16>,
+}
+
 pub struct KeyShared {
     /// Consumers in arrival order, with their permits.
     consumers: Vec<(ConsumerKey, u32)>,
@@ -169,6 +180,7 @@ pub struct KeyShared {
     slots: HashMap<Position, u16>,
     /// Per slot, who holds how many delivered, unacknowledged entries.
     holding: HashMap<u16, Vec<(ConsumerKey, u32)>>,
+    scan: Option<Scan>,
 }
 
 impl KeyShared {
@@ -177,8 +189,9 @@ impl KeyShared {
             consumers: Vec::new(),
             owners: Owners::None,
             unacked,
-            slots: HashMap::new(),
-            holding: HashMap::new(),
+            slots: HashMap::default(),
+            holding: HashMap::default(),
+            scan: None,
         }
     }
 
@@ -242,6 +255,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn add_consumer(&mut self, c: ConsumerInfo, _now: Instant) -> Result<(), BrokerError> {
+        self.scan = None;
         if let Err(e) = self.owners.add(c.key, &c.key_shared) {
             if self.consumers.is_empty() {
                 self.owners = Owners::None;
@@ -253,6 +267,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn remove_consumer(&mut self, key: ConsumerKey, _now: Instant) {
+        self.scan = None;
         if let Some(i) = self.consumers.iter().position(|(k, _)| *k == key) {
             self.consumers.remove(i);
             self.owners.remove(key);
@@ -266,18 +281,24 @@ impl Dispatcher for KeyShared {
     }
 
     fn flow(&mut self, key: ConsumerKey, permits: u32) {
+        self.scan = None;
         if let Some((_, p)) = self.consumers.iter_mut().find(|(k, _)| *k == key) {
             *p = p.saturating_add(permits);
         }
     }
 
     fn wants_keys(&self, src: &dyn EntrySource) -> Vec<Position> {
-        if self.consumers.is_empty() {
+        // Nothing can be decided while no consumer can take anything.
+        if self.consumers.iter().all(|(_, p)| *p == 0) {
             return Vec::new();
         }
+        let (after, scanned) = self
+            .scan
+            .as_ref()
+            .map_or((None, 0), |s| (s.last, s.scanned));
         self.unacked
-            .candidates(src)
-            .take(LOOKAHEAD)
+            .candidates_after(src, after)
+            .take(LOOKAHEAD.saturating_sub(scanned))
             .map(|(p, _)| p)
             .filter(|p| !self.slots.contains_key(p))
             .take(KEYS_PER_ASK)
@@ -289,27 +310,37 @@ impl Dispatcher for KeyShared {
     }
 
     fn next(&mut self, src: &dyn EntrySource, _now: Instant) -> Option<Delivery> {
-        let mut waiting: HashSet<u16> = HashSet::new();
+        // Nobody can take anything: no need to look (this runs on every ack).
+        if self.consumers.iter().all(|(_, p)| *p == 0) {
+            return None;
+        }
+        let mut scan = self.scan.take().unwrap_or_default();
         let mut chosen = None;
-        for (p, count) in self.unacked.candidates(src).take(LOOKAHEAD) {
+        for (p, count) in self.unacked.candidates_after(src, scan.last) {
+            if scan.scanned >= LOOKAHEAD {
+                break;
+            }
             // An entry whose key is not read yet: it and what follows wait
             // for `learn_key` (order within a slot is decided in position order).
             let Some(&slot) = self.slots.get(&p) else {
                 break;
             };
-            if waiting.contains(&slot) {
-                continue;
-            }
-            match self.owners.owner(slot) {
-                Some(c) if self.permits(c) > 0 && !self.draining(slot, c) => {
-                    chosen = Some((p, count, c));
-                    break;
+            if !scan.waiting.contains(&slot) {
+                match self.owners.owner(slot) {
+                    Some(c) if self.permits(c) > 0 && !self.draining(slot, c) => {
+                        chosen = Some((p, count, c));
+                        break;
+                    }
+                    _ => {
+                        scan.waiting.insert(slot);
+                    }
                 }
-                _ => {
-                    waiting.insert(slot);
-                }
             }
+            scan.last = Some(p);
+            scan.scanned += 1;
         }
+        // Sending only uses permits and adds holders: what waits still waits.
+        self.scan = Some(scan);
         let (position, redelivery_count, consumer) = chosen?;
         self.unacked.take(position, src);
         Some(Delivery {
@@ -330,6 +361,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn unacked(&mut self) -> &mut Unacked {
+        self.scan = None;
         &mut self.unacked
     }
 
@@ -338,6 +370,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn acked(&mut self, p: Position) {
+        self.scan = None;
         if let Some(c) = self.unacked.holder(p) {
             self.release(p, c);
         }
@@ -346,6 +379,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn acked_through(&mut self, p: Position) {
+        self.scan = None;
         let done: Vec<(Position, ConsumerKey)> = self
             .unacked
             .pending()
@@ -359,6 +393,7 @@ impl Dispatcher for KeyShared {
     }
 
     fn redeliver(&mut self, key: ConsumerKey, positions: Option<&[Position]>) {
+        self.scan = None;
         match positions {
             Some(ps) => {
                 for p in ps {
@@ -376,12 +411,14 @@ impl Dispatcher for KeyShared {
     }
 
     fn rewind(&mut self, next_read: Position) {
+        self.scan = None;
         self.slots.clear();
         self.holding.clear();
         self.unacked.rewind(next_read);
     }
 
     fn not_sent(&mut self, d: Delivery) {
+        self.scan = None;
         // `sent` was not called: nothing is held for it.
         self.unacked.not_delivered(d.position);
     }
@@ -585,10 +622,14 @@ mod tests {
             "no consumers: nothing to decide"
         );
         d.add_consumer(c(1), Instant::now()).unwrap();
+        assert!(
+            d.wants_keys(&src).is_empty(),
+            "no permits: nothing to decide"
+        );
+        d.flow((1, 1), 10);
         let want = d.wants_keys(&src);
         assert_eq!(want.len(), KEYS_PER_ASK);
         assert_eq!(want[0], Position::new(1, 0));
-        d.flow((1, 1), 10);
         assert!(
             d.next(&src, Instant::now()).is_none(),
             "keys unknown: nothing yet"

@@ -47,6 +47,8 @@ pub type ConnTx = mpsc::Sender<Bytes>;
 pub const CURSOR_FLUSH_INTERVAL_MS: u64 = 100;
 /// Events waiting for a subscription's task.
 pub const SUBSCRIPTION_EVENT_QUEUE: usize = 1024;
+/// Events a subscription takes before it dispatches again.
+const EVENTS_PER_ROUND: usize = 256;
 
 /// How the topic tells a client connection that the broker closed one of
 /// its producers or consumers (so it forgets the id and sends the close).
@@ -221,22 +223,37 @@ impl Sub {
         let mut flush = tokio::time::interval(Duration::from_millis(CURSOR_FLUSH_INTERVAL_MS));
         loop {
             tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(SubEvent::Close { reply }) => {
-                        self.flush().await;
-                        let _ = reply.send(self.consumers.into_values().collect());
-                        return;
-                    }
-                    Some(ev) => {
-                        if !self.handle(ev).await {
-                            return;
+                ev = rx.recv() => {
+                    let mut next = ev;
+                    // Take what else is waiting (acks come one per message)
+                    // before dispatching once for all of it.
+                    for taken in 0..EVENTS_PER_ROUND {
+                        match next.take() {
+                            Some(SubEvent::Close { reply }) => {
+                                self.flush().await;
+                                let _ = reply.send(self.consumers.into_values().collect());
+                                return;
+                            }
+                            Some(ev) => {
+                                if !self.handle(ev).await {
+                                    return;
+                                }
+                            }
+                            None => {
+                                self.flush().await;
+                                return;
+                            }
+                        }
+                        if taken + 1 == EVENTS_PER_ROUND {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(ev) => next = Some(ev),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {}
                         }
                     }
-                    None => {
-                        self.flush().await;
-                        return;
-                    }
-                },
+                }
                 r = appends.changed() => if r.is_err() { return },
                 _ = delayed_due(self.dispatcher.unacked().next_delayed()) => {}
                 _ = flush.tick() => {
@@ -544,9 +561,6 @@ impl Sub {
         // Entries read to learn their keys, kept for sending in this round.
         let mut read: HashMap<Position, Bytes> = HashMap::new();
         loop {
-            if !self.learn_keys(&mut read).await {
-                return;
-            }
             let next = {
                 let src = Source {
                     ml: &self.ml,
@@ -555,7 +569,13 @@ impl Sub {
                 };
                 self.dispatcher.next(&src, now)
             };
-            let Some(d) = next else { return };
+            let Some(d) = next else {
+                // Key_Shared may be waiting for keys: read them, then try again.
+                match self.learn_keys(&mut read).await {
+                    Some(n) if n > 0 => continue,
+                    _ => return,
+                }
+            };
             let data = match read.remove(&d.position) {
                 Some(data) => Ok(data),
                 None => self.ml.read(d.position).await,
@@ -594,9 +614,10 @@ impl Sub {
     }
 
     /// Reads the entries whose keys the dispatcher wants (Key_Shared) and
-    /// tells it their slots; keeps what it read in `read`. False after a
-    /// read failed (the round stops; the flush tick retries).
-    async fn learn_keys(&mut self, read: &mut HashMap<Position, Bytes>) -> bool {
+    /// tells it their slots; keeps what it read in `read`. How many it
+    /// learned; `None` after a read failed (the round stops; the flush tick
+    /// retries).
+    async fn learn_keys(&mut self, read: &mut HashMap<Position, Bytes>) -> Option<usize> {
         let wanted = {
             let src = Source {
                 ml: &self.ml,
@@ -605,13 +626,13 @@ impl Sub {
             };
             self.dispatcher.wants_keys(&src)
         };
-        for p in wanted {
+        for &p in &wanted {
             let data = match self.ml.read(p).await {
                 Ok(data) => data,
                 Err(e) => {
                     tracing::warn!(subscription = %self.name, position = ?p, error = %e, "read failed; will retry");
                     self.read_error = true;
-                    return false;
+                    return None;
                 }
             };
             self.dispatcher.learn_key(p, sticky_slot(&data));
@@ -619,7 +640,7 @@ impl Sub {
                 read.insert(p, data);
             }
         }
-        true
+        Some(wanted.len())
     }
 
     async fn send(&mut self, d: Delivery, count: u32, data: &Bytes) {
@@ -647,7 +668,7 @@ impl Sub {
 }
 
 /// Entries read for their keys kept for sending within one dispatch round.
-const KEYS_KEPT_PER_ROUND: usize = 256;
+const KEYS_KEPT_PER_ROUND: usize = 512;
 
 /// The Key_Shared hash slot of a stored entry: of its ordering key, else its
 /// partition key (base64-decoded when it says so), else `NONE_KEY` — as

@@ -61,21 +61,35 @@ impl Unacked {
         &'a self,
         src: &'a dyn EntrySource,
     ) -> impl Iterator<Item = (Position, u32)> + 'a {
+        self.candidates_after(src, None)
+    }
+
+    /// The `candidates` after `after` (they come in position order).
+    pub fn candidates_after<'a>(
+        &'a self,
+        src: &'a dyn EntrySource,
+        after: Option<Position>,
+    ) -> impl Iterator<Item = (Position, u32)> + 'a {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let due = self
             .redeliver
-            .iter()
+            .range((lower, Bound::Unbounded))
             .filter(move |p| !src.is_acked(**p))
             .map(|p| (*p, self.counts.get(p).copied().unwrap_or(0)));
-        let fresh = std::iter::successors(src.at_or_after(self.read_pos), move |p| {
-            src.at_or_after(p.bump())
-        })
-        .filter(move |p| !src.is_acked(*p) && !self.pending.contains_key(p))
-        .map(|p| (p, 0))
-        .take(if self.delayed.len() >= MAX_DELAYED {
-            0
-        } else {
-            usize::MAX
-        });
+        let start = match after {
+            Some(a) if a >= self.read_pos => a.bump(),
+            _ => self.read_pos,
+        };
+        let fresh =
+            std::iter::successors(src.at_or_after(start), move |p| src.at_or_after(p.bump()))
+                .filter(move |p| !src.is_acked(*p) && !self.pending.contains_key(p))
+                .map(|p| (p, 0))
+                .take(if self.delayed.len() >= MAX_DELAYED {
+                    0
+                } else {
+                    usize::MAX
+                });
         due.chain(fresh)
     }
 
