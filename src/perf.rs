@@ -35,6 +35,10 @@ pub enum PerfCmd {
         /// Key the messages round-robin over this many keys (0: no key).
         #[arg(long, default_value_t = 0)]
         keys: u64,
+        /// Deliver each message this many ms after it is sent (to Shared
+        /// and Key_Shared subscriptions; 0: at once).
+        #[arg(long, default_value_t = 0)]
+        deliver_after_ms: u64,
         /// Most sends in flight per producer.
         #[arg(long, default_value_t = 1000)]
         max_pending: usize,
@@ -84,6 +88,10 @@ pub enum PerfCmd {
         /// Consumers on the subscription (one connection each).
         #[arg(long, default_value_t = 1)]
         consumers: usize,
+        /// Messages were sent to be delivered this many ms after their
+        /// publish time: report how late they came (and any early).
+        #[arg(long, default_value_t = 0)]
+        lateness_after_ms: u64,
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
@@ -130,6 +138,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             batching,
             max_pending,
             keys,
+            deliver_after_ms,
             stall_after,
             event_at,
             event_cmd,
@@ -193,6 +202,8 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                         let msg = OutgoingMessage {
                             payload: payload.clone(),
                             key: (keys > 0).then(|| format!("key-{}", n % keys)),
+                            deliver_at_ms: (deliver_after_ms > 0)
+                                .then(|| epoch_ms() + deliver_after_ms),
                             ..Default::default()
                         };
                         let f = producer.send_async(msg);
@@ -304,6 +315,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             duration,
             sub_type,
             consumers,
+            lateness_after_ms,
             service_url,
         } => {
             let sub_type = match sub_type.as_str() {
@@ -319,6 +331,12 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             let end = started + Duration::from_secs(duration);
             let received = Arc::new(AtomicU64::new(0));
             let received_bytes = Arc::new(AtomicU64::new(0));
+            // How late each message came after its due time (ms), and how
+            // many came early.
+            let lateness = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1, 3_600_000, 3,
+            )?));
+            let early = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::new();
             for i in 0..consumers.max(1) {
                 // A client (connection) per consumer, as separate processes would have.
@@ -332,6 +350,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 };
                 let mut consumer = client.subscribe(&topic, &subscription, opts).await?;
                 let (received, received_bytes) = (received.clone(), received_bytes.clone());
+                let (lateness, early) = (lateness.clone(), early.clone());
                 tasks.push(tokio::spawn(async move {
                     let _client = client;
                     while Instant::now() < end {
@@ -339,6 +358,18 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                             consumer.receive_timeout(Duration::from_millis(200)).await?
                         {
                             received.fetch_add(1, Ordering::Relaxed);
+                            if lateness_after_ms > 0 {
+                                let due = m.publish_time_ms + lateness_after_ms;
+                                let now = epoch_ms();
+                                if now < due {
+                                    early.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    let _ = lateness
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .record((now - due).max(1));
+                                }
+                            }
                             received_bytes.fetch_add(m.payload.len() as u64, Ordering::Relaxed);
                             consumer.ack(&m)?;
                         }
@@ -378,6 +409,16 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64(),
                 None,
             );
+            if lateness_after_ms > 0 {
+                let h = lateness.lock().unwrap_or_else(|e| e.into_inner());
+                println!(
+                    "lateness after the due time: p50 {} ms, p99 {} ms, max {} ms; {} early",
+                    h.value_at_quantile(0.5),
+                    h.value_at_quantile(0.99),
+                    h.max(),
+                    early.load(Ordering::Relaxed)
+                );
+            }
         }
     }
     Ok(())
@@ -599,4 +640,11 @@ fn report_event(stalls: &[Arc<Stall>], victim: &str) {
         quantile(&rest, 0.99),
         rest.len()
     );
+}
+
+/// Milliseconds since the epoch (the clock of publish and delivery times).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
