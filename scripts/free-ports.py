@@ -1,17 +1,22 @@
 """Prints a base port B such that B..B+N-1 are free on 127.0.0.1 for both TCP
 and UDP (for scripts that number a cluster's ports from a base).
+The base is taken below the kernel's ephemeral range: ports the system
+hands out for outgoing connections would otherwise land on a cluster's
+ports that are not bound yet (a broker added later, say).
 Usage: free-ports.py N"""
+import random
 import socket
 import sys
 
 n = int(sys.argv[1])
-for _ in range(200):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    base = s.getsockname()[1]
-    s.close()
-    if base + n > 65535:
-        continue
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+except (OSError, ValueError, IndexError):
+    ephemeral_low = 32768
+low, high = 10000, max(10000 + n + 1, ephemeral_low - n)
+for _ in range(500):
+    base = random.randrange(low, high)
     held = []
     try:
         for port in range(base, base + n):

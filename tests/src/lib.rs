@@ -28,13 +28,31 @@ pub fn free_tcp_port() -> u16 {
 }
 
 /// A base port with `n` consecutive ports free on loopback (UDP and TCP),
-/// for scripts that number their ports from a base.
+/// for scripts that number their ports from a base. It is taken below the
+/// kernel's ephemeral range: ports handed out for outgoing connections
+/// would otherwise land on a cluster's ports not bound yet (a member added
+/// later, say).
 pub fn free_port_range(n: u16) -> u16 {
-    for _ in 0..100 {
-        let base = free_udp_port();
-        if base > u16::MAX - n {
-            continue;
-        }
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16;
+    let high = ephemeral_low.saturating_sub(n).max(low + n + 1);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ ((std::process::id() as u64) << 32)
+        ^ CALLS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..500 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let base = low + ((seed >> 33) % u64::from(high - low)) as u16;
         let all_free = (base..base + n).all(|p| {
             UdpSocket::bind(("127.0.0.1", p)).is_ok()
                 && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()

@@ -156,14 +156,7 @@ mod tests {
         }
     }
 
-    fn deliver_all(d: &mut Failover, src: &Entries, now: Instant) -> Vec<(u64, i64, u32)> {
-        let mut out = Vec::new();
-        while let Some(x) = d.next(src, now) {
-            out.push((x.consumer.1, x.position.entry_id, x.redelivery_count));
-            d.sent(x, 1);
-        }
-        out
-    }
+    use super::super::testing::deliver_counted as deliver_all;
 
     #[test]
     fn the_first_by_name_is_active_and_alone_gets_entries() {

@@ -454,13 +454,7 @@ mod tests {
 
     /// Deliveries until none: (consumer, entry, redelivery count).
     fn drain(d: &mut KeyShared, src: &Entries) -> Vec<(u64, i64, u32)> {
-        let now = Instant::now();
-        let mut out = Vec::new();
-        while let Some(x) = d.next(src, now) {
-            out.push((x.consumer.1, x.position.entry_id, x.redelivery_count));
-            d.sent(x, 1);
-        }
-        out
+        super::super::testing::deliver_counted(d, src, Instant::now())
     }
 
     #[test]

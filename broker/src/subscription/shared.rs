@@ -114,14 +114,7 @@ mod tests {
     use super::*;
     use crate::managed_ledger::cursor::Position;
 
-    fn deliver_all(d: &mut Shared, src: &Entries, now: Instant) -> Vec<(u64, i64, u32)> {
-        let mut out = Vec::new();
-        while let Some(x) = d.next(src, now) {
-            out.push((x.consumer.1, x.position.entry_id, x.redelivery_count));
-            d.sent(x, 1);
-        }
-        out
-    }
+    use super::super::testing::deliver_counted as deliver_all;
 
     #[test]
     fn round_robin_within_permits() {

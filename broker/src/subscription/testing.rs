@@ -55,6 +55,21 @@ pub fn drain(d: &mut dyn Dispatcher, src: &Entries, now: Instant) -> Vec<(u64, i
     out
 }
 
+/// Every delivery `d` makes now, each sent as one message: (consumer id,
+/// entry, redelivery count).
+pub fn deliver_counted(
+    d: &mut dyn Dispatcher,
+    src: &Entries,
+    now: Instant,
+) -> Vec<(u64, i64, u32)> {
+    let mut out = Vec::new();
+    while let Some(x) = d.next(src, now) {
+        out.push((x.consumer.1, x.position.entry_id, x.redelivery_count));
+        d.sent(x, 1);
+    }
+    out
+}
+
 /// Consumer `id` on connection 1.
 pub fn consumer(id: u64) -> ConsumerInfo {
     ConsumerInfo {

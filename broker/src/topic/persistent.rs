@@ -137,10 +137,8 @@ impl Topic {
     ) -> Result<SubscriptionHandle, BrokerError> {
         self.refuse_if_closing()?;
         let mut subs = self.subs.lock().await;
-        if let Some(h) = subs.get(sub) {
-            if !h.tx.is_closed() {
-                return Ok(h.clone());
-            }
+        if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
+            return Ok(h.clone());
         }
         let start = match initial {
             InitialPosition::Earliest => self.ml.before_first(),
@@ -169,10 +167,8 @@ impl Topic {
     ) -> Result<SubscriptionHandle, BrokerError> {
         self.refuse_if_closing()?;
         let mut subs = self.subs.lock().await;
-        if let Some(h) = subs.get(sub) {
-            if !h.tx.is_closed() {
-                return Ok(h.clone());
-            }
+        if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
+            return Ok(h.clone());
         }
         let start = mark_delete.max(self.ml.before_first());
         let h = subscription::spawn(
