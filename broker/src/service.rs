@@ -216,18 +216,9 @@ impl Broker {
             left = left.topics,
             "all bundles unloaded"
         );
-        for t in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
+        self.abort_tasks();
         reg.revoke().await;
-        if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            t.abort();
-        }
+        self.stop_accepting();
     }
 
     /// What a process death does, inside a process (for in-process cluster
@@ -237,6 +228,14 @@ impl Broker {
     pub fn crash(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.crash.send(true);
+        self.abort_tasks();
+        self.stop_accepting();
+        self.ownership.registration.abandon();
+        self.ownership.forget_all();
+    }
+
+    /// Ends the background tasks (lease guard, load reports, watches…).
+    fn abort_tasks(&self) {
         for t in self
             .tasks
             .lock()
@@ -245,11 +244,13 @@ impl Broker {
         {
             t.abort();
         }
+    }
+
+    /// Closes the Pulsar listener.
+    fn stop_accepting(&self) {
         if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
-        self.ownership.registration.abandon();
-        self.ownership.forget_all();
     }
 
     /// Creates a namespace with `bundles` bundles (nothing if it exists).

@@ -150,53 +150,43 @@ fn done(res: Result<(), BrokerError>) -> Response {
     }
 }
 
-async fn list(State(ctx): Ctx, Path(t): Path<TopicPath>, uri: Uri) -> Response {
-    match owned(&ctx, &t, &uri.to_string()).await {
-        Ok(topic) => {
-            let mut names = topic.subscription_names().await;
-            names.sort();
-            Json(names).into_response()
-        }
-        Err(r) => r,
-    }
+/// A handler's answer: an error response short-circuits with `?`.
+type Answer = Result<Response, Response>;
+
+async fn list(State(ctx): Ctx, Path(t): Path<TopicPath>, uri: Uri) -> Answer {
+    let topic = owned(&ctx, &t, &uri.to_string()).await?;
+    let mut names = topic.subscription_names().await;
+    names.sort();
+    Ok(Json(names).into_response())
 }
 
-async fn create(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri, body: Bytes) -> Response {
-    let topic = match owned(&ctx, &topic_path(&p), &uri.to_string()).await {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+async fn create(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri, body: Bytes) -> Answer {
+    let topic = owned(&ctx, &topic_path(&p), &uri.to_string()).await?;
+    let fail = |status, reason: String| ApiError(status, reason).into_response();
     if topic.existing_subscription(&p.sub).await.is_some() {
-        return ApiError(
-            StatusCode::CONFLICT,
-            "Subscription already exists for topic".into(),
-        )
-        .into_response();
+        let reason = "Subscription already exists for topic".into();
+        return Err(fail(StatusCode::CONFLICT, reason));
     }
     let at: Option<MessageIdJson> = if body.is_empty() {
         None
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                return ApiError(StatusCode::BAD_REQUEST, format!("message id: {e}"))
-                    .into_response()
-            }
-        }
+        let id = serde_json::from_slice(&body)
+            .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("message id: {e}")))?;
+        Some(id)
     };
     let initial = match &at {
         Some(id) if id.ledger_id < 0 => InitialPosition::Earliest,
         _ => InitialPosition::Latest,
     };
-    let h = match topic.subscription(&p.sub, initial).await {
-        Ok(h) => h,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
+    let h = topic
+        .subscription(&p.sub, initial)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
     if let Some(id) = at.filter(|id| id.ledger_id >= 0 && id.ledger_id < i64::MAX) {
         let target = SeekTarget::Position(Position::new(id.ledger_id as u64, id.entry_id));
-        return done(h.ask(|reply| SubEvent::Seek { target, reply }).await);
+        return Ok(done(h.ask(|reply| SubEvent::Seek { target, reply }).await));
     }
-    StatusCode::NO_CONTENT.into_response()
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
@@ -210,26 +200,20 @@ async fn delete(
     Path(p): Path<SubPath>,
     Query(q): Query<Force>,
     uri: Uri,
-) -> Response {
-    let (topic, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let (topic, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let force = q.force;
     let res = h.ask(|reply| SubEvent::Delete { force, reply }).await;
     if res.is_ok() {
         topic.forget_subscription(&p.sub).await;
     }
-    done(res)
+    Ok(done(res))
 }
 
-async fn reset_to_time(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Response {
-    let (_, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn reset_to_time(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Answer {
+    let (_, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let target = SeekTarget::PublishTime(p.n.unwrap_or(0));
-    done(h.ask(|reply| SubEvent::Seek { target, reply }).await)
+    Ok(done(h.ask(|reply| SubEvent::Seek { target, reply }).await))
 }
 
 async fn reset_to_id(
@@ -237,11 +221,8 @@ async fn reset_to_id(
     Path(p): Path<SubPath>,
     uri: Uri,
     Json(id): Json<MessageIdJson>,
-) -> Response {
-    let (topic, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let (topic, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let target = if id.ledger_id < 0 {
         SeekTarget::Position(topic.ml.before_first().bump())
     } else if id.ledger_id == i64::MAX {
@@ -249,48 +230,39 @@ async fn reset_to_id(
     } else {
         SeekTarget::Position(Position::new(id.ledger_id as u64, id.entry_id))
     };
-    done(h.ask(|reply| SubEvent::Seek { target, reply }).await)
+    Ok(done(h.ask(|reply| SubEvent::Seek { target, reply }).await))
 }
 
-async fn skip(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Response {
-    let (_, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn skip(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Answer {
+    let (_, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let entries = p.n.unwrap_or(0);
-    done(h.ask(|reply| SubEvent::Skip { entries, reply }).await)
+    Ok(done(h.ask(|reply| SubEvent::Skip { entries, reply }).await))
 }
 
-async fn skip_all(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Response {
-    let (_, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn skip_all(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Answer {
+    let (_, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let publish_time_ms = u64::MAX;
-    done(
+    Ok(done(
         h.ask(|reply| SubEvent::Expire {
             publish_time_ms,
             reply,
         })
         .await,
-    )
+    ))
 }
 
-async fn expire(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Response {
-    let (_, h) = match existing(&ctx, &p, &uri.to_string()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn expire(State(ctx): Ctx, Path(p): Path<SubPath>, uri: Uri) -> Answer {
+    let (_, h) = existing(&ctx, &p, &uri.to_string()).await?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let seconds = p.n.unwrap_or(0);
     let publish_time_ms = now_ms.saturating_sub(seconds.saturating_mul(1000));
-    done(
+    Ok(done(
         h.ask(|reply| SubEvent::Expire {
             publish_time_ms,
             reply,
         })
         .await,
-    )
+    ))
 }

@@ -76,6 +76,8 @@ pub trait Dispatcher: Send {
     fn sent(&mut self, d: Delivery, messages: u32);
     /// The delivery state every type keeps.
     fn unacked(&mut self) -> &mut Unacked;
+    /// The delivery state, to look at (changes nothing).
+    fn unacked_ref(&self) -> &Unacked;
     /// The delivery state, to carry over when the subscription changes type.
     fn into_unacked(self: Box<Self>) -> Unacked;
 

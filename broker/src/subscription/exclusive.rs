@@ -63,12 +63,7 @@ impl Dispatcher for Exclusive {
         if permits == 0 {
             return None;
         }
-        let (position, redelivery_count) = self.unacked.take_next(src)?;
-        Some(Delivery {
-            consumer: key,
-            position,
-            redelivery_count,
-        })
+        self.unacked.deliver_to(key, src)
     }
 
     fn sent(&mut self, d: Delivery, messages: u32) {
@@ -82,6 +77,10 @@ impl Dispatcher for Exclusive {
 
     fn unacked(&mut self) -> &mut Unacked {
         &mut self.unacked
+    }
+
+    fn unacked_ref(&self) -> &Unacked {
+        &self.unacked
     }
 
     fn into_unacked(self: Box<Self>) -> Unacked {

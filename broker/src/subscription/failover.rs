@@ -111,12 +111,7 @@ impl Dispatcher for Failover {
         if permits == 0 {
             return None;
         }
-        let (position, redelivery_count) = self.unacked.take_next(src)?;
-        Some(Delivery {
-            consumer: key,
-            position,
-            redelivery_count,
-        })
+        self.unacked.deliver_to(key, src)
     }
 
     fn sent(&mut self, d: Delivery, messages: u32) {
@@ -128,6 +123,10 @@ impl Dispatcher for Failover {
 
     fn unacked(&mut self) -> &mut Unacked {
         &mut self.unacked
+    }
+
+    fn unacked_ref(&self) -> &Unacked {
+        &self.unacked
     }
 
     fn into_unacked(self: Box<Self>) -> Unacked {

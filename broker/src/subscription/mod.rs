@@ -255,7 +255,7 @@ impl Sub {
                     }
                 }
                 r = appends.changed() => if r.is_err() { return },
-                _ = delayed_due(self.dispatcher.unacked().next_delayed()) => {}
+                _ = delayed_due(self.dispatcher.unacked_ref().next_delayed()) => {}
                 _ = flush.tick() => {
                     self.read_error = false;
                     self.flush().await;
@@ -557,7 +557,17 @@ impl Sub {
             return;
         }
         let now = Instant::now();
-        self.dispatcher.unacked().release_delayed(now_ms());
+        let epoch_ms = now_ms();
+        // Through `unacked()` only when something is due: Key_Shared drops
+        // how far it looked whenever its state is reached mutably.
+        if self
+            .dispatcher
+            .unacked_ref()
+            .next_delayed()
+            .is_some_and(|at| at <= epoch_ms)
+        {
+            self.dispatcher.unacked().release_delayed(epoch_ms);
+        }
         // Entries read to learn their keys, kept for sending in this round.
         let mut read: HashMap<Position, Bytes> = HashMap::new();
         loop {

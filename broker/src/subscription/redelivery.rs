@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::dispatcher::{ConsumerKey, EntrySource};
+use super::dispatcher::{ConsumerKey, Delivery, EntrySource};
 use crate::managed_ledger::cursor::Position;
 
 #[derive(Debug, Clone, Default)]
@@ -124,14 +124,14 @@ impl Unacked {
         self.pending.iter().map(|(p, c)| (*p, *c))
     }
 
-    /// How many entries are due again or held back.
-    pub fn due(&self) -> usize {
-        self.redeliver.len()
-    }
-
-    /// Whether `take_next` could return something without new entries.
-    pub fn has_redeliveries(&self) -> bool {
-        !self.redeliver.is_empty()
+    /// The next entry (see `take_next`) as a delivery to `consumer`.
+    pub fn deliver_to(&mut self, consumer: ConsumerKey, src: &dyn EntrySource) -> Option<Delivery> {
+        let (position, redelivery_count) = self.take_next(src)?;
+        Some(Delivery {
+            consumer,
+            position,
+            redelivery_count,
+        })
     }
 
     pub fn delivered(&mut self, p: Position, to: ConsumerKey) {
@@ -238,11 +238,6 @@ impl Unacked {
 
     pub fn rewind(&mut self, next_read: Position) {
         *self = Unacked::new(next_read);
-    }
-
-    /// Entries delivered to `consumer` and not acknowledged.
-    pub fn held_by(&self, consumer: ConsumerKey) -> usize {
-        self.pending.values().filter(|c| **c == consumer).count()
     }
 }
 

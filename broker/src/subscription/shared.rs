@@ -82,14 +82,10 @@ impl Dispatcher for Shared {
 
     fn next(&mut self, src: &dyn EntrySource, _now: Instant) -> Option<Delivery> {
         let i = self.pick()?;
-        let (position, redelivery_count) = self.unacked.take_next(src)?;
+        let d = self.unacked.deliver_to(self.consumers[i].0, src)?;
         // The turn moves on only when something was handed out.
         self.turn = (i + 1) % self.consumers.len();
-        Some(Delivery {
-            consumer: self.consumers[i].0,
-            position,
-            redelivery_count,
-        })
+        Some(d)
     }
 
     fn sent(&mut self, d: Delivery, messages: u32) {
@@ -101,6 +97,10 @@ impl Dispatcher for Shared {
 
     fn unacked(&mut self) -> &mut Unacked {
         &mut self.unacked
+    }
+
+    fn unacked_ref(&self) -> &Unacked {
+        &self.unacked
     }
 
     fn into_unacked(self: Box<Self>) -> Unacked {
