@@ -64,6 +64,59 @@ pub fn free_port_range(n: u16) -> u16 {
     panic!("no {n} consecutive free ports");
 }
 
+/// A local cluster of 3 metadata nodes, `bookies` bookies and a broker
+/// writing 3/2/2 ensembles; a client of it; the "checker" subscription made
+/// on `topic` (so that it sees everything); and a producer on `topic`
+/// (batching when asked).
+pub async fn bookie_cluster(
+    dir: &Path,
+    bookies: u16,
+    topic: &str,
+    batching: bool,
+) -> (
+    LocalCluster,
+    magnetar_client::Client,
+    magnetar_client::Producer,
+) {
+    use magnetar_client::{Client, ConsumerOptions, ProducerOptions};
+    let cluster = LocalCluster::new(dir.join("lc"), bookies.max(3));
+    let bookies = bookies.to_string();
+    cluster.run(&[
+        "up",
+        "--metadata",
+        "3",
+        "--bookies",
+        &bookies,
+        "--brokers",
+        "1",
+        "--ensemble",
+        "3,2,2",
+    ]);
+    let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
+    let client = Client::connect(&url).await.expect("client connects");
+    let checker = ConsumerOptions {
+        earliest: true,
+        ..Default::default()
+    };
+    client
+        .subscribe(topic, "checker", checker)
+        .await
+        .expect("checker subscribes")
+        .close()
+        .await
+        .expect("checker closes");
+    let options = ProducerOptions {
+        batching,
+        batch_delay_ms: 2,
+        ..Default::default()
+    };
+    let producer = client
+        .create_producer(topic, options)
+        .await
+        .expect("producer opens");
+    (cluster, client, producer)
+}
+
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

@@ -11,11 +11,11 @@
 use std::time::{Duration, Instant};
 
 use magnetar_bookie::LedgerMetadata;
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, ProducerOptions};
+use magnetar_client::{ConsumerOptions, OutgoingMessage};
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{init_logs, LocalCluster, QueueChecker};
+use magnetar_tests::{bookie_cluster, init_logs, LocalCluster, QueueChecker};
 
 const TOPIC: &str = "persistent://public/default/bookie-outage";
 
@@ -56,35 +56,11 @@ async fn a_bookie_of_the_topic(cluster: &LocalCluster) -> String {
 async fn writes_go_on_with_a_write_quorum_of_bookies_and_resume_when_one_returns() {
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::new(tmp.path().join("lc"), 3);
-    cluster.run(&[
-        "up",
-        "--metadata",
-        "3",
-        "--bookies",
-        "3",
-        "--brokers",
-        "1",
-        "--ensemble",
-        "3,2,2",
-    ]);
-    let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
-    let client = Client::connect(&url).await.unwrap();
+    let (cluster, client, producer) = bookie_cluster(tmp.path(), 3, TOPIC, false).await;
     let earliest = || ConsumerOptions {
         earliest: true,
         ..Default::default()
     };
-    client
-        .subscribe(TOPIC, "checker", earliest())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let producer = client
-        .create_producer(TOPIC, ProducerOptions::default())
-        .await
-        .unwrap();
     let mut checker = QueueChecker::default();
     for i in 0..200u64 {
         let (v, m) = msg(i);

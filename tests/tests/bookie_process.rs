@@ -9,11 +9,11 @@
 use std::time::Duration;
 
 use magnetar_bookie::LedgerMetadata;
-use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use magnetar_client::{Client, ConsumerOptions, OutgoingMessage, Producer};
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{free_port_range, init_logs, LocalCluster, QueueChecker};
+use magnetar_tests::{bookie_cluster, init_logs, LocalCluster, QueueChecker};
 
 /// The checker's subscription options: from the earliest message on.
 fn checker_options() -> ConsumerOptions {
@@ -24,50 +24,12 @@ fn checker_options() -> ConsumerOptions {
     }
 }
 
-/// A local cluster of 3 metadata nodes, 4 bookies and a broker writing 3/2/2
-/// ensembles; a client of it; the "checker" subscription made on `topic`
-/// (so that it sees everything); and a batching producer on `topic`.
+/// The harness's bookie cluster with 4 bookies and a batching producer.
 async fn cluster_and_producer(
     dir: &std::path::Path,
     topic: &str,
 ) -> (LocalCluster, Client, Producer) {
-    let cluster = LocalCluster {
-        dir: dir.join("lc"),
-        ports: [free_port_range(3), free_port_range(4), free_port_range(1)],
-        http_port: free_port_range(4),
-    };
-    cluster.run(&[
-        "up",
-        "--metadata",
-        "3",
-        "--bookies",
-        "4",
-        "--brokers",
-        "1",
-        "--ensemble",
-        "3,2,2",
-    ]);
-    let url = format!("pulsar://127.0.0.1:{}", cluster.ports[2]);
-    let client = Client::connect(&url).await.unwrap();
-    client
-        .subscribe(topic, "checker", checker_options())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let producer = client
-        .create_producer(
-            topic,
-            ProducerOptions {
-                batching: true,
-                batch_delay_ms: 2,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    (cluster, client, producer)
+    bookie_cluster(dir, 4, topic, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
