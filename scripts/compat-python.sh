@@ -28,6 +28,7 @@ url="pulsar://127.0.0.1:$port"
 "$bin" produce cli-to-python -m from-cli -n 3 --service-url "$url" 2>/dev/null
 timeout 120 .venv/bin/python tests/compat/python_roundtrip.py "$url"
 timeout 120 .venv/bin/python tests/compat/python_subscriptions.py "$url"
+timeout 120 .venv/bin/python tests/compat/python_topics.py "$url" "http://127.0.0.1:$http"
 timeout 60 .venv/bin/python - "$url" <<'PY'
 import sys, pulsar
 c = pulsar.Client(sys.argv[1])
@@ -55,4 +56,4 @@ if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "3 passed, 0 failed: python compatibility"
+echo "4 passed, 0 failed: python compatibility"

@@ -3,6 +3,11 @@
 /// Where namespaces are declared (with their bundles); a topic can only
 /// live in one that exists.
 pub const NAMESPACES_PREFIX: &str = "/namespaces/";
+/// Tenants: `/tenants/<tenant>`, Pulsar's `TenantInfo` as JSON.
+pub const TENANTS_PREFIX: &str = "/tenants/";
+/// Partitioned topics: `/partitioned-topics/<tenant>/<ns>/<domain>/<topic>`
+/// holding `{"partitions": N}`; each partition is an ordinary topic.
+pub const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
 /// Brokers register here (ephemeral keys on their leases).
 pub const BROKERS_PREFIX: &str = "/brokers/available/";
 /// A topic's ledger list and cursor pointers.
@@ -19,6 +24,15 @@ pub const COMMANDS_PREFIX: &str = "/loadbalance/commands/";
 
 pub fn namespace(namespace: &str) -> String {
     format!("{NAMESPACES_PREFIX}{namespace}")
+}
+
+pub fn tenant(tenant: &str) -> String {
+    format!("{TENANTS_PREFIX}{tenant}")
+}
+
+/// `name` is `TopicName::as_key`.
+pub fn partitioned(name: &str) -> String {
+    format!("{PARTITIONED_PREFIX}{name}")
 }
 
 pub fn managed_ledger(name: &str) -> String {

@@ -38,6 +38,8 @@ pub enum StartError {
     BindHttp(SocketAddr, std::io::Error),
     #[error("registering the broker: {0}")]
     Register(#[from] magnetar_metadata::MetadataError),
+    #[error("creating the public tenant: {0}")]
+    Tenant(BrokerError),
 }
 
 pub struct Broker {
@@ -99,6 +101,10 @@ impl Broker {
         };
         let registration = Arc::new(Registration::new(metadata.clone(), info, cfg.lease_ttl_ms));
         registration.register().await?;
+        // Pulsar's `public` tenant (home of `public/default`) always exists.
+        crate::admin::tenants::ensure(&metadata, "public", &cfg.cluster_name)
+            .await
+            .map_err(StartError::Tenant)?;
         let namespaces = Namespaces::new(metadata.clone(), cfg.default_bundles);
         let ownership = Arc::new(Ownership::new(
             metadata.clone(),
@@ -140,6 +146,7 @@ impl Broker {
             ledgers,
             ml_cfg: cfg.managed_ledger.clone(),
             cluster: cfg.cluster_name.clone(),
+            default_bundles: cfg.default_bundles,
         });
         let tasks = vec![
             tokio::spawn(guard_lease(topics.clone(), stopping.clone())),

@@ -22,4 +22,4 @@ pub mod pulsar {
 }
 
 pub use frame::{Frame, FrameError, Payload};
-pub use topic::{TopicName, TopicNameError};
+pub use topic::{is_valid_segment, TopicName, TopicNameError};

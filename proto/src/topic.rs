@@ -20,6 +20,9 @@ pub struct TopicName {
 
 pub const MAX_TOPIC_NAME_BYTES: usize = 1024;
 
+/// What a partition's name adds to its partitioned topic's: `-partition-<i>`.
+pub const PARTITION_SUFFIX: &str = "-partition-";
+
 impl TopicName {
     pub fn parse(name: &str) -> Result<TopicName, TopicNameError> {
         let err = |reason| TopicNameError {
@@ -51,13 +54,8 @@ impl TopicName {
         if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
             return Err(err("expected tenant/namespace/topic"));
         }
-        for p in &parts[..2] {
-            if !p
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.=:".contains(c))
-            {
-                return Err(err("tenant and namespace allow [A-Za-z0-9-_.=:]"));
-            }
+        if !parts[..2].iter().all(|p| is_valid_segment(p)) {
+            return Err(err("tenant and namespace allow [A-Za-z0-9-_.=:]"));
         }
         if parts[2].chars().any(|c| c.is_control()) {
             return Err(err("control characters are not allowed"));
@@ -74,34 +72,64 @@ impl TopicName {
         format!("{}/{}", self.tenant, self.namespace)
     }
 
-    /// The same name with characters that are awkward in metadata keys encoded.
-    pub fn as_key(&self) -> String {
-        let domain = if self.persistent {
+    /// `local` ends with `-partition-<i>`: the partitioned topic it belongs
+    /// to and `i`.
+    pub fn partition_of(&self) -> Option<(TopicName, u32)> {
+        let (base, i) = self.local.rsplit_once(PARTITION_SUFFIX)?;
+        if base.is_empty() || i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let i = i.parse().ok()?;
+        let mut t = self.clone();
+        t.local = base.to_string();
+        Some((t, i))
+    }
+
+    /// The name of partition `i` of this (partitioned) topic.
+    pub fn partition(&self, i: u32) -> TopicName {
+        let mut t = self.clone();
+        t.local = format!("{}{PARTITION_SUFFIX}{i}", self.local);
+        t
+    }
+
+    /// `persistent` or `non-persistent`, as in URLs and REST paths.
+    pub fn domain(&self) -> &'static str {
+        if self.persistent {
             "persistent"
         } else {
             "non-persistent"
-        };
+        }
+    }
+
+    /// The same name with characters that are awkward in metadata keys encoded.
+    pub fn as_key(&self) -> String {
         format!(
             "{}/{}/{}/{}",
             self.tenant,
             self.namespace,
-            domain,
+            self.domain(),
             self.local.replace('%', "%25").replace('/', "%2F")
         )
     }
 }
 
+/// Whether `s` may name a tenant or a namespace: `[A-Za-z0-9-_.=:]+`.
+pub fn is_valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.=:".contains(c))
+}
+
 impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let domain = if self.persistent {
-            "persistent"
-        } else {
-            "non-persistent"
-        };
         write!(
             f,
-            "{domain}://{}/{}/{}",
-            self.tenant, self.namespace, self.local
+            "{}://{}/{}/{}",
+            self.domain(),
+            self.tenant,
+            self.namespace,
+            self.local
         )
     }
 }
@@ -109,6 +137,24 @@ impl fmt::Display for TopicName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions() {
+        let t = TopicName::parse("persistent://t/n/orders").unwrap();
+        let p = t.partition(3);
+        assert_eq!(p.to_string(), "persistent://t/n/orders-partition-3");
+        assert_eq!(p.partition_of(), Some((t.clone(), 3)));
+        assert_eq!(t.partition_of(), None);
+        for bad in [
+            "x-partition-",
+            "-partition-1",
+            "x-partition-1a",
+            "x-partition--1",
+        ] {
+            let n = TopicName::parse(bad).unwrap();
+            assert_eq!(n.partition_of(), None, "{bad}");
+        }
+    }
 
     #[test]
     fn short_and_full_names() {

@@ -11,6 +11,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use magnetar_metadata::MetadataClient;
+use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,8 @@ pub struct AdminContext {
     pub ledgers: Arc<dyn LedgerStore>,
     pub ml_cfg: ManagedLedgerConfig,
     pub cluster: String,
+    /// Bundles of a namespace created without a split.
+    pub default_bundles: usize,
 }
 
 type Ctx = State<Arc<AdminContext>>;
@@ -46,12 +49,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Response {
+        e.into_response()
+    }
+}
+
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         let status = match &e {
             BrokerError::InvalidTopicName(_) => StatusCode::PRECONDITION_FAILED,
             BrokerError::NamespaceNotFound(_) => StatusCode::NOT_FOUND,
             BrokerError::NotServedHere(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Refused { code, .. } => match code {
+                ServerError::TopicNotFound | ServerError::SubscriptionNotFound => {
+                    StatusCode::NOT_FOUND
+                }
+                ServerError::NotAllowedError
+                | ServerError::ConsumerBusy
+                | ServerError::ProducerBusy => StatusCode::PRECONDITION_FAILED,
+                ServerError::ServiceNotReady => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         tracing::info!(%status, error = %e, "admin request failed");
@@ -79,6 +98,9 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
             put(split),
         )
         .merge(super::subscriptions::routes())
+        .merge(super::tenants::routes())
+        .merge(super::namespaces::routes())
+        .merge(super::topics::routes())
         .with_state(ctx)
 }
 

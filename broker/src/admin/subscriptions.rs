@@ -10,17 +10,15 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
-use magnetar_proto::TopicName;
 use serde::Deserialize;
 
 use super::http::{AdminContext, ApiError};
 use crate::managed_ledger::cursor::Position;
-use crate::ownership::LookupAnswer;
 use crate::subscription::{SeekTarget, SubEvent, SubscriptionHandle};
 use crate::topic::{persistent::Topic, InitialPosition};
 use crate::BrokerError;
@@ -86,35 +84,9 @@ struct MessageIdJson {
     entry_id: i64,
 }
 
-/// The topic, loaded here when this broker owns it; otherwise a redirect
-/// to the owner (or an error).
 async fn owned(ctx: &AdminContext, t: &TopicPath, uri: &str) -> Result<Arc<Topic>, Response> {
-    let name = TopicName::parse(&format!("persistent://{}/{}/{}", t.tenant, t.ns, t.topic))
-        .map_err(|e| ApiError::from(BrokerError::from(e)).into_response())?;
-    let answer = ctx
-        .topics
-        .ownership
-        .lookup(&name, false)
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
-    match answer {
-        LookupAnswer::Connect { .. } => ctx
-            .topics
-            .get_or_load(&name)
-            .await
-            .map_err(|e| ApiError::from(e).into_response()),
-        LookupAnswer::Redirect {
-            http_url: Some(h), ..
-        } => {
-            let to = format!("{}{uri}", h.trim_end_matches('/'));
-            Err((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response())
-        }
-        LookupAnswer::Redirect { url, .. } => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the topic is served by {url}, which has no HTTP address"),
-        )
-        .into_response()),
-    }
+    let name = super::topic_name(&t.tenant, &t.ns, &t.topic)?;
+    super::owned(ctx, &name, uri).await
 }
 
 fn topic_path(p: &SubPath) -> TopicPath {
@@ -150,8 +122,7 @@ fn done(res: Result<(), BrokerError>) -> Response {
     }
 }
 
-/// A handler's answer: an error response short-circuits with `?`.
-type Answer = Result<Response, Response>;
+use super::Answer;
 
 async fn list(State(ctx): Ctx, Path(t): Path<TopicPath>, uri: Uri) -> Answer {
     let topic = owned(&ctx, &t, &uri.to_string()).await?;

@@ -138,6 +138,8 @@ pub struct ManagedLedger {
     read_ahead_entry_bytes: AtomicU64,
     ledger_meta: Mutex<HashMap<u64, LedgerMetadata>>,
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, cursor_store::CursorLedger>>,
+    /// Payload bytes confirmed in the open ledger.
+    open_bytes: AtomicU64,
     appends: mpsc::Sender<appender::Request>,
     /// Durable mark-delete position of every cursor, for trimming.
     mark_deletes: Mutex<HashMap<String, Position>>,
@@ -211,6 +213,7 @@ impl ManagedLedger {
             read_ahead_entry_bytes: Default::default(),
             ledger_meta: Mutex::default(),
             cursor_ledgers: tokio::sync::Mutex::default(),
+            open_bytes: AtomicU64::new(0),
             appends,
             mark_deletes: Mutex::default(),
         });
@@ -288,6 +291,7 @@ impl ManagedLedger {
         self.store_info(&mut w).await?;
         *write(&self.view) = w.info.ledgers.clone();
         *write(&self.current) = Some(writer.clone());
+        self.open_bytes.store(0, Ordering::Relaxed);
         drop(w);
         for id in empty {
             let _ = self.store.delete(id).await;
@@ -317,6 +321,8 @@ impl ManagedLedger {
         match res {
             Ok(entry) => {
                 let pos = Position::new(ledger_id, entry as i64);
+                self.open_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 self.cache.put_tail(pos, data);
                 self.last_confirmed.send_if_modified(|cur| {
                     let newer = pos > *cur;
@@ -436,6 +442,32 @@ impl ManagedLedger {
         read(&self.view).iter().map(|l| self.count(l)).sum()
     }
 
+    /// Confirmed entries after `p`.
+    pub fn entries_after(&self, p: Position) -> u64 {
+        read(&self.view)
+            .iter()
+            .filter(|l| l.ledger_id >= p.ledger_id)
+            .map(|l| {
+                let n = self.count(l);
+                if l.ledger_id == p.ledger_id {
+                    n.saturating_sub((p.entry_id + 1).max(0) as u64)
+                } else {
+                    n
+                }
+            })
+            .sum()
+    }
+
+    /// Bytes stored: closed ledgers' sizes plus what the open one took.
+    pub fn size_bytes(&self) -> u64 {
+        let closed: u64 = read(&self.view)
+            .iter()
+            .filter(|l| l.closed)
+            .map(|l| l.size_bytes)
+            .sum();
+        closed + self.open_bytes.load(Ordering::Relaxed)
+    }
+
     async fn meta_for(&self, ledger_id: u64) -> Result<LedgerMetadata, MlError> {
         if let Some(m) = lock(&self.ledger_meta).get(&ledger_id) {
             return Ok(m.clone());
@@ -540,6 +572,31 @@ impl ManagedLedger {
                 tracing::warn!(ledger_id = id, error = %e, "could not delete consumed ledger");
             }
         }
+        Ok(())
+    }
+
+    /// Deletes the topic's storage after `close`: its record (by CAS — a
+    /// newer owner's change wins), then its data and cursor ledgers.
+    pub async fn delete_all(&self) -> Result<(), MlError> {
+        let (ledgers, cursor_ledgers) = {
+            let w = self.write.lock().await;
+            if !self.meta.delete(&self.key(), w.version).await? {
+                return Err(MlError::Fenced(self.name.clone()));
+            }
+            let cursors: Vec<u64> = w
+                .info
+                .cursors
+                .values()
+                .filter_map(|c| c.cursor_ledger)
+                .collect();
+            (self.ledger_ids(), cursors)
+        };
+        for id in ledgers.into_iter().chain(cursor_ledgers) {
+            if let Err(e) = self.store.delete(id).await {
+                tracing::warn!(topic = %self.name, ledger_id = id, error = %e, "could not delete a ledger of a deleted topic");
+            }
+        }
+        tracing::info!(topic = %self.name, "managed ledger deleted");
         Ok(())
     }
 

@@ -72,6 +72,12 @@ pub trait MetaStore: Send + Sync + 'static {
         version: u64,
         value: Vec<u8>,
     ) -> BoxFuture<'a, Result<bool, MetadataError>>;
+    /// Deletes the key if it is at `version`; false if it is not.
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, MetadataError>>;
 }
 
 impl LedgerHandle for LedgerWriter {
@@ -155,6 +161,28 @@ impl MetaStore for MetadataClient {
         value: Vec<u8>,
     ) -> BoxFuture<'a, Result<bool, MetadataError>> {
         MetadataClient::cas(self, key, version, value, None).boxed()
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, MetadataError>> {
+        async move {
+            let res = self
+                .txn(magnetar_metadata::Txn {
+                    compares: vec![magnetar_metadata::Compare {
+                        key: key.to_string(),
+                        version,
+                    }],
+                    success: vec![magnetar_metadata::Op::Delete {
+                        key: key.to_string(),
+                    }],
+                    failure: vec![],
+                })
+                .await?;
+            Ok(res.succeeded)
+        }
+        .boxed()
     }
 }
 
@@ -401,6 +429,18 @@ impl MetaStore for Arc<MemoryMeta> {
         let ok = current == version;
         if ok {
             g.insert(key.to_string(), (value, version + 1));
+        }
+        futures::future::ready(Ok(ok)).boxed()
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<bool, MetadataError>> {
+        let mut g = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = g.get(key).is_some_and(|(_, v)| *v == version);
+        if ok {
+            g.remove(key);
         }
         futures::future::ready(Ok(ok)).boxed()
     }

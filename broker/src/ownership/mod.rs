@@ -128,6 +128,10 @@ impl Ownership {
         }
     }
 
+    pub fn metadata(&self) -> &MetadataClient {
+        &self.md
+    }
+
     pub fn me(&self) -> BrokerInfo {
         self.registration.info()
     }

@@ -177,9 +177,13 @@ impl Conn {
             (Some(Type::Connect), c) => handshake::connect(self, c.connect).await,
             (Some(Type::Ping), _) => handshake::pong(self).await,
             (Some(Type::Pong), _) => true,
-            (Some(Type::PartitionedMetadata), c) => {
-                lookup::partitioned_metadata(self, c.partition_metadata).await
-            }
+            (
+                Some(Type::PartitionedMetadata),
+                BaseCommand {
+                    partition_metadata: Some(c),
+                    ..
+                },
+            ) => self.spawn(|r| lookup::partitioned_metadata(r, c)).await,
             (
                 Some(Type::Lookup),
                 BaseCommand {

@@ -10,30 +10,38 @@ use magnetar_proto::pulsar::{
 
 use super::connection::{Conn, ConnRef};
 use crate::ownership::LookupAnswer;
+use crate::topic::partitioned;
 
-pub async fn partitioned_metadata(
-    conn: &mut Conn,
-    c: Option<CommandPartitionedTopicMetadata>,
-) -> bool {
-    let Some(c) = c else { return false };
+/// The partition count of a topic (0: not partitioned); a namespace whose
+/// policy creates partitioned topics on first use gets one here.
+pub async fn partitioned_metadata(conn: ConnRef, c: CommandPartitionedTopicMetadata) {
+    let answer = match Conn::topic_name(&c.topic) {
+        Ok(name) => {
+            let own = &conn.ctx.topics.ownership;
+            partitioned::metadata_for(own.metadata(), &own.namespaces, &name).await
+        }
+        Err(e) => Err(e),
+    };
     let mut r = base(Type::PartitionedMetadataResponse);
-    r.partition_metadata_response = Some(match Conn::topic_name(&c.topic) {
-        Ok(_) => CommandPartitionedTopicMetadataResponse {
-            partitions: Some(0),
+    r.partition_metadata_response = Some(match answer {
+        Ok(n) => CommandPartitionedTopicMetadataResponse {
+            partitions: Some(n),
             request_id: c.request_id,
             response: Some(pmr::LookupType::Success as i32),
             ..Default::default()
         },
-        Err(e) => CommandPartitionedTopicMetadataResponse {
-            request_id: c.request_id,
-            response: Some(pmr::LookupType::Failed as i32),
-            error: Some(e.code() as i32),
-            message: Some(e.to_string()),
-            ..Default::default()
-        },
+        Err(e) => {
+            tracing::info!(peer = %conn.peer, topic = %c.topic, error = %e, "partitioned metadata failed");
+            CommandPartitionedTopicMetadataResponse {
+                request_id: c.request_id,
+                response: Some(pmr::LookupType::Failed as i32),
+                error: Some(e.code() as i32),
+                message: Some(e.to_string()),
+                ..Default::default()
+            }
+        }
     });
     conn.shared.send(&r).await;
-    true
 }
 
 pub async fn lookup(conn: ConnRef, c: CommandLookupTopic) {

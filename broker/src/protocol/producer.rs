@@ -30,19 +30,24 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
         conn.shared.send(&error_cmd(c.request_id, &e)).await;
         return;
     }
+    let producer_name = c
+        .producer_name
+        .clone()
+        .unwrap_or_else(|| format!("magnetar-{}-{}", conn.shared.id, c.producer_id));
     let res = async {
         let name = Conn::topic_name(&c.topic)?;
         let topic = conn.ctx.topics.get_or_load(&name).await?;
-        topic.add_producer(conn.shared.id, c.producer_id, conn.shared.clone())?;
+        topic.add_producer(
+            conn.shared.id,
+            c.producer_id,
+            &producer_name,
+            conn.shared.clone(),
+        )?;
         Ok(topic)
     }
     .await;
     match res {
         Ok(topic) => {
-            let producer_name = c
-                .producer_name
-                .clone()
-                .unwrap_or_else(|| format!("magnetar-{}-{}", conn.shared.id, c.producer_id));
             {
                 // Under the lock `close_all` takes to mark the connection closed.
                 let mut g = lock(&conn.shared.producers);

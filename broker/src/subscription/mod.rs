@@ -119,10 +119,30 @@ pub enum SubEvent {
         force: bool,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
+    /// Admin: what the subscription holds now.
+    Stats {
+        reply: oneshot::Sender<SubStats>,
+    },
     /// Unload: persist the cursor, stop, and hand back the consumers.
     Close {
         reply: oneshot::Sender<Vec<ConsumerConn>>,
     },
+}
+
+/// A subscription's state for the stats REST resources.
+#[derive(Debug, Clone)]
+pub struct SubStats {
+    pub sub_type: SubType,
+    pub durable: bool,
+    /// Consumer names, in no order.
+    pub consumers: Vec<String>,
+    /// Entries after the mark-delete position not acknowledged yet.
+    pub msg_backlog: u64,
+    /// Entries delivered and not acknowledged.
+    pub unacked: u64,
+    /// Entries whose delivery time has not come.
+    pub delayed: u64,
+    pub mark_delete: Position,
 }
 
 #[derive(Clone)]
@@ -281,6 +301,26 @@ impl Sub {
         }
     }
 
+    fn stats(&self) -> SubStats {
+        let md = self.cursor.mark_delete;
+        let after = self.ml.entries_after(md);
+        let acked = self.cursor.acked.iter().filter(|p| **p > md).count() as u64;
+        let unacked = self.dispatcher.unacked_ref();
+        SubStats {
+            sub_type: self.dispatcher.sub_type(),
+            durable: self.durable,
+            consumers: self
+                .consumers
+                .values()
+                .map(|c| c.info.name.clone())
+                .collect(),
+            msg_backlog: after.saturating_sub(acked),
+            unacked: unacked.pending().count() as u64,
+            delayed: unacked.delayed() as u64,
+            mark_delete: md,
+        }
+    }
+
     fn add_consumer(&mut self, c: ConsumerConn, sub_type: SubType) -> Result<(), BrokerError> {
         let now = Instant::now();
         if self.dispatcher.sub_type() != sub_type {
@@ -356,6 +396,9 @@ impl Sub {
                 if !self.durable && self.consumers.is_empty() {
                     return false;
                 }
+            }
+            SubEvent::Stats { reply } => {
+                let _ = reply.send(self.stats());
             }
             SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
 use crate::subscription::{
-    self, ClientLink, ConsumerConn, OutCounters, SubEvent, SubscriptionHandle,
+    self, ClientLink, ConsumerConn, OutCounters, SubEvent, SubStats, SubscriptionHandle,
 };
 use crate::BrokerError;
 
@@ -29,6 +29,7 @@ pub enum InitialPosition {
 /// A producer as the topic knows it: (connection id, producer id) and how
 /// to tell its connection that the broker closed it.
 struct ProducerRef {
+    name: String,
     link: Arc<dyn ClientLink>,
 }
 
@@ -48,6 +49,72 @@ pub struct TopicStats {
     pub msgs_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub out: Arc<OutCounters>,
+    /// The last sample `rates` took (none yet: the topic's load).
+    sample: Mutex<Option<RateSample>>,
+}
+
+/// Per-second rates over the last sampling interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub msgs_in: f64,
+    pub bytes_in: f64,
+    pub msgs_out: f64,
+    pub bytes_out: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: std::time::Instant,
+    counters: [u64; 4],
+    rates: Rates,
+}
+
+/// Shortest interval a rate is computed over; asked more often, the last
+/// rates are returned again.
+const RATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl TopicStats {
+    pub fn counters(&self) -> [u64; 4] {
+        [
+            self.msgs_in.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+            self.out.msgs.load(Ordering::Relaxed),
+            self.out.bytes.load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Rates since the previous sample (at least `RATE_INTERVAL` ago); the
+    /// first call samples and reports zero.
+    pub fn rates(&self) -> Rates {
+        let now = std::time::Instant::now();
+        let counters = self.counters();
+        let mut g = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(last) = *g else {
+            *g = Some(RateSample {
+                at: now,
+                counters,
+                rates: Rates::default(),
+            });
+            return Rates::default();
+        };
+        let secs = now.duration_since(last.at).as_secs_f64();
+        if now.duration_since(last.at) < RATE_INTERVAL {
+            return last.rates;
+        }
+        let d = |i: usize| counters[i].saturating_sub(last.counters[i]) as f64 / secs;
+        let rates = Rates {
+            msgs_in: d(0),
+            bytes_in: d(1),
+            msgs_out: d(2),
+            bytes_out: d(3),
+        };
+        *g = Some(RateSample {
+            at: now,
+            counters,
+            rates,
+        });
+        rates
+    }
 }
 
 /// What an unload leaves for `disconnect`: the clients to tell.
@@ -65,6 +132,8 @@ impl Topic {
         let ml = ManagedLedger::open(&name.as_key(), cfg, stores).await?;
         let cursors = ml.open_cursors().await?;
         let stats = TopicStats::default();
+        // Rates are measured from the load on.
+        stats.rates();
         let mut subs = HashMap::new();
         for (sub, state) in cursors {
             let h = subscription::spawn(sub.clone(), true, ml.clone(), state, stats.out.clone());
@@ -102,13 +171,20 @@ impl Topic {
         &self,
         conn_id: u64,
         producer_id: u64,
+        name: &str,
         link: Arc<dyn ClientLink>,
     ) -> Result<(), BrokerError> {
         // Checked under the producers' lock, which `close` takes to set it:
         // no producer joins after `close` collected them.
         let mut g = self.producers();
         self.refuse_if_closing()?;
-        g.insert((conn_id, producer_id), ProducerRef { link });
+        g.insert(
+            (conn_id, producer_id),
+            ProducerRef {
+                name: name.to_string(),
+                link,
+            },
+        );
         Ok(())
     }
 
@@ -118,6 +194,14 @@ impl Topic {
 
     pub fn producer_count(&self) -> usize {
         self.producers().len()
+    }
+
+    /// (producer id, name) of every producer.
+    pub fn producer_names(&self) -> Vec<(u64, String)> {
+        self.producers()
+            .iter()
+            .map(|((_, id), p)| (*id, p.name.clone()))
+            .collect()
     }
 
     /// Appends a message; `done` gets its position once it is durable.
@@ -204,6 +288,59 @@ impl Topic {
             .filter(|(_, h)| !h.tx.is_closed())
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Every live subscription's state.
+    pub async fn subscription_stats(&self) -> Vec<(String, SubStats)> {
+        let handles: Vec<(String, SubscriptionHandle)> = self
+            .subs
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, h)| !h.tx.is_closed())
+            .map(|(n, h)| (n.clone(), h.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for (name, h) in handles {
+            let (reply, rx) = oneshot::channel();
+            h.tell(SubEvent::Stats { reply }).await;
+            if let Ok(s) = rx.await {
+                out.push((name, s));
+            }
+        }
+        out
+    }
+
+    /// Deletes the topic: refused while producers or consumers are
+    /// connected unless `force` (then they are closed — and may create the
+    /// topic again, as in Pulsar). Closes it as an unload does, then
+    /// deletes its record and ledgers. The caller forgets the topic.
+    pub async fn delete(&self, force: bool) -> Result<(), BrokerError> {
+        if !force {
+            let consumers: usize = self
+                .subscription_stats()
+                .await
+                .iter()
+                .map(|(_, s)| s.consumers.len())
+                .sum();
+            let producers = self.producer_count();
+            if producers + consumers > 0 {
+                return Err(BrokerError::new(
+                    ServerError::NotAllowedError,
+                    format!(
+                        "topic {} has {producers} producers and {consumers} consumers connected; delete with force=true to close them",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        let (detached, closed) = self.close().await;
+        detached.disconnect(&Assigned::default());
+        if let Err(e) = closed {
+            tracing::warn!(topic = %self.name, error = %e, "closing before deletion failed; deleting all the same");
+        }
+        self.ml.delete_all().await?;
+        Ok(())
     }
 
     /// First half of an unload: refuses new clients, completes what was

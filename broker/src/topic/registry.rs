@@ -70,6 +70,8 @@ impl TopicRegistry {
         let cell = self.lock().entry(name.clone()).or_default().clone();
         let res = cell
             .get_or_try_init(|| async {
+                let own = &self.ownership;
+                super::partitioned::check_may_load(own.metadata(), &own.namespaces, name).await?;
                 Topic::load(name.clone(), self.ml_cfg.clone(), self.stores.clone()).await
             })
             .await
@@ -94,6 +96,23 @@ impl TopicRegistry {
                 Err(e)
             }
         }
+    }
+
+    /// Deletes a topic this broker owns (see `Topic::delete`); false if it
+    /// has no storage to delete.
+    pub async fn delete(&self, name: &TopicName, force: bool) -> Result<bool, BrokerError> {
+        let own = &self.ownership;
+        if self.get(name).is_none()
+            && !super::partitioned::topic_exists(own.metadata(), name).await?
+        {
+            return Ok(false);
+        }
+        let topic = self.get_or_load(name).await?;
+        let res = topic.delete(force).await;
+        if res.is_ok() || topic.is_closing() {
+            self.remove(&topic);
+        }
+        res.map(|()| true)
     }
 
     /// Forgets `name` if it still maps to `cell` (a newer load stays).

@@ -1,0 +1,223 @@
+//! Pulsar's namespaces resource: `/admin/v2/namespaces/{tenant}` (list),
+//! `/admin/v2/namespaces/{tenant}/{ns}` — create (`PUT`, with Pulsar's
+//! `Policies` as an optional body: `bundles` as `{"numBundles": N}` or
+//! boundaries, `autoTopicCreationOverride`), read the policies, delete
+//! (409 while it has topics) — and the policies the broker acts on:
+//! `.../autoTopicCreation` (`GET`, `POST`, `DELETE`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+
+use super::http::{AdminContext, ApiError};
+use super::tenants;
+use crate::ownership::bundle::Bundles;
+use crate::ownership::namespaces::{self, AutoTopicCreation, NamespacePolicies};
+use crate::{keys, BrokerError};
+
+type Ctx = State<Arc<AdminContext>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn routes() -> Router<Arc<AdminContext>> {
+    Router::new()
+        .route("/admin/v2/namespaces/{tenant}", get(list))
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}",
+            get(read).put(create).delete(delete),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/autoTopicCreation",
+            get(get_auto_creation)
+                .post(set_auto_creation)
+                .delete(remove_auto_creation),
+        )
+}
+
+fn bad(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::PRECONDITION_FAILED, why.into())
+}
+
+/// The policies of a create's body: Pulsar's `Policies`, of which
+/// `bundles` and `autoTopicCreationOverride` are acted on.
+fn parse_policies(body: &Bytes, default_bundles: usize) -> ApiResult<NamespacePolicies> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(NamespacePolicies {
+            bundles: Some(Bundles::even(default_bundles)),
+            ..Default::default()
+        });
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("not a Policies: {e}")))?;
+    // `{"numBundles": N}` without boundaries: N even bundles.
+    if let Some(b) = v.get_mut("bundles") {
+        let has_bounds = b.get("boundaries").is_some_and(|x| !x.is_null());
+        if !has_bounds {
+            let n = b
+                .get("numBundles")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(default_bundles as u64);
+            if n == 0 || n > 1 << 16 {
+                return Err(bad(format!("numBundles must be 1 to 65536, not {n}")));
+            }
+            *b = serde_json::to_value(Bundles::even(n as usize)).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    let mut p: NamespacePolicies = serde_json::from_value(v)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("not a Policies: {e}")))?;
+    match &p.bundles {
+        Some(b) => {
+            b.bounds().map_err(|e| bad(e.to_string()))?;
+        }
+        None => p.bundles = Some(Bundles::even(default_bundles)),
+    }
+    if let Some(a) = &p.auto_topic_creation {
+        a.validate().map_err(bad)?;
+    }
+    Ok(p)
+}
+
+fn ns_name(tenant: &str, ns: &str) -> ApiResult<String> {
+    if !magnetar_proto::is_valid_segment(ns) {
+        return Err(bad(format!(
+            "invalid namespace name {ns:?}: [A-Za-z0-9-_.=:] only"
+        )));
+    }
+    Ok(format!("{tenant}/{ns}"))
+}
+
+async fn list(State(ctx): Ctx, Path(tenant): Path<String>) -> ApiResult<Json<Vec<String>>> {
+    if !tenants::exists(&ctx.md, &tenant).await? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("tenant {tenant} does not exist"),
+        ));
+    }
+    let prefix = format!("{}{tenant}/", keys::NAMESPACES_PREFIX);
+    let names = ctx
+        .md
+        .range_keys(&prefix)
+        .await
+        .map_err(BrokerError::from)?;
+    Ok(Json(
+        names
+            .iter()
+            .filter_map(|k| k.strip_prefix(keys::NAMESPACES_PREFIX))
+            .map(String::from)
+            .collect(),
+    ))
+}
+
+async fn read(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<NamespacePolicies>> {
+    let (p, _) = ctx
+        .topics
+        .ownership
+        .namespaces
+        .get(&format!("{tenant}/{ns}"))
+        .await?;
+    Ok(Json((*p).clone()))
+}
+
+async fn create(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let name = ns_name(&tenant, &ns)?;
+    if !tenants::exists(&ctx.md, &tenant).await? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("tenant {tenant} does not exist"),
+        ));
+    }
+    let policies = parse_policies(&body, ctx.default_bundles)?;
+    if !namespaces::create_with(&ctx.md, &name, policies).await? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("namespace {name} already exists"),
+        ));
+    }
+    tracing::info!(namespace = %name, "namespace created");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let name = format!("{tenant}/{ns}");
+    let own = &ctx.topics.ownership;
+    own.namespaces.get(&name).await?;
+    for prefix in [
+        keys::managed_ledger(&format!("{name}/")),
+        keys::partitioned(&format!("{name}/")),
+    ] {
+        let found = ctx.md.range(&prefix, 1).await.map_err(BrokerError::from)?;
+        if let Some(kv) = found.first() {
+            // The key's rest is `<domain>/<topic>`.
+            let rest = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
+            let (domain, local) = rest.split_once('/').unwrap_or(("persistent", rest));
+            let local = crate::topic::decode_key(local);
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "namespace {name} is not empty (it has topic {domain}://{name}/{local}); delete its topics first"
+                ),
+            ));
+        }
+    }
+    ctx.md
+        .delete(&keys::namespace(&name))
+        .await
+        .map_err(BrokerError::from)?;
+    own.namespaces.invalidate(&name);
+    tracing::info!(namespace = %name, "namespace deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_auto_creation(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<AutoTopicCreation>>> {
+    let (p, _) = ctx
+        .topics
+        .ownership
+        .namespaces
+        .get(&format!("{tenant}/{ns}"))
+        .await?;
+    Ok(Json(p.auto_topic_creation.clone()))
+}
+
+async fn set_auto_creation(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    Json(policy): Json<AutoTopicCreation>,
+) -> ApiResult<StatusCode> {
+    policy.validate().map_err(bad)?;
+    ctx.topics
+        .ownership
+        .namespaces
+        .update(&format!("{tenant}/{ns}"), |p| {
+            p.auto_topic_creation = Some(policy.clone())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_auto_creation(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    ctx.topics
+        .ownership
+        .namespaces
+        .update(&format!("{tenant}/{ns}"), |p| p.auto_topic_creation = None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

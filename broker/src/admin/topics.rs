@@ -1,0 +1,420 @@
+//! Pulsar's persistent-topics resource, `/admin/v2/persistent/{tenant}/{ns}`:
+//! list the topics (partitions included) and `/partitioned` the partitioned
+//! ones; per topic: create (`PUT`, non-partitioned), delete (`DELETE`,
+//! `?force=true` closes its clients), `stats`, `unload`; partitioned topics
+//! through `/partitions` (`PUT` create with N, `POST` grow to N, `GET`
+//! `{"partitions": N}`, `DELETE` with every partition). Calls on one
+//! topic's state are answered by its owner (a redirect from elsewhere).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use magnetar_proto::commands::Assigned;
+use magnetar_proto::pulsar::command_subscribe::SubType;
+use magnetar_proto::TopicName;
+use serde::{Deserialize, Serialize};
+
+use super::http::{AdminContext, ApiError};
+use super::{error, here_or_redirect, owned, topic_name, Answer};
+use crate::managed_ledger::MlInfo;
+use crate::topic::partitioned::{self, CreateRefused, PartitionedMetadata};
+use crate::{keys, BrokerError};
+
+type Ctx = State<Arc<AdminContext>>;
+
+const NS: &str = "/admin/v2/persistent/{tenant}/{ns}";
+const TOPIC: &str = "/admin/v2/persistent/{tenant}/{ns}/{topic}";
+
+pub fn routes() -> Router<Arc<AdminContext>> {
+    Router::new()
+        .route(NS, get(list))
+        .route(&format!("{NS}/partitioned"), get(list_partitioned))
+        .route(TOPIC, put(create).delete(delete))
+        .route(
+            &format!("{TOPIC}/partitions"),
+            put(create_partitioned)
+                .post(grow_partitioned)
+                .get(get_partitions)
+                .delete(delete_partitioned),
+        )
+        .route(&format!("{TOPIC}/stats"), get(stats))
+        .route(&format!("{TOPIC}/unload"), put(unload))
+}
+
+#[derive(Deserialize)]
+struct NsPath {
+    tenant: String,
+    ns: String,
+}
+
+#[derive(Deserialize)]
+struct TopicPath {
+    tenant: String,
+    ns: String,
+    topic: String,
+}
+
+impl TopicPath {
+    fn name(&self) -> Result<TopicName, ApiError> {
+        topic_name(&self.tenant, &self.ns, &self.topic)
+    }
+}
+
+#[derive(Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+fn fail(status: StatusCode, reason: impl Into<String>) -> Response {
+    ApiError(status, reason.into()).into_response()
+}
+
+/// The namespace must exist (404 otherwise).
+async fn check_namespace(ctx: &AdminContext, ns: &str) -> Result<(), Response> {
+    ctx.topics
+        .ownership
+        .namespaces
+        .get(ns)
+        .await
+        .map(|_| ())
+        .map_err(error)
+}
+
+/// Every topic of the namespace: those with storage, and every partition
+/// of its partitioned topics.
+async fn list(State(ctx): Ctx, Path(p): Path<NsPath>) -> Answer {
+    let ns = format!("{}/{}", p.tenant, p.ns);
+    check_namespace(&ctx, &ns).await?;
+    let prefix = keys::managed_ledger(&format!("{ns}/persistent/"));
+    let stored = ctx
+        .md
+        .range_keys(&prefix)
+        .await
+        .map_err(|e| error(e.into()))?;
+    let mut names: Vec<String> = stored
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .map(|local| format!("persistent://{ns}/{}", crate::topic::decode_key(local)))
+        .collect();
+    for (t, n) in partitioned::list(&ctx.md, &ns, true).await.map_err(error)? {
+        names.extend((0..n).map(|i| t.partition(i).to_string()));
+    }
+    names.sort();
+    names.dedup();
+    Ok(Json(names).into_response())
+}
+
+async fn list_partitioned(State(ctx): Ctx, Path(p): Path<NsPath>) -> Answer {
+    let ns = format!("{}/{}", p.tenant, p.ns);
+    check_namespace(&ctx, &ns).await?;
+    let names: Vec<String> = partitioned::list(&ctx.md, &ns, true)
+        .await
+        .map_err(error)?
+        .into_iter()
+        .map(|(t, _)| t.to_string())
+        .collect();
+    Ok(Json(names).into_response())
+}
+
+/// Creates a non-partitioned topic: an empty record, which the owner
+/// opens on first use.
+async fn create(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    let name = p.name()?;
+    check_namespace(&ctx, &name.namespace()).await?;
+    if partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+        .is_some()
+    {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!("{name} already exists as a partitioned topic"),
+        ));
+    }
+    let value = serde_json::to_vec(&MlInfo::default())
+        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let created = ctx
+        .md
+        .cas(&keys::managed_ledger(&name.as_key()), 0, value, None)
+        .await
+        .map_err(|e| error(e.into()))?;
+    if !created {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!("topic {name} already exists"),
+        ));
+    }
+    tracing::info!(topic = %name, "topic created");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete(
+    State(ctx): Ctx,
+    Path(p): Path<TopicPath>,
+    Query(q): Query<Force>,
+    uri: Uri,
+) -> Answer {
+    let name = p.name()?;
+    check_namespace(&ctx, &name.namespace()).await?;
+    if let Some((n, _)) = partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+    {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is a partitioned topic ({n} partitions): delete it through …/partitions"
+            ),
+        ));
+    }
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    if !ctx.topics.delete(&name, q.force).await.map_err(error)? {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The partition count of a body: a bare number, as Pulsar's tools send.
+fn parse_count(body: &Bytes) -> Result<u32, ApiError> {
+    let text = std::str::from_utf8(body).unwrap_or("").trim();
+    text.parse::<u32>().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be a partition count, not {text:?}"),
+        )
+    })
+}
+
+async fn create_partitioned(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let name = p.name()?;
+    let n = parse_count(&body)?;
+    let own = &ctx.topics.ownership;
+    match partitioned::create(&ctx.md, &own.namespaces, &name, n)
+        .await
+        .map_err(error)?
+    {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(CreateRefused::Exists) => Err(fail(
+            StatusCode::CONFLICT,
+            format!("partitioned topic {name} already exists"),
+        )),
+        Err(CreateRefused::NonPartitionedExists) => Err(fail(
+            StatusCode::CONFLICT,
+            format!("{name} already exists as a non-partitioned topic"),
+        )),
+    }
+}
+
+async fn grow_partitioned(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let name = p.name()?;
+    let n = parse_count(&body)?;
+    partitioned::grow(&ctx.md, &name, n).await.map_err(error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_partitions(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    let name = p.name()?;
+    check_namespace(&ctx, &name.namespace()).await?;
+    let partitions = partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+        .map_or(0, |(n, _)| n);
+    Ok(Json(PartitionedMetadata { partitions }).into_response())
+}
+
+/// Deletes every partition (each at its owner, through this API) and then
+/// the record. A partition that cannot be deleted stops the deletion with
+/// the record kept, so it can be retried.
+async fn delete_partitioned(
+    State(ctx): Ctx,
+    Path(p): Path<TopicPath>,
+    Query(q): Query<Force>,
+) -> Answer {
+    let name = p.name()?;
+    let Some((n, _)) = partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+    else {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("partitioned topic {name} does not exist"),
+        ));
+    };
+    let Some(base) = ctx.topics.ownership.me().http_url else {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this broker has no HTTP address to reach the partitions' owners",
+        ));
+    };
+    let http = reqwest::Client::new();
+    for i in 0..n {
+        let part = name.partition(i);
+        let url = format!(
+            "{}/admin/v2/persistent/{}/{}/{}?force={}",
+            base.trim_end_matches('/'),
+            part.tenant,
+            part.namespace,
+            part.local,
+            q.force
+        );
+        let resp = http
+            .delete(&url)
+            .send()
+            .await
+            .map_err(|e| fail(StatusCode::BAD_GATEWAY, format!("deleting {part}: {e}")))?;
+        let status = resp.status();
+        if !status.is_success() && status != StatusCode::NOT_FOUND {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(fail(
+                status,
+                format!("deleting {part} failed ({status}): {body}"),
+            ));
+        }
+    }
+    partitioned::delete_record(&ctx.md, &name)
+        .await
+        .map_err(error)?;
+    tracing::info!(topic = %name, partitions = n, "partitioned topic deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Pulsar's `TopicStats` (the fields we have the quantity for).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TopicStatsJson {
+    msg_rate_in: f64,
+    msg_throughput_in: f64,
+    msg_rate_out: f64,
+    msg_throughput_out: f64,
+    msg_in_counter: u64,
+    bytes_in_counter: u64,
+    msg_out_counter: u64,
+    bytes_out_counter: u64,
+    average_msg_size: f64,
+    storage_size: u64,
+    publishers: Vec<PublisherJson>,
+    subscriptions: BTreeMap<String, SubscriptionJson>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PublisherJson {
+    producer_id: u64,
+    producer_name: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionJson {
+    msg_backlog: u64,
+    unacked_messages: u64,
+    msg_delayed: u64,
+    #[serde(rename = "type")]
+    sub_type: &'static str,
+    is_durable: bool,
+    consumers: Vec<ConsumerJson>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConsumerJson {
+    consumer_name: String,
+}
+
+fn type_name(t: SubType) -> &'static str {
+    match t {
+        SubType::Exclusive => "Exclusive",
+        SubType::Shared => "Shared",
+        SubType::Failover => "Failover",
+        SubType::KeyShared => "Key_Shared",
+    }
+}
+
+async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = p.name()?;
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    if ctx.topics.get(&name).is_none()
+        && !partitioned::topic_exists(&ctx.md, &name)
+            .await
+            .map_err(error)?
+    {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let [msgs_in, bytes_in, msgs_out, bytes_out] = topic.stats.counters();
+    let rates = topic.stats.rates();
+    let subscriptions = topic
+        .subscription_stats()
+        .await
+        .into_iter()
+        .map(|(sub, s)| {
+            let json = SubscriptionJson {
+                msg_backlog: s.msg_backlog,
+                unacked_messages: s.unacked,
+                msg_delayed: s.delayed,
+                sub_type: type_name(s.sub_type),
+                is_durable: s.durable,
+                consumers: s
+                    .consumers
+                    .into_iter()
+                    .map(|consumer_name| ConsumerJson { consumer_name })
+                    .collect(),
+            };
+            (sub, json)
+        })
+        .collect();
+    let stats = TopicStatsJson {
+        msg_rate_in: rates.msgs_in,
+        msg_throughput_in: rates.bytes_in,
+        msg_rate_out: rates.msgs_out,
+        msg_throughput_out: rates.bytes_out,
+        msg_in_counter: msgs_in,
+        bytes_in_counter: bytes_in,
+        msg_out_counter: msgs_out,
+        bytes_out_counter: bytes_out,
+        average_msg_size: if msgs_in == 0 {
+            0.0
+        } else {
+            bytes_in as f64 / msgs_in as f64
+        },
+        storage_size: topic.ml.size_bytes(),
+        publishers: topic
+            .producer_names()
+            .into_iter()
+            .map(|(producer_id, producer_name)| PublisherJson {
+                producer_id,
+                producer_name,
+            })
+            .collect(),
+        subscriptions,
+    };
+    Ok(Json(stats).into_response())
+}
+
+/// Closes the topic here (storage first); its clients reconnect and load
+/// it again — on this broker, which still owns the bundle.
+async fn unload(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = p.name()?;
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    let Some(topic) = ctx.topics.get(&name) else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let (detached, closed) = topic.close().await;
+    ctx.topics.remove(&topic);
+    detached.disconnect(&Assigned::default());
+    closed.map_err(|e| error(BrokerError::from(e)))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,111 @@
+"""Compatibility: tenants, namespaces and partitioned topics made through
+Pulsar's admin REST paths (plain HTTP), used by the official Python
+pulsar-client. A partitioned topic: the client finds its partitions, sends
+with keys — every key lands on one partition, in order — and a Shared
+consumer of the whole topic gets every message once. A namespace whose
+policy creates partitioned topics on first use gives a new topic that many
+partitions; one that forbids creating topics on first use refuses a
+producer of an unknown topic. A namespace with topics cannot be deleted.
+Usage: python_topics.py SERVICE_URL HTTP_URL"""
+import json
+import sys
+import urllib.error
+import urllib.request
+import uuid
+
+import pulsar
+
+url, http = sys.argv[1], sys.argv[2].rstrip("/")
+client = pulsar.Client(url, operation_timeout_seconds=20)
+
+
+def call(method, path, body=None):
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    req = urllib.request.Request(http + "/admin/v2" + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            text = r.read().decode()
+            return r.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def ok(method, path, body=None, want=204):
+    status, got = call(method, path, body)
+    assert status == want, f"{method} {path}: {status} {got}"
+    return got
+
+
+tenant = "py-" + uuid.uuid4().hex[:8]
+ok("PUT", f"/tenants/{tenant}", {"adminRoles": [], "allowedClusters": []})
+ok("PUT", f"/namespaces/{tenant}/app", {"bundles": {"numBundles": 4}})
+assert ok("GET", f"/namespaces/{tenant}", want=200) == [f"{tenant}/app"]
+
+# A partitioned topic, made by REST, used by the client.
+topic = f"persistent://{tenant}/app/orders"
+ok("PUT", f"/persistent/{tenant}/app/orders/partitions", "4")
+assert ok("GET", f"/persistent/{tenant}/app/orders/partitions", want=200) == {"partitions": 4}
+assert client.get_topic_partitions(topic) == [f"{topic}-partition-{i}" for i in range(4)]
+consumer = client.subscribe(topic, "all", consumer_type=pulsar.ConsumerType.Shared,
+                            initial_position=pulsar.InitialPosition.Earliest)
+producer = client.create_producer(topic, batching_enabled=False)
+keys = [f"k{i}" for i in range(12)]
+sent = 240
+for i in range(sent):
+    producer.send(f"{i}".encode(), partition_key=keys[i % len(keys)])
+partition_of = {}
+last = {}
+got = 0
+for _ in range(sent):
+    m = consumer.receive(timeout_millis=10000)
+    k = m.partition_key()
+    assert partition_of.setdefault(k, m.topic_name()) == m.topic_name(), f"key {k} on two partitions"
+    n = int(m.data())
+    assert last.get(k, -1) < n, f"key {k} out of order: {n} after {last.get(k)}"
+    last[k] = n
+    consumer.acknowledge(m)
+    got += 1
+assert got == sent
+assert len(set(partition_of.values())) > 1, "every key on one partition"
+print(f"partitioned topic: {sent} messages over {len(set(partition_of.values()))} partitions, "
+      "each key on one partition and in order: ok")
+status, why = call("DELETE", f"/namespaces/{tenant}/app")
+assert status == 409, f"a namespace with topics was deleted: {status} {why}"
+producer.close()
+consumer.close()
+
+# First use creates partitioned topics with the namespace's count.
+ok("PUT", f"/namespaces/{tenant}/auto")
+ok("POST", f"/namespaces/{tenant}/auto/autoTopicCreation",
+   {"allowAutoTopicCreation": True, "topicType": "partitioned", "defaultNumPartitions": 3})
+p = client.create_producer(f"persistent://{tenant}/auto/fresh")
+p.send(b"x")
+p.close()
+assert ok("GET", f"/persistent/{tenant}/auto/fresh/partitions", want=200) == {"partitions": 3}
+print("a namespace creating partitioned topics on first use: 3 partitions: ok")
+
+# A namespace that forbids creating topics on first use.
+ok("PUT", f"/namespaces/{tenant}/strict")
+ok("POST", f"/namespaces/{tenant}/strict/autoTopicCreation", {"allowAutoTopicCreation": False})
+try:
+    client.create_producer(f"persistent://{tenant}/strict/unknown")
+    raise AssertionError("a producer of an unknown topic was accepted")
+except pulsar.TopicNotFound:
+    pass
+ok("PUT", f"/persistent/{tenant}/strict/known")
+p = client.create_producer(f"persistent://{tenant}/strict/known")
+p.send(b"y")
+p.close()
+print("a namespace forbidding first-use creation refuses unknown topics: ok")
+
+# Deleting: partitioned topics, the topics, then namespaces and the tenant.
+ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
+ok("DELETE", f"/persistent/{tenant}/auto/fresh/partitions")
+ok("DELETE", f"/persistent/{tenant}/strict/known")
+for ns in ("app", "auto", "strict"):
+    ok("DELETE", f"/namespaces/{tenant}/{ns}")
+ok("DELETE", f"/tenants/{tenant}")
+client.close()
+print("tenants, namespaces and partitioned topics through REST: ok")

@@ -1,0 +1,308 @@
+//! Tenants, namespaces, topics and partitioned topics through Pulsar's admin
+//! REST paths, with plain HTTP calls against an in-process standalone, and
+//! what the binary protocol does with them (our SDK).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use magnetar_client::{Client, ConsumerOptions, Error, ProducerOptions, SubscriptionType};
+use magnetar_proto::pulsar::ServerError;
+use magnetar_tests::{init_logs, StandaloneSpec};
+use serde_json::Value;
+
+struct Http {
+    web: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    fn new(spec: &StandaloneSpec) -> Http {
+        Http {
+            web: reqwest::Client::new(),
+            base: format!("http://127.0.0.1:{}/admin/v2", spec.http_port),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let req = match method {
+            "GET" => self.web.get(url),
+            "PUT" => self.web.put(url),
+            "POST" => self.web.post(url),
+            "DELETE" => self.web.delete(url),
+            m => panic!("method {m}"),
+        };
+        let req = if body.is_empty() {
+            req
+        } else {
+            req.header("content-type", "application/json")
+                .body(body.to_string())
+        };
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    async fn status(&self, method: &str, path: &str, body: &str) -> u16 {
+        self.call(method, path, body).await.0
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call("GET", path, "").await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+}
+
+fn server_code(e: &Error) -> Option<i32> {
+    match e {
+        Error::Server { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_and_namespaces_are_created_listed_and_deleted_only_when_empty() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    assert_eq!(h.get("/tenants").await, serde_json::json!(["public"]));
+    assert_eq!(h.status("PUT", "/tenants/acme", "").await, 204);
+    assert_eq!(h.status("PUT", "/tenants/acme", "").await, 409, "exists");
+    assert_eq!(h.status("PUT", "/tenants/bad%20name", "").await, 412);
+    let info = h.get("/tenants/acme").await;
+    assert_eq!(info["allowedClusters"].as_array().unwrap().len(), 1);
+    assert_eq!(h.status("GET", "/tenants/nope", "").await, 404);
+    // Namespaces: under an existing tenant, with the split asked for.
+    let body = r#"{"bundles":{"numBundles":4}}"#;
+    assert_eq!(h.status("PUT", "/namespaces/nope/prod", body).await, 404);
+    assert_eq!(h.status("PUT", "/namespaces/acme/prod", body).await, 204);
+    assert_eq!(h.status("PUT", "/namespaces/acme/prod", "").await, 409);
+    assert_eq!(
+        h.get("/namespaces/acme").await,
+        serde_json::json!(["acme/prod"])
+    );
+    let policies = h.get("/namespaces/acme/prod").await;
+    assert_eq!(policies["bundles"]["numBundles"], 4);
+    let bundles = h.get("/namespaces/acme/prod/bundles").await;
+    assert_eq!(bundles["boundaries"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        h.status("DELETE", "/tenants/acme", "").await,
+        409,
+        "has a namespace"
+    );
+
+    // A topic in it, used through the binary protocol.
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://acme/prod/orders";
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    p.send("one").await.unwrap();
+    assert_eq!(
+        h.get("/persistent/acme/prod").await,
+        serde_json::json!([topic])
+    );
+    let (status, why) = h.call("DELETE", "/namespaces/acme/prod", "").await;
+    assert_eq!(status, 409, "not empty: {why}");
+    assert!(why["reason"].as_str().unwrap().contains("orders"), "{why}");
+    // Deleting the topic: refused while its producer is connected.
+    assert_eq!(
+        h.status("DELETE", "/persistent/acme/prod/orders", "").await,
+        412
+    );
+    assert_eq!(
+        h.status("DELETE", "/persistent/acme/prod/orders?force=true", "")
+            .await,
+        204
+    );
+    p.close().await.ok();
+    assert_eq!(
+        h.status("DELETE", "/persistent/acme/prod/orders", "").await,
+        404
+    );
+    assert_eq!(h.get("/persistent/acme/prod").await, serde_json::json!([]));
+    assert_eq!(h.status("DELETE", "/namespaces/acme/prod", "").await, 204);
+    assert_eq!(h.status("GET", "/namespaces/acme/prod", "").await, 404);
+    assert_eq!(h.status("DELETE", "/tenants/acme", "").await, 204);
+    assert_eq!(h.get("/tenants").await, serde_json::json!(["public"]));
+    // A topic of a namespace that does not exist is refused, clearly.
+    let e = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::TopicNotFound as i32),
+        "{e}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_can_forbid_creating_topics_on_first_use() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    assert_eq!(h.status("PUT", "/namespaces/public/strict", "").await, 204);
+    let off = r#"{"allowAutoTopicCreation":false}"#;
+    let path = "/namespaces/public/strict/autoTopicCreation";
+    assert_eq!(h.status("POST", path, off).await, 204);
+    assert_eq!(h.get(path).await["allowAutoTopicCreation"], false);
+    let bad = r#"{"allowAutoTopicCreation":true,"topicType":"partitioned"}"#;
+    assert_eq!(h.status("POST", path, bad).await, 412, "no partition count");
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/strict/t1";
+    let e = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::TopicNotFound as i32),
+        "{e}"
+    );
+    // Created through REST, it may be used.
+    assert_eq!(
+        h.status("PUT", "/persistent/public/strict/t1", "").await,
+        204
+    );
+    assert_eq!(
+        h.status("PUT", "/persistent/public/strict/t1", "").await,
+        409
+    );
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    p.send("x").await.unwrap();
+    // With the policy removed, first use creates topics again.
+    assert_eq!(h.status("DELETE", path, "").await, 204);
+    client
+        .create_producer("persistent://public/strict/t2", ProducerOptions::default())
+        .await
+        .unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_topics_are_created_grown_used_and_deleted() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let path = "/persistent/public/default/orders/partitions";
+    assert_eq!(h.get(path).await["partitions"], 0, "not partitioned yet");
+    assert_eq!(h.status("PUT", path, "3").await, 204);
+    assert_eq!(h.status("PUT", path, "3").await, 409, "exists");
+    assert_eq!(h.status("PUT", path, "x").await, 400);
+    assert_eq!(h.get(path).await["partitions"], 3);
+    assert_eq!(h.status("POST", path, "2").await, 412, "never fewer");
+    assert_eq!(h.status("POST", path, "5").await, 204);
+    assert_eq!(h.get(path).await["partitions"], 5);
+    assert_eq!(
+        h.get("/persistent/public/default/partitioned").await,
+        serde_json::json!(["persistent://public/default/orders"])
+    );
+    let all = h.get("/persistent/public/default").await;
+    assert_eq!(all.as_array().unwrap().len(), 5, "{all}");
+    assert_eq!(
+        h.status("PUT", "/persistent/public/default/orders", "")
+            .await,
+        409,
+        "a non-partitioned topic of a partitioned one's name"
+    );
+    // Partitions are ordinary topics; the count bounds them.
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let base = "persistent://public/default/orders";
+    let p = client
+        .create_producer(&format!("{base}-partition-4"), ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut c = client
+        .subscribe(
+            &format!("{base}-partition-4"),
+            "s",
+            ConsumerOptions {
+                sub_type: SubscriptionType::Shared,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..10 {
+        p.send(format!("m{i}").as_str()).await.unwrap();
+    }
+    for _ in 0..4 {
+        let m = c.receive().await.unwrap();
+        c.ack(&m).unwrap();
+    }
+    let e = client
+        .create_producer(&format!("{base}-partition-5"), ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::TopicNotFound as i32),
+        "{e}"
+    );
+    let e = client
+        .create_producer(base, ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::NotAllowedError as i32),
+        "{e}"
+    );
+    // Stats, under Pulsar's field names, counted by the owner.
+    let stats_path = "/persistent/public/default/orders-partition-4/stats";
+    let mut stats = h.get(stats_path).await;
+    for _ in 0..50 {
+        if stats["subscriptions"]["s"]["msgBacklog"] == 6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stats = h.get(stats_path).await;
+    }
+    assert_eq!(stats["msgInCounter"], 10, "{stats}");
+    assert_eq!(stats["subscriptions"]["s"]["msgBacklog"], 6, "{stats}");
+    assert_eq!(stats["subscriptions"]["s"]["type"], "Shared", "{stats}");
+    assert_eq!(
+        stats["subscriptions"]["s"]["consumers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(stats["publishers"].as_array().unwrap().len(), 1, "{stats}");
+    assert!(stats["storageSize"].as_u64().unwrap() >= 20, "{stats}");
+    assert_eq!(
+        h.status("GET", "/persistent/public/default/never/stats", "")
+            .await,
+        404
+    );
+    // Deleting: refused while a partition has clients, unless forced.
+    assert_eq!(h.status("DELETE", path, "").await, 412);
+    assert_eq!(
+        h.status("DELETE", &format!("{path}?force=true"), "").await,
+        204
+    );
+    assert_eq!(h.get(path).await["partitions"], 0);
+    assert_eq!(
+        h.get("/persistent/public/default/partitioned").await,
+        serde_json::json!([])
+    );
+    s.shutdown().await;
+}
