@@ -48,6 +48,7 @@ impl BrokerError {
                 ServerError::ServiceNotReady
             }
             BrokerError::Storage(MlError::Metadata(_)) => ServerError::MetadataError,
+            BrokerError::Storage(MlError::Terminated(_)) => ServerError::TopicTerminatedError,
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::NotServedHere(_) => ServerError::ServiceNotReady,

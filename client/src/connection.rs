@@ -332,6 +332,12 @@ fn route(
                 let _ = s.send(cmd);
             }
         }
+        Some(Type::ReachedEndOfTopic) => {
+            let cid = cmd.reached_end_of_topic.as_ref().map(|c| c.consumer_id);
+            if let Some(s) = cid.and_then(|c| lock(routes).consumers.get(&c).cloned()) {
+                let _ = s.send((cmd, None));
+            }
+        }
         Some(Type::CloseConsumer) => {
             let cid = cmd.close_consumer.as_ref().map(|c| c.consumer_id);
             if let Some(s) = cid.and_then(|c| lock(routes).consumers.remove(&c)) {

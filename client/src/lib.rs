@@ -39,6 +39,9 @@ pub enum Error {
     Timeout,
     #[error("closed")]
     Closed,
+    /// The topic was terminated and every message of it was received.
+    #[error("end of topic: the topic is terminated and every message was received")]
+    EndOfTopic,
 }
 
 impl Error {
@@ -54,7 +57,7 @@ impl Error {
                     | ServerError::MetadataError
                     | ServerError::TooManyRequests)
             ),
-            Error::Protocol(_) => false,
+            Error::Protocol(_) | Error::EndOfTopic => false,
         }
     }
 

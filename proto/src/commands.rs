@@ -74,6 +74,12 @@ pub fn active_consumer_change(consumer_id: u64, is_active: bool) -> BaseCommand 
     c
 }
 
+pub fn reached_end_of_topic(consumer_id: u64) -> BaseCommand {
+    let mut c = base(Type::ReachedEndOfTopic);
+    c.reached_end_of_topic = Some(crate::pulsar::CommandReachedEndOfTopic { consumer_id });
+    c
+}
+
 /// A MESSAGE frame carrying a stored entry (`[0x0e01][crc]...` form).
 pub fn message(
     consumer_id: u64,

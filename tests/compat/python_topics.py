@@ -1,6 +1,7 @@
 """Compatibility: tenants, namespaces and partitioned topics made through
 Pulsar's admin REST paths (plain HTTP), used by the official Python
-pulsar-client. A partitioned topic: the client finds its partitions, sends
+pulsar-client. A terminated topic refuses producers and sends. A
+partitioned topic: the client finds its partitions, sends
 with keys — every key lands on one partition, in order — and a Shared
 consumer of the whole topic gets every message once. A namespace whose
 policy creates partitioned topics on first use gives a new topic that many
@@ -99,6 +100,24 @@ p = client.create_producer(f"persistent://{tenant}/strict/known")
 p.send(b"y")
 p.close()
 print("a namespace forbidding first-use creation refuses unknown topics: ok")
+
+# Terminating: the last message's id comes back; later sends fail.
+term = f"persistent://{tenant}/strict/known"
+p = client.create_producer(term, batching_enabled=False)
+last = p.send(b"last")
+got = ok("POST", f"/persistent/{tenant}/strict/known/terminate", want=200)
+assert (got["ledgerId"], got["entryId"]) == (last.ledger_id(), last.entry_id()), (got, last)
+try:
+    p.send(b"after")
+    raise AssertionError("a send to a terminated topic was accepted")
+except pulsar.TopicTerminated:
+    pass
+try:
+    client.create_producer(term)
+    raise AssertionError("a producer of a terminated topic was accepted")
+except pulsar.TopicTerminated:
+    pass
+print("a terminated topic refuses producers and sends: ok")
 
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")

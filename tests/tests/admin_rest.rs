@@ -306,3 +306,91 @@ async fn partitioned_topics_are_created_grown_used_and_deleted() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_topic_refuses_sends_and_ends_its_consumers_also_after_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/ending";
+    let earliest = ConsumerOptions {
+        earliest: true,
+        ..Default::default()
+    };
+    let mut c = client
+        .subscribe(topic, "s", earliest.clone())
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut last = None;
+    for i in 0..5 {
+        last = Some(p.send(format!("m{i}").as_str()).await.unwrap());
+    }
+    for _ in 0..3 {
+        let m = c.receive().await.unwrap();
+        c.ack(&m).unwrap();
+    }
+    let path = "/persistent/public/default/ending/terminate";
+    let (status, id) = h.call("POST", path, "").await;
+    assert_eq!(status, 200, "{id}");
+    let last = last.unwrap();
+    assert_eq!(id["ledgerId"], last.ledger_id, "{id}");
+    assert_eq!(id["entryId"], last.entry_id, "{id}");
+    // Again: the same answer.
+    assert_eq!(h.call("POST", path, "").await.1, id);
+    let e = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::TopicTerminatedError as i32),
+        "{e}"
+    );
+    // The consumer gets the rest, then end of topic.
+    for i in 3..5 {
+        let m = c.receive().await.unwrap();
+        assert_eq!(&m.payload[..], format!("m{i}").as_bytes());
+        c.ack(&m).unwrap();
+    }
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), c.receive())
+        .await
+        .expect("end of topic in time");
+    assert!(matches!(end, Err(Error::EndOfTopic)), "{end:?}");
+    assert!(c.has_reached_end_of_topic());
+    drop(c);
+    drop(p);
+    drop(client);
+    s.shutdown().await;
+
+    // Terminated for good: after a restart too.
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let e = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        server_code(&e),
+        Some(ServerError::TopicTerminatedError as i32),
+        "{e}"
+    );
+    let mut r = client.subscribe(topic, "new", earliest).await.unwrap();
+    for i in 0..5 {
+        let m = r.receive().await.unwrap();
+        assert_eq!(&m.payload[..], format!("m{i}").as_bytes());
+    }
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), r.receive())
+        .await
+        .expect("end of topic in time");
+    assert!(matches!(end, Err(Error::EndOfTopic)), "{end:?}");
+    s.shutdown().await;
+}

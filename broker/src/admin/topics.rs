@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use magnetar_proto::commands::Assigned;
@@ -45,6 +45,7 @@ pub fn routes() -> Router<Arc<AdminContext>> {
         )
         .route(&format!("{TOPIC}/stats"), get(stats))
         .route(&format!("{TOPIC}/unload"), put(unload))
+        .route(&format!("{TOPIC}/terminate"), post(terminate))
 }
 
 #[derive(Deserialize)]
@@ -402,6 +403,55 @@ async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
         subscriptions,
     };
     Ok(Json(stats).into_response())
+}
+
+/// Pulsar's `MessageIdImpl` as JSON.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageIdJson {
+    ledger_id: i64,
+    entry_id: i64,
+    partition_index: i32,
+}
+
+/// Terminates the topic: later sends fail with TopicTerminated, consumers
+/// that read everything get end-of-topic. Answers the last message's id.
+async fn terminate(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = p.name()?;
+    if partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+        .is_some()
+    {
+        return Err(fail(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{name} is a partitioned topic: terminate its partitions"),
+        ));
+    }
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    if ctx.topics.get(&name).is_none()
+        && !partitioned::topic_exists(&ctx.md, &name)
+            .await
+            .map_err(error)?
+    {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let last = topic
+        .ml
+        .terminate()
+        .await
+        .map_err(|e| error(BrokerError::from(e)))?;
+    topic.disconnect_producers();
+    Ok(Json(MessageIdJson {
+        ledger_id: last.ledger_id as i64,
+        entry_id: last.entry_id,
+        partition_index: name.partition_of().map_or(-1, |(_, i)| i as i32),
+    })
+    .into_response())
 }
 
 /// Closes the topic here (storage first); its clients reconnect and load

@@ -38,6 +38,11 @@ pub enum Request {
     Close {
         reply: oneshot::Sender<Result<(), MlError>>,
     },
+    /// Completes what is queued before it, records the termination and
+    /// refuses every later append.
+    Terminate {
+        reply: oneshot::Sender<Result<Position, MlError>>,
+    },
 }
 
 type Added = (Result<u64, LedgerError>, u64, Bytes, AppendDone);
@@ -103,7 +108,9 @@ pub async fn run(me: Weak<ManagedLedger>, writer: Handle, mut queue: mpsc::Recei
                 match req {
                     None => return,
                     Some(Request::Append { data, done }) => {
-                        if let Err(e) = ml.check_writable() {
+                        if ml.terminated().is_some() {
+                            done(Err(MlError::Terminated(ml.name.clone())));
+                        } else if let Err(e) = ml.check_writable() {
                             done(Err(e));
                         } else if open.needs_roll(&ml) {
                             let old = open.writer.take();
@@ -113,6 +120,16 @@ pub async fn run(me: Weak<ManagedLedger>, writer: Handle, mut queue: mpsc::Recei
                         } else {
                             start(&ml, &open, data, done, &mut inflight);
                         }
+                    }
+                    Some(Request::Terminate { reply }) => {
+                        while let Some((res, ledger_id, data, done)) = inflight.next().await {
+                            ml.completed(res, ledger_id, data, done);
+                        }
+                        let res = match ml.check_writable() {
+                            Ok(()) => ml.record_termination().await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(res);
                     }
                     Some(Request::Close { reply }) => {
                         while let Some((res, ledger_id, data, done)) = inflight.next().await {
@@ -154,6 +171,9 @@ pub fn refuse(req: Request) {
         Request::Append { done, .. } => done(Err(MlError::Closed(String::new()))),
         Request::Close { reply } => {
             let _ = reply.send(Ok(()));
+        }
+        Request::Terminate { reply } => {
+            let _ = reply.send(Err(MlError::Closed(String::new())));
         }
     }
 }

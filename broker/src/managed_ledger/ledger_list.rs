@@ -31,6 +31,10 @@ pub struct CursorPointer {
 pub struct MlInfo {
     pub ledgers: Vec<LedgerInfo>,
     pub cursors: BTreeMap<String, CursorPointer>,
+    /// Set once the topic is terminated: its last entry, after which no
+    /// entry is ever added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<Position>,
 }
 
 impl MlInfo {

@@ -84,6 +84,9 @@ pub enum MlError {
     Corrupt(String, String),
     #[error("managed ledger {0} is closed")]
     Closed(String),
+    /// The topic was terminated: nothing is added to it any more.
+    #[error("topic {0} is terminated")]
+    Terminated(String),
     /// The broker may not write: its ownership of the topic is not assured.
     #[error("managed ledger {0} is not writable here: ownership lease not valid")]
     NotWritable(String),
@@ -140,6 +143,8 @@ pub struct ManagedLedger {
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, cursor_store::CursorLedger>>,
     /// Payload bytes confirmed in the open ledger.
     open_bytes: AtomicU64,
+    /// The last entry of a terminated topic.
+    terminated: RwLock<Option<Position>>,
     appends: mpsc::Sender<appender::Request>,
     /// Durable mark-delete position of every cursor, for trimming.
     mark_deletes: Mutex<HashMap<String, Position>>,
@@ -214,6 +219,7 @@ impl ManagedLedger {
             ledger_meta: Mutex::default(),
             cursor_ledgers: tokio::sync::Mutex::default(),
             open_bytes: AtomicU64::new(0),
+            terminated: RwLock::new(info.terminated),
             appends,
             mark_deletes: Mutex::default(),
         });
@@ -363,6 +369,42 @@ impl ManagedLedger {
         .await;
         rx.await
             .unwrap_or_else(|_| Err(MlError::Closed(self.name.clone())))
+    }
+
+    /// Terminates the topic: entries queued before are stored, later ones
+    /// are refused, and the last entry's position is recorded (it is the
+    /// answer).
+    pub async fn terminate(&self) -> Result<Position, MlError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends
+            .send(appender::Request::Terminate { reply })
+            .await
+            .map_err(|_| MlError::Closed(self.name.clone()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(MlError::Closed(self.name.clone())))
+    }
+
+    /// The last entry of a terminated topic; `None` while it takes entries.
+    pub fn terminated(&self) -> Option<Position> {
+        *read(&self.terminated)
+    }
+
+    /// Records the termination at the last confirmed entry (the appender
+    /// calls this once every earlier add completed).
+    async fn record_termination(&self) -> Result<Position, MlError> {
+        if let Some(p) = self.terminated() {
+            return Ok(p);
+        }
+        let last = self.last_confirmed();
+        let mut w = self.write.lock().await;
+        w.info.terminated = Some(last);
+        if let Err(e) = self.store_info(&mut w).await {
+            w.info.terminated = None;
+            return Err(e);
+        }
+        *write(&self.terminated) = Some(last);
+        tracing::info!(topic = %self.name, last = ?last, "topic terminated");
+        Ok(last)
     }
 
     /// Completes every queued entry, closes the open ledger cleanly and

@@ -15,7 +15,7 @@ pub mod shared;
 #[cfg(test)]
 mod testing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -181,6 +181,8 @@ struct Sub {
     consumers: HashMap<ConsumerKey, ConsumerConn>,
     dirty: bool,
     read_error: bool,
+    /// Consumers told that a terminated topic has nothing more for them.
+    told_end: HashSet<ConsumerKey>,
 }
 
 /// What a dispatcher sees: the topic's confirmed entries and the cursor.
@@ -232,6 +234,7 @@ pub fn spawn(
         consumers: HashMap::new(),
         dirty: false,
         read_error: false,
+        told_end: HashSet::new(),
     };
     tokio::spawn(sub.run(rx));
     SubscriptionHandle { tx }
@@ -342,7 +345,32 @@ impl Sub {
         Ok(())
     }
 
+    /// A terminated topic whose every entry was read: each consumer is
+    /// told once (REACHED_END_OF_TOPIC), as Pulsar does.
+    fn tell_end_of_topic(&mut self) {
+        let Some(end) = self.ml.terminated() else {
+            return;
+        };
+        if self.told_end.len() == self.consumers.len() {
+            return;
+        }
+        let read_pos = self.dispatcher.unacked_ref().read_pos();
+        if self.ml.at_or_after(read_pos).is_some_and(|p| p <= end) {
+            return;
+        }
+        for (key, c) in &self.consumers {
+            if self.told_end.contains(key) {
+                continue;
+            }
+            let frame = commands::frame(&commands::reached_end_of_topic(key.1));
+            if c.tx.try_send(frame).is_ok() {
+                self.told_end.insert(*key);
+            }
+        }
+    }
+
     fn remove_consumer(&mut self, key: ConsumerKey) {
+        self.told_end.remove(&key);
         let before = self.dispatcher.active_consumer();
         self.dispatcher.remove_consumer(key, Instant::now());
         self.consumers.remove(&key);
@@ -626,7 +654,10 @@ impl Sub {
                 // Key_Shared may be waiting for keys: read them, then try again.
                 match self.learn_keys(&mut read).await {
                     Some(n) if n > 0 => continue,
-                    _ => return,
+                    _ => {
+                        self.tell_end_of_topic();
+                        return;
+                    }
                 }
             };
             let data = match read.remove(&d.position) {

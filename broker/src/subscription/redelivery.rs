@@ -33,6 +33,11 @@ impl Unacked {
         }
     }
 
+    /// The next position to read for a first delivery.
+    pub fn read_pos(&self) -> Position {
+        self.read_pos
+    }
+
     /// The next entry to deliver: one due for redelivery first, then the
     /// next new one. Entries acknowledged meanwhile are skipped.
     pub fn take_next(&mut self, src: &dyn EntrySource) -> Option<(Position, u32)> {

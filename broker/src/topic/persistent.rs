@@ -178,6 +178,12 @@ impl Topic {
         // no producer joins after `close` collected them.
         let mut g = self.producers();
         self.refuse_if_closing()?;
+        if self.ml.terminated().is_some() {
+            return Err(BrokerError::new(
+                ServerError::TopicTerminatedError,
+                format!("topic {} is terminated", self.name),
+            ));
+        }
         g.insert(
             (conn_id, producer_id),
             ProducerRef {
@@ -194,6 +200,19 @@ impl Topic {
 
     pub fn producer_count(&self) -> usize {
         self.producers().len()
+    }
+
+    /// Closes every producer (the topic was terminated: their reconnect is
+    /// refused with TopicTerminated, which ends them).
+    pub fn disconnect_producers(&self) {
+        let producers: Vec<(u64, Arc<dyn ClientLink>)> = self
+            .producers()
+            .drain()
+            .map(|((_, pid), p)| (pid, p.link))
+            .collect();
+        for (pid, link) in producers {
+            link.close_producer(pid, &Assigned::default());
+        }
     }
 
     /// (producer id, name) of every producer.

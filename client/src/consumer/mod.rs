@@ -241,6 +241,8 @@ pub struct Consumer {
     queue: VecDeque<Message>,
     state: ConsumerState,
     task: tokio::task::JoinHandle<()>,
+    /// The broker said the topic is terminated and everything was sent.
+    end_of_topic: bool,
 }
 
 impl Consumer {
@@ -273,6 +275,7 @@ impl Consumer {
             queue: VecDeque::new(),
             state,
             task,
+            end_of_topic: false,
         })
     }
 
@@ -286,6 +289,10 @@ impl Consumer {
     }
 
     fn unpack(&mut self, cmd: BaseCommand, payload: Option<Payload>) -> Result<(), Error> {
+        if cmd.reached_end_of_topic.is_some() {
+            self.end_of_topic = true;
+            return Ok(());
+        }
         let (Some(m), Some(pl)) = (cmd.message, payload) else {
             return Ok(());
         };
@@ -324,7 +331,14 @@ impl Consumer {
         Ok(())
     }
 
-    /// The next message, waiting as long as it takes (across reconnects).
+    /// Whether the topic is terminated and every message of it was
+    /// received (the broker says so once the consumer read the last one).
+    pub fn has_reached_end_of_topic(&self) -> bool {
+        self.end_of_topic && self.queue.is_empty()
+    }
+
+    /// The next message, waiting as long as it takes (across reconnects);
+    /// `Error::EndOfTopic` once a terminated topic has nothing more.
     pub async fn receive(&mut self) -> Result<Message, Error> {
         loop {
             if let Some(m) = self.queue.pop_front() {
@@ -333,12 +347,16 @@ impl Consumer {
                 }
                 return Ok(m);
             }
+            if self.end_of_topic {
+                return Err(Error::EndOfTopic);
+            }
             match self.events.recv().await.ok_or(Error::Closed)? {
                 Event::Message(m) => {
                     let (cmd, payload) = *m;
                     self.unpack(cmd, payload)?
                 }
                 Event::Subscribed => {
+                    self.end_of_topic = false;
                     self.queue.clear();
                     self.state.subscribed();
                 }
