@@ -34,6 +34,9 @@ struct Routes {
     requests: HashMap<u64, Responder>,
     producers: HashMap<u64, mpsc::UnboundedSender<BaseCommand>>,
     consumers: HashMap<u64, mpsc::UnboundedSender<(BaseCommand, Option<Payload>)>>,
+    /// Requests the broker answered "queued" (a WaitForExclusive producer):
+    /// their final answer comes later, with no timeout.
+    queued: std::collections::HashSet<u64>,
     closed: bool,
 }
 
@@ -234,10 +237,18 @@ impl Connection {
             g.requests.insert(id, tx);
         }
         self.send(&cmd)?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, rx)
-            .await
-            .map_err(|_| Error::Timeout)?
-            .map_err(|_| Error::Closed)??;
+        let mut rx = rx;
+        let resp = loop {
+            match tokio::time::timeout(REQUEST_TIMEOUT, &mut rx).await {
+                Ok(r) => break r.map_err(|_| Error::Closed)??,
+                Err(_) if lock(&self.routes).queued.contains(&id) => continue,
+                Err(_) => {
+                    lock(&self.routes).requests.remove(&id);
+                    return Err(Error::Timeout);
+                }
+            }
+        };
+        lock(&self.routes).queued.remove(&id);
         match resp.error {
             Some(e) => Err(Error::Server {
                 code: e.error,
@@ -345,6 +356,15 @@ fn route(
             }
         }
         _ => match request_id_of(&cmd) {
+            // "Queued, wait": the final answer comes later.
+            Some(id)
+                if cmd
+                    .producer_success
+                    .as_ref()
+                    .is_some_and(|s| s.producer_ready == Some(false)) =>
+            {
+                lock(routes).queued.insert(id);
+            }
             Some(id) => {
                 if let Some(s) = lock(routes).requests.remove(&id) {
                     let _ = s.send(Ok(cmd));

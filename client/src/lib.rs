@@ -25,7 +25,7 @@ use magnetar_proto::pulsar::{KeyValue, MessageIdData, ServerError};
 
 pub use connection::Connection;
 pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
-pub use producer::{Producer, ProducerOptions};
+pub use producer::{AccessMode, Producer, ProducerOptions};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {

@@ -119,8 +119,30 @@ except pulsar.TopicTerminated:
     pass
 print("a terminated topic refuses producers and sends: ok")
 
+# Producer access modes: one exclusive writer; fencing pushes it out.
+one = f"persistent://{tenant}/app/one-writer"
+x = client.create_producer(one, access_mode=pulsar.ProducerAccessMode.Exclusive)
+x.send(b"x")
+for m in (pulsar.ProducerAccessMode.Shared, pulsar.ProducerAccessMode.Exclusive):
+    try:
+        client.create_producer(one, access_mode=m)
+        raise AssertionError(f"a {m} producer joined an exclusive one")
+    except pulsar.ProducerBusy:
+        pass
+f = client.create_producer(one, access_mode=pulsar.ProducerAccessMode.ExclusiveWithFencing)
+f.send(b"f")
+try:
+    for _ in range(50):
+        x.send(b"x again")
+    raise AssertionError("a fenced producer kept sending")
+except pulsar.ProducerFenced:
+    pass
+f.close()
+print("producer access modes (Exclusive, ExclusiveWithFencing): ok")
+
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
+ok("DELETE", f"/persistent/{tenant}/app/one-writer?force=true")
 ok("DELETE", f"/persistent/{tenant}/auto/fresh/partitions")
 ok("DELETE", f"/persistent/{tenant}/strict/known")
 for ns in ("app", "auto", "strict"):

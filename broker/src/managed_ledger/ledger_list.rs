@@ -35,6 +35,13 @@ pub struct MlInfo {
     /// entry is ever added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminated: Option<Position>,
+    /// The topic epoch of exclusive producers (0: none yet).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub producer_epoch: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl MlInfo {

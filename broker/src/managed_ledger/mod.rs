@@ -384,6 +384,23 @@ impl ManagedLedger {
             .unwrap_or_else(|_| Err(MlError::Closed(self.name.clone())))
     }
 
+    /// The topic epoch of exclusive producers.
+    pub async fn producer_epoch(&self) -> u64 {
+        self.write.lock().await.info.producer_epoch
+    }
+
+    /// Records a new topic epoch (by CAS: a newer owner's record wins).
+    pub async fn set_producer_epoch(&self, epoch: u64) -> Result<(), MlError> {
+        let mut w = self.write.lock().await;
+        let previous = w.info.producer_epoch;
+        w.info.producer_epoch = epoch;
+        if let Err(e) = self.store_info(&mut w).await {
+            w.info.producer_epoch = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The last entry of a terminated topic; `None` while it takes entries.
     pub fn terminated(&self) -> Option<Position> {
         *read(&self.terminated)

@@ -15,6 +15,8 @@ use super::codec::{send_error, send_receipt};
 use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ProducerSlot};
 use crate::managed_ledger::MlError;
+use crate::topic::persistent::{Joined, ProducerRequest};
+use crate::topic::producers::AccessMode;
 use crate::BrokerError;
 
 /// Producer ids a connection remembers as closed by the broker (beyond
@@ -36,18 +38,44 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
         .unwrap_or_else(|| format!("magnetar-{}-{}", conn.shared.id, c.producer_id));
     let res = async {
         let name = Conn::topic_name(&c.topic)?;
+        let mode = AccessMode::from_wire(c.producer_access_mode).ok_or_else(|| {
+            BrokerError::new(
+                ServerError::NotAllowedError,
+                format!("unknown producer access mode {:?}", c.producer_access_mode),
+            )
+        })?;
         let topic = conn.ctx.topics.get_or_load(&name).await?;
-        topic.add_producer(
-            conn.shared.id,
-            c.producer_id,
-            &producer_name,
-            conn.shared.clone(),
-        )?;
-        Ok(topic)
+        let req = ProducerRequest {
+            conn_id: conn.shared.id,
+            producer_id: c.producer_id,
+            name: producer_name.clone(),
+            link: conn.shared.clone(),
+            mode,
+            epoch: c.topic_epoch,
+        };
+        let mut told_waiting = false;
+        loop {
+            match topic.add_producer(&req).await? {
+                Joined::Ready { epoch } => return Ok((topic, epoch)),
+                Joined::Waiting(woken) => {
+                    // Tell the client it is queued (it then waits without
+                    // a timeout), as Pulsar does.
+                    if !told_waiting {
+                        told_waiting = true;
+                        conn.shared
+                            .send(&producer_success(c.request_id, &producer_name, None, false))
+                            .await;
+                    }
+                    woken.await.map_err(|_| {
+                        BrokerError::NotServedHere(format!("topic {name} closed meanwhile"))
+                    })?;
+                }
+            }
+        }
     }
     .await;
     match res {
-        Ok(topic) => {
+        Ok((topic, epoch)) => {
             {
                 // Under the lock `close_all` takes to mark the connection closed.
                 let mut g = lock(&conn.shared.producers);
@@ -67,15 +95,9 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
             }
             lock(&conn.shared.closed_producers).remove(&c.producer_id);
             conn.shared.unreserve_producer(c.producer_id);
-            let mut r = base(Type::ProducerSuccess);
-            r.producer_success = Some(CommandProducerSuccess {
-                request_id: c.request_id,
-                producer_name,
-                last_sequence_id: Some(-1),
-                producer_ready: Some(true),
-                ..Default::default()
-            });
-            conn.shared.send(&r).await;
+            conn.shared
+                .send(&producer_success(c.request_id, &producer_name, epoch, true))
+                .await;
         }
         Err(e) => {
             tracing::info!(peer = %conn.peer, topic = %c.topic, error = %e, "producer refused");
@@ -206,4 +228,22 @@ impl super::ConnShared {
         }
         g.insert(producer_id);
     }
+}
+
+fn producer_success(
+    request_id: u64,
+    name: &str,
+    topic_epoch: Option<u64>,
+    ready: bool,
+) -> magnetar_proto::pulsar::BaseCommand {
+    let mut r = base(Type::ProducerSuccess);
+    r.producer_success = Some(CommandProducerSuccess {
+        request_id,
+        producer_name: name.to_string(),
+        last_sequence_id: Some(-1),
+        topic_epoch,
+        producer_ready: Some(ready),
+        ..Default::default()
+    });
+    r
 }

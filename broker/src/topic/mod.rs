@@ -3,6 +3,7 @@
 
 pub mod partitioned;
 pub mod persistent;
+pub mod producers;
 pub mod registry;
 
 pub use persistent::{InitialPosition, Topic};

@@ -12,6 +12,7 @@ use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::TopicName;
 use tokio::sync::oneshot;
 
+use super::producers::{self, AccessMode, Admit, ProducerRef, Producers};
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
 use crate::subscription::{
@@ -26,17 +27,31 @@ pub enum InitialPosition {
     Latest,
 }
 
-/// A producer as the topic knows it: (connection id, producer id) and how
-/// to tell its connection that the broker closed it.
-struct ProducerRef {
-    name: String,
-    link: Arc<dyn ClientLink>,
+/// A producer asking to join a topic.
+pub struct ProducerRequest {
+    pub conn_id: u64,
+    pub producer_id: u64,
+    pub name: String,
+    pub link: Arc<dyn ClientLink>,
+    pub mode: AccessMode,
+    /// The topic epoch an exclusive producer had before (reconnecting).
+    pub epoch: Option<u64>,
+}
+
+/// How a producer joined.
+#[derive(Debug)]
+pub enum Joined {
+    /// Added; an exclusive producer with its topic epoch.
+    Ready { epoch: Option<u64> },
+    /// Queued for exclusive access: ask again once this fires (an error:
+    /// the topic closed).
+    Waiting(oneshot::Receiver<()>),
 }
 
 pub struct Topic {
     pub name: TopicName,
     pub ml: Arc<ManagedLedger>,
-    producers: Mutex<HashMap<(u64, u64), ProducerRef>>,
+    producers: Mutex<Producers>,
     subs: tokio::sync::Mutex<HashMap<String, SubscriptionHandle>>,
     /// Set once unloading started: no new producers or subscriptions.
     closing: AtomicBool,
@@ -149,7 +164,7 @@ impl Topic {
         }))
     }
 
-    fn producers(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), ProducerRef>> {
+    fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
         self.producers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -167,31 +182,65 @@ impl Topic {
         Ok(())
     }
 
-    pub fn add_producer(
-        &self,
-        conn_id: u64,
-        producer_id: u64,
-        name: &str,
-        link: Arc<dyn ClientLink>,
-    ) -> Result<(), BrokerError> {
-        // Checked under the producers' lock, which `close` takes to set it:
-        // no producer joins after `close` collected them.
-        let mut g = self.producers();
-        self.refuse_if_closing()?;
-        if self.ml.terminated().is_some() {
-            return Err(BrokerError::new(
-                ServerError::TopicTerminatedError,
-                format!("topic {} is terminated", self.name),
-            ));
+    /// Adds a producer under its access mode. A WaitForExclusive producer
+    /// that must wait gets `Joined::Waiting` and asks again once woken; an
+    /// exclusive one gets the topic epoch it is bound to.
+    pub async fn add_producer(&self, r: &ProducerRequest) -> Result<Joined, BrokerError> {
+        let key = (r.conn_id, r.producer_id);
+        let current_epoch = if r.mode.is_exclusive() {
+            self.ml.producer_epoch().await
+        } else {
+            0
+        };
+        let fenced = {
+            // Checked under the producers' lock, which `close` takes to set
+            // it: no producer joins after `close` collected them.
+            let mut g = self.producers();
+            self.refuse_if_closing()?;
+            if self.ml.terminated().is_some() {
+                return Err(BrokerError::new(
+                    ServerError::TopicTerminatedError,
+                    format!("topic {} is terminated", self.name),
+                ));
+            }
+            if r.mode.is_exclusive() {
+                producers::epoch_for(r.epoch, current_epoch)
+                    .map_err(|why| BrokerError::new(ServerError::ProducerFenced, why))?;
+            }
+            let fenced = match g.decide(r.mode) {
+                Admit::Refuse(code, why) => return Err(BrokerError::new(code, why)),
+                Admit::Wait => return Ok(Joined::Waiting(g.wait())),
+                Admit::FenceOthers => g.drain(),
+                Admit::Now => Vec::new(),
+            };
+            g.insert(
+                key,
+                ProducerRef {
+                    name: r.name.clone(),
+                    link: r.link.clone(),
+                    mode: r.mode,
+                },
+            );
+            fenced
+        };
+        for ((_, pid), p) in fenced {
+            tracing::info!(topic = %self.name, producer = %p.name, "producer fenced by an ExclusiveWithFencing producer");
+            p.link.close_producer(pid, &Assigned::default());
         }
-        g.insert(
-            (conn_id, producer_id),
-            ProducerRef {
-                name: name.to_string(),
-                link,
-            },
-        );
-        Ok(())
+        if !r.mode.is_exclusive() {
+            return Ok(Joined::Ready { epoch: None });
+        }
+        // The holder alone gets here: epochs change one at a time.
+        let (epoch, new) = producers::epoch_for(r.epoch, self.ml.producer_epoch().await)
+            .map_err(|why| BrokerError::new(ServerError::ProducerFenced, why))?;
+        if new {
+            if let Err(e) = self.ml.set_producer_epoch(epoch).await {
+                self.remove_producer(r.conn_id, r.producer_id);
+                return Err(e.into());
+            }
+            tracing::info!(topic = %self.name, producer = %r.name, epoch, "exclusive producer took the topic");
+        }
+        Ok(Joined::Ready { epoch: Some(epoch) })
     }
 
     pub fn remove_producer(&self, conn_id: u64, producer_id: u64) {
@@ -205,19 +254,16 @@ impl Topic {
     /// Closes every producer (the topic was terminated: their reconnect is
     /// refused with TopicTerminated, which ends them).
     pub fn disconnect_producers(&self) {
-        let producers: Vec<(u64, Arc<dyn ClientLink>)> = self
-            .producers()
-            .drain()
-            .map(|((_, pid), p)| (pid, p.link))
-            .collect();
-        for (pid, link) in producers {
-            link.close_producer(pid, &Assigned::default());
+        let producers = self.producers().drain();
+        for ((_, pid), p) in producers {
+            p.link.close_producer(pid, &Assigned::default());
         }
     }
 
     /// (producer id, name) of every producer.
     pub fn producer_names(&self) -> Vec<(u64, String)> {
         self.producers()
+            .map
             .iter()
             .map(|((_, id), p)| (*id, p.name.clone()))
             .collect()
@@ -387,11 +433,14 @@ impl Topic {
         let t2 = t0.elapsed();
         self.ml.close_cursor_ledgers().await;
         tracing::debug!(topic = %self.name, ledger_ms = t1.as_millis() as u64, cursors_ms = (t2 - t1).as_millis() as u64, cursor_ledgers_ms = (t0.elapsed() - t2).as_millis() as u64, "topic closed");
-        let producers = self
-            .producers()
-            .drain()
-            .map(|((_, pid), p)| (pid, p.link))
-            .collect();
+        let producers = {
+            let mut g = self.producers();
+            g.drop_waiters();
+            g.drain()
+                .into_iter()
+                .map(|((_, pid), p)| (pid, p.link))
+                .collect()
+        };
         (
             Detached {
                 producers,

@@ -33,6 +33,23 @@ pub struct ProducerOptions {
     pub send_timeout_ms: u64,
     /// How long `create_producer` keeps retrying while the topic is moving.
     pub operation_timeout_ms: u64,
+    /// Whether other producers may write the topic too (Pulsar's access
+    /// modes).
+    pub access_mode: AccessMode,
+}
+
+/// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccessMode {
+    /// Any number of producers.
+    #[default]
+    Shared,
+    /// The only producer; refused (ProducerBusy) while another is there.
+    Exclusive,
+    /// The only producer; `create_producer` waits until the others left.
+    WaitForExclusive,
+    /// The only producer; the others are closed (and fenced).
+    ExclusiveWithFencing,
 }
 
 impl Default for ProducerOptions {
@@ -45,6 +62,7 @@ impl Default for ProducerOptions {
             batch_delay_ms: 10,
             send_timeout_ms: 30_000,
             operation_timeout_ms: 30_000,
+            access_mode: AccessMode::Shared,
         }
     }
 }
@@ -61,6 +79,8 @@ struct Shared {
     closed: Option<Error>,
     /// The broker-assigned name, kept across reconnects.
     name: Option<String>,
+    /// The topic epoch an exclusive producer is bound to.
+    topic_epoch: Option<u64>,
 }
 
 pub(crate) struct ProducerInner {
@@ -167,6 +187,8 @@ impl ProducerInner {
             producer_id: self.producer_id,
             request_id: 0,
             producer_name: name,
+            producer_access_mode: Some(self.options.access_mode as i32),
+            topic_epoch: self.lock().topic_epoch,
             ..Default::default()
         });
         let resp = match conn.request(cmd).await {
@@ -182,6 +204,9 @@ impl ProducerInner {
         };
         let mut sh = self.lock();
         sh.name = Some(ok.producer_name);
+        if ok.topic_epoch.is_some() {
+            sh.topic_epoch = ok.topic_epoch;
+        }
         for p in sh.state.to_resend() {
             let _ = conn.send_payload(
                 &send_cmd(self.producer_id, p.sequence_id, p.messages),
@@ -365,6 +390,7 @@ impl Producer {
                 conn: None,
                 closed: None,
                 name: None,
+                topic_epoch: None,
             }),
             options,
             closing: Notify::new(),
