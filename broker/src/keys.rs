@@ -8,6 +8,9 @@ pub const TENANTS_PREFIX: &str = "/tenants/";
 /// Partitioned topics: `/partitioned-topics/<tenant>/<ns>/<domain>/<topic>`
 /// holding `{"partitions": N}`; each partition is an ordinary topic.
 pub const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
+/// A topic's own policies (Pulsar's topic policies) as JSON:
+/// `/topic-policies/<tenant>/<ns>/<domain>/<topic>`.
+pub const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
 /// Brokers register here (ephemeral keys on their leases).
 pub const BROKERS_PREFIX: &str = "/brokers/available/";
 /// A topic's ledger list and cursor pointers.
@@ -33,6 +36,11 @@ pub fn tenant(tenant: &str) -> String {
 /// `name` is `TopicName::as_key`.
 pub fn partitioned(name: &str) -> String {
     format!("{PARTITIONED_PREFIX}{name}")
+}
+
+/// `name` is `TopicName::as_key`.
+pub fn topic_policies(name: &str) -> String {
+    format!("{TOPIC_POLICIES_PREFIX}{name}")
 }
 
 pub fn managed_ledger(name: &str) -> String {

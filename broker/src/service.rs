@@ -150,6 +150,7 @@ impl Broker {
         });
         let tasks = vec![
             tokio::spawn(guard_lease(topics.clone(), stopping.clone())),
+            tokio::spawn(crate::topic::policies::follow(topics.clone())),
             tokio::spawn(report_load(
                 topics.clone(),
                 Duration::from_millis(cfg.load_report_interval_ms.max(100)),

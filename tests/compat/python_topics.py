@@ -140,12 +140,54 @@ except pulsar.ProducerFenced:
 f.close()
 print("producer access modes (Exclusive, ExclusiveWithFencing): ok")
 
+# Deduplication (a namespace policy): a resend is stored once and answered
+# with the original id; a producer of the same name resumes after it.
+ok("PUT", f"/namespaces/{tenant}/dedup")
+ok("POST", f"/namespaces/{tenant}/dedup/deduplication", "true")
+dt = f"persistent://{tenant}/dedup/once"
+dc = client.subscribe(dt, "s")
+dp = client.create_producer(dt, producer_name="writer", batching_enabled=False)
+ids = [dp.send(f"m{i}".encode(), sequence_id=i) for i in range(5)]
+again = dp.send(b"m2 again", sequence_id=2)
+assert (again.ledger_id(), again.entry_id()) == (ids[2].ledger_id(), ids[2].entry_id()), (again, ids[2])
+dp.close()
+dp = client.create_producer(dt, producer_name="writer", batching_enabled=False)
+assert dp.last_sequence_id() == 4, dp.last_sequence_id()
+dp.send(b"m5")
+got = []
+for _ in range(6):
+    m = dc.receive(timeout_millis=10000)
+    got.append(m.data().decode())
+    dc.acknowledge(m)
+assert got == [f"m{i}" for i in range(6)], got
+try:
+    m = dc.receive(timeout_millis=500)
+    raise AssertionError(f"a duplicate was stored: {m.data()}")
+except pulsar.Timeout:
+    pass
+# Off for this topic (a topic-level override): a resend is stored again.
+ok("POST", f"/persistent/{tenant}/dedup/once/deduplicationEnabled", "false")
+stored_again = False
+for attempt in range(50):
+    dp.send(b"resent", sequence_id=5)
+    try:
+        dc.acknowledge(dc.receive(timeout_millis=200))
+        stored_again = True
+        break
+    except pulsar.Timeout:
+        pass
+assert stored_again, "the topic-level override did not turn deduplication off"
+dp.close()
+dc.close()
+print("deduplication: a resend stored once with its original id; topic override: ok")
+
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
 ok("DELETE", f"/persistent/{tenant}/app/one-writer?force=true")
 ok("DELETE", f"/persistent/{tenant}/auto/fresh/partitions")
 ok("DELETE", f"/persistent/{tenant}/strict/known")
-for ns in ("app", "auto", "strict"):
+ok("DELETE", f"/persistent/{tenant}/dedup/once")
+for ns in ("app", "auto", "strict", "dedup"):
     ok("DELETE", f"/namespaces/{tenant}/{ns}")
 ok("DELETE", f"/tenants/{tenant}")
 client.close()

@@ -394,3 +394,70 @@ async fn a_terminated_topic_refuses_sends_and_ends_its_consumers_also_after_a_re
     assert!(matches!(end, Err(Error::EndOfTopic)), "{end:?}");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deduplication_is_a_namespace_policy_with_a_topic_override_and_survives_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let ns = "/namespaces/public/default/deduplication";
+    assert_eq!(h.get(ns).await, Value::Null);
+    assert_eq!(h.status("POST", ns, "maybe").await, 400);
+    assert_eq!(h.status("POST", ns, "true").await, 204);
+    assert_eq!(h.get(ns).await, true);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/once";
+    let named = ProducerOptions {
+        name: Some("writer".into()),
+        ..Default::default()
+    };
+    let mut c = client
+        .subscribe(topic, "s", ConsumerOptions::default())
+        .await
+        .unwrap();
+    let p = client.create_producer(topic, named.clone()).await.unwrap();
+    for i in 0..3 {
+        p.send(format!("m{i}").as_str()).await.unwrap();
+    }
+    p.close().await.unwrap();
+    // The same producer again: it continues after what the topic stored.
+    let p = client.create_producer(topic, named.clone()).await.unwrap();
+    p.send("m3").await.unwrap();
+    p.close().await.unwrap();
+    drop(c);
+    drop(client);
+    s.shutdown().await;
+
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let p = client.create_producer(topic, named.clone()).await.unwrap();
+    p.send("m4").await.unwrap();
+    c = client
+        .subscribe(topic, "s", ConsumerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let m = c.receive().await.unwrap();
+        assert_eq!(
+            &m.payload[..],
+            format!("m{i}").as_bytes(),
+            "every message once, in order"
+        );
+        c.ack(&m).unwrap();
+    }
+    assert!(c
+        .receive_timeout(std::time::Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_none());
+    // A topic-level override, read back.
+    let tp = "/persistent/public/default/once/deduplicationEnabled";
+    assert_eq!(h.get(tp).await, Value::Null);
+    assert_eq!(h.status("POST", tp, "false").await, 204);
+    assert_eq!(h.get(tp).await, false);
+    assert_eq!(h.status("DELETE", tp, "").await, 204);
+    assert_eq!(h.get(tp).await, Value::Null);
+    s.shutdown().await;
+}

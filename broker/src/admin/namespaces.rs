@@ -30,6 +30,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
             get(read).put(create).delete(delete),
         )
         .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/deduplication",
+            get(get_dedup).post(set_dedup).delete(remove_dedup),
+        )
+        .route(
             "/admin/v2/namespaces/{tenant}/{ns}/autoTopicCreation",
             get(get_auto_creation)
                 .post(set_auto_creation)
@@ -178,6 +182,61 @@ async fn delete(
         .map_err(BrokerError::from)?;
     own.namespaces.invalidate(&name);
     tracing::info!(namespace = %name, "namespace deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A boolean body, as Pulsar's tools send it.
+pub fn parse_bool(body: &Bytes) -> ApiResult<bool> {
+    match std::str::from_utf8(body).unwrap_or("").trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be true or false, not {other:?}"),
+        )),
+    }
+}
+
+async fn get_dedup(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<bool>>> {
+    let (p, _) = ctx
+        .topics
+        .ownership
+        .namespaces
+        .get(&format!("{tenant}/{ns}"))
+        .await?;
+    Ok(Json(p.deduplication_enabled))
+}
+
+async fn set_dedup(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let on = parse_bool(&body)?;
+    ctx.topics
+        .ownership
+        .namespaces
+        .update(&format!("{tenant}/{ns}"), |p| {
+            p.deduplication_enabled = Some(on)
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_dedup(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    ctx.topics
+        .ownership
+        .namespaces
+        .update(&format!("{tenant}/{ns}"), |p| {
+            p.deduplication_enabled = None
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

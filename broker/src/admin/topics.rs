@@ -24,6 +24,7 @@ use super::http::{AdminContext, ApiError};
 use super::{error, here_or_redirect, owned, topic_name, Answer};
 use crate::managed_ledger::MlInfo;
 use crate::topic::partitioned::{self, CreateRefused, PartitionedMetadata};
+use crate::topic::policies;
 use crate::{keys, BrokerError};
 
 type Ctx = State<Arc<AdminContext>>;
@@ -46,6 +47,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
         .route(&format!("{TOPIC}/stats"), get(stats))
         .route(&format!("{TOPIC}/unload"), put(unload))
         .route(&format!("{TOPIC}/terminate"), post(terminate))
+        .route(
+            &format!("{TOPIC}/deduplicationEnabled"),
+            get(get_dedup).post(set_dedup).delete(remove_dedup),
+        )
 }
 
 #[derive(Deserialize)]
@@ -403,6 +408,30 @@ async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
         subscriptions,
     };
     Ok(Json(stats).into_response())
+}
+
+async fn get_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    let name = p.name()?;
+    let policies = policies::read(&ctx.md, &name).await.map_err(error)?;
+    Ok(Json(policies.deduplication_enabled).into_response())
+}
+
+async fn set_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let name = p.name()?;
+    let on = super::namespaces::parse_bool(&body)?;
+    check_namespace(&ctx, &name.namespace()).await?;
+    policies::update(&ctx.md, &name, |p| p.deduplication_enabled = Some(on))
+        .await
+        .map_err(error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn remove_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    let name = p.name()?;
+    policies::update(&ctx.md, &name, |p| p.deduplication_enabled = None)
+        .await
+        .map_err(error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Pulsar's `MessageIdImpl` as JSON.

@@ -2,7 +2,7 @@
 //! or before it acknowledged) plus the positions acknowledged individually
 //! beyond it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use magnetar_proto::pulsar::MessageIdData;
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,9 @@ pub const MAX_INDIVIDUAL_ACKS: usize = 100_000;
 pub struct CursorState {
     pub mark_delete: Position,
     pub acked: BTreeSet<Position>,
+    /// Named numbers kept with the position (the dedup snapshot).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, i64>,
 }
 
 impl CursorState {
@@ -66,6 +69,7 @@ impl CursorState {
         CursorState {
             mark_delete,
             acked: BTreeSet::new(),
+            properties: BTreeMap::new(),
         }
     }
 

@@ -27,6 +27,13 @@ pub struct NamespacePolicies {
         skip_serializing_if = "Option::is_none"
     )]
     pub auto_topic_creation: Option<AutoTopicCreation>,
+    /// Producer deduplication for the namespace's topics.
+    #[serde(
+        rename = "deduplicationEnabled",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deduplication_enabled: Option<bool>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }

@@ -63,7 +63,13 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
                     if !told_waiting {
                         told_waiting = true;
                         conn.shared
-                            .send(&producer_success(c.request_id, &producer_name, None, false))
+                            .send(&producer_success(
+                                c.request_id,
+                                &producer_name,
+                                None,
+                                false,
+                                -1,
+                            ))
                             .await;
                     }
                     woken.await.map_err(|_| {
@@ -76,6 +82,7 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
     .await;
     match res {
         Ok((topic, epoch)) => {
+            let last = topic.last_sequence_id(&producer_name);
             {
                 // Under the lock `close_all` takes to mark the connection closed.
                 let mut g = lock(&conn.shared.producers);
@@ -96,7 +103,13 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
             lock(&conn.shared.closed_producers).remove(&c.producer_id);
             conn.shared.unreserve_producer(c.producer_id);
             conn.shared
-                .send(&producer_success(c.request_id, &producer_name, epoch, true))
+                .send(&producer_success(
+                    c.request_id,
+                    &producer_name,
+                    epoch,
+                    true,
+                    last,
+                ))
                 .await;
         }
         Err(e) => {
@@ -176,7 +189,10 @@ async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: 
     };
     let topic = slot.topic.name.clone();
     slot.topic
-        .publish(
+        .publish_from(
+            &slot.name,
+            seq,
+            highest,
             data,
             Box::new(move |res| {
                 let cmd = match res {
@@ -235,12 +251,13 @@ fn producer_success(
     name: &str,
     topic_epoch: Option<u64>,
     ready: bool,
+    last_sequence_id: i64,
 ) -> magnetar_proto::pulsar::BaseCommand {
     let mut r = base(Type::ProducerSuccess);
     r.producer_success = Some(CommandProducerSuccess {
         request_id,
         producer_name: name.to_string(),
-        last_sequence_id: Some(-1),
+        last_sequence_id: Some(last_sequence_id),
         topic_epoch,
         producer_ready: Some(ready),
         ..Default::default()

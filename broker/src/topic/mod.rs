@@ -1,8 +1,10 @@
 //! Loaded topics: the registry (what this broker serves) and the topic
 //! itself (storage, producers, subscriptions).
 
+pub mod dedup;
 pub mod partitioned;
 pub mod persistent;
+pub mod policies;
 pub mod producers;
 pub mod registry;
 

@@ -2,16 +2,17 @@
 //! subscriptions. Publishing goes through `publish`; unloading closes the
 //! storage first, then tells every client where to go.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use magnetar_proto::commands::Assigned;
 use magnetar_proto::pulsar::ServerError;
-use magnetar_proto::TopicName;
+use magnetar_proto::{Payload, TopicName};
 use tokio::sync::oneshot;
 
+use super::dedup::{self, Check, Dedup};
 use super::producers::{self, AccessMode, Admit, ProducerRef, Producers};
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
@@ -56,6 +57,135 @@ pub struct Topic {
     /// Set once unloading started: no new producers or subscriptions.
     closing: AtomicBool,
     pub stats: TopicStats,
+    dedup: Arc<DedupCell>,
+}
+
+/// The topic's deduplication state (`None`: off), reachable from the
+/// completions of its appends.
+struct DedupCell {
+    state: Mutex<Option<Dedup>>,
+    ml: Arc<ManagedLedger>,
+    /// A snapshot is being written (one at a time, so none overtakes a newer).
+    snapshotting: AtomicBool,
+}
+
+impl DedupCell {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Dedup>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A deduplicated append finished: the state learns it, duplicates
+    /// waiting on it get the same answer, a snapshot is written when due.
+    fn completed(
+        self: &Arc<Self>,
+        producer: &str,
+        seq: u64,
+        highest: u64,
+        res: Result<Position, MlError>,
+        done: AppendDone,
+    ) {
+        let (waiting, snapshot) = {
+            let mut g = self.lock();
+            match (g.as_mut(), &res) {
+                (Some(d), Ok(pos)) => {
+                    let waiting = d.stored(producer, seq, highest, *pos);
+                    let snapshot = if self.snapshotting.load(Ordering::Acquire) {
+                        None
+                    } else {
+                        d.take_snapshot(false)
+                    };
+                    (waiting, snapshot)
+                }
+                (Some(d), Err(_)) => (d.failed(producer, seq), None),
+                (None, _) => (Vec::new(), None),
+            }
+        };
+        for w in waiting {
+            w(res.clone());
+        }
+        done(res);
+        if let Some((at, map)) = snapshot {
+            self.snapshotting.store(true, Ordering::Release);
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.write_snapshot(at, map).await;
+                me.snapshotting.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    async fn write_snapshot(&self, at: Position, properties: BTreeMap<String, i64>) {
+        let state = CursorState {
+            properties,
+            ..CursorState::new(at)
+        };
+        if let Err(e) = self.ml.persist_cursor(dedup::CURSOR, &state).await {
+            tracing::warn!(topic = %self.ml.name, error = %e, "writing the deduplication snapshot failed; the next one retries");
+        }
+    }
+
+    /// The final snapshot (unload): the next owner replays nothing.
+    async fn close(&self) {
+        let snapshot = {
+            let mut g = self.lock();
+            g.as_mut().and_then(|d| {
+                d.close();
+                d.take_snapshot(true)
+            })
+        };
+        if let Some((at, map)) = snapshot {
+            self.write_snapshot(at, map).await;
+        }
+    }
+}
+
+/// Subscription names the broker keeps for itself.
+fn refuse_reserved(sub: &str) -> Result<(), BrokerError> {
+    if sub == dedup::CURSOR {
+        return Err(BrokerError::new(
+            ServerError::NotAllowedError,
+            format!("subscription name {sub} is reserved"),
+        ));
+    }
+    Ok(())
+}
+
+/// The deduplication state of a topic being loaded: its snapshot (none:
+/// deduplication was just turned on — it starts at the last entry), then
+/// every entry after it read back.
+async fn recover_dedup(
+    ml: &Arc<ManagedLedger>,
+    snapshot: Option<CursorState>,
+) -> Result<Dedup, BrokerError> {
+    let Some(snapshot) = snapshot else {
+        ml.persist_cursor(dedup::CURSOR, &CursorState::new(ml.last_confirmed()))
+            .await?;
+        return Ok(Dedup::default());
+    };
+    let mut d = Dedup::from_snapshot(&snapshot.properties);
+    let last = ml.last_confirmed();
+    let mut next = ml.next_after(snapshot.mark_delete);
+    let mut replayed = 0u64;
+    while let Some(p) = next.filter(|p| *p <= last) {
+        let data = ml.read(p).await?;
+        match Payload::peek_metadata(&data) {
+            Ok(md) => {
+                let n = md.num_messages_in_batch.unwrap_or(1).max(1) as u64;
+                let highest = md
+                    .highest_sequence_id
+                    .unwrap_or(0)
+                    .max(md.sequence_id + n - 1);
+                d.replayed(&md.producer_name, md.sequence_id, highest, p);
+            }
+            Err(e) => {
+                tracing::warn!(topic = %ml.name, position = ?p, error = %e, "an entry's metadata does not parse; deduplication skips it")
+            }
+        }
+        replayed += 1;
+        next = ml.next_after(p);
+    }
+    tracing::info!(topic = %ml.name, replayed, "deduplication state recovered");
+    Ok(d)
 }
 
 /// Traffic counters of a topic (rates come from their differences).
@@ -139,13 +269,29 @@ pub struct Detached {
 }
 
 impl Topic {
+    /// Opens the topic's storage and subscriptions; with `dedup`, its
+    /// deduplication state is recovered (snapshot, then the entries after it).
     pub async fn load(
         name: TopicName,
         cfg: ManagedLedgerConfig,
         stores: Stores,
+        dedup: bool,
     ) -> Result<Arc<Topic>, BrokerError> {
         let ml = ManagedLedger::open(&name.as_key(), cfg, stores).await?;
-        let cursors = ml.open_cursors().await?;
+        let mut cursors = ml.open_cursors().await?;
+        let snapshot = cursors
+            .iter()
+            .position(|(n, _)| n == dedup::CURSOR)
+            .map(|i| cursors.remove(i).1);
+        let ml_for_dedup = ml.clone();
+        let dedup = match (dedup, snapshot) {
+            (true, snapshot) => Some(recover_dedup(&ml, snapshot).await?),
+            (false, Some(_)) => {
+                ml.delete_cursor(dedup::CURSOR).await?;
+                None
+            }
+            (false, None) => None,
+        };
         let stats = TopicStats::default();
         // Rates are measured from the load on.
         stats.rates();
@@ -161,7 +307,96 @@ impl Topic {
             subs: tokio::sync::Mutex::new(subs),
             closing: AtomicBool::new(false),
             stats,
+            dedup: Arc::new(DedupCell {
+                state: Mutex::new(dedup),
+                ml: ml_for_dedup,
+                snapshotting: AtomicBool::new(false),
+            }),
         }))
+    }
+
+    fn dedup(&self) -> std::sync::MutexGuard<'_, Option<Dedup>> {
+        self.dedup.lock()
+    }
+
+    /// Applies the policies in force (they changed).
+    pub async fn apply(&self, p: super::policies::Effective) -> Result<(), BrokerError> {
+        self.set_dedup(p.dedup).await
+    }
+
+    pub fn dedup_enabled(&self) -> bool {
+        self.dedup().is_some()
+    }
+
+    /// Turns deduplication on (from now on: the state starts empty, its
+    /// snapshot at the last entry) or off (the snapshot is dropped).
+    pub async fn set_dedup(&self, on: bool) -> Result<(), BrokerError> {
+        if on == self.dedup_enabled() {
+            return Ok(());
+        }
+        if on {
+            let at = self.ml.last_confirmed();
+            self.ml
+                .persist_cursor(dedup::CURSOR, &CursorState::new(at))
+                .await?;
+            let mut g = self.dedup();
+            if g.is_none() {
+                *g = Some(Dedup::default());
+            }
+        } else {
+            if let Some(mut d) = self.dedup().take() {
+                d.close();
+            }
+            self.ml.delete_cursor(dedup::CURSOR).await?;
+        }
+        tracing::info!(topic = %self.name, on, "deduplication changed");
+        Ok(())
+    }
+
+    /// The producer's highest stored sequence id (-1: none, or
+    /// deduplication off), for PRODUCER_SUCCESS.
+    pub fn last_sequence_id(&self, producer: &str) -> i64 {
+        self.dedup()
+            .as_ref()
+            .map_or(-1, |d| d.last_sequence(producer))
+    }
+
+    /// Appends a producer's message, deduplicated when that is on: a
+    /// resend of a stored message is answered with its id, one of a
+    /// message in flight when that is stored.
+    pub async fn publish_from(
+        &self,
+        producer: &str,
+        seq: u64,
+        highest: u64,
+        data: Bytes,
+        done: AppendDone,
+    ) {
+        let check = self
+            .dedup()
+            .as_mut()
+            .map(|d| d.check(producer, seq, highest));
+        match check {
+            None => self.publish(data, done).await,
+            Some(Check::Stored(id)) => {
+                // Older than the window: Pulsar's answer, (-1, -1).
+                done(Ok(id.unwrap_or(Position::new(u64::MAX, -1))))
+            }
+            Some(Check::InFlight) => {
+                if let Some(d) = self.dedup().as_mut() {
+                    d.wait(producer, seq, done);
+                }
+            }
+            Some(Check::New) => {
+                let cell = self.dedup.clone();
+                let name = producer.to_string();
+                self.publish(
+                    data,
+                    Box::new(move |res| cell.completed(&name, seq, highest, res, done)),
+                )
+                .await
+            }
+        }
     }
 
     fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
@@ -285,6 +520,7 @@ impl Topic {
         initial: InitialPosition,
     ) -> Result<SubscriptionHandle, BrokerError> {
         self.refuse_if_closing()?;
+        refuse_reserved(sub)?;
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
             return Ok(h.clone());
@@ -315,6 +551,7 @@ impl Topic {
         mark_delete: Position,
     ) -> Result<SubscriptionHandle, BrokerError> {
         self.refuse_if_closing()?;
+        refuse_reserved(sub)?;
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
             return Ok(h.clone());
@@ -419,6 +656,7 @@ impl Topic {
         }
         let t0 = std::time::Instant::now();
         let closed = self.ml.close().await;
+        self.dedup.close().await;
         let t1 = t0.elapsed();
         let handles: Vec<SubscriptionHandle> =
             self.subs.lock().await.drain().map(|(_, h)| h).collect();
@@ -477,4 +715,83 @@ pub fn unknown(what: &str) -> BrokerError {
         ServerError::UnknownError
     };
     BrokerError::new(code, format!("unknown {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::managed_ledger::store::{MemoryLedgers, MemoryMeta};
+
+    fn entry(producer: &str, seq: u64) -> Bytes {
+        let md = magnetar_proto::pulsar::MessageMetadata {
+            producer_name: producer.into(),
+            sequence_id: seq,
+            publish_time: 1,
+            ..Default::default()
+        };
+        Payload::build(md, b"x").headers_and_payload
+    }
+
+    async fn send(t: &Topic, producer: &str, seq: u64) -> Position {
+        let (tx, rx) = oneshot::channel();
+        t.publish_from(
+            producer,
+            seq,
+            seq,
+            entry(producer, seq),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .await;
+        rx.await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn resends_are_stored_once_and_answered_with_the_original_id_also_after_a_reload() {
+        let (l, m) = (MemoryLedgers::new(), MemoryMeta::new());
+        let stores = Stores::new(Arc::new(l.clone()), Arc::new(m.clone()));
+        let name = TopicName::parse("persistent://t/n/dedup").unwrap();
+        let cfg = ManagedLedgerConfig {
+            max_entries_per_ledger: 4,
+            ..Default::default()
+        };
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for seq in 0..10 {
+            ids.push(send(&t, "p", seq).await);
+        }
+        assert_eq!(send(&t, "p", 3).await, ids[3], "a resend");
+        assert_eq!(t.ml.entries(), 10, "stored once");
+        assert_eq!(t.last_sequence_id("p"), 9);
+        // Reloaded without a final snapshot (as after a crash): the state
+        // comes back from the entries.
+        drop(t);
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+            .await
+            .unwrap();
+        assert_eq!(t.last_sequence_id("p"), 9);
+        assert_eq!(send(&t, "p", 9).await, ids[9], "a resend after the reload");
+        assert_eq!(t.ml.entries(), 10);
+        let new = send(&t, "p", 10).await;
+        assert!(new > ids[9]);
+        // Unloaded cleanly: the snapshot covers everything.
+        let (_, closed) = t.close().await;
+        closed.unwrap();
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+            .await
+            .unwrap();
+        assert_eq!(t.last_sequence_id("p"), 10);
+        assert_eq!(t.ml.entries(), 11);
+        // Turned off: everything is stored, the snapshot cursor is gone.
+        t.set_dedup(false).await.unwrap();
+        send(&t, "p", 0).await;
+        assert_eq!(t.ml.entries(), 12);
+        assert_eq!(t.last_sequence_id("p"), -1);
+        assert!(t.subscription_names().await.is_empty());
+    }
 }

@@ -72,7 +72,14 @@ impl TopicRegistry {
             .get_or_try_init(|| async {
                 let own = &self.ownership;
                 super::partitioned::check_may_load(own.metadata(), &own.namespaces, name).await?;
-                Topic::load(name.clone(), self.ml_cfg.clone(), self.stores.clone()).await
+                let policies = super::policies::resolve(self, name, false).await?;
+                Topic::load(
+                    name.clone(),
+                    self.ml_cfg.clone(),
+                    self.stores.clone(),
+                    policies.dedup,
+                )
+                .await
             })
             .await
             .cloned();

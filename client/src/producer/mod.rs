@@ -204,6 +204,7 @@ impl ProducerInner {
         };
         let mut sh = self.lock();
         sh.name = Some(ok.producer_name);
+        sh.state.resume_after(ok.last_sequence_id.unwrap_or(-1));
         if ok.topic_epoch.is_some() {
             sh.topic_epoch = ok.topic_epoch;
         }

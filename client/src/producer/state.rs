@@ -46,6 +46,14 @@ impl<R> ProducerState<R> {
         }
     }
 
+    /// The broker stored this producer's messages up to `last` (a named
+    /// producer with deduplication on): new messages continue after it.
+    pub fn resume_after(&mut self, last: i64) {
+        if last >= 0 && last as u64 >= self.next_seq {
+            self.next_seq = last as u64 + 1;
+        }
+    }
+
     /// Assigns sequence ids to an entry of `messages` messages; returns its
     /// first sequence id and its stored form (built by `payload_for`).
     pub fn push(
@@ -130,6 +138,21 @@ impl<R> ProducerState<R> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_producer_resumes_after_what_the_broker_stored() {
+        let mut s: ProducerState<()> = ProducerState::new(0);
+        s.resume_after(-1);
+        assert_eq!(s.push(1, |_| Bytes::new(), vec![], Instant::now()).0, 0);
+        s.resume_after(41);
+        assert_eq!(s.push(1, |_| Bytes::new(), vec![], Instant::now()).0, 42);
+        s.resume_after(10);
+        assert_eq!(
+            s.push(1, |_| Bytes::new(), vec![], Instant::now()).0,
+            43,
+            "never back"
+        );
+    }
 
     fn push(s: &mut ProducerState<u32>, n: u32, w: u32, now: Instant) -> u64 {
         s.push(n, |seq| Bytes::from(seq.to_string()), vec![w], now)
