@@ -97,10 +97,7 @@ impl Dedup {
                 self.producers.remove(&idle);
             }
         }
-        let p = self
-            .producers
-            .entry(name.to_string())
-            .or_default();
+        let p = self.producers.entry(name.to_string()).or_default();
         p.last_active = clock;
         p
     }
