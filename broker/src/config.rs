@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     /// lives (a proxy or port mapping in between).
     #[serde(default = "default_true")]
     pub fast_failover: bool,
+    /// How often message TTL, backlog quotas and retention by age are
+    /// checked on every loaded topic.
+    #[serde(default = "default_policy_check_interval_ms")]
+    pub policy_check_interval_ms: u64,
     /// `[load_manager]`: bundle balancing between brokers.
     #[serde(default)]
     pub load_manager: LoadManagerConfig,
@@ -66,6 +70,10 @@ fn default_lease_ttl_ms() -> u64 {
 
 fn default_bundles() -> usize {
     16
+}
+
+fn default_policy_check_interval_ms() -> u64 {
+    10_000
 }
 
 fn default_load_report_interval_ms() -> u64 {
@@ -96,6 +104,7 @@ impl BrokerConfig {
             lease_ttl_ms: default_lease_ttl_ms(),
             default_bundles: default_bundles(),
             load_report_interval_ms: default_load_report_interval_ms(),
+            policy_check_interval_ms: default_policy_check_interval_ms(),
             fast_failover: true,
             load_manager: LoadManagerConfig::default(),
             managed_ledger: ManagedLedgerConfig::default(),

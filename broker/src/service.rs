@@ -114,10 +114,15 @@ impl Broker {
         ));
         let ledgers: Arc<dyn crate::managed_ledger::store::LedgerStore> = Arc::new(ledgers);
         let stores = Stores::new(ledgers.clone(), Arc::new(metadata.clone()));
+        // Dead letters go through a client of the cluster, via this broker.
+        let sink = crate::topic::dead_letter::Sink(crate::topic::dead_letter::ClientSink::new(
+            service_url.clone(),
+        ));
         let topics = Arc::new(TopicRegistry::new(
             ownership.clone(),
             stores,
             cfg.managed_ledger.clone(),
+            Some(Arc::new(sink)),
         ));
         let (crash, crashed) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(ProtocolContext::new(
@@ -151,6 +156,10 @@ impl Broker {
         let tasks = vec![
             tokio::spawn(guard_lease(topics.clone(), stopping.clone())),
             tokio::spawn(crate::topic::policies::follow(topics.clone())),
+            tokio::spawn(crate::topic::policies::enforce(
+                topics.clone(),
+                Duration::from_millis(cfg.policy_check_interval_ms.max(10)),
+            )),
             tokio::spawn(report_load(
                 topics.clone(),
                 Duration::from_millis(cfg.load_report_interval_ms.max(100)),

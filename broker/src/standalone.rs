@@ -24,6 +24,8 @@ pub struct StandaloneConfig {
     pub metadata_port: u16,
     pub bookie_port: u16,
     pub managed_ledger: ManagedLedgerConfig,
+    /// How often TTL, backlog quotas and retention by age are checked.
+    pub policy_check_interval_ms: u64,
 }
 
 impl StandaloneConfig {
@@ -36,6 +38,7 @@ impl StandaloneConfig {
             metadata_port: 2379,
             bookie_port: 3181,
             managed_ledger: ManagedLedgerConfig::default(),
+            policy_check_interval_ms: 10_000,
         }
     }
 }
@@ -72,6 +75,7 @@ impl Standalone {
         let metadata = MetadataClient::new(rpc.clone(), vec![metadata_node.local_addr()]);
         let mut broker_cfg = BrokerConfig::new(addr(cfg.broker_port)?);
         broker_cfg.managed_ledger = cfg.managed_ledger.clone();
+        broker_cfg.policy_check_interval_ms = cfg.policy_check_interval_ms;
         broker_cfg.http_listen = Some(addr(cfg.http_port)?);
         Broker::create_namespace(&metadata, "public/default", broker_cfg.default_bundles)
             .await

@@ -181,13 +181,44 @@ dp.close()
 dc.close()
 print("deduplication: a resend stored once with its original id; topic override: ok")
 
+# Broker-side dead letters: a client with no dead-letter policy of its own.
+ok("PUT", f"/namespaces/{tenant}/dlq")
+ok("POST", f"/namespaces/{tenant}/dlq/deadLetterPolicy", {"maxRedeliverCount": 2})
+wt = f"persistent://{tenant}/dlq/work"
+wc = client.subscribe(wt, "s", consumer_type=pulsar.ConsumerType.Shared,
+                      negative_ack_redelivery_delay_ms=100)
+dq = client.subscribe(wt + "-s-DLQ", "inspect")
+wp = client.create_producer(wt)
+wp.send(b"poison")
+counts = []
+while True:
+    try:
+        m = wc.receive(timeout_millis=3000)
+    except pulsar.Timeout:
+        break
+    counts.append(m.redelivery_count())
+    wc.negative_acknowledge(m)
+assert counts == [0, 1, 2], counts
+d = dq.receive(timeout_millis=10000)
+assert d.data() == b"poison", d.data()
+assert d.properties()["REAL_TOPIC"] == wt, d.properties()
+for x in (wc, dq, wp):
+    x.close()
+print("broker-side dead letters after 2 redeliveries: ok")
+
+# Message TTL: unacknowledged messages expire.
+ok("POST", f"/namespaces/{tenant}/dlq/messageTTL", "1")
+assert ok("GET", f"/namespaces/{tenant}/dlq/messageTTL", want=200) == 1
+
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
 ok("DELETE", f"/persistent/{tenant}/app/one-writer?force=true")
 ok("DELETE", f"/persistent/{tenant}/auto/fresh/partitions")
 ok("DELETE", f"/persistent/{tenant}/strict/known")
 ok("DELETE", f"/persistent/{tenant}/dedup/once")
-for ns in ("app", "auto", "strict", "dedup"):
+ok("DELETE", f"/persistent/{tenant}/dlq/work")
+ok("DELETE", f"/persistent/{tenant}/dlq/work-s-DLQ?force=true")  # the broker's own producer is on it
+for ns in ("app", "auto", "strict", "dedup", "dlq"):
     ok("DELETE", f"/namespaces/{tenant}/{ns}")
 ok("DELETE", f"/tenants/{tenant}")
 client.close()

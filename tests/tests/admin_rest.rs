@@ -461,3 +461,270 @@ async fn deduplication_is_a_namespace_policy_with_a_topic_override_and_survives_
     assert_eq!(h.get(tp).await, Value::Null);
     s.shutdown().await;
 }
+
+/// Polls `f` every 100 ms for up to 10 s until it holds.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ttl_backlog_quotas_and_retention_are_enforced() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec
+        .start_with(|c| {
+            c.policy_check_interval_ms = 200;
+            c.managed_ledger.max_entries_per_ledger = 5;
+        })
+        .await;
+    let h = Http::new(&spec);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let earliest = ConsumerOptions {
+        earliest: true,
+        ..Default::default()
+    };
+    let payload = "x".repeat(100);
+    let backlog = |topic: &'static str, sub: &'static str| {
+        let h = &h;
+        async move {
+            let stats = h
+                .get(&format!("/persistent/public/default/{topic}/stats"))
+                .await;
+            stats["subscriptions"][sub]["msgBacklog"].as_u64().unwrap()
+        }
+    };
+
+    // Message TTL (namespace level): unacknowledged messages expire.
+    assert_eq!(h.status("PUT", "/namespaces/public/ttl", "").await, 204);
+    assert_eq!(
+        h.status("POST", "/namespaces/public/ttl/messageTTL", "1")
+            .await,
+        204
+    );
+    assert_eq!(h.get("/namespaces/public/ttl/messageTTL").await, 1);
+    let c = client
+        .subscribe("persistent://public/ttl/t", "s", earliest.clone())
+        .await
+        .unwrap();
+    let p = client
+        .create_producer("persistent://public/ttl/t", ProducerOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        p.send(payload.as_str()).await.unwrap();
+    }
+    drop(c);
+    eventually("messages expired by TTL", async || {
+        let stats = h.get("/persistent/public/ttl/t/stats").await;
+        stats["subscriptions"]["s"]["msgBacklog"] == 0
+    })
+    .await;
+
+    // A size quota with producer_exception (topic level): producers are
+    // closed and new ones refused.
+    let q = "/persistent/public/default/capped/backlogQuota";
+    let quota = r#"{"limitSize":1500,"policy":"producer_exception"}"#;
+    assert_eq!(h.status("POST", q, quota).await, 204);
+    assert_eq!(
+        h.status(
+            "POST",
+            q,
+            r#"{"limitSize":0,"policy":"producer_exception"}"#
+        )
+        .await,
+        412
+    );
+    let map = h
+        .get("/persistent/public/default/capped/backlogQuotaMap")
+        .await;
+    assert_eq!(map["destination_storage"]["limitSize"], 1500, "{map}");
+    let c = client
+        .subscribe(
+            "persistent://public/default/capped",
+            "slow",
+            earliest.clone(),
+        )
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(
+            "persistent://public/default/capped",
+            ProducerOptions::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        if p.send(payload.as_str()).await.is_err() {
+            break;
+        }
+    }
+    drop(c);
+    eventually("a new producer is refused over the quota", async || {
+        let r = client
+            .create_producer(
+                "persistent://public/default/capped",
+                ProducerOptions::default(),
+            )
+            .await;
+        matches!(
+            r.err().and_then(|e| e.server_error()),
+            Some(ServerError::ProducerBlockedQuotaExceededException)
+        )
+    })
+    .await;
+
+    // consumer_backlog_eviction: the slow subscription loses its oldest.
+    let q = "/persistent/public/default/evicting/backlogQuota";
+    let quota = r#"{"limitSize":1500,"policy":"consumer_backlog_eviction"}"#;
+    assert_eq!(h.status("POST", q, quota).await, 204);
+    let c = client
+        .subscribe(
+            "persistent://public/default/evicting",
+            "slow",
+            earliest.clone(),
+        )
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(
+            "persistent://public/default/evicting",
+            ProducerOptions::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        p.send(payload.as_str()).await.unwrap();
+    }
+    drop(c);
+    eventually("the backlog was evicted down to the quota", async || {
+        let b = backlog("evicting", "slow").await;
+        b > 0 && b <= 15
+    })
+    .await;
+
+    // Retention: consumed ledgers are kept, so a new subscription from the
+    // earliest reads everything; without it they go.
+    let r = "/persistent/public/default/kept/retention";
+    let keep = r#"{"retentionTimeInMinutes":-1,"retentionSizeInMB":-1}"#;
+    assert_eq!(h.status("POST", r, keep).await, 204);
+    assert_eq!(h.get(r).await["retentionTimeInMinutes"], -1);
+    for topic in ["kept", "gone"] {
+        let full = format!("persistent://public/default/{topic}");
+        let mut c = client
+            .subscribe(&full, "s", earliest.clone())
+            .await
+            .unwrap();
+        let p = client
+            .create_producer(&full, ProducerOptions::default())
+            .await
+            .unwrap();
+        for i in 0..20 {
+            p.send(format!("m{i}").as_str()).await.unwrap();
+        }
+        for _ in 0..20 {
+            let m = c.receive().await.unwrap();
+            c.ack(&m).unwrap();
+        }
+        drop(c);
+        // Let the acknowledgements be persisted and the trim run.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let mut fresh = client
+            .subscribe(&full, "late", earliest.clone())
+            .await
+            .unwrap();
+        let first = fresh.receive().await.unwrap();
+        let first = String::from_utf8(first.payload.to_vec()).unwrap();
+        if topic == "kept" {
+            assert_eq!(first, "m0", "retention keeps consumed ledgers");
+        } else {
+            assert_ne!(first, "m0", "consumed ledgers go without retention");
+        }
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letters_what_was_redelivered_too_often_for_any_client() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    assert_eq!(h.status("PUT", "/namespaces/public/dlq", "").await, 204);
+    let path = "/namespaces/public/dlq/deadLetterPolicy";
+    assert_eq!(
+        h.status("POST", path, r#"{"maxRedeliverCount":0}"#).await,
+        412
+    );
+    assert_eq!(
+        h.status("POST", path, r#"{"maxRedeliverCount":2}"#).await,
+        204
+    );
+    assert_eq!(h.get(path).await["maxRedeliverCount"], 2);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/dlq/work";
+    let shared = ConsumerOptions {
+        sub_type: SubscriptionType::Shared,
+        ..Default::default()
+    };
+    let mut c = client.subscribe(topic, "s", shared.clone()).await.unwrap();
+    let mut dlq = client
+        .subscribe(&format!("{topic}-s-DLQ"), "inspect", shared)
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    let sent = p
+        .send(magnetar_client::OutgoingMessage {
+            payload: "poison".into(),
+            key: Some("k".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    p.send("fine").await.unwrap();
+    // The client never acknowledges "poison": delivered 1 + 2 times.
+    let mut deliveries = 0;
+    loop {
+        let m = c
+            .receive_timeout(std::time::Duration::from_secs(3))
+            .await
+            .unwrap();
+        let Some(m) = m else { break };
+        if &m.payload[..] == b"fine" {
+            c.ack(&m).unwrap();
+            continue;
+        }
+        assert_eq!(m.redelivery_count, deliveries);
+        deliveries += 1;
+        c.redeliver_unacknowledged().unwrap();
+    }
+    assert_eq!(deliveries, 3, "first delivery and two redeliveries");
+    let d = dlq.receive().await.unwrap();
+    assert_eq!(&d.payload[..], b"poison");
+    assert_eq!(d.key.as_deref(), Some("k"));
+    assert_eq!(
+        d.properties.get("REAL_TOPIC").map(String::as_str),
+        Some(topic)
+    );
+    assert_eq!(
+        d.properties.get("ORIGIN_MESSAGE_ID"),
+        Some(&format!("{}:{}:-1", sent.ledger_id, sent.entry_id))
+    );
+    // Acknowledged on the original subscription once dead-lettered.
+    eventually("the subscription's backlog is empty", async || {
+        let stats = h.get("/persistent/public/dlq/work/stats").await;
+        stats["subscriptions"]["s"]["msgBacklog"] == 0
+    })
+    .await;
+    s.shutdown().await;
+}

@@ -7,16 +7,20 @@
 
 use std::sync::Arc;
 
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 
 use super::http::{AdminContext, ApiError};
 use super::tenants;
 use crate::ownership::bundle::Bundles;
-use crate::ownership::namespaces::{self, AutoTopicCreation, NamespacePolicies};
+use crate::ownership::namespaces::{
+    self, AutoTopicCreation, BacklogQuota, DeadLetterPolicy, NamespacePolicies, RetentionPolicies,
+    SIZE_QUOTA,
+};
 use crate::{keys, BrokerError};
 
 type Ctx = State<Arc<AdminContext>>;
@@ -28,6 +32,30 @@ pub fn routes() -> Router<Arc<AdminContext>> {
         .route(
             "/admin/v2/namespaces/{tenant}/{ns}",
             get(read).put(create).delete(delete),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/retention",
+            get(get_retention)
+                .post(set_retention)
+                .delete(remove_retention),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/messageTTL",
+            get(get_ttl).post(set_ttl).delete(remove_ttl),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/backlogQuota",
+            post(set_quota).delete(remove_quota),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/backlogQuotaMap",
+            get(get_quotas),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/deadLetterPolicy",
+            get(get_dead_letter)
+                .post(set_dead_letter)
+                .delete(remove_dead_letter),
         )
         .route(
             "/admin/v2/namespaces/{tenant}/{ns}/deduplication",
@@ -183,6 +211,176 @@ async fn delete(
     own.namespaces.invalidate(&name);
     tracing::info!(namespace = %name, "namespace deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The namespace's record, changed by `change`.
+async fn update(
+    ctx: &AdminContext,
+    tenant: &str,
+    ns: &str,
+    change: impl Fn(&mut NamespacePolicies),
+) -> ApiResult<StatusCode> {
+    ctx.topics
+        .ownership
+        .namespaces
+        .update(&format!("{tenant}/{ns}"), change)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn policies(ctx: &AdminContext, tenant: &str, ns: &str) -> ApiResult<Arc<NamespacePolicies>> {
+    Ok(ctx
+        .topics
+        .ownership
+        .namespaces
+        .get(&format!("{tenant}/{ns}"))
+        .await?
+        .0)
+}
+
+/// A JSON body of type `T`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body does not parse: {e}"),
+        )
+    })
+}
+
+async fn get_dead_letter(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<DeadLetterPolicy>>> {
+    Ok(Json(
+        policies(&ctx, &tenant, &ns)
+            .await?
+            .dead_letter_policy
+            .clone(),
+    ))
+}
+
+async fn set_dead_letter(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let d: DeadLetterPolicy = parse_json(&body)?;
+    d.validate().map_err(bad)?;
+    update(&ctx, &tenant, &ns, |p| {
+        p.dead_letter_policy = Some(d.clone())
+    })
+    .await
+}
+
+async fn remove_dead_letter(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    update(&ctx, &tenant, &ns, |p| p.dead_letter_policy = None).await
+}
+
+async fn get_retention(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<RetentionPolicies>>> {
+    Ok(Json(policies(&ctx, &tenant, &ns).await?.retention_policies))
+}
+
+async fn set_retention(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let r: RetentionPolicies = parse_json(&body)?;
+    r.validate().map_err(bad)?;
+    update(&ctx, &tenant, &ns, |p| p.retention_policies = Some(r)).await
+}
+
+async fn remove_retention(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    update(&ctx, &tenant, &ns, |p| p.retention_policies = None).await
+}
+
+async fn get_ttl(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<u32>>> {
+    Ok(Json(
+        policies(&ctx, &tenant, &ns).await?.message_ttl_in_seconds,
+    ))
+}
+
+async fn set_ttl(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let ttl: u32 = parse_json(&body)?;
+    update(&ctx, &tenant, &ns, |p| p.message_ttl_in_seconds = Some(ttl)).await
+}
+
+async fn remove_ttl(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    update(&ctx, &tenant, &ns, |p| p.message_ttl_in_seconds = None).await
+}
+
+/// `?backlogQuotaType=` (`destination_storage` when absent, as in Pulsar).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaType {
+    backlog_quota_type: Option<String>,
+}
+
+impl QuotaType {
+    pub fn kind(&self) -> String {
+        self.backlog_quota_type
+            .clone()
+            .unwrap_or_else(|| SIZE_QUOTA.to_string())
+    }
+}
+
+async fn get_quotas(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<std::collections::BTreeMap<String, BacklogQuota>>> {
+    Ok(Json(
+        policies(&ctx, &tenant, &ns)
+            .await?
+            .backlog_quota_map
+            .clone(),
+    ))
+}
+
+async fn set_quota(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    Query(q): Query<QuotaType>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let quota: BacklogQuota = parse_json(&body)?;
+    let kind = q.kind();
+    quota.validate(&kind).map_err(bad)?;
+    update(&ctx, &tenant, &ns, |p| {
+        p.backlog_quota_map.insert(kind.clone(), quota);
+    })
+    .await
+}
+
+async fn remove_quota(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    Query(q): Query<QuotaType>,
+) -> ApiResult<StatusCode> {
+    let kind = q.kind();
+    update(&ctx, &tenant, &ns, |p| {
+        p.backlog_quota_map.remove(&kind);
+    })
+    .await
 }
 
 /// A boolean body, as Pulsar's tools send it.

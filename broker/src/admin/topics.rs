@@ -21,8 +21,10 @@ use magnetar_proto::TopicName;
 use serde::{Deserialize, Serialize};
 
 use super::http::{AdminContext, ApiError};
+use super::namespaces::{parse_json, QuotaType};
 use super::{error, here_or_redirect, owned, topic_name, Answer};
 use crate::managed_ledger::MlInfo;
+use crate::ownership::namespaces::{BacklogQuota, DeadLetterPolicy, RetentionPolicies};
 use crate::topic::partitioned::{self, CreateRefused, PartitionedMetadata};
 use crate::topic::policies;
 use crate::{keys, BrokerError};
@@ -47,6 +49,27 @@ pub fn routes() -> Router<Arc<AdminContext>> {
         .route(&format!("{TOPIC}/stats"), get(stats))
         .route(&format!("{TOPIC}/unload"), put(unload))
         .route(&format!("{TOPIC}/terminate"), post(terminate))
+        .route(
+            &format!("{TOPIC}/retention"),
+            get(get_retention)
+                .post(set_retention)
+                .delete(remove_retention),
+        )
+        .route(
+            &format!("{TOPIC}/messageTTL"),
+            get(get_ttl).post(set_ttl).delete(remove_ttl),
+        )
+        .route(
+            &format!("{TOPIC}/backlogQuota"),
+            post(set_quota).delete(remove_quota),
+        )
+        .route(&format!("{TOPIC}/backlogQuotaMap"), get(get_quotas))
+        .route(
+            &format!("{TOPIC}/deadLetterPolicy"),
+            get(get_dead_letter)
+                .post(set_dead_letter)
+                .delete(remove_dead_letter),
+        )
         .route(
             &format!("{TOPIC}/deduplicationEnabled"),
             get(get_dedup).post(set_dedup).delete(remove_dedup),
@@ -408,6 +431,120 @@ async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
         subscriptions,
     };
     Ok(Json(stats).into_response())
+}
+
+/// The topic's own policies, changed by `change` (the namespace must exist).
+async fn update_policies(
+    ctx: &AdminContext,
+    p: &TopicPath,
+    change: impl Fn(&mut policies::TopicPolicies),
+) -> Answer {
+    let name = p.name()?;
+    check_namespace(ctx, &name.namespace()).await?;
+    policies::update(&ctx.md, &name, change)
+        .await
+        .map_err(error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn read_policies(
+    ctx: &AdminContext,
+    p: &TopicPath,
+) -> Result<policies::TopicPolicies, Response> {
+    let name = p.name()?;
+    policies::read(&ctx.md, &name).await.map_err(error)
+}
+
+async fn get_dead_letter(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.dead_letter_policy).into_response())
+}
+
+async fn set_dead_letter(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let d: DeadLetterPolicy = parse_json(&body)?;
+    d.validate()
+        .map_err(|why| fail(StatusCode::PRECONDITION_FAILED, why))?;
+    update_policies(&ctx, &p, |t| t.dead_letter_policy = Some(d.clone())).await
+}
+
+async fn remove_dead_letter(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    update_policies(&ctx, &p, |t| t.dead_letter_policy = None).await
+}
+
+async fn get_retention(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.retention_policies).into_response())
+}
+
+async fn set_retention(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let r: RetentionPolicies = parse_json(&body)?;
+    r.validate()
+        .map_err(|why| fail(StatusCode::PRECONDITION_FAILED, why))?;
+    update_policies(&ctx, &p, |t| t.retention_policies = Some(r)).await
+}
+
+async fn remove_retention(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    update_policies(&ctx, &p, |t| t.retention_policies = None).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TtlQuery {
+    #[serde(rename = "messageTTL")]
+    message_ttl: Option<u32>,
+}
+
+async fn get_ttl(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.message_ttl_in_seconds).into_response())
+}
+
+/// Pulsar takes the TTL as `?messageTTL=N`; a number in the body works too.
+async fn set_ttl(
+    State(ctx): Ctx,
+    Path(p): Path<TopicPath>,
+    Query(q): Query<TtlQuery>,
+    body: Bytes,
+) -> Answer {
+    let ttl = match q.message_ttl {
+        Some(t) => t,
+        None => parse_json(&body)?,
+    };
+    update_policies(&ctx, &p, |t| t.message_ttl_in_seconds = Some(ttl)).await
+}
+
+async fn remove_ttl(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    update_policies(&ctx, &p, |t| t.message_ttl_in_seconds = None).await
+}
+
+async fn get_quotas(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.backlog_quota_map).into_response())
+}
+
+async fn set_quota(
+    State(ctx): Ctx,
+    Path(p): Path<TopicPath>,
+    Query(q): Query<QuotaType>,
+    body: Bytes,
+) -> Answer {
+    let quota: BacklogQuota = parse_json(&body)?;
+    let kind = q.kind();
+    quota
+        .validate(&kind)
+        .map_err(|why| fail(StatusCode::PRECONDITION_FAILED, why))?;
+    update_policies(&ctx, &p, |t| {
+        t.backlog_quota_map.insert(kind.clone(), quota);
+    })
+    .await
+}
+
+async fn remove_quota(
+    State(ctx): Ctx,
+    Path(p): Path<TopicPath>,
+    Query(q): Query<QuotaType>,
+) -> Answer {
+    let kind = q.kind();
+    update_policies(&ctx, &p, |t| {
+        t.backlog_quota_map.remove(&kind);
+    })
+    .await
 }
 
 async fn get_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {

@@ -16,6 +16,9 @@ pub struct LedgerInfo {
     pub entries: u64,
     pub size_bytes: u64,
     pub closed: bool,
+    /// When it was closed (ms since the epoch; 0 if before this was kept).
+    #[serde(default)]
+    pub closed_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +26,12 @@ pub struct CursorPointer {
     pub cursor_ledger: Option<u64>,
     /// Mark-delete when the pointer was written (used if the ledger is empty).
     pub mark_delete: Position,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What the metadata service holds for a managed ledger: changed on ledger
@@ -54,6 +63,9 @@ impl MlInfo {
         {
             l.entries = (meta.last_entry_id + 1) as u64;
             l.size_bytes = meta.length_bytes;
+            if !l.closed {
+                l.closed_at_ms = now_ms();
+            }
             l.closed = true;
         }
     }

@@ -145,6 +145,8 @@ pub struct ManagedLedger {
     open_bytes: AtomicU64,
     /// The last entry of a terminated topic.
     terminated: RwLock<Option<Position>>,
+    /// The retention policy in force (`None`: none set).
+    retention: RwLock<Option<trim::Retention>>,
     appends: mpsc::Sender<appender::Request>,
     /// Durable mark-delete position of every cursor, for trimming.
     mark_deletes: Mutex<HashMap<String, Position>>,
@@ -220,6 +222,7 @@ impl ManagedLedger {
             cursor_ledgers: tokio::sync::Mutex::default(),
             open_bytes: AtomicU64::new(0),
             terminated: RwLock::new(info.terminated),
+            retention: RwLock::new(None),
             appends,
             mark_deletes: Mutex::default(),
         });
@@ -292,6 +295,7 @@ impl ManagedLedger {
             entries: 0,
             size_bytes: 0,
             closed: false,
+            closed_at_ms: 0,
         });
         // On failure the new, unused ledger is left to be found empty later.
         self.store_info(&mut w).await?;
@@ -501,6 +505,48 @@ impl ManagedLedger {
         read(&self.view).iter().map(|l| self.count(l)).sum()
     }
 
+    /// The slowest durable subscription (cursors named `pulsar.…` are the
+    /// broker's own) and its mark-delete position.
+    pub fn slowest_subscription(&self) -> Option<(String, Position)> {
+        lock(&self.mark_deletes)
+            .iter()
+            .filter(|(n, _)| !n.starts_with("pulsar."))
+            .min_by_key(|(_, p)| **p)
+            .map(|(n, p)| (n.clone(), *p))
+    }
+
+    /// Every durable subscription's mark-delete position.
+    pub fn subscription_positions(&self) -> Vec<(String, Position)> {
+        lock(&self.mark_deletes)
+            .iter()
+            .filter(|(n, _)| !n.starts_with("pulsar."))
+            .map(|(n, p)| (n.clone(), *p))
+            .collect()
+    }
+
+    /// Estimated bytes stored after `p`: the ledgers after its ledger, and
+    /// its ledger's share (entries taken as equal in size).
+    pub fn bytes_after(&self, p: Position) -> u64 {
+        let open_bytes = self.open_bytes.load(Ordering::Relaxed);
+        read(&self.view)
+            .iter()
+            .filter(|l| l.ledger_id >= p.ledger_id)
+            .map(|l| {
+                let size = if l.closed { l.size_bytes } else { open_bytes };
+                if l.ledger_id != p.ledger_id {
+                    return size;
+                }
+                let n = self.count(l);
+                let left = n.saturating_sub((p.entry_id + 1).max(0) as u64);
+                if n == 0 {
+                    0
+                } else {
+                    ((size as u128 * left as u128) / n as u128) as u64
+                }
+            })
+            .sum()
+    }
+
     /// Confirmed entries after `p`.
     pub fn entries_after(&self, p: Position) -> u64 {
         read(&self.view)
@@ -592,27 +638,41 @@ impl ManagedLedger {
         Ok(data)
     }
 
-    /// Deletes closed ledgers every cursor has moved past. With no cursors
-    /// nothing is deleted (data is retained until a subscription consumes it).
+    /// The retention policy in force (`None`: none set).
+    pub fn set_retention(&self, r: Option<trim::Retention>) {
+        *write(&self.retention) = r;
+    }
+
+    /// Deletes closed ledgers no cursor needs and retention does not keep.
+    /// Without a retention policy, ledgers every cursor moved past go, and
+    /// with no cursors nothing is deleted (data waits for a subscription);
+    /// with one, Pulsar's rule (`trim::expired_ledgers`).
     pub async fn trim(&self) -> Result<(), MlError> {
+        let retention = *read(&self.retention);
         let deleted = {
             let mut w = self.write.lock().await;
-            let slowest = {
+            let (all_known, slowest) = {
                 let md = lock(&self.mark_deletes);
-                // Every cursor must have a known durable position to trim at all.
-                if w.info.cursors.is_empty() || !w.info.cursors.keys().all(|k| md.contains_key(k)) {
-                    return Ok(());
-                }
-                w.info
+                let all_known = w.info.cursors.keys().all(|k| md.contains_key(k));
+                let slowest = w
+                    .info
                     .cursors
                     .keys()
                     .filter_map(|k| md.get(k).copied())
-                    .min()
+                    .min();
+                (all_known, slowest)
             };
-            let Some(slowest) = slowest else {
+            // Every cursor must have a known durable position to trim at all.
+            if !all_known {
                 return Ok(());
+            }
+            let deleted = match (retention, slowest) {
+                (None, Some(slowest)) => trim::consumed_ledgers(&w.info.ledgers, slowest),
+                (None, None) => return Ok(()),
+                (Some(r), slowest) => {
+                    trim::expired_ledgers(&w.info.ledgers, slowest, r, ledger_list::now_ms())
+                }
             };
-            let deleted = trim::consumed_ledgers(&w.info.ledgers, slowest);
             if !deleted.is_empty() {
                 let previous = w.info.ledgers.clone();
                 w.info.ledgers.retain(|l| !deleted.contains(&l.ledger_id));

@@ -3,7 +3,7 @@
 //! A namespace created without bundles gets the default split on first use,
 //! written by CAS so that every broker agrees.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use magnetar_metadata::MetadataClient;
@@ -34,8 +34,117 @@ pub struct NamespacePolicies {
         skip_serializing_if = "Option::is_none"
     )]
     pub deduplication_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policies: Option<RetentionPolicies>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_ttl_in_seconds: Option<u32>,
+    /// By type: `destination_storage` (size), `message_age` (time).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backlog_quota_map: BTreeMap<String, BacklogQuota>,
+    /// Broker-side dead-lettering (Magnetar's; Pulsar leaves it to clients).
+    #[serde(
+        rename = "deadLetterPolicy",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dead_letter_policy: Option<DeadLetterPolicy>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Pulsar's `RetentionPolicies`: how long and how much consumed data is
+/// kept; -1 is without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionPolicies {
+    pub retention_time_in_minutes: i64,
+    #[serde(rename = "retentionSizeInMB")]
+    pub retention_size_in_mb: i64,
+}
+
+impl RetentionPolicies {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.retention_time_in_minutes < -1 || self.retention_size_in_mb < -1 {
+            return Err("retention limits are -1 (none) or at least 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Broker-side dead-lettering: an entry redelivered more than
+/// `maxRedeliverCount` times goes to the dead-letter topic instead, for
+/// every client — also one without a dead-letter policy of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterPolicy {
+    pub max_redeliver_count: u32,
+    /// Default: `<topic>-<subscription>-DLQ`, as Pulsar's clients name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+impl DeadLetterPolicy {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_redeliver_count == 0 {
+            return Err("maxRedeliverCount must be at least 1".into());
+        }
+        if let Some(t) = &self.dead_letter_topic {
+            magnetar_proto::TopicName::parse(t).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// What happens when a topic's backlog is over its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BacklogPolicy {
+    /// New producers are refused with a retriable error and existing ones
+    /// closed: their messages wait in the clients.
+    ProducerRequestHold,
+    /// Producers fail (a non-retriable error).
+    ProducerException,
+    /// The oldest messages of the subscriptions over the quota are skipped.
+    ConsumerBacklogEviction,
+}
+
+/// Pulsar's `BacklogQuota`: a size (bytes) or an age (seconds) limit; -1
+/// is without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BacklogQuota {
+    #[serde(default = "no_limit", alias = "limit")]
+    pub limit_size: i64,
+    #[serde(default = "no_limit")]
+    pub limit_time: i64,
+    pub policy: BacklogPolicy,
+}
+
+fn no_limit() -> i64 {
+    -1
+}
+
+/// The quota types of a `backlog_quota_map`.
+pub const SIZE_QUOTA: &str = "destination_storage";
+pub const AGE_QUOTA: &str = "message_age";
+
+impl BacklogQuota {
+    /// A quota of `kind` must set its limit (bytes or seconds, > 0).
+    pub fn validate(&self, kind: &str) -> Result<(), String> {
+        let limit = match kind {
+            SIZE_QUOTA => self.limit_size,
+            AGE_QUOTA => self.limit_time,
+            other => {
+                return Err(format!(
+                    "backlogQuotaType {other:?} is neither {SIZE_QUOTA} nor {AGE_QUOTA}"
+                ))
+            }
+        };
+        if limit <= 0 {
+            return Err(format!("a {kind} quota needs a positive limit"));
+        }
+        Ok(())
+    }
 }
 
 /// Pulsar's `AutoTopicCreationOverride`.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnetar_proto::commands;
-use magnetar_proto::pulsar::{command_subscribe::SubType, ServerError};
+use magnetar_proto::pulsar::{command_subscribe::SubType, MessageMetadata, ServerError};
 use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
@@ -119,6 +119,12 @@ pub enum SubEvent {
         force: bool,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
+    /// An entry handed to the dead-letter topic was stored there (`ok`),
+    /// or could not be.
+    DeadLettered {
+        position: Position,
+        ok: bool,
+    },
     /// Admin: what the subscription holds now.
     Stats {
         reply: oneshot::Sender<SubStats>,
@@ -143,6 +149,49 @@ pub struct SubStats {
     /// Entries whose delivery time has not come.
     pub delayed: u64,
     pub mark_delete: Position,
+}
+
+/// A message for a dead-letter topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub payload: Bytes,
+    pub key: Option<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+/// Where dead letters go: publishes a message to a topic, wherever it is
+/// served.
+pub trait DeadLetterSink: Send + Sync {
+    fn publish(
+        &self,
+        topic: String,
+        msg: DeadLetter,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+}
+
+/// When entries go to a dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRule {
+    /// Delivered at most this many times more than once.
+    pub max_redeliver_count: u32,
+    /// Default: `<topic>-<subscription>-DLQ`, as Pulsar's clients name it.
+    pub topic: Option<String>,
+}
+
+/// The policies a subscription acts on (they change while it runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubPolicy {
+    pub dead_letter: Option<DeadLetterRule>,
+}
+
+/// What every subscription of a topic shares.
+#[derive(Clone)]
+pub struct SubContext {
+    /// The topic's full name.
+    pub topic: String,
+    pub out: Arc<OutCounters>,
+    pub policy: tokio::sync::watch::Receiver<SubPolicy>,
+    pub sink: Option<Arc<dyn DeadLetterSink>>,
 }
 
 #[derive(Clone)]
@@ -170,6 +219,9 @@ impl SubscriptionHandle {
 }
 
 struct Sub {
+    ctx: SubContext,
+    /// Its own queue, for the outcome of work it hands to other tasks.
+    me: mpsc::WeakSender<SubEvent>,
     name: String,
     /// False for a reader's subscription: its cursor lives in memory only,
     /// and the subscription ends with its last consumer.
@@ -220,7 +272,7 @@ pub fn spawn(
     durable: bool,
     ml: Arc<ManagedLedger>,
     cursor: CursorState,
-    out: Arc<OutCounters>,
+    ctx: SubContext,
 ) -> SubscriptionHandle {
     let (tx, rx) = mpsc::channel(SUBSCRIPTION_EVENT_QUEUE);
     let unacked = Unacked::new(cursor.mark_delete.bump());
@@ -228,7 +280,9 @@ pub fn spawn(
         name,
         durable,
         ml,
-        out,
+        out: ctx.out.clone(),
+        ctx,
+        me: tx.downgrade(),
         cursor,
         dispatcher: dispatcher_for(SubType::Exclusive, unacked, ""),
         consumers: HashMap::new(),
@@ -423,6 +477,16 @@ impl Sub {
                 }
                 if !self.durable && self.consumers.is_empty() {
                     return false;
+                }
+            }
+            SubEvent::DeadLettered { position, ok } => {
+                if ok {
+                    self.ack(vec![position], false);
+                } else {
+                    // Parked a while, then tried again.
+                    self.dispatcher
+                        .unacked()
+                        .delay(position, now_ms() + DEAD_LETTER_RETRY_MS);
                 }
             }
             SubEvent::Stats { reply } => {
@@ -680,6 +744,13 @@ impl Sub {
                     continue;
                 }
             };
+            // Redelivered too often: to the dead-letter topic instead.
+            let rule = self.ctx.policy.borrow().dead_letter.clone();
+            if let Some(rule) = rule.filter(|r| d.redelivery_count > r.max_redeliver_count) {
+                if self.dead_letter(d.position, &rule, &data, &md) {
+                    continue;
+                }
+            }
             // Delayed delivery (Shared and Key_Shared, as in Pulsar): an
             // entry whose time has not come waits in the dispatcher.
             if let Some(at) = md.deliver_at_time.filter(|at| *at > 0) {
@@ -727,6 +798,47 @@ impl Sub {
         Some(wanted.len())
     }
 
+    /// Hands an entry to the dead-letter topic: it is parked (no consumer
+    /// gets it) until stored there, then acknowledged; false when there is
+    /// no way to send it (it is delivered as usual).
+    fn dead_letter(
+        &mut self,
+        position: Position,
+        rule: &DeadLetterRule,
+        data: &Bytes,
+        md: &MessageMetadata,
+    ) -> bool {
+        let (Some(sink), Some(me)) = (self.ctx.sink.clone(), self.me.upgrade()) else {
+            return false;
+        };
+        let topic = rule
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}-DLQ", self.ctx.topic, self.name));
+        let messages = match dead_letters(&self.ctx.topic, position, data, md) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(subscription = %self.name, ?position, error = %e, "an entry to dead-letter does not parse; acknowledging it");
+                self.ack(vec![position], false);
+                return true;
+            }
+        };
+        tracing::info!(subscription = %self.name, ?position, dead_letter_topic = %topic, "redelivered too often: moving to the dead-letter topic");
+        self.dispatcher.unacked().delay(position, u64::MAX);
+        tokio::spawn(async move {
+            let mut ok = true;
+            for m in messages {
+                if let Err(e) = sink.publish(topic.clone(), m).await {
+                    tracing::warn!(%topic, error = %e, "publishing a dead letter failed; will retry");
+                    ok = false;
+                    break;
+                }
+            }
+            let _ = me.send(SubEvent::DeadLettered { position, ok }).await;
+        });
+        true
+    }
+
     async fn send(&mut self, d: Delivery, count: u32, data: &Bytes) {
         let frame = commands::message(
             d.consumer.1,
@@ -748,6 +860,54 @@ impl Sub {
             self.dispatcher.not_sent(d);
             self.remove_consumer(d.consumer);
         }
+    }
+}
+
+/// How long a dead letter that could not be stored waits before a retry.
+const DEAD_LETTER_RETRY_MS: u64 = 1_000;
+
+/// The messages of a stored entry as dead letters (a batch gives one per
+/// message), with Pulsar's `REAL_TOPIC` and `ORIGIN_MESSAGE_ID` properties.
+fn dead_letters(
+    topic: &str,
+    position: Position,
+    data: &Bytes,
+    md: &MessageMetadata,
+) -> Result<Vec<DeadLetter>, magnetar_proto::FrameError> {
+    let payload = Payload::parse(data.clone())?.payload();
+    let origin = |batch: Option<usize>| {
+        let mut id = format!("{}:{}:-1", position.ledger_id, position.entry_id);
+        if let Some(i) = batch {
+            id.push_str(&format!(":{i}"));
+        }
+        id
+    };
+    let props = |own: &[magnetar_proto::pulsar::KeyValue], batch: Option<usize>| {
+        let mut p: Vec<(String, String)> = own
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
+        p.push(("REAL_TOPIC".into(), topic.to_string()));
+        p.push(("ORIGIN_MESSAGE_ID".into(), origin(batch)));
+        p
+    };
+    match md.num_messages_in_batch {
+        Some(n) => Ok(
+            magnetar_proto::frame::decode_batch(payload, n.max(0) as usize)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| DeadLetter {
+                    key: item.metadata.partition_key.clone(),
+                    properties: props(&item.metadata.properties, Some(i)),
+                    payload: item.payload,
+                })
+                .collect(),
+        ),
+        None => Ok(vec![DeadLetter {
+            key: md.partition_key.clone(),
+            properties: props(&md.properties, None),
+            payload,
+        }]),
     }
 }
 

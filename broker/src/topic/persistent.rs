@@ -13,11 +13,15 @@ use magnetar_proto::{Payload, TopicName};
 use tokio::sync::oneshot;
 
 use super::dedup::{self, Check, Dedup};
+use super::policies::{over_quota, to_evict, Effective};
 use super::producers::{self, AccessMode, Admit, ProducerRef, Producers};
 use crate::managed_ledger::cursor::{CursorState, Position};
+use crate::managed_ledger::ledger_list::now_ms as ledger_now_ms;
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
+use crate::ownership::namespaces::{BacklogPolicy, BacklogQuota};
 use crate::subscription::{
-    self, ClientLink, ConsumerConn, OutCounters, SubEvent, SubStats, SubscriptionHandle,
+    self, ClientLink, ConsumerConn, DeadLetterRule, DeadLetterSink, OutCounters, SubContext,
+    SubEvent, SubPolicy, SubStats, SubscriptionHandle,
 };
 use crate::BrokerError;
 
@@ -58,6 +62,21 @@ pub struct Topic {
     closing: AtomicBool,
     pub stats: TopicStats,
     dedup: Arc<DedupCell>,
+    /// The policies in force.
+    policies: Mutex<Effective>,
+    /// What the subscriptions act on, as it changes.
+    sub_policy: tokio::sync::watch::Sender<SubPolicy>,
+    sink: Option<Arc<dyn DeadLetterSink>>,
+}
+
+/// The part of the policies a subscription acts on.
+fn sub_policy(p: &Effective) -> SubPolicy {
+    SubPolicy {
+        dead_letter: p.dead_letter.as_ref().map(|d| DeadLetterRule {
+            max_redeliver_count: d.max_redeliver_count,
+            topic: d.dead_letter_topic.clone(),
+        }),
+    }
 }
 
 /// The topic's deduplication state (`None`: off), reachable from the
@@ -269,15 +288,20 @@ pub struct Detached {
 }
 
 impl Topic {
-    /// Opens the topic's storage and subscriptions; with `dedup`, its
-    /// deduplication state is recovered (snapshot, then the entries after it).
+    /// Opens the topic's storage and subscriptions under `policies`; with
+    /// deduplication on, its state is recovered (snapshot, then the entries
+    /// after it).
     pub async fn load(
         name: TopicName,
         cfg: ManagedLedgerConfig,
         stores: Stores,
-        dedup: bool,
+        policies: Effective,
+        sink: Option<Arc<dyn DeadLetterSink>>,
     ) -> Result<Arc<Topic>, BrokerError> {
+        let dedup = policies.dedup;
+        let sub_policy = tokio::sync::watch::Sender::new(self::sub_policy(&policies));
         let ml = ManagedLedger::open(&name.as_key(), cfg, stores).await?;
+        ml.set_retention(policies.retention);
         let mut cursors = ml.open_cursors().await?;
         let snapshot = cursors
             .iter()
@@ -296,8 +320,14 @@ impl Topic {
         // Rates are measured from the load on.
         stats.rates();
         let mut subs = HashMap::new();
+        let ctx = SubContext {
+            topic: name.to_string(),
+            out: stats.out.clone(),
+            policy: sub_policy.subscribe(),
+            sink: sink.clone(),
+        };
         for (sub, state) in cursors {
-            let h = subscription::spawn(sub.clone(), true, ml.clone(), state, stats.out.clone());
+            let h = subscription::spawn(sub.clone(), true, ml.clone(), state, ctx.clone());
             subs.insert(sub, h);
         }
         Ok(Arc::new(Topic {
@@ -312,7 +342,27 @@ impl Topic {
                 ml: ml_for_dedup,
                 snapshotting: AtomicBool::new(false),
             }),
+            policies: Mutex::new(policies),
+            sub_policy,
+            sink,
         }))
+    }
+
+    pub fn policies(&self) -> Effective {
+        self.policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What a new subscription of this topic shares with the others.
+    fn sub_context(&self) -> SubContext {
+        SubContext {
+            topic: self.name.to_string(),
+            out: self.stats.out.clone(),
+            policy: self.sub_policy.subscribe(),
+            sink: self.sink.clone(),
+        }
     }
 
     fn dedup(&self) -> std::sync::MutexGuard<'_, Option<Dedup>> {
@@ -320,8 +370,126 @@ impl Topic {
     }
 
     /// Applies the policies in force (they changed).
-    pub async fn apply(&self, p: super::policies::Effective) -> Result<(), BrokerError> {
-        self.set_dedup(p.dedup).await
+    pub async fn apply(&self, p: Effective) -> Result<(), BrokerError> {
+        self.ml.set_retention(p.retention);
+        self.sub_policy.send_replace(sub_policy(&p));
+        let dedup = p.dedup;
+        *self.policies.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        self.set_dedup(dedup).await
+    }
+
+    /// The backlog quota the topic is over, if any: its slowest
+    /// subscription's backlog by size, and by the age of its oldest
+    /// message when `age` (that costs a read).
+    async fn quota_exceeded(&self, age: bool) -> Option<(BacklogQuota, String)> {
+        let p = self.policies();
+        if p.size_quota.is_none() && p.age_quota.is_none() {
+            return None;
+        }
+        let (_, slowest) = self.ml.slowest_subscription()?;
+        let bytes = self.ml.bytes_after(slowest);
+        let first = self
+            .ml
+            .next_after(slowest)
+            .filter(|f| *f <= self.ml.last_confirmed());
+        let age_ms = match first {
+            Some(first) if age && p.age_quota.is_some() => {
+                match self
+                    .ml
+                    .read(first)
+                    .await
+                    .map(|d| Payload::peek_metadata(&d))
+                {
+                    Ok(Ok(md)) => Some(ledger_now_ms().saturating_sub(md.publish_time)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        over_quota(&p, bytes, age_ms)
+    }
+
+    /// Message TTL, backlog quotas and retention by age, checked now.
+    pub async fn enforce_policies(&self) -> Result<(), BrokerError> {
+        if self.is_closing() {
+            return Ok(());
+        }
+        let p = self.policies();
+        let now = ledger_now_ms();
+        if let Some(ttl) = p.ttl_secs {
+            let before = now.saturating_sub(ttl as u64 * 1000);
+            for h in self.durable_subscriptions().await {
+                h.ask(|reply| SubEvent::Expire {
+                    publish_time_ms: before,
+                    reply,
+                })
+                .await?;
+            }
+        }
+        if let Some((quota, why)) = self.quota_exceeded(true).await {
+            match quota.policy {
+                BacklogPolicy::ProducerRequestHold | BacklogPolicy::ProducerException => {
+                    if self.producer_count() > 0 {
+                        tracing::warn!(topic = %self.name, reason = %why, "backlog quota exceeded: closing producers");
+                        self.disconnect_producers();
+                    }
+                }
+                BacklogPolicy::ConsumerBacklogEviction => self.evict(&p, now).await?,
+            }
+        }
+        self.ml.trim().await?;
+        Ok(())
+    }
+
+    /// Skips the oldest messages of every subscription over a quota.
+    async fn evict(&self, p: &Effective, now: u64) -> Result<(), BrokerError> {
+        let subs = self.live_subscriptions().await;
+        for (name, md) in self.ml.subscription_positions() {
+            let Some(h) = subs.get(&name) else { continue };
+            if let Some(q) = p.size_quota.filter(|q| q.limit_size > 0) {
+                let bytes = self.ml.bytes_after(md);
+                let n = to_evict(self.ml.entries_after(md), bytes, q.limit_size as u64);
+                if n > 0 {
+                    tracing::warn!(topic = %self.name, subscription = %name, entries = n, bytes, "backlog over its size quota: evicting the oldest entries");
+                    h.ask(|reply| SubEvent::Skip { entries: n, reply }).await?;
+                }
+            }
+            if let Some(q) = p.age_quota.filter(|q| q.limit_time > 0) {
+                let before = now.saturating_sub(q.limit_time as u64 * 1000);
+                h.ask(|reply| SubEvent::Expire {
+                    publish_time_ms: before,
+                    reply,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn live_subscriptions(&self) -> HashMap<String, SubscriptionHandle> {
+        self.subs
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, h)| !h.tx.is_closed())
+            .map(|(n, h)| (n.clone(), h.clone()))
+            .collect()
+    }
+
+    /// Handles of the durable subscriptions (not readers').
+    async fn durable_subscriptions(&self) -> Vec<SubscriptionHandle> {
+        let names: std::collections::HashSet<String> = self
+            .ml
+            .subscription_positions()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        self.live_subscriptions()
+            .await
+            .into_iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(_, h)| h)
+            .collect()
     }
 
     pub fn dedup_enabled(&self) -> bool {
@@ -427,6 +595,20 @@ impl Topic {
         } else {
             0
         };
+        if let Some((quota, why)) = self.quota_exceeded(false).await {
+            let code = match quota.policy {
+                BacklogPolicy::ProducerRequestHold => {
+                    Some(ServerError::ProducerBlockedQuotaExceededError)
+                }
+                BacklogPolicy::ProducerException => {
+                    Some(ServerError::ProducerBlockedQuotaExceededException)
+                }
+                BacklogPolicy::ConsumerBacklogEviction => None,
+            };
+            if let Some(code) = code {
+                return Err(BrokerError::new(code, why));
+            }
+        }
         let fenced = {
             // Checked under the producers' lock, which `close` takes to set
             // it: no producer joins after `close` collected them.
@@ -536,7 +718,7 @@ impl Topic {
             true,
             self.ml.clone(),
             state,
-            self.stats.out.clone(),
+            self.sub_context(),
         );
         subs.insert(sub.to_string(), h.clone());
         Ok(h)
@@ -562,7 +744,7 @@ impl Topic {
             false,
             self.ml.clone(),
             CursorState::new(start),
-            self.stats.out.clone(),
+            self.sub_context(),
         );
         subs.insert(sub.to_string(), h.clone());
         Ok(h)
@@ -734,6 +916,13 @@ mod tests {
         Payload::build(md, b"x").headers_and_payload
     }
 
+    fn dedup_on() -> Effective {
+        Effective {
+            dedup: true,
+            ..Default::default()
+        }
+    }
+
     async fn send(t: &Topic, producer: &str, seq: u64) -> Position {
         let (tx, rx) = oneshot::channel();
         t.publish_from(
@@ -758,7 +947,7 @@ mod tests {
             max_entries_per_ledger: 4,
             ..Default::default()
         };
-        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), dedup_on(), None)
             .await
             .unwrap();
         let mut ids = Vec::new();
@@ -771,7 +960,7 @@ mod tests {
         // Reloaded without a final snapshot (as after a crash): the state
         // comes back from the entries.
         drop(t);
-        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), dedup_on(), None)
             .await
             .unwrap();
         assert_eq!(t.last_sequence_id("p"), 9);
@@ -782,7 +971,7 @@ mod tests {
         // Unloaded cleanly: the snapshot covers everything.
         let (_, closed) = t.close().await;
         closed.unwrap();
-        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), true)
+        let t = Topic::load(name.clone(), cfg.clone(), stores.clone(), dedup_on(), None)
             .await
             .unwrap();
         assert_eq!(t.last_sequence_id("p"), 10);

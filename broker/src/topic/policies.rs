@@ -1,16 +1,24 @@
 //! The policies in force for a topic: its own (Pulsar's topic policies,
 //! JSON under `/topic-policies/<key>`; a partition follows its partitioned
 //! topic's), else its namespace's, else the broker's default. Loaded topics
-//! follow changes of either as they happen (`follow`).
+//! follow changes of either as they happen (`follow`); what is checked
+//! over time — message TTL, backlog quotas, retention by age — runs every
+//! so often (`enforce`). The decisions are pure (`effective`,
+//! `retention_of`, `over_quota`, `to_evict`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::TopicName;
 use serde::{Deserialize, Serialize};
 
 use super::TopicRegistry;
-use crate::ownership::namespaces::NamespacePolicies;
+use crate::managed_ledger::trim::Retention;
+use crate::ownership::namespaces::{
+    BacklogQuota, DeadLetterPolicy, NamespacePolicies, RetentionPolicies, AGE_QUOTA, SIZE_QUOTA,
+};
 use crate::{keys, BrokerError};
 
 /// A topic's own policies (Pulsar's `TopicPolicies` field names); fields
@@ -20,24 +28,123 @@ use crate::{keys, BrokerError};
 pub struct TopicPolicies {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deduplication_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policies: Option<RetentionPolicies>,
+    #[serde(
+        rename = "messageTTLInSeconds",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub message_ttl_in_seconds: Option<u32>,
+    #[serde(
+        rename = "backLogQuotaMap",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub backlog_quota_map: BTreeMap<String, BacklogQuota>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_policy: Option<DeadLetterPolicy>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a loaded topic applies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effective {
+    pub dead_letter: Option<DeadLetterPolicy>,
     pub dedup: bool,
+    /// `None`: no retention policy — consumed ledgers go, and a topic with
+    /// no subscription keeps everything.
+    pub retention: Option<Retention>,
+    /// Unacknowledged messages older than this are acknowledged for every
+    /// subscription (0 or `None`: never).
+    pub ttl_secs: Option<u32>,
+    pub size_quota: Option<BacklogQuota>,
+    pub age_quota: Option<BacklogQuota>,
 }
 
 /// Topic level over namespace level over the default (off, as in Pulsar).
 pub fn effective(ns: &NamespacePolicies, topic: &TopicPolicies) -> Effective {
+    let quota = |kind: &str| {
+        topic
+            .backlog_quota_map
+            .get(kind)
+            .or(ns.backlog_quota_map.get(kind))
+            .copied()
+    };
     Effective {
         dedup: topic
             .deduplication_enabled
             .or(ns.deduplication_enabled)
             .unwrap_or(false),
+        retention: topic
+            .retention_policies
+            .or(ns.retention_policies)
+            .map(retention_of),
+        ttl_secs: topic
+            .message_ttl_in_seconds
+            .or(ns.message_ttl_in_seconds)
+            .filter(|t| *t > 0),
+        size_quota: quota(SIZE_QUOTA),
+        age_quota: quota(AGE_QUOTA),
+        dead_letter: topic
+            .dead_letter_policy
+            .clone()
+            .or(ns.dead_letter_policy.clone()),
     }
+}
+
+/// Pulsar's retention limits (-1: none) as the managed ledger's.
+pub fn retention_of(p: RetentionPolicies) -> Retention {
+    let limit = |v: i64, unit: u64| (v >= 0).then(|| v as u64 * unit);
+    Retention {
+        time_ms: limit(p.retention_time_in_minutes, 60_000),
+        size_bytes: limit(p.retention_size_in_mb, 1 << 20),
+    }
+}
+
+/// The quota a backlog of `bytes`, whose oldest message is `age_ms` old,
+/// exceeds, and why.
+pub fn over_quota(
+    p: &Effective,
+    bytes: u64,
+    age_ms: Option<u64>,
+) -> Option<(BacklogQuota, String)> {
+    if let Some(q) = p.size_quota.filter(|q| q.limit_size > 0) {
+        if bytes > q.limit_size as u64 {
+            return Some((
+                q,
+                format!(
+                    "backlog of {bytes} bytes is over the quota of {} bytes",
+                    q.limit_size
+                ),
+            ));
+        }
+    }
+    if let (Some(q), Some(age)) = (p.age_quota.filter(|q| q.limit_time > 0), age_ms) {
+        if age > q.limit_time as u64 * 1000 {
+            return Some((
+                q,
+                format!(
+                    "the oldest unacknowledged message is {} s old, over the quota of {} s",
+                    age / 1000,
+                    q.limit_time
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// Entries a subscription with `entries` unacknowledged entries holding
+/// `bytes` skips to get under `limit` bytes (entries taken as equal in
+/// size; rounded up).
+pub fn to_evict(entries: u64, bytes: u64, limit: u64) -> u64 {
+    if bytes <= limit || bytes == 0 {
+        return 0;
+    }
+    let over = bytes - limit;
+    ((entries as u128 * over as u128).div_ceil(bytes as u128)) as u64
 }
 
 /// Whose policies a topic follows: a partition its partitioned topic's.
@@ -152,9 +259,85 @@ pub async fn follow(registry: Arc<TopicRegistry>) {
     }
 }
 
+/// Every `every`: message TTL, backlog quotas and retention by age on
+/// every loaded topic.
+pub async fn enforce(registry: Arc<TopicRegistry>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        for t in registry.loaded() {
+            if let Err(e) = t.enforce_policies().await {
+                tracing::debug!(topic = %t.name, error = %e, "enforcing policies failed; next round retries");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ownership::namespaces::BacklogPolicy;
+
+    #[test]
+    fn retention_limits_convert_with_minus_one_as_none() {
+        let r = retention_of(RetentionPolicies {
+            retention_time_in_minutes: 2,
+            retention_size_in_mb: -1,
+        });
+        assert_eq!(r.time_ms, Some(120_000));
+        assert_eq!(r.size_bytes, None);
+    }
+
+    #[test]
+    fn quotas_by_size_and_by_age() {
+        let q = |size: i64, time: i64| BacklogQuota {
+            limit_size: size,
+            limit_time: time,
+            policy: BacklogPolicy::ProducerException,
+        };
+        let p = Effective {
+            size_quota: Some(q(1000, -1)),
+            age_quota: Some(q(-1, 60)),
+            ..Default::default()
+        };
+        assert!(over_quota(&p, 1000, Some(59_000)).is_none());
+        assert!(over_quota(&p, 1001, None).is_some());
+        assert!(over_quota(&p, 10, Some(61_000)).is_some());
+        assert!(over_quota(&Effective::default(), u64::MAX, Some(u64::MAX)).is_none());
+    }
+
+    #[test]
+    fn eviction_skips_enough_entries_to_get_under_the_limit() {
+        assert_eq!(to_evict(100, 1000, 1000), 0);
+        assert_eq!(to_evict(100, 1000, 500), 50);
+        assert_eq!(to_evict(3, 1000, 999), 1, "rounded up");
+        assert_eq!(to_evict(100, 1000, 0), 100);
+    }
+
+    #[test]
+    fn each_policy_comes_from_the_topic_else_the_namespace() {
+        let ns = NamespacePolicies {
+            message_ttl_in_seconds: Some(60),
+            retention_policies: Some(RetentionPolicies {
+                retention_time_in_minutes: -1,
+                retention_size_in_mb: -1,
+            }),
+            ..Default::default()
+        };
+        let topic = TopicPolicies {
+            message_ttl_in_seconds: Some(5),
+            ..Default::default()
+        };
+        let e = effective(&ns, &topic);
+        assert_eq!(e.ttl_secs, Some(5));
+        assert_eq!(
+            e.retention,
+            Some(Retention {
+                time_ms: None,
+                size_bytes: None
+            })
+        );
+        assert_eq!(effective(&ns, &TopicPolicies::default()).ttl_secs, Some(60));
+    }
 
     #[test]
     fn topic_level_overrides_namespace_level_overrides_the_default() {

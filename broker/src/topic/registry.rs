@@ -17,6 +17,7 @@ use crate::managed_ledger::{ManagedLedgerConfig, Stores};
 use crate::ownership::bundle::{topic_hash, BundleKey};
 use crate::ownership::registration::RegisteredBroker;
 use crate::ownership::Ownership;
+use crate::subscription::DeadLetterSink;
 use crate::BrokerError;
 
 type Slot = Arc<OnceCell<Arc<Topic>>>;
@@ -30,6 +31,8 @@ pub struct TopicRegistry {
     pub ownership: Arc<Ownership>,
     stores: Stores,
     ml_cfg: ManagedLedgerConfig,
+    /// Where subscriptions send dead letters (none: not dead-lettered).
+    sink: Option<Arc<dyn DeadLetterSink>>,
 }
 
 /// What an unload did.
@@ -40,7 +43,12 @@ pub struct Unloaded {
 }
 
 impl TopicRegistry {
-    pub fn new(ownership: Arc<Ownership>, stores: Stores, ml_cfg: ManagedLedgerConfig) -> Self {
+    pub fn new(
+        ownership: Arc<Ownership>,
+        stores: Stores,
+        ml_cfg: ManagedLedgerConfig,
+        sink: Option<Arc<dyn DeadLetterSink>>,
+    ) -> Self {
         let reg = ownership.registration.clone();
         let stores = Stores {
             gate: Arc::new(move || reg.is_valid()),
@@ -51,6 +59,7 @@ impl TopicRegistry {
             ownership,
             stores,
             ml_cfg,
+            sink,
         }
     }
 
@@ -77,7 +86,8 @@ impl TopicRegistry {
                     name.clone(),
                     self.ml_cfg.clone(),
                     self.stores.clone(),
-                    policies.dedup,
+                    policies,
+                    self.sink.clone(),
                 )
                 .await
             })
