@@ -48,6 +48,9 @@ pub struct AdminArgs {
     /// The cluster's name (as the brokers are configured).
     #[arg(long, env = "MAGNETAR_CLUSTER", default_value = "magnetar")]
     cluster: String,
+    /// Print the broker's JSON answers as they are instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: AdminCmd,
 }
@@ -79,6 +82,11 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: TopicsCmd,
     },
+    /// Tenants (admin REST API).
+    Tenants {
+        #[command(subcommand)]
+        cmd: TenantsCmd,
+    },
     /// Namespaces (admin REST API).
     Namespaces {
         #[command(subcommand)]
@@ -103,12 +111,120 @@ enum BrokersCmd {
 enum TopicsCmd {
     /// The broker that serves a topic (assigning one if none does).
     Lookup { topic: String },
+    /// The topics of a namespace (`tenant/ns`), partitions included.
+    List { namespace: String },
+    /// The partitioned topics of a namespace.
+    ListPartitioned { namespace: String },
+    /// Creates a topic; with `--partitions N` a partitioned one.
+    Create {
+        topic: String,
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// Deletes a topic (a partitioned one with `--partitioned`); `--force`
+    /// closes its clients.
+    Delete {
+        topic: String,
+        #[arg(long)]
+        partitioned: bool,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rates, counters, storage and subscriptions of a topic.
+    Stats { topic: String },
+    /// No more messages: later sends fail, consumers reach the end.
+    Terminate { topic: String },
+    /// Closes the topic on its broker; clients reconnect.
+    Unload { topic: String },
+    /// A topic's partition count (0: not partitioned).
+    Partitions { topic: String },
+    /// Raises a partitioned topic's partition count.
+    UpdatePartitions { topic: String, partitions: u32 },
+    /// A topic-level policy (overrides the namespace's).
+    GetPolicy { topic: String, policy: Policy },
+    /// Sets a topic-level policy; VALUE is the JSON the REST path takes.
+    SetPolicy {
+        topic: String,
+        policy: Policy,
+        value: String,
+    },
+    /// Removes a topic-level policy (the namespace's applies again).
+    RemovePolicy { topic: String, policy: Policy },
+}
+
+#[derive(Subcommand)]
+enum TenantsCmd {
+    List,
+    Get {
+        tenant: String,
+    },
+    Create {
+        tenant: String,
+    },
+    /// Refused while the tenant has namespaces.
+    Delete {
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum NamespacesCmd {
     /// A namespace's bundle boundaries.
     Bundles { namespace: String },
+    /// The namespaces of a tenant.
+    List { tenant: String },
+    /// Creates `tenant/ns`, with `--bundles N` bundles.
+    Create {
+        namespace: String,
+        #[arg(long)]
+        bundles: Option<usize>,
+    },
+    /// Refused while the namespace has topics.
+    Delete { namespace: String },
+    /// Every policy of a namespace (JSON).
+    Policies { namespace: String },
+    /// Sets a namespace policy; VALUE is the JSON the REST path takes, e.g.
+    /// `retention '{"retentionTimeInMinutes":60,"retentionSizeInMB":-1}'`,
+    /// `message-ttl 3600`, `deduplication true`,
+    /// `backlog-quota '{"limitSize":1073741824,"policy":"producer_request_hold"}'`,
+    /// `dead-letter '{"maxRedeliverCount":5}'`,
+    /// `auto-topic-creation '{"allowAutoTopicCreation":false}'`.
+    SetPolicy {
+        namespace: String,
+        policy: Policy,
+        value: String,
+    },
+    /// Removes a namespace policy (the default applies again).
+    RemovePolicy { namespace: String, policy: Policy },
+}
+
+/// The policies `set-policy` knows, by their REST path segments.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    Retention,
+    MessageTtl,
+    Deduplication,
+    BacklogQuota,
+    DeadLetter,
+    AutoTopicCreation,
+}
+
+impl Policy {
+    /// (path for GET, path for POST/DELETE) under a namespace or a topic.
+    fn paths(self, topic: bool) -> anyhow::Result<(&'static str, &'static str)> {
+        Ok(match (self, topic) {
+            (Policy::Retention, _) => ("retention", "retention"),
+            (Policy::MessageTtl, _) => ("messageTTL", "messageTTL"),
+            (Policy::Deduplication, false) => ("deduplication", "deduplication"),
+            (Policy::Deduplication, true) => ("deduplicationEnabled", "deduplicationEnabled"),
+            (Policy::BacklogQuota, _) => ("backlogQuotaMap", "backlogQuota"),
+            (Policy::DeadLetter, _) => ("deadLetterPolicy", "deadLetterPolicy"),
+            (Policy::AutoTopicCreation, false) => ("autoTopicCreation", "autoTopicCreation"),
+            (Policy::AutoTopicCreation, true) => {
+                anyhow::bail!("auto-topic-creation is a namespace policy")
+            }
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -164,13 +280,24 @@ enum BookiesCmd {
 /// `GET` or `PUT` `path` on the broker; the body of a success, the
 /// broker's reason otherwise.
 async fn http(args: &AdminArgs, put: bool, path: &str) -> anyhow::Result<String> {
+    call(args, if put { "PUT" } else { "GET" }, path, None).await
+}
+
+/// `method` on `path` with a JSON `body`; the body of a success, the
+/// broker's reason otherwise.
+async fn call(
+    args: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> anyhow::Result<String> {
     let url = format!("{}{path}", args.url.trim_end_matches('/'));
     let client = reqwest::Client::new();
-    let req = if put {
-        client.put(&url)
-    } else {
-        client.get(&url)
-    };
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let mut req = client.request(method, &url);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
     let resp = req.send().await.with_context(|| format!("calling {url}"))?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
@@ -208,40 +335,6 @@ async fn run_http(args: &AdminArgs) -> anyhow::Result<bool> {
         AdminCmd::Brokers {
             cmd: BrokersCmd::Health,
         } => emit!("{}", http(args, false, "/admin/v2/brokers/health").await?),
-        AdminCmd::Topics {
-            cmd: TopicsCmd::Lookup { topic },
-        } => {
-            let body = http(
-                args,
-                false,
-                &format!("/lookup/v2/topic/{}", topic_path(topic)?),
-            )
-            .await?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            emit!(
-                "{} {}",
-                v["brokerUrl"].as_str().unwrap_or("?"),
-                v["httpUrl"].as_str().unwrap_or("-")
-            );
-        }
-        AdminCmd::Namespaces {
-            cmd: NamespacesCmd::Bundles { namespace },
-        } => {
-            let body = http(
-                args,
-                false,
-                &format!("/admin/v2/namespaces/{namespace}/bundles"),
-            )
-            .await?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            let b: Vec<&str> = v["boundaries"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-                .unwrap_or_default();
-            for w in b.windows(2) {
-                emit!("{}_{}", w[0], w[1]);
-            }
-        }
         AdminCmd::Bundles {
             cmd:
                 BundlesCmd::Unload {
@@ -273,9 +366,243 @@ async fn run_http(args: &AdminArgs) -> anyhow::Result<bool> {
             .await?;
             emit!("split {namespace}/{range}");
         }
+        AdminCmd::Tenants { cmd } => tenants(args, cmd).await?,
+        AdminCmd::Namespaces { cmd } => namespaces(args, cmd).await?,
+        AdminCmd::Topics { cmd } => topics(args, cmd).await?,
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// Prints a JSON answer: as it is with `--json`, else a list a line per
+/// item, an object a line per field.
+fn show(args: &AdminArgs, body: &str) -> anyhow::Result<()> {
+    if args.json || body.trim().is_empty() {
+        if !body.trim().is_empty() {
+            emit!("{body}");
+        }
+        return Ok(());
+    }
+    match serde_json::from_str::<serde_json::Value>(body)? {
+        serde_json::Value::Array(items) => {
+            for i in items {
+                match i {
+                    serde_json::Value::String(s) => emit!("{s}"),
+                    other => emit!("{other}"),
+                }
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (k, v) in fields {
+                emit!("{k:<24} {v}");
+            }
+        }
+        other => emit!("{other}"),
+    }
+    Ok(())
+}
+
+async fn tenants(args: &AdminArgs, cmd: &TenantsCmd) -> anyhow::Result<()> {
+    let b = "/admin/v2/tenants";
+    match cmd {
+        TenantsCmd::List => show(args, &call(args, "GET", b, None).await?)?,
+        TenantsCmd::Get { tenant } => show(
+            args,
+            &call(args, "GET", &format!("{b}/{tenant}"), None).await?,
+        )?,
+        TenantsCmd::Create { tenant } => {
+            call(args, "PUT", &format!("{b}/{tenant}"), None).await?;
+            emit!("created tenant {tenant}");
+        }
+        TenantsCmd::Delete { tenant } => {
+            call(args, "DELETE", &format!("{b}/{tenant}"), None).await?;
+            emit!("deleted tenant {tenant}");
+        }
+    }
+    Ok(())
+}
+
+async fn namespaces(args: &AdminArgs, cmd: &NamespacesCmd) -> anyhow::Result<()> {
+    let b = "/admin/v2/namespaces";
+    match cmd {
+        NamespacesCmd::Bundles { namespace } => {
+            let body = http(
+                args,
+                false,
+                &format!("/admin/v2/namespaces/{namespace}/bundles"),
+            )
+            .await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            let b: Vec<&str> = v["boundaries"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            for w in b.windows(2) {
+                emit!("{}_{}", w[0], w[1]);
+            }
+        }
+        NamespacesCmd::List { tenant } => show(
+            args,
+            &call(args, "GET", &format!("{b}/{tenant}"), None).await?,
+        )?,
+        NamespacesCmd::Create { namespace, bundles } => {
+            let body = bundles.map(|n| format!(r#"{{"bundles":{{"numBundles":{n}}}}}"#));
+            call(args, "PUT", &format!("{b}/{namespace}"), body).await?;
+            emit!("created namespace {namespace}");
+        }
+        NamespacesCmd::Delete { namespace } => {
+            call(args, "DELETE", &format!("{b}/{namespace}"), None).await?;
+            emit!("deleted namespace {namespace}");
+        }
+        NamespacesCmd::Policies { namespace } => show(
+            args,
+            &call(args, "GET", &format!("{b}/{namespace}"), None).await?,
+        )?,
+        NamespacesCmd::SetPolicy {
+            namespace,
+            policy,
+            value,
+        } => {
+            let (_, set) = policy.paths(false)?;
+            call(
+                args,
+                "POST",
+                &format!("{b}/{namespace}/{set}"),
+                Some(value.clone()),
+            )
+            .await?;
+            emit!("set {set} of {namespace}");
+        }
+        NamespacesCmd::RemovePolicy { namespace, policy } => {
+            let (_, set) = policy.paths(false)?;
+            call(args, "DELETE", &format!("{b}/{namespace}/{set}"), None).await?;
+            emit!("removed {set} of {namespace}");
+        }
+    }
+    Ok(())
+}
+
+async fn topics(args: &AdminArgs, cmd: &TopicsCmd) -> anyhow::Result<()> {
+    let t =
+        |topic: &str| -> anyhow::Result<String> { Ok(format!("/admin/v2/{}", topic_path(topic)?)) };
+    match cmd {
+        TopicsCmd::Lookup { topic } => {
+            let body = http(
+                args,
+                false,
+                &format!("/lookup/v2/topic/{}", topic_path(topic)?),
+            )
+            .await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            emit!(
+                "{} {}",
+                v["brokerUrl"].as_str().unwrap_or("?"),
+                v["httpUrl"].as_str().unwrap_or("-")
+            );
+        }
+        TopicsCmd::List { namespace } => show(
+            args,
+            &call(
+                args,
+                "GET",
+                &format!("/admin/v2/persistent/{namespace}"),
+                None,
+            )
+            .await?,
+        )?,
+        TopicsCmd::ListPartitioned { namespace } => show(
+            args,
+            &call(
+                args,
+                "GET",
+                &format!("/admin/v2/persistent/{namespace}/partitioned"),
+                None,
+            )
+            .await?,
+        )?,
+        TopicsCmd::Create { topic, partitions } => {
+            match partitions {
+                Some(n) => {
+                    call(
+                        args,
+                        "PUT",
+                        &format!("{}/partitions", t(topic)?),
+                        Some(n.to_string()),
+                    )
+                    .await?
+                }
+                None => call(args, "PUT", &t(topic)?, None).await?,
+            };
+            emit!("created {topic}");
+        }
+        TopicsCmd::Delete {
+            topic,
+            partitioned,
+            force,
+        } => {
+            let path = if *partitioned {
+                format!("{}/partitions?force={force}", t(topic)?)
+            } else {
+                format!("{}?force={force}", t(topic)?)
+            };
+            call(args, "DELETE", &path, None).await?;
+            emit!("deleted {topic}");
+        }
+        TopicsCmd::Stats { topic } => show(
+            args,
+            &call(args, "GET", &format!("{}/stats", t(topic)?), None).await?,
+        )?,
+        TopicsCmd::Terminate { topic } => {
+            let id = call(args, "POST", &format!("{}/terminate", t(topic)?), None).await?;
+            show(args, &id)?;
+        }
+        TopicsCmd::Unload { topic } => {
+            call(args, "PUT", &format!("{}/unload", t(topic)?), None).await?;
+            emit!("unloaded {topic}");
+        }
+        TopicsCmd::Partitions { topic } => show(
+            args,
+            &call(args, "GET", &format!("{}/partitions", t(topic)?), None).await?,
+        )?,
+        TopicsCmd::UpdatePartitions { topic, partitions } => {
+            call(
+                args,
+                "POST",
+                &format!("{}/partitions", t(topic)?),
+                Some(partitions.to_string()),
+            )
+            .await?;
+            emit!("{topic} has {partitions} partitions");
+        }
+        TopicsCmd::GetPolicy { topic, policy } => {
+            let (get, _) = policy.paths(true)?;
+            show(
+                args,
+                &call(args, "GET", &format!("{}/{get}", t(topic)?), None).await?,
+            )?
+        }
+        TopicsCmd::SetPolicy {
+            topic,
+            policy,
+            value,
+        } => {
+            let (_, set) = policy.paths(true)?;
+            call(
+                args,
+                "POST",
+                &format!("{}/{set}", t(topic)?),
+                Some(value.clone()),
+            )
+            .await?;
+            emit!("set {set} of {topic}");
+        }
+        TopicsCmd::RemovePolicy { topic, policy } => {
+            let (_, set) = policy.paths(true)?;
+            call(args, "DELETE", &format!("{}/{set}", t(topic)?), None).await?;
+            emit!("removed {set} of {topic}");
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -365,6 +692,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCmd::Brokers { .. }
+        | AdminCmd::Tenants { .. }
         | AdminCmd::Topics { .. }
         | AdminCmd::Namespaces { .. }
         | AdminCmd::Bundles { .. } => {}

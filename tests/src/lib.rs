@@ -195,6 +195,14 @@ pub fn admin(tls_dir: &Path, endpoints: &[SocketAddr], args: &[&str]) -> String 
     stdout_of(cmd, &format!("magnetar admin {args:?}"))
 }
 
+/// `magnetar admin --url <url> <args>` (the REST commands); its output (a
+/// failure fails the test).
+pub fn admin_rest(url: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(magnetar_bin());
+    cmd.args(["admin", "--url", url]).args(args);
+    stdout_of(cmd, &format!("magnetar admin {args:?}"))
+}
+
 /// Runs `cmd` to its end; its standard output (a failure fails the test,
 /// showing both outputs).
 fn stdout_of(mut cmd: Command, what: &str) -> String {

@@ -728,3 +728,105 @@ async fn the_broker_dead_letters_what_was_redelivered_too_often_for_any_client()
     .await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn magnetar_admin_manages_tenants_namespaces_topics_and_policies() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let url = format!("http://127.0.0.1:{}", spec.http_port);
+    let admin = |args: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || magnetar_tests::admin_rest(&url, args))
+                .await
+                .unwrap()
+        }
+    };
+    admin(&["tenants", "create", "acme"]).await;
+    assert_eq!(admin(&["tenants", "list"]).await, "acme\npublic\n");
+    admin(&["namespaces", "create", "acme/prod", "--bundles", "4"]).await;
+    assert_eq!(admin(&["namespaces", "list", "acme"]).await, "acme/prod\n");
+    admin(&["namespaces", "set-policy", "acme/prod", "message-ttl", "60"]).await;
+    admin(&[
+        "namespaces",
+        "set-policy",
+        "acme/prod",
+        "deduplication",
+        "true",
+    ])
+    .await;
+    let p = admin(&["--json", "namespaces", "policies", "acme/prod"]).await;
+    let p: Value = serde_json::from_str(&p).unwrap();
+    assert_eq!(p["message_ttl_in_seconds"], 60, "{p}");
+    assert_eq!(p["deduplicationEnabled"], true, "{p}");
+    admin(&[
+        "topics",
+        "create",
+        "persistent://acme/prod/o",
+        "--partitions",
+        "2",
+    ])
+    .await;
+    admin(&[
+        "topics",
+        "update-partitions",
+        "persistent://acme/prod/o",
+        "3",
+    ])
+    .await;
+    assert_eq!(
+        admin(&["topics", "list", "acme/prod"])
+            .await
+            .lines()
+            .count(),
+        3
+    );
+    let t = "persistent://acme/prod/o-partition-0";
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    client
+        .create_producer(t, ProducerOptions::default())
+        .await
+        .unwrap()
+        .send("x")
+        .await
+        .unwrap();
+    let stats = admin(&[
+        "--json",
+        "topics",
+        "stats",
+        "persistent://acme/prod/o-partition-0",
+    ])
+    .await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["msgInCounter"], 1, "{stats}");
+    admin(&[
+        "topics",
+        "set-policy",
+        "persistent://acme/prod/o",
+        "retention",
+        r#"{"retentionTimeInMinutes":-1,"retentionSizeInMB":100}"#,
+    ])
+    .await;
+    let r = admin(&[
+        "--json",
+        "topics",
+        "get-policy",
+        "persistent://acme/prod/o",
+        "retention",
+    ])
+    .await;
+    assert!(r.contains("\"retentionSizeInMB\":100"), "{r}");
+    admin(&[
+        "topics",
+        "delete",
+        "persistent://acme/prod/o",
+        "--partitioned",
+        "--force",
+    ])
+    .await;
+    admin(&["namespaces", "delete", "acme/prod"]).await;
+    admin(&["tenants", "delete", "acme"]).await;
+    s.shutdown().await;
+}
