@@ -210,6 +210,21 @@ print("broker-side dead letters after 2 redeliveries: ok")
 ok("POST", f"/namespaces/{tenant}/dlq/messageTTL", "1")
 assert ok("GET", f"/namespaces/{tenant}/dlq/messageTTL", want=200) == 1
 
+# Non-persistent topics: live fan-out to the connected consumers.
+np_topic = f"non-persistent://{tenant}/app/live"
+np_a = client.subscribe(np_topic, "a")
+np_b = client.subscribe(np_topic, "b")
+np_p = client.create_producer(np_topic, batching_enabled=False)
+for i in range(50):
+    np_p.send(f"{i}".encode())
+for c in (np_a, np_b):
+    assert [int(c.receive(timeout_millis=5000).data()) for _ in range(50)] == list(range(50))
+np_stats = ok("GET", f"/non-persistent/{tenant}/app/live/stats", want=200)
+assert np_stats["msgInCounter"] == 50 and np_stats["storageSize"] == 0, np_stats
+for x in (np_a, np_b, np_p):
+    x.close()
+print("non-persistent topic: live fan-out to two subscriptions, nothing stored: ok")
+
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
 ok("DELETE", f"/persistent/{tenant}/app/one-writer?force=true")

@@ -830,3 +830,77 @@ async fn magnetar_admin_manages_tenants_namespaces_topics_and_policies() {
     admin(&["tenants", "delete", "acme"]).await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_persistent_topics_fan_out_live_and_drop_for_a_slow_consumer_only() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "non-persistent://public/default/live";
+    let mut fast = client
+        .subscribe(topic, "fast", ConsumerOptions::default())
+        .await
+        .unwrap();
+    // Never receives: its queue of 10 fills, the rest is dropped for it.
+    let _slow = client
+        .subscribe(
+            topic,
+            "slow",
+            ConsumerOptions {
+                receiver_queue: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    let n = 500;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let m = fast.receive().await.unwrap();
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+            fast.ack(&m).unwrap();
+        }
+        got
+    });
+    for i in 0..n {
+        p.send(format!("m{i}").as_str()).await.unwrap();
+    }
+    let got = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+        .await
+        .expect("the fast consumer got every message")
+        .unwrap();
+    assert_eq!(got, (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    let stats = h.get("/non-persistent/public/default/live/stats").await;
+    assert_eq!(stats["msgInCounter"], n as u64, "{stats}");
+    let dropped = stats["subscriptions"]["slow"]["msgDropCounter"]
+        .as_u64()
+        .unwrap();
+    assert!(dropped >= (n - 20) as u64, "{stats}");
+    assert_eq!(
+        stats["subscriptions"]["fast"]["msgDropCounter"], 0,
+        "{stats}"
+    );
+    assert_eq!(stats["storageSize"], 0, "nothing stored: {stats}");
+    // A subscription made now gets nothing of what was sent before.
+    let mut late = client
+        .subscribe(topic, "late", ConsumerOptions::default())
+        .await
+        .unwrap();
+    assert!(late
+        .receive_timeout(std::time::Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_none());
+    p.send("after").await.unwrap();
+    let m = late.receive().await.unwrap();
+    assert_eq!(&m.payload[..], b"after");
+    s.shutdown().await;
+}

@@ -47,6 +47,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
                 .delete(delete_partitioned),
         )
         .route(&format!("{TOPIC}/stats"), get(stats))
+        .route(
+            "/admin/v2/non-persistent/{tenant}/{ns}/{topic}/stats",
+            get(non_persistent_stats),
+        )
         .route(&format!("{TOPIC}/unload"), put(unload))
         .route(&format!("{TOPIC}/terminate"), post(terminate))
         .route(
@@ -348,6 +352,8 @@ struct SubscriptionJson {
     msg_backlog: u64,
     unacked_messages: u64,
     msg_delayed: u64,
+    /// Messages of a non-persistent topic no consumer could take.
+    msg_drop_counter: u64,
     #[serde(rename = "type")]
     sub_type: &'static str,
     is_durable: bool,
@@ -371,18 +377,34 @@ fn type_name(t: SubType) -> &'static str {
 
 async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
     let name = p.name()?;
-    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
-    if ctx.topics.get(&name).is_none()
-        && !partitioned::topic_exists(&ctx.md, &name)
-            .await
-            .map_err(error)?
-    {
+    topic_stats(&ctx, name, uri).await
+}
+
+/// A non-persistent topic's stats: those of a loaded topic (it exists only
+/// while loaded).
+async fn non_persistent_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = TopicName::parse(&format!(
+        "non-persistent://{}/{}/{}",
+        p.tenant, p.ns, p.topic
+    ))
+    .map_err(|e| error(BrokerError::from(e)))?;
+    topic_stats(&ctx, name, uri).await
+}
+
+async fn topic_stats(ctx: &AdminContext, name: TopicName, uri: Uri) -> Answer {
+    here_or_redirect(ctx, &name, &uri.to_string()).await?;
+    let exists = ctx.topics.get(&name).is_some()
+        || (name.persistent
+            && partitioned::topic_exists(&ctx.md, &name)
+                .await
+                .map_err(error)?);
+    if !exists {
         return Err(fail(
             StatusCode::NOT_FOUND,
             format!("topic {name} does not exist"),
         ));
     }
-    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let topic = owned(ctx, &name, &uri.to_string()).await?;
     let [msgs_in, bytes_in, msgs_out, bytes_out] = topic.stats.counters();
     let rates = topic.stats.rates();
     let subscriptions = topic
@@ -394,6 +416,7 @@ async fn stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
                 msg_backlog: s.msg_backlog,
                 unacked_messages: s.unacked,
                 msg_delayed: s.delayed,
+                msg_drop_counter: s.dropped,
                 sub_type: type_name(s.sub_type),
                 is_durable: s.durable,
                 consumers: s

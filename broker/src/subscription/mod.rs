@@ -10,6 +10,7 @@ pub mod dispatcher;
 pub mod exclusive;
 pub mod failover;
 pub mod key_shared;
+pub mod live;
 pub mod redelivery;
 pub mod shared;
 #[cfg(test)]
@@ -125,6 +126,11 @@ pub enum SubEvent {
         position: Position,
         ok: bool,
     },
+    /// A message of a non-persistent topic (live subscriptions only).
+    Live {
+        position: Position,
+        data: Bytes,
+    },
     /// Admin: what the subscription holds now.
     Stats {
         reply: oneshot::Sender<SubStats>,
@@ -148,6 +154,8 @@ pub struct SubStats {
     pub unacked: u64,
     /// Entries whose delivery time has not come.
     pub delayed: u64,
+    /// Messages of a non-persistent topic no consumer could take.
+    pub dropped: u64,
     pub mark_delete: Position,
 }
 
@@ -374,6 +382,7 @@ impl Sub {
             msg_backlog: after.saturating_sub(acked),
             unacked: unacked.pending().count() as u64,
             delayed: unacked.delayed() as u64,
+            dropped: 0,
             mark_delete: md,
         }
     }
@@ -492,6 +501,7 @@ impl Sub {
             SubEvent::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
+            SubEvent::Live { .. } => {}
             SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {
                 positions,

@@ -64,6 +64,8 @@ pub struct Topic {
     dedup: Arc<DedupCell>,
     /// The policies in force.
     policies: Mutex<Effective>,
+    /// The id of the next message of a non-persistent topic.
+    live_seq: AtomicU64,
     /// What the subscriptions act on, as it changes.
     sub_policy: tokio::sync::watch::Sender<SubPolicy>,
     sink: Option<Arc<dyn DeadLetterSink>>,
@@ -343,6 +345,7 @@ impl Topic {
                 snapshotting: AtomicBool::new(false),
             }),
             policies: Mutex::new(policies),
+            live_seq: AtomicU64::new(0),
             sub_policy,
             sink,
         }))
@@ -544,6 +547,9 @@ impl Topic {
             .dedup()
             .as_mut()
             .map(|d| d.check(producer, seq, highest));
+        if !self.name.persistent {
+            return self.publish_live(data, done).await;
+        }
         match check {
             None => self.publish(data, done).await,
             Some(Check::Stored(id)) => {
@@ -686,6 +692,24 @@ impl Topic {
             .collect()
     }
 
+    /// A message of a non-persistent topic: handed to each subscription
+    /// at once (one whose queue is full does not get it), never stored.
+    async fn publish_live(&self, data: Bytes, done: AppendDone) {
+        self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let position = Position::new(0, self.live_seq.fetch_add(1, Ordering::Relaxed) as i64);
+        let subs: Vec<SubscriptionHandle> = self.subs.lock().await.values().cloned().collect();
+        for h in subs {
+            let _ = h.tx.try_send(SubEvent::Live {
+                position,
+                data: data.clone(),
+            });
+        }
+        done(Ok(position));
+    }
+
     /// Appends a message; `done` gets its position once it is durable.
     pub async fn publish(&self, data: Bytes, done: AppendDone) {
         self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
@@ -706,6 +730,11 @@ impl Topic {
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
             return Ok(h.clone());
+        }
+        if !self.name.persistent {
+            let h = subscription::live::spawn(self.stats.out.clone());
+            subs.insert(sub.to_string(), h.clone());
+            return Ok(h);
         }
         let start = match initial {
             InitialPosition::Earliest => self.ml.before_first(),
@@ -737,6 +766,11 @@ impl Topic {
         let mut subs = self.subs.lock().await;
         if let Some(h) = subs.get(sub).filter(|h| !h.tx.is_closed()) {
             return Ok(h.clone());
+        }
+        if !self.name.persistent {
+            let h = subscription::live::spawn(self.stats.out.clone());
+            subs.insert(sub.to_string(), h.clone());
+            return Ok(h);
         }
         let start = mark_delete.max(self.ml.before_first());
         let h = subscription::spawn(

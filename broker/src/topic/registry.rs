@@ -13,6 +13,7 @@ use magnetar_proto::TopicName;
 use tokio::sync::OnceCell;
 
 use super::Topic;
+use crate::managed_ledger::store::{MemoryLedgers, MemoryMeta};
 use crate::managed_ledger::{ManagedLedgerConfig, Stores};
 use crate::ownership::bundle::{topic_hash, BundleKey};
 use crate::ownership::registration::RegisteredBroker;
@@ -69,23 +70,25 @@ impl TopicRegistry {
 
     /// The loaded topic, loading it if needed; its bundle must be ours.
     pub async fn get_or_load(&self, name: &TopicName) -> Result<Arc<Topic>, BrokerError> {
-        if !name.persistent {
-            return Err(BrokerError::new(
-                magnetar_proto::pulsar::ServerError::TopicNotFound,
-                "non-persistent topics are not supported yet",
-            ));
-        }
         let bundle = self.ownership.claim(name).await?;
         let cell = self.lock().entry(name.clone()).or_default().clone();
         let res = cell
             .get_or_try_init(|| async {
                 let own = &self.ownership;
                 super::partitioned::check_may_load(own.metadata(), &own.namespaces, name).await?;
-                let policies = super::policies::resolve(self, name, false).await?;
+                let mut policies = super::policies::resolve(self, name, false).await?;
+                // A non-persistent topic keeps nothing: its (unused) storage
+                // is in memory, and nothing in it is deduplicated.
+                let stores = if name.persistent {
+                    self.stores.clone()
+                } else {
+                    policies.dedup = false;
+                    Stores::new(Arc::new(MemoryLedgers::new()), Arc::new(MemoryMeta::new()))
+                };
                 Topic::load(
                     name.clone(),
                     self.ml_cfg.clone(),
-                    self.stores.clone(),
+                    stores,
                     policies,
                     self.sink.clone(),
                 )
