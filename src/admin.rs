@@ -82,6 +82,11 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: TopicsCmd,
     },
+    /// A topic's schema versions (admin REST API).
+    Schemas {
+        #[command(subcommand)]
+        cmd: SchemasCmd,
+    },
     /// Tenants (admin REST API).
     Tenants {
         #[command(subcommand)]
@@ -150,6 +155,26 @@ enum TopicsCmd {
     },
     /// Removes a topic-level policy (the namespace's applies again).
     RemovePolicy { topic: String, policy: Policy },
+}
+
+#[derive(Subcommand)]
+enum SchemasCmd {
+    /// The latest version (or `--version N`).
+    Get {
+        topic: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Adds a version: `--type JSON|AVRO|PROTOBUF|STRING|…` and the
+    /// definition (a file with `@path`).
+    Upload {
+        topic: String,
+        #[arg(long = "type")]
+        schema_type: String,
+        definition: String,
+    },
+    /// Deletes every version.
+    Delete { topic: String },
 }
 
 #[derive(Subcommand)]
@@ -367,6 +392,7 @@ async fn run_http(args: &AdminArgs) -> anyhow::Result<bool> {
             emit!("split {namespace}/{range}");
         }
         AdminCmd::Tenants { cmd } => tenants(args, cmd).await?,
+        AdminCmd::Schemas { cmd } => schemas(args, cmd).await?,
         AdminCmd::Namespaces { cmd } => namespaces(args, cmd).await?,
         AdminCmd::Topics { cmd } => topics(args, cmd).await?,
         _ => return Ok(false),
@@ -398,6 +424,51 @@ fn show(args: &AdminArgs, body: &str) -> anyhow::Result<()> {
             }
         }
         other => emit!("{other}"),
+    }
+    Ok(())
+}
+
+async fn schemas(args: &AdminArgs, cmd: &SchemasCmd) -> anyhow::Result<()> {
+    let base = |topic: &str| -> anyhow::Result<String> {
+        let t = magnetar_proto::TopicName::parse(topic)?;
+        Ok(format!(
+            "/admin/v2/schemas/{}/{}/{}",
+            t.tenant, t.namespace, t.local
+        ))
+    };
+    match cmd {
+        SchemasCmd::Get { topic, version } => {
+            let path = match version {
+                Some(v) => format!("{}/schema/{v}", base(topic)?),
+                None => format!("{}/schema", base(topic)?),
+            };
+            show(args, &call(args, "GET", &path, None).await?)?
+        }
+        SchemasCmd::Upload {
+            topic,
+            schema_type,
+            definition,
+        } => {
+            let def = match definition.strip_prefix('@') {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+                }
+                None => definition.clone(),
+            };
+            let body = serde_json::json!({"type": schema_type, "schema": def, "properties": {}});
+            let answer = call(
+                args,
+                "POST",
+                &format!("{}/schema", base(topic)?),
+                Some(body.to_string()),
+            )
+            .await?;
+            show(args, &answer)?;
+        }
+        SchemasCmd::Delete { topic } => {
+            call(args, "DELETE", &format!("{}/schema", base(topic)?), None).await?;
+            emit!("deleted the schemas of {topic}");
+        }
     }
     Ok(())
 }
@@ -693,6 +764,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCmd::Brokers { .. }
         | AdminCmd::Tenants { .. }
+        | AdminCmd::Schemas { .. }
         | AdminCmd::Topics { .. }
         | AdminCmd::Namespaces { .. }
         | AdminCmd::Bundles { .. } => {}

@@ -11,6 +11,8 @@ pub const PARTITIONED_PREFIX: &str = "/partitioned-topics/";
 /// A topic's own policies (Pulsar's topic policies) as JSON:
 /// `/topic-policies/<tenant>/<ns>/<domain>/<topic>`.
 pub const TOPIC_POLICIES_PREFIX: &str = "/topic-policies/";
+/// A topic's schema versions: `/schemas/<tenant>/<ns>/<domain>/<topic>`.
+pub const SCHEMAS_PREFIX: &str = "/schemas/";
 /// Brokers register here (ephemeral keys on their leases).
 pub const BROKERS_PREFIX: &str = "/brokers/available/";
 /// A topic's ledger list and cursor pointers.
@@ -41,6 +43,11 @@ pub fn partitioned(name: &str) -> String {
 /// `name` is `TopicName::as_key`.
 pub fn topic_policies(name: &str) -> String {
     format!("{TOPIC_POLICIES_PREFIX}{name}")
+}
+
+/// `name` is `TopicName::as_key`.
+pub fn schema(name: &str) -> String {
+    format!("{SCHEMAS_PREFIX}{name}")
 }
 
 pub fn managed_ledger(name: &str) -> String {

@@ -819,6 +819,22 @@ async fn magnetar_admin_manages_tenants_namespaces_topics_and_policies() {
     .await;
     assert!(r.contains("\"retentionSizeInMB\":100"), "{r}");
     admin(&[
+        "schemas",
+        "upload",
+        "persistent://acme/prod/o",
+        "--type",
+        "JSON",
+        r#"{"type":"record","name":"A","fields":[]}"#,
+    ])
+    .await;
+    let schema = admin(&["--json", "schemas", "get", "persistent://acme/prod/o"]).await;
+    let schema: Value = serde_json::from_str(&schema).unwrap();
+    assert_eq!(
+        (schema["version"].clone(), schema["type"].clone()),
+        (Value::from(0), Value::from("JSON"))
+    );
+    admin(&["schemas", "delete", "persistent://acme/prod/o"]).await;
+    admin(&[
         "topics",
         "delete",
         "persistent://acme/prod/o",
@@ -902,5 +918,57 @@ async fn non_persistent_topics_fan_out_live_and_drop_for_a_slow_consumer_only() 
     p.send("after").await.unwrap();
     let m = late.receive().await.unwrap();
     assert_eq!(&m.payload[..], b"after");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_are_versioned_and_checked_through_rest() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let base = "/schemas/public/default/people";
+    assert_eq!(h.status("GET", &format!("{base}/schema"), "").await, 404);
+    let v1 = r#"{"type":"record","name":"P","fields":[{"name":"name","type":"string"}]}"#;
+    let v2 = r#"{"type":"record","name":"P","fields":[{"name":"name","type":"string"},{"name":"age","type":"int","default":0}]}"#;
+    let bad = r#"{"type":"record","name":"P","fields":[{"name":"name","type":"int"}]}"#;
+    let up = |def: &str| {
+        serde_json::json!({"type": "AVRO", "schema": def, "properties": {}}).to_string()
+    };
+    let (status, v) = h.call("POST", &format!("{base}/schema"), &up(v1)).await;
+    assert_eq!((status, v["version"].clone()), (200, Value::from(0)));
+    let (_, v) = h.call("POST", &format!("{base}/schema"), &up(v1)).await;
+    assert_eq!(v["version"], 0, "the same schema: the same version");
+    let (_, c) = h
+        .call("POST", &format!("{base}/compatibility"), &up(bad))
+        .await;
+    assert_eq!(c["isCompatible"], false, "{c}");
+    assert_eq!(
+        h.status("POST", &format!("{base}/schema"), &up(bad)).await,
+        409
+    );
+    let (_, v) = h.call("POST", &format!("{base}/schema"), &up(v2)).await;
+    assert_eq!(v["version"], 1);
+    let latest = h.get(&format!("{base}/schema")).await;
+    assert_eq!(latest["type"], "AVRO");
+    assert_eq!(latest["data"], v2);
+    assert_eq!(h.get(&format!("{base}/schema/0")).await["data"], v1);
+    let all = h.get(&format!("{base}/schemas")).await;
+    assert_eq!(all["getSchemaResponses"].as_array().unwrap().len(), 2);
+    // ALWAYS_COMPATIBLE lets anything in.
+    let strategy = "/namespaces/public/default/schemaCompatibilityStrategy";
+    assert_eq!(
+        h.status("PUT", strategy, "\"ALWAYS_COMPATIBLE\"").await,
+        204
+    );
+    assert_eq!(h.get(strategy).await, "ALWAYS_COMPATIBLE");
+    let (_, v) = h.call("POST", &format!("{base}/schema"), &up(bad)).await;
+    assert_eq!(v["version"], 2);
+    assert_eq!(
+        h.call("DELETE", &format!("{base}/schema"), "").await.1["version"],
+        2
+    );
+    assert_eq!(h.status("GET", &format!("{base}/schema"), "").await, 404);
     s.shutdown().await;
 }

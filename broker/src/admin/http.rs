@@ -101,6 +101,7 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
         .merge(super::tenants::routes())
         .merge(super::namespaces::routes())
         .merge(super::topics::routes())
+        .merge(super::schemas::routes())
         .with_state(ctx)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod namespaces;
+pub mod schemas;
 pub mod subscriptions;
 pub mod tenants;
 pub mod topics;

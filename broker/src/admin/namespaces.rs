@@ -19,7 +19,7 @@ use super::tenants;
 use crate::ownership::bundle::Bundles;
 use crate::ownership::namespaces::{
     self, AutoTopicCreation, BacklogQuota, DeadLetterPolicy, NamespacePolicies, RetentionPolicies,
-    SIZE_QUOTA,
+    Strategy, SIZE_QUOTA,
 };
 use crate::{keys, BrokerError};
 
@@ -56,6 +56,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
             get(get_dead_letter)
                 .post(set_dead_letter)
                 .delete(remove_dead_letter),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/schemaCompatibilityStrategy",
+            get(get_strategy).put(set_strategy).post(set_strategy),
         )
         .route(
             "/admin/v2/namespaces/{tenant}/{ns}/deduplication",
@@ -278,6 +282,42 @@ async fn remove_dead_letter(
     Path((tenant, ns)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     update(&ctx, &tenant, &ns, |p| p.dead_letter_policy = None).await
+}
+
+async fn get_strategy(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Strategy>> {
+    Ok(Json(
+        policies(&ctx, &tenant, &ns)
+            .await?
+            .schema_compatibility_strategy
+            .unwrap_or(Strategy::Undefined),
+    ))
+}
+
+/// The body is the strategy's name as a JSON string (or bare).
+async fn set_strategy(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let text = std::str::from_utf8(&body).unwrap_or("").trim();
+    let quoted = if text.starts_with('"') {
+        text.to_string()
+    } else {
+        format!("\"{text}\"")
+    };
+    let s: Strategy = serde_json::from_str(&quoted).map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("unknown schema compatibility strategy {text}"),
+        )
+    })?;
+    update(&ctx, &tenant, &ns, |p| {
+        p.schema_compatibility_strategy = Some(s)
+    })
+    .await
 }
 
 async fn get_retention(

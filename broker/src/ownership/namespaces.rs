@@ -48,6 +48,8 @@ pub struct NamespacePolicies {
         skip_serializing_if = "Option::is_none"
     )]
     pub dead_letter_policy: Option<DeadLetterPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_compatibility_strategy: Option<Strategy>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
@@ -145,6 +147,21 @@ impl BacklogQuota {
         }
         Ok(())
     }
+}
+
+/// Pulsar's schema compatibility strategies (`UNDEFINED` means `FULL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Strategy {
+    Undefined,
+    AlwaysIncompatible,
+    AlwaysCompatible,
+    Backward,
+    Forward,
+    Full,
+    BackwardTransitive,
+    ForwardTransitive,
+    FullTransitive,
 }
 
 /// Pulsar's `AutoTopicCreationOverride`.

@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{consumer, handshake, lookup, producer, ConnShared, ProtocolContext};
+use super::{consumer, handshake, lookup, producer, schema, ConnShared, ProtocolContext};
 use crate::BrokerError;
 
 /// What a request handler running on its own task needs of its
@@ -197,6 +197,20 @@ impl Conn {
                     producer: Some(c), ..
                 },
             ) => self.spawn(|r| producer::create(r, c)).await,
+            (
+                Some(Type::GetSchema),
+                BaseCommand {
+                    get_schema: Some(c),
+                    ..
+                },
+            ) => self.spawn(|r| schema::get(r, c)).await,
+            (
+                Some(Type::GetOrCreateSchema),
+                BaseCommand {
+                    get_or_create_schema: Some(c),
+                    ..
+                },
+            ) => self.spawn(|r| schema::get_or_create(r, c)).await,
             (Some(Type::Send), c) => producer::send(self, c.send, payload, payload_error).await,
             (Some(Type::CloseProducer), c) => producer::close(self, c.close_producer).await,
             (

@@ -21,6 +21,7 @@ use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ConsumerSlot};
 use crate::managed_ledger::cursor::Position;
 use crate::subscription::{ConsumerConn, ConsumerInfo, KeySharedSpec, SeekTarget, SubEvent};
+use crate::topic::schema;
 use crate::topic::{persistent::unknown, InitialPosition};
 use crate::BrokerError;
 
@@ -43,6 +44,10 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
         })?;
         let key_shared = key_shared_spec(&c)?;
         let topic = conn.ctx.topics.get_or_load(&name).await?;
+        if let Some(s) = c.schema.as_ref().filter(|s| !schema::is_none(s)) {
+            let own = &conn.ctx.topics.ownership;
+            schema::check_consumer(own.metadata(), &own.namespaces, &name, s).await?;
+        }
         let initial = match c
             .initial_position
             .and_then(|p| WireInitial::try_from(p).ok())

@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod handshake;
 pub mod lookup;
 pub mod producer;
+pub mod schema;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

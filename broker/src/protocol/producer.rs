@@ -17,6 +17,7 @@ use super::{lock, ProducerSlot};
 use crate::managed_ledger::MlError;
 use crate::topic::persistent::{Joined, ProducerRequest};
 use crate::topic::producers::AccessMode;
+use crate::topic::schema;
 use crate::BrokerError;
 
 /// Producer ids a connection remembers as closed by the broker (beyond
@@ -45,6 +46,14 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
             )
         })?;
         let topic = conn.ctx.topics.get_or_load(&name).await?;
+        // A schema: its version (registered if new and compatible).
+        let schema_version = match c.schema.as_ref().filter(|s| !schema::is_none(s)) {
+            Some(s) => {
+                let own = &conn.ctx.topics.ownership;
+                Some(schema::get_or_create(own.metadata(), &own.namespaces, &name, s).await?)
+            }
+            None => None,
+        };
         let req = ProducerRequest {
             conn_id: conn.shared.id,
             producer_id: c.producer_id,
@@ -56,7 +65,7 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
         let mut told_waiting = false;
         loop {
             match topic.add_producer(&req).await? {
-                Joined::Ready { epoch } => return Ok((topic, epoch)),
+                Joined::Ready { epoch } => return Ok((topic, epoch, schema_version)),
                 Joined::Waiting(woken) => {
                     // Tell the client it is queued (it then waits without
                     // a timeout), as Pulsar does.
@@ -69,6 +78,7 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
                                 None,
                                 false,
                                 -1,
+                                None,
                             ))
                             .await;
                     }
@@ -81,7 +91,7 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
     }
     .await;
     match res {
-        Ok((topic, epoch)) => {
+        Ok((topic, epoch, schema_version)) => {
             let last = topic.last_sequence_id(&producer_name);
             {
                 // Under the lock `close_all` takes to mark the connection closed.
@@ -109,6 +119,7 @@ pub async fn create(conn: ConnRef, c: CommandProducer) {
                     epoch,
                     true,
                     last,
+                    schema_version,
                 ))
                 .await;
         }
@@ -252,6 +263,7 @@ fn producer_success(
     topic_epoch: Option<u64>,
     ready: bool,
     last_sequence_id: i64,
+    schema_version: Option<u64>,
 ) -> magnetar_proto::pulsar::BaseCommand {
     let mut r = base(Type::ProducerSuccess);
     r.producer_success = Some(CommandProducerSuccess {
@@ -260,7 +272,7 @@ fn producer_success(
         last_sequence_id: Some(last_sequence_id),
         topic_epoch,
         producer_ready: Some(ready),
-        ..Default::default()
+        schema_version: schema_version.map(|v| schema::version_bytes(v).into()),
     });
     r
 }

@@ -8,6 +8,7 @@ pub mod persistent;
 pub mod policies;
 pub mod producers;
 pub mod registry;
+pub mod schema;
 
 pub use persistent::{InitialPosition, Topic};
 pub use registry::TopicRegistry;
