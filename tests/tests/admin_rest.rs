@@ -293,6 +293,24 @@ async fn partitioned_topics_are_created_grown_used_and_deleted() {
             .await,
         404
     );
+    let internal = h
+        .get("/persistent/public/default/orders-partition-4/internalStats")
+        .await;
+    assert_eq!(internal["numberOfEntries"], 10, "{internal}");
+    assert_eq!(internal["state"], "LedgerOpened", "{internal}");
+    assert!(
+        internal["cursors"]["s"]["markDeletePosition"].is_string(),
+        "{internal}"
+    );
+    let all = h
+        .get("/persistent/public/default/orders/partitioned-stats")
+        .await;
+    assert_eq!(all["metadata"]["partitions"], 5, "{all}");
+    assert_eq!(all["msgInCounter"], 10, "{all}");
+    assert!(
+        all["partitions"]["persistent://public/default/orders-partition-4"].is_object(),
+        "{all}"
+    );
     // Deleting: refused while a partition has clients, unless forced.
     assert_eq!(h.status("DELETE", path, "").await, 412);
     assert_eq!(

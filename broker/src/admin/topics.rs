@@ -47,6 +47,11 @@ pub fn routes() -> Router<Arc<AdminContext>> {
                 .delete(delete_partitioned),
         )
         .route(&format!("{TOPIC}/stats"), get(stats))
+        .route(&format!("{TOPIC}/internalStats"), get(internal_stats))
+        .route(
+            &format!("{TOPIC}/partitioned-stats"),
+            get(partitioned_stats),
+        )
         .route(
             "/admin/v2/non-persistent/{tenant}/{ns}/{topic}/stats",
             get(non_persistent_stats),
@@ -641,6 +646,137 @@ async fn terminate(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answe
         partition_index: name.partition_of().map_or(-1, |(_, i)| i as i32),
     })
     .into_response())
+}
+
+fn position(p: crate::managed_ledger::cursor::Position) -> String {
+    format!("{}:{}", p.ledger_id, p.entry_id)
+}
+
+/// Pulsar's `PersistentTopicInternalStats` (the fields we have).
+async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = p.name()?;
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    if ctx.topics.get(&name).is_none()
+        && !partitioned::topic_exists(&ctx.md, &name)
+            .await
+            .map_err(error)?
+    {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let ml = &topic.ml;
+    let ledgers = ml.ledgers();
+    let current = ledgers.last().cloned();
+    let cursors: serde_json::Map<String, serde_json::Value> = topic
+        .subscription_stats()
+        .await
+        .into_iter()
+        .map(|(sub, s)| {
+            (
+                sub,
+                serde_json::json!({
+                    "markDeletePosition": position(s.mark_delete),
+                    "messagesConsumedCounter": 0,
+                    "numberOfEntriesSinceFirstNotAckedMessage": s.msg_backlog,
+                    "state": if s.durable { "Open" } else { "NonDurable" },
+                }),
+            )
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "entriesAddedCounter": topic.stats.counters()[0],
+        "numberOfEntries": ml.entries(),
+        "totalSize": ml.size_bytes(),
+        "currentLedgerEntries": current.as_ref().map_or(0, |l| l.entries),
+        "currentLedgerSize": current.as_ref().map_or(0, |l| l.size_bytes),
+        "lastConfirmedEntry": position(ml.last_confirmed()),
+        "state": if ml.terminated().is_some() { "Terminated" } else { "LedgerOpened" },
+        "ledgers": ledgers.iter().map(|l| serde_json::json!({
+            "ledgerId": l.ledger_id,
+            "entries": l.entries,
+            "size": l.size_bytes,
+            "offloaded": false,
+        })).collect::<Vec<_>>(),
+        "cursors": cursors,
+    }))
+    .into_response())
+}
+
+/// Pulsar's `PartitionedTopicStats`: the sums over the partitions, and each
+/// partition's stats under `partitions` (each asked of its owner through
+/// this API).
+async fn partitioned_stats(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    let name = p.name()?;
+    let Some((n, _)) = partitioned::partitions(&ctx.md, &name)
+        .await
+        .map_err(error)?
+    else {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("partitioned topic {name} does not exist"),
+        ));
+    };
+    let Some(base) = ctx.topics.ownership.me().http_url else {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this broker has no HTTP address to reach the partitions' owners",
+        ));
+    };
+    let http = reqwest::Client::new();
+    let mut parts = serde_json::Map::new();
+    let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
+    const SUMMED: [&str; 9] = [
+        "msgRateIn",
+        "msgThroughputIn",
+        "msgRateOut",
+        "msgThroughputOut",
+        "msgInCounter",
+        "bytesInCounter",
+        "msgOutCounter",
+        "bytesOutCounter",
+        "storageSize",
+    ];
+    for i in 0..n {
+        let part = name.partition(i);
+        let url = format!(
+            "{}/admin/v2/persistent/{}/{}/{}/stats",
+            base.trim_end_matches('/'),
+            part.tenant,
+            part.namespace,
+            part.local
+        );
+        let resp = http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| fail(StatusCode::BAD_GATEWAY, format!("stats of {part}: {e}")))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            continue; // never used yet
+        }
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| fail(StatusCode::BAD_GATEWAY, format!("stats of {part}: {e}")))?;
+        for k in SUMMED {
+            *sums.entry(k).or_default() += v[k].as_f64().unwrap_or(0.0);
+        }
+        parts.insert(part.to_string(), v);
+    }
+    let mut out = serde_json::Map::new();
+    for (k, v) in sums {
+        let v = if k.ends_with("Counter") || k == "storageSize" {
+            serde_json::json!(v as u64)
+        } else {
+            serde_json::json!(v)
+        };
+        out.insert(k.to_string(), v);
+    }
+    out.insert("metadata".into(), serde_json::json!({ "partitions": n }));
+    out.insert("partitions".into(), serde_json::Value::Object(parts));
+    Ok(Json(serde_json::Value::Object(out)).into_response())
 }
 
 /// Closes the topic here (storage first); its clients reconnect and load

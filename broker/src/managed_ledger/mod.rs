@@ -719,6 +719,22 @@ impl ManagedLedger {
         Ok(())
     }
 
+    /// The ledgers held, with the open one's current entry count.
+    pub fn ledgers(&self) -> Vec<LedgerInfo> {
+        read(&self.view)
+            .iter()
+            .map(|l| LedgerInfo {
+                entries: self.count(l),
+                size_bytes: if l.closed {
+                    l.size_bytes
+                } else {
+                    self.open_bytes.load(Ordering::Relaxed)
+                },
+                ..l.clone()
+            })
+            .collect()
+    }
+
     pub fn ledger_ids(&self) -> Vec<u64> {
         read(&self.view).iter().map(|l| l.ledger_id).collect()
     }
