@@ -9,6 +9,7 @@ partitions; one that forbids creating topics on first use refuses a
 producer of an unknown topic. A namespace with topics cannot be deleted.
 Usage: python_topics.py SERVICE_URL HTTP_URL"""
 import json
+import time
 import sys
 import urllib.error
 import urllib.request
@@ -273,10 +274,34 @@ for x in (sp, sp2, sc):
     x.close()
 print("schemas: versions registered, incompatible ones refused: ok")
 
+# Compaction: a compacted reader gets the latest value of each key.
+ct = f"persistent://{tenant}/app/table"
+cp = client.create_producer(ct, batching_enabled=False)
+for r in range(3):
+    for k in range(5):
+        cp.send(f"k{k}v{r}".encode(), partition_key=f"k{k}")
+cp.send(b"", partition_key="k4")  # deletes k4
+ok("PUT", f"/persistent/{tenant}/app/table/compaction")
+for _ in range(100):
+    if ok("GET", f"/persistent/{tenant}/app/table/compaction", want=200)["status"] == "SUCCESS":
+        break
+    time.sleep(0.1)
+else:
+    raise AssertionError("compaction did not finish")
+reader = client.create_reader(ct, pulsar.MessageId.earliest, is_read_compacted=True)
+seen = []
+while reader.has_message_available():
+    seen.append(reader.read_next(timeout_millis=5000).data().decode())
+assert seen == [f"k{k}v2" for k in range(4)], seen
+for x in (reader, cp):
+    x.close()
+print("compaction: a compacted reader gets the latest value of each key: ok")
+
 # Deleting: partitioned topics, the topics, then namespaces and the tenant.
 ok("DELETE", f"/persistent/{tenant}/app/orders/partitions")
 ok("DELETE", f"/persistent/{tenant}/app/one-writer?force=true")
 ok("DELETE", f"/persistent/{tenant}/app/users?force=true")
+ok("DELETE", f"/persistent/{tenant}/app/table?force=true")
 ok("DELETE", f"/persistent/{tenant}/auto/fresh/partitions")
 ok("DELETE", f"/persistent/{tenant}/strict/known")
 ok("DELETE", f"/persistent/{tenant}/dedup/once")

@@ -990,3 +990,135 @@ async fn schemas_are_versioned_and_checked_through_rest() {
     assert_eq!(h.status("GET", &format!("{base}/schema"), "").await, 404);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_the_latest_message_per_key_for_compacted_readers() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let cfg = |c: &mut magnetar_broker::standalone::StandaloneConfig| {
+        c.managed_ledger.max_entries_per_ledger = 7;
+    };
+    let s = spec.start_with(cfg).await;
+    let h = Http::new(&spec);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/table";
+    let keyed = |k: &str, v: &str| magnetar_client::OutgoingMessage {
+        payload: v.to_string().into(),
+        key: Some(k.into()),
+        ..Default::default()
+    };
+    // A plain subscription sees everything, before and after.
+    let mut all = client
+        .subscribe(topic, "all", ConsumerOptions::default())
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for round in 0..5 {
+        for k in 0..10 {
+            p.send(keyed(&format!("k{k}"), &format!("k{k}v{round}")))
+                .await
+                .unwrap();
+        }
+    }
+    p.send(keyed("k9", "")).await.unwrap(); // deletes k9
+    p.send("no key").await.unwrap(); // not kept
+                                     // A batch of three keys, one of which is updated later.
+    let b = client
+        .create_producer(
+            topic,
+            ProducerOptions {
+                batching: true,
+                batch_delay_ms: 50,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sends = ["a", "b", "c"].map(|k| b.send(keyed(k, &format!("{k}1"))));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    p.send(keyed("b", "b2")).await.unwrap();
+    let path = "/persistent/public/default/table/compaction";
+    assert_eq!(h.get(path).await["status"], "NOT_RUN");
+    assert_eq!(h.status("PUT", path, "").await, 204);
+    eventually("compaction finished", async || {
+        h.get(path).await["status"] == "SUCCESS"
+    })
+    .await;
+    let expected: Vec<String> = (0..9)
+        .map(|k| format!("k{k}v4"))
+        .chain(["a1", "c1", "b2"].map(String::from))
+        .collect();
+    let read_compacted = ConsumerOptions {
+        earliest: true,
+        read_compacted: true,
+        ..Default::default()
+    };
+    let drain = |mut c: magnetar_client::Consumer| async move {
+        let mut got = Vec::new();
+        while let Some(m) = c
+            .receive_timeout(std::time::Duration::from_millis(800))
+            .await
+            .unwrap()
+        {
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+            c.ack(&m).unwrap();
+        }
+        got
+    };
+    let c = client
+        .subscribe(topic, "compacted", read_compacted.clone())
+        .await
+        .unwrap();
+    assert_eq!(drain(c).await, expected);
+    // Without read_compacted the same start gives everything.
+    let c = client
+        .subscribe(
+            topic,
+            "everything",
+            ConsumerOptions {
+                earliest: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(drain(c).await.len(), 50 + 1 + 1 + 3 + 1);
+    let mut got = 0;
+    while all
+        .receive_timeout(std::time::Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_some()
+    {
+        got += 1;
+    }
+    assert_eq!(got, 56);
+    drop((all, p, b, client));
+    s.shutdown().await;
+
+    // After a restart the view is read back from its ledger; what came
+    // after the horizon follows it.
+    let s = spec.start_with(cfg).await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap()
+        .send(keyed("k0", "k0v5"))
+        .await
+        .unwrap();
+    let c = client
+        .subscribe(topic, "after-restart", read_compacted)
+        .await
+        .unwrap();
+    let mut want = expected.clone();
+    want.push("k0v5".into());
+    assert_eq!(drain(c).await, want);
+    s.shutdown().await;
+}

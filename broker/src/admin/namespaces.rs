@@ -62,6 +62,13 @@ pub fn routes() -> Router<Arc<AdminContext>> {
             get(get_strategy).put(set_strategy).post(set_strategy),
         )
         .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/compactionThreshold",
+            get(get_threshold)
+                .post(set_threshold)
+                .put(set_threshold)
+                .delete(remove_threshold),
+        )
+        .route(
             "/admin/v2/namespaces/{tenant}/{ns}/deduplication",
             get(get_dedup).post(set_dedup).delete(remove_dedup),
         )
@@ -318,6 +325,31 @@ async fn set_strategy(
         p.schema_compatibility_strategy = Some(s)
     })
     .await
+}
+
+async fn get_threshold(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<i64>>> {
+    Ok(Json(
+        policies(&ctx, &tenant, &ns).await?.compaction_threshold,
+    ))
+}
+
+async fn set_threshold(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let t: i64 = parse_json(&body)?;
+    update(&ctx, &tenant, &ns, |p| p.compaction_threshold = Some(t)).await
+}
+
+async fn remove_threshold(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    update(&ctx, &tenant, &ns, |p| p.compaction_threshold = None).await
 }
 
 async fn get_retention(

@@ -59,6 +59,16 @@ pub fn routes() -> Router<Arc<AdminContext>> {
         .route(&format!("{TOPIC}/unload"), put(unload))
         .route(&format!("{TOPIC}/terminate"), post(terminate))
         .route(
+            &format!("{TOPIC}/compaction"),
+            put(compact).get(compaction_status),
+        )
+        .route(
+            &format!("{TOPIC}/compactionThreshold"),
+            get(get_threshold)
+                .post(set_threshold)
+                .delete(remove_threshold),
+        )
+        .route(
             &format!("{TOPIC}/retention"),
             get(get_retention)
                 .post(set_retention)
@@ -597,6 +607,62 @@ async fn remove_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
         .await
         .map_err(error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Starts a compaction at the owner (a no-op while one runs).
+async fn compact(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    let name = p.name()?;
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    if ctx.topics.get(&name).is_none()
+        && !partitioned::topic_exists(&ctx.md, &name)
+            .await
+            .map_err(error)?
+    {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    if !topic.start_compaction() {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!("a compaction of {name} is already running"),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Pulsar's `LongRunningProcessStatus`.
+async fn compaction_status(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
+    use crate::topic::compaction::Status;
+    let name = p.name()?;
+    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
+    let status = ctx
+        .topics
+        .get(&name)
+        .map(|t| t.compaction_status())
+        .unwrap_or_default();
+    let (status, error) = match status {
+        Status::NotRun => ("NOT_RUN", String::new()),
+        Status::Running => ("RUNNING", String::new()),
+        Status::Success => ("SUCCESS", String::new()),
+        Status::Error(e) => ("ERROR", e),
+    };
+    Ok(Json(serde_json::json!({ "status": status, "lastError": error })).into_response())
+}
+
+async fn get_threshold(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.compaction_threshold).into_response())
+}
+
+async fn set_threshold(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let t: i64 = parse_json(&body)?;
+    update_policies(&ctx, &p, |x| x.compaction_threshold = Some(t)).await
+}
+
+async fn remove_threshold(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    update_policies(&ctx, &p, |x| x.compaction_threshold = None).await
 }
 
 /// Pulsar's `MessageIdImpl` as JSON.

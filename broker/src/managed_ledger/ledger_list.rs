@@ -47,6 +47,18 @@ pub struct MlInfo {
     /// The topic epoch of exclusive producers (0: none yet).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub producer_epoch: u64,
+    /// The compacted view: a ledger of the latest entry per key up to the
+    /// horizon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compacted: Option<CompactedLedger>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedLedger {
+    pub ledger_id: u64,
+    /// The last entry the compaction read.
+    pub horizon: Position,
+    pub entries: u64,
 }
 
 fn is_zero(v: &u64) -> bool {

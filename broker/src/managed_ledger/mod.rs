@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use appender::AppendDone;
 use cache::EntryCache;
 use cursor::Position;
-pub use ledger_list::{CursorPointer, LedgerInfo, MlInfo};
+pub use ledger_list::{CompactedLedger, CursorPointer, LedgerInfo, MlInfo};
 use store::{Handle, LedgerStore, MetaStore};
 
 /// Most entries fetched together when a reader misses the caches (one
@@ -717,6 +717,76 @@ impl ManagedLedger {
         }
         tracing::info!(topic = %self.name, "managed ledger deleted");
         Ok(())
+    }
+
+    /// A new ledger beside the topic's (the compacted view), written with
+    /// `entries` in order, up to 1,000 adds in flight; closed on return.
+    pub async fn write_side_ledger(
+        &self,
+        role: &str,
+        entries: impl IntoIterator<Item = Bytes>,
+    ) -> Result<(u64, u64), MlError> {
+        use futures::stream::{FuturesOrdered, StreamExt};
+        self.check_writable()?;
+        let w = self.create_ledger(role, self.name.clone()).await?;
+        let mut inflight = FuturesOrdered::new();
+        let mut written = 0u64;
+        for e in entries {
+            inflight.push_back(w.add(e));
+            if inflight.len() >= 1_000 {
+                if let Some(r) = inflight.next().await {
+                    r?;
+                    written += 1;
+                }
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+            written += 1;
+        }
+        w.close().await?;
+        Ok((w.ledger_id(), written))
+    }
+
+    /// Entries `first..=last` of a ledger beside the topic's.
+    pub async fn read_side_ledger(
+        &self,
+        ledger_id: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Bytes>, MlError> {
+        let meta = self.meta_for(ledger_id).await?;
+        let mut out = Vec::new();
+        for r in self.store.read_range(&meta, first, last).await {
+            out.push(r?);
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_side_ledger(&self, ledger_id: u64) {
+        lock(&self.ledger_meta).remove(&ledger_id);
+        if let Err(e) = self.store.delete(ledger_id).await {
+            tracing::warn!(topic = %self.name, ledger_id, error = %e, "could not delete a replaced side ledger");
+        }
+    }
+
+    /// The compacted view in the record.
+    pub async fn compacted(&self) -> Option<CompactedLedger> {
+        self.write.lock().await.info.compacted
+    }
+
+    /// Records a new compacted view (by CAS); the one it replaces.
+    pub async fn set_compacted(
+        &self,
+        c: CompactedLedger,
+    ) -> Result<Option<CompactedLedger>, MlError> {
+        let mut w = self.write.lock().await;
+        let previous = w.info.compacted.replace(c);
+        if let Err(e) = self.store_info(&mut w).await {
+            w.info.compacted = previous;
+            return Err(e);
+        }
+        Ok(previous)
     }
 
     /// The ledgers held, with the open one's current entry count.

@@ -50,6 +50,10 @@ pub struct NamespacePolicies {
     pub dead_letter_policy: Option<DeadLetterPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_compatibility_strategy: Option<Strategy>,
+    /// Bytes after the last compaction that start the next (Pulsar's
+    /// `compaction_threshold`; 0 or absent: only on request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction_threshold: Option<i64>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }

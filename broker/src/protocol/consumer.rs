@@ -76,6 +76,7 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
             topic.subscription(&c.subscription, initial).await?
         };
         let consumer = ConsumerConn {
+            read_compacted: c.read_compacted == Some(true),
             info: ConsumerInfo {
                 key: (conn.shared.id, c.consumer_id),
                 name: c.consumer_name.clone().unwrap_or_default(),
@@ -93,6 +94,7 @@ pub async fn subscribe(conn: ConnRef, c: CommandSubscribe) {
             })
             .await?;
         Ok(ConsumerSlot {
+            read_compacted: c.read_compacted == Some(true),
             topic,
             sub: c.subscription.clone(),
             handle,
@@ -298,7 +300,7 @@ pub async fn last_message_id(conn: &mut Conn, c: Option<CommandGetLastMessageId>
     let md = rx.await.ok();
     let mut r = base(Type::GetLastMessageIdResponse);
     r.get_last_message_id_response = Some(CommandGetLastMessageIdResponse {
-        last_message_id: slot.topic.ml.last_confirmed().message_id(),
+        last_message_id: slot.topic.last_message(slot.read_compacted).message_id(),
         request_id: c.request_id,
         consumer_mark_delete_position: md.map(Position::message_id),
     });

@@ -89,6 +89,8 @@ pub struct ProducerSlot {
 pub struct ConsumerSlot {
     pub topic: Arc<Topic>,
     pub sub: String,
+    /// It reads the topic's compacted view.
+    pub read_compacted: bool,
     pub handle: SubscriptionHandle,
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
+use crate::topic::compaction::CompactedView;
 use crate::BrokerError;
 pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher, KeySharedSpec};
 use dispatcher::{Delivery, EntrySource};
@@ -66,6 +67,8 @@ pub enum SeekTarget {
 /// A consumer as the subscription task holds it.
 pub struct ConsumerConn {
     pub info: ConsumerInfo,
+    /// Reads the topic's compacted view up to its horizon.
+    pub read_compacted: bool,
     pub tx: ConnTx,
     pub link: Arc<dyn ClientLink>,
 }
@@ -197,6 +200,8 @@ pub struct SubPolicy {
 pub struct SubContext {
     /// The topic's full name.
     pub topic: String,
+    /// The topic's compacted view, when it has one.
+    pub compacted: Arc<std::sync::RwLock<Option<Arc<CompactedView>>>>,
     pub out: Arc<OutCounters>,
     pub policy: tokio::sync::watch::Receiver<SubPolicy>,
     pub sink: Option<Arc<dyn DeadLetterSink>>,
@@ -228,6 +233,8 @@ impl SubscriptionHandle {
 
 struct Sub {
     ctx: SubContext,
+    /// Its consumers read the compacted view (set by the first consumer).
+    read_compacted: bool,
     /// Its own queue, for the outcome of work it hands to other tasks.
     me: mpsc::WeakSender<SubEvent>,
     name: String,
@@ -250,10 +257,21 @@ struct Source<'a> {
     ml: &'a ManagedLedger,
     cursor: &'a CursorState,
     last: Position,
+    /// The compacted view, for a subscription that reads it.
+    compacted: Option<&'a CompactedView>,
 }
 
 impl EntrySource for Source<'_> {
     fn at_or_after(&self, p: Position) -> Option<Position> {
+        if let Some(v) = self.compacted.filter(|v| p <= v.horizon) {
+            if let Some(q) = v.at_or_after(p) {
+                return Some(q);
+            }
+            return self
+                .ml
+                .at_or_after(v.horizon.bump())
+                .filter(|q| *q <= self.last);
+        }
         self.ml.at_or_after(p).filter(|q| *q <= self.last)
     }
     fn is_acked(&self, p: Position) -> bool {
@@ -290,6 +308,7 @@ pub fn spawn(
         ml,
         out: ctx.out.clone(),
         ctx,
+        read_compacted: false,
         me: tx.downgrade(),
         cursor,
         dispatcher: dispatcher_for(SubType::Exclusive, unacked, ""),
@@ -387,7 +406,28 @@ impl Sub {
         }
     }
 
+    /// The compacted view, when this subscription reads it.
+    fn view(&self) -> Option<Arc<CompactedView>> {
+        if !self.read_compacted {
+            return None;
+        }
+        self.ctx
+            .compacted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn add_consumer(&mut self, c: ConsumerConn, sub_type: SubType) -> Result<(), BrokerError> {
+        if c.read_compacted {
+            if matches!(sub_type, SubType::Shared | SubType::KeyShared) {
+                return Err(BrokerError::new(
+                    ServerError::NotAllowedError,
+                    "read_compacted is for Exclusive and Failover subscriptions and readers",
+                ));
+            }
+            self.read_compacted = true;
+        }
         let now = Instant::now();
         if self.dispatcher.sub_type() != sub_type {
             if !self.consumers.is_empty() {
@@ -717,7 +757,9 @@ impl Sub {
         let mut read: HashMap<Position, Bytes> = HashMap::new();
         loop {
             let next = {
+                let view = self.view();
                 let src = Source {
+                    compacted: view.as_deref(),
                     ml: &self.ml,
                     cursor: &self.cursor,
                     last: self.ml.last_confirmed(),
@@ -736,7 +778,7 @@ impl Sub {
             };
             let data = match read.remove(&d.position) {
                 Some(data) => Ok(data),
-                None => self.ml.read(d.position).await,
+                None => read_entry(&self.ml, self.view(), d.position).await,
             };
             let data = match data {
                 Ok(data) => data,
@@ -784,7 +826,9 @@ impl Sub {
     /// retries).
     async fn learn_keys(&mut self, read: &mut HashMap<Position, Bytes>) -> Option<usize> {
         let wanted = {
+            let view = self.view();
             let src = Source {
+                compacted: view.as_deref(),
                 ml: &self.ml,
                 cursor: &self.cursor,
                 last: self.ml.last_confirmed(),
@@ -792,7 +836,7 @@ impl Sub {
             self.dispatcher.wants_keys(&src)
         };
         for &p in &wanted {
-            let data = match self.ml.read(p).await {
+            let data = match read_entry(&self.ml, self.view(), p).await {
                 Ok(data) => data,
                 Err(e) => {
                     tracing::warn!(subscription = %self.name, position = ?p, error = %e, "read failed; will retry");
@@ -871,6 +915,24 @@ impl Sub {
             self.remove_consumer(d.consumer);
         }
     }
+}
+
+/// An entry: from the compacted view up to its horizon (for a
+/// subscription that reads it), else from the topic.
+async fn read_entry(
+    ml: &ManagedLedger,
+    view: Option<Arc<CompactedView>>,
+    p: Position,
+) -> Result<Bytes, crate::managed_ledger::MlError> {
+    if let Some(v) = view.filter(|v| p <= v.horizon) {
+        if let Some(id) = v.positions.get(&p) {
+            let mut got = ml.read_side_ledger(v.ledger_id, *id, *id).await?;
+            if let Some((_, entry)) = got.pop().and_then(crate::topic::compaction::decode) {
+                return Ok(entry);
+            }
+        }
+    }
+    ml.read(p).await
 }
 
 /// How long a dead letter that could not be stored waits before a retry.

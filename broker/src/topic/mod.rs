@@ -1,6 +1,7 @@
 //! Loaded topics: the registry (what this broker serves) and the topic
 //! itself (storage, producers, subscriptions).
 
+pub mod compaction;
 pub mod dead_letter;
 pub mod dedup;
 pub mod partitioned;

@@ -12,11 +12,13 @@ use magnetar_proto::pulsar::ServerError;
 use magnetar_proto::{Payload, TopicName};
 use tokio::sync::oneshot;
 
+use super::compaction::{self, CompactedView, Status as CompactionStatus};
 use super::dedup::{self, Check, Dedup};
 use super::policies::{over_quota, to_evict, Effective};
 use super::producers::{self, AccessMode, Admit, ProducerRef, Producers};
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ledger_list::now_ms as ledger_now_ms;
+use crate::managed_ledger::CompactedLedger;
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
 use crate::ownership::namespaces::{BacklogPolicy, BacklogQuota};
 use crate::subscription::{
@@ -66,6 +68,9 @@ pub struct Topic {
     policies: Mutex<Effective>,
     /// The id of the next message of a non-persistent topic.
     live_seq: AtomicU64,
+    /// The compacted view its `read_compacted` subscriptions read.
+    compacted: Arc<std::sync::RwLock<Option<Arc<CompactedView>>>>,
+    compaction: Mutex<CompactionStatus>,
     /// What the subscriptions act on, as it changes.
     sub_policy: tokio::sync::watch::Sender<SubPolicy>,
     sink: Option<Arc<dyn DeadLetterSink>>,
@@ -158,6 +163,49 @@ impl DedupCell {
             self.write_snapshot(at, map).await;
         }
     }
+}
+
+/// An entry for compaction: from the previous view up to its horizon,
+/// else from the topic.
+async fn read_for_compaction(
+    ml: &ManagedLedger,
+    view: Option<Arc<CompactedView>>,
+    p: Position,
+) -> Result<Bytes, BrokerError> {
+    if let Some(v) = view.filter(|v| p <= v.horizon) {
+        if let Some(id) = v.positions.get(&p) {
+            let mut got = ml.read_side_ledger(v.ledger_id, *id, *id).await?;
+            if let Some((_, e)) = got.pop().and_then(compaction::decode) {
+                return Ok(e);
+            }
+        }
+    }
+    Ok(ml.read(p).await?)
+}
+
+/// A compacted view read back from its ledger (topic load).
+async fn load_view(ml: &ManagedLedger, c: CompactedLedger) -> Result<CompactedView, BrokerError> {
+    let mut view = CompactedView {
+        ledger_id: c.ledger_id,
+        horizon: c.horizon,
+        positions: BTreeMap::new(),
+    };
+    let mut first = 0u64;
+    while first < c.entries {
+        let last = (first + 999).min(c.entries - 1);
+        for (i, e) in ml
+            .read_side_ledger(c.ledger_id, first, last)
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            if let Some((p, _)) = compaction::decode(e) {
+                view.positions.insert(p, first + i as u64);
+            }
+        }
+        first = last + 1;
+    }
+    Ok(view)
 }
 
 /// Subscription names the broker keeps for itself.
@@ -321,13 +369,20 @@ impl Topic {
         let stats = TopicStats::default();
         // Rates are measured from the load on.
         stats.rates();
+        let compacted = Arc::new(std::sync::RwLock::new(match ml.compacted().await {
+            Some(c) => Some(Arc::new(load_view(&ml, c).await?)),
+            None => None,
+        }));
         let mut subs = HashMap::new();
         let ctx = SubContext {
             topic: name.to_string(),
+            compacted: compacted.clone(),
             out: stats.out.clone(),
             policy: sub_policy.subscribe(),
             sink: sink.clone(),
         };
+        // Cursors named `pulsar.…` are the broker's own (compaction).
+        cursors.retain(|(n, _)| !n.starts_with("pulsar."));
         for (sub, state) in cursors {
             let h = subscription::spawn(sub.clone(), true, ml.clone(), state, ctx.clone());
             subs.insert(sub, h);
@@ -345,10 +400,153 @@ impl Topic {
                 snapshotting: AtomicBool::new(false),
             }),
             policies: Mutex::new(policies),
+            compacted,
+            compaction: Mutex::new(CompactionStatus::default()),
             live_seq: AtomicU64::new(0),
             sub_policy,
             sink,
         }))
+    }
+
+    /// How the last compaction went (or that one runs).
+    pub fn compaction_status(&self) -> CompactionStatus {
+        self.compaction
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts a compaction unless one runs; false if one does.
+    pub fn start_compaction(self: &Arc<Self>) -> bool {
+        {
+            let mut g = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
+            if *g == CompactionStatus::Running {
+                return false;
+            }
+            *g = CompactionStatus::Running;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let res = me.compact().await;
+            let status = match res {
+                Ok(()) => CompactionStatus::Success,
+                Err(e) => {
+                    tracing::warn!(topic = %me.name, error = %e, "compaction failed");
+                    CompactionStatus::Error(e.to_string())
+                }
+            };
+            *me.compaction.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        });
+        true
+    }
+
+    /// Compacts up to the last entry: the previous view and the entries
+    /// after its horizon are read twice (keys, then the kept entries), the
+    /// kept ones written to a new ledger, recorded, and the old one deleted.
+    async fn compact(&self) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
+        let old = self
+            .compacted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let horizon = self.ml.last_confirmed();
+        let from = old.as_ref().map(|v| v.horizon);
+        // Every position to look at, oldest first: the old view's, then the
+        // topic's after its horizon.
+        let mut positions: Vec<Position> = old
+            .as_ref()
+            .map(|v| v.positions.keys().copied().collect())
+            .unwrap_or_default();
+        let mut next = match from {
+            Some(h) => self.ml.next_after(h),
+            None => self.ml.at_or_after(self.ml.before_first()),
+        };
+        while let Some(p) = next.filter(|p| *p <= horizon) {
+            positions.push(p);
+            next = self.ml.next_after(p);
+        }
+        let read = |p: Position| {
+            let view = old.clone();
+            async move { read_for_compaction(&self.ml, view, p).await }
+        };
+        let mut plan = compaction::Plan::default();
+        for p in &positions {
+            let e = read(*p).await?;
+            plan.add(*p, compaction::messages(&e));
+        }
+        let keys = plan.keys();
+        let kept = plan.finish();
+        let mut entries = Vec::with_capacity(kept.len());
+        for (p, keep) in &kept {
+            let e = read(*p).await?;
+            entries.push(compaction::encode(*p, &compaction::rewrite(&e, keep)));
+        }
+        let (ledger_id, written) = self.ml.write_side_ledger("compacted", entries).await?;
+        let record = CompactedLedger {
+            ledger_id,
+            horizon,
+            entries: written,
+        };
+        let previous = self.ml.set_compacted(record).await?;
+        let view = CompactedView {
+            ledger_id,
+            horizon,
+            positions: kept
+                .keys()
+                .enumerate()
+                .map(|(i, p)| (*p, i as u64))
+                .collect(),
+        };
+        *self.compacted.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(view));
+        // The entries after the horizon stay until the next compaction.
+        self.ml
+            .persist_cursor(compaction::CURSOR, &CursorState::new(horizon))
+            .await?;
+        if let Some(p) = previous {
+            self.ml.delete_side_ledger(p.ledger_id).await;
+        }
+        tracing::info!(topic = %self.name, read = positions.len(), kept = written, keys, ms = started.elapsed().as_millis() as u64, "topic compacted");
+        Ok(())
+    }
+
+    /// The last message a consumer can get: for one reading the compacted
+    /// view, its last entry when nothing came after the horizon (the
+    /// topic's last entry may have been compacted out).
+    pub fn last_message(&self, read_compacted: bool) -> Position {
+        let last = self.ml.last_confirmed();
+        if !read_compacted {
+            return last;
+        }
+        let view = self
+            .compacted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match view {
+            Some(v) if last <= v.horizon => v
+                .positions
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(Position::new(0, -1)),
+            _ => last,
+        }
+    }
+
+    /// Before the first entry — of the compacted view too, whose entries
+    /// may be in ledgers the topic no longer holds.
+    fn earliest(&self) -> Position {
+        let has_view = self
+            .compacted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if has_view {
+            Position::new(0, -1)
+        } else {
+            self.ml.before_first()
+        }
     }
 
     pub fn policies(&self) -> Effective {
@@ -362,6 +560,7 @@ impl Topic {
     fn sub_context(&self) -> SubContext {
         SubContext {
             topic: self.name.to_string(),
+            compacted: self.compacted.clone(),
             out: self.stats.out.clone(),
             policy: self.sub_policy.subscribe(),
             sink: self.sink.clone(),
@@ -413,7 +612,7 @@ impl Topic {
     }
 
     /// Message TTL, backlog quotas and retention by age, checked now.
-    pub async fn enforce_policies(&self) -> Result<(), BrokerError> {
+    pub async fn enforce_policies(self: &Arc<Self>) -> Result<(), BrokerError> {
         if self.is_closing() {
             return Ok(());
         }
@@ -438,6 +637,18 @@ impl Topic {
                     }
                 }
                 BacklogPolicy::ConsumerBacklogEviction => self.evict(&p, now).await?,
+            }
+        }
+        if let Some(threshold) = p.compaction_threshold.filter(|t| *t > 0) {
+            let horizon = self
+                .compacted
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|v| v.horizon)
+                .unwrap_or_else(|| self.ml.before_first());
+            if self.ml.bytes_after(horizon) > threshold as u64 && self.start_compaction() {
+                tracing::info!(topic = %self.name, threshold, "compaction started: past the threshold");
             }
         }
         self.ml.trim().await?;
@@ -737,7 +948,7 @@ impl Topic {
             return Ok(h);
         }
         let start = match initial {
-            InitialPosition::Earliest => self.ml.before_first(),
+            InitialPosition::Earliest => self.earliest(),
             InitialPosition::Latest => self.ml.last_confirmed(),
         };
         let state = CursorState::new(start);
@@ -772,7 +983,11 @@ impl Topic {
             subs.insert(sub.to_string(), h.clone());
             return Ok(h);
         }
-        let start = mark_delete.max(self.ml.before_first());
+        let start = if mark_delete <= self.ml.before_first() {
+            self.earliest()
+        } else {
+            mark_delete
+        };
         let h = subscription::spawn(
             sub.to_string(),
             false,

@@ -44,6 +44,8 @@ pub struct TopicPolicies {
     pub backlog_quota_map: BTreeMap<String, BacklogQuota>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_policy: Option<DeadLetterPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction_threshold: Option<i64>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
@@ -52,6 +54,8 @@ pub struct TopicPolicies {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effective {
     pub dead_letter: Option<DeadLetterPolicy>,
+    /// Compact once this many bytes came after the last compaction.
+    pub compaction_threshold: Option<i64>,
     pub dedup: bool,
     /// `None`: no retention policy — consumed ledgers go, and a topic with
     /// no subscription keeps everything.
@@ -91,6 +95,7 @@ pub fn effective(ns: &NamespacePolicies, topic: &TopicPolicies) -> Effective {
             .dead_letter_policy
             .clone()
             .or(ns.dead_letter_policy.clone()),
+        compaction_threshold: topic.compaction_threshold.or(ns.compaction_threshold),
     }
 }
 

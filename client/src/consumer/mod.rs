@@ -57,6 +57,9 @@ pub struct ConsumerOptions {
     /// consumer takes (sticky mode); `None` lets the broker split ranges as
     /// consumers come and go.
     pub sticky_ranges: Option<Vec<(u16, u16)>>,
+    /// Read the topic's compacted view (the latest message per key) up to
+    /// its last compaction, then the rest (Exclusive and Failover).
+    pub read_compacted: bool,
 }
 
 impl Default for ConsumerOptions {
@@ -69,6 +72,7 @@ impl Default for ConsumerOptions {
             consumer_name: None,
             priority_level: 0,
             sticky_ranges: None,
+            read_compacted: false,
         }
     }
 }
@@ -127,6 +131,7 @@ impl Inner {
             request_id: 0,
             consumer_name: self.options.consumer_name.clone(),
             priority_level: Some(self.options.priority_level),
+            read_compacted: Some(self.options.read_compacted),
             key_shared_meta: (self.options.sub_type == SubscriptionType::KeyShared).then(|| {
                 let ranges = self.options.sticky_ranges.clone().unwrap_or_default();
                 KeySharedMeta {
@@ -303,9 +308,18 @@ impl Consumer {
             Some(n) => {
                 let items = decode_batch(pl.payload(), n.max(0) as usize)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
+                // Messages a compaction took out keep their places (ids)
+                // but are not delivered.
+                let live = items
+                    .iter()
+                    .filter(|it| it.metadata.compacted_out != Some(true))
+                    .count();
                 self.state
-                    .batch_arrived((id.ledger_id, id.entry_id), items.len() as u32);
+                    .batch_arrived((id.ledger_id, id.entry_id), live as u32);
                 for (i, item) in items.into_iter().enumerate() {
+                    if item.metadata.compacted_out == Some(true) {
+                        continue;
+                    }
                     id.batch_index = i as i32;
                     self.queue.push_back(Message {
                         id,
