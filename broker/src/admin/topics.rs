@@ -27,6 +27,7 @@ use crate::managed_ledger::MlInfo;
 use crate::ownership::namespaces::{BacklogQuota, DeadLetterPolicy, RetentionPolicies};
 use crate::topic::partitioned::{self, CreateRefused, PartitionedMetadata};
 use crate::topic::policies;
+use crate::topic::Topic;
 use crate::{keys, BrokerError};
 
 type Ctx = State<Arc<AdminContext>>;
@@ -122,6 +123,48 @@ struct Force {
 
 fn fail(status: StatusCode, reason: impl Into<String>) -> Response {
     ApiError(status, reason.into()).into_response()
+}
+
+/// The topic, loaded at its owner (a redirect from elsewhere); 404 when it
+/// does not exist (a non-persistent one exists only while loaded).
+async fn existing(ctx: &AdminContext, name: &TopicName, uri: &Uri) -> Result<Arc<Topic>, Response> {
+    here_or_redirect(ctx, name, &uri.to_string()).await?;
+    let exists = ctx.topics.get(name).is_some()
+        || (name.persistent
+            && partitioned::topic_exists(&ctx.md, name)
+                .await
+                .map_err(error)?);
+    if !exists {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("topic {name} does not exist"),
+        ));
+    }
+    owned(ctx, name, &uri.to_string()).await
+}
+
+/// A partitioned topic's partition count and this broker's HTTP address,
+/// through which each partition is reached at its owner.
+async fn partition_targets(
+    ctx: &AdminContext,
+    name: &TopicName,
+) -> Result<(u32, String), Response> {
+    let Some((n, _)) = partitioned::partitions(&ctx.md, name)
+        .await
+        .map_err(error)?
+    else {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("partitioned topic {name} does not exist"),
+        ));
+    };
+    let Some(base) = ctx.topics.ownership.me().http_url else {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this broker has no HTTP address to reach the partitions' owners",
+        ));
+    };
+    Ok((n, base))
 }
 
 /// The namespace must exist (404 otherwise).
@@ -289,21 +332,7 @@ async fn delete_partitioned(
     Query(q): Query<Force>,
 ) -> Answer {
     let name = p.name()?;
-    let Some((n, _)) = partitioned::partitions(&ctx.md, &name)
-        .await
-        .map_err(error)?
-    else {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("partitioned topic {name} does not exist"),
-        ));
-    };
-    let Some(base) = ctx.topics.ownership.me().http_url else {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this broker has no HTTP address to reach the partitions' owners",
-        ));
-    };
+    let (n, base) = partition_targets(&ctx, &name).await?;
     let http = reqwest::Client::new();
     for i in 0..n {
         let part = name.partition(i);
@@ -407,19 +436,7 @@ async fn non_persistent_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Ur
 }
 
 async fn topic_stats(ctx: &AdminContext, name: TopicName, uri: Uri) -> Answer {
-    here_or_redirect(ctx, &name, &uri.to_string()).await?;
-    let exists = ctx.topics.get(&name).is_some()
-        || (name.persistent
-            && partitioned::topic_exists(&ctx.md, &name)
-                .await
-                .map_err(error)?);
-    if !exists {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} does not exist"),
-        ));
-    }
-    let topic = owned(ctx, &name, &uri.to_string()).await?;
+    let topic = existing(ctx, &name, &uri).await?;
     let [msgs_in, bytes_in, msgs_out, bytes_out] = topic.stats.counters();
     let rates = topic.stats.rates();
     let subscriptions = topic
@@ -612,18 +629,7 @@ async fn remove_dedup(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
 /// Starts a compaction at the owner (a no-op while one runs).
 async fn compact(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
     let name = p.name()?;
-    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
-    if ctx.topics.get(&name).is_none()
-        && !partitioned::topic_exists(&ctx.md, &name)
-            .await
-            .map_err(error)?
-    {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} does not exist"),
-        ));
-    }
-    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let topic = existing(&ctx, &name, &uri).await?;
     if !topic.start_compaction() {
         return Err(fail(
             StatusCode::CONFLICT,
@@ -688,18 +694,7 @@ async fn terminate(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answe
             format!("{name} is a partitioned topic: terminate its partitions"),
         ));
     }
-    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
-    if ctx.topics.get(&name).is_none()
-        && !partitioned::topic_exists(&ctx.md, &name)
-            .await
-            .map_err(error)?
-    {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} does not exist"),
-        ));
-    }
-    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let topic = existing(&ctx, &name, &uri).await?;
     let last = topic
         .ml
         .terminate()
@@ -721,18 +716,7 @@ fn position(p: crate::managed_ledger::cursor::Position) -> String {
 /// Pulsar's `PersistentTopicInternalStats` (the fields we have).
 async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> Answer {
     let name = p.name()?;
-    here_or_redirect(&ctx, &name, &uri.to_string()).await?;
-    if ctx.topics.get(&name).is_none()
-        && !partitioned::topic_exists(&ctx.md, &name)
-            .await
-            .map_err(error)?
-    {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("topic {name} does not exist"),
-        ));
-    }
-    let topic = owned(&ctx, &name, &uri.to_string()).await?;
+    let topic = existing(&ctx, &name, &uri).await?;
     let ml = &topic.ml;
     let ledgers = ml.ledgers();
     let current = ledgers.last().cloned();
@@ -767,6 +751,11 @@ async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> 
             "offloaded": false,
         })).collect::<Vec<_>>(),
         "cursors": cursors,
+        "compactedLedger": ml.compacted().await.map(|c| serde_json::json!({
+            "ledgerId": c.ledger_id,
+            "entries": c.entries,
+            "horizon": position(c.horizon),
+        })),
     }))
     .into_response())
 }
@@ -776,21 +765,7 @@ async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> 
 /// this API).
 async fn partitioned_stats(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
     let name = p.name()?;
-    let Some((n, _)) = partitioned::partitions(&ctx.md, &name)
-        .await
-        .map_err(error)?
-    else {
-        return Err(fail(
-            StatusCode::NOT_FOUND,
-            format!("partitioned topic {name} does not exist"),
-        ));
-    };
-    let Some(base) = ctx.topics.ownership.me().http_url else {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this broker has no HTTP address to reach the partitions' owners",
-        ));
-    };
+    let (n, base) = partition_targets(&ctx, &name).await?;
     let http = reqwest::Client::new();
     let mut parts = serde_json::Map::new();
     let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
