@@ -18,14 +18,17 @@ B="$PWD/target/release/magnetar"
 work=$(mktemp -d)
 tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(tcp)
-"$B" standalone --data-dir "$work/data" --broker-port "$port" --http-port "$(tcp)" \
+port=$(tcp); http=$(tcp)
+"$B" standalone --data-dir "$work/data" --broker-port "$port" --http-port "$http" \
   --metadata-port "$(udp)" --bookie-port "$(udp)" 2>"$work/standalone.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do grep -qs "standalone ready" "$work/standalone.log" && break; sleep 0.2; done
 url="pulsar://127.0.0.1:$port"
 topic=bench-subscriptions
+# The backlog has no subscription while it is written: keep it (retention).
+"$B" admin --url "http://127.0.0.1:$http" topics set-policy "$topic" retention \
+  '{"retentionTimeInMinutes":-1,"retentionSizeInMB":-1}' >/dev/null
 # The backlog: PRODUCE seconds of one producer at full speed.
 "$B" perf produce "$topic" --keys "$KEYS" --size 1024 --max-pending 2000 --duration "$PRODUCE" \
   --service-url "$url" >"$work/produce.out" 2>&1

@@ -51,6 +51,8 @@ for i in $(seq 1 8); do echo "  subscription s$i: $(grep summary "$work/consume-
 msgs="${COMPACT_MESSAGES:-1000000}"
 ct=persistent://public/default/compact-me
 rate=100000
+# Written before any subscription: kept by a retention policy.
+admin topics set-policy "$ct" retention '{"retentionTimeInMinutes":-1,"retentionSizeInMB":-1}'
 "$B" perf produce "$ct" --keys 10000 --size 1024 --rate "$rate" --duration $((msgs / rate)) \
   --service-url "$url" 2>&1 | grep summary | sed 's/^/compaction input: /'
 api="http://127.0.0.1:$http/admin/v2/persistent/public/default/compact-me"

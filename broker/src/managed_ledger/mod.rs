@@ -643,10 +643,11 @@ impl ManagedLedger {
         *write(&self.retention) = r;
     }
 
-    /// Deletes closed ledgers no cursor needs and retention does not keep.
-    /// Without a retention policy, ledgers every cursor moved past go, and
-    /// with no cursors nothing is deleted (data waits for a subscription);
-    /// with one, Pulsar's rule (`trim::expired_ledgers`).
+    /// Deletes closed ledgers no cursor needs and retention does not keep,
+    /// by Pulsar's rule (`trim::expired_ledgers`). Without a retention
+    /// policy nothing consumed is kept, as Pulsar's default (0, 0): the
+    /// ledgers every cursor moved past go — and with no cursor at all,
+    /// every closed ledger (no subscription needs it).
     pub async fn trim(&self) -> Result<(), MlError> {
         let retention = *read(&self.retention);
         let deleted = {
@@ -666,13 +667,12 @@ impl ManagedLedger {
             if !all_known {
                 return Ok(());
             }
-            let deleted = match (retention, slowest) {
-                (None, Some(slowest)) => trim::consumed_ledgers(&w.info.ledgers, slowest),
-                (None, None) => return Ok(()),
-                (Some(r), slowest) => {
-                    trim::expired_ledgers(&w.info.ledgers, slowest, r, ledger_list::now_ms())
-                }
-            };
+            let deleted = trim::expired_ledgers(
+                &w.info.ledgers,
+                slowest,
+                retention.unwrap_or(trim::Retention::NONE),
+                ledger_list::now_ms(),
+            );
             if !deleted.is_empty() {
                 let previous = w.info.ledgers.clone();
                 w.info.ledgers.retain(|l| !deleted.contains(&l.ledger_id));

@@ -96,6 +96,13 @@ async fn cursors_survive_reopen_and_consumed_ledgers_are_trimmed() {
     assert_eq!(again.read(ps[4]).await.unwrap(), Bytes::from(vec![4u8]));
     again.delete_cursor("sub").await.unwrap();
     assert!(again.open_cursors().await.unwrap().is_empty());
+    // No subscription needs anything: every closed ledger goes.
+    for i in 0..4u8 {
+        again.append_wait(Bytes::from(vec![i])).await.unwrap();
+    }
+    assert!(again.ledger_ids().len() > 1);
+    again.trim().await.unwrap();
+    assert_eq!(again.ledger_ids().len(), 1, "only the open ledger stays");
 }
 
 #[tokio::test]

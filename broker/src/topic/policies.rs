@@ -57,8 +57,8 @@ pub struct Effective {
     /// Compact once this many bytes came after the last compaction.
     pub compaction_threshold: Option<i64>,
     pub dedup: bool,
-    /// `None`: no retention policy — consumed ledgers go, and a topic with
-    /// no subscription keeps everything.
+    /// `None`: no retention policy — Pulsar's default: nothing consumed is
+    /// kept, nor anything of a topic without subscriptions.
     pub retention: Option<Retention>,
     /// Unacknowledged messages older than this are acknowledged for every
     /// subscription (0 or `None`: never).
