@@ -598,6 +598,74 @@ async fn message_ttl_backlog_quotas_and_retention_are_enforced() {
     })
     .await;
 
+    // producer_request_hold: new producers get the retriable error (the
+    // client keeps its messages and retries), existing ones are closed.
+    let q = "/persistent/public/default/held/backlogQuota";
+    let quota = r#"{"limitSize":1500,"policy":"producer_request_hold"}"#;
+    assert_eq!(h.status("POST", q, quota).await, 204);
+    let c = client
+        .subscribe("persistent://public/default/held", "slow", earliest.clone())
+        .await
+        .unwrap();
+    let p = client
+        .create_producer(
+            "persistent://public/default/held",
+            ProducerOptions::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        if p.send(payload.as_str()).await.is_err() {
+            break;
+        }
+    }
+    drop(c);
+    eventually("a new producer is held over the quota", async || {
+        let r = client
+            .create_producer(
+                "persistent://public/default/held",
+                ProducerOptions {
+                    operation_timeout_ms: 300,
+                    ..Default::default()
+                },
+            )
+            .await;
+        matches!(
+            r.err().and_then(|e| e.server_error()),
+            Some(ServerError::ProducerBlockedQuotaExceededError)
+        )
+    })
+    .await;
+
+    // A compaction threshold (namespace policy) starts compactions.
+    assert_eq!(
+        h.status("PUT", "/namespaces/public/compacting", "").await,
+        204
+    );
+    let t = "/namespaces/public/compacting/compactionThreshold";
+    assert_eq!(h.status("POST", t, "1000").await, 204);
+    assert_eq!(h.get(t).await, 1000);
+    let p = client
+        .create_producer(
+            "persistent://public/compacting/kv",
+            ProducerOptions::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..30 {
+        p.send(magnetar_client::OutgoingMessage {
+            payload: payload.clone().into(),
+            key: Some(format!("k{}", i % 3)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    eventually("the threshold started a compaction", async || {
+        h.get("/persistent/public/compacting/kv/compaction").await["status"] == "SUCCESS"
+    })
+    .await;
+
     // consumer_backlog_eviction: the slow subscription loses its oldest.
     let q = "/persistent/public/default/evicting/backlogQuota";
     let quota = r#"{"limitSize":1500,"policy":"consumer_backlog_eviction"}"#;
