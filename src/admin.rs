@@ -231,6 +231,7 @@ enum Policy {
     Deduplication,
     BacklogQuota,
     DeadLetter,
+    RedeliveryBackoff,
     AutoTopicCreation,
 }
 
@@ -244,6 +245,7 @@ impl Policy {
             (Policy::Deduplication, true) => ("deduplicationEnabled", "deduplicationEnabled"),
             (Policy::BacklogQuota, _) => ("backlogQuotaMap", "backlogQuota"),
             (Policy::DeadLetter, _) => ("deadLetterPolicy", "deadLetterPolicy"),
+            (Policy::RedeliveryBackoff, _) => ("redeliveryBackoff", "redeliveryBackoff"),
             (Policy::AutoTopicCreation, false) => ("autoTopicCreation", "autoTopicCreation"),
             (Policy::AutoTopicCreation, true) => {
                 anyhow::bail!("auto-topic-creation is a namespace policy")

@@ -1190,3 +1190,53 @@ async fn compaction_keeps_the_latest_message_per_key_for_compacted_readers() {
     assert_eq!(drain(c).await, want);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_back_off_is_a_policy_the_broker_applies() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let h = Http::new(&spec);
+    let path = "/persistent/public/default/slow-retry/redeliveryBackoff";
+    let bad = r#"{"minDelayMs":500,"maxDelayMs":100,"multiplier":2}"#;
+    assert_eq!(h.status("POST", path, bad).await, 412);
+    let policy = r#"{"minDelayMs":400,"maxDelayMs":1000,"multiplier":2}"#;
+    assert_eq!(h.status("POST", path, policy).await, 204);
+    assert_eq!(h.get(path).await["minDelayMs"], 400);
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/slow-retry";
+    let mut c = client
+        .subscribe(
+            topic,
+            "s",
+            ConsumerOptions {
+                sub_type: SubscriptionType::Shared,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .create_producer(topic, ProducerOptions::default())
+        .await
+        .unwrap()
+        .send("retry me")
+        .await
+        .unwrap();
+    let first = c.receive().await.unwrap();
+    assert_eq!(first.redelivery_count, 0);
+    // Given back three times: waits of 400, 800 and 1,000 ms (the cap).
+    let mut waits = Vec::new();
+    for n in 1..=3u32 {
+        c.redeliver_unacknowledged().unwrap();
+        let t = std::time::Instant::now();
+        let m = c.receive().await.unwrap();
+        waits.push(t.elapsed());
+        assert_eq!(m.redelivery_count, n);
+    }
+    let ms: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
+    assert!(ms[0] >= 380 && ms[1] >= 780 && ms[2] >= 980, "{ms:?}");
+    assert!(ms[2] < 1_900, "capped at maxDelayMs: {ms:?}");
+    s.shutdown().await;
+}

@@ -18,8 +18,8 @@ use super::http::{AdminContext, ApiError};
 use super::tenants;
 use crate::ownership::bundle::Bundles;
 use crate::ownership::namespaces::{
-    self, AutoTopicCreation, BacklogQuota, DeadLetterPolicy, NamespacePolicies, RetentionPolicies,
-    Strategy, SIZE_QUOTA,
+    self, AutoTopicCreation, BacklogQuota, DeadLetterPolicy, NamespacePolicies, RedeliveryBackoff,
+    RetentionPolicies, Strategy, SIZE_QUOTA,
 };
 use crate::{keys, BrokerError};
 
@@ -67,6 +67,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
                 .post(set_threshold)
                 .put(set_threshold)
                 .delete(remove_threshold),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{ns}/redeliveryBackoff",
+            get(get_backoff).post(set_backoff).delete(remove_backoff),
         )
         .route(
             "/admin/v2/namespaces/{tenant}/{ns}/deduplication",
@@ -350,6 +354,30 @@ async fn remove_threshold(
     Path((tenant, ns)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     update(&ctx, &tenant, &ns, |p| p.compaction_threshold = None).await
+}
+
+async fn get_backoff(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Option<RedeliveryBackoff>>> {
+    Ok(Json(policies(&ctx, &tenant, &ns).await?.redelivery_backoff))
+}
+
+async fn set_backoff(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let b: RedeliveryBackoff = parse_json(&body)?;
+    b.validate().map_err(bad)?;
+    update(&ctx, &tenant, &ns, |p| p.redelivery_backoff = Some(b)).await
+}
+
+async fn remove_backoff(
+    State(ctx): Ctx,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    update(&ctx, &tenant, &ns, |p| p.redelivery_backoff = None).await
 }
 
 async fn get_retention(

@@ -24,7 +24,9 @@ use super::http::{AdminContext, ApiError};
 use super::namespaces::{parse_json, QuotaType};
 use super::{error, here_or_redirect, owned, topic_name, Answer};
 use crate::managed_ledger::MlInfo;
-use crate::ownership::namespaces::{BacklogQuota, DeadLetterPolicy, RetentionPolicies};
+use crate::ownership::namespaces::{
+    BacklogQuota, DeadLetterPolicy, RedeliveryBackoff, RetentionPolicies,
+};
 use crate::topic::partitioned::{self, CreateRefused, PartitionedMetadata};
 use crate::topic::policies;
 use crate::topic::Topic;
@@ -84,6 +86,10 @@ pub fn routes() -> Router<Arc<AdminContext>> {
             post(set_quota).delete(remove_quota),
         )
         .route(&format!("{TOPIC}/backlogQuotaMap"), get(get_quotas))
+        .route(
+            &format!("{TOPIC}/redeliveryBackoff"),
+            get(get_backoff).post(set_backoff).delete(remove_backoff),
+        )
         .route(
             &format!("{TOPIC}/deadLetterPolicy"),
             get(get_dead_letter)
@@ -508,6 +514,21 @@ async fn read_policies(
 ) -> Result<policies::TopicPolicies, Response> {
     let name = p.name()?;
     policies::read(&ctx.md, &name).await.map_err(error)
+}
+
+async fn get_backoff(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    Ok(Json(read_policies(&ctx, &p).await?.redelivery_backoff).into_response())
+}
+
+async fn set_backoff(State(ctx): Ctx, Path(p): Path<TopicPath>, body: Bytes) -> Answer {
+    let b: RedeliveryBackoff = parse_json(&body)?;
+    b.validate()
+        .map_err(|why| fail(StatusCode::PRECONDITION_FAILED, why))?;
+    update_policies(&ctx, &p, |t| t.redelivery_backoff = Some(b)).await
+}
+
+async fn remove_backoff(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {
+    update_policies(&ctx, &p, |t| t.redelivery_backoff = None).await
 }
 
 async fn get_dead_letter(State(ctx): Ctx, Path(p): Path<TopicPath>) -> Answer {

@@ -48,6 +48,13 @@ pub struct NamespacePolicies {
         skip_serializing_if = "Option::is_none"
     )]
     pub dead_letter_policy: Option<DeadLetterPolicy>,
+    /// Broker-side redelivery back-off (Magnetar's).
+    #[serde(
+        rename = "redeliveryBackoff",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub redelivery_backoff: Option<RedeliveryBackoff>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_compatibility_strategy: Option<Strategy>,
     /// Bytes after the last compaction that start the next (Pulsar's
@@ -98,6 +105,45 @@ impl DeadLetterPolicy {
             magnetar_proto::TopicName::parse(t).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// Broker-side redelivery back-off: a message given back (negative ack,
+/// ack timeout, a consumer gone) waits `minDelayMs × multiplier^(n-1)`
+/// (at most `maxDelayMs`) before its n-th redelivery — for every client,
+/// as Pulsar's clients' `MultiplierRedeliveryBackoff` does for nacks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedeliveryBackoff {
+    pub min_delay_ms: u64,
+    pub max_delay_ms: u64,
+    #[serde(default = "double")]
+    pub multiplier: f64,
+}
+
+fn double() -> f64 {
+    2.0
+}
+
+impl Eq for RedeliveryBackoff {}
+
+impl RedeliveryBackoff {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min_delay_ms > self.max_delay_ms
+            || self.multiplier.is_nan()
+            || self.multiplier < 1.0
+        {
+            return Err(
+                "redeliveryBackoff needs minDelayMs <= maxDelayMs and multiplier >= 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The wait before the `n`-th redelivery (n >= 1).
+    pub fn delay_ms(&self, n: u32) -> u64 {
+        let f = self.multiplier.powi(n.saturating_sub(1).min(64) as i32);
+        ((self.min_delay_ms as f64) * f).min(self.max_delay_ms as f64) as u64
     }
 }
 

@@ -193,6 +193,7 @@ pub struct DeadLetterRule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubPolicy {
     pub dead_letter: Option<DeadLetterRule>,
+    pub redelivery_backoff: Option<crate::ownership::namespaces::RedeliveryBackoff>,
 }
 
 /// What every subscription of a topic shares.
@@ -548,7 +549,27 @@ impl Sub {
                 cumulative,
             } => self.ack(positions, cumulative),
             SubEvent::Redeliver { key, positions } => {
-                self.dispatcher.redeliver(key, positions.as_deref())
+                let held: Vec<Position> = self
+                    .dispatcher
+                    .unacked_ref()
+                    .pending()
+                    .filter(|(p, c)| {
+                        *c == key && positions.as_ref().is_none_or(|ps| ps.contains(p))
+                    })
+                    .map(|(p, _)| p)
+                    .collect();
+                self.dispatcher.redeliver(key, positions.as_deref());
+                // Not on Key_Shared: a later entry of the key would overtake.
+                let backoff = self.ctx.policy.borrow().redelivery_backoff;
+                let keyed = self.dispatcher.sub_type() == SubType::KeyShared;
+                if let Some(b) = backoff.filter(|_| !keyed) {
+                    let now = now_ms();
+                    let unacked = self.dispatcher.unacked();
+                    for p in held {
+                        let n = unacked.count(p);
+                        unacked.delay(p, now + b.delay_ms(n));
+                    }
+                }
             }
             SubEvent::Seek { target, reply } => {
                 let res = self.seek(target).await;

@@ -177,6 +177,11 @@ impl Unacked {
         }
     }
 
+    /// How often `p` was given back for redelivery.
+    pub fn count(&self, p: Position) -> u32 {
+        self.counts.get(&p).copied().unwrap_or(0)
+    }
+
     pub fn acked(&mut self, p: Position) {
         self.pending.remove(&p);
         self.redeliver.remove(&p);

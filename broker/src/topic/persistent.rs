@@ -83,6 +83,7 @@ fn sub_policy(p: &Effective) -> SubPolicy {
             max_redeliver_count: d.max_redeliver_count,
             topic: d.dead_letter_topic.clone(),
         }),
+        redelivery_backoff: p.redelivery_backoff,
     }
 }
 

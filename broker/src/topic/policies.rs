@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::TopicRegistry;
 use crate::managed_ledger::trim::Retention;
 use crate::ownership::namespaces::{
-    BacklogQuota, DeadLetterPolicy, NamespacePolicies, RetentionPolicies, AGE_QUOTA, SIZE_QUOTA,
+    BacklogQuota, DeadLetterPolicy, NamespacePolicies, RedeliveryBackoff, RetentionPolicies,
+    AGE_QUOTA, SIZE_QUOTA,
 };
 use crate::{keys, BrokerError};
 
@@ -46,6 +47,8 @@ pub struct TopicPolicies {
     pub dead_letter_policy: Option<DeadLetterPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compaction_threshold: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery_backoff: Option<RedeliveryBackoff>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
@@ -56,6 +59,7 @@ pub struct Effective {
     pub dead_letter: Option<DeadLetterPolicy>,
     /// Compact once this many bytes came after the last compaction.
     pub compaction_threshold: Option<i64>,
+    pub redelivery_backoff: Option<RedeliveryBackoff>,
     pub dedup: bool,
     /// `None`: no retention policy — Pulsar's default: nothing consumed is
     /// kept, nor anything of a topic without subscriptions.
@@ -96,6 +100,7 @@ pub fn effective(ns: &NamespacePolicies, topic: &TopicPolicies) -> Effective {
             .clone()
             .or(ns.dead_letter_policy.clone()),
         compaction_threshold: topic.compaction_threshold.or(ns.compaction_threshold),
+        redelivery_backoff: topic.redelivery_backoff.or(ns.redelivery_backoff),
     }
 }
 
@@ -281,6 +286,24 @@ pub async fn enforce(registry: Arc<TopicRegistry>, every: Duration) {
 mod tests {
     use super::*;
     use crate::ownership::namespaces::BacklogPolicy;
+
+    #[test]
+    fn redelivery_back_off_grows_to_its_cap() {
+        let b = RedeliveryBackoff {
+            min_delay_ms: 100,
+            max_delay_ms: 1_000,
+            multiplier: 3.0,
+        };
+        let d: Vec<u64> = (1..=5).map(|n| b.delay_ms(n)).collect();
+        assert_eq!(d, vec![100, 300, 900, 1_000, 1_000]);
+        assert!(b.validate().is_ok());
+        assert!(RedeliveryBackoff {
+            multiplier: 0.5,
+            ..b
+        }
+        .validate()
+        .is_err());
+    }
 
     #[test]
     fn retention_limits_convert_with_minus_one_as_none() {
