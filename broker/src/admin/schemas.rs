@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use magnetar_proto::pulsar::{KeyValue, Schema};
+use magnetar_proto::pulsar::Schema;
 use serde::{Deserialize, Serialize};
 
 use super::http::{AdminContext, ApiError};
@@ -91,14 +91,7 @@ impl Upload {
             name: String::new(),
             schema_data: self.schema.clone().into_bytes().into(),
             r#type: t,
-            properties: self
-                .properties
-                .iter()
-                .map(|(k, v)| KeyValue {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
+            properties: schema::wire_properties(&self.properties),
         })
     }
 }

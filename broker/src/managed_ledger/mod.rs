@@ -9,6 +9,7 @@
 
 pub mod appender;
 pub mod cache;
+pub mod compacted;
 pub mod cursor;
 pub mod cursor_store;
 pub mod ledger_list;

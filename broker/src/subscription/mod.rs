@@ -26,9 +26,9 @@ use magnetar_proto::pulsar::{command_subscribe::SubType, MessageMetadata, Server
 use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::managed_ledger::compacted::CompactedView;
 use crate::managed_ledger::cursor::{CursorState, Position};
 use crate::managed_ledger::ManagedLedger;
-use crate::topic::compaction::CompactedView;
 use crate::BrokerError;
 pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher, KeySharedSpec};
 use dispatcher::{Delivery, EntrySource};
@@ -799,7 +799,11 @@ impl Sub {
             };
             let data = match read.remove(&d.position) {
                 Some(data) => Ok(data),
-                None => read_entry(&self.ml, self.view(), d.position).await,
+                None => {
+                    self.ml
+                        .read_through(self.view().as_deref(), d.position)
+                        .await
+                }
             };
             let data = match data {
                 Ok(data) => data,
@@ -857,7 +861,7 @@ impl Sub {
             self.dispatcher.wants_keys(&src)
         };
         for &p in &wanted {
-            let data = match read_entry(&self.ml, self.view(), p).await {
+            let data = match self.ml.read_through(self.view().as_deref(), p).await {
                 Ok(data) => data,
                 Err(e) => {
                     tracing::warn!(subscription = %self.name, position = ?p, error = %e, "read failed; will retry");
@@ -936,24 +940,6 @@ impl Sub {
             self.remove_consumer(d.consumer);
         }
     }
-}
-
-/// An entry: from the compacted view up to its horizon (for a
-/// subscription that reads it), else from the topic.
-async fn read_entry(
-    ml: &ManagedLedger,
-    view: Option<Arc<CompactedView>>,
-    p: Position,
-) -> Result<Bytes, crate::managed_ledger::MlError> {
-    if let Some(v) = view.filter(|v| p <= v.horizon) {
-        if let Some(id) = v.positions.get(&p) {
-            let mut got = ml.read_side_ledger(v.ledger_id, *id, *id).await?;
-            if let Some((_, entry)) = got.pop().and_then(crate::topic::compaction::decode) {
-                return Ok(entry);
-            }
-        }
-    }
-    ml.read(p).await
 }
 
 /// How long a dead letter that could not be stored waits before a retry.

@@ -17,11 +17,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use magnetar_proto::frame::{decode_batch, encode_batch};
 use magnetar_proto::pulsar::CompressionType;
 use magnetar_proto::Payload;
 
+pub use crate::managed_ledger::compacted::{decode, encode, CompactedView};
 use crate::managed_ledger::cursor::Position;
 
 /// The cursor standing at the horizon (Pulsar's is `__compaction`).
@@ -151,43 +152,6 @@ pub fn rewrite(entry: &Bytes, keep: &Keep) -> Bytes {
     let mut md = pl.metadata.clone();
     md.uncompressed_size = Some(batch.len() as u32);
     Payload::build(md, &batch).headers_and_payload
-}
-
-/// A compacted entry: its position, then the entry.
-pub fn encode(p: Position, entry: &Bytes) -> Bytes {
-    let mut b = BytesMut::with_capacity(16 + entry.len());
-    b.put_u64(p.ledger_id);
-    b.put_i64(p.entry_id);
-    b.put_slice(entry);
-    b.freeze()
-}
-
-pub fn decode(mut b: Bytes) -> Option<(Position, Bytes)> {
-    use bytes::Buf;
-    if b.len() < 16 {
-        return None;
-    }
-    let ledger = b.get_u64();
-    let entry = b.get_i64();
-    Some((Position::new(ledger, entry), b))
-}
-
-/// The compacted view a topic's subscriptions read: which positions it
-/// holds, up to the horizon, and where.
-#[derive(Debug, Clone, Default)]
-pub struct CompactedView {
-    pub ledger_id: u64,
-    pub horizon: Position,
-    /// Position → entry id in the compacted ledger.
-    pub positions: BTreeMap<Position, u64>,
-}
-
-impl CompactedView {
-    /// The first position at or after `p` this view holds (up to the
-    /// horizon); `None` past the horizon.
-    pub fn at_or_after(&self, p: Position) -> Option<Position> {
-        self.positions.range(p..).next().map(|(p, _)| *p)
-    }
 }
 
 /// Whether a compaction is running or how the last one ended (Pulsar's

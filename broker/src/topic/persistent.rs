@@ -166,24 +166,6 @@ impl DedupCell {
     }
 }
 
-/// An entry for compaction: from the previous view up to its horizon,
-/// else from the topic.
-async fn read_for_compaction(
-    ml: &ManagedLedger,
-    view: Option<Arc<CompactedView>>,
-    p: Position,
-) -> Result<Bytes, BrokerError> {
-    if let Some(v) = view.filter(|v| p <= v.horizon) {
-        if let Some(id) = v.positions.get(&p) {
-            let mut got = ml.read_side_ledger(v.ledger_id, *id, *id).await?;
-            if let Some((_, e)) = got.pop().and_then(compaction::decode) {
-                return Ok(e);
-            }
-        }
-    }
-    Ok(ml.read(p).await?)
-}
-
 /// A compacted view read back from its ledger (topic load).
 async fn load_view(ml: &ManagedLedger, c: CompactedLedger) -> Result<CompactedView, BrokerError> {
     let mut view = CompactedView {
@@ -469,7 +451,7 @@ impl Topic {
         }
         let read = |p: Position| {
             let view = old.clone();
-            async move { read_for_compaction(&self.ml, view, p).await }
+            async move { self.ml.read_through(view.as_deref(), p).await }
         };
         let mut plan = compaction::Plan::default();
         for p in &positions {
@@ -912,8 +894,8 @@ impl Topic {
             .bytes_in
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let position = Position::new(0, self.live_seq.fetch_add(1, Ordering::Relaxed) as i64);
-        let subs: Vec<SubscriptionHandle> = self.subs.lock().await.values().cloned().collect();
-        for h in subs {
+        // `try_send` does not wait: the lock is held only for the hand-over.
+        for h in self.subs.lock().await.values() {
             let _ = h.tx.try_send(SubEvent::Live {
                 position,
                 data: data.clone(),

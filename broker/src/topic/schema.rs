@@ -52,16 +52,20 @@ impl StoredSchema {
             name: self.name.clone(),
             schema_data: self.data_bytes().into(),
             r#type: self.schema_type,
-            properties: self
-                .properties
-                .iter()
-                .map(|(k, v)| KeyValue {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
+            properties: wire_properties(&self.properties),
         }
     }
+}
+
+/// Schema properties as the wire carries them.
+pub fn wire_properties(props: &BTreeMap<String, String>) -> Vec<KeyValue> {
+    props
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
