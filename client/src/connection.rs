@@ -67,6 +67,7 @@ fn request_id_of(cmd: &BaseCommand) -> Option<u64> {
             .get_last_message_id_response
             .as_ref()
             .map(|c| c.request_id))
+        .or(cmd.ack_response.as_ref().and_then(|c| c.request_id))
 }
 
 fn set_request_id(cmd: &mut BaseCommand, id: u64) {
@@ -96,6 +97,9 @@ fn set_request_id(cmd: &mut BaseCommand, id: u64) {
     }
     if let Some(c) = cmd.partition_metadata.as_mut() {
         c.request_id = id;
+    }
+    if let Some(c) = cmd.ack.as_mut() {
+        c.request_id = Some(id);
     }
 }
 
@@ -249,13 +253,21 @@ impl Connection {
             }
         };
         lock(&self.routes).queued.remove(&id);
-        match resp.error {
-            Some(e) => Err(Error::Server {
+        if let Some(e) = resp.error {
+            return Err(Error::Server {
                 code: e.error,
                 message: e.message,
-            }),
-            None => Ok(resp),
+            });
         }
+        if let Some(code) = resp.ack_response.as_ref().and_then(|a| a.error) {
+            let message = resp
+                .ack_response
+                .as_ref()
+                .and_then(|a| a.message.clone())
+                .unwrap_or_default();
+            return Err(Error::Server { code, message });
+        }
+        Ok(resp)
     }
 
     pub fn register_producer(&self, id: u64) -> mpsc::UnboundedReceiver<BaseCommand> {

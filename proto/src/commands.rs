@@ -31,6 +31,27 @@ pub fn success(request_id: u64) -> BaseCommand {
     c
 }
 
+/// ACK_RESPONSE (protocol 17): the answer to an ACK carrying a request id.
+pub fn ack_response(
+    consumer_id: u64,
+    request_id: u64,
+    error: Option<(ServerError, String)>,
+) -> BaseCommand {
+    let mut c = base(Type::AckResponse);
+    let (error, message) = match error {
+        Some((code, m)) => (Some(code as i32), Some(m)),
+        None => (None, None),
+    };
+    c.ack_response = Some(crate::pulsar::CommandAckResponse {
+        consumer_id,
+        request_id: Some(request_id),
+        error,
+        message,
+        ..Default::default()
+    });
+    c
+}
+
 /// Where a closed producer or consumer should reconnect (PIP-307): the new
 /// owner's `pulsar://` and `pulsar+ssl://` URLs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,11 +101,14 @@ pub fn reached_end_of_topic(consumer_id: u64) -> BaseCommand {
     c
 }
 
-/// A MESSAGE frame carrying a stored entry (`[0x0e01][crc]...` form).
+/// A MESSAGE frame carrying a stored entry (`[0x0e01][crc]...` form);
+/// `ack_set`, for a batch of which some messages are acknowledged, has the
+/// bits of those still to deliver.
 pub fn message(
     consumer_id: u64,
     message_id: MessageIdData,
     redelivery_count: u32,
+    ack_set: &[i64],
     headers_and_payload: &[u8],
 ) -> Bytes {
     let mut cmd = base(Type::Message);
@@ -92,6 +116,7 @@ pub fn message(
         consumer_id,
         message_id,
         redelivery_count: Some(redelivery_count),
+        ack_set: ack_set.to_vec(),
         ..Default::default()
     });
     let mut buf = BytesMut::new();

@@ -10,6 +10,8 @@ from a message id, the earliest and the latest, has_message_available, and
 seek by publish time and by message id. Delayed delivery (deliver_after)
 on a Shared subscription. Negative acks redeliver with a growing count, and
 the client's own dead-letter policy moves the message to its DLQ topic.
+Batch index acks: the messages of a batch acknowledged one by one are not
+delivered again.
 Usage: python_subscriptions.py SERVICE_URL"""
 import sys
 import time
@@ -223,14 +225,58 @@ def nack_and_client_dead_letters():
     return counts
 
 
+def batch_index_acks():
+    """Half the messages of one batch acknowledged one by one (the client's
+    batch_index_ack_enabled): after the consumer leaves, only the other half
+    comes back; once those are acknowledged, nothing does."""
+    topic = "persistent://public/default/py-batch-ack-" + uuid.uuid4().hex[:8]
+    common = dict(consumer_type=pulsar.ConsumerType.Shared,
+                  initial_position=pulsar.InitialPosition.Earliest,
+                  batch_index_ack_enabled=True)
+    c = client.subscribe(topic, "bia", **common)
+    producer = client.create_producer(topic, batching_enabled=True, batching_max_messages=10,
+                                      batching_max_publish_delay_ms=1000)
+    for i in range(10):
+        producer.send_async(f"b-{i}".encode(), None)
+    producer.flush()
+    entries = set()
+    for i in range(10):
+        m = c.receive(timeout_millis=10000)
+        assert m.data() == f"b-{i}".encode(), m.data()
+        entries.add((m.message_id().ledger_id(), m.message_id().entry_id()))
+        if i % 2 == 0:
+            c.acknowledge(m)
+    assert len(entries) == 1, f"one batch: {entries}"
+    time.sleep(0.5)  # acknowledgements are grouped for 100 ms
+    c.close()
+    c = client.subscribe(topic, "bia", **common)
+    got = []
+    while True:
+        try:
+            m = c.receive(timeout_millis=2000)
+        except pulsar.Timeout:
+            break
+        got.append(m.data().decode())
+        c.acknowledge(m)
+    assert got == [f"b-{i}" for i in range(1, 10, 2)], got
+    time.sleep(0.5)
+    c.close()
+    c = client.subscribe(topic, "bia", **common)
+    assert nothing_within(c, 1500), "every message of the batch is acknowledged"
+    c.close()
+    producer.close()
+    return len(got)
+
+
 taken_over = failover()
 moved = key_shared()
 readers_and_seek()
 waited = delayed()
 counts = nack_and_client_dead_letters()
+redelivered = batch_index_acks()
 client.close()
 print(f"python subscriptions ok: failover takeover with {taken_over} messages; "
       f"key_shared: {moved} of 20 keys moved to a newcomer in order; sticky overlap refused; "
       f"readers from an id, the earliest and the latest; seek by time and id; "
       f"deliver_after=2s came after {waited:.2f} s; nacked redelivery counts {counts}, "
-      f"then the client's dead-letter topic")
+      f"then the client's dead-letter topic; batch index acks: {redelivered} of 10 came back")

@@ -163,6 +163,78 @@ async fn restart_keeps_data_and_subscription_positions_across_ledger_rolls() {
     s.shutdown().await;
 }
 
+/// Ack receipts (protocol 17): an ack is answered once stored; a cumulative
+/// ack on a shared subscription is refused with NotAllowedError. Holes of
+/// individually acked messages across ledgers survive a restart: only the
+/// unacknowledged messages come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_receipts_and_acked_holes_survive_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec
+        .start_with(|c| c.managed_ledger.max_entries_per_ledger = 7)
+        .await;
+    let topic = "receipts-topic";
+    {
+        let client = Client::connect(&s.service_url()).await.unwrap();
+        let mut c = client
+            .subscribe(topic, "s", earliest(SubscriptionType::Shared))
+            .await
+            .unwrap();
+        let p = client
+            .create_producer(topic, ProducerOptions::default())
+            .await
+            .unwrap();
+        for i in 0..40 {
+            p.send(format!("v{i}").as_str()).await.unwrap();
+        }
+        let mut first = None;
+        for i in 0..40 {
+            let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+            assert_eq!(m.payload, format!("v{i}").as_bytes());
+            if i % 2 == 1 {
+                c.ack_with_receipt(&m).await.unwrap();
+            }
+            first.get_or_insert(m);
+        }
+        let e = c
+            .ack_cumulative_with_receipt(first.as_ref().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.server_error(),
+            Some(magnetar_proto::pulsar::ServerError::NotAllowedError),
+            "{e}"
+        );
+    }
+    s.shutdown().await;
+    let s = spec
+        .start_with(|c| c.managed_ledger.max_entries_per_ledger = 7)
+        .await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let mut c = client
+        .subscribe(topic, "s", earliest(SubscriptionType::Shared))
+        .await
+        .unwrap();
+    for i in (0..40).step_by(2) {
+        let m = c
+            .receive_timeout(WAIT)
+            .await
+            .unwrap()
+            .expect("an unacked one");
+        assert_eq!(m.payload, format!("v{i}").as_bytes());
+    }
+    assert!(
+        c.receive_timeout(Duration::from_millis(700))
+            .await
+            .unwrap()
+            .is_none(),
+        "the acknowledged ones stay acknowledged"
+    );
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_spreads_and_redelivers_unacked() {
     init_logs();

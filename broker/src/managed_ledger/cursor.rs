@@ -1,8 +1,9 @@
 //! A subscription's position without I/O: the mark-delete position (all at
-//! or before it acknowledged) plus the positions acknowledged individually
-//! beyond it.
+//! or before it acknowledged), the ranges of entries acknowledged
+//! individually beyond it, and the entries of which only some messages are
+//! acknowledged (batch index acks). `encode`/`decode` give its stored form.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use magnetar_proto::pulsar::MessageIdData;
 use serde::{Deserialize, Serialize};
@@ -49,18 +50,67 @@ impl Position {
             entry_id: self.entry_id + 1,
         }
     }
+
+    /// The position right before this one within the same ledger (`-1`
+    /// for the first entry: before the ledger).
+    pub fn prev(self) -> Position {
+        Position {
+            ledger_id: self.ledger_id,
+            entry_id: self.entry_id - 1,
+        }
+    }
 }
 
-/// Most individually acknowledged positions a cursor keeps; beyond this the
-/// oldest unacknowledged message is redelivered rather than growing the state.
-pub const MAX_INDIVIDUAL_ACKS: usize = 100_000;
+/// Most ranges of individually acknowledged entries a cursor keeps (in
+/// memory and stored). Past it, the newest range is forgotten: its entries
+/// count as unacknowledged again and are redelivered after the
+/// subscription is next loaded — redelivery, never loss.
+pub const MAX_ACKED_RANGES: usize = 100_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Most partially acknowledged batches a cursor keeps; past it the newest
+/// one's partial acks are forgotten (its messages are redelivered after a
+/// reload).
+pub const MAX_PARTIAL_BATCHES: usize = 10_000;
+
+/// An acknowledgement of one entry: the whole of it, or — a batch index ack
+/// — the messages whose bits are clear in `unacked` (Pulsar's `ack_set`: a
+/// bit set per message still not acknowledged, 64 to a word).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryAck {
+    pub position: Position,
+    pub unacked: Option<Vec<i64>>,
+}
+
+impl EntryAck {
+    pub fn whole(position: Position) -> EntryAck {
+        EntryAck {
+            position,
+            unacked: None,
+        }
+    }
+
+    /// From a wire message id: an `ack_set` with every bit clear acks the
+    /// whole entry, as one with no `ack_set`.
+    pub fn from_message_id(id: &MessageIdData) -> EntryAck {
+        let partial = id.ack_set.iter().any(|w| *w != 0);
+        EntryAck {
+            position: Position::from_message_id(id),
+            unacked: partial.then(|| id.ack_set.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CursorState {
     pub mark_delete: Position,
-    pub acked: BTreeSet<Position>,
+    /// Individually acknowledged entries after the mark, as ranges within
+    /// a ledger: first position → last entry id (inclusive). Never adjacent
+    /// (neighbours merge) and never at or before the mark.
+    acked: BTreeMap<Position, i64>,
+    /// Entries after the mark of which some messages are acknowledged: the
+    /// bits of those still unacknowledged (never all clear).
+    partial: BTreeMap<Position, Vec<i64>>,
     /// Named numbers kept with the position (the dedup snapshot).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, i64>,
 }
 
@@ -68,35 +118,143 @@ impl CursorState {
     pub fn new(mark_delete: Position) -> CursorState {
         CursorState {
             mark_delete,
-            acked: BTreeSet::new(),
-            properties: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
     pub fn is_acked(&self, p: Position) -> bool {
-        p <= self.mark_delete || self.acked.contains(&p)
+        p <= self.mark_delete || self.range_of(p).is_some()
+    }
+
+    /// The messages of `p` still unacknowledged, when only some are.
+    pub fn unacked_in_batch(&self, p: Position) -> Option<&[i64]> {
+        self.partial.get(&p).map(Vec::as_slice)
+    }
+
+    /// How many entries after the mark are acknowledged.
+    pub fn acked_entries(&self) -> u64 {
+        self.acked
+            .iter()
+            .map(|(s, e)| (e - s.entry_id + 1) as u64)
+            .sum()
+    }
+
+    /// The acknowledged ranges after the mark: (first, last) positions.
+    pub fn acked_ranges(&self) -> impl Iterator<Item = (Position, Position)> + '_ {
+        self.acked
+            .iter()
+            .map(|(s, e)| (*s, Position::new(s.ledger_id, *e)))
+    }
+
+    /// How many partially acknowledged batches the cursor holds.
+    pub fn partial_batches(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// The range holding `p`, as its first position.
+    fn range_of(&self, p: Position) -> Option<Position> {
+        let (s, e) = self.acked.range(..=p).next_back()?;
+        (s.ledger_id == p.ledger_id && *e >= p.entry_id).then_some(*s)
+    }
+
+    /// Adds `p` (not acked yet) to the ranges, merging with neighbours.
+    fn insert(&mut self, p: Position) {
+        let before = self
+            .acked
+            .range(..p)
+            .next_back()
+            .filter(|(s, e)| s.ledger_id == p.ledger_id && **e + 1 == p.entry_id)
+            .map(|(s, _)| *s);
+        let after = self.acked.remove(&p.bump());
+        match (before, after) {
+            (Some(s), Some(e)) => {
+                self.acked.insert(s, e);
+            }
+            (Some(s), None) => {
+                self.acked.insert(s, p.entry_id);
+            }
+            (None, Some(e)) => {
+                self.acked.insert(p, e);
+            }
+            (None, None) => {
+                self.acked.insert(p, p.entry_id);
+                if self.acked.len() > MAX_ACKED_RANGES {
+                    if let Some((s, e)) = self.acked.pop_last() {
+                        tracing::warn!(first = ?s, last = e, "too many acknowledged ranges: forgetting the newest (its entries are redelivered after a reload)");
+                    }
+                }
+            }
+        }
     }
 
     /// `next(p)` gives the first existing position after `p`, if any.
     fn advance(&mut self, next: &impl Fn(Position) -> Option<Position>) {
-        while let Some(n) = next(self.mark_delete) {
-            if !self.acked.remove(&n) {
-                break;
+        // A range across the mark keeps only its part after it.
+        let md = self.mark_delete;
+        if let Some(s) = self.range_of(md) {
+            if let Some(e) = self.acked.remove(&s) {
+                if e > md.entry_id {
+                    self.acked.insert(md.bump(), e);
+                }
             }
-            self.mark_delete = n;
+        }
+        while let Some(n) = next(self.mark_delete) {
+            match self.acked.remove(&n) {
+                Some(last) => self.mark_delete = Position::new(n.ledger_id, last),
+                None => break,
+            }
         }
         let md = self.mark_delete;
         self.acked = self.acked.split_off(&md.bump());
+        self.partial = self.partial.split_off(&md.bump());
     }
 
     /// Individual ack; returns whether the state changed.
     pub fn ack(&mut self, p: Position, next: &impl Fn(Position) -> Option<Position>) -> bool {
+        self.ack_entry(&EntryAck::whole(p), next)
+    }
+
+    /// Individual ack of an entry or of some messages of it.
+    pub fn ack_entry(
+        &mut self,
+        a: &EntryAck,
+        next: &impl Fn(Position) -> Option<Position>,
+    ) -> bool {
+        let p = a.position;
         if self.is_acked(p) {
             return false;
         }
-        self.acked.insert(p);
+        if let Some(bits) = &a.unacked {
+            if !self.narrow(p, bits) {
+                return true;
+            }
+        }
+        self.partial.remove(&p);
+        self.insert(p);
         self.advance(next);
         true
+    }
+
+    /// Clears in `p`'s batch the messages acknowledged by `bits`; true when
+    /// none is left (the entry is acknowledged as a whole).
+    fn narrow(&mut self, p: Position, bits: &[i64]) -> bool {
+        let left = match self.partial.get(&p) {
+            Some(have) => have
+                .iter()
+                .enumerate()
+                .map(|(i, w)| w & bits.get(i).copied().unwrap_or(0))
+                .collect(),
+            None => bits.to_vec(),
+        };
+        if left.iter().all(|w| *w == 0) {
+            return true;
+        }
+        if self.partial.len() >= MAX_PARTIAL_BATCHES && !self.partial.contains_key(&p) {
+            tracing::warn!(position = ?p, "too many partially acknowledged batches: this partial ack is not kept (its messages are redelivered)");
+            return false;
+        }
+        self.partial.insert(p, left);
+        false
     }
 
     /// Cumulative ack of everything up to and including `p`.
@@ -105,13 +263,219 @@ impl CursorState {
         p: Position,
         next: &impl Fn(Position) -> Option<Position>,
     ) -> bool {
-        if p <= self.mark_delete {
-            return false;
-        }
-        self.mark_delete = p;
-        self.advance(next);
-        true
+        self.ack_cumulative_entry(&EntryAck::whole(p), next)
     }
+
+    /// Cumulative ack; with `unacked` bits, of everything before the entry
+    /// and of the entry's messages whose bits are clear.
+    pub fn ack_cumulative_entry(
+        &mut self,
+        a: &EntryAck,
+        next: &impl Fn(Position) -> Option<Position>,
+    ) -> bool {
+        let (through, partial) = match &a.unacked {
+            Some(bits) => (a.position.prev(), Some(bits)),
+            None => (a.position, None),
+        };
+        let mut changed = false;
+        if through > self.mark_delete {
+            self.mark_delete = through;
+            self.advance(next);
+            changed = true;
+        }
+        if let Some(bits) = partial {
+            if !self.is_acked(a.position) {
+                changed = true;
+                if self.narrow(a.position, bits) {
+                    self.partial.remove(&a.position);
+                    self.insert(a.position);
+                    self.advance(next);
+                }
+            }
+        }
+        changed
+    }
+
+    /// The stored form: compact, so a cursor with many ranges stays a small
+    /// entry (ranges as deltas, varint-coded).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.acked.len() * 4);
+        out.extend_from_slice(MAGIC);
+        put_position(&mut out, self.mark_delete, None);
+        put_u64(&mut out, self.properties.len() as u64);
+        for (k, v) in &self.properties {
+            put_u64(&mut out, k.len() as u64);
+            out.extend_from_slice(k.as_bytes());
+            put_u64(&mut out, zigzag(*v));
+        }
+        put_u64(&mut out, self.acked.len() as u64);
+        let mut prev = self.mark_delete;
+        for (s, e) in &self.acked {
+            put_position(&mut out, *s, Some(prev));
+            put_u64(&mut out, (e - s.entry_id) as u64);
+            prev = Position::new(s.ledger_id, *e);
+        }
+        put_u64(&mut out, self.partial.len() as u64);
+        let mut prev = self.mark_delete;
+        for (p, bits) in &self.partial {
+            put_position(&mut out, *p, Some(prev));
+            put_u64(&mut out, bits.len() as u64);
+            for w in bits {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            prev = *p;
+        }
+        out
+    }
+
+    /// Reads a stored cursor: this format, or the JSON of earlier versions.
+    pub fn decode(data: &[u8]) -> Result<CursorState, String> {
+        match data.strip_prefix(MAGIC) {
+            Some(rest) => decode_binary(rest),
+            None => {
+                let old: LegacyCursor = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+                let mut c = CursorState::new(old.mark_delete);
+                c.properties = old.properties;
+                for p in old.acked.into_iter().filter(|p| *p > old.mark_delete) {
+                    if c.range_of(p).is_none() {
+                        c.insert(p);
+                    }
+                }
+                Ok(c)
+            }
+        }
+    }
+}
+
+const MAGIC: &[u8] = b"MCUR\x01";
+
+/// The JSON form cursors were stored in before ranges.
+#[derive(Deserialize)]
+struct LegacyCursor {
+    mark_delete: Position,
+    #[serde(default)]
+    acked: Vec<Position>,
+    #[serde(default)]
+    properties: BTreeMap<String, i64>,
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A position as the ledger's delta from `prev`'s and the entry (its delta
+/// from `prev`'s within the same ledger).
+fn put_position(out: &mut Vec<u8>, p: Position, prev: Option<Position>) {
+    match prev {
+        Some(q) if q.ledger_id == p.ledger_id => {
+            put_u64(out, 0);
+            put_u64(out, zigzag(p.entry_id - q.entry_id));
+        }
+        Some(q) => {
+            put_u64(out, p.ledger_id.wrapping_sub(q.ledger_id));
+            put_u64(out, zigzag(p.entry_id));
+        }
+        None => {
+            put_u64(out, p.ledger_id);
+            put_u64(out, zigzag(p.entry_id));
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.0.split_first().ok_or("cursor record cut short")?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("cursor record: varint too long".into())
+    }
+
+    fn bytes(&mut self, n: u64) -> Result<&[u8], String> {
+        let n = usize::try_from(n).map_err(|_| "cursor record: length too large")?;
+        if n > self.0.len() {
+            return Err("cursor record cut short".into());
+        }
+        let (b, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn position(&mut self, prev: Option<Position>) -> Result<Position, String> {
+        let l = self.u64()?;
+        let e = unzigzag(self.u64()?);
+        Ok(match prev {
+            Some(q) if l == 0 => Position::new(q.ledger_id, q.entry_id + e),
+            Some(q) => Position::new(q.ledger_id.wrapping_add(l), e),
+            None => Position::new(l, e),
+        })
+    }
+
+    /// A count, refused when the rest could not hold that many items.
+    fn count(&mut self, min_item_bytes: usize) -> Result<usize, String> {
+        let n = self.u64()?;
+        match usize::try_from(n) {
+            Ok(n) if n.saturating_mul(min_item_bytes) <= self.0.len() => Ok(n),
+            _ => Err(format!("cursor record: count {n} past its end")),
+        }
+    }
+}
+
+fn decode_binary(data: &[u8]) -> Result<CursorState, String> {
+    let mut r = Reader(data);
+    let mut c = CursorState::new(r.position(None)?);
+    for _ in 0..r.count(2)? {
+        let n = r.u64()?;
+        let k = String::from_utf8(r.bytes(n)?.to_vec()).map_err(|e| e.to_string())?;
+        let v = unzigzag(r.u64()?);
+        c.properties.insert(k, v);
+    }
+    let mut prev = c.mark_delete;
+    for _ in 0..r.count(3)? {
+        let s = r.position(Some(prev))?;
+        let len = i64::try_from(r.u64()?).map_err(|_| "cursor record: range too long")?;
+        let e = s.entry_id.saturating_add(len);
+        if s <= prev && !c.acked.is_empty() || s <= c.mark_delete {
+            return Err(format!("cursor record: range at {s:?} out of order"));
+        }
+        c.acked.insert(s, e);
+        prev = Position::new(s.ledger_id, e);
+    }
+    let mut prev = c.mark_delete;
+    for _ in 0..r.count(3)? {
+        let p = r.position(Some(prev))?;
+        let n = r.u64()?;
+        let words = r.bytes(n.saturating_mul(8))?;
+        let bits = words
+            .chunks_exact(8)
+            .map(|w| i64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+            .collect();
+        c.partial.insert(p, bits);
+        prev = p;
+    }
+    if !r.0.is_empty() {
+        return Err("cursor record: bytes after its end".into());
+    }
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -128,6 +492,14 @@ mod tests {
         }
     }
 
+    /// One ledger (7) of `n` entries.
+    fn one_ledger(n: i64) -> impl Fn(Position) -> Option<Position> {
+        move |p: Position| {
+            let e = if p.ledger_id < 7 { 0 } else { p.entry_id + 1 };
+            (p.ledger_id <= 7 && e < n).then(|| Position::new(7, e))
+        }
+    }
+
     #[test]
     fn individual_acks_fold_into_mark_delete_across_ledgers() {
         let mut c = CursorState::new(Position::new(1, -1));
@@ -140,9 +512,10 @@ mod tests {
             !c.ack(Position::new(1, 2), &next),
             "a repeated ack changes nothing"
         );
+        assert_eq!(c.acked_ranges().count(), 2, "1:1..1:2 and 5:0");
         c.ack(Position::new(1, 0), &next);
         assert_eq!(c.mark_delete, Position::new(5, 0));
-        assert!(c.acked.is_empty());
+        assert_eq!(c.acked_entries(), 0);
     }
 
     #[test]
@@ -153,9 +526,149 @@ mod tests {
         c.ack_cumulative(Position::new(1, 1), &next);
         // 1:2 was acked already, so the mark moves on through it.
         assert_eq!(c.mark_delete, Position::new(1, 2));
-        assert_eq!(c.acked.len(), 1);
+        assert_eq!(c.acked_entries(), 1);
         c.ack_cumulative(Position::new(5, 0), &next);
         assert_eq!(c.mark_delete, Position::new(5, 1));
         assert!(!c.ack_cumulative(Position::new(1, 0), &next));
+    }
+
+    #[test]
+    fn neighbouring_acks_merge_into_one_range_and_a_cumulative_ack_cuts_one() {
+        let next = one_ledger(100);
+        let mut c = CursorState::new(Position::new(7, -1));
+        for e in [10, 12, 11, 20, 14, 13] {
+            c.ack(Position::new(7, e), &next);
+        }
+        let ranges: Vec<_> = c.acked_ranges().collect();
+        assert_eq!(
+            ranges,
+            vec![
+                (Position::new(7, 10), Position::new(7, 14)),
+                (Position::new(7, 20), Position::new(7, 20))
+            ]
+        );
+        assert_eq!(c.acked_entries(), 6);
+        // A mark inside a range keeps the range's rest, then runs through it.
+        c.ack_cumulative(Position::new(7, 11), &next);
+        assert_eq!(c.mark_delete, Position::new(7, 14));
+        assert_eq!(c.acked_entries(), 1);
+        assert!(c.is_acked(Position::new(7, 20)) && !c.is_acked(Position::new(7, 19)));
+    }
+
+    #[test]
+    fn past_the_range_limit_the_newest_range_is_forgotten_never_an_unacked_entry() {
+        let n = 2 * MAX_ACKED_RANGES as i64 + 10;
+        let next = one_ledger(n);
+        let mut c = CursorState::new(Position::new(7, -1));
+        // Every other entry: each ack a range of its own.
+        for e in (1..n).step_by(2) {
+            c.ack(Position::new(7, e), &next);
+        }
+        assert_eq!(c.acked_ranges().count(), MAX_ACKED_RANGES);
+        for e in (0..n).step_by(2) {
+            assert!(!c.is_acked(Position::new(7, e)), "never acked: {e}");
+        }
+        assert!(c.is_acked(Position::new(7, 1)));
+        // Filling the holes brings the mark through the kept ranges; the
+        // forgotten acks are simply not acked (they will be redelivered).
+        for e in (0..n).step_by(2) {
+            c.ack(Position::new(7, e), &next);
+        }
+        assert_eq!(c.mark_delete, Position::new(7, 2 * MAX_ACKED_RANGES as i64));
+    }
+
+    #[test]
+    fn batch_index_acks_narrow_an_entry_until_every_message_is_acked() {
+        let mut c = CursorState::new(Position::new(1, -1));
+        let p = Position::new(1, 0);
+        // A batch of 4: messages 0 and 2 acked (bits of 1 and 3 left).
+        let a = EntryAck {
+            position: p,
+            unacked: Some(vec![0b1010]),
+        };
+        assert!(c.ack_entry(&a, &next));
+        assert!(!c.is_acked(p));
+        assert_eq!(c.unacked_in_batch(p), Some(&[0b1010i64][..]));
+        // Message 1 acked: only 3 is left.
+        c.ack_entry(
+            &EntryAck {
+                position: p,
+                unacked: Some(vec![0b1101]),
+            },
+            &next,
+        );
+        assert_eq!(c.unacked_in_batch(p), Some(&[0b1000i64][..]));
+        // Message 3 acked (the client sends no words: all clear).
+        c.ack_entry(
+            &EntryAck {
+                position: p,
+                unacked: Some(vec![0b0111]),
+            },
+            &next,
+        );
+        assert!(c.is_acked(p));
+        assert_eq!(c.mark_delete, p);
+        assert_eq!(c.unacked_in_batch(p), None);
+    }
+
+    #[test]
+    fn cumulative_batch_ack_marks_the_entry_before_and_keeps_the_rest() {
+        let mut c = CursorState::new(Position::new(1, -1));
+        let p = Position::new(1, 2);
+        c.ack_cumulative_entry(
+            &EntryAck {
+                position: p,
+                unacked: Some(vec![0b1100]),
+            },
+            &next,
+        );
+        assert_eq!(c.mark_delete, Position::new(1, 1));
+        assert_eq!(c.unacked_in_batch(p), Some(&[0b1100i64][..]));
+        c.ack(p, &next);
+        assert_eq!(c.mark_delete, p);
+        assert_eq!(c.unacked_in_batch(p), None);
+    }
+
+    #[test]
+    fn stored_form_round_trips_and_reads_the_old_json() {
+        let next = one_ledger(1_000);
+        let mut c = CursorState::new(Position::new(7, 3));
+        for e in [5, 6, 9, 500, 501, 999] {
+            c.ack(Position::new(7, e), &next);
+        }
+        c.ack_entry(
+            &EntryAck {
+                position: Position::new(7, 700),
+                unacked: Some(vec![-2, 0x0f]),
+            },
+            &next,
+        );
+        c.properties.insert("p".into(), -12);
+        let bytes = c.encode();
+        assert_eq!(CursorState::decode(&bytes), Ok(c.clone()));
+        for cut in 0..bytes.len() {
+            assert!(CursorState::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let json = br#"{"mark_delete":{"ledger_id":7,"entry_id":3},"acked":[{"ledger_id":7,"entry_id":5},{"ledger_id":7,"entry_id":6}],"properties":{"x":1}}"#;
+        let old = CursorState::decode(json).unwrap();
+        assert_eq!(old.mark_delete, Position::new(7, 3));
+        assert_eq!(
+            old.acked_ranges().collect::<Vec<_>>(),
+            vec![(Position::new(7, 5), Position::new(7, 6))]
+        );
+        assert_eq!(old.properties.get("x"), Some(&1));
+    }
+
+    #[test]
+    fn many_holes_stay_small_when_stored() {
+        let n = 200_000;
+        let next = one_ledger(n);
+        let mut c = CursorState::new(Position::new(7, -1));
+        for e in (1..n).step_by(2) {
+            c.ack(Position::new(7, e), &next);
+        }
+        let bytes = c.encode();
+        assert!(bytes.len() < 4 * 100_000, "{} bytes", bytes.len());
+        assert_eq!(CursorState::decode(&bytes), Ok(c));
     }
 }

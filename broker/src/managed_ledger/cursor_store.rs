@@ -28,9 +28,8 @@ impl ManagedLedger {
                 match self.store.recover(id).await {
                     Ok(meta) if meta.last_entry_id >= 0 => {
                         let data = self.store.read(&meta, meta.last_entry_id as u64).await?;
-                        state = serde_json::from_slice(&data).map_err(|e| {
-                            MlError::Corrupt(format!("{}/{name}", self.name), e.to_string())
-                        })?;
+                        state = CursorState::decode(&data)
+                            .map_err(|e| MlError::Corrupt(format!("{}/{name}", self.name), e))?;
                     }
                     Ok(_) => {}
                     Err(LedgerError::NoSuchLedger(_)) => {}
@@ -46,9 +45,7 @@ impl ManagedLedger {
     /// Persists a cursor's state as an entry of its cursor ledger, rolling
     /// that ledger (and touching metadata) only every so many entries.
     pub async fn persist_cursor(&self, name: &str, state: &CursorState) -> Result<(), MlError> {
-        let data = Bytes::from(
-            serde_json::to_vec(state).map_err(|e| MlError::Corrupt(name.into(), e.to_string()))?,
-        );
+        let data = Bytes::from(state.encode());
         let mut cls = self.cursor_ledgers.lock().await;
         let res = self.persist_cursor_inner(&mut cls, name, state, data).await;
         if res.is_ok() {

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::connection::{error_cmd, Conn, ConnRef};
 use super::{lock, ConsumerSlot};
-use crate::managed_ledger::cursor::Position;
+use crate::managed_ledger::cursor::{EntryAck, Position};
 use crate::subscription::{ConsumerConn, ConsumerInfo, KeySharedSpec, SeekTarget, SubEvent};
 use crate::topic::schema;
 use crate::topic::{persistent::unknown, InitialPosition};
@@ -177,26 +177,50 @@ pub async fn flow(conn: &mut Conn, c: Option<CommandFlow>) -> bool {
 
 pub async fn ack(conn: &mut Conn, c: Option<CommandAck>) -> bool {
     let Some(c) = c else { return false };
-    if let Some(slot) = conn.shared.consumer(c.consumer_id) {
-        let cumulative = c.ack_type == AckType::Cumulative as i32;
-        let mut positions = Vec::with_capacity(c.message_id.len());
-        for id in &c.message_id {
-            // A partial batch ack (some bits still set) does not ack the entry.
-            let partial = id.ack_set.iter().any(|w| *w != 0);
-            let p = Position::from_message_id(id);
-            if !partial {
-                positions.push(p);
-            } else if cumulative && p.entry_id > 0 {
-                positions.push(Position::new(p.ledger_id, p.entry_id - 1));
-            }
+    let Some(slot) = conn.shared.consumer(c.consumer_id) else {
+        if let Some(request_id) = c.request_id {
+            let e = unknown("consumer");
+            let answer =
+                commands::ack_response(c.consumer_id, request_id, Some((e.code(), e.to_string())));
+            conn.shared.send(&answer).await;
         }
+        return true;
+    };
+    let cumulative = c.ack_type == AckType::Cumulative as i32;
+    let acks = c.message_id.iter().map(EntryAck::from_message_id).collect();
+    let Some(request_id) = c.request_id else {
         slot.handle
             .tell(SubEvent::Ack {
-                positions,
+                acks,
                 cumulative,
+                reply: None,
             })
             .await;
-    }
+        return true;
+    };
+    // An ack receipt (protocol 17): answered once the ack is stored, on a
+    // task of its own so the connection reads on meanwhile.
+    let (reply, rx) = oneshot::channel();
+    slot.handle
+        .tell(SubEvent::Ack {
+            acks,
+            cumulative,
+            reply: Some(reply),
+        })
+        .await;
+    let shared = conn.shared.clone();
+    tokio::spawn(async move {
+        let res = rx.await.unwrap_or_else(|_| {
+            Err(BrokerError::new(
+                ServerError::ServiceNotReady,
+                "the subscription closed before the ack was stored",
+            ))
+        });
+        let error = res.err().map(|e| (e.code(), e.to_string()));
+        shared
+            .send(&commands::ack_response(c.consumer_id, request_id, error))
+            .await;
+    });
     true
 }
 

@@ -188,7 +188,7 @@ impl Live {
             self.dropped += 1;
             return;
         }
-        let frame = commands::message(c.info.key.1, position.message_id(), 0, data);
+        let frame = commands::message(c.info.key.1, position.message_id(), 0, &[], data);
         if c.tx.try_send(frame).is_ok() {
             *permits -= 1;
             self.out.msgs.fetch_add(1, Relaxed);

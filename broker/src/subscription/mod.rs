@@ -27,7 +27,7 @@ use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::managed_ledger::compacted::CompactedView;
-use crate::managed_ledger::cursor::{CursorState, Position};
+use crate::managed_ledger::cursor::{CursorState, EntryAck, Position};
 use crate::managed_ledger::ManagedLedger;
 use crate::BrokerError;
 pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher, KeySharedSpec};
@@ -88,8 +88,10 @@ pub enum SubEvent {
         permits: u32,
     },
     Ack {
-        positions: Vec<Position>,
+        acks: Vec<EntryAck>,
         cumulative: bool,
+        /// For an ack receipt: answered once the ack is stored.
+        reply: Option<oneshot::Sender<Result<(), BrokerError>>>,
     },
     Redeliver {
         key: ConsumerKey,
@@ -251,6 +253,8 @@ struct Sub {
     read_error: bool,
     /// Consumers told that a terminated topic has nothing more for them.
     told_end: HashSet<ConsumerKey>,
+    /// Ack receipts to answer once the cursor is stored (end of the round).
+    receipts: Vec<oneshot::Sender<Result<(), BrokerError>>>,
 }
 
 /// What a dispatcher sees: the topic's confirmed entries and the cursor.
@@ -317,6 +321,7 @@ pub fn spawn(
         dirty: false,
         read_error: false,
         told_end: HashSet::new(),
+        receipts: Vec::new(),
     };
     tokio::spawn(sub.run(rx));
     SubscriptionHandle { tx }
@@ -335,7 +340,8 @@ impl Sub {
                     for taken in 0..EVENTS_PER_ROUND {
                         match next.take() {
                             Some(SubEvent::Close { reply }) => {
-                                self.flush().await;
+                                self.answer_receipts().await;
+                                let _ = self.flush().await;
                                 let _ = reply.send(self.consumers.into_values().collect());
                                 return;
                             }
@@ -345,7 +351,8 @@ impl Sub {
                                 }
                             }
                             None => {
-                                self.flush().await;
+                                self.answer_receipts().await;
+                                let _ = self.flush().await;
                                 return;
                             }
                         }
@@ -363,33 +370,49 @@ impl Sub {
                 _ = delayed_due(self.dispatcher.unacked_ref().next_delayed()) => {}
                 _ = flush.tick() => {
                     self.read_error = false;
-                    self.flush().await;
+                    let _ = self.flush().await;
                 }
             }
+            self.answer_receipts().await;
             self.dispatch().await;
         }
     }
 
-    async fn flush(&mut self) {
+    /// Stores the cursor if it changed; a failure is logged and retried at
+    /// the next tick.
+    async fn flush(&mut self) -> Result<(), BrokerError> {
         if !self.dirty || !self.durable {
-            return;
+            return Ok(());
         }
         match self.ml.persist_cursor(&self.name, &self.cursor).await {
             Ok(()) => {
                 self.dirty = false;
                 // Ledgers behind this cursor may now be deletable.
                 let _ = self.ml.trim().await;
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(subscription = %self.name, error = %e, "could not persist cursor; will retry")
+                tracing::warn!(subscription = %self.name, error = %e, "could not persist cursor; will retry");
+                Err(e.into())
             }
+        }
+    }
+
+    /// Answers the ack receipts of this round once the acks are stored.
+    async fn answer_receipts(&mut self) {
+        if self.receipts.is_empty() {
+            return;
+        }
+        let res = self.flush().await;
+        for reply in self.receipts.drain(..) {
+            let _ = reply.send(res.clone());
         }
     }
 
     fn stats(&self) -> SubStats {
         let md = self.cursor.mark_delete;
         let after = self.ml.entries_after(md);
-        let acked = self.cursor.acked.iter().filter(|p| **p > md).count() as u64;
+        let acked = self.cursor.acked_entries();
         let unacked = self.dispatcher.unacked_ref();
         SubStats {
             sub_type: self.dispatcher.sub_type(),
@@ -521,7 +544,7 @@ impl Sub {
             }
             SubEvent::RemoveConsumer { key, reply } => {
                 self.remove_consumer(key);
-                self.flush().await;
+                let _ = self.flush().await;
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
@@ -531,7 +554,7 @@ impl Sub {
             }
             SubEvent::DeadLettered { position, ok } => {
                 if ok {
-                    self.ack(vec![position], false);
+                    let _ = self.ack(&[EntryAck::whole(position)], false);
                 } else {
                     // Parked a while, then tried again.
                     self.dispatcher
@@ -545,9 +568,19 @@ impl Sub {
             SubEvent::Live { .. } => {}
             SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {
-                positions,
+                acks,
                 cumulative,
-            } => self.ack(positions, cumulative),
+                reply,
+            } => {
+                let res = self.ack(&acks, cumulative);
+                match (reply, res) {
+                    (Some(reply), Ok(())) => self.receipts.push(reply),
+                    (Some(reply), Err(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    (None, _) => {}
+                }
+            }
             SubEvent::Redeliver { key, positions } => {
                 let held: Vec<Position> = self
                     .dispatcher
@@ -600,7 +633,7 @@ impl Sub {
             }
             SubEvent::Skip { entries, reply } => {
                 self.skip(entries);
-                self.flush().await;
+                let _ = self.flush().await;
                 let _ = reply.send(Ok(()));
             }
             SubEvent::Expire {
@@ -608,7 +641,7 @@ impl Sub {
                 reply,
             } => {
                 let res = self.expire(publish_time_ms).await;
-                self.flush().await;
+                let _ = self.flush().await;
                 let _ = reply.send(res);
             }
             SubEvent::Delete { force, reply } => {
@@ -648,11 +681,11 @@ impl Sub {
                 break;
             };
             if !self.cursor.is_acked(q) {
-                skipped.push(q);
+                skipped.push(EntryAck::whole(q));
             }
             p = q;
         }
-        self.ack(skipped, false);
+        let _ = self.ack(&skipped, false);
     }
 
     /// Acknowledges every entry published before `publish_time_ms`.
@@ -706,35 +739,38 @@ impl Sub {
         }
     }
 
-    fn ack(&mut self, positions: Vec<Position>, cumulative: bool) {
-        if cumulative
-            && matches!(
-                self.dispatcher.sub_type(),
-                SubType::Shared | SubType::KeyShared
-            )
-        {
-            // As Pulsar: a cumulative ack has no meaning where consumers
-            // share the entries; it is dropped (ACK has no answer below
-            // protocol version 17), and the entries stay unacknowledged.
-            tracing::warn!(subscription = %self.name, sub_type = ?self.dispatcher.sub_type(), "cumulative ack on a shared subscription ignored");
-            return;
+    fn ack(&mut self, acks: &[EntryAck], cumulative: bool) -> Result<(), BrokerError> {
+        let sub_type = self.dispatcher.sub_type();
+        if cumulative && matches!(sub_type, SubType::Shared | SubType::KeyShared) {
+            // Pulsar drops it; with an ack receipt the client learns why.
+            // The entries stay unacknowledged.
+            tracing::warn!(subscription = %self.name, ?sub_type, "cumulative ack on a shared subscription refused");
+            return Err(BrokerError::new(
+                ServerError::NotAllowedError,
+                format!("a cumulative ack is not allowed on a {sub_type:?} subscription"),
+            ));
         }
-        for p in positions {
+        for a in acks {
             let changed = {
                 let next = |q: Position| self.ml.next_after(q);
                 if cumulative {
-                    self.cursor.ack_cumulative(p, &next)
+                    self.cursor.ack_cumulative_entry(a, &next)
                 } else {
-                    self.cursor.ack(p, &next)
+                    self.cursor.ack_entry(a, &next)
                 }
             };
             self.dirty |= changed;
+            let p = a.position;
             if cumulative {
-                self.dispatcher.acked_through(p);
-            } else {
+                let through = if a.unacked.is_some() { p.prev() } else { p };
+                self.dispatcher.acked_through(through);
+            }
+            // A partial batch ack leaves the entry with its consumer.
+            if self.cursor.is_acked(p) {
                 self.dispatcher.acked(p);
             }
         }
+        Ok(())
     }
 
     async fn seek(&mut self, target: SeekTarget) -> Result<(), BrokerError> {
@@ -751,7 +787,7 @@ impl Sub {
         self.cursor = CursorState::new(start);
         self.dispatcher.rewind(start.bump());
         self.dirty = true;
-        self.flush().await;
+        let _ = self.flush().await;
         // As Pulsar does: the consumers are disconnected and subscribe
         // again, so nothing sent before the seek is mistaken for after.
         self.disconnect_all();
@@ -898,7 +934,7 @@ impl Sub {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(subscription = %self.name, ?position, error = %e, "an entry to dead-letter does not parse; acknowledging it");
-                self.ack(vec![position], false);
+                let _ = self.ack(&[EntryAck::whole(position)], false);
                 return true;
             }
         };
@@ -919,10 +955,12 @@ impl Sub {
     }
 
     async fn send(&mut self, d: Delivery, count: u32, data: &Bytes) {
+        let ack_set = self.cursor.unacked_in_batch(d.position).unwrap_or(&[]);
         let frame = commands::message(
             d.consumer.1,
             d.position.message_id(),
             d.redelivery_count,
+            ack_set,
             data,
         );
         let sent = match self.consumers.get(&d.consumer) {

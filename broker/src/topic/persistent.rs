@@ -142,10 +142,8 @@ impl DedupCell {
     }
 
     async fn write_snapshot(&self, at: Position, properties: BTreeMap<String, i64>) {
-        let state = CursorState {
-            properties,
-            ..CursorState::new(at)
-        };
+        let mut state = CursorState::new(at);
+        state.properties = properties;
         if let Err(e) = self.ml.persist_cursor(dedup::CURSOR, &state).await {
             tracing::warn!(topic = %self.ml.name, error = %e, "writing the deduplication snapshot failed; the next one retries");
         }

@@ -386,7 +386,7 @@ impl Consumer {
         }
     }
 
-    fn send_ack(&self, id: MessageId, ack_type: AckType) -> Result<(), Error> {
+    fn ack_command(&self, id: MessageId, ack_type: AckType) -> BaseCommand {
         let mut cmd = base(Type::Ack);
         let mut data = id.to_data();
         data.batch_index = None;
@@ -396,7 +396,35 @@ impl Consumer {
             message_id: vec![data],
             ..Default::default()
         });
-        self.inner.send(&cmd)
+        cmd
+    }
+
+    fn send_ack(&self, id: MessageId, ack_type: AckType) -> Result<(), Error> {
+        self.inner.send(&self.ack_command(id, ack_type))
+    }
+
+    /// `ack`, answered by the broker once the acknowledgement is stored (an
+    /// ack receipt). A message of a batch whose other messages are not all
+    /// acknowledged yet needs no round trip: it returns at once.
+    pub async fn ack_with_receipt(&mut self, msg: &Message) -> Result<(), Error> {
+        if msg.batch_size > 0 && !self.state.ack_in_batch((msg.id.ledger_id, msg.id.entry_id)) {
+            return Ok(());
+        }
+        self.inner
+            .request(self.ack_command(msg.id, AckType::Individual))
+            .await
+            .map(|_| ())
+    }
+
+    /// `ack_cumulative`, answered once stored; a shared subscription
+    /// refuses it with `NotAllowedError`.
+    pub async fn ack_cumulative_with_receipt(&mut self, msg: &Message) -> Result<(), Error> {
+        self.inner
+            .request(self.ack_command(msg.id, AckType::Cumulative))
+            .await?;
+        self.state
+            .acked_through((msg.id.ledger_id, msg.id.entry_id));
+        Ok(())
     }
 
     /// Acknowledges one message. Messages of a batch are acked to the broker
