@@ -212,6 +212,16 @@ async fn ack_receipts_and_acked_holes_survive_a_restart() {
     let s = spec
         .start_with(|c| c.managed_ledger.max_entries_per_ledger = 7)
         .await;
+    // The holes as Pulsar's internal stats show them.
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v2/persistent/public/default/{topic}/internalStats",
+        spec.http_port
+    );
+    let stats: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    let cursor = &stats["cursors"]["s"];
+    assert_eq!(cursor["individuallyAckedEntries"], 20, "{stats}");
+    let ranges = cursor["individuallyDeletedMessages"].as_str().unwrap();
+    assert_eq!(ranges.matches("..").count(), 20, "{ranges}");
     let client = Client::connect(&s.service_url()).await.unwrap();
     let mut c = client
         .subscribe(topic, "s", earliest(SubscriptionType::Shared))

@@ -750,6 +750,11 @@ async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> 
                 sub,
                 serde_json::json!({
                     "markDeletePosition": position(s.mark_delete),
+                    // Pulsar's form: "[(l:e..l:e], ...]", first ranges only.
+                    "individuallyDeletedMessages": format!("[{}]", s.acked_ranges.iter()
+                        .map(|(a, b)| format!("({}..{}]", position(a.prev()), position(*b)))
+                        .collect::<Vec<_>>().join(", ")),
+                    "individuallyAckedEntries": s.acked_after_mark,
                     "messagesConsumedCounter": 0,
                     "numberOfEntriesSinceFirstNotAckedMessage": s.msg_backlog,
                     "state": if s.durable { "Open" } else { "NonDurable" },

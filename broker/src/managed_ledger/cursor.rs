@@ -1,9 +1,13 @@
 //! A subscription's position without I/O: the mark-delete position (all at
-//! or before it acknowledged), the ranges of entries acknowledged
-//! individually beyond it, and the entries of which only some messages are
-//! acknowledged (batch index acks). `encode`/`decode` give its stored form.
+//! or before it acknowledged), the entries acknowledged individually beyond
+//! it (per ledger a compressed bitmap — runs, arrays or bits, whichever is
+//! smallest — so a million acked holes cost kilobytes, not megabytes), and
+//! the entries of which only some messages are acknowledged (batch index
+//! acks). `encode`/`decode` give its stored form.
 
 use std::collections::BTreeMap;
+
+use roaring::RoaringBitmap;
 
 use magnetar_proto::pulsar::MessageIdData;
 use serde::{Deserialize, Serialize};
@@ -61,11 +65,13 @@ impl Position {
     }
 }
 
-/// Most ranges of individually acknowledged entries a cursor keeps (in
-/// memory and stored). Past it, the newest range is forgotten: its entries
-/// count as unacknowledged again and are redelivered after the
-/// subscription is next loaded — redelivery, never loss.
-pub const MAX_ACKED_RANGES: usize = 100_000;
+/// Most individually acknowledged entries a cursor holds after its mark
+/// (in memory and stored; at most ~2 bytes each, far less when they
+/// cluster). Past it, further acks beyond the mark are not recorded: those
+/// entries count as unacknowledged and are redelivered after the
+/// subscription is next loaded — redelivery, never loss. An ack that moves
+/// the mark is always taken.
+pub const MAX_ACKED_ENTRIES: u64 = if cfg!(test) { 1_000 } else { 10_000_000 };
 
 /// Most partially acknowledged batches a cursor keeps; past it the newest
 /// one's partial acks are forgotten (its messages are redelivered after a
@@ -100,13 +106,14 @@ impl EntryAck {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CursorState {
     pub mark_delete: Position,
-    /// Individually acknowledged entries after the mark, as ranges within
-    /// a ledger: first position → last entry id (inclusive). Never adjacent
-    /// (neighbours merge) and never at or before the mark.
-    acked: BTreeMap<Position, i64>,
+    /// Individually acknowledged entries after the mark: per ledger, its
+    /// entry ids. No ledger holds an empty bitmap.
+    acked: BTreeMap<u64, RoaringBitmap>,
+    /// How many entries `acked` holds.
+    held: u64,
     /// Entries after the mark of which some messages are acknowledged: the
     /// bits of those still unacknowledged (never all clear).
     partial: BTreeMap<Position, Vec<i64>>,
@@ -123,7 +130,14 @@ impl CursorState {
     }
 
     pub fn is_acked(&self, p: Position) -> bool {
-        p <= self.mark_delete || self.range_of(p).is_some()
+        p <= self.mark_delete || self.holds(p)
+    }
+
+    fn holds(&self, p: Position) -> bool {
+        let Ok(e) = u32::try_from(p.entry_id) else {
+            return false;
+        };
+        self.acked.get(&p.ledger_id).is_some_and(|b| b.contains(e))
     }
 
     /// The messages of `p` still unacknowledged, when only some are.
@@ -133,17 +147,26 @@ impl CursorState {
 
     /// How many entries after the mark are acknowledged.
     pub fn acked_entries(&self) -> u64 {
-        self.acked
-            .iter()
-            .map(|(s, e)| (e - s.entry_id + 1) as u64)
-            .sum()
+        self.held
     }
 
-    /// The acknowledged ranges after the mark: (first, last) positions.
+    /// The acknowledged ranges after the mark: (first, last) positions,
+    /// found as they are iterated.
     pub fn acked_ranges(&self) -> impl Iterator<Item = (Position, Position)> + '_ {
-        self.acked
-            .iter()
-            .map(|(s, e)| (*s, Position::new(s.ledger_id, *e)))
+        self.acked.iter().flat_map(|(l, b)| {
+            let mut it = b.iter().peekable();
+            std::iter::from_fn(move || {
+                let first = it.next()?;
+                let mut last = first;
+                while it.next_if(|n| *n == last + 1).is_some() {
+                    last += 1;
+                }
+                Some((
+                    Position::new(*l, i64::from(first)),
+                    Position::new(*l, i64::from(last)),
+                ))
+            })
+        })
     }
 
     /// How many partially acknowledged batches the cursor holds.
@@ -151,61 +174,52 @@ impl CursorState {
         self.partial.len()
     }
 
-    /// The range holding `p`, as its first position.
-    fn range_of(&self, p: Position) -> Option<Position> {
-        let (s, e) = self.acked.range(..=p).next_back()?;
-        (s.ledger_id == p.ledger_id && *e >= p.entry_id).then_some(*s)
-    }
-
-    /// Adds `p` (not acked yet) to the ranges, merging with neighbours.
-    fn insert(&mut self, p: Position) {
-        let before = self
-            .acked
-            .range(..p)
-            .next_back()
-            .filter(|(s, e)| s.ledger_id == p.ledger_id && **e + 1 == p.entry_id)
-            .map(|(s, _)| *s);
-        let after = self.acked.remove(&p.bump());
-        match (before, after) {
-            (Some(s), Some(e)) => {
-                self.acked.insert(s, e);
-            }
-            (Some(s), None) => {
-                self.acked.insert(s, p.entry_id);
-            }
-            (None, Some(e)) => {
-                self.acked.insert(p, e);
-            }
-            (None, None) => {
-                self.acked.insert(p, p.entry_id);
-                if self.acked.len() > MAX_ACKED_RANGES {
-                    if let Some((s, e)) = self.acked.pop_last() {
-                        tracing::warn!(first = ?s, last = e, "too many acknowledged ranges: forgetting the newest (its entries are redelivered after a reload)");
-                    }
-                }
-            }
+    /// Records `p` (after the mark, not acked yet) unless the cursor holds
+    /// its most already; false when it was not recorded.
+    fn insert(&mut self, p: Position, moves_mark: bool) -> bool {
+        let Ok(e) = u32::try_from(p.entry_id) else {
+            return false;
+        };
+        if self.held >= MAX_ACKED_ENTRIES && !moves_mark {
+            tracing::warn!(position = ?p, held = self.held, "too many acknowledged entries after the mark-delete position: this ack is not recorded (the entry is redelivered after a reload)");
+            return false;
         }
+        if self.acked.entry(p.ledger_id).or_default().insert(e) {
+            self.held += 1;
+        }
+        true
     }
 
     /// `next(p)` gives the first existing position after `p`, if any.
     fn advance(&mut self, next: &impl Fn(Position) -> Option<Position>) {
-        // A range across the mark keeps only its part after it.
-        let md = self.mark_delete;
-        if let Some(s) = self.range_of(md) {
-            if let Some(e) = self.acked.remove(&s) {
-                if e > md.entry_id {
-                    self.acked.insert(md.bump(), e);
-                }
-            }
-        }
         while let Some(n) = next(self.mark_delete) {
-            match self.acked.remove(&n) {
-                Some(last) => self.mark_delete = Position::new(n.ledger_id, last),
-                None => break,
+            let Ok(e) = u32::try_from(n.entry_id) else {
+                break;
+            };
+            let removed = self
+                .acked
+                .get_mut(&n.ledger_id)
+                .is_some_and(|b| b.remove(e));
+            if !removed {
+                break;
             }
+            self.held -= 1;
+            self.mark_delete = n;
         }
         let md = self.mark_delete;
-        self.acked = self.acked.split_off(&md.bump());
+        let after = self.acked.split_off(&md.ledger_id);
+        for b in std::mem::replace(&mut self.acked, after).values() {
+            self.held -= b.len();
+        }
+        if let Some(b) = self.acked.get_mut(&md.ledger_id) {
+            if md.entry_id >= 0 {
+                let through = u32::try_from(md.entry_id).unwrap_or(u32::MAX);
+                self.held -= b.remove_range(..=through);
+            }
+            if b.is_empty() {
+                self.acked.remove(&md.ledger_id);
+            }
+        }
         self.partial = self.partial.split_off(&md.bump());
     }
 
@@ -230,7 +244,8 @@ impl CursorState {
             }
         }
         self.partial.remove(&p);
-        self.insert(p);
+        let moves_mark = next(self.mark_delete) == Some(p);
+        self.insert(p, moves_mark);
         self.advance(next);
         true
     }
@@ -288,7 +303,8 @@ impl CursorState {
                 changed = true;
                 if self.narrow(a.position, bits) {
                     self.partial.remove(&a.position);
-                    self.insert(a.position);
+                    let moves_mark = next(self.mark_delete) == Some(a.position);
+                    self.insert(a.position, moves_mark);
                     self.advance(next);
                 }
             }
@@ -296,10 +312,11 @@ impl CursorState {
         changed
     }
 
-    /// The stored form: compact, so a cursor with many ranges stays a small
-    /// entry (ranges as deltas, varint-coded).
+    /// The stored form: compact, so a cursor with many holes stays a small
+    /// entry (varints; each ledger's bitmap in Roaring's portable format).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.acked.len() * 4);
+        let bitmaps: usize = self.acked.values().map(|b| b.serialized_size()).sum();
+        let mut out = Vec::with_capacity(64 + bitmaps + self.acked.len() * 8);
         out.extend_from_slice(MAGIC);
         put_position(&mut out, self.mark_delete, None);
         put_u64(&mut out, self.properties.len() as u64);
@@ -309,11 +326,13 @@ impl CursorState {
             put_u64(&mut out, zigzag(*v));
         }
         put_u64(&mut out, self.acked.len() as u64);
-        let mut prev = self.mark_delete;
-        for (s, e) in &self.acked {
-            put_position(&mut out, *s, Some(prev));
-            put_u64(&mut out, (e - s.entry_id) as u64);
-            prev = Position::new(s.ledger_id, *e);
+        let mut prev = self.mark_delete.ledger_id;
+        for (l, b) in &self.acked {
+            put_u64(&mut out, l.wrapping_sub(prev));
+            put_u64(&mut out, b.serialized_size() as u64);
+            // Writing to a Vec cannot fail.
+            let _ = b.serialize_into(&mut out);
+            prev = *l;
         }
         put_u64(&mut out, self.partial.len() as u64);
         let mut prev = self.mark_delete;
@@ -337,9 +356,7 @@ impl CursorState {
                 let mut c = CursorState::new(old.mark_delete);
                 c.properties = old.properties;
                 for p in old.acked.into_iter().filter(|p| *p > old.mark_delete) {
-                    if c.range_of(p).is_none() {
-                        c.insert(p);
-                    }
+                    c.insert(p, false);
                 }
                 Ok(c)
             }
@@ -347,7 +364,7 @@ impl CursorState {
     }
 }
 
-const MAGIC: &[u8] = b"MCUR\x01";
+const MAGIC: &[u8] = b"MCUR\x02";
 
 /// The JSON form cursors were stored in before ranges.
 #[derive(Deserialize)]
@@ -449,16 +466,25 @@ fn decode_binary(data: &[u8]) -> Result<CursorState, String> {
         let v = unzigzag(r.u64()?);
         c.properties.insert(k, v);
     }
-    let mut prev = c.mark_delete;
-    for _ in 0..r.count(3)? {
-        let s = r.position(Some(prev))?;
-        let len = i64::try_from(r.u64()?).map_err(|_| "cursor record: range too long")?;
-        let e = s.entry_id.saturating_add(len);
-        if s <= prev && !c.acked.is_empty() || s <= c.mark_delete {
-            return Err(format!("cursor record: range at {s:?} out of order"));
+    let mut prev = c.mark_delete.ledger_id;
+    for _ in 0..r.count(2)? {
+        let l = prev.wrapping_add(r.u64()?);
+        if l < c.mark_delete.ledger_id || (l <= prev && !c.acked.is_empty()) {
+            return Err(format!("cursor record: ledger {l} out of order"));
         }
-        c.acked.insert(s, e);
-        prev = Position::new(s.ledger_id, e);
+        let n = r.u64()?;
+        let b = RoaringBitmap::deserialize_from(r.bytes(n)?).map_err(|e| e.to_string())?;
+        if l == c.mark_delete.ledger_id
+            && b.min()
+                .is_some_and(|m| i64::from(m) <= c.mark_delete.entry_id)
+        {
+            return Err("cursor record: an acked entry at or before the mark".into());
+        }
+        c.held += b.len();
+        if !b.is_empty() {
+            c.acked.insert(l, b);
+        }
+        prev = l;
     }
     let mut prev = c.mark_delete;
     for _ in 0..r.count(3)? {
@@ -556,25 +582,29 @@ mod tests {
     }
 
     #[test]
-    fn past_the_range_limit_the_newest_range_is_forgotten_never_an_unacked_entry() {
-        let n = 2 * MAX_ACKED_RANGES as i64 + 10;
+    fn past_the_limit_acks_are_not_recorded_but_the_mark_still_moves() {
+        let max = MAX_ACKED_ENTRIES as i64;
+        let n = 2 * max + 10;
         let next = one_ledger(n);
         let mut c = CursorState::new(Position::new(7, -1));
-        // Every other entry: each ack a range of its own.
+        // Every other entry: a hole before each.
         for e in (1..n).step_by(2) {
             c.ack(Position::new(7, e), &next);
         }
-        assert_eq!(c.acked_ranges().count(), MAX_ACKED_RANGES);
+        assert_eq!(c.acked_entries(), MAX_ACKED_ENTRIES);
+        assert_eq!(c.acked_ranges().count(), max as usize);
         for e in (0..n).step_by(2) {
             assert!(!c.is_acked(Position::new(7, e)), "never acked: {e}");
         }
-        assert!(c.is_acked(Position::new(7, 1)));
-        // Filling the holes brings the mark through the kept ranges; the
-        // forgotten acks are simply not acked (they will be redelivered).
+        assert!(c.is_acked(Position::new(7, 2 * max - 1)));
+        assert!(!c.is_acked(Position::new(7, 2 * max + 1)), "not recorded");
+        // Filling the holes brings the mark through what was recorded; the
+        // acks not recorded are simply not acked (they will be redelivered).
         for e in (0..n).step_by(2) {
             c.ack(Position::new(7, e), &next);
         }
-        assert_eq!(c.mark_delete, Position::new(7, 2 * MAX_ACKED_RANGES as i64));
+        assert_eq!(c.mark_delete, Position::new(7, 2 * max));
+        assert_eq!(c.acked_entries(), 4, "2*max+2, +4, +6, +8");
     }
 
     #[test]
@@ -661,14 +691,18 @@ mod tests {
 
     #[test]
     fn many_holes_stay_small_when_stored() {
-        let n = 200_000;
+        let n = 2 * MAX_ACKED_ENTRIES as i64;
         let next = one_ledger(n);
         let mut c = CursorState::new(Position::new(7, -1));
         for e in (1..n).step_by(2) {
             c.ack(Position::new(7, e), &next);
         }
         let bytes = c.encode();
-        assert!(bytes.len() < 4 * 100_000, "{} bytes", bytes.len());
+        assert!(
+            bytes.len() < 2 * MAX_ACKED_ENTRIES as usize + 64,
+            "{} bytes",
+            bytes.len()
+        );
         assert_eq!(CursorState::decode(&bytes), Ok(c));
     }
 }

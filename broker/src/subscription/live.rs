@@ -122,6 +122,8 @@ impl Live {
                     delayed: 0,
                     dropped: self.dropped,
                     mark_delete: Position::default(),
+                    acked_after_mark: 0,
+                    acked_ranges: Vec::new(),
                 });
             }
             SubEvent::Close { reply } => {

@@ -162,7 +162,14 @@ pub struct SubStats {
     /// Messages of a non-persistent topic no consumer could take.
     pub dropped: u64,
     pub mark_delete: Position,
+    /// Entries acknowledged after the mark-delete position.
+    pub acked_after_mark: u64,
+    /// The first ranges of them (at most `STATS_RANGES`).
+    pub acked_ranges: Vec<(Position, Position)>,
 }
+
+/// Most acknowledged ranges a stats answer lists.
+pub const STATS_RANGES: usize = 100;
 
 /// A message for a dead-letter topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -427,6 +434,8 @@ impl Sub {
             delayed: unacked.delayed() as u64,
             dropped: 0,
             mark_delete: md,
+            acked_after_mark: acked,
+            acked_ranges: self.cursor.acked_ranges().take(STATS_RANGES).collect(),
         }
     }
 
