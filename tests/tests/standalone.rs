@@ -929,6 +929,113 @@ async fn delayed_messages_wait_for_their_time_also_across_a_restart() {
     s.shutdown().await;
 }
 
+/// The topic's delayed-delivery index is shared by its subscriptions and
+/// spills to bucket ledgers past its memory limit (10 records here); across
+/// a restart before anything is due, each of two Shared subscriptions gets
+/// every delayed message once, none before its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_index_spills_to_ledgers_is_shared_and_survives_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let small = |c: &mut magnetar_broker::standalone::StandaloneConfig| {
+        c.managed_ledger.delayed_index_memory_entries = 10;
+    };
+    let s = spec.start_with(small).await;
+    let topic = "delayed-spill";
+    let shared = ConsumerOptions {
+        sub_type: SubscriptionType::Shared,
+        earliest: true,
+        ..Default::default()
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    const N: u64 = 60;
+    let base = now_ms() + 6_000;
+    let due = |i: u64| base + (i * 7 % N) * 50;
+    let internal = format!(
+        "http://127.0.0.1:{}/admin/v2/persistent/public/default/{topic}/internalStats",
+        spec.http_port
+    );
+    {
+        let client = Client::connect(&s.service_url()).await.unwrap();
+        let mut subs = Vec::new();
+        for name in ["a", "b"] {
+            subs.push(client.subscribe(topic, name, shared.clone()).await.unwrap());
+        }
+        let p = client
+            .create_producer(topic, ProducerOptions::default())
+            .await
+            .unwrap();
+        for i in 0..N {
+            let m = OutgoingMessage {
+                payload: format!("d{i}").into_bytes().into(),
+                deliver_at_ms: Some(due(i)),
+                ..Default::default()
+            };
+            p.send(m).await.unwrap();
+        }
+        p.send("now").await.unwrap();
+        for c in &mut subs {
+            let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+            assert_eq!(m.payload, b"now".as_slice());
+            c.ack_with_receipt(&m).await.unwrap();
+        }
+        let mut stats = serde_json::Value::Null;
+        for _ in 0..50 {
+            stats = reqwest::get(&internal).await.unwrap().json().await.unwrap();
+            if stats["delayedIndex"]["buckets"].as_u64().unwrap_or(0) >= 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let index = &stats["delayedIndex"];
+        assert_eq!(
+            index["waiting"], N,
+            "one record per message, not per subscription: {stats}"
+        );
+        assert!(index["buckets"].as_u64().unwrap() >= 5, "{stats}");
+        assert!(index["inMemory"].as_u64().unwrap() <= 20, "{stats}");
+    }
+    s.shutdown().await;
+    let s = spec.start_with(small).await;
+    assert!(now_ms() < base, "restarted before anything was due");
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    for name in ["a", "b"] {
+        let mut c = client.subscribe(topic, name, shared.clone()).await.unwrap();
+        let mut got = std::collections::BTreeSet::new();
+        while (got.len() as u64) < N {
+            let m = c
+                .receive_timeout(Duration::from_secs(20))
+                .await
+                .unwrap()
+                .expect("every delayed message comes");
+            let i: u64 = std::str::from_utf8(&m.payload).unwrap()[1..]
+                .parse()
+                .unwrap();
+            assert!(
+                now_ms() >= due(i),
+                "d{i} came {} ms early",
+                due(i) - now_ms()
+            );
+            assert!(got.insert(i), "d{i} twice on {name}");
+            c.ack(&m).unwrap();
+        }
+        assert!(
+            c.receive_timeout(Duration::from_millis(800))
+                .await
+                .unwrap()
+                .is_none(),
+            "nothing more on {name}"
+        );
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_managed_through_pulsars_rest_paths() {
     init_logs();

@@ -777,6 +777,12 @@ async fn internal_stats(State(ctx): Ctx, Path(p): Path<TopicPath>, uri: Uri) -> 
             "offloaded": false,
         })).collect::<Vec<_>>(),
         "cursors": cursors,
+        // Ours: the topic's delayed-delivery index (`topic::delayed`).
+        "delayedIndex": {
+            "waiting": topic.delayed_index().len(),
+            "inMemory": topic.delayed_index().in_memory(),
+            "buckets": topic.delayed_index().buckets(),
+        },
         "compactedLedger": ml.compacted().await.map(|c| serde_json::json!({
             "ledgerId": c.ledger_id,
             "entries": c.entries,

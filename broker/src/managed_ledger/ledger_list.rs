@@ -51,6 +51,21 @@ pub struct MlInfo {
     /// horizon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compacted: Option<CompactedLedger>,
+    /// Ledgers of the delayed-delivery index spilled out of memory
+    /// (`topic::delayed`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delayed_buckets: Vec<DelayedBucket>,
+}
+
+/// A sealed part of a topic's delayed-delivery index: `entries` index
+/// records sorted by due time, in `chunks` ledger entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayedBucket {
+    pub ledger_id: u64,
+    pub chunks: u64,
+    pub entries: u64,
+    /// The highest position among its records.
+    pub last: Position,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use appender::AppendDone;
 use cache::EntryCache;
 use cursor::Position;
-pub use ledger_list::{CompactedLedger, CursorPointer, LedgerInfo, MlInfo};
+pub use ledger_list::{CompactedLedger, CursorPointer, DelayedBucket, LedgerInfo, MlInfo};
 use store::{Handle, LedgerStore, MetaStore};
 
 /// Most entries fetched together when a reader misses the caches (one
@@ -56,6 +56,9 @@ pub struct ManagedLedgerConfig {
     /// A cursor ledger rolls after this many state entries.
     pub max_cursor_ledger_entries: u64,
     pub tail_cache_bytes: usize,
+    /// Records a topic's delayed-delivery index holds in memory before it
+    /// seals them into a bucket ledger (`topic::delayed`).
+    pub delayed_index_memory_entries: usize,
 }
 
 impl Default for ManagedLedgerConfig {
@@ -69,6 +72,7 @@ impl Default for ManagedLedgerConfig {
             max_ledger_age_ms: 4 * 3600 * 1000,
             max_cursor_ledger_entries: 10_000,
             tail_cache_bytes: 64 << 20,
+            delayed_index_memory_entries: 50_000,
         }
     }
 }
@@ -708,6 +712,7 @@ impl ManagedLedger {
                 .cursors
                 .values()
                 .filter_map(|c| c.cursor_ledger)
+                .chain(w.info.delayed_buckets.iter().map(|b| b.ledger_id))
                 .collect();
             (self.ledger_ids(), cursors)
         };
@@ -769,6 +774,35 @@ impl ManagedLedger {
         if let Err(e) = self.store.delete(ledger_id).await {
             tracing::warn!(topic = %self.name, ledger_id, error = %e, "could not delete a replaced side ledger");
         }
+    }
+
+    pub fn config(&self) -> &ManagedLedgerConfig {
+        &self.cfg
+    }
+
+    /// The delayed-delivery index's spilled buckets in the record.
+    pub async fn delayed_buckets(&self) -> Vec<DelayedBucket> {
+        self.write.lock().await.info.delayed_buckets.clone()
+    }
+
+    /// Adds (`add`) or removes (`remove`, by ledger id) delayed-index
+    /// buckets in the record, by CAS.
+    pub async fn change_delayed_buckets(
+        &self,
+        add: Option<DelayedBucket>,
+        remove: Option<u64>,
+    ) -> Result<(), MlError> {
+        let mut w = self.write.lock().await;
+        let previous = w.info.delayed_buckets.clone();
+        w.info
+            .delayed_buckets
+            .retain(|b| Some(b.ledger_id) != remove);
+        w.info.delayed_buckets.extend(add);
+        if let Err(e) = self.store_info(&mut w).await {
+            w.info.delayed_buckets = previous;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The compacted view in the record.

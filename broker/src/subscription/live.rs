@@ -75,7 +75,7 @@ impl Live {
                 }
             }
             SubEvent::Ack { .. } | SubEvent::Redeliver { .. } => {}
-            SubEvent::DeadLettered { .. } => {}
+            SubEvent::DeadLettered { .. } | SubEvent::DelayedDue(_) => {}
             SubEvent::Seek { reply, .. } => {
                 let _ = reply.send(Err(BrokerError::new(
                     ServerError::NotAllowedError,

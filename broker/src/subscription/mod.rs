@@ -6,6 +6,7 @@
 //! The decisions live in the I/O-free `Dispatcher` of the subscription's
 //! type (`exclusive.rs`, `failover.rs`, `shared.rs`, `key_shared.rs`).
 
+pub mod delayed_index;
 pub mod dispatcher;
 pub mod exclusive;
 pub mod failover;
@@ -30,6 +31,7 @@ use crate::managed_ledger::compacted::CompactedView;
 use crate::managed_ledger::cursor::{CursorState, EntryAck, Position};
 use crate::managed_ledger::ManagedLedger;
 use crate::BrokerError;
+use delayed_index::DelayedIndex;
 pub use dispatcher::{ConsumerInfo, ConsumerKey, Dispatcher, KeySharedSpec};
 use dispatcher::{Delivery, EntrySource};
 use redelivery::Unacked;
@@ -136,6 +138,9 @@ pub enum SubEvent {
         position: Position,
         data: Bytes,
     },
+    /// Entries of the topic's delayed-delivery index whose time came: the
+    /// subscription takes back those it passed by and still owes.
+    DelayedDue(Arc<[Position]>),
     /// Admin: what the subscription holds now.
     Stats {
         reply: oneshot::Sender<SubStats>,
@@ -215,6 +220,8 @@ pub struct SubContext {
     pub out: Arc<OutCounters>,
     pub policy: tokio::sync::watch::Receiver<SubPolicy>,
     pub sink: Option<Arc<dyn DeadLetterSink>>,
+    /// The topic's delayed-delivery index (shared by its subscriptions).
+    pub delayed: Arc<DelayedIndex>,
 }
 
 #[derive(Clone)]
@@ -431,7 +438,7 @@ impl Sub {
                 .collect(),
             msg_backlog: after.saturating_sub(acked),
             unacked: unacked.pending().count() as u64,
-            delayed: unacked.delayed() as u64,
+            delayed: unacked.delayed() as u64 + self.ctx.delayed.len(),
             dropped: 0,
             mark_delete: md,
             acked_after_mark: acked,
@@ -575,6 +582,17 @@ impl Sub {
                 let _ = reply.send(self.stats());
             }
             SubEvent::Live { .. } => {}
+            SubEvent::DelayedDue(due) => {
+                if matches!(
+                    self.dispatcher.sub_type(),
+                    SubType::Shared | SubType::KeyShared
+                ) {
+                    let cursor = &self.cursor;
+                    self.dispatcher
+                        .unacked()
+                        .release_passed(&due, |p| cursor.is_acked(p));
+                }
+            }
             SubEvent::Flow { key, permits } => self.dispatcher.flow(key, permits),
             SubEvent::Ack {
                 acks,
@@ -881,7 +899,9 @@ impl Sub {
                     SubType::Shared | SubType::KeyShared
                 );
                 if shares && at as u64 > now_ms() {
-                    self.dispatcher.unacked().delay(d.position, at as u64);
+                    // Passed by: the topic's index tells when it is due.
+                    self.dispatcher.unacked().pass_by(d.position);
+                    self.ctx.delayed.insert(at as u64, d.position);
                     continue;
                 }
             }
@@ -1066,7 +1086,7 @@ pub fn sticky_slot(entry: &[u8]) -> u16 {
 }
 
 /// Milliseconds since the epoch (the clock of `deliver_at_time`).
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

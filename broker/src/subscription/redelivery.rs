@@ -202,6 +202,24 @@ impl Unacked {
         self.delayed.insert((at_ms, p));
     }
 
+    /// `p` (taken, not sent) waits elsewhere — in the topic's delayed
+    /// index — until `release_passed` gives it back.
+    pub fn pass_by(&mut self, p: Position) {
+        self.pending.remove(&p);
+        self.redeliver.remove(&p);
+    }
+
+    /// Entries whose delivery time came: those this subscription passed by
+    /// (read, not delivered, not acknowledged) become due; the rest —
+    /// not read yet, delivered, acknowledged — are not its concern.
+    pub fn release_passed(&mut self, due: &[Position], is_acked: impl Fn(Position) -> bool) {
+        for &p in due {
+            if p < self.read_pos && !self.pending.contains_key(&p) && !is_acked(p) {
+                self.redeliver.insert(p);
+            }
+        }
+    }
+
     /// Delayed entries due at `now_ms` become due for delivery.
     pub fn release_delayed(&mut self, now_ms: u64) {
         while let Some(&(at, p)) = self.delayed.first() {

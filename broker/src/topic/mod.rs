@@ -4,6 +4,7 @@
 pub mod compaction;
 pub mod dead_letter;
 pub mod dedup;
+pub mod delayed;
 pub mod partitioned;
 pub mod persistent;
 pub mod policies;

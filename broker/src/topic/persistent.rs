@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::compaction::{self, CompactedView, Status as CompactionStatus};
 use super::dedup::{self, Check, Dedup};
+use super::delayed;
 use super::policies::{over_quota, to_evict, Effective};
 use super::producers::{self, AccessMode, Admit, ProducerRef, Producers};
 use crate::managed_ledger::cursor::{CursorState, Position};
@@ -21,6 +22,7 @@ use crate::managed_ledger::ledger_list::now_ms as ledger_now_ms;
 use crate::managed_ledger::CompactedLedger;
 use crate::managed_ledger::{AppendDone, ManagedLedger, ManagedLedgerConfig, MlError, Stores};
 use crate::ownership::namespaces::{BacklogPolicy, BacklogQuota};
+use crate::subscription::delayed_index::DelayedIndex;
 use crate::subscription::{
     self, ClientLink, ConsumerConn, DeadLetterRule, DeadLetterSink, OutCounters, SubContext,
     SubEvent, SubPolicy, SubStats, SubscriptionHandle,
@@ -74,6 +76,8 @@ pub struct Topic {
     /// What the subscriptions act on, as it changes.
     sub_policy: tokio::sync::watch::Sender<SubPolicy>,
     sink: Option<Arc<dyn DeadLetterSink>>,
+    /// The delayed-delivery index its subscriptions share.
+    delayed: Arc<DelayedIndex>,
 }
 
 /// The part of the policies a subscription acts on.
@@ -355,12 +359,17 @@ impl Topic {
             None => None,
         }));
         let mut subs = HashMap::new();
+        let delayed = Arc::new(DelayedIndex::new(
+            ml.config().delayed_index_memory_entries,
+            &ml.delayed_buckets().await,
+        ));
         let ctx = SubContext {
             topic: name.to_string(),
             compacted: compacted.clone(),
             out: stats.out.clone(),
             policy: sub_policy.subscribe(),
             sink: sink.clone(),
+            delayed: delayed.clone(),
         };
         // Cursors named `pulsar.…` are the broker's own (compaction).
         cursors.retain(|(n, _)| !n.starts_with("pulsar."));
@@ -368,7 +377,7 @@ impl Topic {
             let h = subscription::spawn(sub.clone(), true, ml.clone(), state, ctx.clone());
             subs.insert(sub, h);
         }
-        Ok(Arc::new(Topic {
+        let topic = Arc::new(Topic {
             name,
             ml,
             producers: Mutex::default(),
@@ -386,7 +395,14 @@ impl Topic {
             live_seq: AtomicU64::new(0),
             sub_policy,
             sink,
-        }))
+            delayed: delayed.clone(),
+        });
+        tokio::spawn(delayed::run(
+            delayed,
+            topic.ml.clone(),
+            Arc::downgrade(&topic),
+        ));
+        Ok(topic)
     }
 
     /// How the last compaction went (or that one runs).
@@ -545,7 +561,18 @@ impl Topic {
             out: self.stats.out.clone(),
             policy: self.sub_policy.subscribe(),
             sink: self.sink.clone(),
+            delayed: self.delayed.clone(),
         }
+    }
+
+    /// The delayed-delivery index its subscriptions share.
+    pub fn delayed_index(&self) -> &DelayedIndex {
+        &self.delayed
+    }
+
+    /// Handles of every subscription (readers' too).
+    pub async fn subscription_handles(&self) -> Vec<SubscriptionHandle> {
+        self.live_subscriptions().await.into_values().collect()
     }
 
     fn dedup(&self) -> std::sync::MutexGuard<'_, Option<Dedup>> {
@@ -1065,6 +1092,7 @@ impl Topic {
         {
             let _g = self.producers();
             self.closing.store(true, Ordering::SeqCst);
+            self.delayed.stop();
         }
         let t0 = std::time::Instant::now();
         let closed = self.ml.close().await;
