@@ -15,6 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 fn earliest(sub_type: SubscriptionType) -> ConsumerOptions {
     ConsumerOptions {
         sub_type,
@@ -871,12 +878,6 @@ async fn delayed_messages_wait_for_their_time_also_across_a_restart() {
         earliest: true,
         ..Default::default()
     };
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     let due = now_ms() + 4_000;
     {
         let client = Client::connect(&s.service_url()).await.unwrap();
@@ -947,12 +948,6 @@ async fn delayed_index_spills_to_ledgers_is_shared_and_survives_a_restart() {
         sub_type: SubscriptionType::Shared,
         earliest: true,
         ..Default::default()
-    };
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
     };
     const N: u64 = 60;
     let base = now_ms() + 6_000;

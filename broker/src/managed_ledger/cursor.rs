@@ -288,9 +288,11 @@ impl CursorState {
         a: &EntryAck,
         next: &impl Fn(Position) -> Option<Position>,
     ) -> bool {
-        let (through, partial) = match &a.unacked {
-            Some(bits) => (a.position.prev(), Some(bits)),
-            None => (a.position, None),
+        let partial = a.unacked.is_some();
+        let through = if partial {
+            a.position.prev()
+        } else {
+            a.position
         };
         let mut changed = false;
         if through > self.mark_delete {
@@ -298,16 +300,9 @@ impl CursorState {
             self.advance(next);
             changed = true;
         }
-        if let Some(bits) = partial {
-            if !self.is_acked(a.position) {
-                changed = true;
-                if self.narrow(a.position, bits) {
-                    self.partial.remove(&a.position);
-                    let moves_mark = next(self.mark_delete) == Some(a.position);
-                    self.insert(a.position, moves_mark);
-                    self.advance(next);
-                }
-            }
+        if partial {
+            // The entry's own messages: as an individual ack of them.
+            changed |= self.ack_entry(a, next);
         }
         changed
     }
