@@ -92,6 +92,9 @@ pub enum PerfCmd {
         /// publish time: report how late they came (and any early).
         #[arg(long, default_value_t = 0)]
         lateness_after_ms: u64,
+        /// Permits each consumer grants (its receiver queue, in messages).
+        #[arg(long, default_value_t = 5000)]
+        receiver_queue: u32,
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
@@ -316,6 +319,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             sub_type,
             consumers,
             lateness_after_ms,
+            receiver_queue,
             service_url,
         } => {
             let sub_type = match sub_type.as_str() {
@@ -344,7 +348,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                 let opts = ConsumerOptions {
                     sub_type,
                     earliest: true,
-                    receiver_queue: 5000,
+                    receiver_queue,
                     consumer_name: Some(format!("perf-{i}")),
                     ..Default::default()
                 };
