@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use magnetar_proto::frame::{
-    self, base, encode_command, encode_payload_command, DEFAULT_MAX_MESSAGE_BYTES,
-    FRAME_OVERHEAD_BYTES,
+    self, base, encode_command, OutFrame, DEFAULT_MAX_MESSAGE_BYTES, FRAME_OVERHEAD_BYTES,
 };
 use magnetar_proto::pulsar::{base_command::Type, BaseCommand, CommandConnect, CommandPong};
 use magnetar_proto::Payload;
@@ -42,7 +41,7 @@ struct Routes {
 
 pub struct Connection {
     pub url: String,
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<OutFrame>,
     routes: Arc<Mutex<Routes>>,
     next_request: AtomicU64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -158,7 +157,7 @@ impl Connection {
         .await
         .map_err(|_| Error::Timeout)?;
         connected?;
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let (tx, rx) = mpsc::unbounded_channel::<OutFrame>();
         let writer = tokio::spawn(frame::write_loop(rx, wr));
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let r = routes.clone();
@@ -189,7 +188,7 @@ impl Connection {
                             ping.ping = Some(magnetar_proto::pulsar::CommandPing {});
                             let mut buf = BytesMut::new();
                             encode_command(&ping, &mut buf);
-                            let _ = ptx.send(buf.freeze());
+                            let _ = ptx.send(buf.freeze().into());
                             pinged = true;
                         }
                     }
@@ -218,13 +217,17 @@ impl Connection {
     pub fn send(&self, cmd: &BaseCommand) -> Result<(), Error> {
         let mut buf = BytesMut::new();
         encode_command(cmd, &mut buf);
-        self.tx.send(buf.freeze()).map_err(|_| Error::Closed)
+        self.tx.send(buf.freeze().into()).map_err(|_| Error::Closed)
     }
 
-    pub fn send_payload(&self, cmd: &BaseCommand, headers_and_payload: &[u8]) -> Result<(), Error> {
-        let mut buf = BytesMut::new();
-        encode_payload_command(cmd, headers_and_payload, &mut buf);
-        self.tx.send(buf.freeze()).map_err(|_| Error::Closed)
+    /// Queues a command with a payload section (stored form), not copied.
+    pub fn send_payload(
+        &self,
+        cmd: &BaseCommand,
+        headers_and_payload: &Bytes,
+    ) -> Result<(), Error> {
+        let frame = OutFrame::with_payload(cmd, headers_and_payload.clone());
+        self.tx.send(frame).map_err(|_| Error::Closed)
     }
 
     /// Sends a command carrying a request id and waits for its answer;
@@ -318,7 +321,7 @@ impl Drop for Connection {
 
 fn route(
     routes: &Mutex<Routes>,
-    tx: &mpsc::UnboundedSender<Bytes>,
+    tx: &mpsc::UnboundedSender<OutFrame>,
     cmd: BaseCommand,
     payload: Option<Payload>,
 ) {
@@ -329,7 +332,7 @@ fn route(
             pong.pong = Some(CommandPong {});
             let mut buf = BytesMut::new();
             encode_command(&pong, &mut buf);
-            let _ = tx.send(buf.freeze());
+            let _ = tx.send(buf.freeze().into());
         }
         Some(Type::SendReceipt) | Some(Type::SendError) => {
             let pid = cmd

@@ -2,7 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{base, encode_command, encode_payload_command};
+use crate::frame::{base, encode_command};
 use crate::pulsar::{
     base_command::Type, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer,
     CommandCloseProducer, CommandError, CommandMessage, CommandSuccess, MessageIdData, ServerError,
@@ -109,8 +109,8 @@ pub fn message(
     message_id: MessageIdData,
     redelivery_count: u32,
     ack_set: &[i64],
-    headers_and_payload: &[u8],
-) -> Bytes {
+    headers_and_payload: &Bytes,
+) -> crate::frame::OutFrame {
     let mut cmd = base(Type::Message);
     cmd.message = Some(CommandMessage {
         consumer_id,
@@ -119,7 +119,5 @@ pub fn message(
         ack_set: ack_set.to_vec(),
         ..Default::default()
     });
-    let mut buf = BytesMut::new();
-    encode_payload_command(&cmd, headers_and_payload, &mut buf);
-    buf.freeze()
+    crate::frame::OutFrame::with_payload(&cmd, headers_and_payload.clone())
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use magnetar_proto::frame::{self, Frame, FRAME_OVERHEAD_BYTES};
 use magnetar_proto::pulsar::{base_command::Type, BaseCommand, ServerError};
 use magnetar_proto::{commands, TopicName};
@@ -50,7 +50,7 @@ pub struct Conn {
 
 pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAddr) {
     let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<Bytes>(ctx.limits.write_queue_frames.max(16));
+    let (tx, rx) = mpsc::channel::<frame::OutFrame>(ctx.limits.write_queue_frames.max(16));
     let writer = tokio::spawn(frame::write_loop(rx, wr));
     let limits = ctx.limits.clone();
     let mut conn = Conn {

@@ -166,7 +166,7 @@ impl ConnShared {
     /// Queues a frame without waiting; when the queue is full, a task waits
     /// for room (these are rare control frames, never the message flow).
     pub fn push(&self, frame: Bytes) {
-        if let Err(TrySendError::Full(frame)) = self.tx.try_send(frame) {
+        if let Err(TrySendError::Full(frame)) = self.tx.try_send(frame.into()) {
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send(frame).await;
@@ -176,7 +176,7 @@ impl ConnShared {
 
     /// Queues a command, waiting for room.
     pub async fn send(&self, cmd: &BaseCommand) {
-        let _ = self.tx.send(commands::frame(cmd)).await;
+        let _ = self.tx.send(commands::frame(cmd).into()).await;
     }
 
     pub fn producer(&self, id: u64) -> Option<Arc<ProducerSlot>> {

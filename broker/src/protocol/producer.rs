@@ -219,7 +219,7 @@ async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: 
                         send_error(pid, seq, ServerError::PersistenceError, e.to_string())
                     }
                 };
-                out.send(commands::frame(&cmd));
+                out.send(commands::frame(&cmd).into());
                 drop((count, bytes));
             }),
         )

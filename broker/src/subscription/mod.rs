@@ -45,7 +45,7 @@ pub struct OutCounters {
 }
 
 /// A connection's outgoing frames (bounded: a slow client slows its senders).
-pub type ConnTx = mpsc::Sender<Bytes>;
+pub type ConnTx = mpsc::Sender<magnetar_proto::frame::OutFrame>;
 
 /// How often acknowledgements are made durable at most (they are batched).
 pub const CURSOR_FLUSH_INTERVAL_MS: u64 = 100;
@@ -506,7 +506,7 @@ impl Sub {
                 continue;
             }
             let frame = commands::frame(&commands::reached_end_of_topic(key.1));
-            if c.tx.try_send(frame).is_ok() {
+            if c.tx.try_send(frame.into()).is_ok() {
                 self.told_end.insert(*key);
             }
         }
@@ -541,7 +541,7 @@ impl Sub {
                 ));
                 // A full queue drops the notice rather than stall the
                 // subscription: it is advisory, and the next change repeats it.
-                if c.tx.try_send(frame).is_err() {
+                if c.tx.try_send(frame.into()).is_err() {
                     tracing::debug!(subscription = %self.name, consumer = ?key, "active-consumer notice not queued");
                 }
             }
