@@ -144,6 +144,12 @@ pub struct ManagedLedger {
     cache: EntryCache,
     /// Mean payload size of the last read-ahead (0: none yet).
     read_ahead_entry_bytes: AtomicU64,
+    /// The next read-ahead, fetched in the background once a reader is
+    /// half way through the last one.
+    prefetch: Mutex<Prefetch>,
+    /// Told when a background read-ahead is in the cache.
+    prefetched: tokio::sync::Notify,
+    me: std::sync::Weak<ManagedLedger>,
     ledger_meta: Mutex<HashMap<u64, LedgerMetadata>>,
     cursor_ledgers: tokio::sync::Mutex<HashMap<String, cursor_store::CursorLedger>>,
     /// Payload bytes confirmed in the open ledger.
@@ -167,6 +173,29 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where the next background read-ahead starts, and when it is due.
+#[derive(Debug, Default)]
+struct Prefetch {
+    next: Option<Position>,
+    /// A read at or past it starts the next read-ahead.
+    trigger: Position,
+    last_in_ledger: i64,
+    /// Entries of the read-ahead under way (0: none).
+    running: u64,
+}
+
+impl Prefetch {
+    /// Whether the read-ahead under way will bring `p`.
+    fn brings(&self, p: Position) -> bool {
+        self.running > 0
+            && self.next.is_some_and(|n| {
+                n.ledger_id == p.ledger_id
+                    && p >= n
+                    && ((p.entry_id - n.entry_id) as u64) < self.running
+            })
+    }
 }
 
 impl ManagedLedger {
@@ -208,7 +237,10 @@ impl ManagedLedger {
         let dropped = info.drop_empty_closed();
         let first = info.ledgers.first().map(|l| l.ledger_id);
         let (appends, queue) = mpsc::channel(appender::APPEND_QUEUE_ENTRIES);
-        let ml = Arc::new(ManagedLedger {
+        let ml = Arc::new_cyclic(|me| ManagedLedger {
+            me: me.clone(),
+            prefetch: Mutex::default(),
+            prefetched: tokio::sync::Notify::new(),
             name: name.to_string(),
             cfg: cfg.clone(),
             store: stores.ledgers,
@@ -597,7 +629,20 @@ impl ManagedLedger {
     /// Reads a confirmed entry: from the caches, else from the bookies.
     pub async fn read(&self, p: Position) -> Result<Bytes, MlError> {
         if let Some(d) = self.cache.get(p) {
+            self.maybe_prefetch(p);
             return Ok(d);
+        }
+        // The read-ahead under way brings it: wait for that rather than
+        // read the same stretch twice.
+        let done = self.prefetched.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if lock(&self.prefetch).brings(p) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), done).await;
+            if let Some(d) = self.cache.get(p) {
+                self.maybe_prefetch(p);
+                return Ok(d);
+            }
         }
         let meta = self.meta_for(p.ledger_id).await?;
         // A miss is usually a catch-up reader: fetch the next entries of the
@@ -640,7 +685,70 @@ impl ManagedLedger {
                 .zip(got)
                 .filter_map(|(e, r)| Some((Position::new(p.ledger_id, e as i64), r.ok()?))),
         );
+        {
+            let mut pf = lock(&self.prefetch);
+            pf.next = (last < last_in_ledger.max(0) as u64)
+                .then(|| Position::new(p.ledger_id, last as i64 + 1));
+            pf.trigger = Position::new(p.ledger_id, (first + count / 2) as i64);
+            pf.last_in_ledger = last_in_ledger;
+        }
         Ok(data)
+    }
+
+    /// A reader served from the read-ahead is half way through it: the next
+    /// stretch of the ledger is fetched meanwhile, so reading and
+    /// dispatching overlap instead of taking turns.
+    fn maybe_prefetch(&self, p: Position) {
+        let (start, count, last_in_ledger) = {
+            let mut pf = lock(&self.prefetch);
+            // Only for a reader inside the stretch before it.
+            let Some(next) = pf
+                .next
+                .filter(|n| pf.running == 0 && p >= pf.trigger && p < *n)
+            else {
+                return;
+            };
+            if next.ledger_id != p.ledger_id {
+                return;
+            }
+            let count = match self.read_ahead_entry_bytes.load(Ordering::Relaxed) {
+                0 => READ_AHEAD_FIRST,
+                m => (READ_AHEAD_BYTES / m).clamp(1, READ_AHEAD_ENTRIES),
+            };
+            pf.running = count;
+            (next, count, pf.last_in_ledger)
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            let first = start.entry_id as u64;
+            let last = (first + count - 1).min(last_in_ledger.max(start.entry_id) as u64);
+            let read = match me.meta_for(start.ledger_id).await {
+                Ok(meta) => Some(me.store.read_range(&meta, first, last).await),
+                Err(_) => None,
+            };
+            let mut pf = lock(&me.prefetch);
+            pf.running = 0;
+            let Some(got) = read else {
+                me.prefetched.notify_waiters();
+                return;
+            };
+            // Another reader may have moved the read-ahead on meanwhile.
+            if pf.next != Some(start) {
+                me.prefetched.notify_waiters();
+                return;
+            }
+            let complete = got.iter().all(|r| r.is_ok());
+            me.cache.put_read_ahead(
+                (first..)
+                    .zip(got)
+                    .filter_map(|(e, r)| Some((Position::new(start.ledger_id, e as i64), r.ok()?))),
+            );
+            pf.next = (complete && last < last_in_ledger.max(0) as u64)
+                .then(|| Position::new(start.ledger_id, last as i64 + 1));
+            pf.trigger = Position::new(start.ledger_id, (first + count / 2) as i64);
+            drop(pf);
+            me.prefetched.notify_waiters();
+        });
     }
 
     /// The retention policy in force (`None`: none set).

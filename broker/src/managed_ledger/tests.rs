@@ -182,3 +182,45 @@ async fn finding_by_publish_time_searches_across_ledgers() {
         "after the last"
     );
 }
+
+#[tokio::test]
+async fn catch_up_readers_get_every_entry_through_background_read_ahead() {
+    let (l, m) = (MemoryLedgers::new(), MemoryMeta::new());
+    let config = ManagedLedgerConfig {
+        max_entries_per_ledger: 700,
+        tail_cache_bytes: 0,
+        ..Default::default()
+    };
+    let ml = ManagedLedger::open("t", config, stores(&l, &m))
+        .await
+        .unwrap();
+    let mut positions = Vec::new();
+    for i in 0..2_000u32 {
+        positions.push(
+            ml.append_wait(Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(ml.ledger_ids().len() >= 3);
+    // Two readers, one behind the other, both from the start: the
+    // read-ahead of one must not cost the other an entry.
+    let (a, b) = (ml.clone(), ml.clone());
+    let ps = Arc::new(positions);
+    let (pa, pb) = (ps.clone(), ps.clone());
+    let first = tokio::spawn(async move {
+        for (i, p) in pa.iter().enumerate() {
+            assert_eq!(a.read(*p).await.unwrap()[..], (i as u32).to_be_bytes());
+        }
+    });
+    let second = tokio::spawn(async move {
+        for (i, p) in pb.iter().enumerate() {
+            if i % 97 == 0 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(b.read(*p).await.unwrap()[..], (i as u32).to_be_bytes());
+        }
+    });
+    first.await.unwrap();
+    second.await.unwrap();
+}
