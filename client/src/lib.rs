@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use magnetar_proto::pulsar::{KeyValue, MessageIdData, ServerError};
+use magnetar_proto::pulsar::{MessageIdData, ServerError};
 
 pub use connection::Connection;
 pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
@@ -172,22 +172,6 @@ pub struct Message {
     pub publish_time_ms: u64,
     pub redelivery_count: u32,
     pub(crate) batch_size: u32,
-}
-
-pub(crate) fn props(kvs: &[KeyValue]) -> BTreeMap<String, String> {
-    kvs.iter()
-        .map(|kv| (kv.key.clone(), kv.value.clone()))
-        .collect()
-}
-
-pub(crate) fn kvs(props: &BTreeMap<String, String>) -> Vec<KeyValue> {
-    props
-        .iter()
-        .map(|(k, v)| KeyValue {
-            key: k.clone(),
-            value: v.clone(),
-        })
-        .collect()
 }
 
 /// A client of a Magnetar (or Pulsar) cluster.

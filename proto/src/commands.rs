@@ -9,6 +9,26 @@ use crate::pulsar::{
 };
 
 /// A command-only frame.
+/// Properties (message or schema) as the wire carries them.
+pub fn key_values(
+    props: &std::collections::BTreeMap<String, String>,
+) -> Vec<crate::pulsar::KeyValue> {
+    props
+        .iter()
+        .map(|(k, v)| crate::pulsar::KeyValue {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+/// Wire properties as a map (a repeated key keeps its last value).
+pub fn properties(kvs: &[crate::pulsar::KeyValue]) -> std::collections::BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect()
+}
+
 pub fn frame(cmd: &BaseCommand) -> Bytes {
     let mut buf = BytesMut::new();
     encode_command(cmd, &mut buf);

@@ -290,45 +290,43 @@ impl From<Bytes> for OutFrame {
 pub const MAX_COALESCED_WRITE_BYTES: usize = 1 << 20;
 
 /// Most frames gathered into one write (two slices each).
-const MAX_GATHERED_FRAMES: usize = 256;
+const MAX_GATHERED_FRAMES: usize = 64;
 
 /// Writes frames from `rx` to `wr` until the queue closes or a write fails.
 /// Frames that queued up meanwhile go out in one vectored write (heads and
 /// payloads as they are, no copy) so a busy connection makes few syscalls;
-/// a writer without vectored writes gets them copied into one buffer.
+/// a writer without vectored writes gets them copied into one buffer. The
+/// buffers are kept from one write to the next.
 pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut rx: impl FrameQueue, mut wr: W) {
     use tokio::io::AsyncWriteExt;
     let vectored = wr.is_write_vectored();
     let mut parts: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
-        let mut size = first.len();
-        let mut frames = vec![first];
-        while size < MAX_COALESCED_WRITE_BYTES && frames.len() < MAX_GATHERED_FRAMES {
-            match rx.try_recv() {
-                Some(more) => {
-                    size += more.len();
-                    frames.push(more);
-                }
-                None => break,
-            }
-        }
-        let ok = if vectored {
-            parts.clear();
-            for f in frames {
+        let (mut size, mut frames) = (0, 0);
+        let mut next = Some(first);
+        while let Some(f) = next.take() {
+            size += f.len();
+            frames += 1;
+            if vectored {
                 parts.push_back(f.head);
                 if !f.body.is_empty() {
                     parts.push_back(f.body);
                 }
-            }
-            write_parts(&mut wr, &mut parts).await.is_ok()
-        } else {
-            batch.clear();
-            for f in &frames {
+            } else {
                 batch.extend_from_slice(&f.head);
                 batch.extend_from_slice(&f.body);
             }
-            wr.write_all(&batch).await.is_ok()
+            if size < MAX_COALESCED_WRITE_BYTES && frames < MAX_GATHERED_FRAMES {
+                next = rx.try_recv();
+            }
+        }
+        let ok = if vectored {
+            write_parts(&mut wr, &mut parts).await.is_ok()
+        } else {
+            let ok = wr.write_all(&batch).await.is_ok();
+            batch.clear();
+            ok
         };
         if !ok {
             return;
@@ -337,21 +335,22 @@ pub async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut rx: impl FrameQueu
 }
 
 /// Writes every part, in order, with vectored writes (a short write goes
-/// on from where it stopped).
+/// on from where it stopped); `parts` is empty on success.
 async fn write_parts<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
     parts: &mut std::collections::VecDeque<Bytes>,
 ) -> std::io::Result<()> {
     use bytes::Buf;
+    use std::io::IoSlice;
     use tokio::io::AsyncWriteExt;
     while !parts.is_empty() {
-        let slices: Vec<std::io::IoSlice<'_>> = parts
-            .iter()
-            .take(512)
-            .map(|p| std::io::IoSlice::new(p))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        drop(slices);
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_GATHERED_FRAMES];
+        let mut k = 0;
+        for (slot, p) in slices.iter_mut().zip(parts.iter()) {
+            *slot = IoSlice::new(p);
+            k += 1;
+        }
+        let mut n = wr.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -91,7 +91,7 @@ impl Upload {
             name: String::new(),
             schema_data: self.schema.clone().into_bytes().into(),
             r#type: t,
-            properties: schema::wire_properties(&self.properties),
+            properties: magnetar_proto::commands::key_values(&self.properties),
         })
     }
 }

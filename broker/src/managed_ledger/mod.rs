@@ -187,6 +187,16 @@ struct Prefetch {
 }
 
 impl Prefetch {
+    /// Entries `first..=last` of a ledger whose last entry is
+    /// `last_in_ledger` were read, `count` asked: the next stretch starts
+    /// after them, due when a reader is half way through these.
+    fn read(&mut self, ledger_id: u64, first: u64, last: u64, count: u64, last_in_ledger: i64) {
+        self.next = (last < last_in_ledger.max(0) as u64)
+            .then(|| Position::new(ledger_id, last as i64 + 1));
+        self.trigger = Position::new(ledger_id, (first + count / 2) as i64);
+        self.last_in_ledger = last_in_ledger;
+    }
+
     /// Whether the read-ahead under way will bring `p`.
     fn brings(&self, p: Position) -> bool {
         self.running > 0
@@ -658,10 +668,7 @@ impl ManagedLedger {
                 p.entry_id
             }
         };
-        let count = match self.read_ahead_entry_bytes.load(Ordering::Relaxed) {
-            0 => READ_AHEAD_FIRST,
-            m => (READ_AHEAD_BYTES / m).clamp(1, READ_AHEAD_ENTRIES),
-        };
+        let count = self.read_ahead_count();
         let last = (first + count - 1).min(last_in_ledger.max(p.entry_id) as u64);
         let got = self.store.read_range(&meta, first, last).await;
         let (n, bytes) = got
@@ -680,19 +687,32 @@ impl ManagedLedger {
                 "no read issued".into(),
             ))
         })??;
-        self.cache.put_read_ahead(
-            (first + 1..)
-                .zip(got)
-                .filter_map(|(e, r)| Some((Position::new(p.ledger_id, e as i64), r.ok()?))),
-        );
-        {
-            let mut pf = lock(&self.prefetch);
-            pf.next = (last < last_in_ledger.max(0) as u64)
-                .then(|| Position::new(p.ledger_id, last as i64 + 1));
-            pf.trigger = Position::new(p.ledger_id, (first + count / 2) as i64);
-            pf.last_in_ledger = last_in_ledger;
-        }
+        self.keep_read_ahead(p.ledger_id, first + 1, got);
+        lock(&self.prefetch).read(p.ledger_id, first, last, count, last_in_ledger);
         Ok(data)
+    }
+
+    /// Entries a read-ahead fetches: about `READ_AHEAD_BYTES` of them at
+    /// the last mean size.
+    fn read_ahead_count(&self) -> u64 {
+        match self.read_ahead_entry_bytes.load(Ordering::Relaxed) {
+            0 => READ_AHEAD_FIRST,
+            m => (READ_AHEAD_BYTES / m).clamp(1, READ_AHEAD_ENTRIES),
+        }
+    }
+
+    /// Puts entries `first..` of a ledger, as read, in the read-ahead cache.
+    fn keep_read_ahead(
+        &self,
+        ledger_id: u64,
+        first: u64,
+        got: impl IntoIterator<Item = Result<Bytes, LedgerError>>,
+    ) {
+        self.cache.put_read_ahead(
+            (first..)
+                .zip(got)
+                .filter_map(|(e, r)| Some((Position::new(ledger_id, e as i64), r.ok()?))),
+        );
     }
 
     /// A reader served from the read-ahead is half way through it: the next
@@ -711,10 +731,7 @@ impl ManagedLedger {
             if next.ledger_id != p.ledger_id {
                 return;
             }
-            let count = match self.read_ahead_entry_bytes.load(Ordering::Relaxed) {
-                0 => READ_AHEAD_FIRST,
-                m => (READ_AHEAD_BYTES / m).clamp(1, READ_AHEAD_ENTRIES),
-            };
+            let count = self.read_ahead_count();
             pf.running = count;
             (next, count, pf.last_in_ledger)
         };
@@ -726,27 +743,18 @@ impl ManagedLedger {
                 Ok(meta) => Some(me.store.read_range(&meta, first, last).await),
                 Err(_) => None,
             };
-            let mut pf = lock(&me.prefetch);
-            pf.running = 0;
-            let Some(got) = read else {
-                me.prefetched.notify_waiters();
-                return;
-            };
-            // Another reader may have moved the read-ahead on meanwhile.
-            if pf.next != Some(start) {
-                me.prefetched.notify_waiters();
-                return;
+            {
+                let mut pf = lock(&me.prefetch);
+                pf.running = 0;
+                // Unless another reader moved the read-ahead on meanwhile.
+                if let Some(got) = read.filter(|_| pf.next == Some(start)) {
+                    let complete = got.iter().all(|r| r.is_ok());
+                    me.keep_read_ahead(start.ledger_id, first, got);
+                    // After a failed read the next reader reads for itself.
+                    let last_in_ledger = if complete { last_in_ledger } else { -1 };
+                    pf.read(start.ledger_id, first, last, count, last_in_ledger);
+                }
             }
-            let complete = got.iter().all(|r| r.is_ok());
-            me.cache.put_read_ahead(
-                (first..)
-                    .zip(got)
-                    .filter_map(|(e, r)| Some((Position::new(start.ledger_id, e as i64), r.ok()?))),
-            );
-            pf.next = (complete && last < last_in_ledger.max(0) as u64)
-                .then(|| Position::new(start.ledger_id, last as i64 + 1));
-            pf.trigger = Position::new(start.ledger_id, (first + count / 2) as i64);
-            drop(pf);
             me.prefetched.notify_waiters();
         });
     }

@@ -438,12 +438,27 @@ impl Sub {
                 .collect(),
             msg_backlog: after.saturating_sub(acked),
             unacked: unacked.pending().count() as u64,
-            delayed: unacked.delayed() as u64 + self.ctx.delayed.len(),
+            // Only Shared and Key_Shared pass entries by for the topic's index.
+            delayed: unacked.delayed() as u64
+                + if self.shares() {
+                    self.ctx.delayed.len()
+                } else {
+                    0
+                },
             dropped: 0,
             mark_delete: md,
             acked_after_mark: acked,
             acked_ranges: self.cursor.acked_ranges().take(STATS_RANGES).collect(),
         }
+    }
+
+    /// Whether consumers share its entries (Shared, Key_Shared): delayed
+    /// delivery applies and cumulative acks do not.
+    fn shares(&self) -> bool {
+        matches!(
+            self.dispatcher.sub_type(),
+            SubType::Shared | SubType::KeyShared
+        )
     }
 
     /// The compacted view, when this subscription reads it.
@@ -583,10 +598,7 @@ impl Sub {
             }
             SubEvent::Live { .. } => {}
             SubEvent::DelayedDue(due) => {
-                if matches!(
-                    self.dispatcher.sub_type(),
-                    SubType::Shared | SubType::KeyShared
-                ) {
+                if self.shares() {
                     let cursor = &self.cursor;
                     self.dispatcher
                         .unacked()
@@ -609,20 +621,29 @@ impl Sub {
                 }
             }
             SubEvent::Redeliver { key, positions } => {
-                let held: Vec<Position> = self
-                    .dispatcher
-                    .unacked_ref()
-                    .pending()
-                    .filter(|(p, c)| {
-                        *c == key && positions.as_ref().is_none_or(|ps| ps.contains(p))
-                    })
-                    .map(|(p, _)| p)
-                    .collect();
-                self.dispatcher.redeliver(key, positions.as_deref());
-                // Not on Key_Shared: a later entry of the key would overtake.
-                let backoff = self.ctx.policy.borrow().redelivery_backoff;
+                // With a back-off policy (not on Key_Shared: a later entry of
+                // the key would overtake) what the consumer held waits.
                 let keyed = self.dispatcher.sub_type() == SubType::KeyShared;
-                if let Some(b) = backoff.filter(|_| !keyed) {
+                let backoff = self
+                    .ctx
+                    .policy
+                    .borrow()
+                    .redelivery_backoff
+                    .filter(|_| !keyed);
+                let held: Vec<Position> = match backoff {
+                    Some(_) => self
+                        .dispatcher
+                        .unacked_ref()
+                        .pending()
+                        .filter(|(p, c)| {
+                            *c == key && positions.as_ref().is_none_or(|ps| ps.contains(p))
+                        })
+                        .map(|(p, _)| p)
+                        .collect(),
+                    None => Vec::new(),
+                };
+                self.dispatcher.redeliver(key, positions.as_deref());
+                if let Some(b) = backoff {
                     let now = now_ms();
                     let unacked = self.dispatcher.unacked();
                     for p in held {
@@ -767,8 +788,8 @@ impl Sub {
     }
 
     fn ack(&mut self, acks: &[EntryAck], cumulative: bool) -> Result<(), BrokerError> {
-        let sub_type = self.dispatcher.sub_type();
-        if cumulative && matches!(sub_type, SubType::Shared | SubType::KeyShared) {
+        if cumulative && self.shares() {
+            let sub_type = self.dispatcher.sub_type();
             // Pulsar drops it; with an ack receipt the client learns why.
             // The entries stay unacknowledged.
             tracing::warn!(subscription = %self.name, ?sub_type, "cumulative ack on a shared subscription refused");
@@ -894,11 +915,7 @@ impl Sub {
             // Delayed delivery (Shared and Key_Shared, as in Pulsar): an
             // entry whose time has not come waits in the dispatcher.
             if let Some(at) = md.deliver_at_time.filter(|at| *at > 0) {
-                let shares = matches!(
-                    self.dispatcher.sub_type(),
-                    SubType::Shared | SubType::KeyShared
-                );
-                if shares && at as u64 > now_ms() {
+                if self.shares() && at as u64 > now_ms() {
                     // Passed by: the topic's index tells when it is due.
                     self.dispatcher.unacked().pass_by(d.position);
                     self.ctx.delayed.insert(at as u64, d.position);

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::persistent::Topic;
 use crate::managed_ledger::cursor::Position;
-use crate::managed_ledger::{DelayedBucket, ManagedLedger};
+use crate::managed_ledger::{DelayedBucket, ManagedLedger, MlError};
 use crate::subscription::delayed_index::{decode_chunk, encode_chunk, DelayedIndex};
 use crate::subscription::{now_ms, SubEvent};
 
@@ -50,28 +50,7 @@ pub async fn run(index: Arc<DelayedIndex>, ml: Arc<ManagedLedger>, topic: Weak<T
             }
         }
         if let Some((records, last)) = index.take_for_seal() {
-            let chunks: Vec<Bytes> = records
-                .chunks(index.chunk_size())
-                .map(encode_chunk)
-                .collect();
-            let stored = match ml.write_side_ledger("delayed-index", chunks).await {
-                Ok((ledger_id, written)) => {
-                    let bucket = DelayedBucket {
-                        ledger_id,
-                        chunks: written,
-                        entries: records.len() as u64,
-                        last,
-                    };
-                    match ml.change_delayed_buckets(Some(bucket), None).await {
-                        Ok(()) => Ok(ledger_id),
-                        Err(e) => {
-                            ml.delete_side_ledger(ledger_id).await;
-                            Err(e)
-                        }
-                    }
-                }
-                Err(e) => Err(e),
-            };
+            let stored = store_bucket(&ml, &records, last, index.chunk_size()).await;
             match stored {
                 Ok(ledger_id) => {
                     tracing::debug!(topic = %ml.name, ledger_id, records = records.len(), "delayed-delivery index sealed a bucket");
@@ -102,4 +81,27 @@ pub async fn run(index: Arc<DelayedIndex>, ml: Arc<ManagedLedger>, topic: Weak<T
         };
         let _ = tokio::time::timeout(wait, index.wake.notified()).await;
     }
+}
+
+/// Writes sealed records as a bucket ledger and names it in the managed
+/// ledger's record; its ledger id.
+async fn store_bucket(
+    ml: &ManagedLedger,
+    records: &[(u64, Position)],
+    last: Position,
+    chunk: usize,
+) -> Result<u64, MlError> {
+    let chunks: Vec<Bytes> = records.chunks(chunk).map(encode_chunk).collect();
+    let (ledger_id, written) = ml.write_side_ledger("delayed-index", chunks).await?;
+    let bucket = DelayedBucket {
+        ledger_id,
+        chunks: written,
+        entries: records.len() as u64,
+        last,
+    };
+    if let Err(e) = ml.change_delayed_buckets(Some(bucket), None).await {
+        ml.delete_side_ledger(ledger_id).await;
+        return Err(e);
+    }
+    Ok(ledger_id)
 }

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use magnetar_metadata::MetadataClient;
-use magnetar_proto::pulsar::{schema::Type as WireType, KeyValue, Schema, ServerError};
+use magnetar_proto::commands;
+use magnetar_proto::pulsar::{schema::Type as WireType, Schema, ServerError};
 use magnetar_proto::TopicName;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -52,20 +53,9 @@ impl StoredSchema {
             name: self.name.clone(),
             schema_data: self.data_bytes().into(),
             r#type: self.schema_type,
-            properties: wire_properties(&self.properties),
+            properties: commands::key_values(&self.properties),
         }
     }
-}
-
-/// Schema properties as the wire carries them.
-pub fn wire_properties(props: &BTreeMap<String, String>) -> Vec<KeyValue> {
-    props
-        .iter()
-        .map(|(k, v)| KeyValue {
-            key: k.clone(),
-            value: v.clone(),
-        })
-        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -362,11 +352,7 @@ pub async fn get_or_create(
             schema_type: schema.r#type,
             name: schema.name.clone(),
             data: base64::engine::general_purpose::STANDARD.encode(&schema.schema_data),
-            properties: schema
-                .properties
-                .iter()
-                .map(|kv| (kv.key.clone(), kv.value.clone()))
-                .collect(),
+            properties: commands::properties(&schema.properties),
             timestamp: crate::managed_ledger::ledger_list::now_ms(),
         });
         if rec.versions.len() > MAX_VERSIONS {

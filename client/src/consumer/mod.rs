@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::pool::Pool;
-use crate::{props, Connection, Error, Message, MessageId};
+use crate::{Connection, Error, Message, MessageId};
 use state::ConsumerState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +325,7 @@ impl Consumer {
                         id,
                         payload: item.payload,
                         key: item.metadata.partition_key,
-                        properties: props(&item.metadata.properties),
+                        properties: magnetar_proto::commands::properties(&item.metadata.properties),
                         publish_time_ms: md.publish_time,
                         redelivery_count,
                         batch_size: n as u32,
@@ -336,7 +336,7 @@ impl Consumer {
                 id,
                 payload: pl.payload(),
                 key: md.partition_key.clone(),
-                properties: props(&md.properties),
+                properties: magnetar_proto::commands::properties(&md.properties),
                 publish_time_ms: md.publish_time,
                 redelivery_count,
                 batch_size: 0,

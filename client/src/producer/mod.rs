@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backoff::Backoff;
 use crate::pool::Pool;
-use crate::{kvs, now_ms, Connection, Error, MessageId, OutgoingMessage};
+use crate::{now_ms, Connection, Error, MessageId, OutgoingMessage};
 use state::{ProducerState, ReceiptOutcome};
 
 #[derive(Debug, Clone)]
@@ -446,7 +446,7 @@ impl Producer {
             let flush = {
                 let mut sh = p.lock();
                 let metadata = SingleMessageMetadata {
-                    properties: kvs(&msg.properties),
+                    properties: magnetar_proto::commands::key_values(&msg.properties),
                     partition_key: msg.key.clone(),
                     payload_size: msg.payload.len() as i32,
                     ..Default::default()
@@ -467,7 +467,10 @@ impl Producer {
             }
         } else {
             let mut sh = p.lock();
-            let (key, properties) = (msg.key.clone(), kvs(&msg.properties));
+            let (key, properties) = (
+                msg.key.clone(),
+                magnetar_proto::commands::key_values(&msg.properties),
+            );
             p.enqueue(
                 &mut sh,
                 1,
