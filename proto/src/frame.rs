@@ -290,7 +290,7 @@ impl From<Bytes> for OutFrame {
 pub const MAX_COALESCED_WRITE_BYTES: usize = 1 << 20;
 
 /// Most frames gathered into one write (two slices each).
-const MAX_GATHERED_FRAMES: usize = 64;
+const MAX_GATHERED_FRAMES: usize = 256;
 
 /// Writes frames from `rx` to `wr` until the queue closes or a write fails.
 /// Frames that queued up meanwhile go out in one vectored write (heads and
