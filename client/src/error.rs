@@ -1,0 +1,47 @@
+//! The SDK's error: what failed, whether trying again may help, and the
+//! broker's error kind by name.
+
+use magnetar_proto::pulsar::ServerError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("broker error {code}: {message}")]
+    Server { code: i32, message: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("closed")]
+    Closed,
+    /// The topic was terminated and every message of it was received.
+    #[error("end of topic: the topic is terminated and every message was received")]
+    EndOfTopic,
+}
+
+impl Error {
+    /// Whether trying again (after a lookup, with back-off) may succeed: the
+    /// connection failed, or the broker is not ready for the topic yet (it
+    /// is moving, or its owner's lease is being replaced).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Connection(_) | Error::Timeout | Error::Closed => true,
+            Error::Server { code, .. } => matches!(
+                ServerError::try_from(*code),
+                Ok(ServerError::ServiceNotReady
+                    | ServerError::MetadataError
+                    | ServerError::TooManyRequests)
+            ),
+            Error::Protocol(_) | Error::EndOfTopic => false,
+        }
+    }
+
+    /// The broker's error code by name, where the broker sent one.
+    pub fn server_error(&self) -> Option<ServerError> {
+        match self {
+            Error::Server { code, .. } => ServerError::try_from(*code).ok(),
+            _ => None,
+        }
+    }
+}
