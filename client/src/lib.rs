@@ -10,21 +10,23 @@
 //! It depends only on `magnetar-proto`, never on server crates.
 
 pub mod backoff;
+pub mod compression;
 mod connection;
+pub mod consumer;
 mod error;
 mod message;
-pub mod consumer;
 pub mod pool;
 pub mod producer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use compression::Compression;
 pub use connection::Connection;
+pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
 pub use error::Error;
 pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
-pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
 pub use producer::{AccessMode, Producer, ProducerOptions};
 
 /// A client of a Magnetar (or Pulsar) cluster.

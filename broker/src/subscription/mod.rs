@@ -1036,8 +1036,18 @@ fn dead_letters(
     position: Position,
     data: &Bytes,
     md: &MessageMetadata,
-) -> Result<Vec<DeadLetter>, magnetar_proto::FrameError> {
-    let payload = Payload::parse(data.clone())?.payload();
+) -> Result<Vec<DeadLetter>, String> {
+    let mut payload = Payload::parse(data.clone())
+        .map_err(|e| e.to_string())?
+        .payload();
+    // Dead letters go out uncompressed (their producer's default).
+    if let Some(code) = md.compression.filter(|c| *c != 0) {
+        let codec = magnetar_client::Compression::from_wire(code)
+            .ok_or_else(|| format!("unknown compression {code}"))?;
+        payload = codec
+            .decompress(payload, md.uncompressed_size.unwrap_or(0) as usize)
+            .map_err(|e| e.to_string())?;
+    }
     let origin = |batch: Option<usize>| {
         let mut id = format!("{}:{}:-1", position.ledger_id, position.entry_id);
         if let Some(i) = batch {
@@ -1056,7 +1066,8 @@ fn dead_letters(
     };
     match md.num_messages_in_batch {
         Some(n) => Ok(
-            magnetar_proto::frame::decode_batch(payload, n.max(0) as usize)?
+            magnetar_proto::frame::decode_batch(payload, n.max(0) as usize)
+                .map_err(|e| e.to_string())?
                 .into_iter()
                 .enumerate()
                 .map(|(i, item)| DeadLetter {

@@ -22,6 +22,7 @@ use magnetar_proto::Payload;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
+use crate::compression::Compression;
 use crate::pool::Pool;
 use crate::{Connection, Error, Message, MessageId};
 use state::ConsumerState;
@@ -304,10 +305,26 @@ impl Consumer {
         let md = &pl.metadata;
         let mut id = MessageId::from_data(&m.message_id);
         let redelivery_count = m.redelivery_count.unwrap_or(0);
+        let body = match md.compression.filter(|c| *c != 0) {
+            None => pl.payload(),
+            Some(code) => {
+                let inflated = Compression::from_wire(code)
+                    .ok_or_else(|| Error::Protocol(format!("unknown compression {code}")))
+                    .and_then(|c| {
+                        c.decompress(pl.payload(), md.uncompressed_size.unwrap_or(0) as usize)
+                    });
+                match inflated {
+                    Ok(b) => b,
+                    Err(e) => return self.discard(id, e),
+                }
+            }
+        };
         match md.num_messages_in_batch {
             Some(n) => {
-                let items = decode_batch(pl.payload(), n.max(0) as usize)
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                let items = match decode_batch(body, n.max(0) as usize) {
+                    Ok(items) => items,
+                    Err(e) => return self.discard(id, Error::Protocol(e.to_string())),
+                };
                 // Messages a compaction took out keep their places (ids)
                 // but are not delivered.
                 let live = items
@@ -334,7 +351,7 @@ impl Consumer {
             }
             None => self.queue.push_back(Message {
                 id,
-                payload: pl.payload(),
+                payload: body,
                 key: md.partition_key.clone(),
                 properties: magnetar_proto::commands::properties(&md.properties),
                 publish_time_ms: md.publish_time,
@@ -343,6 +360,18 @@ impl Consumer {
             }),
         }
         Ok(())
+    }
+
+    /// A message that cannot be read (a payload that does not inflate or a
+    /// batch that does not parse) is acknowledged and dropped, as Pulsar's
+    /// clients do: redelivering it would only fail again and block the
+    /// subscription.
+    fn discard(&mut self, id: MessageId, e: Error) -> Result<(), Error> {
+        tracing::warn!(topic = %self.inner.topic, message = %id, error = %e, "dropping a message that cannot be read");
+        if let Some(permits) = self.state.taken() {
+            self.flow(permits)?;
+        }
+        self.send_ack(id, AckType::Individual)
     }
 
     /// Whether the topic is terminated and every message of it was

@@ -4,6 +4,7 @@
 //! back-off, then sends every message still without a receipt again, in
 //! sequence order. Sends made meanwhile wait in the pending queue.
 
+pub mod partitioned;
 pub mod state;
 
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use magnetar_proto::Payload;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backoff::Backoff;
+use crate::compression::Compression;
 use crate::pool::Pool;
 use crate::{now_ms, Connection, Error, MessageId, OutgoingMessage};
 use state::{ProducerState, ReceiptOutcome};
@@ -36,6 +38,8 @@ pub struct ProducerOptions {
     /// Whether other producers may write the topic too (Pulsar's access
     /// modes).
     pub access_mode: AccessMode,
+    /// How entries (single messages and whole batches) are compressed.
+    pub compression: Compression,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -63,6 +67,7 @@ impl Default for ProducerOptions {
             send_timeout_ms: 30_000,
             operation_timeout_ms: 30_000,
             access_mode: AccessMode::Shared,
+            compression: Compression::None,
         }
     }
 }
@@ -135,9 +140,33 @@ impl ProducerInner {
             return;
         }
         let name = sh.name.clone().unwrap_or_default();
+        let compression = self.options.compression;
+        let compressed;
+        let body: &[u8] = match compression {
+            Compression::None => payload,
+            c => match c.compress(payload) {
+                Ok(z) => {
+                    compressed = z;
+                    &compressed
+                }
+                Err(e) => {
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            },
+        };
         let (seq, stored) = sh.state.push(
             n,
-            |seq| Payload::build(metadata_for(seq, name), payload).headers_and_payload,
+            |seq| {
+                let mut md = metadata_for(seq, name);
+                if compression != Compression::None {
+                    md.compression = Some(compression.wire() as i32);
+                    md.uncompressed_size = Some(payload.len() as u32);
+                }
+                Payload::build(md, body).headers_and_payload
+            },
             waiters,
             Instant::now(),
         );
