@@ -27,7 +27,7 @@ pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
 pub use error::Error;
 pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
-pub use producer::{AccessMode, Producer, ProducerOptions};
+pub use producer::{AccessMode, HashingScheme, Producer, ProducerOptions};
 
 /// A client of a Magnetar (or Pulsar) cluster.
 #[derive(Clone)]
@@ -59,7 +59,7 @@ impl Client {
         topic: &str,
         options: ProducerOptions,
     ) -> Result<Producer, Error> {
-        Producer::create(self.pool.clone(), topic, self.next_id(), options).await
+        Producer::create(self.pool.clone(), topic, &self.ids, options).await
     }
 
     /// Subscribes to `topic` on the broker that serves it.

@@ -107,5 +107,9 @@ pub struct Message {
     pub properties: BTreeMap<String, String>,
     pub publish_time_ms: u64,
     pub redelivery_count: u32,
+    /// The topic (partition) the message was read from.
+    pub topic: std::sync::Arc<str>,
     pub(crate) batch_size: u32,
+    /// Which of its consumer's topics or partitions it came from.
+    pub(crate) part: usize,
 }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use magnetar_proto::frame::base;
 use magnetar_proto::pulsar::{
-    base_command::Type, command_lookup_topic_response::LookupType, CommandLookupTopic,
+    base_command::Type, command_lookup_topic_response::LookupType,
+    command_partitioned_topic_metadata_response::LookupType as PartitionLookup, CommandLookupTopic,
+    CommandPartitionedTopicMetadata,
 };
 
 use crate::{Connection, Error};
@@ -138,6 +140,29 @@ impl Pool {
         Err(Error::Protocol(format!(
             "lookup of {topic} redirected more than {MAX_LOOKUP_REDIRECTS} times"
         )))
+    }
+
+    /// How many partitions `topic` has (0: it is not partitioned).
+    pub async fn partitions(&self, topic: &str) -> Result<u32, Error> {
+        let conn = self.any().await?;
+        let mut cmd = base(Type::PartitionedMetadata);
+        cmd.partition_metadata = Some(CommandPartitionedTopicMetadata {
+            topic: topic.to_string(),
+            request_id: 0,
+        });
+        let resp = conn.request(cmd).await?;
+        let r = resp
+            .partition_metadata_response
+            .ok_or_else(|| Error::Protocol("no PARTITIONED_METADATA_RESPONSE".into()))?;
+        if r.response == Some(PartitionLookup::Failed as i32) {
+            return Err(Error::Server {
+                code: r.error.unwrap_or(0),
+                message: r
+                    .message
+                    .unwrap_or_else(|| "partitioned metadata failed".into()),
+            });
+        }
+        Ok(r.partitions.unwrap_or(0))
     }
 
     /// The connection to the broker serving `topic` (or to `hint`, a broker

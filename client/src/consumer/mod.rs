@@ -5,18 +5,22 @@
 //! yet taken by the application are dropped then: the broker redelivers
 //! everything unacknowledged to the new subscription.
 
+pub mod redelivery;
 pub mod state;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use magnetar_proto::frame::{base, decode_batch};
 use magnetar_proto::pulsar::{
     base_command::Type, command_ack::AckType, command_subscribe::InitialPosition as WireInitial,
     BaseCommand, CommandAck, CommandCloseConsumer, CommandFlow, CommandGetLastMessageId,
     CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSubscribe, IntRange, KeySharedMeta,
-    KeySharedMode,
+    KeySharedMode, MessageIdData,
 };
 use magnetar_proto::Payload;
 use tokio::sync::mpsc;
@@ -25,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::compression::Compression;
 use crate::pool::Pool;
 use crate::{Connection, Error, Message, MessageId};
+use redelivery::Redelivery;
 use state::ConsumerState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +66,12 @@ pub struct ConsumerOptions {
     /// Read the topic's compacted view (the latest message per key) up to
     /// its last compaction, then the rest (Exclusive and Failover).
     pub read_compacted: bool,
+    /// How long after `nack` the broker is asked to send a message again
+    /// (Pulsar's default: one minute).
+    pub nack_redelivery_delay_ms: u64,
+    /// A message received and not acknowledged this long is sent again;
+    /// 0 (the default) turns the ack timeout off.
+    pub ack_timeout_ms: u64,
 }
 
 impl Default for ConsumerOptions {
@@ -74,12 +85,16 @@ impl Default for ConsumerOptions {
             priority_level: 0,
             sticky_ranges: None,
             read_compacted: false,
+            nack_redelivery_delay_ms: 60_000,
+            ack_timeout_ms: 0,
         }
     }
 }
 
 type Route = mpsc::UnboundedReceiver<(BaseCommand, Option<Payload>)>;
+type Events = mpsc::UnboundedSender<(usize, Event)>;
 
+/// What a part's task passes to the consumer (tagged with the part).
 enum Event {
     Message(Box<(BaseCommand, Option<Payload>)>),
     /// Subscribed again: what was received before comes again.
@@ -88,7 +103,13 @@ enum Event {
 
 struct Inner {
     pool: Arc<Pool>,
+    /// Which of the consumer's topics (or partitions) this is.
+    part: usize,
     topic: String,
+    /// The topic's name as messages carry it.
+    topic_name: Arc<str>,
+    /// The partition index on a partitioned topic.
+    partition: Option<i32>,
     subscription: String,
     consumer_id: u64,
     options: ConsumerOptions,
@@ -172,14 +193,14 @@ impl Inner {
         hint: Option<String>,
         deadline: Option<tokio::time::Instant>,
         backoff: &mut Backoff,
-        events: &mpsc::UnboundedSender<Event>,
+        events: &Events,
     ) -> Result<Route, Error> {
         let mut hint = hint;
         loop {
             match self.subscribe(hint.take().as_deref()).await {
                 Ok((conn, route)) => {
                     backoff.reset();
-                    let _ = events.send(Event::Subscribed);
+                    let _ = events.send((self.part, Event::Subscribed));
                     self.set_conn(Some(conn.clone()));
                     let mut flow = base(Type::Flow);
                     flow.flow = Some(CommandFlow {
@@ -205,7 +226,7 @@ impl Inner {
 
 /// The consumer's task: pass messages on while subscribed, subscribe again
 /// when the route ends.
-async fn run(inner: Arc<Inner>, mut route: Route, events: mpsc::UnboundedSender<Event>) {
+async fn run(inner: Arc<Inner>, mut route: Route, events: Events) {
     let mut backoff = Backoff::default();
     loop {
         let hint = loop {
@@ -215,7 +236,10 @@ async fn run(inner: Arc<Inner>, mut route: Route, events: mpsc::UnboundedSender<
                     break c.close_consumer.and_then(|c| c.assigned_broker_service_url);
                 }
                 Some((c, p)) => {
-                    if events.send(Event::Message(Box::new((c, p)))).is_err() {
+                    if events
+                        .send((inner.part, Event::Message(Box::new((c, p)))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -239,16 +263,64 @@ async fn run(inner: Arc<Inner>, mut route: Route, events: mpsc::UnboundedSender<
     }
 }
 
-/// Receives messages of one subscription, following the topic from broker
-/// to broker.
+/// Asks the broker to send nacked and timed-out entries again.
+async fn redeliver_due(
+    parts: Vec<Arc<Inner>>,
+    redelivery: Arc<Mutex<Redelivery>>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due = lock(&redelivery).due(Instant::now());
+        if due.is_empty() {
+            continue;
+        }
+        let mut by_part: BTreeMap<usize, Vec<MessageIdData>> = BTreeMap::new();
+        for (part, ledger_id, entry_id) in due {
+            by_part.entry(part).or_default().push(MessageIdData {
+                ledger_id,
+                entry_id,
+                ..Default::default()
+            });
+        }
+        for (part, ids) in by_part {
+            let Some(inner) = parts.get(part) else {
+                continue;
+            };
+            tracing::debug!(topic = %inner.topic, entries = ids.len(), "asking for redelivery");
+            let mut cmd = base(Type::RedeliverUnacknowledgedMessages);
+            cmd.redeliver_unacknowledged_messages = Some(CommandRedeliverUnacknowledgedMessages {
+                consumer_id: inner.consumer_id,
+                message_ids: ids,
+                ..Default::default()
+            });
+            let _ = inner.send(&cmd);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Receives the messages of one subscription, following its topics from
+/// broker to broker. On a partitioned topic (or several topics) it holds a
+/// consumer per partition and merges what they receive.
+///
+/// It is a [`futures::Stream`] of messages, which ends once every topic is
+/// terminated and read to its end.
 pub struct Consumer {
-    inner: Arc<Inner>,
-    events: mpsc::UnboundedReceiver<Event>,
+    parts: Vec<Arc<Inner>>,
+    states: Vec<ConsumerState>,
+    /// The broker said the part's topic is terminated and everything was
+    /// sent.
+    ended: Vec<bool>,
+    events: mpsc::UnboundedReceiver<(usize, Event)>,
     queue: VecDeque<Message>,
-    state: ConsumerState,
-    task: tokio::task::JoinHandle<()>,
-    /// The broker said the topic is terminated and everything was sent.
-    end_of_topic: bool,
+    redelivery: Arc<Mutex<Redelivery>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Consumer {
@@ -259,44 +331,137 @@ impl Consumer {
         consumer_id: u64,
         options: ConsumerOptions,
     ) -> Result<Consumer, Error> {
-        let inner = Arc::new(Inner {
-            pool,
-            topic: topic.to_string(),
-            subscription: subscription.to_string(),
-            consumer_id,
-            conn: Mutex::default(),
-            options,
-        });
+        let ids = AtomicU64::new(consumer_id);
+        Consumer::subscribe_topics(pool, &[topic.to_string()], subscription, &ids, options).await
+    }
+
+    /// Subscribes to every topic named (and every partition of the
+    /// partitioned ones) under one subscription name.
+    pub(crate) async fn subscribe_topics(
+        pool: Arc<Pool>,
+        topics: &[String],
+        subscription: &str,
+        ids: &AtomicU64,
+        options: ConsumerOptions,
+    ) -> Result<Consumer, Error> {
+        if topics.is_empty() {
+            return Err(Error::Protocol("no topic to subscribe to".into()));
+        }
+        let mut names: Vec<(String, Option<i32>)> = Vec::new();
+        for t in topics {
+            match pool.partitions(t).await? {
+                0 => names.push((t.clone(), None)),
+                n => names.extend((0..n as i32).map(|i| (format!("{t}-partition-{i}"), Some(i)))),
+            }
+        }
+        let parts: Vec<Arc<Inner>> = names
+            .into_iter()
+            .enumerate()
+            .map(|(part, (topic, partition))| {
+                Arc::new(Inner {
+                    pool: pool.clone(),
+                    part,
+                    topic_name: topic.as_str().into(),
+                    topic,
+                    partition,
+                    subscription: subscription.to_string(),
+                    consumer_id: ids.fetch_add(1, Ordering::Relaxed),
+                    conn: Mutex::default(),
+                    options: options.clone(),
+                })
+            })
+            .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(inner.options.operation_timeout_ms);
-        let route = inner
-            .subscribe_until(None, Some(deadline), &mut Backoff::default(), &tx)
-            .await?;
-        let task = tokio::spawn(run(inner.clone(), route, tx));
-        let state = ConsumerState::new(inner.options.receiver_queue);
+            tokio::time::Instant::now() + Duration::from_millis(options.operation_timeout_ms);
+        let subscribing = parts.iter().map(|inner| {
+            let tx = tx.clone();
+            async move {
+                inner
+                    .subscribe_until(None, Some(deadline), &mut Backoff::default(), &tx)
+                    .await
+            }
+        });
+        let routes = match futures::future::try_join_all(subscribing).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave nothing half subscribed behind.
+                for inner in &parts {
+                    let _ = close_part(inner).await;
+                }
+                return Err(e);
+            }
+        };
+        let mut tasks: Vec<_> = parts
+            .iter()
+            .zip(routes)
+            .map(|(inner, route)| tokio::spawn(run(inner.clone(), route, tx.clone())))
+            .collect();
+        let nack_delay = Duration::from_millis(options.nack_redelivery_delay_ms);
+        let ack_timeout = Duration::from_millis(options.ack_timeout_ms);
+        let redelivery = Arc::new(Mutex::new(Redelivery::new(
+            nack_delay,
+            (options.ack_timeout_ms > 0).then_some(ack_timeout),
+        )));
+        let every = nack_delay
+            .min(if ack_timeout.is_zero() {
+                nack_delay
+            } else {
+                ack_timeout
+            })
+            .div_f32(4.0)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        tasks.push(tokio::spawn(redeliver_due(
+            parts.clone(),
+            redelivery.clone(),
+            every,
+        )));
         Ok(Consumer {
-            inner,
+            states: parts
+                .iter()
+                .map(|_| ConsumerState::new(options.receiver_queue))
+                .collect(),
+            ended: vec![false; parts.len()],
+            parts,
             events: rx,
             queue: VecDeque::new(),
-            state,
-            task,
-            end_of_topic: false,
+            redelivery,
+            tasks,
         })
     }
 
-    fn flow(&self, permits: u32) -> Result<(), Error> {
-        let mut cmd = base(Type::Flow);
-        cmd.flow = Some(CommandFlow {
-            consumer_id: self.inner.consumer_id,
-            message_permits: permits,
-        });
-        self.inner.send(&cmd)
+    /// The topic (the first one, for a consumer of several).
+    pub fn topic(&self) -> &str {
+        let t = &self.parts[0].topic;
+        match self.parts[0].partition {
+            Some(_) => t.rsplit_once("-partition-").map_or(t, |(base, _)| base),
+            None => t,
+        }
     }
 
-    fn unpack(&mut self, cmd: BaseCommand, payload: Option<Payload>) -> Result<(), Error> {
+    /// The topics (partitions) this consumer reads.
+    pub fn topics(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.topic.clone()).collect()
+    }
+
+    fn flow(&self, part: usize, permits: u32) -> Result<(), Error> {
+        let inner = &self.parts[part];
+        let mut cmd = base(Type::Flow);
+        cmd.flow = Some(CommandFlow {
+            consumer_id: inner.consumer_id,
+            message_permits: permits,
+        });
+        inner.send(&cmd)
+    }
+
+    fn unpack(
+        &mut self,
+        part: usize,
+        cmd: BaseCommand,
+        payload: Option<Payload>,
+    ) -> Result<(), Error> {
         if cmd.reached_end_of_topic.is_some() {
-            self.end_of_topic = true;
+            self.ended[part] = true;
             return Ok(());
         }
         let (Some(m), Some(pl)) = (cmd.message, payload) else {
@@ -304,6 +469,10 @@ impl Consumer {
         };
         let md = &pl.metadata;
         let mut id = MessageId::from_data(&m.message_id);
+        if let Some(p) = self.parts[part].partition {
+            id.partition = p;
+        }
+        let topic = self.parts[part].topic_name.clone();
         let redelivery_count = m.redelivery_count.unwrap_or(0);
         let body = match md.compression.filter(|c| *c != 0) {
             None => pl.payload(),
@@ -315,7 +484,7 @@ impl Consumer {
                     });
                 match inflated {
                     Ok(b) => b,
-                    Err(e) => return self.discard(id, e),
+                    Err(e) => return self.discard(part, id, e),
                 }
             }
         };
@@ -323,7 +492,7 @@ impl Consumer {
             Some(n) => {
                 let items = match decode_batch(body, n.max(0) as usize) {
                     Ok(items) => items,
-                    Err(e) => return self.discard(id, Error::Protocol(e.to_string())),
+                    Err(e) => return self.discard(part, id, Error::Protocol(e.to_string())),
                 };
                 // Messages a compaction took out keep their places (ids)
                 // but are not delivered.
@@ -331,8 +500,7 @@ impl Consumer {
                     .iter()
                     .filter(|it| it.metadata.compacted_out != Some(true))
                     .count();
-                self.state
-                    .batch_arrived((id.ledger_id, id.entry_id), live as u32);
+                self.states[part].batch_arrived((id.ledger_id, id.entry_id), live as u32);
                 for (i, item) in items.into_iter().enumerate() {
                     if item.metadata.compacted_out == Some(true) {
                         continue;
@@ -340,23 +508,27 @@ impl Consumer {
                     id.batch_index = i as i32;
                     self.queue.push_back(Message {
                         id,
+                        topic: topic.clone(),
                         payload: item.payload,
                         key: item.metadata.partition_key,
                         properties: magnetar_proto::commands::properties(&item.metadata.properties),
                         publish_time_ms: md.publish_time,
                         redelivery_count,
                         batch_size: n as u32,
+                        part,
                     });
                 }
             }
             None => self.queue.push_back(Message {
                 id,
+                topic,
                 payload: body,
                 key: md.partition_key.clone(),
                 properties: magnetar_proto::commands::properties(&md.properties),
                 publish_time_ms: md.publish_time,
                 redelivery_count,
                 batch_size: 0,
+                part,
             }),
         }
         Ok(())
@@ -366,45 +538,64 @@ impl Consumer {
     /// batch that does not parse) is acknowledged and dropped, as Pulsar's
     /// clients do: redelivering it would only fail again and block the
     /// subscription.
-    fn discard(&mut self, id: MessageId, e: Error) -> Result<(), Error> {
-        tracing::warn!(topic = %self.inner.topic, message = %id, error = %e, "dropping a message that cannot be read");
-        if let Some(permits) = self.state.taken() {
-            self.flow(permits)?;
+    fn discard(&mut self, part: usize, id: MessageId, e: Error) -> Result<(), Error> {
+        tracing::warn!(topic = %self.parts[part].topic, message = %id, error = %e, "dropping a message that cannot be read");
+        if let Some(permits) = self.states[part].taken() {
+            self.flow(part, permits)?;
         }
-        self.send_ack(id, AckType::Individual)
+        self.send_ack(part, id, AckType::Individual)
     }
 
-    /// Whether the topic is terminated and every message of it was
+    /// Whether every topic is terminated and every message of it was
     /// received (the broker says so once the consumer read the last one).
     pub fn has_reached_end_of_topic(&self) -> bool {
-        self.end_of_topic && self.queue.is_empty()
+        self.ended.iter().all(|e| *e) && self.queue.is_empty()
+    }
+
+    /// The next message, or `None` once every topic has ended.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+        loop {
+            if let Some(m) = self.queue.pop_front() {
+                if let Some(permits) = self.states[m.part].taken() {
+                    if let Err(e) = self.flow(m.part, permits) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                lock(&self.redelivery)
+                    .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
+                return Poll::Ready(Some(Ok(m)));
+            }
+            if self.ended.iter().all(|e| *e) {
+                return Poll::Ready(None);
+            }
+            let (part, event) = match self.events.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Some(Err(Error::Closed))),
+                Poll::Ready(Some(ev)) => ev,
+            };
+            match event {
+                Event::Message(m) => {
+                    let (cmd, payload) = *m;
+                    if let Err(e) = self.unpack(part, cmd, payload) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Event::Subscribed => {
+                    self.ended[part] = false;
+                    self.queue.retain(|m| m.part != part);
+                    self.states[part].subscribed();
+                    lock(&self.redelivery).subscribed(part);
+                }
+            }
+        }
     }
 
     /// The next message, waiting as long as it takes (across reconnects);
     /// `Error::EndOfTopic` once a terminated topic has nothing more.
     pub async fn receive(&mut self) -> Result<Message, Error> {
-        loop {
-            if let Some(m) = self.queue.pop_front() {
-                if let Some(permits) = self.state.taken() {
-                    self.flow(permits)?;
-                }
-                return Ok(m);
-            }
-            if self.end_of_topic {
-                return Err(Error::EndOfTopic);
-            }
-            match self.events.recv().await.ok_or(Error::Closed)? {
-                Event::Message(m) => {
-                    let (cmd, payload) = *m;
-                    self.unpack(cmd, payload)?
-                }
-                Event::Subscribed => {
-                    self.end_of_topic = false;
-                    self.queue.clear();
-                    self.state.subscribed();
-                }
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_message(cx))
+            .await
+            .unwrap_or(Err(Error::EndOfTopic))
     }
 
     /// `receive` with a timeout; `Ok(None)` when nothing came in time.
@@ -415,12 +606,13 @@ impl Consumer {
         }
     }
 
-    fn ack_command(&self, id: MessageId, ack_type: AckType) -> BaseCommand {
+    fn ack_command(&self, part: usize, id: MessageId, ack_type: AckType) -> BaseCommand {
         let mut cmd = base(Type::Ack);
         let mut data = id.to_data();
         data.batch_index = None;
+        data.partition = None;
         cmd.ack = Some(CommandAck {
-            consumer_id: self.inner.consumer_id,
+            consumer_id: self.parts[part].consumer_id,
             ack_type: ack_type as i32,
             message_id: vec![data],
             ..Default::default()
@@ -428,19 +620,41 @@ impl Consumer {
         cmd
     }
 
-    fn send_ack(&self, id: MessageId, ack_type: AckType) -> Result<(), Error> {
-        self.inner.send(&self.ack_command(id, ack_type))
+    fn send_ack(&self, part: usize, id: MessageId, ack_type: AckType) -> Result<(), Error> {
+        self.parts[part].send(&self.ack_command(part, id, ack_type))
+    }
+
+    fn part_of(&self, msg: &Message) -> Result<usize, Error> {
+        match self.parts.get(msg.part) {
+            Some(p) if Arc::ptr_eq(&p.topic_name, &msg.topic) => Ok(msg.part),
+            _ => Err(Error::Protocol(format!(
+                "message {} of {} was not received by this consumer",
+                msg.id, msg.topic
+            ))),
+        }
+    }
+
+    /// Whether acknowledging `msg` completes its entry (every message of a
+    /// batch acknowledged); tracking updated.
+    fn entry_done(&mut self, part: usize, msg: &Message) -> bool {
+        let entry = (msg.id.ledger_id, msg.id.entry_id);
+        if msg.batch_size > 0 && !self.states[part].ack_in_batch(entry) {
+            return false;
+        }
+        lock(&self.redelivery).acked((part, entry.0, entry.1));
+        true
     }
 
     /// `ack`, answered by the broker once the acknowledgement is stored (an
     /// ack receipt). A message of a batch whose other messages are not all
     /// acknowledged yet needs no round trip: it returns at once.
     pub async fn ack_with_receipt(&mut self, msg: &Message) -> Result<(), Error> {
-        if msg.batch_size > 0 && !self.state.ack_in_batch((msg.id.ledger_id, msg.id.entry_id)) {
+        let part = self.part_of(msg)?;
+        if !self.entry_done(part, msg) {
             return Ok(());
         }
-        self.inner
-            .request(self.ack_command(msg.id, AckType::Individual))
+        self.parts[part]
+            .request(self.ack_command(part, msg.id, AckType::Individual))
             .await
             .map(|_| ())
     }
@@ -448,25 +662,29 @@ impl Consumer {
     /// `ack_cumulative`, answered once stored; a shared subscription
     /// refuses it with `NotAllowedError`.
     pub async fn ack_cumulative_with_receipt(&mut self, msg: &Message) -> Result<(), Error> {
-        self.inner
-            .request(self.ack_command(msg.id, AckType::Cumulative))
+        let part = self.part_of(msg)?;
+        self.parts[part]
+            .request(self.ack_command(part, msg.id, AckType::Cumulative))
             .await?;
-        self.state
-            .acked_through((msg.id.ledger_id, msg.id.entry_id));
+        self.states[part].acked_through((msg.id.ledger_id, msg.id.entry_id));
+        lock(&self.redelivery).acked_through(part, msg.id.ledger_id, msg.id.entry_id);
         Ok(())
     }
 
     /// Acknowledges one message. Messages of a batch are acked to the broker
     /// together, when the last of them is acked.
     pub fn ack(&mut self, msg: &Message) -> Result<(), Error> {
-        if msg.batch_size > 0 && !self.state.ack_in_batch((msg.id.ledger_id, msg.id.entry_id)) {
+        let part = self.part_of(msg)?;
+        if !self.entry_done(part, msg) {
             return Ok(());
         }
-        self.send_ack(msg.id, AckType::Individual)
+        self.send_ack(part, msg.id, AckType::Individual)
     }
 
-    /// Acknowledges this message and every one before it.
+    /// Acknowledges this message and every one before it (of its topic or
+    /// partition).
     pub fn ack_cumulative(&mut self, msg: &Message) -> Result<(), Error> {
+        let part = self.part_of(msg)?;
         let mut id = msg.id;
         if msg.batch_size > 0 && msg.id.batch_index + 1 < msg.batch_size as i32 {
             // Not the last of its batch: everything up to the previous entry.
@@ -475,83 +693,163 @@ impl Consumer {
             }
             id.entry_id -= 1;
         }
-        self.state.acked_through((id.ledger_id, id.entry_id));
-        self.send_ack(id, AckType::Cumulative)
+        self.states[part].acked_through((id.ledger_id, id.entry_id));
+        lock(&self.redelivery).acked_through(part, id.ledger_id, id.entry_id);
+        self.send_ack(part, id, AckType::Cumulative)
+    }
+
+    /// Negatively acknowledges a message: the broker sends it (its whole
+    /// batch, for a batched message) again after the consumer's nack
+    /// redelivery delay, with its redelivery count raised.
+    pub fn nack(&mut self, msg: &Message) -> Result<(), Error> {
+        let part = self.part_of(msg)?;
+        lock(&self.redelivery).nacked((part, msg.id.ledger_id, msg.id.entry_id), Instant::now());
+        Ok(())
     }
 
     /// Asks the broker to send every unacknowledged message again.
     pub fn redeliver_unacknowledged(&mut self) -> Result<(), Error> {
         self.queue.clear();
-        let mut cmd = base(Type::RedeliverUnacknowledgedMessages);
-        cmd.redeliver_unacknowledged_messages = Some(CommandRedeliverUnacknowledgedMessages {
-            consumer_id: self.inner.consumer_id,
-            ..Default::default()
-        });
-        self.inner.send(&cmd)
-    }
-
-    async fn seek_to(
-        &mut self,
-        message_id: Option<MessageId>,
-        time: Option<u64>,
-    ) -> Result<(), Error> {
-        let mut cmd = base(Type::Seek);
-        cmd.seek = Some(CommandSeek {
-            consumer_id: self.inner.consumer_id,
-            request_id: 0,
-            message_id: message_id.map(|m| m.to_data()),
-            message_publish_time: time,
-        });
-        self.inner.request(cmd).await?;
-        self.queue.clear();
+        for (part, inner) in self.parts.iter().enumerate() {
+            lock(&self.redelivery).subscribed(part);
+            let mut cmd = base(Type::RedeliverUnacknowledgedMessages);
+            cmd.redeliver_unacknowledged_messages = Some(CommandRedeliverUnacknowledgedMessages {
+                consumer_id: inner.consumer_id,
+                ..Default::default()
+            });
+            inner.send(&cmd)?;
+        }
         Ok(())
     }
 
-    /// Moves the subscription to `id` (re-delivering from there).
-    pub async fn seek(&mut self, id: MessageId) -> Result<(), Error> {
-        self.seek_to(Some(id), None).await
+    async fn seek_part(
+        &mut self,
+        part: usize,
+        message_id: Option<MessageId>,
+        time: Option<u64>,
+    ) -> Result<(), Error> {
+        let inner = self.parts[part].clone();
+        let mut cmd = base(Type::Seek);
+        cmd.seek = Some(CommandSeek {
+            consumer_id: inner.consumer_id,
+            request_id: 0,
+            message_id: message_id.map(|m| {
+                let mut d = m.to_data();
+                d.partition = None;
+                d
+            }),
+            message_publish_time: time,
+        });
+        inner.request(cmd).await?;
+        self.queue.retain(|m| m.part != part);
+        lock(&self.redelivery).subscribed(part);
+        Ok(())
     }
 
-    /// Moves the subscription to the first message published at or after
-    /// `publish_time_ms`.
+    /// Moves the subscription to `id` (re-delivering from there). On a
+    /// partitioned topic the id's partition is moved; an id without a
+    /// partition (such as [`MessageId::EARLIEST`]) moves every one.
+    pub async fn seek(&mut self, id: MessageId) -> Result<(), Error> {
+        let targets: Vec<usize> = if self.parts.len() == 1 || id.partition < 0 {
+            (0..self.parts.len()).collect()
+        } else {
+            self.parts
+                .iter()
+                .filter(|p| p.partition == Some(id.partition))
+                .map(|p| p.part)
+                .collect()
+        };
+        if targets.is_empty() {
+            return Err(Error::Protocol(format!(
+                "no partition {} here",
+                id.partition
+            )));
+        }
+        for part in targets {
+            self.seek_part(part, Some(id), None).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the subscription (every topic and partition of it) to the
+    /// first message published at or after `publish_time_ms`.
     pub async fn seek_time(&mut self, publish_time_ms: u64) -> Result<(), Error> {
-        self.seek_to(None, Some(publish_time_ms)).await
+        for part in 0..self.parts.len() {
+            self.seek_part(part, None, Some(publish_time_ms)).await?;
+        }
+        Ok(())
     }
 
     /// The id of the last message stored in the topic (entry id `u64::MAX`,
-    /// i.e. -1, when the topic is empty).
+    /// i.e. -1, when the topic is empty); for several topics or partitions,
+    /// see [`Consumer::last_message_ids`].
     pub async fn last_message_id(&self) -> Result<MessageId, Error> {
-        let mut cmd = base(Type::GetLastMessageId);
-        cmd.get_last_message_id = Some(CommandGetLastMessageId {
-            consumer_id: self.inner.consumer_id,
-            request_id: 0,
-        });
-        let resp = self.inner.request(cmd).await?;
-        let r = resp
-            .get_last_message_id_response
-            .ok_or_else(|| Error::Protocol("no GET_LAST_MESSAGE_ID_RESPONSE".into()))?;
-        Ok(MessageId::from_data(&r.last_message_id))
+        if self.parts.len() > 1 {
+            return Err(Error::Protocol(
+                "a consumer of several topics or partitions: use last_message_ids".into(),
+            ));
+        }
+        last_message_id(&self.parts[0]).await
+    }
+
+    /// The id of the last message of each topic or partition.
+    pub async fn last_message_ids(&self) -> Result<Vec<MessageId>, Error> {
+        futures::future::try_join_all(self.parts.iter().map(|p| last_message_id(p))).await
     }
 
     pub async fn close(self) -> Result<(), Error> {
-        self.task.abort();
-        let Some(conn) = self.inner.conn() else {
-            return Ok(());
-        };
-        let mut cmd = base(Type::CloseConsumer);
-        cmd.close_consumer = Some(CommandCloseConsumer {
-            consumer_id: self.inner.consumer_id,
-            request_id: 0,
-            ..Default::default()
-        });
-        let res = conn.request(cmd).await.map(|_| ());
-        conn.unregister_consumer(self.inner.consumer_id);
-        res
+        for t in &self.tasks {
+            t.abort();
+        }
+        let closing = self.parts.iter().map(|p| close_part(p));
+        futures::future::try_join_all(closing).await.map(|_| ())
+    }
+}
+
+async fn last_message_id(inner: &Inner) -> Result<MessageId, Error> {
+    let mut cmd = base(Type::GetLastMessageId);
+    cmd.get_last_message_id = Some(CommandGetLastMessageId {
+        consumer_id: inner.consumer_id,
+        request_id: 0,
+    });
+    let resp = inner.request(cmd).await?;
+    let r = resp
+        .get_last_message_id_response
+        .ok_or_else(|| Error::Protocol("no GET_LAST_MESSAGE_ID_RESPONSE".into()))?;
+    let mut id = MessageId::from_data(&r.last_message_id);
+    if let Some(p) = inner.partition {
+        id.partition = p;
+    }
+    Ok(id)
+}
+
+async fn close_part(inner: &Inner) -> Result<(), Error> {
+    let Some(conn) = inner.conn() else {
+        return Ok(());
+    };
+    let mut cmd = base(Type::CloseConsumer);
+    cmd.close_consumer = Some(CommandCloseConsumer {
+        consumer_id: inner.consumer_id,
+        request_id: 0,
+        ..Default::default()
+    });
+    let res = conn.request(cmd).await.map(|_| ());
+    conn.unregister_consumer(inner.consumer_id);
+    res
+}
+
+impl futures::Stream for Consumer {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_message(cx)
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }

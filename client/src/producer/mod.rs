@@ -7,6 +7,7 @@
 pub mod partitioned;
 pub mod state;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ use crate::backoff::Backoff;
 use crate::compression::Compression;
 use crate::pool::Pool;
 use crate::{now_ms, Connection, Error, MessageId, OutgoingMessage};
+pub use partitioned::HashingScheme;
+use partitioned::Router;
 use state::{ProducerState, ReceiptOutcome};
 
 #[derive(Debug, Clone)]
@@ -40,6 +43,8 @@ pub struct ProducerOptions {
     pub access_mode: AccessMode,
     /// How entries (single messages and whole batches) are compressed.
     pub compression: Compression,
+    /// How a key picks its partition on a partitioned topic.
+    pub hashing_scheme: HashingScheme,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -68,6 +73,7 @@ impl Default for ProducerOptions {
             operation_timeout_ms: 30_000,
             access_mode: AccessMode::Shared,
             compression: Compression::None,
+            hashing_scheme: HashingScheme::JavaStringHash,
         }
     }
 }
@@ -396,22 +402,22 @@ async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<Base
     }
 }
 
-/// Sends messages to one topic, following it from broker to broker.
-pub struct Producer {
+/// The producer of one topic or partition: its state and its tasks.
+struct Part {
     inner: Arc<ProducerInner>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Producer {
-    pub(crate) async fn create(
+impl Part {
+    async fn create(
         pool: Arc<Pool>,
-        topic: &str,
+        topic: String,
         producer_id: u64,
         options: ProducerOptions,
-    ) -> Result<Producer, Error> {
+    ) -> Result<Part, Error> {
         let inner = Arc::new(ProducerInner {
             pool,
-            topic: topic.to_string(),
+            topic,
             producer_id,
             shared: Mutex::new(Shared {
                 state: ProducerState::new(0),
@@ -444,32 +450,10 @@ impl Producer {
                 }
             }));
         }
-        Ok(Producer { inner, tasks })
+        Ok(Part { inner, tasks })
     }
 
-    pub fn name(&self) -> String {
-        self.inner.lock().name.clone().unwrap_or_default()
-    }
-
-    pub fn topic(&self) -> &str {
-        &self.inner.topic
-    }
-
-    /// Messages sent and not yet acknowledged.
-    pub fn pending(&self) -> usize {
-        let sh = self.inner.lock();
-        sh.state.messages() + sh.batch.len()
-    }
-
-    /// Queues a message and returns a future of its receipt: it resolves
-    /// once the broker has stored the message durably (after reconnects if
-    /// the topic moves meanwhile).
-    pub fn send_async(
-        &self,
-        msg: impl Into<OutgoingMessage>,
-    ) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
-        let msg = msg.into();
-        let (tx, rx) = oneshot::channel();
+    fn send(&self, msg: OutgoingMessage, tx: Receipt) {
         let p = &self.inner;
         if p.options.batching && msg.deliver_at_ms.is_none() {
             let flush = {
@@ -516,26 +500,12 @@ impl Producer {
                 vec![tx],
             );
         }
-        async move { rx.await.unwrap_or(Err(Error::Closed)) }
     }
 
-    /// Sends a message and waits for its receipt.
-    pub async fn send(&self, msg: impl Into<OutgoingMessage>) -> Result<MessageId, Error> {
-        let f = self.send_async(msg);
-        self.flush();
-        f.await
-    }
-
-    /// Sends what is waiting in the current batch now.
-    pub fn flush(&self) {
-        self.inner.flush_batch();
-    }
-
-    /// Flushes, waits (up to the send timeout) for the pending messages'
+    /// Flushes, waits (up to `deadline`) for the pending messages'
     /// receipts, and closes the producer on the broker.
-    pub async fn close(self) -> Result<(), Error> {
-        self.flush();
-        let deadline = Instant::now() + Duration::from_millis(self.inner.options.send_timeout_ms);
+    async fn close(&self, deadline: Instant) -> Result<(), Error> {
+        self.inner.flush_batch();
         while !self.inner.lock().state.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -550,10 +520,140 @@ impl Producer {
     }
 }
 
-impl Drop for Producer {
+impl Drop for Part {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Sends messages to one topic, following it from broker to broker. On a
+/// partitioned topic it holds a producer per partition and routes each
+/// message by its key (see [`HashingScheme`]) or round robin.
+pub struct Producer {
+    topic: String,
+    parts: Vec<Part>,
+    /// Set on a partitioned topic.
+    router: Option<Mutex<Router>>,
+}
+
+impl Producer {
+    pub(crate) async fn create(
+        pool: Arc<Pool>,
+        topic: &str,
+        ids: &AtomicU64,
+        options: ProducerOptions,
+    ) -> Result<Producer, Error> {
+        let partitions = pool.partitions(topic).await?;
+        if partitions == 0 {
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            let part = Part::create(pool, topic.to_string(), id, options).await?;
+            return Ok(Producer {
+                topic: topic.to_string(),
+                parts: vec![part],
+                router: None,
+            });
+        }
+        let creating = (0..partitions).map(|i| {
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            Part::create(
+                pool.clone(),
+                format!("{topic}-partition-{i}"),
+                id,
+                options.clone(),
+            )
+        });
+        let parts = futures::future::try_join_all(creating).await?;
+        let switch_ms = options.batching.then_some(options.batch_delay_ms);
+        // Round robin starts somewhere different for each producer.
+        let start = (now_ms() ^ ids.load(Ordering::Relaxed).wrapping_mul(0x9e37_79b9)) as u32;
+        Ok(Producer {
+            topic: topic.to_string(),
+            parts,
+            router: Some(Mutex::new(Router::new(
+                options.hashing_scheme,
+                partitions,
+                start,
+                switch_ms,
+            ))),
+        })
+    }
+
+    /// The producer's name (of its first partition's producer, on a
+    /// partitioned topic).
+    pub fn name(&self) -> String {
+        self.parts[0].inner.lock().name.clone().unwrap_or_default()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// How many partitions the topic has (0: not partitioned).
+    pub fn partitions(&self) -> u32 {
+        if self.router.is_some() {
+            self.parts.len() as u32
+        } else {
+            0
+        }
+    }
+
+    /// Messages sent and not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| {
+                let sh = p.inner.lock();
+                sh.state.messages() + sh.batch.len()
+            })
+            .sum()
+    }
+
+    /// Queues a message and returns a future of its receipt: it resolves
+    /// once the broker has stored the message durably (after reconnects if
+    /// the topic moves meanwhile).
+    pub fn send_async(
+        &self,
+        msg: impl Into<OutgoingMessage>,
+    ) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
+        let msg = msg.into();
+        let (tx, rx) = oneshot::channel();
+        let partition = self.router.as_ref().map(|r| {
+            r.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .route(msg.key.as_deref(), now_ms())
+        });
+        self.parts[partition.unwrap_or(0) as usize].send(msg, tx);
+        async move {
+            let mut id = rx.await.unwrap_or(Err(Error::Closed))?;
+            if let Some(p) = partition {
+                id.partition = p as i32;
+            }
+            Ok(id)
+        }
+    }
+
+    /// Sends a message and waits for its receipt.
+    pub async fn send(&self, msg: impl Into<OutgoingMessage>) -> Result<MessageId, Error> {
+        let f = self.send_async(msg);
+        self.flush();
+        f.await
+    }
+
+    /// Sends what is waiting in the current batch now.
+    pub fn flush(&self) {
+        for p in &self.parts {
+            p.inner.flush_batch();
+        }
+    }
+
+    /// Flushes, waits (up to the send timeout) for the pending messages'
+    /// receipts, and closes the producer on the broker.
+    pub async fn close(self) -> Result<(), Error> {
+        let timeout = self.parts[0].inner.options.send_timeout_ms;
+        let deadline = Instant::now() + Duration::from_millis(timeout);
+        let closing = self.parts.iter().map(|p| p.close(deadline));
+        futures::future::try_join_all(closing).await.map(|_| ())
     }
 }
