@@ -18,6 +18,13 @@ pub enum Error {
     /// The topic was terminated and every message of it was received.
     #[error("end of topic: the topic is terminated and every message was received")]
     EndOfTopic,
+    /// The producer has as many messages waiting for receipts as it may
+    /// (`max_pending_messages`), or the client's memory limit is reached.
+    #[error("producer queue is full")]
+    ProducerQueueFull,
+    /// A builder was given settings that cannot work together.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -33,7 +40,8 @@ impl Error {
                     | ServerError::MetadataError
                     | ServerError::TooManyRequests)
             ),
-            Error::Protocol(_) | Error::EndOfTopic => false,
+            Error::ProducerQueueFull => true,
+            Error::Protocol(_) | Error::EndOfTopic | Error::Config(_) => false,
         }
     }
 

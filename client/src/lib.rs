@@ -18,39 +18,93 @@ mod message;
 pub mod pool;
 pub mod producer;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub use compression::Compression;
 pub use connection::Connection;
+pub use consumer::builder::{ConsumerBuilder, InitialPosition};
+pub use consumer::reader::{Reader, ReaderBuilder};
 pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
 pub use error::Error;
 pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
-pub use producer::{AccessMode, HashingScheme, Producer, ProducerOptions};
+pub use producer::builder::ProducerBuilder;
+pub use producer::{AccessMode, HashingScheme, Producer, ProducerOptions, SendFuture};
 
-/// A client of a Magnetar (or Pulsar) cluster.
-#[derive(Clone)]
-pub struct Client {
-    pool: Arc<pool::Pool>,
-    ids: Arc<AtomicU64>,
+/// Settings of a client; see [`Client::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct ClientBuilder {
+    service_url: String,
+    config: ClientConfig,
 }
 
-impl Client {
-    /// A client of the brokers named by `service_url`
-    /// (`pulsar://host:port[,host:port...]`); connects to one of them to
-    /// check that the service is there.
-    pub async fn connect(service_url: &str) -> Result<Client, Error> {
-        let pool = Arc::new(pool::Pool::new(service_url)?);
+#[derive(Debug, Clone)]
+pub(crate) struct ClientConfig {
+    /// How long creating a producer or consumer keeps trying.
+    pub(crate) operation_timeout_ms: u64,
+}
+
+impl ClientBuilder {
+    /// How long creating a producer, consumer or reader keeps retrying
+    /// while its topic moves between brokers (default 30 s).
+    pub fn operation_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.config.operation_timeout_ms = timeout.as_millis().max(1) as u64;
+        self
+    }
+
+    /// Connects to one of the brokers to check the service is there.
+    pub async fn build(self) -> Result<Client, Error> {
+        let pool = Arc::new(pool::Pool::new(&self.service_url)?);
         pool.any().await?;
         Ok(Client {
             pool,
             ids: Arc::new(AtomicU64::new(1)),
+            config: Arc::new(self.config),
         })
     }
+}
 
-    fn next_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
+/// A client of a Magnetar (or Pulsar) cluster: cheap to clone, one
+/// connection per broker shared by everything created from it.
+#[derive(Clone)]
+pub struct Client {
+    pool: Arc<pool::Pool>,
+    ids: Arc<AtomicU64>,
+    config: Arc<ClientConfig>,
+}
+
+impl Client {
+    /// A client of the brokers named by `service_url`
+    /// (`pulsar://host:port[,host:port...]`), to configure and `build`.
+    pub fn builder(service_url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            service_url: service_url.into(),
+            config: ClientConfig {
+                operation_timeout_ms: 30_000,
+            },
+        }
+    }
+
+    /// A client with the default settings; connects to one of the brokers
+    /// to check that the service is there.
+    pub async fn connect(service_url: &str) -> Result<Client, Error> {
+        Client::builder(service_url).build().await
+    }
+
+    /// A producer of `topic`, to configure and `create`.
+    pub fn producer(&self, topic: impl Into<String>) -> ProducerBuilder {
+        ProducerBuilder::new(self.clone(), topic.into())
+    }
+
+    /// A consumer, to give topics and a subscription and `subscribe`.
+    pub fn consumer(&self) -> ConsumerBuilder {
+        ConsumerBuilder::new(self.clone())
+    }
+
+    /// A reader of `topic`, to give a start and `create`.
+    pub fn reader(&self, topic: impl Into<String>) -> ReaderBuilder {
+        ReaderBuilder::new(self.clone(), topic.into())
     }
 
     /// Opens a producer on the broker that serves `topic`.
@@ -69,14 +123,7 @@ impl Client {
         subscription: &str,
         options: ConsumerOptions,
     ) -> Result<Consumer, Error> {
-        Consumer::subscribe(
-            self.pool.clone(),
-            topic,
-            subscription,
-            self.next_id(),
-            options,
-        )
-        .await
+        Consumer::subscribe(self.pool.clone(), topic, subscription, &self.ids, options).await
     }
 
     /// The URL of the broker that serves `topic` now.

@@ -35,9 +35,18 @@ impl MessageId {
         }
     }
 
+    /// Before the first message of a topic.
     pub const EARLIEST: MessageId = MessageId {
         ledger_id: u64::MAX,
         entry_id: u64::MAX,
+        partition: -1,
+        batch_index: -1,
+    };
+
+    /// After the last message of a topic (Pulsar's `(Long.MAX, Long.MAX)`).
+    pub const LATEST: MessageId = MessageId {
+        ledger_id: i64::MAX as u64,
+        entry_id: i64::MAX as u64,
         partition: -1,
         batch_index: -1,
     };
@@ -84,6 +93,15 @@ impl From<Vec<u8>> for OutgoingMessage {
     fn from(payload: Vec<u8>) -> Self {
         OutgoingMessage {
             payload: payload.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<String> for OutgoingMessage {
+    fn from(s: String) -> Self {
+        OutgoingMessage {
+            payload: s.into_bytes().into(),
             ..Default::default()
         }
     }

@@ -321,14 +321,33 @@ pub async fn last_message_id(conn: &mut Conn, c: Option<CommandGetLastMessageId>
     };
     let (reply, rx) = oneshot::channel();
     slot.handle.tell(SubEvent::MarkDelete { reply }).await;
-    let md = rx.await.ok();
-    let mut r = base(Type::GetLastMessageIdResponse);
-    r.get_last_message_id_response = Some(CommandGetLastMessageIdResponse {
-        last_message_id: slot.topic.last_message(slot.read_compacted).message_id(),
-        request_id: c.request_id,
-        consumer_mark_delete_position: md.map(Position::message_id),
+    let shared = conn.shared.clone();
+    // The last entry may have to be read: not on the connection's loop.
+    tokio::spawn(async move {
+        let md = rx.await.ok();
+        let last = slot.topic.last_message(slot.read_compacted);
+        let mut last_message_id = last.message_id();
+        // Of a batch, the last message's index (as Pulsar answers), so a
+        // reader inside that batch knows whether anything is left.
+        if !slot.read_compacted && last.entry_id >= 0 {
+            if let Ok(entry) = slot.topic.ml.read(last).await {
+                if let Some(n) = magnetar_proto::Payload::parse(entry)
+                    .ok()
+                    .and_then(|pl| pl.metadata.num_messages_in_batch)
+                    .filter(|n| *n > 0)
+                {
+                    last_message_id.batch_index = Some(n - 1);
+                }
+            }
+        }
+        let mut r = base(Type::GetLastMessageIdResponse);
+        r.get_last_message_id_response = Some(CommandGetLastMessageIdResponse {
+            last_message_id,
+            request_id: c.request_id,
+            consumer_mark_delete_position: md.map(Position::message_id),
+        });
+        shared.send(&r).await;
     });
-    conn.shared.send(&r).await;
     true
 }
 

@@ -5,6 +5,8 @@
 //! yet taken by the application are dropped then: the broker redelivers
 //! everything unacknowledged to the new subscription.
 
+pub mod builder;
+pub mod reader;
 pub mod redelivery;
 pub mod state;
 
@@ -110,6 +112,9 @@ struct Inner {
     topic_name: Arc<str>,
     /// The partition index on a partitioned topic.
     partition: Option<i32>,
+    /// A reader's place: (message, whether it is still to be read). It
+    /// subscribes again from there, never from its first start.
+    resume: Option<Mutex<(MessageId, bool)>>,
     subscription: String,
     consumer_id: u64,
     options: ConsumerOptions,
@@ -154,6 +159,20 @@ impl Inner {
             consumer_name: self.options.consumer_name.clone(),
             priority_level: Some(self.options.priority_level),
             read_compacted: Some(self.options.read_compacted),
+            durable: self.resume.as_ref().map(|_| false),
+            start_message_id: self.resume.as_ref().map(|r| {
+                let (id, inclusive) = *lock(r);
+                let mut d = id.to_data();
+                d.partition = None;
+                let specific = id != MessageId::EARLIEST && id != MessageId::LATEST;
+                if specific && (inclusive || id.batch_index >= 0) {
+                    // The whole entry comes; what precedes is skipped.
+                    d.batch_index = Some(id.batch_index.max(0));
+                } else {
+                    d.batch_index = None;
+                }
+                d
+            }),
             key_shared_meta: (self.options.sub_type == SubscriptionType::KeyShared).then(|| {
                 let ranges = self.options.sticky_ranges.clone().unwrap_or_default();
                 KeySharedMeta {
@@ -317,6 +336,8 @@ pub struct Consumer {
     /// The broker said the part's topic is terminated and everything was
     /// sent.
     ended: Vec<bool>,
+    /// A reader's part skips what precedes where it (re)starts.
+    skip: Vec<Option<(MessageId, bool)>>,
     events: mpsc::UnboundedReceiver<(usize, Event)>,
     queue: VecDeque<Message>,
     redelivery: Arc<Mutex<Redelivery>>,
@@ -328,11 +349,11 @@ impl Consumer {
         pool: Arc<Pool>,
         topic: &str,
         subscription: &str,
-        consumer_id: u64,
+        ids: &AtomicU64,
         options: ConsumerOptions,
     ) -> Result<Consumer, Error> {
-        let ids = AtomicU64::new(consumer_id);
-        Consumer::subscribe_topics(pool, &[topic.to_string()], subscription, &ids, options).await
+        Consumer::subscribe_topics(pool, &[topic.to_string()], subscription, ids, options, None)
+            .await
     }
 
     /// Subscribes to every topic named (and every partition of the
@@ -343,6 +364,7 @@ impl Consumer {
         subscription: &str,
         ids: &AtomicU64,
         options: ConsumerOptions,
+        reader: Option<(MessageId, bool)>,
     ) -> Result<Consumer, Error> {
         if topics.is_empty() {
             return Err(Error::Protocol("no topic to subscribe to".into()));
@@ -364,6 +386,7 @@ impl Consumer {
                     topic_name: topic.as_str().into(),
                     topic,
                     partition,
+                    resume: reader.map(Mutex::new),
                     subscription: subscription.to_string(),
                     consumer_id: ids.fetch_add(1, Ordering::Relaxed),
                     conn: Mutex::default(),
@@ -422,6 +445,11 @@ impl Consumer {
                 .map(|_| ConsumerState::new(options.receiver_queue))
                 .collect(),
             ended: vec![false; parts.len()],
+            skip: vec![
+                reader
+                    .filter(|(id, _)| *id != MessageId::EARLIEST && *id != MessageId::LATEST);
+                parts.len()
+            ],
             parts,
             events: rx,
             queue: VecDeque::new(),
@@ -561,6 +589,15 @@ impl Consumer {
                         return Poll::Ready(Some(Err(e)));
                     }
                 }
+                if let Some((start, inclusive)) = self.skip[m.part] {
+                    if reader::before_start(&m.id, &start, inclusive) {
+                        continue;
+                    }
+                    self.skip[m.part] = None;
+                }
+                if let Some(r) = &self.parts[m.part].resume {
+                    *lock(r) = (m.id, false);
+                }
                 lock(&self.redelivery)
                     .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
                 return Poll::Ready(Some(Ok(m)));
@@ -582,6 +619,12 @@ impl Consumer {
                 }
                 Event::Subscribed => {
                     self.ended[part] = false;
+                    if let Some(r) = &self.parts[part].resume {
+                        let at = *lock(r);
+                        self.skip[part] = (at.0 != MessageId::EARLIEST
+                            && at.0 != MessageId::LATEST)
+                            .then_some(at);
+                    }
                     self.queue.retain(|m| m.part != part);
                     self.states[part].subscribed();
                     lock(&self.redelivery).subscribed(part);
@@ -742,6 +785,10 @@ impl Consumer {
         });
         inner.request(cmd).await?;
         self.queue.retain(|m| m.part != part);
+        self.skip[part] = None;
+        if let (Some(r), Some(id)) = (&inner.resume, message_id) {
+            *lock(r) = (id, true);
+        }
         lock(&self.redelivery).subscribed(part);
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! back-off, then sends every message still without a receipt again, in
 //! sequence order. Sends made meanwhile wait in the pending queue.
 
+pub mod builder;
 pub mod partitioned;
 pub mod state;
 
@@ -45,6 +46,9 @@ pub struct ProducerOptions {
     pub compression: Compression,
     /// How a key picks its partition on a partitioned topic.
     pub hashing_scheme: HashingScheme,
+    /// At most this many messages wait for receipts (per partition); a
+    /// send beyond it fails with `ProducerQueueFull`.
+    pub max_pending_messages: usize,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -74,6 +78,7 @@ impl Default for ProducerOptions {
             access_mode: AccessMode::Shared,
             compression: Compression::None,
             hashing_scheme: HashingScheme::JavaStringHash,
+            max_pending_messages: 10_000,
         }
     }
 }
@@ -402,6 +407,32 @@ async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<Base
     }
 }
 
+/// The receipt of a message sent with [`Producer::send_async`]: resolves to
+/// the message's id once the broker has stored it.
+#[must_use = "the message is sent either way; the future tells whether it was stored"]
+pub struct SendFuture {
+    rx: oneshot::Receiver<Result<MessageId, Error>>,
+    partition: Option<u32>,
+}
+
+impl std::future::Future for SendFuture {
+    type Output = Result<MessageId, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let partition = self.partition;
+        std::pin::Pin::new(&mut self.rx).poll(cx).map(|r| {
+            let mut id = r.unwrap_or(Err(Error::Closed))?;
+            if let Some(p) = partition {
+                id.partition = p as i32;
+            }
+            Ok(id)
+        })
+    }
+}
+
 /// The producer of one topic or partition: its state and its tasks.
 struct Part {
     inner: Arc<ProducerInner>,
@@ -455,6 +486,13 @@ impl Part {
 
     fn send(&self, msg: OutgoingMessage, tx: Receipt) {
         let p = &self.inner;
+        {
+            let sh = p.lock();
+            if sh.state.messages() + sh.batch.len() >= p.options.max_pending_messages {
+                let _ = tx.send(Err(Error::ProducerQueueFull));
+                return;
+            }
+        }
         if p.options.batching && msg.deliver_at_ms.is_none() {
             let flush = {
                 let mut sh = p.lock();
@@ -613,10 +651,7 @@ impl Producer {
     /// Queues a message and returns a future of its receipt: it resolves
     /// once the broker has stored the message durably (after reconnects if
     /// the topic moves meanwhile).
-    pub fn send_async(
-        &self,
-        msg: impl Into<OutgoingMessage>,
-    ) -> impl std::future::Future<Output = Result<MessageId, Error>> + Send + 'static {
+    pub fn send_async(&self, msg: impl Into<OutgoingMessage>) -> SendFuture {
         let msg = msg.into();
         let (tx, rx) = oneshot::channel();
         let partition = self.router.as_ref().map(|r| {
@@ -625,13 +660,7 @@ impl Producer {
                 .route(msg.key.as_deref(), now_ms())
         });
         self.parts[partition.unwrap_or(0) as usize].send(msg, tx);
-        async move {
-            let mut id = rx.await.unwrap_or(Err(Error::Closed))?;
-            if let Some(p) = partition {
-                id.partition = p as i32;
-            }
-            Ok(id)
-        }
+        SendFuture { rx, partition }
     }
 
     /// Sends a message and waits for its receipt.

@@ -1,0 +1,140 @@
+//! `client.consumer().topic(t).subscription(s)…subscribe()`.
+
+use std::time::Duration;
+
+use super::{Consumer, ConsumerOptions, SubscriptionType};
+use crate::{Client, Error};
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InitialPosition {
+    /// At the next message published (Pulsar's default).
+    #[default]
+    Latest,
+    /// At the first message the topic still has.
+    Earliest,
+}
+
+/// Settings of a consumer to subscribe; see [`Client::consumer`].
+#[must_use = "a builder does nothing until `subscribe` is called"]
+pub struct ConsumerBuilder {
+    client: Client,
+    topics: Vec<String>,
+    subscription: Option<String>,
+    options: ConsumerOptions,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(client: Client) -> ConsumerBuilder {
+        let options = ConsumerOptions {
+            operation_timeout_ms: client.config.operation_timeout_ms,
+            ..Default::default()
+        };
+        ConsumerBuilder {
+            client,
+            topics: Vec::new(),
+            subscription: None,
+            options,
+        }
+    }
+
+    /// A topic to read (partitioned or not); may be given more than once.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topics.push(topic.into());
+        self
+    }
+
+    /// Several topics under one subscription.
+    pub fn topics<I, T>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.topics.extend(topics.into_iter().map(Into::into));
+        self
+    }
+
+    /// The subscription's name (required).
+    pub fn subscription(mut self, name: impl Into<String>) -> Self {
+        self.subscription = Some(name.into());
+        self
+    }
+
+    pub fn subscription_type(mut self, t: SubscriptionType) -> Self {
+        self.options.sub_type = t;
+        self
+    }
+
+    pub fn initial_position(mut self, p: InitialPosition) -> Self {
+        self.options.earliest = p == InitialPosition::Earliest;
+        self
+    }
+
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.options.consumer_name = Some(name.into());
+        self
+    }
+
+    /// Lower levels are served first (Failover: the active consumer).
+    pub fn priority_level(mut self, level: i32) -> Self {
+        self.options.priority_level = level;
+        self
+    }
+
+    /// Messages fetched ahead of the application (default 1,000), per
+    /// topic or partition.
+    pub fn receiver_queue_size(mut self, n: u32) -> Self {
+        self.options.receiver_queue = n.max(2);
+        self
+    }
+
+    /// Key_Shared in sticky mode: exactly these hash slot ranges
+    /// (inclusive, within `0..65536`).
+    pub fn sticky_key_ranges(mut self, ranges: Vec<(u16, u16)>) -> Self {
+        self.options.sticky_ranges = Some(ranges);
+        self
+    }
+
+    /// Read the compacted view (the latest message per key) first.
+    pub fn read_compacted(mut self, yes: bool) -> Self {
+        self.options.read_compacted = yes;
+        self
+    }
+
+    /// How long after `nack` a message comes again (default one minute).
+    pub fn nack_redelivery_delay(mut self, delay: Duration) -> Self {
+        self.options.nack_redelivery_delay_ms = delay.as_millis() as u64;
+        self
+    }
+
+    /// Messages received and not acknowledged this long come again
+    /// (default: never).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.options.ack_timeout_ms = timeout.as_millis() as u64;
+        self
+    }
+
+    /// Every setting at once.
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Subscribes on the brokers serving the topics (each partition of a
+    /// partitioned one), retrying while they move, up to the operation
+    /// timeout.
+    pub async fn subscribe(self) -> Result<Consumer, Error> {
+        let subscription = self
+            .subscription
+            .ok_or_else(|| Error::Config("a consumer needs a subscription name".into()))?;
+        Consumer::subscribe_topics(
+            self.client.pool.clone(),
+            &self.topics,
+            &subscription,
+            &self.client.ids,
+            self.options,
+            None,
+        )
+        .await
+    }
+}

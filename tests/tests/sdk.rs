@@ -1,0 +1,403 @@
+//! The Rust SDK end to end against an in-process standalone: the builders,
+//! consumers as Streams, partitioned topics routed by key the way the Java
+//! client routes them, several topics under one subscription, every
+//! compression codec, negative acks, the ack timeout, readers and the
+//! producer's bounded queue.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+use magnetar_client::{
+    Client, Compression, Error, HashingScheme, InitialPosition, MessageId, OutgoingMessage,
+    SubscriptionType,
+};
+use magnetar_tests::{init_logs, StandaloneSpec};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn partitioned(spec: &StandaloneSpec, topic: &str, n: u32) {
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v2/persistent/public/default/{topic}/partitions",
+        spec.http_port
+    );
+    let r = reqwest::Client::new()
+        .put(url)
+        .header("content-type", "application/json")
+        .body(n.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+}
+
+fn keyed(key: &str, value: String) -> OutgoingMessage {
+    OutgoingMessage {
+        payload: value.into_bytes().into(),
+        key: Some(key.to_string()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_topics_route_keys_like_java_and_consumers_stream_every_partition() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    partitioned(&spec, "orders", 4).await;
+    let client = Client::builder(s.service_url())
+        .operation_timeout(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    let topic = "persistent://public/default/orders";
+    let mut consumer = client
+        .consumer()
+        .topic(topic)
+        .subscription("all")
+        .subscription_type(SubscriptionType::Failover)
+        .initial_position(InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .unwrap();
+    assert_eq!(consumer.topics().len(), 4);
+    for scheme in [HashingScheme::JavaStringHash, HashingScheme::Murmur3_32Hash] {
+        let producer = client
+            .producer(topic)
+            .hashing_scheme(scheme)
+            .batched()
+            .create()
+            .await
+            .unwrap();
+        assert_eq!(producer.partitions(), 4);
+        let mut receipts = Vec::new();
+        for i in 0..200 {
+            let key = format!("k{}", i % 20);
+            receipts.push((
+                key.clone(),
+                producer.send_async(keyed(&key, format!("{scheme:?}-{i}"))),
+            ));
+        }
+        producer.flush();
+        for (key, r) in receipts {
+            let id = r.await.unwrap();
+            assert_eq!(id.partition as u32, scheme.hash(&key) % 4, "{key}");
+        }
+        producer.close().await.unwrap();
+        // Keyless messages go round every partition (unbatched: one each).
+        let round = client.producer(topic).create().await.unwrap();
+        let mut per_partition = BTreeMap::new();
+        for i in 0..8 {
+            let id = round.send(format!("{scheme:?}-nokey-{i}")).await.unwrap();
+            *per_partition.entry(id.partition).or_insert(0) += 1;
+        }
+        assert_eq!(per_partition.into_values().collect::<Vec<_>>(), vec![2; 4]);
+        round.close().await.unwrap();
+
+        // The consumer streams all four partitions: every message once, each
+        // key in order, each from the partition its hash names.
+        let mut last: HashMap<String, usize> = HashMap::new();
+        let mut got = 0;
+        while got < 208 {
+            let m = tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got += 1;
+            assert!(m.topic.starts_with(&format!("{topic}-partition-")));
+            assert_eq!(
+                m.topic.rsplit('-').next().unwrap(),
+                m.id.partition.to_string()
+            );
+            let value = String::from_utf8(m.payload.to_vec()).unwrap();
+            if let Some(key) = m.key.clone() {
+                assert_eq!(m.id.partition as u32, scheme.hash(&key) % 4);
+                let seq: usize = value.rsplit('-').next().unwrap().parse().unwrap();
+                if let Some(prev) = last.insert(key.clone(), seq) {
+                    assert!(prev < seq, "{key}: {prev} then {seq}");
+                }
+            }
+            consumer.ack(&m).unwrap();
+        }
+        assert!(consumer
+            .receive_timeout(Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_none());
+    }
+    assert_eq!(consumer.last_message_ids().await.unwrap().len(), 4);
+    consumer.close().await.unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_batched_or_not_and_several_topics_under_one_subscription() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let codecs = [
+        Compression::None,
+        Compression::Lz4,
+        Compression::Zlib,
+        Compression::Zstd,
+        Compression::Snappy,
+    ];
+    let topics: Vec<String> = codecs
+        .iter()
+        .map(|c| format!("persistent://public/default/codec-{c:?}").to_lowercase())
+        .collect();
+    let mut consumer = client
+        .consumer()
+        .topics(topics.clone())
+        .subscription("codecs")
+        .subscription_type(SubscriptionType::Shared)
+        .initial_position(InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .unwrap();
+    // Compressible payloads, big enough that every codec shrinks them.
+    let body = |i: usize| format!("{i:04}-").repeat(300);
+    let mut expected = BTreeMap::new();
+    for (codec, topic) in codecs.iter().zip(&topics) {
+        for batched in [false, true] {
+            let mut b = client.producer(topic).compression(*codec);
+            if batched {
+                b = b.batched();
+            }
+            let p = b.create().await.unwrap();
+            let mut receipts = Vec::new();
+            for i in 0..20 {
+                let mut m = keyed("k", body(i));
+                m.properties.insert("codec".into(), format!("{codec:?}"));
+                receipts.push(p.send_async(m));
+            }
+            p.flush();
+            for r in receipts {
+                r.await.unwrap();
+            }
+            p.close().await.unwrap();
+            *expected.entry(topic.clone()).or_insert(0) += 20;
+        }
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..expected.values().sum::<usize>() {
+        let m = consumer.receive_timeout(WAIT).await.unwrap().unwrap();
+        let i: usize = String::from_utf8_lossy(&m.payload[..4]).parse().unwrap();
+        assert_eq!(m.payload, body(i).as_bytes(), "inflated intact");
+        assert_eq!(m.key.as_deref(), Some("k"));
+        assert!(m.topic.contains(&m.properties["codec"].to_lowercase()));
+        *seen.entry(m.topic.to_string()).or_insert(0) += 1;
+        consumer.ack(&m).unwrap();
+    }
+    assert_eq!(seen, expected);
+    // Stored compressed: every codec's topic takes a fraction of the space.
+    let web = reqwest::Client::new();
+    let mut sizes = Vec::new();
+    for t in &topics {
+        let name = t.rsplit('/').next().unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/admin/v2/persistent/public/default/{name}/stats",
+            spec.http_port
+        );
+        let v: serde_json::Value = web.get(url).send().await.unwrap().json().await.unwrap();
+        sizes.push(v["storageSize"].as_u64().unwrap());
+    }
+    for (codec, size) in codecs.iter().zip(&sizes).skip(1) {
+        assert!(*size * 3 < sizes[0], "{codec:?}: {size} vs {}", sizes[0]);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_and_timed_out_messages_come_again_with_a_higher_count() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/again";
+    let mut consumer = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscription_type(SubscriptionType::Shared)
+        .nack_redelivery_delay(Duration::from_millis(300))
+        .ack_timeout(Duration::from_millis(1500))
+        .subscribe()
+        .await
+        .unwrap();
+    let p = client.producer(topic).create().await.unwrap();
+    for v in ["nack-me", "forget-me", "ack-me"] {
+        p.send(v).await.unwrap();
+    }
+    let mut first = BTreeMap::new();
+    for _ in 0..3 {
+        let m = consumer.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert_eq!(m.redelivery_count, 0);
+        first.insert(String::from_utf8(m.payload.to_vec()).unwrap(), m);
+    }
+    let t0 = std::time::Instant::now();
+    consumer.nack(&first["nack-me"]).unwrap();
+    consumer.ack(&first["ack-me"]).unwrap();
+    // The nack comes back after its delay, the forgotten one after the ack
+    // timeout, the acked one never.
+    let m = consumer.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"nack-me");
+    assert_eq!(m.redelivery_count, 1);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    consumer.ack(&m).unwrap();
+    let m = consumer.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"forget-me");
+    assert_eq!(m.redelivery_count, 1);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
+    consumer.ack(&m).unwrap();
+    assert!(consumer
+        .receive_timeout(Duration::from_millis(2500))
+        .await
+        .unwrap()
+        .is_none());
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_start_where_told_and_know_what_is_left() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/replay";
+    let p = client.producer(topic).create().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(p.send(format!("single-{i}").as_str()).await.unwrap());
+    }
+    let b = client.producer(topic).batched().create().await.unwrap();
+    let batch: Vec<_> = (0..5)
+        .map(|i| b.send_async(format!("batched-{i}").as_str()))
+        .collect();
+    b.flush();
+    for r in batch {
+        ids.push(r.await.unwrap());
+    }
+    let values = |from: usize| -> Vec<String> {
+        (from..10)
+            .map(|i| {
+                if i < 5 {
+                    format!("single-{i}")
+                } else {
+                    format!("batched-{}", i - 5)
+                }
+            })
+            .collect()
+    };
+    async fn read_all(r: &mut magnetar_client::Reader) -> Vec<String> {
+        let mut out = Vec::new();
+        while r.has_message_available().await.unwrap() {
+            let m = r.next_timeout(WAIT).await.unwrap().unwrap();
+            out.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+        out
+    }
+    let cases = [
+        (MessageId::EARLIEST, false, values(0)),
+        (ids[2], false, values(3)),
+        (ids[2], true, values(2)),
+        (ids[7], false, values(8)),
+        (ids[7], true, values(7)),
+        (MessageId::LATEST, false, vec![]),
+    ];
+    for (start, inclusive, expected) in cases {
+        let mut r = client
+            .reader(topic)
+            .start_message_id(start)
+            .start_message_id_inclusive(inclusive)
+            .create()
+            .await
+            .unwrap();
+        assert_eq!(
+            read_all(&mut r).await,
+            expected,
+            "{start} inclusive {inclusive}"
+        );
+        assert!(!r.has_message_available().await.unwrap());
+        r.close().await.unwrap();
+    }
+    // A reader at the end sees what comes next, as a Stream.
+    let mut r = client
+        .reader(topic)
+        .start_message_id(MessageId::LATEST)
+        .create()
+        .await
+        .unwrap();
+    p.send("later").await.unwrap();
+    let m = tokio::time::timeout(WAIT, r.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"later");
+    // Seek back: from that message on again.
+    r.seek(ids[9]).await.unwrap();
+    let m = r.next_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"batched-4");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_and_bad_settings_are_clear_errors() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/bounded";
+    let p = client
+        .producer(topic)
+        .batching(100, 1 << 20, Duration::from_secs(30))
+        .max_pending_messages(3)
+        .create()
+        .await
+        .unwrap();
+    let kept: Vec<_> = (0..3)
+        .map(|i| p.send_async(format!("m{i}").as_str()))
+        .collect();
+    let e = p.send_async("one too many").await.unwrap_err();
+    assert!(matches!(e, Error::ProducerQueueFull), "{e}");
+    assert!(e.is_retriable());
+    p.flush();
+    for r in kept {
+        r.await.unwrap();
+    }
+    p.send("room again").await.unwrap();
+    let e = client
+        .consumer()
+        .topic(topic)
+        .subscribe()
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+    let e = client
+        .reader("persistent://no-such-tenant/ns/t")
+        .create()
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.is_retriable(), "{e}");
+    s.shutdown().await;
+}
