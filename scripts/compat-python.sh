@@ -29,6 +29,7 @@ url="pulsar://127.0.0.1:$port"
 timeout 120 .venv/bin/python tests/compat/python_roundtrip.py "$url"
 timeout 120 .venv/bin/python tests/compat/python_subscriptions.py "$url"
 timeout 120 .venv/bin/python tests/compat/python_topics.py "$url" "http://127.0.0.1:$http"
+timeout 180 .venv/bin/python tests/compat/python_sdk_interop.py "$url" "http://127.0.0.1:$http" "$bin"
 timeout 60 .venv/bin/python - "$url" <<'PY'
 import sys, pulsar
 c = pulsar.Client(sys.argv[1])
@@ -56,4 +57,4 @@ if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "4 passed, 0 failed: python compatibility"
+echo "5 passed, 0 failed: python compatibility"

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use magnetar_broker::standalone::{Standalone, StandaloneConfig};
 use magnetar_client::{
-    Client, ConsumerOptions, OutgoingMessage, ProducerOptions, SubscriptionType,
+    Client, Compression, ConsumerOptions, HashingScheme, OutgoingMessage, SubscriptionType,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -40,6 +40,21 @@ enum SubType {
     Shared,
     Failover,
     KeyShared,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Codec {
+    None,
+    Lz4,
+    Zlib,
+    Zstd,
+    Snappy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Hashing {
+    JavaStringHash,
+    Murmur3,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +113,19 @@ enum Cmd {
         num: u64,
         #[arg(short = 'k', long)]
         key: Option<String>,
+        /// Keys to send each message with, one message per key (with -m).
+        #[arg(long = "keys", value_delimiter = ',')]
+        keys: Vec<String>,
+        /// A property `name=value` on every message (repeatable).
+        #[arg(short = 'p', long = "property")]
+        properties: Vec<String>,
+        #[arg(long, value_enum, default_value = "none")]
+        compression: Codec,
+        /// How keys pick partitions of a partitioned topic.
+        #[arg(long, value_enum, default_value = "java-string-hash")]
+        hashing: Hashing,
+        #[arg(long)]
+        batching: bool,
         #[arg(
             long,
             env = "MAGNETAR_SERVICE_URL",
@@ -119,6 +147,10 @@ enum Cmd {
         /// Give up after this many seconds without a message (0: wait forever).
         #[arg(long, default_value_t = 0)]
         timeout_secs: u64,
+        /// Print each message as a JSON object (topic, id, key, properties,
+        /// payload) rather than its payload alone.
+        #[arg(long)]
+        json: bool,
         #[arg(
             long,
             env = "MAGNETAR_SERVICE_URL",
@@ -260,25 +292,60 @@ async fn main() -> anyhow::Result<()> {
             messages,
             num,
             key,
+            keys,
+            properties,
+            compression,
+            hashing,
+            batching,
             service_url,
         } => {
             let client = Client::connect(&service_url)
                 .await
                 .with_context(|| format!("connecting to {service_url}"))?;
-            let producer = client
-                .create_producer(&topic, ProducerOptions::default())
-                .await?;
+            let mut builder = client
+                .producer(&topic)
+                .compression(match compression {
+                    Codec::None => Compression::None,
+                    Codec::Lz4 => Compression::Lz4,
+                    Codec::Zlib => Compression::Zlib,
+                    Codec::Zstd => Compression::Zstd,
+                    Codec::Snappy => Compression::Snappy,
+                })
+                .hashing_scheme(match hashing {
+                    Hashing::JavaStringHash => HashingScheme::JavaStringHash,
+                    Hashing::Murmur3 => HashingScheme::Murmur3_32Hash,
+                });
+            if batching {
+                builder = builder.batched();
+            }
+            let producer = builder.create().await?;
+            let mut props = std::collections::BTreeMap::new();
+            for p in &properties {
+                let (k, v) = p
+                    .split_once('=')
+                    .with_context(|| format!("property {p:?} is not name=value"))?;
+                props.insert(k.to_string(), v.to_string());
+            }
+            let keys: Vec<Option<String>> = if keys.is_empty() {
+                vec![key.clone()]
+            } else {
+                keys.into_iter().map(Some).collect()
+            };
             let mut receipts = Vec::new();
             for _ in 0..num {
-                for m in &messages {
-                    let msg = OutgoingMessage {
-                        payload: m.clone().into_bytes().into(),
-                        key: key.clone(),
-                        ..Default::default()
-                    };
-                    receipts.push(producer.send_async(msg));
+                for k in &keys {
+                    for m in &messages {
+                        let msg = OutgoingMessage {
+                            payload: m.clone().into_bytes().into(),
+                            key: k.clone(),
+                            properties: props.clone(),
+                            ..Default::default()
+                        };
+                        receipts.push(producer.send_async(msg));
+                    }
                 }
             }
+            producer.flush();
             let total = receipts.len();
             for r in receipts {
                 r.await?;
@@ -293,6 +360,7 @@ async fn main() -> anyhow::Result<()> {
             position,
             sub_type,
             timeout_secs,
+            json,
             service_url,
         } => {
             let client = Client::connect(&service_url)
@@ -322,7 +390,20 @@ async fn main() -> anyhow::Result<()> {
                         None => bail!("no message within {timeout_secs} s"),
                     }
                 };
-                let mut line = String::from_utf8_lossy(&msg.payload).into_owned();
+                let mut line = if json {
+                    serde_json::json!({
+                        "topic": &*msg.topic,
+                        "id": msg.id.to_string(),
+                        "partition": msg.id.partition,
+                        "key": msg.key,
+                        "properties": msg.properties,
+                        "payload": String::from_utf8_lossy(&msg.payload),
+                        "redelivery_count": msg.redelivery_count,
+                    })
+                    .to_string()
+                } else {
+                    String::from_utf8_lossy(&msg.payload).into_owned()
+                };
                 line.push('\n');
                 out.write_all(line.as_bytes()).await?;
                 consumer.ack(&msg)?;
