@@ -25,7 +25,7 @@ pub use compression::Compression;
 pub use connection::Connection;
 pub use consumer::builder::{ConsumerBuilder, InitialPosition};
 pub use consumer::reader::{Reader, ReaderBuilder};
-pub use consumer::{Consumer, ConsumerOptions, SubscriptionType};
+pub use consumer::{Consumer, ConsumerOptions, DeadLetterPolicy, SubscriptionType};
 pub use error::Error;
 pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
@@ -123,7 +123,7 @@ impl Client {
         subscription: &str,
         options: ConsumerOptions,
     ) -> Result<Consumer, Error> {
-        Consumer::subscribe(self.pool.clone(), topic, subscription, &self.ids, options).await
+        Consumer::subscribe_topics(self, &[topic.to_string()], subscription, options, None).await
     }
 
     /// The URL of the broker that serves `topic` now.

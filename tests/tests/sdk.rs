@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use magnetar_client::{
-    Client, Compression, Error, HashingScheme, InitialPosition, MessageId, OutgoingMessage,
-    SubscriptionType,
+    Client, Compression, DeadLetterPolicy, Error, HashingScheme, InitialPosition, MessageId,
+    OutgoingMessage, SubscriptionType,
 };
 use magnetar_tests::{init_logs, StandaloneSpec};
 
@@ -399,5 +399,102 @@ async fn a_full_producer_queue_and_bad_settings_are_clear_errors() {
         .err()
         .unwrap();
     assert!(!e.is_retriable(), "{e}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_dead_letter_and_retry_topics() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/work";
+    let mut dlq = client
+        .consumer()
+        .topic(format!("{topic}-s-DLQ"))
+        .subscription("inspect")
+        .initial_position(InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut policy = DeadLetterPolicy::new(2);
+    policy.retry_enabled = true;
+    let mut c = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscription_type(SubscriptionType::Shared)
+        .nack_redelivery_delay(Duration::from_millis(100))
+        .dead_letter_policy(policy)
+        .subscribe()
+        .await
+        .unwrap();
+    assert_eq!(c.topics().len(), 2, "the retry topic too");
+    let p = client.producer(topic).create().await.unwrap();
+    let mut poison = OutgoingMessage::from("poison");
+    poison.properties.insert("app".into(), "x".into());
+    let poison_id = p.send(poison).await.unwrap();
+    // Delivered max + 1 = 3 times, nacked each time, then dead-lettered.
+    for count in 0..3 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert_eq!(
+            (&m.payload[..], m.redelivery_count),
+            (&b"poison"[..], count)
+        );
+        c.nack(&m).unwrap();
+    }
+    let d = dlq.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], b"poison");
+    assert_eq!(d.properties["REAL_TOPIC"], topic);
+    assert_eq!(d.properties["ORIGIN_MESSAGE_ID"], poison_id.to_string());
+    assert_eq!(d.properties["app"], "x");
+    dlq.ack(&d).unwrap();
+    assert!(c
+        .receive_timeout(Duration::from_millis(800))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Retried twice through the retry topic, then dead-lettered.
+    p.send("later").await.unwrap();
+    let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert!(m.properties.get("RECONSUMETIMES").is_none());
+    let t0 = std::time::Instant::now();
+    c.reconsume_later(&m, Duration::from_millis(500))
+        .await
+        .unwrap();
+    for times in 1..=2 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert_eq!(&m.payload[..], b"later");
+        assert_eq!(m.properties["RECONSUMETIMES"], times.to_string());
+        assert_eq!(m.properties["REAL_TOPIC"], topic);
+        assert!(m.topic.ends_with("-s-RETRY"), "{}", m.topic);
+        assert!(t0.elapsed() >= Duration::from_millis(450 * times as u64));
+        c.reconsume_later(&m, Duration::from_millis(500))
+            .await
+            .unwrap();
+    }
+    let d = dlq.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], b"later");
+    assert_eq!(d.properties["REAL_TOPIC"], topic);
+    assert!(c
+        .receive_timeout(Duration::from_millis(1500))
+        .await
+        .unwrap()
+        .is_none());
+    // Retry needs a subscription that delays messages.
+    let mut bad = DeadLetterPolicy::new(1);
+    bad.retry_enabled = true;
+    let e = client
+        .consumer()
+        .topic(topic)
+        .subscription("x")
+        .dead_letter_policy(bad)
+        .subscribe()
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::Config(_)), "{e}");
     s.shutdown().await;
 }

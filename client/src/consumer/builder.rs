@@ -114,6 +114,12 @@ impl ConsumerBuilder {
         self
     }
 
+    /// The client's own dead-letter (and retry) topics.
+    pub fn dead_letter_policy(mut self, policy: super::DeadLetterPolicy) -> Self {
+        self.options.dead_letter = Some(policy);
+        self
+    }
+
     /// Every setting at once.
     pub fn options(mut self, options: ConsumerOptions) -> Self {
         self.options = options;
@@ -128,10 +134,9 @@ impl ConsumerBuilder {
             .subscription
             .ok_or_else(|| Error::Config("a consumer needs a subscription name".into()))?;
         Consumer::subscribe_topics(
-            self.client.pool.clone(),
+            &self.client,
             &self.topics,
             &subscription,
-            &self.client.ids,
             self.options,
             None,
         )

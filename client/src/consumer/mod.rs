@@ -6,13 +6,14 @@
 //! everything unacknowledged to the new subscription.
 
 pub mod builder;
+pub mod dlq;
 pub mod reader;
 pub mod redelivery;
 pub mod state;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,7 +31,8 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::compression::Compression;
 use crate::pool::Pool;
-use crate::{Connection, Error, Message, MessageId};
+use crate::{Client, Connection, Error, Message, MessageId, Producer};
+pub use dlq::DeadLetterPolicy;
 use redelivery::Redelivery;
 use state::ConsumerState;
 
@@ -74,6 +76,8 @@ pub struct ConsumerOptions {
     /// A message received and not acknowledged this long is sent again;
     /// 0 (the default) turns the ack timeout off.
     pub ack_timeout_ms: u64,
+    /// The client's own dead-letter (and retry) topics.
+    pub dead_letter: Option<DeadLetterPolicy>,
 }
 
 impl Default for ConsumerOptions {
@@ -89,6 +93,7 @@ impl Default for ConsumerOptions {
             read_compacted: false,
             nack_redelivery_delay_ms: 60_000,
             ack_timeout_ms: 0,
+            dead_letter: None,
         }
     }
 }
@@ -103,7 +108,7 @@ enum Event {
     Subscribed,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     pool: Arc<Pool>,
     /// Which of the consumer's topics (or partitions) this is.
     part: usize,
@@ -342,35 +347,37 @@ pub struct Consumer {
     queue: VecDeque<Message>,
     redelivery: Arc<Mutex<Redelivery>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    client: Client,
+    dead_letter: Option<DeadLetterPolicy>,
+    /// To the task that stores dead letters.
+    dead_letters: Option<mpsc::UnboundedSender<dlq::Job>>,
+    /// The retry topic's producer, once `reconsume_later` needed it.
+    retry: Option<Producer>,
 }
 
 impl Consumer {
-    pub(crate) async fn subscribe(
-        pool: Arc<Pool>,
-        topic: &str,
-        subscription: &str,
-        ids: &AtomicU64,
-        options: ConsumerOptions,
-    ) -> Result<Consumer, Error> {
-        Consumer::subscribe_topics(pool, &[topic.to_string()], subscription, ids, options, None)
-            .await
-    }
-
     /// Subscribes to every topic named (and every partition of the
     /// partitioned ones) under one subscription name.
     pub(crate) async fn subscribe_topics(
-        pool: Arc<Pool>,
+        client: &Client,
         topics: &[String],
         subscription: &str,
-        ids: &AtomicU64,
         options: ConsumerOptions,
         reader: Option<(MessageId, bool)>,
     ) -> Result<Consumer, Error> {
+        let (pool, ids) = (&client.pool, &*client.ids);
         if topics.is_empty() {
-            return Err(Error::Protocol("no topic to subscribe to".into()));
+            return Err(Error::Config("no topic to subscribe to".into()));
+        }
+        let mut topics = topics.to_vec();
+        if let Some(policy) = &options.dead_letter {
+            policy.check(options.sub_type)?;
+            if policy.retry_enabled {
+                topics.push(policy.retry_topic(&topics[0], subscription));
+            }
         }
         let mut names: Vec<(String, Option<i32>)> = Vec::new();
-        for t in topics {
+        for t in &topics {
             match pool.partitions(t).await? {
                 0 => names.push((t.clone(), None)),
                 n => names.extend((0..n as i32).map(|i| (format!("{t}-partition-{i}"), Some(i)))),
@@ -439,6 +446,17 @@ impl Consumer {
             redelivery.clone(),
             every,
         )));
+        let dead_letters = options.dead_letter.as_ref().map(|policy| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tasks.push(tokio::spawn(dlq::forward(
+                client.clone(),
+                policy.dlq_topic(&topics[0], subscription),
+                parts.clone(),
+                redelivery.clone(),
+                rx,
+            )));
+            tx
+        });
         Ok(Consumer {
             states: parts
                 .iter()
@@ -455,6 +473,10 @@ impl Consumer {
             queue: VecDeque::new(),
             redelivery,
             tasks,
+            client: client.clone(),
+            dead_letter: options.dead_letter.clone(),
+            dead_letters,
+            retry: None,
         })
     }
 
@@ -598,6 +620,18 @@ impl Consumer {
                 if let Some(r) = &self.parts[m.part].resume {
                     *lock(r) = (m.id, false);
                 }
+                let max = self.dead_letter.as_ref().map(|p| p.max_redeliver_count);
+                if max.is_some_and(|max| m.redelivery_count > max) {
+                    // Delivered max + 1 times already: a dead letter.
+                    let ack_entry = self.entry_done(m.part, &m);
+                    if let Some(tx) = &self.dead_letters {
+                        let _ = tx.send(dlq::Job {
+                            message: m,
+                            ack_entry,
+                        });
+                    }
+                    continue;
+                }
                 lock(&self.redelivery)
                     .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
                 return Poll::Ready(Some(Ok(m)));
@@ -650,6 +684,9 @@ impl Consumer {
     }
 
     fn ack_command(&self, part: usize, id: MessageId, ack_type: AckType) -> BaseCommand {
+        if ack_type == AckType::Individual {
+            return ack_cmd(self.parts[part].consumer_id, id);
+        }
         let mut cmd = base(Type::Ack);
         let mut data = id.to_data();
         data.batch_index = None;
@@ -744,10 +781,62 @@ impl Consumer {
     /// Negatively acknowledges a message: the broker sends it (its whole
     /// batch, for a batched message) again after the consumer's nack
     /// redelivery delay, with its redelivery count raised.
+    /// With a [`DeadLetterPolicy`], a message already redelivered
+    /// `max_redeliver_count` times goes to the dead-letter topic instead.
     pub fn nack(&mut self, msg: &Message) -> Result<(), Error> {
         let part = self.part_of(msg)?;
+        let max = self.dead_letter.as_ref().map(|p| p.max_redeliver_count);
+        if max.is_some_and(|max| msg.redelivery_count >= max) {
+            let ack_entry = self.entry_done(part, msg);
+            if let Some(tx) = &self.dead_letters {
+                let _ = tx.send(dlq::Job {
+                    message: msg.clone(),
+                    ack_entry,
+                });
+            }
+            return Ok(());
+        }
         lock(&self.redelivery).nacked((part, msg.id.ledger_id, msg.id.entry_id), Instant::now());
         Ok(())
+    }
+
+    /// Moves `msg` to the retry topic, to come back after `delay` (with
+    /// `RECONSUMETIMES` raised), and acknowledges it here; after
+    /// `max_redeliver_count` retries it goes to the dead-letter topic
+    /// instead. Needs a [`DeadLetterPolicy`] with `retry_enabled`.
+    pub async fn reconsume_later(&mut self, msg: &Message, delay: Duration) -> Result<(), Error> {
+        let part = self.part_of(msg)?;
+        let Some(policy) = self.dead_letter.clone().filter(|p| p.retry_enabled) else {
+            return Err(Error::Config(
+                "reconsume_later needs a dead-letter policy with retry enabled".into(),
+            ));
+        };
+        let times = dlq::reconsume_times(msg) + 1;
+        if times > policy.max_redeliver_count {
+            let ack_entry = self.entry_done(part, msg);
+            if let Some(tx) = &self.dead_letters {
+                let _ = tx.send(dlq::Job {
+                    message: msg.clone(),
+                    ack_entry,
+                });
+            }
+            return Ok(());
+        }
+        if self.retry.is_none() {
+            let topic = policy.retry_topic(self.topic(), &self.parts[0].subscription);
+            self.retry = Some(self.client.producer(topic).create().await?);
+        }
+        let real = self.parts[part].topic.clone();
+        if let Some(p) = &self.retry {
+            p.send(dlq::retry_message(
+                msg,
+                &real,
+                times,
+                delay.as_millis() as u64,
+            ))
+            .await?;
+        }
+        self.ack(msg)
     }
 
     /// Asks the broker to send every unacknowledged message again.
@@ -851,6 +940,21 @@ impl Consumer {
         let closing = self.parts.iter().map(|p| close_part(p));
         futures::future::try_join_all(closing).await.map(|_| ())
     }
+}
+
+/// An individual ack of the entry of `id`.
+pub(crate) fn ack_cmd(consumer_id: u64, id: MessageId) -> BaseCommand {
+    let mut cmd = base(Type::Ack);
+    let mut data = id.to_data();
+    data.batch_index = None;
+    data.partition = None;
+    cmd.ack = Some(CommandAck {
+        consumer_id,
+        ack_type: AckType::Individual as i32,
+        message_id: vec![data],
+        ..Default::default()
+    });
+    cmd
 }
 
 async fn last_message_id(inner: &Inner) -> Result<MessageId, Error> {

@@ -70,10 +70,9 @@ impl ReaderBuilder {
         options.sub_type = SubscriptionType::Exclusive;
         let specific = self.start != MessageId::EARLIEST && self.start != MessageId::LATEST;
         let consumer = Consumer::subscribe_topics(
-            self.client.pool.clone(),
+            &self.client,
             std::slice::from_ref(&self.topic),
             &subscription,
-            &self.client.ids,
             options,
             Some((self.start, self.inclusive)),
         )
