@@ -29,7 +29,9 @@ url="pulsar://127.0.0.1:$port"
 timeout 120 .venv/bin/python tests/compat/python_roundtrip.py "$url"
 timeout 120 .venv/bin/python tests/compat/python_subscriptions.py "$url"
 timeout 120 .venv/bin/python tests/compat/python_topics.py "$url" "http://127.0.0.1:$http"
-timeout 180 .venv/bin/python tests/compat/python_sdk_interop.py "$url" "http://127.0.0.1:$http" "$bin"
+examples="${CARGO_TARGET_DIR:-target}/debug/examples"
+[ -x "$examples/typed_json" ] || cargo build -p magnetar-client --examples
+timeout 180 .venv/bin/python tests/compat/python_sdk_interop.py "$url" "http://127.0.0.1:$http" "$bin" "$examples/typed_json"
 timeout 60 .venv/bin/python - "$url" <<'PY'
 import sys, pulsar
 c = pulsar.Client(sys.argv[1])

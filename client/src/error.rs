@@ -22,6 +22,9 @@ pub enum Error {
     /// (`max_pending_messages`), or the client's memory limit is reached.
     #[error("producer queue is full")]
     ProducerQueueFull,
+    /// A value does not encode or a payload does not decode as its schema.
+    #[error("schema: {0}")]
+    Schema(String),
     /// A builder was given settings that cannot work together.
     #[error("configuration: {0}")]
     Config(String),
@@ -41,7 +44,7 @@ impl Error {
                     | ServerError::TooManyRequests)
             ),
             Error::ProducerQueueFull => true,
-            Error::Protocol(_) | Error::EndOfTopic | Error::Config(_) => false,
+            Error::Protocol(_) | Error::EndOfTopic | Error::Config(_) | Error::Schema(_) => false,
         }
     }
 

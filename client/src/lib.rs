@@ -17,6 +17,7 @@ mod error;
 mod message;
 pub mod pool;
 pub mod producer;
+pub mod schema;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
 pub use producer::builder::ProducerBuilder;
 pub use producer::{AccessMode, HashingScheme, Producer, ProducerOptions, SendFuture};
+pub use schema::{JsonSchema, Schema, Typed, TypedConsumer, TypedProducer};
 
 /// Settings of a client; see [`Client::builder`].
 #[must_use = "a builder does nothing until `build` is called"]

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use magnetar_client::{
-    Client, Compression, DeadLetterPolicy, Error, HashingScheme, InitialPosition, MessageId,
-    OutgoingMessage, SubscriptionType,
+    Client, Compression, DeadLetterPolicy, Error, HashingScheme, InitialPosition, JsonSchema,
+    MessageId, OutgoingMessage, Schema, SubscriptionType,
 };
 use magnetar_tests::{init_logs, StandaloneSpec};
 
@@ -496,5 +496,84 @@ async fn the_clients_dead_letter_and_retry_topics() {
         .err()
         .unwrap();
     assert!(matches!(e, Error::Config(_)), "{e}");
+    s.shutdown().await;
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    sensor: String,
+    value: f64,
+}
+
+impl JsonSchema for Reading {
+    fn definition() -> String {
+        r#"{"type":"record","name":"Reading","fields":[
+            {"name":"sensor","type":"string"},{"name":"value","type":"double"}]}"#
+            .into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_json_with_a_registered_schema() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/readings";
+    let mut c = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscription_type(SubscriptionType::Shared)
+        .nack_redelivery_delay(Duration::from_millis(100))
+        .subscribe_typed::<Reading>()
+        .await
+        .unwrap();
+    let p = client
+        .producer(topic)
+        .create_typed::<Reading>()
+        .await
+        .unwrap();
+    let r = Reading {
+        sensor: "t1".into(),
+        value: 21.5,
+    };
+    let mut m = p.message(&r).unwrap();
+    m.key = Some("t1".into());
+    p.send_message(m).await.unwrap();
+    let got = c.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(got.value, r);
+    assert_eq!(got.message.key.as_deref(), Some("t1"));
+    c.ack(&got).unwrap();
+    // The registry has it: a producer with an incompatible schema is refused.
+    let e = client
+        .producer(topic)
+        .schema(Schema::json(
+            r#"{"type":"record","name":"Reading","fields":[{"name":"sensor","type":"long"}]}"#,
+        ))
+        .create()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.server_error(),
+        Some(magnetar_proto::pulsar::ServerError::IncompatibleSchema),
+        "{e}"
+    );
+    // A payload that is not a Reading: a schema error, and it comes again
+    // (nacked) rather than being lost.
+    let raw = client
+        .producer(topic)
+        .schema(Reading::schema())
+        .create()
+        .await
+        .unwrap();
+    raw.send("not json").await.unwrap();
+    let e = c.receive_timeout(WAIT).await.err().unwrap();
+    assert!(matches!(e, Error::Schema(_)), "{e}");
+    let again = c.consumer().receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&again.payload[..], b"not json");
+    assert_eq!(again.redelivery_count, 1);
     s.shutdown().await;
 }

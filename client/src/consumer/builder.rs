@@ -120,6 +120,21 @@ impl ConsumerBuilder {
         self
     }
 
+    /// The schema to read with (checked against the topic's).
+    pub fn schema(mut self, schema: crate::Schema) -> Self {
+        self.options.schema = schema;
+        self
+    }
+
+    /// A consumer of `T` sent as JSON, its schema checked against the
+    /// topic's.
+    pub async fn subscribe_typed<T: crate::JsonSchema>(
+        mut self,
+    ) -> Result<crate::TypedConsumer<T>, Error> {
+        self.options.schema = T::schema();
+        Ok(crate::TypedConsumer::new(self.subscribe().await?))
+    }
+
     /// Every setting at once.
     pub fn options(mut self, options: ConsumerOptions) -> Self {
         self.options = options;

@@ -78,6 +78,8 @@ pub struct ConsumerOptions {
     pub ack_timeout_ms: u64,
     /// The client's own dead-letter (and retry) topics.
     pub dead_letter: Option<DeadLetterPolicy>,
+    /// The schema the consumer reads with (checked against the topic's).
+    pub schema: crate::Schema,
 }
 
 impl Default for ConsumerOptions {
@@ -94,6 +96,7 @@ impl Default for ConsumerOptions {
             nack_redelivery_delay_ms: 60_000,
             ack_timeout_ms: 0,
             dead_letter: None,
+            schema: crate::Schema::Bytes,
         }
     }
 }
@@ -165,6 +168,7 @@ impl Inner {
             priority_level: Some(self.options.priority_level),
             read_compacted: Some(self.options.read_compacted),
             durable: self.resume.as_ref().map(|_| false),
+            schema: self.options.schema.wire(&self.topic),
             start_message_id: self.resume.as_ref().map(|r| {
                 let (id, inclusive) = *lock(r);
                 let mut d = id.to_data();
@@ -603,7 +607,10 @@ impl Consumer {
     }
 
     /// The next message, or `None` once every topic has ended.
-    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+    pub(crate) fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, Error>>> {
         loop {
             if let Some(m) = self.queue.pop_front() {
                 if let Some(permits) = self.states[m.part].taken() {

@@ -83,6 +83,20 @@ impl ProducerBuilder {
         self
     }
 
+    /// The schema to register with the topic.
+    pub fn schema(mut self, schema: crate::Schema) -> Self {
+        self.options.schema = schema;
+        self
+    }
+
+    /// A producer of `T` as JSON, its schema registered with the topic.
+    pub async fn create_typed<T: crate::JsonSchema>(
+        self,
+    ) -> Result<crate::TypedProducer<T>, Error> {
+        let producer = self.schema(T::schema()).create().await?;
+        Ok(crate::TypedProducer::new(producer))
+    }
+
     /// Every setting at once.
     pub fn options(mut self, options: ProducerOptions) -> Self {
         self.options = options;

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::backoff::Backoff;
 use crate::compression::Compression;
 use crate::pool::Pool;
+use crate::schema::Schema;
 use crate::{now_ms, Connection, Error, MessageId, OutgoingMessage};
 pub use partitioned::HashingScheme;
 use partitioned::Router;
@@ -49,6 +50,8 @@ pub struct ProducerOptions {
     /// At most this many messages wait for receipts (per partition); a
     /// send beyond it fails with `ProducerQueueFull`.
     pub max_pending_messages: usize,
+    /// The schema registered with the topic (raw bytes: none).
+    pub schema: Schema,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -79,6 +82,7 @@ impl Default for ProducerOptions {
             compression: Compression::None,
             hashing_scheme: HashingScheme::JavaStringHash,
             max_pending_messages: 10_000,
+            schema: Schema::Bytes,
         }
     }
 }
@@ -97,6 +101,8 @@ struct Shared {
     name: Option<String>,
     /// The topic epoch an exclusive producer is bound to.
     topic_epoch: Option<u64>,
+    /// The version of the producer's schema, which its messages name.
+    schema_version: Option<bytes::Bytes>,
 }
 
 pub(crate) struct ProducerInner {
@@ -152,6 +158,7 @@ impl ProducerInner {
         }
         let name = sh.name.clone().unwrap_or_default();
         let compression = self.options.compression;
+        let schema_version = sh.schema_version.clone();
         let compressed;
         let body: &[u8] = match compression {
             Compression::None => payload,
@@ -172,6 +179,7 @@ impl ProducerInner {
             n,
             |seq| {
                 let mut md = metadata_for(seq, name);
+                md.schema_version = schema_version;
                 if compression != Compression::None {
                     md.compression = Some(compression.wire() as i32);
                     md.uncompressed_size = Some(payload.len() as u32);
@@ -229,6 +237,7 @@ impl ProducerInner {
             producer_name: name,
             producer_access_mode: Some(self.options.access_mode as i32),
             topic_epoch: self.lock().topic_epoch,
+            schema: self.options.schema.wire(&self.topic),
             ..Default::default()
         });
         let resp = match conn.request(cmd).await {
@@ -244,6 +253,9 @@ impl ProducerInner {
         };
         let mut sh = self.lock();
         sh.name = Some(ok.producer_name);
+        if ok.schema_version.is_some() {
+            sh.schema_version = ok.schema_version;
+        }
         sh.state.resume_after(ok.last_sequence_id.unwrap_or(-1));
         if ok.topic_epoch.is_some() {
             sh.topic_epoch = ok.topic_epoch;
@@ -458,6 +470,7 @@ impl Part {
                 closed: None,
                 name: None,
                 topic_epoch: None,
+                schema_version: None,
             }),
             options,
             closing: Notify::new(),
