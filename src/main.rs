@@ -126,6 +126,10 @@ enum Cmd {
         hashing: Hashing,
         #[arg(long)]
         batching: bool,
+        /// Split messages into chunks of at most this many bytes (a message
+        /// above the broker's maximum needs it).
+        #[arg(long)]
+        chunk_max_size: Option<usize>,
         #[arg(
             long,
             env = "MAGNETAR_SERVICE_URL",
@@ -297,6 +301,7 @@ async fn main() -> anyhow::Result<()> {
             compression,
             hashing,
             batching,
+            chunk_max_size,
             service_url,
         } => {
             let client = Client::connect(&service_url)
@@ -317,6 +322,9 @@ async fn main() -> anyhow::Result<()> {
                 });
             if batching {
                 builder = builder.batched();
+            }
+            if let Some(n) = chunk_max_size {
+                builder = builder.chunk_max_size(n);
             }
             let producer = builder.create().await?;
             let mut props = std::collections::BTreeMap::new();

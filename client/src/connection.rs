@@ -41,6 +41,8 @@ struct Routes {
 
 pub struct Connection {
     pub url: String,
+    /// The broker's largest message, as its CONNECTED said.
+    pub max_message_size: usize,
     tx: mpsc::UnboundedSender<OutFrame>,
     routes: Arc<Mutex<Routes>>,
     next_request: AtomicU64,
@@ -133,7 +135,10 @@ impl Connection {
                     frame::decode(&mut rbuf, max).map_err(|e| Error::Protocol(e.to_string()))?
                 {
                     return match f.command.connected {
-                        Some(_) => Ok(()),
+                        Some(c) => Ok(c
+                            .max_message_size
+                            .filter(|m| *m > 0)
+                            .map_or(DEFAULT_MAX_MESSAGE_BYTES, |m| m as usize)),
                         None => Err(f
                             .command
                             .error
@@ -156,7 +161,7 @@ impl Connection {
         })
         .await
         .map_err(|_| Error::Timeout)?;
-        connected?;
+        let max_message_size = connected?;
         let (tx, rx) = mpsc::unbounded_channel::<OutFrame>();
         let writer = tokio::spawn(frame::write_loop(rx, wr));
         let routes: Arc<Mutex<Routes>> = Arc::default();
@@ -207,6 +212,7 @@ impl Connection {
         });
         Ok(Arc::new(Connection {
             url: service_url.trim_end_matches('/').to_string(),
+            max_message_size,
             tx,
             routes,
             next_request: AtomicU64::new(1),

@@ -25,6 +25,12 @@ pub enum Error {
     /// A value does not encode or a payload does not decode as its schema.
     #[error("schema: {0}")]
     Schema(String),
+    /// A message larger than the broker takes, from a producer without
+    /// chunking.
+    #[error(
+        "message of {size} bytes is larger than the broker's maximum of {limit} (enable chunking)"
+    )]
+    MessageTooBig { size: usize, limit: usize },
     /// A builder was given settings that cannot work together.
     #[error("configuration: {0}")]
     Config(String),
@@ -44,7 +50,11 @@ impl Error {
                     | ServerError::TooManyRequests)
             ),
             Error::ProducerQueueFull => true,
-            Error::Protocol(_) | Error::EndOfTopic | Error::Config(_) | Error::Schema(_) => false,
+            Error::Protocol(_)
+            | Error::EndOfTopic
+            | Error::Config(_)
+            | Error::Schema(_)
+            | Error::MessageTooBig { .. } => false,
         }
     }
 

@@ -130,4 +130,6 @@ pub struct Message {
     pub(crate) batch_size: u32,
     /// Which of its consumer's topics or partitions it came from.
     pub(crate) part: usize,
+    /// A chunked message's chunks (the last is `id`); empty otherwise.
+    pub(crate) chunk_ids: Vec<MessageId>,
 }

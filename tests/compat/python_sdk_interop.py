@@ -194,7 +194,31 @@ def typed_json_both_ways(client):
     print("typed JSON records from the Rust SDK and Python's JsonSchema, one schema: ok")
 
 
+def chunks_both_ways(client):
+    topic = f"{NS}/interop-chunks"
+    consumer = client.subscribe(topic, "py", initial_position=pulsar.InitialPosition.Earliest)
+    body = "".join(chr(65 + (i * 7) % 26) for i in range(100_000))
+    magnetar("produce", topic, "-m", body, "--chunk-max-size", "8000", "-k", "big")
+    m = consumer.receive(timeout_millis=10000)
+    assert m.data().decode() == body and m.partition_key() == "big", len(m.data())
+    consumer.acknowledge(m)
+    consumer.close()
+    # Python chunks what is above the broker's 5 MiB maximum.
+    producer = client.create_producer(topic, chunking_enabled=True, batching_enabled=False)
+    huge = bytes((i * 31) % 251 for i in range(6 * 1024 * 1024))
+    producer.send(huge, properties={"origin": "python"})
+    producer.close()
+    out = magnetar("consume", topic, "-s", "rust", "-n", "2", "--position", "earliest",
+                   "--timeout-secs", "20", "--json")
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines[0]["payload"] == body, len(lines[0]["payload"])
+    assert lines[1]["properties"] == {"origin": "python"}, lines[1]["properties"]
+    assert len(lines[1]["payload"].encode("utf-8", "surrogateescape")) > 5 * 1024 * 1024
+    print("chunked messages from the Rust SDK and from Python, joined by the other: ok")
+
+
 client = pulsar.Client(URL)
+chunks_both_ways(client)
 same_partitions_for_keys(client)
 codecs_both_ways(client)
 typed_json_both_ways(client)

@@ -577,3 +577,94 @@ async fn typed_json_with_a_registered_schema() {
     assert_eq!(again.redelivery_count, 1);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_above_the_maximum_go_in_chunks_and_come_back_whole() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let topic = "persistent://public/default/big";
+    let mut c = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscription_type(SubscriptionType::Shared)
+        .receiver_queue_size(4)
+        .subscribe()
+        .await
+        .unwrap();
+    // 12 MiB: above the broker's 5 MiB maximum.
+    let big: Vec<u8> = (0..12 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let plain = client.producer(topic).create().await.unwrap();
+    let e = plain.send(big.clone()).await.unwrap_err();
+    assert!(matches!(e, Error::MessageTooBig { .. }), "{e}");
+    let chunked = client
+        .producer(topic)
+        .chunking(true)
+        .create()
+        .await
+        .unwrap();
+    let mut m = OutgoingMessage::from(big.clone());
+    m.key = Some("k".into());
+    m.properties.insert("p".into(), "v".into());
+    chunked.send(m).await.unwrap();
+    // Small chunks, compressed, interleaved with plain messages of others.
+    let small = client
+        .producer(topic)
+        .chunk_max_size(1000)
+        .compression(Compression::Zstd)
+        .create()
+        .await
+        .unwrap();
+    let text = "chunk me ".repeat(20_000); // 180 kB, ~1 kB compressed: 1-2 chunks
+                                           // Barely compressible: ~30 chunks.
+    let mut x = 0x2545_f491_u32;
+    let noise: Vec<u8> = (0..30_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let r1 = small.send_async(text.clone());
+    let r2 = plain.send_async("between");
+    let r3 = small.send_async(noise.clone());
+    for r in [r1, r2, r3] {
+        r.await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        c.ack(&m).unwrap();
+        got.push(m);
+    }
+    assert_eq!(got[0].payload.len(), big.len());
+    assert!(got[0].payload == big, "the big one, whole");
+    assert_eq!(got[0].key.as_deref(), Some("k"));
+    assert_eq!(got[0].properties["p"], "v");
+    let rest: Vec<&[u8]> = got[1..].iter().map(|m| &m.payload[..]).collect();
+    assert!(rest.contains(&text.as_bytes()));
+    assert!(rest.contains(&&b"between"[..]));
+    assert!(rest.contains(&&noise[..]));
+    // Every chunk acknowledged: nothing left in the backlog.
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v2/persistent/public/default/big/stats",
+        spec.http_port
+    );
+    let mut backlog = u64::MAX;
+    for _ in 0..50 {
+        let v: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        backlog = v["subscriptions"]["s"]["msgBacklog"].as_u64().unwrap();
+        if backlog == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backlog, 0);
+    s.shutdown().await;
+}

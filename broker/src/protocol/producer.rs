@@ -141,15 +141,14 @@ pub async fn send(
     let (pid, seq) = (c.producer_id, c.sequence_id);
     // The message itself first: a bad one is refused for what it is,
     // whatever its producer.
+    // As Pulsar counts it: the payload, its metadata aside (the frame
+    // decoder leaves room for that).
     let max = conn.ctx.limits.max_message_bytes;
     let refused = match (payload, payload_error) {
-        (Some(pl), _) if pl.headers_and_payload.len() <= max => Ok(pl),
+        (Some(pl), _) if pl.payload().len() <= max => Ok(pl),
         (Some(pl), _) => Err((
             ServerError::UnknownError,
-            format!(
-                "message of {} bytes exceeds {max}",
-                pl.headers_and_payload.len()
-            ),
+            format!("message of {} bytes exceeds {max}", pl.payload().len()),
         )),
         (None, Some(e @ FrameError::Checksum { .. })) => {
             Err((ServerError::ChecksumError, e.to_string()))

@@ -117,7 +117,7 @@ pub(crate) async fn forward(
         let m = &job.message;
         let part = m.part;
         if producer.is_none() {
-            match client.producer(&topic).create().await {
+            match client.producer(&topic).chunking(true).create().await {
                 Ok(p) => producer = Some(p),
                 Err(e) => {
                     tracing::warn!(topic, error = %e, "cannot open the dead-letter topic; redelivering");

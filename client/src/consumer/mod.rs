@@ -6,6 +6,7 @@
 //! everything unacknowledged to the new subscription.
 
 pub mod builder;
+pub mod chunks;
 pub mod dlq;
 pub mod reader;
 pub mod redelivery;
@@ -80,6 +81,12 @@ pub struct ConsumerOptions {
     pub dead_letter: Option<DeadLetterPolicy>,
     /// The schema the consumer reads with (checked against the topic's).
     pub schema: crate::Schema,
+    /// Chunked messages joined at once, per topic or partition (the
+    /// oldest is asked for again beyond it).
+    pub max_pending_chunked_messages: usize,
+    /// A chunked message still incomplete after this long is asked for
+    /// again.
+    pub expire_incomplete_chunked_ms: u64,
 }
 
 impl Default for ConsumerOptions {
@@ -97,6 +104,8 @@ impl Default for ConsumerOptions {
             ack_timeout_ms: 0,
             dead_letter: None,
             schema: crate::Schema::Bytes,
+            max_pending_chunked_messages: 10,
+            expire_incomplete_chunked_ms: 60_000,
         }
     }
 }
@@ -345,6 +354,8 @@ pub struct Consumer {
     /// The broker said the part's topic is terminated and everything was
     /// sent.
     ended: Vec<bool>,
+    /// Chunked messages being joined, per part.
+    chunks: Vec<chunks::Assembler>,
     /// A reader's part skips what precedes where it (re)starts.
     skip: Vec<Option<(MessageId, bool)>>,
     events: mpsc::UnboundedReceiver<(usize, Event)>,
@@ -467,6 +478,15 @@ impl Consumer {
                 .map(|_| ConsumerState::new(options.receiver_queue))
                 .collect(),
             ended: vec![false; parts.len()],
+            chunks: parts
+                .iter()
+                .map(|_| {
+                    chunks::Assembler::new(
+                        options.max_pending_chunked_messages,
+                        Duration::from_millis(options.expire_incomplete_chunked_ms),
+                    )
+                })
+                .collect(),
             skip: vec![
                 reader
                     .filter(|(id, _)| *id != MessageId::EARLIEST && *id != MessageId::LATEST);
@@ -528,14 +548,42 @@ impl Consumer {
         }
         let topic = self.parts[part].topic_name.clone();
         let redelivery_count = m.redelivery_count.unwrap_or(0);
+        let mut raw = pl.payload();
+        let mut chunk_ids = Vec::new();
+        if let (Some(n), Some(uuid)) = (md.num_chunks_from_msg.filter(|n| *n > 1), &md.uuid) {
+            let chunk = chunks::Chunk {
+                uuid: uuid.clone(),
+                chunk_id: md.chunk_id.unwrap_or(0).max(0) as u32,
+                num_chunks: n as u32,
+                total_size: md.total_chunk_msg_size.unwrap_or(0).max(0) as usize,
+                id,
+                payload: raw,
+            };
+            let added = self.chunks[part].add(chunk, Instant::now());
+            for d in added.dropped {
+                tracing::debug!(topic = %self.parts[part].topic, chunk = %d, "incomplete chunked message; asking for it again");
+                lock(&self.redelivery).nacked((part, d.ledger_id, d.entry_id), Instant::now());
+            }
+            match added.complete {
+                Some((whole, ids)) => {
+                    raw = whole;
+                    chunk_ids = ids;
+                }
+                None => {
+                    // Held for the rest of its message: its permit now.
+                    if let Some(permits) = self.states[part].taken() {
+                        self.flow(part, permits)?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let body = match md.compression.filter(|c| *c != 0) {
-            None => pl.payload(),
+            None => raw,
             Some(code) => {
                 let inflated = Compression::from_wire(code)
                     .ok_or_else(|| Error::Protocol(format!("unknown compression {code}")))
-                    .and_then(|c| {
-                        c.decompress(pl.payload(), md.uncompressed_size.unwrap_or(0) as usize)
-                    });
+                    .and_then(|c| c.decompress(raw, md.uncompressed_size.unwrap_or(0) as usize));
                 match inflated {
                     Ok(b) => b,
                     Err(e) => return self.discard(part, id, e),
@@ -570,6 +618,7 @@ impl Consumer {
                         redelivery_count,
                         batch_size: n as u32,
                         part,
+                        chunk_ids: Vec::new(),
                     });
                 }
             }
@@ -583,6 +632,7 @@ impl Consumer {
                 redelivery_count,
                 batch_size: 0,
                 part,
+                chunk_ids,
             }),
         }
         Ok(())
@@ -668,6 +718,7 @@ impl Consumer {
                     }
                     self.queue.retain(|m| m.part != part);
                     self.states[part].subscribed();
+                    self.chunks[part].clear();
                     lock(&self.redelivery).subscribed(part);
                 }
             }
@@ -724,6 +775,10 @@ impl Consumer {
     /// Whether acknowledging `msg` completes its entry (every message of a
     /// batch acknowledged); tracking updated.
     fn entry_done(&mut self, part: usize, msg: &Message) -> bool {
+        // The chunks before the last one of a chunked message.
+        for c in msg.chunk_ids.iter().filter(|c| **c != msg.id) {
+            let _ = self.send_ack(part, *c, AckType::Individual);
+        }
         let entry = (msg.id.ledger_id, msg.id.entry_id);
         if msg.batch_size > 0 && !self.states[part].ack_in_batch(entry) {
             return false;
@@ -831,7 +886,7 @@ impl Consumer {
         }
         if self.retry.is_none() {
             let topic = policy.retry_topic(self.topic(), &self.parts[0].subscription);
-            self.retry = Some(self.client.producer(topic).create().await?);
+            self.retry = Some(self.client.producer(topic).chunking(true).create().await?);
         }
         let real = self.parts[part].topic.clone();
         if let Some(p) = &self.retry {

@@ -83,6 +83,22 @@ impl ProducerBuilder {
         self
     }
 
+    /// Splits a message larger than the broker takes into chunks, joined
+    /// again by consumers (Pulsar's chunking); without it such a message
+    /// fails with [`Error::MessageTooBig`].
+    pub fn chunking(mut self, yes: bool) -> Self {
+        self.options.chunking = yes;
+        self
+    }
+
+    /// Chunks of at most this many bytes (default: the broker's maximum
+    /// message size); implies chunking.
+    pub fn chunk_max_size(mut self, bytes: usize) -> Self {
+        self.options.chunking = true;
+        self.options.chunk_max_bytes = Some(bytes.max(1));
+        self
+    }
+
     /// The schema to register with the topic.
     pub fn schema(mut self, schema: crate::Schema) -> Self {
         self.options.schema = schema;

@@ -8,11 +8,11 @@ pub mod builder;
 pub mod partitioned;
 pub mod state;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use magnetar_proto::frame::{base, encode_batch, BatchItem};
+use magnetar_proto::frame::{base, encode_batch, BatchItem, DEFAULT_MAX_MESSAGE_BYTES};
 use magnetar_proto::pulsar::{
     base_command::Type, BaseCommand, CommandCloseProducer, CommandProducer, CommandSend,
     MessageMetadata, SingleMessageMetadata,
@@ -52,6 +52,11 @@ pub struct ProducerOptions {
     pub max_pending_messages: usize,
     /// The schema registered with the topic (raw bytes: none).
     pub schema: Schema,
+    /// Split a message larger than the broker takes into chunks (consumers
+    /// join them); without it such a message fails with `MessageTooBig`.
+    pub chunking: bool,
+    /// Chunk size (default: the broker's maximum message size).
+    pub chunk_max_bytes: Option<usize>,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -83,6 +88,8 @@ impl Default for ProducerOptions {
             hashing_scheme: HashingScheme::JavaStringHash,
             max_pending_messages: 10_000,
             schema: Schema::Bytes,
+            chunking: false,
+            chunk_max_bytes: None,
         }
     }
 }
@@ -110,17 +117,23 @@ pub(crate) struct ProducerInner {
     topic: String,
     producer_id: u64,
     options: ProducerOptions,
+    /// The broker's largest message (from its CONNECTED).
+    max_message: AtomicUsize,
     shared: Mutex<Shared>,
     closing: Notify,
 }
 
-fn send_cmd(producer_id: u64, seq: u64, n: u32) -> BaseCommand {
+/// Room kept in an entry for its metadata and headers besides the payload.
+const CHUNK_HEADROOM: usize = 4096;
+
+fn send_cmd(producer_id: u64, seq: u64, n: u32, is_chunk: bool) -> BaseCommand {
     let mut cmd = base(Type::Send);
     cmd.send = Some(CommandSend {
         producer_id,
         sequence_id: seq,
         num_messages: Some(n as i32),
         highest_sequence_id: Some(seq + n.max(1) as u64 - 1),
+        is_chunk: is_chunk.then_some(true),
         ..Default::default()
     });
     cmd
@@ -175,15 +188,42 @@ impl ProducerInner {
                 }
             },
         };
+        let mut md = metadata_for(sh.state.next_seq(), name);
+        md.schema_version = schema_version;
+        if compression != Compression::None {
+            md.compression = Some(compression.wire() as i32);
+            md.uncompressed_size = Some(payload.len() as u32);
+        }
+        // What the broker takes, with room for the metadata and headers.
+        let limit = self.max_message.load(Ordering::Relaxed);
+        let headroom = CHUNK_HEADROOM
+            + md.properties
+                .iter()
+                .map(|kv| kv.key.len() + kv.value.len() + 8)
+                .sum::<usize>()
+            + md.partition_key.as_ref().map_or(0, |k| k.len());
+        let room = limit.saturating_sub(headroom).max(1);
+        let chunk_size = self.options.chunk_max_bytes.map_or(room, |n| n.min(room));
+        if body.len() > chunk_size && (n == 1 && md.num_messages_in_batch.is_none()) {
+            if !self.options.chunking {
+                if body.len() + headroom > limit {
+                    for w in waiters {
+                        let _ = w.send(Err(Error::MessageTooBig {
+                            size: body.len(),
+                            limit,
+                        }));
+                    }
+                    return;
+                }
+            } else {
+                self.enqueue_chunks(sh, md, body, chunk_size, waiters);
+                return;
+            }
+        }
         let (seq, stored) = sh.state.push(
             n,
             |seq| {
-                let mut md = metadata_for(seq, name);
-                md.schema_version = schema_version;
-                if compression != Compression::None {
-                    md.compression = Some(compression.wire() as i32);
-                    md.uncompressed_size = Some(payload.len() as u32);
-                }
+                md.sequence_id = seq;
                 Payload::build(md, body).headers_and_payload
             },
             waiters,
@@ -191,7 +231,49 @@ impl ProducerInner {
         );
         if let Some(c) = &sh.conn {
             // A failed send is noticed by the task, which resends it.
-            let _ = c.send_payload(&send_cmd(self.producer_id, seq, n), &stored);
+            let _ = c.send_payload(&send_cmd(self.producer_id, seq, n, false), &stored);
+        }
+    }
+
+    /// A message too big for one entry, as chunks: consecutive entries of
+    /// their own sequence ids naming the message (`uuid`), their place and
+    /// the whole size; its receipt is the last chunk's.
+    fn enqueue_chunks(
+        &self,
+        sh: &mut Shared,
+        md: MessageMetadata,
+        body: &[u8],
+        chunk_size: usize,
+        waiters: Vec<Receipt>,
+    ) {
+        let parts: Vec<&[u8]> = body.chunks(chunk_size).collect();
+        let num_chunks = parts.len() as i32;
+        let uuid = format!("{}-{}", md.producer_name, sh.state.next_seq());
+        let mut waiters = Some(waiters);
+        for (i, part) in parts.into_iter().enumerate() {
+            let last = i as i32 == num_chunks - 1;
+            let mut m = md.clone();
+            m.uuid = Some(uuid.clone());
+            m.chunk_id = Some(i as i32);
+            m.num_chunks_from_msg = Some(num_chunks);
+            m.total_chunk_msg_size = Some(body.len() as i32);
+            let w = if last {
+                waiters.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let (seq, stored) = sh.state.push(
+                1,
+                |seq| {
+                    m.sequence_id = seq;
+                    Payload::build(m, part).headers_and_payload
+                },
+                w,
+                Instant::now(),
+            );
+            if let Some(c) = &sh.conn {
+                let _ = c.send_payload(&send_cmd(self.producer_id, seq, 1, true), &stored);
+            }
         }
     }
 
@@ -251,6 +333,8 @@ impl ProducerInner {
             conn.unregister_producer(self.producer_id);
             return Err(Error::Protocol("no PRODUCER_SUCCESS".into()));
         };
+        self.max_message
+            .store(conn.max_message_size, Ordering::Relaxed);
         let mut sh = self.lock();
         sh.name = Some(ok.producer_name);
         if ok.schema_version.is_some() {
@@ -262,7 +346,7 @@ impl ProducerInner {
         }
         for p in sh.state.to_resend() {
             let _ = conn.send_payload(
-                &send_cmd(self.producer_id, p.sequence_id, p.messages),
+                &send_cmd(self.producer_id, p.sequence_id, p.messages, false),
                 &p.payload,
             );
         }
@@ -473,6 +557,7 @@ impl Part {
                 schema_version: None,
             }),
             options,
+            max_message: AtomicUsize::new(DEFAULT_MAX_MESSAGE_BYTES),
             closing: Notify::new(),
         });
         let deadline =
@@ -506,7 +591,13 @@ impl Part {
                 return;
             }
         }
-        if p.options.batching && msg.deliver_at_ms.is_none() {
+        // A message as big as a whole batch goes alone (after what is
+        // batched before it, keeping the order).
+        let alone = msg.payload.len() >= p.options.batch_max_bytes;
+        if p.options.batching && alone {
+            p.flush_batch();
+        }
+        if p.options.batching && msg.deliver_at_ms.is_none() && !alone {
             let flush = {
                 let mut sh = p.lock();
                 let metadata = SingleMessageMetadata {

@@ -76,6 +76,11 @@ impl<R> ProducerState<R> {
         (seq, payload)
     }
 
+    /// The sequence id the next entry gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// A receipt for `sequence_id` came.
     pub fn receipt(&mut self, sequence_id: u64) -> (ReceiptOutcome, Option<Pending<R>>) {
         match self.pending.front() {
