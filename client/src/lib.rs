@@ -14,6 +14,7 @@ pub mod compression;
 mod connection;
 pub mod consumer;
 mod error;
+pub mod memory;
 mod message;
 pub mod pool;
 pub mod producer;
@@ -31,7 +32,9 @@ pub use error::Error;
 pub(crate) use message::now_ms;
 pub use message::{Message, MessageId, OutgoingMessage};
 pub use producer::builder::ProducerBuilder;
-pub use producer::{AccessMode, HashingScheme, Producer, ProducerOptions, SendFuture};
+pub use producer::{
+    AccessMode, BatchingType, HashingScheme, Producer, ProducerOptions, SendFuture,
+};
 pub use schema::{JsonSchema, Schema, Typed, TypedConsumer, TypedProducer};
 
 /// Settings of a client; see [`Client::builder`].
@@ -45,6 +48,8 @@ pub struct ClientBuilder {
 pub(crate) struct ClientConfig {
     /// How long creating a producer or consumer keeps trying.
     pub(crate) operation_timeout_ms: u64,
+    /// Payload bytes the client's producers may hold unacknowledged.
+    pub(crate) memory: Option<Arc<memory::MemoryLimit>>,
 }
 
 impl ClientBuilder {
@@ -52,6 +57,14 @@ impl ClientBuilder {
     /// while its topic moves between brokers (default 30 s).
     pub fn operation_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.config.operation_timeout_ms = timeout.as_millis().max(1) as u64;
+        self
+    }
+
+    /// Payload bytes all producers of the client together may hold while
+    /// they wait for receipts (default 64 MiB, as Pulsar's clients; 0: no
+    /// limit); a send beyond it fails with [`Error::ProducerQueueFull`].
+    pub fn memory_limit_bytes(mut self, bytes: usize) -> Self {
+        self.config.memory = (bytes > 0).then(|| memory::MemoryLimit::new(bytes));
         self
     }
 
@@ -84,6 +97,7 @@ impl Client {
             service_url: service_url.into(),
             config: ClientConfig {
                 operation_timeout_ms: 30_000,
+                memory: Some(memory::MemoryLimit::new(64 * 1024 * 1024)),
             },
         }
     }
@@ -115,7 +129,14 @@ impl Client {
         topic: &str,
         options: ProducerOptions,
     ) -> Result<Producer, Error> {
-        Producer::create(self.pool.clone(), topic, &self.ids, options).await
+        Producer::create(
+            self.pool.clone(),
+            topic,
+            &self.ids,
+            options,
+            self.config.memory.clone(),
+        )
+        .await
     }
 
     /// Subscribes to `topic` on the broker that serves it.

@@ -668,3 +668,106 @@ async fn messages_above_the_maximum_go_in_chunks_and_come_back_whole() {
     assert_eq!(backlog, 0);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_key_based_batches_and_nack_backoff() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    // The memory limit is the client's, across its producers.
+    let client = Client::builder(s.service_url())
+        .memory_limit_bytes(10_000)
+        .build()
+        .await
+        .unwrap();
+    let topic = "persistent://public/default/limits";
+    let slow = || {
+        client
+            .producer(topic)
+            .batching(100, 1 << 20, Duration::from_secs(30))
+            .create()
+    };
+    let (a, b) = (slow().await.unwrap(), slow().await.unwrap());
+    let held = vec![
+        a.send_async(vec![1u8; 3000]),
+        b.send_async(vec![2u8; 3000]),
+        a.send_async(vec![3u8; 3000]),
+    ];
+    let e = b.send_async(vec![4u8; 3000]).await.unwrap_err();
+    assert!(matches!(e, Error::ProducerQueueFull), "{e}");
+    a.flush();
+    b.flush();
+    for r in held {
+        r.await.unwrap();
+    }
+    b.send(vec![4u8; 3000]).await.unwrap();
+
+    // Key-based batching: one key per batch, the batch carrying it.
+    let topic = "persistent://public/default/by-key";
+    let mut c = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscription_type(SubscriptionType::Shared)
+        .nack_backoff(Duration::from_millis(200), Duration::from_millis(500))
+        .subscribe()
+        .await
+        .unwrap();
+    let p = client
+        .producer(topic)
+        .batching(100, 1 << 20, Duration::from_secs(30))
+        .batching_type(magnetar_client::BatchingType::KeyBased)
+        .create()
+        .await
+        .unwrap();
+    let receipts: Vec<_> = (0..12)
+        .map(|i| p.send_async(keyed(["a", "b", "c"][i % 3], format!("{i}"))))
+        .collect();
+    p.flush();
+    for r in receipts {
+        r.await.unwrap();
+    }
+    let mut entries: BTreeMap<(u64, u64), Vec<(String, usize)>> = BTreeMap::new();
+    let mut first = None;
+    for _ in 0..12 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        let v: usize = String::from_utf8_lossy(&m.payload).parse().unwrap();
+        entries
+            .entry((m.id.ledger_id, m.id.entry_id))
+            .or_default()
+            .push((m.key.clone().unwrap(), v));
+        if v == 0 {
+            first = Some(m);
+        } else {
+            c.ack(&m).unwrap();
+        }
+    }
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    for msgs in entries.values() {
+        assert_eq!(msgs.len(), 4);
+        assert!(msgs.iter().all(|(k, _)| *k == msgs[0].0), "{msgs:?}");
+        assert!(msgs.windows(2).all(|w| w[0].1 < w[1].1), "in order");
+    }
+
+    // Nack back-off: 200 ms, then 400 ms, then 500 ms (the most).
+    let mut m = first.unwrap();
+    for (count, expected) in [(0u32, 200u64), (1, 400), (2, 500)] {
+        assert_eq!(m.redelivery_count, count);
+        let t = std::time::Instant::now();
+        c.nack(&m).unwrap();
+        loop {
+            let again = c.receive_timeout(WAIT).await.unwrap().unwrap();
+            if again.payload[..] == b"0"[..] {
+                m = again;
+                break;
+            }
+            // The rest of its batch comes along (redelivered whole).
+            c.ack(&again).unwrap();
+        }
+        let took = t.elapsed().as_millis() as u64;
+        assert!(took >= expected * 9 / 10, "{count}: {took} ms");
+        assert!(took < expected + 1500, "{count}: {took} ms");
+    }
+    s.shutdown().await;
+}

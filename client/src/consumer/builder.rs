@@ -107,6 +107,13 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Nacked messages come again after `min * 2^redeliveries`, at most
+    /// `max` (instead of the fixed nack delay).
+    pub fn nack_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.options.nack_backoff = Some((min.as_millis() as u64, max.as_millis() as u64));
+        self
+    }
+
     /// Messages received and not acknowledged this long come again
     /// (default: never).
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {

@@ -77,6 +77,10 @@ pub struct ConsumerOptions {
     /// A message received and not acknowledged this long is sent again;
     /// 0 (the default) turns the ack timeout off.
     pub ack_timeout_ms: u64,
+    /// Nack redelivery back-off (Pulsar's `MultiplierRedeliveryBackoff`):
+    /// `(min_ms, max_ms)` — a message nacked after `n` redeliveries comes
+    /// again after `min(min_ms * 2^n, max_ms)`, instead of the fixed delay.
+    pub nack_backoff: Option<(u64, u64)>,
     /// The client's own dead-letter (and retry) topics.
     pub dead_letter: Option<DeadLetterPolicy>,
     /// The schema the consumer reads with (checked against the topic's).
@@ -102,6 +106,7 @@ impl Default for ConsumerOptions {
             read_compacted: false,
             nack_redelivery_delay_ms: 60_000,
             ack_timeout_ms: 0,
+            nack_backoff: None,
             dead_letter: None,
             schema: crate::Schema::Bytes,
             max_pending_chunked_messages: 10,
@@ -364,6 +369,7 @@ pub struct Consumer {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     client: Client,
     dead_letter: Option<DeadLetterPolicy>,
+    nack_backoff: Option<(u64, u64)>,
     /// To the task that stores dead letters.
     dead_letters: Option<mpsc::UnboundedSender<dlq::Job>>,
     /// The retry topic's producer, once `reconsume_later` needed it.
@@ -499,6 +505,7 @@ impl Consumer {
             tasks,
             client: client.clone(),
             dead_letter: options.dead_letter.clone(),
+            nack_backoff: options.nack_backoff,
             dead_letters,
             retry: None,
         })
@@ -858,7 +865,20 @@ impl Consumer {
             }
             return Ok(());
         }
-        lock(&self.redelivery).nacked((part, msg.id.ledger_id, msg.id.entry_id), Instant::now());
+        let entry = (part, msg.id.ledger_id, msg.id.entry_id);
+        match self.nack_backoff {
+            Some((min, max)) => {
+                let delay = min
+                    .saturating_mul(1u64 << msg.redelivery_count.min(32))
+                    .min(max);
+                lock(&self.redelivery).nacked_after(
+                    entry,
+                    Instant::now(),
+                    Duration::from_millis(delay),
+                );
+            }
+            None => lock(&self.redelivery).nacked(entry, Instant::now()),
+        }
         Ok(())
     }
 

@@ -50,9 +50,14 @@ impl Redelivery {
 
     /// `e` was negatively acknowledged: redeliver it after the nack delay.
     pub fn nacked(&mut self, e: Entry, now: Instant) {
+        self.nacked_after(e, now, self.nack_delay);
+    }
+
+    /// `e` was negatively acknowledged: redeliver it after `delay`.
+    pub fn nacked_after(&mut self, e: Entry, now: Instant, delay: Duration) {
         self.unacked.remove(&e);
         if !self.nacked.iter().any(|(_, x)| *x == e) {
-            self.nacked.insert((now + self.nack_delay, e));
+            self.nacked.insert((now + delay, e));
         }
     }
 

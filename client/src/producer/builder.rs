@@ -53,6 +53,13 @@ impl ProducerBuilder {
         )
     }
 
+    /// A batch per key (for Key_Shared subscriptions) instead of one of
+    /// everything.
+    pub fn batching_type(mut self, t: super::BatchingType) -> Self {
+        self.options.batching_type = t;
+        self
+    }
+
     pub fn compression(mut self, compression: Compression) -> Self {
         self.options.compression = compression;
         self

@@ -57,6 +57,8 @@ pub struct ProducerOptions {
     pub chunking: bool,
     /// Chunk size (default: the broker's maximum message size).
     pub chunk_max_bytes: Option<usize>,
+    /// How batched messages are grouped.
+    pub batching_type: BatchingType,
 }
 
 /// A producer's access to its topic (Pulsar's `ProducerAccessMode`).
@@ -90,11 +92,23 @@ impl Default for ProducerOptions {
             schema: Schema::Bytes,
             chunking: false,
             chunk_max_bytes: None,
+            batching_type: BatchingType::Default,
         }
     }
 }
 
-type Receipt = oneshot::Sender<Result<MessageId, Error>>;
+/// Where a message's outcome goes, holding the client memory its payload
+/// takes until then.
+pub(crate) struct Receipt {
+    tx: oneshot::Sender<Result<MessageId, Error>>,
+    _memory: Option<crate::memory::Reservation>,
+}
+
+impl Receipt {
+    fn send(self, r: Result<MessageId, Error>) -> Result<(), Result<MessageId, Error>> {
+        self.tx.send(r)
+    }
+}
 
 struct Shared {
     state: ProducerState<Receipt>,
@@ -121,6 +135,31 @@ pub(crate) struct ProducerInner {
     max_message: AtomicUsize,
     shared: Mutex<Shared>,
     closing: Notify,
+}
+
+/// How messages are grouped into batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BatchingType {
+    /// One batch of whatever was sent meanwhile.
+    #[default]
+    Default,
+    /// A batch per key, carrying the key, so that Key_Shared subscriptions
+    /// can give every batch to the consumer of its key.
+    KeyBased,
+}
+
+/// Batched messages grouped by key, groups in the order their keys first
+/// came (the order within a key kept).
+fn by_key(items: Vec<(BatchItem, Receipt)>) -> Vec<(Option<String>, Vec<(BatchItem, Receipt)>)> {
+    let mut groups: Vec<(Option<String>, Vec<(BatchItem, Receipt)>)> = Vec::new();
+    for it in items {
+        let key = it.0.metadata.partition_key.clone();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(it),
+            None => groups.push((key, vec![it])),
+        }
+    }
+    groups
 }
 
 /// Room kept in an entry for its metadata and headers besides the payload.
@@ -284,22 +323,30 @@ impl ProducerInner {
         }
         let items = std::mem::take(&mut sh.batch);
         sh.batch_bytes = 0;
-        let (items, waiters): (Vec<BatchItem>, Vec<Receipt>) = items.into_iter().unzip();
-        let payload = encode_batch(&items);
-        let n = items.len() as u32;
-        self.enqueue(
-            &mut sh,
-            n,
-            |seq, name| MessageMetadata {
-                producer_name: name,
-                sequence_id: seq,
-                publish_time: now_ms(),
-                num_messages_in_batch: Some(n as i32),
-                ..Default::default()
-            },
-            &payload,
-            waiters,
-        );
+        let groups = match self.options.batching_type {
+            BatchingType::Default => vec![(None, items)],
+            BatchingType::KeyBased => by_key(items),
+        };
+        for (key, items) in groups {
+            let (items, waiters): (Vec<BatchItem>, Vec<Receipt>) = items.into_iter().unzip();
+            let payload = encode_batch(&items);
+            let n = items.len() as u32;
+            self.enqueue(
+                &mut sh,
+                n,
+                |seq, name| MessageMetadata {
+                    producer_name: name,
+                    sequence_id: seq,
+                    publish_time: now_ms(),
+                    num_messages_in_batch: Some(n as i32),
+                    // A batch of one key is dispatched by it (Key_Shared).
+                    partition_key: key,
+                    ..Default::default()
+                },
+                &payload,
+                waiters,
+            );
+        }
     }
 
     /// Opens the producer on the broker serving the topic (or on `hint`)
@@ -678,6 +725,8 @@ pub struct Producer {
     parts: Vec<Part>,
     /// Set on a partitioned topic.
     router: Option<Mutex<Router>>,
+    /// The client's memory limit, shared by its producers.
+    memory: Option<Arc<crate::memory::MemoryLimit>>,
 }
 
 impl Producer {
@@ -686,6 +735,7 @@ impl Producer {
         topic: &str,
         ids: &AtomicU64,
         options: ProducerOptions,
+        memory: Option<Arc<crate::memory::MemoryLimit>>,
     ) -> Result<Producer, Error> {
         let partitions = pool.partitions(topic).await?;
         if partitions == 0 {
@@ -695,6 +745,7 @@ impl Producer {
                 topic: topic.to_string(),
                 parts: vec![part],
                 router: None,
+                memory,
             });
         }
         let creating = (0..partitions).map(|i| {
@@ -719,6 +770,7 @@ impl Producer {
                 start,
                 switch_ms,
             ))),
+            memory,
         })
     }
 
@@ -758,6 +810,23 @@ impl Producer {
     pub fn send_async(&self, msg: impl Into<OutgoingMessage>) -> SendFuture {
         let msg = msg.into();
         let (tx, rx) = oneshot::channel();
+        let memory = match &self.memory {
+            Some(limit) => match limit.reserve(msg.payload.len()) {
+                Some(r) => Some(r),
+                None => {
+                    let _ = tx.send(Err(Error::ProducerQueueFull));
+                    return SendFuture {
+                        rx,
+                        partition: None,
+                    };
+                }
+            },
+            None => None,
+        };
+        let tx = Receipt {
+            tx,
+            _memory: memory,
+        };
         let partition = self.router.as_ref().map(|r| {
             r.lock()
                 .unwrap_or_else(|e| e.into_inner())
