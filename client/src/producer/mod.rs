@@ -148,10 +148,13 @@ pub enum BatchingType {
     KeyBased,
 }
 
+/// A message waiting in a batch, with where its outcome goes.
+type Batched = (BatchItem, Receipt);
+
 /// Batched messages grouped by key, groups in the order their keys first
 /// came (the order within a key kept).
-fn by_key(items: Vec<(BatchItem, Receipt)>) -> Vec<(Option<String>, Vec<(BatchItem, Receipt)>)> {
-    let mut groups: Vec<(Option<String>, Vec<(BatchItem, Receipt)>)> = Vec::new();
+fn by_key(items: Vec<Batched>) -> Vec<(Option<String>, Vec<Batched>)> {
+    let mut groups: Vec<(Option<String>, Vec<Batched>)> = Vec::new();
     for it in items {
         let key = it.0.metadata.partition_key.clone();
         match groups.iter_mut().find(|(k, _)| *k == key) {
