@@ -17,13 +17,28 @@ use crate::Error;
 pub const MAX_UNCOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
 
 /// How a producer compresses what it sends.
+///
+/// ```
+/// use magnetar_client::Compression;
+///
+/// let text = "the same words again and again ".repeat(100);
+/// let z = Compression::Zstd.compress(text.as_bytes())?;
+/// assert!(z.len() < text.len() / 10);
+/// assert_eq!(Compression::Zstd.decompress(z, text.len())?, text.as_bytes());
+/// # Ok::<(), magnetar_client::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Compression {
+    /// Not compressed.
     #[default]
     None,
+    /// LZ4 (block format).
     Lz4,
+    /// zlib-wrapped deflate.
     Zlib,
+    /// Zstandard.
     Zstd,
+    /// Snappy (raw).
     Snappy,
 }
 

@@ -40,7 +40,6 @@ struct Routes {
 }
 
 pub struct Connection {
-    pub url: String,
     /// The broker's largest message, as its CONNECTED said.
     pub max_message_size: usize,
     tx: mpsc::UnboundedSender<OutFrame>,
@@ -211,7 +210,6 @@ impl Connection {
             g.consumers.clear();
         });
         Ok(Arc::new(Connection {
-            url: service_url.trim_end_matches('/').to_string(),
             max_message_size,
             tx,
             routes,

@@ -3,16 +3,27 @@
 
 use magnetar_proto::pulsar::ServerError;
 
+/// What went wrong; see [`Error::is_retriable`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// The connection to a broker failed or ended.
     #[error("connection: {0}")]
     Connection(String),
     #[error("broker error {code}: {message}")]
-    Server { code: i32, message: String },
+    /// The broker refused: its `ServerError` code and message.
+    Server {
+        /// `ServerError` as a number; see [`Error::server_error`].
+        code: i32,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The broker answered with something that does not parse or fit.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// No answer in time.
     #[error("timed out")]
     Timeout,
+    /// The producer, consumer or client was closed.
     #[error("closed")]
     Closed,
     /// The topic was terminated and every message of it was received.
@@ -30,7 +41,12 @@ pub enum Error {
     #[error(
         "message of {size} bytes is larger than the broker's maximum of {limit} (enable chunking)"
     )]
-    MessageTooBig { size: usize, limit: usize },
+    MessageTooBig {
+        /// The message's size.
+        size: usize,
+        /// The broker's maximum.
+        limit: usize,
+    },
     /// A builder was given settings that cannot work together.
     #[error("configuration: {0}")]
     Config(String),

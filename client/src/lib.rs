@@ -1,22 +1,88 @@
-//! The Magnetar Rust SDK: a client, producers (with optional batching) and
-//! consumers, speaking the Pulsar binary protocol.
+//! The Magnetar Rust SDK: producers, consumers and readers for Magnetar —
+//! or any Pulsar cluster — over the Pulsar binary protocol.
 //!
-//! A service URL may name several brokers (`pulsar://h1:6650,h2:6651`).
-//! Each topic is looked up (redirects followed) and served over one
-//! connection per broker; producers and consumers reconnect with back-off
-//! when their broker goes away or moves their topic, producers resending
-//! what has no receipt yet in sequence order.
+//! # Quick start
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use magnetar_client::{Client, InitialPosition, OutgoingMessage, SubscriptionType};
+//!
+//! # async fn run() -> Result<(), magnetar_client::Error> {
+//! let client = Client::builder("pulsar://127.0.0.1:6650").build().await?;
+//!
+//! // Send: the future resolves once the broker stored the message.
+//! let producer = client.producer("orders").batched().create().await?;
+//! let mut msg = OutgoingMessage::from("order 1");
+//! msg.key = Some("customer-7".into());
+//! let id = producer.send(msg).await?;
+//! println!("stored as {id}");
+//!
+//! // Receive: a consumer is a Stream of messages.
+//! let mut consumer = client
+//!     .consumer()
+//!     .topic("orders")
+//!     .subscription("billing")
+//!     .subscription_type(SubscriptionType::Shared)
+//!     .initial_position(InitialPosition::Earliest)
+//!     .subscribe()
+//!     .await?;
+//! while let Some(msg) = consumer.next().await {
+//!     let msg = msg?;
+//!     println!("{}: {}", msg.id, String::from_utf8_lossy(&msg.payload));
+//!     consumer.ack(&msg)?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! More in `client/examples/`: Key_Shared workers, typed JSON, reader
+//! replay, partitioned topics.
+//!
+//! # What it does
+//!
+//! - **Subscriptions**: Exclusive, Shared, Failover and Key_Shared (auto
+//!   split or sticky hash ranges); individual, cumulative and negative
+//!   acks (with a fixed delay or exponential back-off), ack receipts, an
+//!   ack timeout, the client's own dead-letter and retry topics
+//!   ([`DeadLetterPolicy`]), several topics under one subscription.
+//! - **Readers** ([`Client::reader`]): from `EARLIEST`, `LATEST` or a
+//!   message id (exclusive or inclusive, also inside a batch), seek by id
+//!   or time, `has_message_available`.
+//! - **Partitioned topics**: a producer per partition, keys routed with
+//!   the Java client's hashing ([`HashingScheme`]) so clients of every
+//!   language agree on a key's partition; consumers read every partition.
+//! - **Payloads**: batching (one batch, or one per key), LZ4, ZLIB, ZSTD
+//!   and Snappy compression, chunking of messages above the broker's
+//!   maximum, schemas and typed JSON producers and consumers
+//!   ([`JsonSchema`]).
+//! - **Bounded**: pending messages per producer, a receiver queue per
+//!   consumer, a memory limit across the client's producers; each a
+//!   builder setting with a default.
+//! - **Following topics**: a service URL may name several brokers
+//!   (`pulsar://h1:6650,h2:6651`). Each topic is looked up (redirects
+//!   followed) and served over one connection per broker; producers and
+//!   consumers reconnect with back-off when their broker goes away or
+//!   moves their topic, producers resending what has no receipt yet in
+//!   sequence order.
+//! - **Errors** ([`Error`]) say whether trying again may help
+//!   ([`Error::is_retriable`]) and carry the broker's error kind by name
+//!   ([`Error::server_error`]).
+//!
+//! Not yet: TLS (`pulsar+ssl://`) and authentication, regex (pattern)
+//! subscriptions, transactions, end-to-end encryption.
 //!
 //! It depends only on `magnetar-proto`, never on server crates.
 
-pub mod backoff;
+#![warn(missing_docs)]
+
+pub(crate) mod backoff;
 pub mod compression;
 mod connection;
 pub mod consumer;
 mod error;
-pub mod memory;
+pub(crate) mod memory;
 mod message;
-pub mod pool;
+pub(crate) mod pool;
 pub mod producer;
 pub mod schema;
 
@@ -24,7 +90,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub use compression::Compression;
-pub use connection::Connection;
+pub(crate) use connection::Connection;
 pub use consumer::builder::{ConsumerBuilder, InitialPosition};
 pub use consumer::reader::{Reader, ReaderBuilder};
 pub use consumer::{Consumer, ConsumerOptions, DeadLetterPolicy, SubscriptionType};
@@ -154,6 +220,8 @@ impl Client {
         self.pool.lookup(topic).await
     }
 
+    /// Closes every connection of the client (producers and consumers
+    /// created from it stop).
     pub async fn close(&self) {
         self.pool.close();
     }

@@ -42,6 +42,7 @@ impl MemoryLimit {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }

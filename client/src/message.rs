@@ -9,9 +9,13 @@ use magnetar_proto::pulsar::MessageIdData;
 /// Where a message is stored: (ledger, entry), and its index within a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId {
+    /// The ledger holding the entry.
     pub ledger_id: u64,
+    /// The entry within the ledger.
     pub entry_id: u64,
+    /// The partition of a partitioned topic (-1: not partitioned).
     pub partition: i32,
+    /// The message's index within its batch (-1: not batched).
     pub batch_index: i32,
 }
 
@@ -70,10 +74,23 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// A message to send.
+///
+/// ```
+/// use magnetar_client::OutgoingMessage;
+///
+/// let mut msg = OutgoingMessage::from("payload");
+/// msg.key = Some("customer-7".into());
+/// msg.properties.insert("source".into(), "web".into());
+/// // Delayed delivery (Shared and Key_Shared subscriptions):
+/// msg.deliver_at_ms = Some(1_900_000_000_000);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct OutgoingMessage {
+    /// The payload.
     pub payload: Bytes,
+    /// The key: routes the message to a partition and, on Key_Shared, to a consumer.
     pub key: Option<String>,
+    /// Properties the application reads back.
     pub properties: BTreeMap<String, String>,
     /// Deliver no earlier than this (ms since the epoch) to Shared and
     /// Key_Shared subscriptions; such a message is never batched.
@@ -119,11 +136,17 @@ impl From<&str> for OutgoingMessage {
 /// A received message.
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// Where the message is stored.
     pub id: MessageId,
+    /// The payload, decompressed and joined from its chunks.
     pub payload: Bytes,
+    /// The message's key (partition key).
     pub key: Option<String>,
+    /// The application's properties.
     pub properties: BTreeMap<String, String>,
+    /// When the producer sent it (ms since the epoch).
     pub publish_time_ms: u64,
+    /// How often it was delivered before (nacks, ack timeouts, consumers leaving).
     pub redelivery_count: u32,
     /// The topic (partition) the message was read from.
     pub topic: std::sync::Arc<str>,

@@ -46,13 +46,20 @@ pub enum Schema {
     /// UTF-8 text.
     String,
     /// JSON documents described by an Avro record definition.
-    Json { definition: String },
+    Json {
+        /// The Avro record definition (JSON text).
+        definition: String,
+    },
     /// Avro binary described by an Avro definition (payloads are the
     /// application's to encode).
-    Avro { definition: String },
+    Avro {
+        /// The Avro definition (JSON text).
+        definition: String,
+    },
 }
 
 impl Schema {
+    /// A JSON schema of this Avro record definition.
     pub fn json(definition: impl Into<String>) -> Schema {
         Schema::Json {
             definition: definition.into(),
@@ -82,6 +89,7 @@ pub trait JsonSchema: Serialize + DeserializeOwned {
     /// from a class; other clients' readers check theirs against it).
     fn definition() -> String;
 
+    /// The schema to register: JSON with [`JsonSchema::definition`].
     fn schema() -> Schema {
         Schema::json(Self::definition())
     }
@@ -124,6 +132,7 @@ impl<T: Serialize> TypedProducer<T> {
         Ok(self.producer.send_async(self.message(value)?))
     }
 
+    /// Sends a message made with [`TypedProducer::message`].
     pub fn send_message(&self, msg: OutgoingMessage) -> SendFuture {
         self.producer.send_async(msg)
     }
@@ -133,6 +142,7 @@ impl<T: Serialize> TypedProducer<T> {
         &self.producer
     }
 
+    /// Flushes, waits for receipts and closes the producer.
     pub async fn close(self) -> Result<(), Error> {
         self.producer.close().await
     }
@@ -141,7 +151,9 @@ impl<T: Serialize> TypedProducer<T> {
 /// A received `T` with its message (id, key, properties…).
 #[derive(Debug, Clone)]
 pub struct Typed<T> {
+    /// The decoded value.
     pub value: T,
+    /// The message it came in.
     pub message: Message,
 }
 
@@ -172,11 +184,13 @@ impl<T: DeserializeOwned> TypedConsumer<T> {
         }
     }
 
+    /// The next value, waiting as long as it takes.
     pub async fn receive(&mut self) -> Result<Typed<T>, Error> {
         let m = self.consumer.receive().await?;
         self.decode(m)
     }
 
+    /// The next value, or `None` when none came in time.
     pub async fn receive_timeout(&mut self, timeout: Duration) -> Result<Option<Typed<T>>, Error> {
         match self.consumer.receive_timeout(timeout).await? {
             Some(m) => self.decode(m).map(Some),
@@ -184,10 +198,12 @@ impl<T: DeserializeOwned> TypedConsumer<T> {
         }
     }
 
+    /// Acknowledges a value's message.
     pub fn ack(&mut self, t: &Typed<T>) -> Result<(), Error> {
         self.consumer.ack(&t.message)
     }
 
+    /// Negatively acknowledges a value's message (it comes again).
     pub fn nack(&mut self, t: &Typed<T>) -> Result<(), Error> {
         self.consumer.nack(&t.message)
     }
@@ -197,6 +213,7 @@ impl<T: DeserializeOwned> TypedConsumer<T> {
         &mut self.consumer
     }
 
+    /// Closes the consumer on the broker.
     pub async fn close(self) -> Result<(), Error> {
         self.consumer.close().await
     }

@@ -60,16 +60,20 @@ impl ConsumerBuilder {
         self
     }
 
+    /// How the subscription shares messages among its consumers (default
+    /// Exclusive).
     pub fn subscription_type(mut self, t: SubscriptionType) -> Self {
         self.options.sub_type = t;
         self
     }
 
+    /// Where a subscription that does not exist yet starts.
     pub fn initial_position(mut self, p: InitialPosition) -> Self {
         self.options.earliest = p == InitialPosition::Earliest;
         self
     }
 
+    /// The consumer's name (Failover picks the active consumer by it).
     pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
         self.options.consumer_name = Some(name.into());
         self

@@ -62,6 +62,7 @@ impl Assembler {
     }
 
     /// Messages being assembled.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.partials.len()
     }

@@ -26,6 +26,28 @@ pub const ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
 pub const RECONSUME_TIMES: &str = "RECONSUMETIMES";
 
 /// Where messages that keep failing go.
+///
+/// ```no_run
+/// # async fn run(client: magnetar_client::Client) -> Result<(), magnetar_client::Error> {
+/// use std::time::Duration;
+/// use magnetar_client::{DeadLetterPolicy, SubscriptionType};
+///
+/// let mut policy = DeadLetterPolicy::new(3);
+/// policy.retry_enabled = true;
+/// let mut consumer = client
+///     .consumer()
+///     .topic("payments")
+///     .subscription("settle")
+///     .subscription_type(SubscriptionType::Shared)
+///     .dead_letter_policy(policy)
+///     .subscribe()
+///     .await?;
+/// let msg = consumer.receive().await?;
+/// // Not now: again in a minute, through the retry topic.
+/// consumer.reconsume_later(&msg, Duration::from_secs(60)).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct DeadLetterPolicy {
     /// Deliveries after the first before a message is dead-lettered
@@ -43,6 +65,8 @@ pub struct DeadLetterPolicy {
 }
 
 impl DeadLetterPolicy {
+    /// Dead-lettering after `max_redeliver_count` redeliveries, to the
+    /// default topics.
     pub fn new(max_redeliver_count: u32) -> DeadLetterPolicy {
         DeadLetterPolicy {
             max_redeliver_count,

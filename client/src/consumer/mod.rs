@@ -5,12 +5,12 @@
 //! yet taken by the application are dropped then: the broker redelivers
 //! everything unacknowledged to the new subscription.
 
-pub mod builder;
-pub mod chunks;
-pub mod dlq;
-pub mod reader;
-pub mod redelivery;
-pub mod state;
+pub(crate) mod builder;
+pub(crate) mod chunks;
+pub(crate) mod dlq;
+pub(crate) mod reader;
+pub(crate) mod redelivery;
+pub(crate) mod state;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
@@ -37,9 +37,12 @@ pub use dlq::DeadLetterPolicy;
 use redelivery::Redelivery;
 use state::ConsumerState;
 
+/// How a subscription shares its messages among its consumers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscriptionType {
+    /// One consumer; a second one is refused (`ConsumerBusy`).
     Exclusive = 0,
+    /// Messages spread round robin over the consumers.
     Shared = 1,
     /// One active consumer (the first by priority level, then name — per
     /// partition, spread over the consumers); the others stand by and take
@@ -50,11 +53,14 @@ pub enum SubscriptionType {
     KeyShared = 3,
 }
 
+/// Every setting of a consumer (the builder sets them one by one).
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
+    /// How the subscription shares messages among its consumers.
     pub sub_type: SubscriptionType,
     /// Start a new subscription at the earliest message (default: latest).
     pub earliest: bool,
+    /// Messages fetched ahead of the application, per topic or partition.
     pub receiver_queue: u32,
     /// How long `subscribe` keeps retrying while the topic is moving.
     pub operation_timeout_ms: u64,
@@ -1015,6 +1021,7 @@ impl Consumer {
         futures::future::try_join_all(self.parts.iter().map(|p| last_message_id(p))).await
     }
 
+    /// Closes the consumer on the broker (its subscription stays).
     pub async fn close(self) -> Result<(), Error> {
         for t in &self.tasks {
             t.abort();

@@ -56,11 +56,13 @@ impl ReaderBuilder {
         self
     }
 
+    /// Messages fetched ahead of the application.
     pub fn receiver_queue_size(mut self, n: u32) -> Self {
         self.options.receiver_queue = n.max(2);
         self
     }
 
+    /// Creates the reader on the broker serving the topic.
     pub async fn create(self) -> Result<Reader, Error> {
         let subscription = format!(
             "reader-{:x}",
@@ -194,10 +196,12 @@ impl Reader {
         Ok(())
     }
 
+    /// The topic read.
     pub fn topic(&self) -> &str {
         self.consumer.topic()
     }
 
+    /// Closes the reader (nothing of it stays on the broker).
     pub async fn close(self) -> Result<(), Error> {
         self.consumer.close().await
     }

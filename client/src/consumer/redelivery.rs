@@ -89,6 +89,7 @@ impl Redelivery {
     }
 
     /// How many entries wait for an ack or a redelivery.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.nacked.len() + self.unacked.len()
     }

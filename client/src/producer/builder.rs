@@ -60,6 +60,7 @@ impl ProducerBuilder {
         self
     }
 
+    /// How entries (messages and batches) are compressed.
     pub fn compression(mut self, compression: Compression) -> Self {
         self.options.compression = compression;
         self
@@ -71,6 +72,7 @@ impl ProducerBuilder {
         self
     }
 
+    /// Whether other producers may write the topic too.
     pub fn access_mode(mut self, mode: AccessMode) -> Self {
         self.options.access_mode = mode;
         self

@@ -4,9 +4,9 @@
 //! back-off, then sends every message still without a receipt again, in
 //! sequence order. Sends made meanwhile wait in the pending queue.
 
-pub mod builder;
-pub mod partitioned;
-pub mod state;
+pub(crate) mod builder;
+pub(crate) mod partitioned;
+pub(crate) mod state;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,12 +29,18 @@ pub use partitioned::HashingScheme;
 use partitioned::Router;
 use state::{ProducerState, ReceiptOutcome};
 
+/// Every setting of a producer (the builder sets them one by one).
 #[derive(Debug, Clone)]
 pub struct ProducerOptions {
+    /// The producer's name; the broker picks one if not given.
     pub name: Option<String>,
+    /// Group messages into batches (one entry, one receipt).
     pub batching: bool,
+    /// Most messages in a batch.
     pub batch_max_messages: usize,
+    /// Most payload bytes in a batch.
     pub batch_max_bytes: usize,
+    /// A batch is sent at the latest this long after its first message.
     pub batch_delay_ms: u64,
     /// A message without a receipt after this long fails with `Timeout`.
     pub send_timeout_ms: u64,
@@ -783,6 +789,7 @@ impl Producer {
         self.parts[0].inner.lock().name.clone().unwrap_or_default()
     }
 
+    /// The topic written (the partitioned topic, not a partition).
     pub fn topic(&self) -> &str {
         &self.topic
     }

@@ -7,6 +7,14 @@
 //! delay so that batches fill (Java's `RoundRobinPartitionMessageRouter`).
 
 /// How a key becomes a partition (Java's `HashingScheme`).
+///
+/// ```
+/// use magnetar_client::HashingScheme;
+///
+/// // Java: "hello".hashCode() == 99162322; partition = hash % partitions.
+/// assert_eq!(HashingScheme::JavaStringHash.hash("hello") % 4, 99162322 % 4);
+/// assert_eq!(HashingScheme::Murmur3_32Hash.hash("hello"), 0x248b_fa47);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HashingScheme {
     /// Java's `String.hashCode()` (the Java client's default).

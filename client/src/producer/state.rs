@@ -125,6 +125,7 @@ impl<R> ProducerState<R> {
         self.pending.drain(..).collect()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.pending.len()
     }
