@@ -68,6 +68,10 @@ fn request_id_of(cmd: &BaseCommand) -> Option<u64> {
             .as_ref()
             .map(|c| c.request_id))
         .or(cmd.ack_response.as_ref().and_then(|c| c.request_id))
+        .or(cmd
+            .get_topics_of_namespace_response
+            .as_ref()
+            .map(|c| c.request_id))
 }
 
 fn set_request_id(cmd: &mut BaseCommand, id: u64) {
@@ -100,6 +104,9 @@ fn set_request_id(cmd: &mut BaseCommand, id: u64) {
     }
     if let Some(c) = cmd.ack.as_mut() {
         c.request_id = Some(id);
+    }
+    if let Some(c) = cmd.get_topics_of_namespace.as_mut() {
+        c.request_id = id;
     }
 }
 

@@ -212,7 +212,15 @@ impl Client {
         subscription: &str,
         options: ConsumerOptions,
     ) -> Result<Consumer, Error> {
-        Consumer::subscribe_topics(self, &[topic.to_string()], subscription, options, None).await
+        Consumer::subscribe_topics(
+            self,
+            &[topic.to_string()],
+            subscription,
+            options,
+            None,
+            None,
+        )
+        .await
     }
 
     /// The URL of the broker that serves `topic` now.

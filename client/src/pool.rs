@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use magnetar_proto::frame::base;
 use magnetar_proto::pulsar::{
-    base_command::Type, command_lookup_topic_response::LookupType,
-    command_partitioned_topic_metadata_response::LookupType as PartitionLookup, CommandLookupTopic,
-    CommandPartitionedTopicMetadata,
+    base_command::Type, command_get_topics_of_namespace::Mode as TopicsMode,
+    command_lookup_topic_response::LookupType,
+    command_partitioned_topic_metadata_response::LookupType as PartitionLookup,
+    CommandGetTopicsOfNamespace, CommandLookupTopic, CommandPartitionedTopicMetadata,
 };
 
 use crate::{Connection, Error};
@@ -140,6 +141,24 @@ impl Pool {
         Err(Error::Protocol(format!(
             "lookup of {topic} redirected more than {MAX_LOOKUP_REDIRECTS} times"
         )))
+    }
+
+    /// The persistent topics of `namespace` (`tenant/ns`), partitions of
+    /// partitioned topics listed one by one.
+    pub async fn topics_of_namespace(&self, namespace: &str) -> Result<Vec<String>, Error> {
+        let conn = self.any().await?;
+        let mut cmd = base(Type::GetTopicsOfNamespace);
+        cmd.get_topics_of_namespace = Some(CommandGetTopicsOfNamespace {
+            request_id: 0,
+            namespace: namespace.to_string(),
+            mode: Some(TopicsMode::Persistent as i32),
+            ..Default::default()
+        });
+        let resp = conn.request(cmd).await?;
+        let r = resp
+            .get_topics_of_namespace_response
+            .ok_or_else(|| Error::Protocol("no GET_TOPICS_OF_NAMESPACE_RESPONSE".into()))?;
+        Ok(r.topics)
     }
 
     /// How many partitions `topic` has (0: it is not partitioned).

@@ -14,6 +14,7 @@ usage: python_sdk_interop.py PULSAR_URL HTTP_URL MAGNETAR_BIN TYPED_JSON_EXAMPLE
 """
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -217,7 +218,24 @@ def chunks_both_ways(client):
     print("chunked messages from the Rust SDK and from Python, joined by the other: ok")
 
 
+def python_pattern_subscription(client):
+    # GET_TOPICS_OF_NAMESPACE: Python's regex consumers list the namespace.
+    for t in ["pyre-a", "pyre-b", "other-c"]:
+        magnetar("produce", f"{NS}/{t}", "-m", t)
+    c = client.subscribe(re.compile(f"{NS}/pyre-.*"), "pattern",
+                         initial_position=pulsar.InitialPosition.Earliest)
+    got = set()
+    for _ in range(2):
+        m = c.receive(timeout_millis=10000)
+        got.add(m.data())
+        c.acknowledge(m)
+    assert got == {b"pyre-a", b"pyre-b"}, got
+    c.close()
+    print("a Python regex subscription over the namespace's topics: ok")
+
+
 client = pulsar.Client(URL)
+python_pattern_subscription(client)
 chunks_both_ways(client)
 same_partitions_for_keys(client)
 codecs_both_ways(client)

@@ -771,3 +771,84 @@ async fn memory_limit_key_based_batches_and_nack_backoff() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_subscription_reads_matching_topics_and_finds_new_ones() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StandaloneSpec::new(dir.path());
+    let s = spec.start().await;
+    let client = Client::connect(&s.service_url()).await.unwrap();
+    let ns = "persistent://public/default";
+    for t in ["metrics-cpu", "metrics-disk", "logs-app"] {
+        client
+            .producer(format!("{ns}/{t}"))
+            .create()
+            .await
+            .unwrap()
+            .send("before")
+            .await
+            .unwrap();
+    }
+    let mut c = client
+        .consumer()
+        .topics_pattern("metrics-.*")
+        .pattern_auto_discovery_period(Duration::from_millis(300))
+        .subscription("all-metrics")
+        .initial_position(InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut topics = c.topics();
+    topics.sort();
+    assert_eq!(
+        topics,
+        vec![format!("{ns}/metrics-cpu"), format!("{ns}/metrics-disk")]
+    );
+    for _ in 0..2 {
+        let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+        assert!(m.topic.contains("/metrics-"), "{}", m.topic);
+        c.ack(&m).unwrap();
+    }
+    // A new matching topic is found and read; a new other one is not.
+    client
+        .producer(format!("{ns}/logs-db"))
+        .create()
+        .await
+        .unwrap()
+        .send("not for us")
+        .await
+        .unwrap();
+    client
+        .producer(format!("{ns}/metrics-net"))
+        .create()
+        .await
+        .unwrap()
+        .send("new")
+        .await
+        .unwrap();
+    let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&*m.topic, format!("{ns}/metrics-net"));
+    assert_eq!(&m.payload[..], b"new");
+    c.ack(&m).unwrap();
+    assert_eq!(c.topics().len(), 3);
+    assert!(c
+        .receive_timeout(Duration::from_millis(800))
+        .await
+        .unwrap()
+        .is_none());
+    // Bad patterns are configuration errors.
+    for bad in ["metrics-(", "tenant/metrics-.*"] {
+        let e = client
+            .consumer()
+            .topics_pattern(bad)
+            .subscription("x")
+            .subscribe()
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Config(_)), "{bad}: {e}");
+    }
+    c.close().await.unwrap();
+    s.shutdown().await;
+}

@@ -189,22 +189,9 @@ async fn check_namespace(ctx: &AdminContext, ns: &str) -> Result<(), Response> {
 async fn list(State(ctx): Ctx, Path(p): Path<NsPath>) -> Answer {
     let ns = format!("{}/{}", p.tenant, p.ns);
     check_namespace(&ctx, &ns).await?;
-    let prefix = keys::managed_ledger(&format!("{ns}/persistent/"));
-    let stored = ctx
-        .md
-        .range_keys(&prefix)
+    let names = partitioned::topics_of_namespace(&ctx.md, &ns)
         .await
-        .map_err(|e| error(e.into()))?;
-    let mut names: Vec<String> = stored
-        .iter()
-        .filter_map(|k| k.strip_prefix(&prefix))
-        .map(|local| format!("persistent://{ns}/{}", crate::topic::decode_key(local)))
-        .collect();
-    for (t, n) in partitioned::list(&ctx.md, &ns, true).await.map_err(error)? {
-        names.extend((0..n).map(|i| t.partition(i).to_string()));
-    }
-    names.sort();
-    names.dedup();
+        .map_err(error)?;
     Ok(Json(names).into_response())
 }
 

@@ -185,6 +185,13 @@ impl Conn {
                 },
             ) => self.spawn(|r| lookup::partitioned_metadata(r, c)).await,
             (
+                Some(Type::GetTopicsOfNamespace),
+                BaseCommand {
+                    get_topics_of_namespace: Some(c),
+                    ..
+                },
+            ) => self.spawn(|r| lookup::topics_of_namespace(r, c)).await,
+            (
                 Some(Type::Lookup),
                 BaseCommand {
                     lookup_topic: Some(c),

@@ -2,13 +2,14 @@
 
 use magnetar_proto::frame::base;
 use magnetar_proto::pulsar::{
-    base_command::Type, command_lookup_topic_response::LookupType,
-    command_partitioned_topic_metadata_response as pmr, CommandLookupTopic,
+    base_command::Type, command_get_topics_of_namespace::Mode,
+    command_lookup_topic_response::LookupType, command_partitioned_topic_metadata_response as pmr,
+    CommandGetTopicsOfNamespace, CommandGetTopicsOfNamespaceResponse, CommandLookupTopic,
     CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
     CommandPartitionedTopicMetadataResponse,
 };
 
-use super::connection::{Conn, ConnRef};
+use super::connection::{error_cmd, Conn, ConnRef};
 use crate::ownership::LookupAnswer;
 use crate::topic::partitioned;
 
@@ -42,6 +43,35 @@ pub async fn partitioned_metadata(conn: ConnRef, c: CommandPartitionedTopicMetad
         }
     });
     conn.shared.send(&r).await;
+}
+
+/// GET_TOPICS_OF_NAMESPACE: the persistent topics of a namespace (every
+/// partition of the partitioned ones), unfiltered — the client matches its
+/// pattern (`filtered` is false, as from a Pulsar broker without
+/// server-side filtering).
+pub async fn topics_of_namespace(conn: ConnRef, c: CommandGetTopicsOfNamespace) {
+    let md = conn.ctx.topics.ownership.metadata();
+    let answer = match c.mode.and_then(|m| Mode::try_from(m).ok()) {
+        Some(Mode::NonPersistent) => Ok(Vec::new()),
+        _ => partitioned::topics_of_namespace(md, &c.namespace).await,
+    };
+    match answer {
+        Ok(topics) => {
+            let mut r = base(Type::GetTopicsOfNamespaceResponse);
+            r.get_topics_of_namespace_response = Some(CommandGetTopicsOfNamespaceResponse {
+                request_id: c.request_id,
+                topics,
+                filtered: Some(false),
+                topics_hash: None,
+                changed: Some(true),
+            });
+            conn.shared.send(&r).await;
+        }
+        Err(e) => {
+            tracing::info!(peer = %conn.peer, namespace = %c.namespace, error = %e, "topics of namespace failed");
+            conn.shared.send(&error_cmd(c.request_id, &e)).await;
+        }
+    }
 }
 
 pub async fn lookup(conn: ConnRef, c: CommandLookupTopic) {

@@ -167,6 +167,32 @@ pub async fn list(
     Ok(out)
 }
 
+/// Every persistent topic of `namespace`: those with storage, and every
+/// partition of its partitioned topics, sorted.
+pub async fn topics_of_namespace(
+    md: &MetadataClient,
+    namespace: &str,
+) -> Result<Vec<String>, BrokerError> {
+    let prefix = keys::managed_ledger(&format!("{namespace}/persistent/"));
+    let stored = md.range_keys(&prefix).await?;
+    let mut names: Vec<String> = stored
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .map(|local| {
+            format!(
+                "persistent://{namespace}/{}",
+                crate::topic::decode_key(local)
+            )
+        })
+        .collect();
+    for (t, n) in list(md, namespace, true).await? {
+        names.extend((0..n).map(|i| t.partition(i).to_string()));
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// What PARTITIONED_METADATA answers for `name`: its partition count (0 for
 /// a partition or a non-partitioned topic). A topic that does not exist in
 /// a namespace whose policy creates partitioned topics on first use is

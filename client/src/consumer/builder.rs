@@ -5,6 +5,36 @@ use std::time::Duration;
 use super::{Consumer, ConsumerOptions, SubscriptionType};
 use crate::{Client, Error};
 
+/// A pattern as Pulsar's clients take it: a full-name regex whose tenant
+/// and namespace are literal, or a short one in `public/default`.
+fn parse_pattern(p: &str, period: Duration) -> Result<super::Pattern, Error> {
+    let full = if p.contains("://") {
+        p.to_string()
+    } else if p.contains('/') {
+        return Err(Error::Config(format!(
+            "topic pattern {p:?}: give persistent://tenant/namespace/<regex> or a short <regex>"
+        )));
+    } else {
+        format!("persistent://public/default/{p}")
+    };
+    let rest = full
+        .strip_prefix("persistent://")
+        .ok_or_else(|| Error::Config(format!("topic pattern {p:?}: only persistent topics")))?;
+    let mut it = rest.splitn(3, '/');
+    let (Some(tenant), Some(ns), Some(_)) = (it.next(), it.next(), it.next()) else {
+        return Err(Error::Config(format!(
+            "topic pattern {p:?}: persistent://tenant/namespace/<regex>"
+        )));
+    };
+    let regex =
+        regex::Regex::new(&full).map_err(|e| Error::Config(format!("topic pattern {p:?}: {e}")))?;
+    Ok(super::Pattern {
+        regex,
+        namespace: format!("{tenant}/{ns}"),
+        period,
+    })
+}
+
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum InitialPosition {
@@ -22,6 +52,8 @@ pub struct ConsumerBuilder {
     topics: Vec<String>,
     subscription: Option<String>,
     options: ConsumerOptions,
+    pattern: Option<String>,
+    pattern_period: Duration,
 }
 
 impl ConsumerBuilder {
@@ -35,6 +67,8 @@ impl ConsumerBuilder {
             topics: Vec::new(),
             subscription: None,
             options,
+            pattern: None,
+            pattern_period: Duration::from_secs(60),
         }
     }
 
@@ -51,6 +85,21 @@ impl ConsumerBuilder {
         T: Into<String>,
     {
         self.topics.extend(topics.into_iter().map(Into::into));
+        self
+    }
+
+    /// Every topic of a namespace whose full name matches `regex` (e.g.
+    /// `persistent://public/default/orders-.*`, or `orders-.*` in
+    /// `public/default`), now and as topics appear (see
+    /// [`ConsumerBuilder::pattern_auto_discovery_period`]).
+    pub fn topics_pattern(mut self, regex: impl Into<String>) -> Self {
+        self.pattern = Some(regex.into());
+        self
+    }
+
+    /// How often a pattern consumer looks for new topics (default 60 s).
+    pub fn pattern_auto_discovery_period(mut self, period: Duration) -> Self {
+        self.pattern_period = period;
         self
     }
 
@@ -159,12 +208,25 @@ impl ConsumerBuilder {
         let subscription = self
             .subscription
             .ok_or_else(|| Error::Config("a consumer needs a subscription name".into()))?;
+        let pattern = match &self.pattern {
+            Some(p) => Some(parse_pattern(p, self.pattern_period)?),
+            None => None,
+        };
+        let mut topics = self.topics;
+        if let Some(p) = &pattern {
+            for t in p.matching(&self.client.pool).await? {
+                if !topics.contains(&t) {
+                    topics.push(t);
+                }
+            }
+        }
         Consumer::subscribe_topics(
             &self.client,
-            &self.topics,
+            &topics,
             &subscription,
             self.options,
             None,
+            pattern,
         )
         .await
     }

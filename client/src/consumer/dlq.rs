@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::lock;
 use super::redelivery::Redelivery;
-use super::{lock, Inner};
 use crate::{now_ms, Client, Message, OutgoingMessage, Producer, SubscriptionType};
 
 pub const REAL_TOPIC: &str = "REAL_TOPIC";
@@ -132,7 +132,7 @@ pub(crate) fn forwarded(m: &Message, real_topic: &str) -> OutgoingMessage {
 pub(crate) async fn forward(
     client: Client,
     topic: String,
-    parts: Vec<Arc<Inner>>,
+    parts: super::Parts,
     redelivery: Arc<Mutex<Redelivery>>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
 ) {
@@ -151,12 +151,13 @@ pub(crate) async fn forward(
             }
         }
         let Some(p) = &producer else { continue };
-        let real = parts.get(part).map(|i| i.topic.clone()).unwrap_or_default();
+        let inner = lock(&parts).get(part).cloned();
+        let real = inner.as_ref().map(|i| i.topic.clone()).unwrap_or_default();
         match p.send(forwarded(m, &real)).await {
             Ok(id) => {
                 tracing::info!(message = %m.id, dead_letter = %id, topic, "moved to the dead-letter topic");
                 if job.ack_entry {
-                    if let Some(inner) = parts.get(part) {
+                    if let Some(inner) = &inner {
                         let _ = inner.send(&super::ack_cmd(inner.consumer_id, m.id));
                     }
                 }

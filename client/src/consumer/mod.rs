@@ -129,6 +129,8 @@ enum Event {
     Message(Box<(BaseCommand, Option<Payload>)>),
     /// Subscribed again: what was received before comes again.
     Subscribed,
+    /// A pattern consumer took on a new topic (its messages follow).
+    Added(Arc<Inner>),
 }
 
 pub(crate) struct Inner {
@@ -311,12 +313,121 @@ async fn run(inner: Arc<Inner>, mut route: Route, events: Events) {
     }
 }
 
-/// Asks the broker to send nacked and timed-out entries again.
-async fn redeliver_due(
-    parts: Vec<Arc<Inner>>,
-    redelivery: Arc<Mutex<Redelivery>>,
-    every: Duration,
+/// The consumer's parts as its background tasks see them (a pattern
+/// consumer adds parts as topics appear).
+pub(crate) type Parts = Arc<Mutex<Vec<Arc<Inner>>>>;
+
+/// A pattern subscription: which topics of which namespace, looked for
+/// again every `period`.
+#[derive(Debug, Clone)]
+pub(crate) struct Pattern {
+    pub regex: regex::Regex,
+    pub namespace: String,
+    pub period: Duration,
+}
+
+impl Pattern {
+    /// The namespace's topics the pattern names (matched whole, against the
+    /// full name, as Pulsar's clients do).
+    pub(crate) async fn matching(&self, pool: &Pool) -> Result<Vec<String>, Error> {
+        let all = pool.topics_of_namespace(&self.namespace).await?;
+        Ok(all
+            .into_iter()
+            .filter(|t| {
+                self.regex
+                    .find(t)
+                    .is_some_and(|m| m.start() == 0 && m.end() == t.len())
+            })
+            .collect())
+    }
+}
+
+/// Looks for new topics of a pattern subscription every period and
+/// subscribes to them, announcing each new part to the consumer before its
+/// messages flow.
+#[allow(clippy::too_many_arguments)]
+async fn discover(
+    client: Client,
+    pattern: Pattern,
+    subscription: String,
+    options: ConsumerOptions,
+    registry: Parts,
+    events: Events,
+    mut known: std::collections::HashSet<String>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 ) {
+    loop {
+        tokio::time::sleep(pattern.period).await;
+        let found = match pattern.matching(&client.pool).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(namespace = %pattern.namespace, error = %e, "pattern discovery failed; next round");
+                continue;
+            }
+        };
+        for topic in found {
+            if known.contains(&topic) {
+                continue;
+            }
+            let part = lock(&registry).len();
+            let inner = new_part(
+                &client,
+                part,
+                topic.clone(),
+                None,
+                &subscription,
+                &options,
+                None,
+            );
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(options.operation_timeout_ms);
+            match inner
+                .subscribe_until(None, Some(deadline), &mut Backoff::default(), &events)
+                .await
+            {
+                Ok(route) => {
+                    tracing::info!(topic, subscription, "pattern subscription: a new topic");
+                    known.insert(topic);
+                    lock(&registry).push(inner.clone());
+                    if events.send((part, Event::Added(inner.clone()))).is_err() {
+                        return;
+                    }
+                    let t = tokio::spawn(run(inner, route, events.clone()));
+                    lock(&tasks).push(t);
+                }
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "cannot subscribe to a new topic of the pattern; next round");
+                }
+            }
+        }
+    }
+}
+
+fn new_part(
+    client: &Client,
+    part: usize,
+    topic: String,
+    partition: Option<i32>,
+    subscription: &str,
+    options: &ConsumerOptions,
+    reader: Option<(MessageId, bool)>,
+) -> Arc<Inner> {
+    Arc::new(Inner {
+        pool: client.pool.clone(),
+        part,
+        topic_name: topic.as_str().into(),
+        topic,
+        partition,
+        resume: reader.map(Mutex::new),
+        subscription: subscription.to_string(),
+        consumer_id: client.ids.fetch_add(1, Ordering::Relaxed),
+        conn: Mutex::default(),
+        options: options.clone(),
+    })
+}
+
+/// Asks the broker to send nacked and timed-out entries again.
+async fn redeliver_due(parts: Parts, redelivery: Arc<Mutex<Redelivery>>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -334,7 +445,7 @@ async fn redeliver_due(
             });
         }
         for (part, ids) in by_part {
-            let Some(inner) = parts.get(part) else {
+            let Some(inner) = lock(&parts).get(part).cloned() else {
                 continue;
             };
             tracing::debug!(topic = %inner.topic, entries = ids.len(), "asking for redelivery");
@@ -380,6 +491,10 @@ pub struct Consumer {
     dead_letters: Option<mpsc::UnboundedSender<dlq::Job>>,
     /// The retry topic's producer, once `reconsume_later` needed it.
     retry: Option<Producer>,
+    /// A pattern consumer: topics come as they appear; it never ends.
+    pattern: bool,
+    /// The tasks of the parts discovery added.
+    discovered: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Consumer {
@@ -391,13 +506,19 @@ impl Consumer {
         subscription: &str,
         options: ConsumerOptions,
         reader: Option<(MessageId, bool)>,
+        pattern: Option<Pattern>,
     ) -> Result<Consumer, Error> {
-        let (pool, ids) = (&client.pool, &*client.ids);
-        if topics.is_empty() {
+        let pool = &client.pool;
+        if topics.is_empty() && pattern.is_none() {
             return Err(Error::Config("no topic to subscribe to".into()));
         }
         let mut topics = topics.to_vec();
         if let Some(policy) = &options.dead_letter {
+            if topics.is_empty() {
+                return Err(Error::Config(
+                    "a dead-letter policy needs a topic: the pattern matched none yet".into(),
+                ));
+            }
             policy.check(options.sub_type)?;
             if policy.retry_enabled {
                 topics.push(policy.retry_topic(&topics[0], subscription));
@@ -410,22 +531,21 @@ impl Consumer {
                 n => names.extend((0..n as i32).map(|i| (format!("{t}-partition-{i}"), Some(i)))),
             }
         }
+        let known: std::collections::HashSet<String> =
+            names.iter().map(|(t, _)| t.clone()).collect();
         let parts: Vec<Arc<Inner>> = names
             .into_iter()
             .enumerate()
             .map(|(part, (topic, partition))| {
-                Arc::new(Inner {
-                    pool: pool.clone(),
+                new_part(
+                    client,
                     part,
-                    topic_name: topic.as_str().into(),
                     topic,
                     partition,
-                    resume: reader.map(Mutex::new),
-                    subscription: subscription.to_string(),
-                    consumer_id: ids.fetch_add(1, Ordering::Relaxed),
-                    conn: Mutex::default(),
-                    options: options.clone(),
-                })
+                    subscription,
+                    &options,
+                    reader,
+                )
             })
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -468,17 +588,31 @@ impl Consumer {
             })
             .div_f32(4.0)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let registry: Parts = Arc::new(Mutex::new(parts.clone()));
         tasks.push(tokio::spawn(redeliver_due(
-            parts.clone(),
+            registry.clone(),
             redelivery.clone(),
             every,
         )));
+        let discovered = Arc::new(Mutex::new(Vec::new()));
+        if let Some(p) = pattern.clone() {
+            tasks.push(tokio::spawn(discover(
+                client.clone(),
+                p,
+                subscription.to_string(),
+                options.clone(),
+                registry.clone(),
+                tx.clone(),
+                known,
+                discovered.clone(),
+            )));
+        }
         let dead_letters = options.dead_letter.as_ref().map(|policy| {
             let (tx, rx) = mpsc::unbounded_channel();
             tasks.push(tokio::spawn(dlq::forward(
                 client.clone(),
                 policy.dlq_topic(&topics[0], subscription),
-                parts.clone(),
+                registry.clone(),
                 redelivery.clone(),
                 rx,
             )));
@@ -514,13 +648,32 @@ impl Consumer {
             nack_backoff: options.nack_backoff,
             dead_letters,
             retry: None,
+            pattern: pattern.is_some(),
+            discovered,
         })
     }
 
-    /// The topic (the first one, for a consumer of several).
+    fn add_part(&mut self, inner: Arc<Inner>) {
+        debug_assert_eq!(inner.part, self.parts.len());
+        let o = &inner.options;
+        self.states.push(ConsumerState::new(o.receiver_queue));
+        self.ended.push(false);
+        self.skip.push(None);
+        self.chunks.push(chunks::Assembler::new(
+            o.max_pending_chunked_messages,
+            Duration::from_millis(o.expire_incomplete_chunked_ms),
+        ));
+        self.parts.push(inner);
+    }
+
+    /// The topic (the first one, for a consumer of several; empty for a
+    /// pattern consumer that matched nothing yet).
     pub fn topic(&self) -> &str {
-        let t = &self.parts[0].topic;
-        match self.parts[0].partition {
+        let Some(first) = self.parts.first() else {
+            return "";
+        };
+        let t = &first.topic;
+        match first.partition {
             Some(_) => t.rsplit_once("-partition-").map_or(t, |(base, _)| base),
             None => t,
         }
@@ -706,7 +859,7 @@ impl Consumer {
                     .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
                 return Poll::Ready(Some(Ok(m)));
             }
-            if self.ended.iter().all(|e| *e) {
+            if !self.pattern && self.ended.iter().all(|e| *e) {
                 return Poll::Ready(None);
             }
             let (part, event) = match self.events.poll_recv(cx) {
@@ -714,6 +867,14 @@ impl Consumer {
                 Poll::Ready(None) => return Poll::Ready(Some(Err(Error::Closed))),
                 Poll::Ready(Some(ev)) => ev,
             };
+            if let Event::Added(inner) = event {
+                self.add_part(inner);
+                continue;
+            }
+            if part >= self.parts.len() {
+                // A part being added announces itself right after this.
+                continue;
+            }
             match event {
                 Event::Message(m) => {
                     let (cmd, payload) = *m;
@@ -734,6 +895,7 @@ impl Consumer {
                     self.chunks[part].clear();
                     lock(&self.redelivery).subscribed(part);
                 }
+                Event::Added(_) => {}
             }
         }
     }
@@ -1023,7 +1185,7 @@ impl Consumer {
 
     /// Closes the consumer on the broker (its subscription stays).
     pub async fn close(self) -> Result<(), Error> {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(lock(&self.discovered).iter()) {
             t.abort();
         }
         let closing = self.parts.iter().map(|p| close_part(p));
@@ -1088,7 +1250,7 @@ impl futures::Stream for Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(lock(&self.discovered).iter()) {
             t.abort();
         }
     }

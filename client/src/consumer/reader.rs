@@ -77,6 +77,7 @@ impl ReaderBuilder {
             &subscription,
             options,
             Some((self.start, self.inclusive)),
+            None,
         )
         .await?;
         if specific && consumer.parts.len() > 1 {
