@@ -5,7 +5,7 @@
 # batched (10,000 in flight), then catch-up consume of the batched topic;
 # rate, latency and the client's CPU per message for each.
 #
-#   [UNBATCHED=N] [BATCHED=N] scripts/bench-sdk.sh
+#   [UNBATCHED=N] [BATCHED=N] [FIRST=pulsar] scripts/bench-sdk.sh
 #
 # bench/sdk-compare is a crate of its own (not in the workspace), so CI
 # never builds the `pulsar` crate; it needs `protoc`, taken from the
