@@ -846,13 +846,7 @@ impl Consumer {
                 let max = self.dead_letter.as_ref().map(|p| p.max_redeliver_count);
                 if max.is_some_and(|max| m.redelivery_count > max) {
                     // Delivered max + 1 times already: a dead letter.
-                    let ack_entry = self.entry_done(m.part, &m);
-                    if let Some(tx) = &self.dead_letters {
-                        let _ = tx.send(dlq::Job {
-                            message: m,
-                            ack_entry,
-                        });
-                    }
+                    self.dead_letter(m.part, m);
                     continue;
                 }
                 lock(&self.redelivery)
@@ -962,6 +956,17 @@ impl Consumer {
         true
     }
 
+    /// Hands `msg` to the dead-letter task, which acks it once stored.
+    fn dead_letter(&mut self, part: usize, msg: Message) {
+        let ack_entry = self.entry_done(part, &msg);
+        if let Some(tx) = &self.dead_letters {
+            let _ = tx.send(dlq::Job {
+                message: msg,
+                ack_entry,
+            });
+        }
+    }
+
     /// `ack`, answered by the broker once the acknowledgement is stored (an
     /// ack receipt). A message of a batch whose other messages are not all
     /// acknowledged yet needs no round trip: it returns at once.
@@ -1024,13 +1029,7 @@ impl Consumer {
         let part = self.part_of(msg)?;
         let max = self.dead_letter.as_ref().map(|p| p.max_redeliver_count);
         if max.is_some_and(|max| msg.redelivery_count >= max) {
-            let ack_entry = self.entry_done(part, msg);
-            if let Some(tx) = &self.dead_letters {
-                let _ = tx.send(dlq::Job {
-                    message: msg.clone(),
-                    ack_entry,
-                });
-            }
+            self.dead_letter(part, msg.clone());
             return Ok(());
         }
         let entry = (part, msg.id.ledger_id, msg.id.entry_id);
@@ -1063,13 +1062,7 @@ impl Consumer {
         };
         let times = dlq::reconsume_times(msg) + 1;
         if times > policy.max_redeliver_count {
-            let ack_entry = self.entry_done(part, msg);
-            if let Some(tx) = &self.dead_letters {
-                let _ = tx.send(dlq::Job {
-                    message: msg.clone(),
-                    ack_entry,
-                });
-            }
+            self.dead_letter(part, msg.clone());
             return Ok(());
         }
         if self.retry.is_none() {

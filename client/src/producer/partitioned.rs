@@ -6,6 +6,8 @@
 //! partition after the other, or, when batching, one partition per batch
 //! delay so that batches fill (Java's `RoundRobinPartitionMessageRouter`).
 
+use magnetar_proto::hash::murmur3_32;
+
 /// How a key becomes a partition (Java's `HashingScheme`).
 ///
 /// ```
@@ -39,34 +41,6 @@ impl HashingScheme {
 pub fn java_string_hash(s: &str) -> u32 {
     s.encode_utf16()
         .fold(0u32, |h, c| h.wrapping_mul(31).wrapping_add(c as u32))
-}
-
-/// MurmurHash3 x86 32-bit.
-pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
-    const C1: u32 = 0xcc9e_2d51;
-    const C2: u32 = 0x1b87_3593;
-    let mix = |k: u32| k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    let mut h = seed;
-    let mut blocks = data.chunks_exact(4);
-    for b in &mut blocks {
-        let k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        h ^= mix(k);
-        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
-    }
-    let tail = blocks.remainder();
-    if !tail.is_empty() {
-        let k = tail
-            .iter()
-            .rev()
-            .fold(0u32, |k, &byte| (k << 8) | byte as u32);
-        h ^= mix(k);
-    }
-    h ^= data.len() as u32;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// Picks partitions for a producer. No I/O: the time comes in.
@@ -133,19 +107,6 @@ mod tests {
         );
         // Outside the BMP: two UTF-16 code units, as Java counts them.
         assert_eq!(java_string_hash("😀") as i32, 1772899);
-    }
-
-    #[test]
-    fn murmur3_matches_the_reference_vectors() {
-        assert_eq!(murmur3_32(b"", 0), 0);
-        assert_eq!(murmur3_32(b"", 1), 0x514e_28b7);
-        assert_eq!(murmur3_32(b"hello", 0), 0x248b_fa47);
-        assert_eq!(
-            murmur3_32(b"The quick brown fox jumps over the lazy dog", 0),
-            0x2e4f_f723
-        );
-        assert_eq!(murmur3_32(b"abc", 0), 0xb3dd_93fa);
-        assert_eq!(murmur3_32(b"abcd", 0), 0x43ed_676a);
     }
 
     #[test]
