@@ -46,6 +46,29 @@ PY
 kill $pid 2>/dev/null || true
 wait $pid 2>/dev/null || true
 
+# Token authentication: a standalone that asks for tokens.
+"$bin" tokens create-secret-key --output "$work/secret.key" 2>/dev/null
+"$bin" tokens create-secret-key --output "$work/other.key" 2>/dev/null
+good=$("$bin" tokens create --secret-key "$work/secret.key" --subject py-app --expiry-secs 3600)
+wrong=$("$bin" tokens create --secret-key "$work/other.key" --subject py-app)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+http=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" standalone --data-dir "$work/auth-data" --broker-port "$port" --http-port "$http" --metadata-port "$(udp)" \
+  --bookie-port "$(udp)" --auth-token-secret-key "$work/secret.key" 2>"$work/auth.log" &
+pid=$!
+for _ in $(seq 1 100); do
+  grep -qs "standalone ready" "$work/auth.log" && break
+  sleep 0.2
+done
+url="pulsar://127.0.0.1:$port"
+timeout 120 .venv/bin/python tests/compat/python_auth.py "$url" "$good" "$wrong"
+"$bin" produce secured -m from-cli --auth-token "$good" --service-url "$url" 2>/dev/null
+if "$bin" produce secured -m no-token --service-url "$url" 2>/dev/null; then
+  echo "the CLI got in without a token"; exit 1
+fi
+kill $pid 2>/dev/null || true
+wait $pid 2>/dev/null || true
+
 # A cluster of three brokers as processes; the client gets all of them.
 base() { python3 scripts/free-ports.py "$1"; } # a base with $1 consecutive free ports
 export MAGNETAR_BIN="$bin"
@@ -59,4 +82,4 @@ if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "5 passed, 0 failed: python compatibility"
+echo "6 passed, 0 failed: python compatibility"

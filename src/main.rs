@@ -81,6 +81,15 @@ enum Cmd {
             default_value_t = 50_000
         )]
         max_entries_per_ledger: u64,
+        /// Clients must connect with a token signed by this HS256 key
+        /// (`magnetar tokens create-secret-key`); default: no authentication.
+        #[arg(long, env = "MAGNETAR_AUTH_TOKEN_SECRET_KEY")]
+        auth_token_secret_key: Option<PathBuf>,
+    },
+    /// Tokens for Pulsar's `token` authentication.
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
     },
     /// One metadata node (Raft member) as its own process.
     Metadata {
@@ -136,6 +145,9 @@ enum Cmd {
             default_value = "pulsar://127.0.0.1:6650"
         )]
         service_url: String,
+        /// A token to authenticate with (Pulsar's `token` method).
+        #[arg(long, env = "MAGNETAR_AUTH_TOKEN")]
+        auth_token: Option<String>,
     },
     /// Consume messages, printing each payload on its own line.
     Consume {
@@ -161,11 +173,33 @@ enum Cmd {
             default_value = "pulsar://127.0.0.1:6650"
         )]
         service_url: String,
+        /// A token to authenticate with (Pulsar's `token` method).
+        #[arg(long, env = "MAGNETAR_AUTH_TOKEN")]
+        auth_token: Option<String>,
     },
     /// Benchmarks.
     Perf {
         #[command(subcommand)]
         cmd: perf::PerfCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Writes a new random HS256 secret key (32 bytes) to --output.
+    CreateSecretKey {
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Prints a token for --subject (the client's role) signed with the key.
+    Create {
+        #[arg(long)]
+        secret_key: PathBuf,
+        #[arg(long)]
+        subject: String,
+        /// Valid this many seconds (default: no expiry).
+        #[arg(long)]
+        expiry_secs: Option<u64>,
     },
 }
 
@@ -229,8 +263,10 @@ async fn main() -> anyhow::Result<()> {
             metadata_port,
             bookie_port,
             max_entries_per_ledger,
+            auth_token_secret_key,
         } => {
             let mut cfg = StandaloneConfig::new(data_dir.clone());
+            cfg.auth_token_secret_key = auth_token_secret_key;
             cfg.bind_host = bind_host;
             cfg.broker_port = broker_port;
             cfg.http_port = http_port;
@@ -303,8 +339,9 @@ async fn main() -> anyhow::Result<()> {
             batching,
             chunk_max_size,
             service_url,
+            auth_token,
         } => {
-            let client = Client::connect(&service_url)
+            let client = connect(&service_url, auth_token)
                 .await
                 .with_context(|| format!("connecting to {service_url}"))?;
             let mut builder = client
@@ -370,8 +407,9 @@ async fn main() -> anyhow::Result<()> {
             timeout_secs,
             json,
             service_url,
+            auth_token,
         } => {
-            let client = Client::connect(&service_url)
+            let client = connect(&service_url, auth_token)
                 .await
                 .with_context(|| format!("connecting to {service_url}"))?;
             let options = ConsumerOptions {
@@ -420,6 +458,39 @@ async fn main() -> anyhow::Result<()> {
             consumer.close().await?;
         }
         Cmd::Perf { cmd } => perf::run(cmd).await?,
+        Cmd::Tokens { cmd } => match cmd {
+            TokensCmd::CreateSecretKey { output } => {
+                let key = magnetar_proto::token::SecretKey::generate()?;
+                std::fs::write(&output, key)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                eprintln!("secret key written to {}", output.display());
+            }
+            TokensCmd::Create {
+                secret_key,
+                subject,
+                expiry_secs,
+            } => {
+                let key = magnetar_proto::token::SecretKey::load(&secret_key)
+                    .with_context(|| format!("reading {}", secret_key.display()))?;
+                let exp = expiry_secs.map(|s| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                        + s
+                });
+                println!("{}", key.sign(&subject, exp));
+            }
+        },
     }
     Ok(())
+}
+
+/// A client of `url`, with a token if one is given.
+async fn connect(url: &str, token: Option<String>) -> Result<Client, magnetar_client::Error> {
+    let mut b = Client::builder(url);
+    if let Some(t) = token {
+        b = b.auth_token(t);
+    }
+    b.build().await
 }

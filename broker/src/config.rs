@@ -58,6 +58,11 @@ pub struct BrokerConfig {
     /// `[connection]`: per-client limits and keep-alive.
     #[serde(default)]
     pub connection: ConnectionLimits,
+    /// `auth_token_secret_key = "path"`: clients must CONNECT with a token
+    /// (Pulsar's `token` method) signed by this HS256 key (`magnetar tokens
+    /// create-secret-key`); none: no authentication.
+    #[serde(default)]
+    pub auth_token_secret_key: Option<std::path::PathBuf>,
 }
 
 fn default_cluster() -> String {
@@ -109,6 +114,7 @@ impl BrokerConfig {
             load_manager: LoadManagerConfig::default(),
             managed_ledger: ManagedLedgerConfig::default(),
             connection: ConnectionLimits::default(),
+            auth_token_secret_key: None,
         }
     }
 }

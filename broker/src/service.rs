@@ -40,6 +40,8 @@ pub enum StartError {
     Register(#[from] magnetar_metadata::MetadataError),
     #[error("creating the public tenant: {0}")]
     Tenant(BrokerError),
+    #[error("reading the token secret key {0}: {1}")]
+    AuthKey(std::path::PathBuf, std::io::Error),
 }
 
 pub struct Broker {
@@ -57,6 +59,9 @@ pub struct Broker {
 }
 
 /// `host:port` of the advertised URL: the broker's id.
+/// The role of the broker's own client (dead letters) when tokens are on.
+pub const BROKER_ROLE: &str = "magnetar-broker";
+
 fn broker_id_of(url: &str) -> String {
     url.split_once("://")
         .map(|(_, r)| r)
@@ -71,6 +76,13 @@ impl Broker {
         metadata: MetadataClient,
         ledgers: LedgerClient,
     ) -> Result<Arc<Broker>, StartError> {
+        let auth = match &cfg.auth_token_secret_key {
+            Some(path) => Some(Arc::new(
+                magnetar_proto::token::SecretKey::load(path)
+                    .map_err(|e| StartError::AuthKey(path.clone(), e))?,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| StartError::Bind(cfg.listen, e))?;
@@ -115,8 +127,10 @@ impl Broker {
         let ledgers: Arc<dyn crate::managed_ledger::store::LedgerStore> = Arc::new(ledgers);
         let stores = Stores::new(ledgers.clone(), Arc::new(metadata.clone()));
         // Dead letters go through a client of the cluster, via this broker.
+        // With authentication on, it carries a token the broker signs itself.
         let sink = crate::topic::dead_letter::Sink(crate::topic::dead_letter::ClientSink::new(
             service_url.clone(),
+            auth.as_ref().map(|k| k.sign(BROKER_ROLE, None)),
         ));
         let topics = Arc::new(TopicRegistry::new(
             ownership.clone(),
@@ -125,11 +139,9 @@ impl Broker {
             Some(Arc::new(sink)),
         ));
         let (crash, crashed) = tokio::sync::watch::channel(false);
-        let ctx = Arc::new(ProtocolContext::new(
-            topics.clone(),
-            cfg.connection.clone(),
-            crashed,
-        ));
+        let ctx = Arc::new(
+            ProtocolContext::new(topics.clone(), cfg.connection.clone(), crashed).with_auth(auth),
+        );
         let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {

@@ -24,6 +24,8 @@ pub struct StandaloneConfig {
     pub metadata_port: u16,
     pub bookie_port: u16,
     pub managed_ledger: ManagedLedgerConfig,
+    /// Clients must connect with a token signed by this key (none: open).
+    pub auth_token_secret_key: Option<PathBuf>,
     /// How often TTL, backlog quotas and retention by age are checked.
     pub policy_check_interval_ms: u64,
 }
@@ -38,6 +40,7 @@ impl StandaloneConfig {
             metadata_port: 2379,
             bookie_port: 3181,
             managed_ledger: ManagedLedgerConfig::default(),
+            auth_token_secret_key: None,
             policy_check_interval_ms: 10_000,
         }
     }
@@ -77,6 +80,7 @@ impl Standalone {
         broker_cfg.managed_ledger = cfg.managed_ledger.clone();
         broker_cfg.policy_check_interval_ms = cfg.policy_check_interval_ms;
         broker_cfg.http_listen = Some(addr(cfg.http_port)?);
+        broker_cfg.auth_token_secret_key = cfg.auth_token_secret_key.clone();
         Broker::create_namespace(&metadata, "public/default", broker_cfg.default_bundles)
             .await
             .map_err(err)?;

@@ -111,7 +111,10 @@ fn set_request_id(cmd: &mut BaseCommand, id: u64) {
 }
 
 impl Connection {
-    pub async fn connect(service_url: &str) -> Result<Arc<Connection>, Error> {
+    pub async fn connect(
+        service_url: &str,
+        auth: Option<&dyn crate::auth::Authentication>,
+    ) -> Result<Arc<Connection>, Error> {
         let addr = service_url
             .strip_prefix("pulsar://")
             .ok_or_else(|| Error::Connection(format!("unsupported service URL {service_url}")))?;
@@ -126,6 +129,11 @@ impl Connection {
         hello.connect = Some(CommandConnect {
             client_version: format!("magnetar-client {}", env!("CARGO_PKG_VERSION")),
             protocol_version: Some(CLIENT_PROTOCOL_VERSION),
+            auth_method_name: auth.map(|a| a.method_name().to_string()),
+            auth_data: match auth {
+                Some(a) => Some(a.auth_data()?.into()),
+                None => None,
+            },
             ..Default::default()
         });
         let mut buf = BytesMut::new();

@@ -75,6 +75,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub(crate) mod backoff;
 pub mod compression;
 mod connection;
@@ -110,12 +111,14 @@ pub struct ClientBuilder {
     config: ClientConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ClientConfig {
     /// How long creating a producer or consumer keeps trying.
     pub(crate) operation_timeout_ms: u64,
     /// Payload bytes the client's producers may hold unacknowledged.
     pub(crate) memory: Option<Arc<memory::MemoryLimit>>,
+    /// What connections authenticate with.
+    pub(crate) auth: auth::Auth,
 }
 
 impl ClientBuilder {
@@ -134,9 +137,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Authenticates with a token (Pulsar's `token` method).
+    pub fn auth_token(self, token: impl Into<String>) -> Self {
+        self.authentication(Arc::new(auth::Token::new(token)))
+    }
+
+    /// Authenticates with any [`auth::Authentication`] method.
+    pub fn authentication(mut self, auth: Arc<dyn auth::Authentication>) -> Self {
+        self.config.auth = Some(auth);
+        self
+    }
+
     /// Connects to one of the brokers to check the service is there.
     pub async fn build(self) -> Result<Client, Error> {
-        let pool = Arc::new(pool::Pool::new(&self.service_url)?);
+        let pool = Arc::new(pool::Pool::new(
+            &self.service_url,
+            self.config.auth.clone(),
+        )?);
         pool.any().await?;
         Ok(Client {
             pool,
@@ -164,6 +181,7 @@ impl Client {
             config: ClientConfig {
                 operation_timeout_ms: 30_000,
                 memory: Some(memory::MemoryLimit::new(64 * 1024 * 1024)),
+                auth: None,
             },
         }
     }

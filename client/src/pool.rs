@@ -22,6 +22,7 @@ use crate::{Connection, Error};
 const MAX_LOOKUP_REDIRECTS: usize = 8;
 
 pub struct Pool {
+    auth: crate::auth::Auth,
     /// `pulsar://host:port` of each host of the service URL.
     hosts: Vec<String>,
     next_host: AtomicUsize,
@@ -55,8 +56,9 @@ fn normalize(url: &str) -> String {
 }
 
 impl Pool {
-    pub fn new(service_url: &str) -> Result<Pool, Error> {
+    pub fn new(service_url: &str, auth: crate::auth::Auth) -> Result<Pool, Error> {
         Ok(Pool {
+            auth,
             hosts: parse_service_url(service_url)?,
             next_host: AtomicUsize::new(0),
             conns: Mutex::default(),
@@ -75,7 +77,7 @@ impl Pool {
                 return Ok(c.clone());
             }
         }
-        let c = Connection::connect(&url).await?;
+        let c = Connection::connect(&url, self.auth.as_deref()).await?;
         let mut g = self.lock();
         // Another task may have connected meanwhile: keep one.
         match g.get(&url) {

@@ -12,6 +12,7 @@ pub mod metadata_api;
 pub mod rpc;
 pub mod shared_bytes;
 pub mod tls;
+pub mod token;
 pub mod topic;
 mod unreachable;
 

@@ -852,3 +852,67 @@ async fn a_pattern_subscription_reads_matching_topics_and_finds_new_ones() {
     c.close().await.unwrap();
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_when_a_client_connects() {
+    use magnetar_proto::token::SecretKey;
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("secret.key");
+    std::fs::write(&key_path, SecretKey::generate().unwrap()).unwrap();
+    let key = SecretKey::load(&key_path).unwrap();
+    let spec = StandaloneSpec::new(&dir.path().join("data"));
+    let s = spec
+        .start_with(|c| c.auth_token_secret_key = Some(key_path.clone()))
+        .await;
+    let url = s.service_url();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let refused = |e: Error| {
+        assert_eq!(
+            e.server_error(),
+            Some(magnetar_proto::pulsar::ServerError::AuthenticationError),
+            "{e}"
+        );
+        assert!(!e.is_retriable(), "{e}");
+    };
+    // No token, another key's token, an expired one, garbage: refused.
+    refused(Client::connect(&url).await.err().unwrap());
+    let other = SecretKey::from_bytes(b"not the cluster's key").sign("app", None);
+    for token in [other, key.sign("app", Some(now - 1)), "garbage".to_string()] {
+        let e = Client::builder(&url)
+            .auth_token(token)
+            .build()
+            .await
+            .err()
+            .unwrap();
+        refused(e);
+    }
+    // A good one works end to end.
+    let client = Client::builder(&url)
+        .auth_token(key.sign("app", Some(now + 3600)))
+        .build()
+        .await
+        .unwrap();
+    let topic = "persistent://public/default/secured";
+    let mut c = client
+        .consumer()
+        .topic(topic)
+        .subscription("s")
+        .subscribe()
+        .await
+        .unwrap();
+    client
+        .producer(topic)
+        .create()
+        .await
+        .unwrap()
+        .send("let in")
+        .await
+        .unwrap();
+    let m = c.receive_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"let in");
+    s.shutdown().await;
+}

@@ -44,6 +44,10 @@ pub struct Conn {
     pub pending_kib: Arc<Semaphore>,
     /// The protocol version agreed in CONNECTED.
     pub version: i32,
+    /// The client's role (its token's subject) when tokens are on.
+    pub role: Option<String>,
+    /// CONNECT was refused: the connection ends.
+    pub refused: bool,
     /// Permits for requests running on their own tasks.
     requests: Arc<Semaphore>,
 }
@@ -60,6 +64,8 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
         pending_sends: Arc::new(Semaphore::new(limits.max_pending_sends.max(1))),
         pending_kib: Arc::new(Semaphore::new((limits.max_pending_send_bytes >> 10).max(1))),
         version: 0,
+        role: None,
+        refused: false,
         requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
     };
     let max_frame = limits.max_message_bytes + FRAME_OVERHEAD_BYTES;
@@ -81,6 +87,9 @@ pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAdd
                         connected = true;
                     }
                     conn.handle(f).await;
+                    if conn.refused {
+                        break 'outer;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {

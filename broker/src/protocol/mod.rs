@@ -60,6 +60,8 @@ pub struct ProtocolContext {
     next_id: AtomicU64,
     /// Turns true when every connection must end at once (a crash, in tests).
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Set: clients must CONNECT with a token this key signed.
+    pub auth: Option<Arc<magnetar_proto::token::SecretKey>>,
 }
 
 impl ProtocolContext {
@@ -73,7 +75,14 @@ impl ProtocolContext {
             limits,
             stop,
             next_id: AtomicU64::new(1),
+            auth: None,
         }
+    }
+
+    /// Token authentication with `key` (none: off).
+    pub fn with_auth(mut self, key: Option<Arc<magnetar_proto::token::SecretKey>>) -> Self {
+        self.auth = key;
+        self
     }
 
     pub fn next_id(&self) -> u64 {

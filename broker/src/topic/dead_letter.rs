@@ -20,14 +20,17 @@ const MAX_PRODUCERS: usize = 1_000;
 
 pub struct ClientSink {
     service_url: String,
+    /// The token the broker's own client connects with, if tokens are on.
+    token: Option<String>,
     client: OnceCell<Client>,
     producers: Mutex<HashMap<String, Arc<Producer>>>,
 }
 
 impl ClientSink {
-    pub fn new(service_url: String) -> Arc<ClientSink> {
+    pub fn new(service_url: String, token: Option<String>) -> Arc<ClientSink> {
         Arc::new(ClientSink {
             service_url,
+            token,
             client: OnceCell::new(),
             producers: Mutex::default(),
         })
@@ -36,7 +39,13 @@ impl ClientSink {
     async fn producer(&self, topic: &str) -> Result<Arc<Producer>, String> {
         let client = self
             .client
-            .get_or_try_init(|| Client::connect(&self.service_url))
+            .get_or_try_init(|| {
+                let mut b = Client::builder(&self.service_url);
+                if let Some(t) = &self.token {
+                    b = b.auth_token(t.clone());
+                }
+                b.build()
+            })
             .await
             .map_err(|e| format!("connecting to {}: {e}", self.service_url))?;
         let mut g = self.producers.lock().await;
