@@ -44,7 +44,9 @@
 //!   split or sticky hash ranges); individual, cumulative and negative
 //!   acks (with a fixed delay or exponential back-off), ack receipts, an
 //!   ack timeout, the client's own dead-letter and retry topics
-//!   ([`DeadLetterPolicy`]), several topics under one subscription.
+//!   ([`DeadLetterPolicy`]), several topics under one subscription, or
+//!   every topic matching a pattern, found as they appear
+//!   ([`ConsumerBuilder::topics_pattern`]).
 //! - **Readers** ([`Client::reader`]): from `EARLIEST`, `LATEST` or a
 //!   message id (exclusive or inclusive, also inside a batch), seek by id
 //!   or time, `has_message_available`.
@@ -68,8 +70,10 @@
 //!   ([`Error::is_retriable`]) and carry the broker's error kind by name
 //!   ([`Error::server_error`]).
 //!
-//! Not yet: TLS (`pulsar+ssl://`) and authentication, regex (pattern)
-//! subscriptions, transactions, end-to-end encryption.
+//! - **Authentication**: Pulsar's token method
+//!   ([`ClientBuilder::auth_token`]), or any [`auth::Authentication`].
+//!
+//! Not yet: TLS (`pulsar+ssl://`), transactions, end-to-end encryption.
 //!
 //! It depends only on `magnetar-proto`, never on server crates.
 
