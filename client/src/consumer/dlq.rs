@@ -158,6 +158,10 @@ pub(crate) async fn forward(
                 tracing::info!(message = %m.id, dead_letter = %id, topic, "moved to the dead-letter topic");
                 if job.ack_entry {
                     if let Some(inner) = &inner {
+                        // A chunked message's chunks, the last one (`id`) too.
+                        for c in m.chunk_ids.iter().filter(|c| **c != m.id) {
+                            let _ = inner.send(&super::ack_cmd(inner.consumer_id, *c));
+                        }
                         let _ = inner.send(&super::ack_cmd(inner.consumer_id, m.id));
                     }
                 }

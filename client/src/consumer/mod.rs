@@ -487,6 +487,8 @@ pub struct Consumer {
     client: Client,
     dead_letter: Option<DeadLetterPolicy>,
     nack_backoff: Option<(u64, u64)>,
+    /// An ack timeout is on: received and acked entries are tracked.
+    ack_timeout: bool,
     /// To the task that stores dead letters.
     dead_letters: Option<mpsc::UnboundedSender<dlq::Job>>,
     /// The retry topic's producer, once `reconsume_later` needed it.
@@ -646,6 +648,7 @@ impl Consumer {
             client: client.clone(),
             dead_letter: options.dead_letter.clone(),
             nack_backoff: options.nack_backoff,
+            ack_timeout: options.ack_timeout_ms > 0,
             dead_letters,
             retry: None,
             pattern: pattern.is_some(),
@@ -849,8 +852,10 @@ impl Consumer {
                     self.dead_letter(m.part, m);
                     continue;
                 }
-                lock(&self.redelivery)
-                    .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
+                if self.ack_timeout {
+                    lock(&self.redelivery)
+                        .received((m.part, m.id.ledger_id, m.id.entry_id), Instant::now());
+                }
                 return Poll::Ready(Some(Ok(m)));
             }
             if !self.pattern && self.ended.iter().all(|e| *e) {
@@ -944,16 +949,23 @@ impl Consumer {
     /// Whether acknowledging `msg` completes its entry (every message of a
     /// batch acknowledged); tracking updated.
     fn entry_done(&mut self, part: usize, msg: &Message) -> bool {
-        // The chunks before the last one of a chunked message.
-        for c in msg.chunk_ids.iter().filter(|c| **c != msg.id) {
-            let _ = self.send_ack(part, *c, AckType::Individual);
-        }
         let entry = (msg.id.ledger_id, msg.id.entry_id);
         if msg.batch_size > 0 && !self.states[part].ack_in_batch(entry) {
             return false;
         }
-        lock(&self.redelivery).acked((part, entry.0, entry.1));
+        if self.ack_timeout {
+            lock(&self.redelivery).acked((part, entry.0, entry.1));
+        }
         true
+    }
+
+    /// Acks the chunks of a chunked message before its last one (which the
+    /// caller acks), once the message is done with.
+    fn ack_earlier_chunks(&self, part: usize, msg: &Message) -> Result<(), Error> {
+        for c in msg.chunk_ids.iter().filter(|c| **c != msg.id) {
+            self.send_ack(part, *c, AckType::Individual)?;
+        }
+        Ok(())
     }
 
     /// Hands `msg` to the dead-letter task, which acks it once stored.
@@ -975,6 +987,7 @@ impl Consumer {
         if !self.entry_done(part, msg) {
             return Ok(());
         }
+        self.ack_earlier_chunks(part, msg)?;
         self.parts[part]
             .request(self.ack_command(part, msg.id, AckType::Individual))
             .await
@@ -989,7 +1002,9 @@ impl Consumer {
             .request(self.ack_command(part, msg.id, AckType::Cumulative))
             .await?;
         self.states[part].acked_through((msg.id.ledger_id, msg.id.entry_id));
-        lock(&self.redelivery).acked_through(part, msg.id.ledger_id, msg.id.entry_id);
+        if self.ack_timeout {
+            lock(&self.redelivery).acked_through(part, msg.id.ledger_id, msg.id.entry_id);
+        }
         Ok(())
     }
 
@@ -1000,6 +1015,7 @@ impl Consumer {
         if !self.entry_done(part, msg) {
             return Ok(());
         }
+        self.ack_earlier_chunks(part, msg)?;
         self.send_ack(part, msg.id, AckType::Individual)
     }
 
@@ -1016,7 +1032,9 @@ impl Consumer {
             id.entry_id -= 1;
         }
         self.states[part].acked_through((id.ledger_id, id.entry_id));
-        lock(&self.redelivery).acked_through(part, id.ledger_id, id.entry_id);
+        if self.ack_timeout {
+            lock(&self.redelivery).acked_through(part, id.ledger_id, id.entry_id);
+        }
         self.send_ack(part, id, AckType::Cumulative)
     }
 

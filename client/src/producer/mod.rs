@@ -327,6 +327,11 @@ impl ProducerInner {
 
     fn flush_batch(&self) {
         let mut sh = self.lock();
+        self.flush_locked(&mut sh);
+    }
+
+    /// Sends the current batch (one per key with key-based batching).
+    fn flush_locked(&self, sh: &mut Shared) {
         if sh.batch.is_empty() {
             return;
         }
@@ -341,7 +346,7 @@ impl ProducerInner {
             let payload = encode_batch(&items);
             let n = items.len() as u32;
             self.enqueue(
-                &mut sh,
+                sh,
                 n,
                 |seq, name| MessageMetadata {
                     producer_name: name,
@@ -640,46 +645,41 @@ impl Part {
 
     fn send(&self, msg: OutgoingMessage, tx: Receipt) {
         let p = &self.inner;
-        {
-            let sh = p.lock();
-            if sh.state.messages() + sh.batch.len() >= p.options.max_pending_messages {
-                let _ = tx.send(Err(Error::ProducerQueueFull));
-                return;
-            }
+        // One lock per send.
+        let mut sh = p.lock();
+        if sh.state.messages() + sh.batch.len() >= p.options.max_pending_messages {
+            let _ = tx.send(Err(Error::ProducerQueueFull));
+            return;
         }
         // A message as big as a whole batch goes alone (after what is
         // batched before it, keeping the order).
         let alone = msg.payload.len() >= p.options.batch_max_bytes;
         if p.options.batching && alone {
-            p.flush_batch();
+            p.flush_locked(&mut sh);
         }
         if p.options.batching && msg.deliver_at_ms.is_none() && !alone {
-            let flush = {
-                let mut sh = p.lock();
-                let metadata = SingleMessageMetadata {
-                    properties: magnetar_proto::commands::key_values(&msg.properties),
-                    partition_key: msg.key.clone(),
-                    payload_size: msg.payload.len() as i32,
-                    ..Default::default()
-                };
-                sh.batch_bytes += msg.payload.len();
-                sh.batch.push((
-                    BatchItem {
-                        metadata,
-                        payload: msg.payload,
-                    },
-                    tx,
-                ));
-                sh.batch.len() >= p.options.batch_max_messages
-                    || sh.batch_bytes >= p.options.batch_max_bytes
+            let metadata = SingleMessageMetadata {
+                properties: magnetar_proto::commands::key_values(&msg.properties),
+                partition_key: msg.key,
+                payload_size: msg.payload.len() as i32,
+                ..Default::default()
             };
-            if flush {
-                p.flush_batch();
+            sh.batch_bytes += msg.payload.len();
+            sh.batch.push((
+                BatchItem {
+                    metadata,
+                    payload: msg.payload,
+                },
+                tx,
+            ));
+            if sh.batch.len() >= p.options.batch_max_messages
+                || sh.batch_bytes >= p.options.batch_max_bytes
+            {
+                p.flush_locked(&mut sh);
             }
         } else {
-            let mut sh = p.lock();
             let (key, properties) = (
-                msg.key.clone(),
+                msg.key,
                 magnetar_proto::commands::key_values(&msg.properties),
             );
             p.enqueue(
