@@ -656,6 +656,12 @@ impl Consumer {
         })
     }
 
+    /// A reader part's place: the message it read last (exclusive) or where
+    /// it was started or sought (inclusive or not).
+    pub(crate) fn resume_of(&self, part: usize) -> Option<(MessageId, bool)> {
+        self.parts.get(part)?.resume.as_ref().map(|r| *lock(r))
+    }
+
     fn add_part(&mut self, inner: Arc<Inner>) {
         debug_assert_eq!(inner.part, self.parts.len());
         let o = &inner.options;

@@ -88,9 +88,7 @@ impl ReaderBuilder {
         }
         Ok(Reader {
             consumer,
-            start: self.start,
-            inclusive: self.inclusive,
-            last: None,
+            sought_by_time: false,
         })
     }
 }
@@ -99,10 +97,9 @@ impl ReaderBuilder {
 /// ends once a terminated topic is read to its end.
 pub struct Reader {
     consumer: Consumer,
-    start: MessageId,
-    inclusive: bool,
-    /// The last message handed out.
-    last: Option<MessageId>,
+    /// Moved by publish time and nothing read since: where it stands is
+    /// not known as an id yet.
+    sought_by_time: bool,
 }
 
 /// Whether `m` comes before where a reader starts (`start`, itself
@@ -124,8 +121,8 @@ pub(crate) fn before_start(m: &MessageId, start: &MessageId, inclusive: bool) ->
 impl Reader {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
         let polled = self.consumer.poll_message(cx);
-        if let Poll::Ready(Some(Ok(m))) = &polled {
-            self.last = Some(m.id);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.sought_by_time = false;
         }
         polled
     }
@@ -152,22 +149,27 @@ impl Reader {
         if !self.consumer.queue.is_empty() {
             return Ok(true);
         }
-        for last in self.consumer.last_message_ids().await? {
+        let lasts = self.consumer.last_message_ids().await?;
+        for (part, last) in lasts.into_iter().enumerate() {
             if last.entry_id == u64::MAX {
                 continue; // empty
             }
+            // Where this partition's reader stands: the message it read
+            // last (exclusive), or where it was started or sought.
+            let (at, inclusive) = match self.consumer.resume_of(part) {
+                _ if self.sought_by_time => return Ok(true),
+                Some(r) => r,
+                None => continue,
+            };
             // (ledger, entry, batch index); a whole entry counts as its
             // last message.
-            let at = |id: &MessageId| (id.ledger_id, id.entry_id, id.batch_index);
-            let l = at(&last);
-            let beyond = match self.last {
-                Some(read) => l > at(&read),
-                None if self.start == MessageId::EARLIEST => true,
-                None if self.start == MessageId::LATEST => false,
-                None => {
-                    let s = at(&self.start);
-                    l > s || (l == s && self.inclusive)
-                }
+            let key = |id: &MessageId| (id.ledger_id, id.entry_id, id.batch_index);
+            let beyond = if at == MessageId::EARLIEST {
+                true
+            } else if at == MessageId::LATEST {
+                false
+            } else {
+                key(&last) > key(&at) || (key(&last) == key(&at) && inclusive)
             };
             if beyond {
                 return Ok(true);
@@ -184,16 +186,14 @@ impl Reader {
     /// Reads from `id` on (that message next).
     pub async fn seek(&mut self, id: MessageId) -> Result<(), Error> {
         self.consumer.seek(id).await?;
-        self.last = None;
-        self.start = id;
-        self.inclusive = true;
+        self.sought_by_time = false;
         Ok(())
     }
 
     /// Reads from the first message published at or after `publish_time_ms`.
     pub async fn seek_time(&mut self, publish_time_ms: u64) -> Result<(), Error> {
         self.consumer.seek_time(publish_time_ms).await?;
-        self.last = None;
+        self.sought_by_time = true;
         Ok(())
     }
 
