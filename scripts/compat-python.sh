@@ -15,7 +15,9 @@ work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 http=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$bin" standalone --data-dir "$work/data" --broker-port "$port" --http-port "$http" --metadata-port "$(udp)" --bookie-port "$(udp)" 2>"$work/standalone.log" &
+tls_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" standalone --data-dir "$work/data" --broker-port "$port" --http-port "$http" --metadata-port "$(udp)" --bookie-port "$(udp)" \
+  --broker-tls-port "$tls_port" 2>"$work/standalone.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do
@@ -43,6 +45,14 @@ for _ in range(3):
 c.close()
 print("python reads what the magnetar CLI produced: ok")
 PY
+
+# TLS: the Python client over pulsar+ssl://, then our CLI reads what it sent.
+"$bin" tls create-server-cert --dir "$work/other-ca" --name localhost >/dev/null
+timeout 120 .venv/bin/python tests/compat/python_tls.py "pulsar+ssl://localhost:$tls_port" \
+  "$work/data/client-tls/ca.pem" "$work/other-ca/ca.pem"
+got=$("$bin" consume over-tls -s cli -n 5 --position earliest --timeout-secs 20 \
+  --service-url "pulsar+ssl://127.0.0.1:$tls_port" --tls-trust-certs-file "$work/data/client-tls/ca.pem" 2>/dev/null | tr '\n' ' ')
+[ "$got" = "tls-0 tls-1 tls-2 tls-3 tls-4 " ] || { echo "the CLI over TLS read: $got"; exit 1; }
 kill $pid 2>/dev/null || true
 wait $pid 2>/dev/null || true
 
@@ -82,4 +92,4 @@ if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "6 passed, 0 failed: python compatibility"
+echo "7 passed, 0 failed: python compatibility"

@@ -85,6 +85,18 @@ enum Cmd {
         /// (`magnetar tokens create-secret-key`); default: no authentication.
         #[arg(long, env = "MAGNETAR_AUTH_TOKEN_SECRET_KEY")]
         auth_token_secret_key: Option<PathBuf>,
+        /// Also serve the Pulsar protocol over TLS on this port
+        /// (`pulsar+ssl://`; Pulsar uses 6651).
+        #[arg(long, env = "MAGNETAR_BROKER_TLS_PORT")]
+        broker_tls_port: Option<u16>,
+        /// Certificate chain (PEM) of the TLS listener; without it and
+        /// `--tls-key-file` one is made for localhost in
+        /// `<data-dir>/client-tls/`, whose `ca.pem` clients trust.
+        #[arg(long, env = "MAGNETAR_TLS_CERT_FILE", requires = "tls_key_file")]
+        tls_cert_file: Option<PathBuf>,
+        /// Private key (PEM) of `--tls-cert-file`.
+        #[arg(long, env = "MAGNETAR_TLS_KEY_FILE", requires = "tls_cert_file")]
+        tls_key_file: Option<PathBuf>,
     },
     /// Tokens for Pulsar's `token` authentication.
     Tokens {
@@ -108,7 +120,8 @@ enum Cmd {
     },
     /// Operate a cluster: metadata membership, bookies.
     Admin(admin::AdminArgs),
-    /// Certificates for the links between tiers.
+    /// Certificates: for the links between tiers, and for the brokers' TLS
+    /// listener (`pulsar+ssl://`).
     Tls {
         #[command(subcommand)]
         cmd: TlsCmd,
@@ -145,9 +158,8 @@ enum Cmd {
             default_value = "pulsar://127.0.0.1:6650"
         )]
         service_url: String,
-        /// A token to authenticate with (Pulsar's `token` method).
-        #[arg(long, env = "MAGNETAR_AUTH_TOKEN")]
-        auth_token: Option<String>,
+        #[command(flatten)]
+        access: ClientArgs,
     },
     /// Consume messages, printing each payload on its own line.
     Consume {
@@ -173,9 +185,8 @@ enum Cmd {
             default_value = "pulsar://127.0.0.1:6650"
         )]
         service_url: String,
-        /// A token to authenticate with (Pulsar's `token` method).
-        #[arg(long, env = "MAGNETAR_AUTH_TOKEN")]
-        auth_token: Option<String>,
+        #[command(flatten)]
+        access: ClientArgs,
     },
     /// Benchmarks.
     Perf {
@@ -212,6 +223,16 @@ enum TlsCmd {
         ca_dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// A server certificate for the brokers' TLS listener, valid for each
+    /// `--name` (host name or IP address), signed by the CA in `--dir`
+    /// (made if missing): writes `server.pem` and `server-key.pem` there;
+    /// clients trust `ca.pem`.
+    CreateServerCert {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -264,9 +285,15 @@ async fn main() -> anyhow::Result<()> {
             bookie_port,
             max_entries_per_ledger,
             auth_token_secret_key,
+            broker_tls_port,
+            tls_cert_file,
+            tls_key_file,
         } => {
             let mut cfg = StandaloneConfig::new(data_dir.clone());
             cfg.auth_token_secret_key = auth_token_secret_key;
+            cfg.broker_tls_port = broker_tls_port;
+            cfg.tls_cert_file = tls_cert_file;
+            cfg.tls_key_file = tls_key_file;
             cfg.bind_host = bind_host;
             cfg.broker_port = broker_port;
             cfg.http_port = http_port;
@@ -276,7 +303,7 @@ async fn main() -> anyhow::Result<()> {
             let s = Standalone::start(cfg)
                 .await
                 .context("starting standalone")?;
-            tracing::info!(service_url = %s.service_url(), data_dir = %data_dir.display(), "magnetar standalone ready");
+            tracing::info!(service_url = %s.service_url(), service_url_tls = ?s.broker.service_url_tls, data_dir = %data_dir.display(), "magnetar standalone ready");
             until_stopped().await?;
             s.shutdown().await;
         }
@@ -339,9 +366,9 @@ async fn main() -> anyhow::Result<()> {
             batching,
             chunk_max_size,
             service_url,
-            auth_token,
+            access,
         } => {
-            let client = connect(&service_url, auth_token)
+            let client = connect(&service_url, access)
                 .await
                 .with_context(|| format!("connecting to {service_url}"))?;
             let mut builder = client
@@ -407,9 +434,9 @@ async fn main() -> anyhow::Result<()> {
             timeout_secs,
             json,
             service_url,
-            auth_token,
+            access,
         } => {
-            let client = connect(&service_url, auth_token)
+            let client = connect(&service_url, access)
                 .await
                 .with_context(|| format!("connecting to {service_url}"))?;
             let options = ConsumerOptions {
@@ -458,6 +485,18 @@ async fn main() -> anyhow::Result<()> {
             consumer.close().await?;
         }
         Cmd::Perf { cmd } => perf::run(cmd).await?,
+        Cmd::Tls {
+            cmd: TlsCmd::CreateServerCert { dir, names },
+        } => {
+            let c = magnetar_proto::tls::TlsMaterial::issue_server(&dir, &names)
+                .context("making the certificate")?;
+            println!(
+                "certificate {}\nkey {}\nclients trust {}",
+                c.cert.display(),
+                c.key.display(),
+                c.ca_cert.display()
+            );
+        }
         Cmd::Tokens { cmd } => match cmd {
             TokensCmd::CreateSecretKey { output } => {
                 let key = magnetar_proto::token::SecretKey::generate()?;
@@ -486,11 +525,29 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client of `url`, with a token if one is given.
-async fn connect(url: &str, token: Option<String>) -> Result<Client, magnetar_client::Error> {
-    let mut b = Client::builder(url);
-    if let Some(t) = token {
+/// How the CLI's clients authenticate and check TLS brokers.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// A token to authenticate with (Pulsar's `token` method).
+    #[arg(long, env = "MAGNETAR_AUTH_TOKEN")]
+    auth_token: Option<String>,
+    /// With a `pulsar+ssl://` URL: the CA certificates (PEM) to trust
+    /// (default: the system's).
+    #[arg(long, env = "MAGNETAR_TLS_TRUST_CERTS_FILE")]
+    tls_trust_certs_file: Option<PathBuf>,
+    /// With a `pulsar+ssl://` URL: accept any certificate (tests only).
+    #[arg(long)]
+    tls_allow_insecure: bool,
+}
+
+/// A client of `url`, with a token and TLS settings if given.
+async fn connect(url: &str, access: ClientArgs) -> Result<Client, magnetar_client::Error> {
+    let mut b = Client::builder(url).tls_allow_insecure_connection(access.tls_allow_insecure);
+    if let Some(t) = access.auth_token {
         b = b.auth_token(t);
+    }
+    if let Some(f) = access.tls_trust_certs_file {
+        b = b.tls_trust_certs_file_path(f);
     }
     b.build().await
 }

@@ -17,6 +17,20 @@ pub struct BrokerConfig {
     /// Its `host:port` is the broker's id in the cluster.
     #[serde(default)]
     pub advertised_url: Option<String>,
+    /// Pulsar protocol over TLS (Pulsar's `brokerServicePortTls`, 6651 by
+    /// convention); needs `tls_cert_file` and `tls_key_file`. Lookups then
+    /// also answer `pulsar+ssl://` URLs.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
+    /// URL TLS clients are sent to (default: `pulsar+ssl://<tls_listen>`).
+    #[serde(default)]
+    pub advertised_tls_url: Option<String>,
+    /// PEM certificate chain the TLS listener presents.
+    #[serde(default)]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// HTTP listener: admin REST API and HTTP lookups (default: port 8080
     /// on the host of `listen`).
     #[serde(default)]
@@ -103,6 +117,10 @@ impl BrokerConfig {
         BrokerConfig {
             listen,
             advertised_url: None,
+            tls_listen: None,
+            advertised_tls_url: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             http_listen: None,
             advertised_http_url: None,
             cluster_name: default_cluster(),

@@ -40,12 +40,18 @@ pub enum StartError {
     Register(#[from] magnetar_metadata::MetadataError),
     #[error("creating the public tenant: {0}")]
     Tenant(BrokerError),
+    #[error("TLS listener: {0}")]
+    Tls(String),
     #[error("reading the token secret key {0}: {1}")]
     AuthKey(std::path::PathBuf, std::io::Error),
 }
 
 pub struct Broker {
     pub service_url: String,
+    /// The `pulsar+ssl://` URL, when the broker has a TLS listener.
+    pub service_url_tls: Option<String>,
+    /// Where the TLS listener is bound.
+    pub tls_addr: Option<SocketAddr>,
     pub http_url: String,
     pub broker_id: String,
     pub local_addr: SocketAddr,
@@ -55,7 +61,8 @@ pub struct Broker {
     stopping: Arc<AtomicBool>,
     crash: tokio::sync::watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The accept loops of the Pulsar listeners (plain, TLS).
+    accept: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// `host:port` of the advertised URL: the broker's id.
@@ -93,6 +100,29 @@ impl Broker {
             .advertised_url
             .clone()
             .unwrap_or_else(|| format!("pulsar://{local_addr}"));
+        let tls_listener = match (cfg.tls_listen, &cfg.tls_cert_file, &cfg.tls_key_file) {
+            (None, _, _) => None,
+            (Some(addr), Some(cert), Some(key)) => {
+                let sc = magnetar_proto::tls::server_config(cert, key)
+                    .map_err(|e| StartError::Tls(e.to_string()))?;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| StartError::Bind(addr, e))?;
+                let bound = l.local_addr().map_err(|e| StartError::Bind(addr, e))?;
+                Some((l, bound, tokio_rustls::TlsAcceptor::from(Arc::new(sc))))
+            }
+            (Some(_), _, _) => {
+                return Err(StartError::Tls(
+                    "tls_listen needs tls_cert_file and tls_key_file".into(),
+                ))
+            }
+        };
+        let tls_addr = tls_listener.as_ref().map(|(_, a, _)| *a);
+        let service_url_tls = tls_addr.map(|a| {
+            cfg.advertised_tls_url
+                .clone()
+                .unwrap_or_else(|| format!("pulsar+ssl://{a}"))
+        });
         let http_listener = TcpListener::bind(cfg.http_addr())
             .await
             .map_err(|e| StartError::BindHttp(cfg.http_addr(), e))?;
@@ -107,6 +137,7 @@ impl Broker {
         let info = BrokerInfo {
             broker_id: broker_id.clone(),
             pulsar_url: service_url.clone(),
+            pulsar_url_tls: service_url_tls.clone(),
             http_url: Some(http_url.clone()),
             draining: false,
             load: Default::default(),
@@ -142,20 +173,14 @@ impl Broker {
         let ctx = Arc::new(
             ProtocolContext::new(topics.clone(), cfg.connection.clone(), crashed).with_auth(auth),
         );
-        let accept = tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(connection::serve(ctx.clone(), stream, peer));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
+        let mut accept = vec![tokio::spawn(connection::accept(
+            listener,
+            ctx.clone(),
+            None,
+        ))];
+        if let Some((l, _, acceptor)) = tls_listener {
+            accept.push(tokio::spawn(connection::accept(l, ctx, Some(acceptor))));
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(AdminContext {
             topics: topics.clone(),
@@ -184,9 +209,11 @@ impl Broker {
             )),
             tokio::spawn(http::serve(http_listener, admin)),
         ];
-        tracing::info!(addr = %local_addr, url = %service_url, http = %http_url, "broker listening");
+        tracing::info!(addr = %local_addr, url = %service_url, tls_url = ?service_url_tls, http = %http_url, "broker listening");
         Ok(Arc::new(Broker {
             service_url,
+            service_url_tls,
+            tls_addr,
             http_url,
             broker_id,
             local_addr,
@@ -196,7 +223,7 @@ impl Broker {
             stopping,
             crash,
             tasks: Mutex::new(tasks),
-            accept: Mutex::new(Some(accept)),
+            accept: Mutex::new(accept),
         }))
     }
 
@@ -275,9 +302,14 @@ impl Broker {
         }
     }
 
-    /// Closes the Pulsar listener.
+    /// Closes the Pulsar listeners.
     fn stop_accepting(&self) {
-        if let Some(t) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for t in self
+            .accept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }

@@ -19,6 +19,13 @@ pub struct StandaloneConfig {
     pub data_dir: PathBuf,
     pub bind_host: String,
     pub broker_port: u16,
+    /// Pulsar protocol over TLS on this port (none: no TLS listener).
+    pub broker_tls_port: Option<u16>,
+    /// The TLS listener's certificate and key (PEM); without them one is
+    /// made in `<data_dir>/client-tls/` for localhost, signed by a CA
+    /// clients trust there (`ca.pem`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// The broker's HTTP port: admin REST API and HTTP lookups.
     pub http_port: u16,
     pub metadata_port: u16,
@@ -36,6 +43,9 @@ impl StandaloneConfig {
             data_dir,
             bind_host: "127.0.0.1".into(),
             broker_port: 6650,
+            broker_tls_port: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             http_port: crate::config::DEFAULT_HTTP_PORT,
             metadata_port: 2379,
             bookie_port: 3181,
@@ -81,6 +91,26 @@ impl Standalone {
         broker_cfg.policy_check_interval_ms = cfg.policy_check_interval_ms;
         broker_cfg.http_listen = Some(addr(cfg.http_port)?);
         broker_cfg.auth_token_secret_key = cfg.auth_token_secret_key.clone();
+        if let Some(port) = cfg.broker_tls_port {
+            broker_cfg.tls_listen = Some(addr(port)?);
+            let (cert, key) = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+                (Some(c), Some(k)) => (c.clone(), k.clone()),
+                (None, None) => {
+                    let mut names: Vec<String> =
+                        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+                    if !names.contains(&cfg.bind_host) {
+                        names.push(cfg.bind_host.clone());
+                    }
+                    let dir = cfg.data_dir.join("client-tls");
+                    let made = TlsMaterial::issue_server(&dir, &names).map_err(err)?;
+                    tracing::info!(ca = %made.ca_cert.display(), "TLS clients trust this CA");
+                    (made.cert, made.key)
+                }
+                _ => return Err(err("give both tls_cert_file and tls_key_file, or neither")),
+            };
+            broker_cfg.tls_cert_file = Some(cert);
+            broker_cfg.tls_key_file = Some(key);
+        }
         Broker::create_namespace(&metadata, "public/default", broker_cfg.default_bundles)
             .await
             .map_err(err)?;

@@ -14,7 +14,7 @@ use magnetar_proto::frame::{
 };
 use magnetar_proto::pulsar::{base_command::Type, BaseCommand, CommandConnect, CommandPong};
 use magnetar_proto::Payload;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -111,20 +111,62 @@ fn set_request_id(cmd: &mut BaseCommand, id: u64) {
 }
 
 impl Connection {
+    /// Connects to a broker at `pulsar://host:port`, or over TLS with
+    /// `tls` at `pulsar+ssl://host:port`, and says CONNECT.
     pub async fn connect(
         service_url: &str,
         auth: Option<&dyn crate::auth::Authentication>,
+        tls: Option<&tokio_rustls::TlsConnector>,
     ) -> Result<Arc<Connection>, Error> {
-        let addr = service_url
-            .strip_prefix("pulsar://")
-            .ok_or_else(|| Error::Connection(format!("unsupported service URL {service_url}")))?;
+        let (secure, addr) = if let Some(a) = service_url.strip_prefix("pulsar+ssl://") {
+            (true, a)
+        } else if let Some(a) = service_url.strip_prefix("pulsar://") {
+            (false, a)
+        } else {
+            return Err(Error::Connection(format!(
+                "unsupported service URL {service_url}"
+            )));
+        };
         let addr = addr.trim_end_matches('/');
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
             .await
             .map_err(|_| Error::Timeout)?
             .map_err(|e| Error::Connection(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+        if !secure {
+            let (rd, wr) = stream.into_split();
+            return Self::start(rd, wr, auth).await;
+        }
+        let connector = tls.ok_or_else(|| {
+            Error::Config(format!(
+                "{service_url} is a TLS address; build the client with a pulsar+ssl:// URL"
+            ))
+        })?;
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let name = crate::tls::server_name(host)?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, stream))
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(
+                |e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(t) => Error::Tls(format!("{addr}: {t}")),
+                    None => Error::Connection(format!("TLS handshake with {addr}: {e}")),
+                },
+            )?;
+        let (rd, wr) = tokio::io::split(stream);
+        Self::start(rd, wr, auth).await
+    }
+
+    /// The handshake over an open stream, then the reader and writer tasks.
+    async fn start<R, W>(
+        mut rd: R,
+        mut wr: W,
+        auth: Option<&dyn crate::auth::Authentication>,
+    ) -> Result<Arc<Connection>, Error>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut hello = base(Type::Connect);
         hello.connect = Some(CommandConnect {
             client_version: format!("magnetar-client {}", env!("CARGO_PKG_VERSION")),

@@ -47,6 +47,10 @@ pub enum Error {
         /// The broker's maximum.
         limit: usize,
     },
+    /// The TLS handshake failed: the broker's certificate is not trusted or
+    /// does not name it, or the two sides share no protocol.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A builder was given settings that cannot work together.
     #[error("configuration: {0}")]
     Config(String),
@@ -69,6 +73,7 @@ impl Error {
             Error::Protocol(_)
             | Error::EndOfTopic
             | Error::Config(_)
+            | Error::Tls(_)
             | Error::Schema(_)
             | Error::MessageTooBig { .. } => false,
         }

@@ -90,6 +90,7 @@ mod message;
 pub(crate) mod pool;
 pub mod producer;
 pub mod schema;
+mod tls;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -123,6 +124,8 @@ pub(crate) struct ClientConfig {
     pub(crate) memory: Option<Arc<memory::MemoryLimit>>,
     /// What connections authenticate with.
     pub(crate) auth: auth::Auth,
+    /// How TLS connections (`pulsar+ssl://`) check the brokers.
+    pub(crate) tls: tls::TlsOptions,
 }
 
 impl ClientBuilder {
@@ -152,11 +155,35 @@ impl ClientBuilder {
         self
     }
 
+    /// With a `pulsar+ssl://` URL: trust the CA certificates (PEM) in this
+    /// file rather than the system's roots.
+    pub fn tls_trust_certs_file_path(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.tls.trust_certs_file = Some(path.into());
+        self
+    }
+
+    /// With a `pulsar+ssl://` URL: accept any certificate (default false).
+    /// The connection is encrypted but anyone may pose as the broker: for
+    /// tests only.
+    pub fn tls_allow_insecure_connection(mut self, allow: bool) -> Self {
+        self.config.tls.allow_insecure = allow;
+        self
+    }
+
+    /// With a `pulsar+ssl://` URL: check that the broker's certificate names
+    /// the host the client connects to (default true; Pulsar's Java and
+    /// Python clients default to false). The chain is checked either way.
+    pub fn tls_validate_hostname(mut self, validate: bool) -> Self {
+        self.config.tls.validate_hostname = validate;
+        self
+    }
+
     /// Connects to one of the brokers to check the service is there.
     pub async fn build(self) -> Result<Client, Error> {
         let pool = Arc::new(pool::Pool::new(
             &self.service_url,
             self.config.auth.clone(),
+            &self.config.tls,
         )?);
         pool.any().await?;
         Ok(Client {
@@ -178,7 +205,8 @@ pub struct Client {
 
 impl Client {
     /// A client of the brokers named by `service_url`
-    /// (`pulsar://host:port[,host:port...]`), to configure and `build`.
+    /// (`pulsar://host:port[,host:port...]`, or `pulsar+ssl://…` for TLS),
+    /// to configure and `build`.
     pub fn builder(service_url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             service_url: service_url.into(),
@@ -186,6 +214,7 @@ impl Client {
                 operation_timeout_ms: 30_000,
                 memory: Some(memory::MemoryLimit::new(64 * 1024 * 1024)),
                 auth: None,
+                tls: tls::TlsOptions::default(),
             },
         }
     }

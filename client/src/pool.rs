@@ -23,27 +23,36 @@ const MAX_LOOKUP_REDIRECTS: usize = 8;
 
 pub struct Pool {
     auth: crate::auth::Auth,
-    /// `pulsar://host:port` of each host of the service URL.
+    /// Set when the service URL is `pulsar+ssl://`: every connection is
+    /// TLS, and lookups and closes answer with the brokers' TLS URLs.
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// `pulsar[+ssl]://host:port` of each host of the service URL.
     hosts: Vec<String>,
     next_host: AtomicUsize,
     conns: Mutex<HashMap<String, Arc<Connection>>>,
 }
 
-/// The hosts of a service URL: `pulsar://h1:p1,h2:p2` (each may repeat the
-/// scheme).
+/// Whether a service URL is `pulsar+ssl://`.
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("pulsar+ssl://")
+}
+
+/// The hosts of a service URL: `pulsar://h1:p1,h2:p2` or
+/// `pulsar+ssl://h1:p1,h2:p2` (each may repeat the scheme).
 pub fn parse_service_url(url: &str) -> Result<Vec<String>, Error> {
+    let scheme = if is_tls_url(url) {
+        "pulsar+ssl://"
+    } else {
+        "pulsar://"
+    };
     let rest = url
-        .strip_prefix("pulsar://")
+        .strip_prefix(scheme)
         .ok_or_else(|| Error::Connection(format!("unsupported service URL {url}")))?;
     let hosts: Vec<String> = rest
         .split(',')
-        .map(|h| {
-            h.trim()
-                .trim_start_matches("pulsar://")
-                .trim_end_matches('/')
-        })
+        .map(|h| h.trim().trim_start_matches(scheme).trim_end_matches('/'))
         .filter(|h| !h.is_empty())
-        .map(|h| format!("pulsar://{h}"))
+        .map(|h| format!("{scheme}{h}"))
         .collect();
     if hosts.is_empty() {
         return Err(Error::Connection(format!("no host in service URL {url}")));
@@ -56,9 +65,18 @@ fn normalize(url: &str) -> String {
 }
 
 impl Pool {
-    pub fn new(service_url: &str, auth: crate::auth::Auth) -> Result<Pool, Error> {
+    pub fn new(
+        service_url: &str,
+        auth: crate::auth::Auth,
+        tls: &crate::tls::TlsOptions,
+    ) -> Result<Pool, Error> {
         Ok(Pool {
             auth,
+            tls: if is_tls_url(service_url) {
+                Some(tls.connector()?)
+            } else {
+                None
+            },
             hosts: parse_service_url(service_url)?,
             next_host: AtomicUsize::new(0),
             conns: Mutex::default(),
@@ -77,7 +95,7 @@ impl Pool {
                 return Ok(c.clone());
             }
         }
-        let c = Connection::connect(&url, self.auth.as_deref()).await?;
+        let c = Connection::connect(&url, self.auth.as_deref(), self.tls.as_ref()).await?;
         let mut g = self.lock();
         // Another task may have connected meanwhile: keep one.
         match g.get(&url) {
@@ -125,7 +143,17 @@ impl Pool {
             let r = resp
                 .lookup_topic_response
                 .ok_or_else(|| Error::Protocol("no LOOKUP_RESPONSE".into()))?;
-            let url = r.broker_service_url.clone().unwrap_or_default();
+            let url = self
+                .pick(
+                    r.broker_service_url.clone(),
+                    r.broker_service_url_tls.clone(),
+                )
+                .unwrap_or_default();
+            if url.is_empty() && self.tls.is_some() && r.broker_service_url.is_some() {
+                return Err(Error::Connection(format!(
+                    "the broker serving {topic} has no TLS listener"
+                )));
+            }
             match r.response.and_then(|t| LookupType::try_from(t).ok()) {
                 Some(LookupType::Connect) if !url.is_empty() => return Ok(normalize(&url)),
                 Some(LookupType::Redirect) if !url.is_empty() => {
@@ -143,6 +171,15 @@ impl Pool {
         Err(Error::Protocol(format!(
             "lookup of {topic} redirected more than {MAX_LOOKUP_REDIRECTS} times"
         )))
+    }
+
+    /// Of a broker's plain and TLS URLs, the one this client connects to.
+    pub fn pick(&self, url: Option<String>, url_tls: Option<String>) -> Option<String> {
+        if self.tls.is_some() {
+            url_tls.filter(|u| !u.is_empty())
+        } else {
+            url
+        }
     }
 
     /// The persistent topics of `namespace` (`tenant/ns`), partitions of

@@ -54,6 +54,36 @@ fn write(path: &Path, data: &str) -> Result<(), RpcError> {
     std::fs::write(path, data).map_err(|e| tls_err(format!("{}: {e}", path.display())))
 }
 
+/// A server certificate made by [`TlsMaterial::issue_server`].
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A TLS server configuration for clients (no client certificates asked
+/// for) from a PEM chain and key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, RpcError> {
+    let chain = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(tls_err)?;
+    if chain.is_empty() {
+        return Err(tls_err(format!("{}: no certificate", cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(tls_err)?
+        .ok_or_else(|| tls_err(format!("{}: no private key", key.display())))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(tls_err)?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(tls_err)
+}
+
 /// Paths of PEM files, as given in configuration.
 #[derive(Debug, Clone)]
 pub struct TlsPaths {
@@ -128,6 +158,36 @@ impl TlsMaterial {
             write(&paths.cert, &cert.pem())?;
         }
         TlsMaterial::load(&paths)
+    }
+
+    /// A certificate for a server that clients reach over TLS (the
+    /// brokers' Pulsar-over-TLS listener), valid for `names` (DNS names or
+    /// IP addresses) and signed by the CA in `dir` (made if missing):
+    /// `dir/{server,server-key}.pem`, kept if already there. Clients trust
+    /// `dir/ca.pem`.
+    pub fn issue_server(dir: &Path, names: &[String]) -> Result<ServerCert, RpcError> {
+        Self::ensure_ca(dir)?;
+        let out = ServerCert {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+        };
+        if out.cert.exists() && out.key.exists() {
+            return Ok(out);
+        }
+        let ca_pem = String::from_utf8_lossy(&read(&dir.join("ca-key.pem"))?).into_owned();
+        let ca_key = rcgen::KeyPair::from_pem(&ca_pem).map_err(tls_err)?;
+        let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
+        let key = rcgen::KeyPair::generate().map_err(tls_err)?;
+        // rcgen makes an IP address SAN of a name that parses as one.
+        let mut p = rcgen::CertificateParams::new(names.to_vec()).map_err(tls_err)?;
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "magnetar broker");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
+        write(&out.key, &key.serialize_pem())?;
+        write(&out.cert, &cert.pem())?;
+        Ok(out)
     }
 
     /// The file names `issue` and `load_or_generate` use in a directory.

@@ -27,6 +27,9 @@ pub struct InProcessCluster {
     pub brokers: Vec<BrokerSlot>,
     pub metadata: MetadataClient,
     ensemble: (usize, usize, usize),
+    /// Brokers started from now on also listen for TLS clients with this
+    /// certificate (see `enable_client_tls`).
+    client_tls: Option<magnetar_proto::tls::ServerCert>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -86,6 +89,7 @@ impl InProcessCluster {
             brokers: Vec::new(),
             metadata: md,
             ensemble,
+            client_tls: None,
         };
         for _ in 0..brokers {
             cluster.add_broker().await;
@@ -103,7 +107,35 @@ impl InProcessCluster {
             ..Default::default()
         };
         c.load_manager.interval_ms = 1000;
+        if let Some(t) = &self.client_tls {
+            c.tls_listen = Some(loopback(0));
+            c.tls_cert_file = Some(t.cert.clone());
+            c.tls_key_file = Some(t.key.clone());
+        }
         c
+    }
+
+    /// Brokers started after this also serve `pulsar+ssl://` on a port of
+    /// their own, with a certificate for 127.0.0.1 and localhost; returns
+    /// the CA certificate clients trust.
+    pub fn enable_client_tls(&mut self) -> std::path::PathBuf {
+        let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let cert = TlsMaterial::issue_server(&self._dir.path().join("client-tls"), &names)
+            .expect("client TLS certificate");
+        let ca = cert.ca_cert.clone();
+        self.client_tls = Some(cert);
+        ca
+    }
+
+    /// Every broker's TLS address, as a multi-host `pulsar+ssl://` URL.
+    pub fn service_url_tls(&self) -> String {
+        let hosts: Vec<String> = self
+            .brokers
+            .iter()
+            .filter_map(|(_, b)| b.as_ref()?.tls_addr)
+            .map(|a| a.to_string())
+            .collect();
+        format!("pulsar+ssl://{}", hosts.join(","))
     }
 
     async fn run_broker(&self, ports: (u16, u16)) -> Arc<Broker> {

@@ -138,10 +138,14 @@ async fn lookup(
         .map_err(BrokerError::from)?;
     let answer = ctx.topics.ownership.lookup(&name, q.authoritative).await?;
     Ok(match answer {
-        LookupAnswer::Connect { url, http_url } => Json(LookupData {
+        LookupAnswer::Connect {
+            url,
+            url_tls,
+            http_url,
+        } => Json(LookupData {
             native_url: url.clone(),
             broker_url: url,
-            broker_url_tls: None,
+            broker_url_tls: url_tls,
             http_url,
             http_url_tls: None,
         })
@@ -158,11 +162,12 @@ async fn lookup(
         }
         LookupAnswer::Redirect {
             url,
+            url_tls,
             http_url: None,
         } => Json(LookupData {
             native_url: url.clone(),
             broker_url: url,
-            broker_url_tls: None,
+            broker_url_tls: url_tls,
             http_url: None,
             http_url_tls: None,
         })

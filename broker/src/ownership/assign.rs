@@ -43,6 +43,7 @@ mod tests {
             info: BrokerInfo {
                 broker_id: id.into(),
                 pulsar_url: format!("pulsar://{id}"),
+                pulsar_url_tls: None,
                 http_url: None,
                 draining,
                 load: Default::default(),

@@ -46,6 +46,9 @@ const LOOKUP_ATTEMPTS: usize = 5;
 pub struct OwnerInfo {
     pub broker_id: String,
     pub pulsar_url: String,
+    /// The `pulsar+ssl://` URL, when the owner has a TLS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulsar_url_tls: Option<String>,
     pub http_url: Option<String>,
 }
 
@@ -64,11 +67,13 @@ pub enum LookupAnswer {
     /// Connect to this broker (final).
     Connect {
         url: String,
+        url_tls: Option<String>,
         http_url: Option<String>,
     },
     /// Ask this broker again, authoritatively.
     Redirect {
         url: String,
+        url_tls: Option<String>,
         http_url: Option<String>,
     },
 }
@@ -141,6 +146,7 @@ impl Ownership {
         OwnerInfo {
             broker_id: me.broker_id,
             pulsar_url: me.pulsar_url,
+            pulsar_url_tls: me.pulsar_url_tls,
             http_url: me.http_url,
         }
     }
@@ -348,6 +354,7 @@ impl Ownership {
             let owner = OwnerInfo {
                 broker_id: n.info.broker_id.clone(),
                 pulsar_url: n.info.pulsar_url.clone(),
+                pulsar_url_tls: n.info.pulsar_url_tls.clone(),
                 http_url: n.info.http_url.clone(),
             };
             let value = serde_json::to_vec(&owner)
@@ -559,6 +566,7 @@ impl Ownership {
             if self.serves(&bundle) {
                 return Ok(LookupAnswer::Connect {
                     url: me.pulsar_url,
+                    url_tls: me.pulsar_url_tls,
                     http_url: me.http_url,
                 });
             }
@@ -566,6 +574,7 @@ impl Ownership {
                 if o.broker_id != me.broker_id {
                     return Ok(LookupAnswer::Connect {
                         url: o.pulsar_url,
+                        url_tls: o.pulsar_url_tls,
                         http_url: o.http_url,
                     });
                 }
@@ -574,6 +583,7 @@ impl Ownership {
                 if self.serves(&bundle) {
                     return Ok(LookupAnswer::Connect {
                         url: me.pulsar_url,
+                        url_tls: me.pulsar_url_tls,
                         http_url: me.http_url,
                     });
                 }
@@ -593,6 +603,7 @@ impl Ownership {
                 if self.acquire(&bundle, version).await? {
                     return Ok(LookupAnswer::Connect {
                         url: me.pulsar_url,
+                        url_tls: me.pulsar_url_tls,
                         http_url: me.http_url,
                     });
                 }
@@ -601,6 +612,7 @@ impl Ownership {
             if let Some(t) = target {
                 return Ok(LookupAnswer::Redirect {
                     url: t.info.pulsar_url,
+                    url_tls: t.info.pulsar_url_tls,
                     http_url: t.info.http_url,
                 });
             }

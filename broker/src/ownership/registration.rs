@@ -47,6 +47,9 @@ pub struct LoadReport {
 pub struct BrokerInfo {
     pub broker_id: String,
     pub pulsar_url: String,
+    /// The `pulsar+ssl://` URL, when the broker has a TLS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulsar_url_tls: Option<String>,
     pub http_url: Option<String>,
     /// Set while it unloads everything before stopping: assign it nothing.
     #[serde(default)]

@@ -14,8 +14,8 @@ use bytes::BytesMut;
 use magnetar_proto::frame::{self, Frame, FRAME_OVERHEAD_BYTES};
 use magnetar_proto::pulsar::{base_command::Type, BaseCommand, ServerError};
 use magnetar_proto::{commands, TopicName};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{consumer, handshake, lookup, producer, schema, ConnShared, ProtocolContext};
@@ -52,8 +52,62 @@ pub struct Conn {
     requests: Arc<Semaphore>,
 }
 
-pub async fn serve(ctx: Arc<ProtocolContext>, stream: TcpStream, peer: SocketAddr) {
-    let (mut rd, wr) = stream.into_split();
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts Pulsar connections on `listener`, over TLS when `tls` is given,
+/// each served on a task of its own.
+pub async fn accept(
+    listener: TcpListener,
+    ctx: Arc<ProtocolContext>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = ctx.clone();
+                match &tls {
+                    None => {
+                        let (rd, wr) = stream.into_split();
+                        tokio::spawn(serve(ctx, rd, wr, peer));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let hs = tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await;
+                            match hs {
+                                Ok(Ok(s)) => {
+                                    let (rd, wr) = tokio::io::split(s);
+                                    serve(ctx, rd, wr, peer).await;
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::info!(%peer, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one client connection, read from `rd` and written to `wr`.
+pub async fn serve<R, W>(ctx: Arc<ProtocolContext>, mut rd: R, wr: W, peer: SocketAddr)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel::<frame::OutFrame>(ctx.limits.write_queue_frames.max(16));
     let writer = tokio::spawn(frame::write_loop(rx, wr));
     let limits = ctx.limits.clone();

@@ -82,15 +82,17 @@ pub async fn lookup(conn: ConnRef, c: CommandLookupTopic) {
     };
     let mut r = base(Type::LookupResponse);
     r.lookup_topic_response = Some(match answer {
-        Ok(LookupAnswer::Connect { url, .. }) => CommandLookupTopicResponse {
+        Ok(LookupAnswer::Connect { url, url_tls, .. }) => CommandLookupTopicResponse {
             broker_service_url: Some(url),
+            broker_service_url_tls: url_tls,
             response: Some(LookupType::Connect as i32),
             request_id: c.request_id,
             authoritative: Some(true),
             ..Default::default()
         },
-        Ok(LookupAnswer::Redirect { url, .. }) => CommandLookupTopicResponse {
+        Ok(LookupAnswer::Redirect { url, url_tls, .. }) => CommandLookupTopicResponse {
             broker_service_url: Some(url),
+            broker_service_url_tls: url_tls,
             response: Some(LookupType::Redirect as i32),
             request_id: c.request_id,
             authoritative: Some(true),

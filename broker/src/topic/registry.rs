@@ -240,10 +240,11 @@ impl TopicRegistry {
             }
         };
         let url = next.as_ref().map(|n| n.info.pulsar_url.clone());
+        let url_tls = next.as_ref().and_then(|n| n.info.pulsar_url_tls.clone());
         let done = self
             .close_topics(topics, release, || Assigned {
                 url: url.clone(),
-                url_tls: None,
+                url_tls: url_tls.clone(),
             })
             .await;
         tracing::info!(%bundle, topics = done.topics, clients = done.clients, next = ?url, ms = started.elapsed().as_millis() as u64, "bundle unloaded");

@@ -283,7 +283,12 @@ async fn run(inner: Arc<Inner>, mut route: Route, events: Events) {
             match route.recv().await {
                 None => break None,
                 Some((c, _)) if c.close_consumer.is_some() => {
-                    break c.close_consumer.and_then(|c| c.assigned_broker_service_url);
+                    break c.close_consumer.and_then(|c| {
+                        inner.pool.pick(
+                            c.assigned_broker_service_url,
+                            c.assigned_broker_service_url_tls,
+                        )
+                    });
                 }
                 Some((c, p)) => {
                     if events

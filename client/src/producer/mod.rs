@@ -515,7 +515,9 @@ async fn run(inner: Arc<ProducerInner>, mut routes: mpsc::UnboundedReceiver<Base
                 cmd = routes.recv() => match cmd {
                     None => break None,
                     Some(c) if c.close_producer.is_some() => {
-                        break c.close_producer.and_then(|c| c.assigned_broker_service_url);
+                        break c.close_producer.and_then(|c| {
+                        inner.pool.pick(c.assigned_broker_service_url, c.assigned_broker_service_url_tls)
+                    });
                     }
                     Some(c) => {
                         if !inner.receipt(c) {
