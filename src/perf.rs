@@ -166,7 +166,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             };
             let mut tasks = Vec::new();
             let mut stalls = Vec::new();
-            let client = Client::connect(&service_url).await?;
+            let client = connect(&service_url).await?;
             for i in 0..producers {
                 let client = client.clone();
                 let stall = Arc::new(Stall::new(stall_from));
@@ -344,7 +344,7 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             let mut tasks = Vec::new();
             for i in 0..consumers.max(1) {
                 // A client (connection) per consumer, as separate processes would have.
-                let client = Client::connect(&service_url).await?;
+                let client = connect(&service_url).await?;
                 let opts = ConsumerOptions {
                     sub_type,
                     earliest: true,
@@ -521,7 +521,7 @@ async fn topics_bench(
     service_url: &str,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let client = Client::connect(service_url).await?;
+    let client = connect(service_url).await?;
     let mut lat = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let started = Instant::now();
     let opened: Vec<_> = futures::stream::iter(0..count)
@@ -651,4 +651,14 @@ fn epoch_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A client of `url`; over `pulsar+ssl://` it trusts the CA file named by
+/// `MAGNETAR_TLS_TRUST_CERTS_FILE` (else the system's roots).
+async fn connect(url: &str) -> Result<Client, magnetar_client::Error> {
+    let mut b = Client::builder(url);
+    if let Some(ca) = std::env::var_os("MAGNETAR_TLS_TRUST_CERTS_FILE") {
+        b = b.tls_trust_certs_file_path(std::path::PathBuf::from(ca));
+    }
+    b.build().await
 }

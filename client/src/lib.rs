@@ -72,8 +72,23 @@
 //!
 //! - **Authentication**: Pulsar's token method
 //!   ([`ClientBuilder::auth_token`]), or any [`auth::Authentication`].
+//! - **TLS**: a `pulsar+ssl://` service URL connects with rustls, trusting
+//!   a CA file ([`ClientBuilder::tls_trust_certs_file_path`]) or the
+//!   system's roots and checking the broker's name:
 //!
-//! Not yet: TLS (`pulsar+ssl://`), transactions, end-to-end encryption.
+//! ```no_run
+//! # async fn run() -> Result<(), magnetar_client::Error> {
+//! let client = magnetar_client::Client::builder("pulsar+ssl://broker.example:6651")
+//!     .tls_trust_certs_file_path("/etc/magnetar/ca.pem")
+//!     .auth_token("eyJhbGciOiJIUzI1NiJ9…")
+//!     .build()
+//!     .await?;
+//! # drop(client);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Not yet: TLS client certificates, transactions, end-to-end encryption.
 //!
 //! It depends only on `magnetar-proto`, never on server crates.
 
