@@ -12,16 +12,18 @@
 #
 # Every subcommand takes --dir DIR (default ./data/local-cluster). Members are
 # metadata-N, bookie-N and broker-N. Ports: metadata 2379.., bookies 3181..,
-# brokers 6650.. with HTTP (admin REST, lookups) on 8080.. (broker-1 serves
-# pulsar://127.0.0.1:6650 and http://127.0.0.1:8080); the bases can be moved
-# with MAGNETAR_LC_METADATA_PORT, MAGNETAR_LC_BOOKIE_PORT,
-# MAGNETAR_LC_BROKER_PORT and MAGNETAR_LC_HTTP_PORT (tests do, to run beside
-# other clusters).
+# brokers 6650.. with HTTP (admin REST, lookups, /metrics) on 8080..
+# (broker-1 serves pulsar://127.0.0.1:6650 and http://127.0.0.1:8080);
+# metadata nodes serve /metrics, /ready, /live on 2389.., bookies on 8000..;
+# the bases can be moved with MAGNETAR_LC_METADATA_PORT,
+# MAGNETAR_LC_BOOKIE_PORT, MAGNETAR_LC_BROKER_PORT, MAGNETAR_LC_HTTP_PORT,
+# MAGNETAR_LC_METADATA_HTTP_PORT and MAGNETAR_LC_BOOKIE_HTTP_PORT (tests do,
+# to run beside other clusters).
 # The binary is $MAGNETAR_BIN, or target/release/magnetar built on demand.
 # `down` stops every member and keeps the data; `up` again restarts them.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 cmd="${1:-}"; [ -n "$cmd" ] || usage; shift
@@ -45,6 +47,8 @@ META_BASE="${MAGNETAR_LC_METADATA_PORT:-2379}"
 BOOKIE_BASE="${MAGNETAR_LC_BOOKIE_PORT:-3181}"
 BROKER_BASE="${MAGNETAR_LC_BROKER_PORT:-6650}"
 HTTP_BASE="${MAGNETAR_LC_HTTP_PORT:-8080}"
+META_HTTP_BASE="${MAGNETAR_LC_METADATA_HTTP_PORT:-2389}"
+BOOKIE_HTTP_BASE="${MAGNETAR_LC_BOOKIE_HTTP_PORT:-8000}"
 
 binary() {
   if [ -n "${MAGNETAR_BIN:-}" ]; then echo "$MAGNETAR_BIN"; return; fi
@@ -108,8 +112,10 @@ write_bookie_config() { # index
   local i="$1" b="$DIR/bookie-$1"
   "$BIN" tls issue --ca-dir "$DIR/ca" --out "$b/tls" >/dev/null
   echo "127.0.0.1:$((BOOKIE_BASE + i - 1))" >"$b/addr"
+  echo "http://127.0.0.1:$((BOOKIE_HTTP_BASE + i - 1))" >"$b/http"
   cat >"$b/config.toml" <<EOF
 listen = "127.0.0.1:$((BOOKIE_BASE + i - 1))"
+http_listen = "127.0.0.1:$((BOOKIE_HTTP_BASE + i - 1))"
 data_dir = "$b/data"
 rack = "rack-$(( (i - 1) % 3 + 1 ))"
 metadata = $(meta_list)
@@ -154,9 +160,11 @@ write_configs() {
     local m="$DIR/metadata-$i"
     "$BIN" tls issue --ca-dir "$DIR/ca" --out "$m/tls" >/dev/null
     echo "127.0.0.1:$((META_BASE + i - 1))" >"$m/addr"
+    echo "http://127.0.0.1:$((META_HTTP_BASE + i - 1))" >"$m/http"
     cat >"$m/config.toml" <<EOF
 node_id = $i
 listen = "127.0.0.1:$((META_BASE + i - 1))"
+http_listen = "127.0.0.1:$((META_HTTP_BASE + i - 1))"
 data_dir = "$m/data"
 initial_members = [$members]
 [tls]

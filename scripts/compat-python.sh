@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pulsar' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pulsar, prometheus_client' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet 'pulsar-client>=3.5,<4'
+  .venv/bin/pip install --quiet 'pulsar-client>=3.5,<4' 'prometheus-client>=0.20,<1'
 fi
 
 bin="${CARGO_TARGET_DIR:-target}/debug/magnetar"
@@ -84,12 +84,16 @@ base() { python3 scripts/free-ports.py "$1"; } # a base with $1 consecutive free
 export MAGNETAR_BIN="$bin"
 export MAGNETAR_LC_METADATA_PORT=$(base 3) MAGNETAR_LC_BOOKIE_PORT=$(base 3)
 export MAGNETAR_LC_BROKER_PORT=$(base 4) MAGNETAR_LC_HTTP_PORT=$(base 4)
+export MAGNETAR_LC_METADATA_HTTP_PORT=$(base 3) MAGNETAR_LC_BOOKIE_HTTP_PORT=$(base 3)
 lc="$work/lc"
 trap 'deploy/local-cluster.sh down --dir "$lc" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 deploy/local-cluster.sh up --metadata 3 --bookies 3 --brokers 3 --dir "$lc" >/dev/null
 url="pulsar://127.0.0.1:$MAGNETAR_LC_BROKER_PORT,127.0.0.1:$((MAGNETAR_LC_BROKER_PORT + 1)),127.0.0.1:$((MAGNETAR_LC_BROKER_PORT + 2))"
+https() { local b="$1" out="" i; for i in 0 1 2; do out="$out${out:+,}http://127.0.0.1:$((b + i))"; done; echo "$out"; }
+timeout 120 .venv/bin/python tests/compat/python_metrics.py "$url" "$(https "$MAGNETAR_LC_HTTP_PORT")" \
+  "$(https "$MAGNETAR_LC_BOOKIE_HTTP_PORT")" "$(https "$MAGNETAR_LC_METADATA_HTTP_PORT")"
 if ! timeout 300 .venv/bin/python tests/compat/python_failover.py "$url" deploy/local-cluster.sh "$lc"; then
   for m in "$lc"/broker-*; do echo "==== $m"; tail -30 "$m/log"; done
   exit 1
 fi
-echo "7 passed, 0 failed: python compatibility"
+echo "8 passed, 0 failed: python compatibility"

@@ -2,11 +2,13 @@
 
 mod admin;
 mod config;
+mod node_http;
 mod perf;
 mod perf_ledger;
 mod perf_metadata;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -24,8 +26,27 @@ use tokio::io::AsyncWriteExt;
     about = "Pulsar-compatible streaming with separate compute and storage"
 )]
 struct Cli {
+    /// Log lines as text (`human`) or one JSON object per line (`json`).
+    #[arg(
+        long,
+        global = true,
+        env = "MAGNETAR_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+    /// Record metrics (`false`: nothing is recorded; for measuring what
+    /// they cost).
+    #[arg(long, global = true, env = "MAGNETAR_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -255,15 +276,34 @@ fn metadata_client(
     Ok(magnetar_metadata::MetadataClient::new(rpc, endpoints))
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGNETAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: members of a cluster log to files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+/// Logs to stderr through a filter that `PUT …/log-level` can replace.
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let filter = EnvFilter::try_from_env("MAGNETAR_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = match format {
+        LogFormat::Human => fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colour codes only on a terminal: members of a cluster log to files.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
         .init();
+    magnetar_broker::logs::set_reloader(move |f| {
+        let filter = EnvFilter::try_new(f).map_err(|e| format!("bad filter {f:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
 }
 
 /// mimalloc: brokers and bookies allocate a buffer, a task and a few small
@@ -273,8 +313,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logs();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
+    if !cli.metrics {
+        magnetar_broker::metrics::disable();
+    }
     match cli.cmd {
         Cmd::Standalone {
             data_dir,
@@ -309,9 +352,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Metadata { config } => {
             let f = config::load::<magnetar_metadata::MetadataConfig>(&config, false)?;
+            magnetar_broker::metrics::install();
+            let http_addr = f.role.http_addr();
             let node = magnetar_metadata::MetadataNode::start(f.role, &f.tls)
                 .await
                 .context("starting the metadata node")?;
+            let n = node.clone();
+            let ready = move || {
+                n.is_ready()
+                    .then_some(())
+                    .ok_or_else(|| "no leader known: a majority is out of reach".to_string())
+            };
+            let _http = node_http::serve(http_addr, Arc::new(ready)).await?;
             tracing::info!(node_id = node.node_id, addr = %node.local_addr(), "magnetar metadata ready");
             until_stopped().await?;
             node.shutdown().await;
@@ -319,9 +371,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bookie { config } => {
             let f = config::load::<magnetar_bookie::BookieConfig>(&config, true)?;
             let metadata = metadata_client(&f.tls, f.metadata)?;
+            magnetar_broker::metrics::install();
+            let http_addr = f.role.http_addr();
             let bookie = magnetar_bookie::Bookie::start(f.role, &f.tls, &metadata)
                 .await
                 .context("starting the bookie")?;
+            let b = bookie.clone();
+            let _http = node_http::serve(http_addr, Arc::new(move || b.is_ready())).await?;
             tracing::info!(addr = %bookie.addr(), "magnetar bookie ready");
             until_stopped().await?;
             bookie.shutdown().await;

@@ -151,6 +151,7 @@ async fn audit_once(
     }
     audit.since_scan = Some(0);
     let found = under_replicated(metadata).await?;
+    metrics::gauge!(crate::metrics::UNDER_REPLICATED).set(found.len() as f64);
     // Only bookies some ledger still names stay tracked.
     let named: BTreeSet<&String> = found.iter().flat_map(|u| u.missing.iter()).collect();
     audit.missing_since.retain(|b, _| named.contains(b));

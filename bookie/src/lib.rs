@@ -6,6 +6,7 @@
 
 pub mod auditor;
 pub mod ledger;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod storage;

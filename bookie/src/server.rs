@@ -27,6 +27,10 @@ pub const MAX_LONG_POLL_MS: u64 = 30_000;
 #[serde(deny_unknown_fields)]
 pub struct BookieConfig {
     pub listen: SocketAddr,
+    /// HTTP listener of `magnetar bookie`: `/metrics`, `/ready`, `/live`
+    /// (default: port 8000 on the host of `listen`).
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     /// Address writers and readers use (default: `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
@@ -128,9 +132,16 @@ fn default_disk_check_interval_ms() -> u64 {
 }
 
 impl BookieConfig {
+    /// Where the HTTP listener binds.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listen
+            .unwrap_or_else(|| SocketAddr::new(self.listen.ip(), 8000))
+    }
+
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> BookieConfig {
         BookieConfig {
             listen,
+            http_listen: None,
             advertise: None,
             data_dir,
             rack: None,
@@ -322,6 +333,22 @@ impl Bookie {
     }
 
     /// Whether the bookie refuses new adds (disk above the high watermark).
+    /// Whether the bookie can take writes: registered on a live lease, its
+    /// journal sound, its disk under the watermark.
+    pub fn is_ready(&self) -> Result<(), String> {
+        if self.is_read_only() {
+            return Err("the bookie is read-only".into());
+        }
+        if self.storage.is_broken() {
+            return Err("the journal failed a write".into());
+        }
+        let g = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_ref() {
+            Some(l) if !*l.lost.borrow() => Ok(()),
+            _ => Err("the bookie's registration lease is lost".into()),
+        }
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
     }
@@ -395,7 +422,15 @@ async fn checkpoint_loop(journal: Storage, every: Duration) {
             }
         };
         next = tokio::time::Instant::now() + every;
-        match journal.checkpoint_paced(pace).await {
+        let started = std::time::Instant::now();
+        let res = journal.checkpoint_paced(pace).await;
+        metrics::histogram!(crate::metrics::CHECKPOINT_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        if let Ok(stats) = &res {
+            metrics::counter!(crate::metrics::CHECKPOINT_ENTRIES)
+                .increment(stats.entries_flushed as u64);
+        }
+        match res {
             Ok(stats) if stats.entries_flushed > 0 => tracing::debug!(?stats, "checkpoint"),
             Ok(_) => {}
             Err(e) => {
@@ -479,6 +514,7 @@ async fn disk_monitor(
         };
         let ro = read_only.load(Ordering::Relaxed);
         let broken = journal.is_broken();
+        metrics::gauge!(crate::metrics::DISK_USAGE, "bookie" => info.addr.clone()).set(usage);
         let now_ro = broken
             || if ro {
                 usage >= cfg.disk_low_watermark
@@ -505,6 +541,8 @@ async fn disk_monitor(
                     }
                 );
             }
+            metrics::gauge!(crate::metrics::READ_ONLY, "bookie" => info.addr.clone())
+                .set(if now_ro { 1.0 } else { 0.0 });
             if let Err(e) = register(&metadata, &info, lease).await {
                 // Retried on the next tick: `info.writable` disagrees with the state until then.
                 info.writable = now_ro;

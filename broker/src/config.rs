@@ -72,6 +72,11 @@ pub struct BrokerConfig {
     /// `[connection]`: per-client limits and keep-alive.
     #[serde(default)]
     pub connection: ConnectionLimits,
+    /// Pulsar's `exposeTopicLevelMetricsInPrometheus`: topic and
+    /// subscription series on `/metrics` (true), or namespace sums only —
+    /// for brokers with very many topics.
+    #[serde(default = "default_true")]
+    pub expose_topic_level_metrics_in_prometheus: bool,
     /// `auth_token_secret_key = "path"`: clients must CONNECT with a token
     /// (Pulsar's `token` method) signed by this HS256 key (`magnetar tokens
     /// create-secret-key`); none: no authentication.
@@ -133,6 +138,7 @@ impl BrokerConfig {
             managed_ledger: ManagedLedgerConfig::default(),
             connection: ConnectionLimits::default(),
             auth_token_secret_key: None,
+            expose_topic_level_metrics_in_prometheus: true,
         }
     }
 }

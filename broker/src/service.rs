@@ -83,6 +83,7 @@ impl Broker {
         metadata: MetadataClient,
         ledgers: LedgerClient,
     ) -> Result<Arc<Broker>, StartError> {
+        crate::metrics::install();
         let auth = match &cfg.auth_token_secret_key {
             Some(path) => Some(Arc::new(
                 magnetar_proto::token::SecretKey::load(path)
@@ -90,6 +91,7 @@ impl Broker {
             )),
             None => None,
         };
+        let own_token = auth.as_ref().map(|k| k.sign(BROKER_ROLE, None));
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| StartError::Bind(cfg.listen, e))?;
@@ -189,6 +191,10 @@ impl Broker {
             ml_cfg: cfg.managed_ledger.clone(),
             cluster: cfg.cluster_name.clone(),
             default_bundles: cfg.default_bundles,
+            expose_topic_level_metrics: cfg.expose_topic_level_metrics_in_prometheus,
+            sub_rates: Default::default(),
+            service_url: service_url.clone(),
+            token: own_token,
         });
         let tasks = vec![
             tokio::spawn(guard_lease(topics.clone(), stopping.clone())),

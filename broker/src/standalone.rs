@@ -35,6 +35,8 @@ pub struct StandaloneConfig {
     pub auth_token_secret_key: Option<PathBuf>,
     /// How often TTL, backlog quotas and retention by age are checked.
     pub policy_check_interval_ms: u64,
+    /// Topic and subscription series on `/metrics` (else namespace sums).
+    pub expose_topic_level_metrics_in_prometheus: bool,
 }
 
 impl StandaloneConfig {
@@ -52,6 +54,7 @@ impl StandaloneConfig {
             managed_ledger: ManagedLedgerConfig::default(),
             auth_token_secret_key: None,
             policy_check_interval_ms: 10_000,
+            expose_topic_level_metrics_in_prometheus: true,
         }
     }
 }
@@ -91,6 +94,8 @@ impl Standalone {
         broker_cfg.policy_check_interval_ms = cfg.policy_check_interval_ms;
         broker_cfg.http_listen = Some(addr(cfg.http_port)?);
         broker_cfg.auth_token_secret_key = cfg.auth_token_secret_key.clone();
+        broker_cfg.expose_topic_level_metrics_in_prometheus =
+            cfg.expose_topic_level_metrics_in_prometheus;
         if let Some(port) = cfg.broker_tls_port {
             broker_cfg.tls_listen = Some(addr(port)?);
             let (cert, key) = match (&cfg.tls_cert_file, &cfg.tls_key_file) {

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod lease;
+pub mod metrics;
 pub mod network;
 pub mod server;
 pub mod state;

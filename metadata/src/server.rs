@@ -30,6 +30,10 @@ use crate::TypeConfig;
 pub struct MetadataConfig {
     pub node_id: u64,
     pub listen: SocketAddr,
+    /// HTTP listener of `magnetar metadata`: `/metrics`, `/ready`, `/live`
+    /// (default: port 2389 on the host of `listen`).
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     /// Address peers and clients use to reach this node (default: `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
@@ -93,10 +97,17 @@ mod defaults {
 }
 
 impl MetadataConfig {
+    /// Where the HTTP listener binds.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listen
+            .unwrap_or_else(|| SocketAddr::new(self.listen.ip(), 2389))
+    }
+
     pub fn new(node_id: u64, listen: SocketAddr, data_dir: PathBuf) -> MetadataConfig {
         MetadataConfig {
             node_id,
             listen,
+            http_listen: None,
             advertise: None,
             data_dir,
             initial_members: Vec::new(),
@@ -192,10 +203,18 @@ impl MetadataNode {
             node.clone(),
             Duration::from_millis(cfg.lease_check_interval_ms),
         ));
+        let gauges = node.clone();
+        let record = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                gauges.record_metrics();
+            }
+        });
         node.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend([accept, expiry]);
+            .extend([accept, expiry, record]);
         if let Err(e) = node.bootstrap(&advertise).await {
             node.shutdown().await;
             return Err(e);
@@ -320,6 +339,51 @@ impl MetadataNode {
         self.endpoint
             .local_addr()
             .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into())
+    }
+
+    /// Whether the node can serve: as leader, a majority acknowledged it
+    /// within the last election timeout; as follower, it knows a leader
+    /// (it forgets it when the leader's heartbeats stop).
+    pub fn is_ready(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            return m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms <= self.cfg.election_timeout_max_ms.max(1000));
+        }
+        m.current_leader.is_some()
+    }
+
+    /// Sets the node's gauges from Raft's metrics and the applied state.
+    pub fn record_metrics(&self) {
+        use crate::metrics::*;
+        let node = self.node_id.to_string();
+        let (term, last, applied, leader, state) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (
+                m.current_term,
+                m.last_log_index.unwrap_or(0),
+                m.last_applied.map_or(0, |l| l.index),
+                m.current_leader,
+                m.state,
+            )
+        };
+        let g = |name: &'static str, v: f64| metrics::gauge!(name, "node" => node.clone()).set(v);
+        g(RAFT_TERM, term as f64);
+        g(RAFT_LAST_LOG_INDEX, last as f64);
+        g(RAFT_APPLIED_INDEX, applied as f64);
+        g(RAFT_APPLY_LAG, last.saturating_sub(applied) as f64);
+        let leads = state == ServerState::Leader && leader == Some(self.node_id);
+        g(RAFT_IS_LEADER, if leads { 1.0 } else { 0.0 });
+        g(RAFT_HAS_LEADER, if leader.is_some() { 1.0 } else { 0.0 });
+        let (leases, keys, revision) = self
+            .sm
+            .read(|kv| (kv.leases.len(), kv.kv.len(), kv.revision));
+        g(LEASES, leases as f64);
+        g(KEYS, keys as f64);
+        g(REVISION, revision as f64);
     }
 
     /// Waits until some node leads (standalone: this one).
@@ -852,6 +916,7 @@ struct WatchSlot {
 
 impl WatchSlot {
     fn take(conn: Arc<ConnInfo>) -> WatchSlot {
+        metrics::gauge!(crate::metrics::WATCHES).increment(1.0);
         let count = conn.long_streams.fetch_add(1, Ordering::Relaxed) + 1;
         WatchSlot { conn, count }
     }
@@ -859,6 +924,7 @@ impl WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::WATCHES).decrement(1.0);
         self.conn.long_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod prometheus;
 
 use magnetar_broker::standalone::{Standalone, StandaloneConfig};
 
@@ -283,6 +284,8 @@ pub struct LocalCluster {
     pub ports: [u16; 3],
     /// Base port of the brokers' HTTP listeners (0: the script's default).
     pub http_port: u16,
+    /// Base ports of the metadata nodes' and bookies' HTTP listeners.
+    pub node_http_ports: [u16; 2],
 }
 
 impl LocalCluster {
@@ -292,6 +295,8 @@ impl LocalCluster {
             dir,
             ports: [free_port_range(n), free_port_range(n), free_port_range(n)],
             http_port: free_port_range(n),
+            // One more: a test may `add` a member.
+            node_http_ports: [free_port_range(n + 1), free_port_range(n + 1)],
         }
     }
 
@@ -304,7 +309,15 @@ impl LocalCluster {
             .env("MAGNETAR_BIN", magnetar_bin())
             .env("MAGNETAR_LC_METADATA_PORT", self.ports[0].to_string())
             .env("MAGNETAR_LC_BOOKIE_PORT", self.ports[1].to_string())
-            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string());
+            .env("MAGNETAR_LC_BROKER_PORT", self.ports[2].to_string())
+            .env(
+                "MAGNETAR_LC_METADATA_HTTP_PORT",
+                self.node_http_ports[0].to_string(),
+            )
+            .env(
+                "MAGNETAR_LC_BOOKIE_HTTP_PORT",
+                self.node_http_ports[1].to_string(),
+            );
         if self.http_port != 0 {
             cmd.env("MAGNETAR_LC_HTTP_PORT", self.http_port.to_string());
         }

@@ -68,6 +68,7 @@ async fn a_producer_faster_than_the_bookies_is_held_back_not_buffered() {
         dir: tmp.path().join("lc"),
         ports: [free_port_range(1), free_port_range(1), free_port_range(1)],
         http_port: free_port_range(4),
+        node_http_ports: [free_port_range(4), free_port_range(4)],
     };
     cluster.run(&["up", "--metadata", "1", "--bookies", "1", "--brokers", "1"]);
     // A smaller pending-send limit than the default, so the test is quick.

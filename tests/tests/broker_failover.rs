@@ -69,6 +69,7 @@ async fn brokers_killed_restarted_and_frozen_lose_no_acknowledged_message() {
             free_port_range(BROKERS),
         ],
         http_port: free_port_range(4),
+        node_http_ports: [free_port_range(4), free_port_range(4)],
     };
     cluster.run(&["up", "--metadata", "3", "--bookies", "3", "--brokers", "3"]);
     let url = service_url(&cluster);

@@ -17,6 +17,7 @@ async fn local_cluster_up_kill_start_down() {
         dir: tmp.path().join("lc"),
         ports: [free_port_range(3), free_port_range(3), free_port_range(1)],
         http_port: free_port_range(4),
+        node_http_ports: [free_port_range(4), free_port_range(4)],
     };
     let up = script.run(&[
         "up",

@@ -12,7 +12,7 @@ use std::time::Duration;
 use magnetar_metadata::MetadataClient;
 use magnetar_proto::rpc::{client_endpoint, RpcClient};
 use magnetar_proto::tls::TlsMaterial;
-use magnetar_tests::{admin, free_udp_port, init_logs, Member};
+use magnetar_tests::{admin, free_tcp_port, free_udp_port, init_logs, Member};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,8 +140,9 @@ fn spawn_node(
     std::fs::write(
         &config,
         format!(
-            "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\
-             initial_members = [{}]\n[tls]\ndir = \"{}\"\n",
+            "node_id = {id}\nlisten = \"{addr}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
+             data_dir = \"{}\"\ninitial_members = [{}]\n[tls]\ndir = \"{}\"\n",
+            free_tcp_port(),
             node_dir.join("data").display(),
             members.join(", "),
             node_dir.join("tls").display()

@@ -163,6 +163,18 @@ impl LedgerClient {
         first: u64,
         last: u64,
     ) -> Vec<Result<Bytes, LedgerError>> {
+        let started = std::time::Instant::now();
+        let out = self.read_range_inner(meta, first, last).await;
+        metrics::histogram!(crate::metrics::LEDGER_READ).record(started.elapsed().as_secs_f64());
+        out
+    }
+
+    async fn read_range_inner(
+        &self,
+        meta: &LedgerMetadata,
+        first: u64,
+        last: u64,
+    ) -> Vec<Result<Bytes, LedgerError>> {
         use futures::StreamExt;
         let e = (meta.ensemble_size as u64).max(1);
         let mut chunks = Vec::new();

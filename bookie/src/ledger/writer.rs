@@ -237,9 +237,15 @@ impl LedgerWriter {
                 self.send(entry_id, pos, &bookie, req.clone());
             }
         }
+        let started = std::time::Instant::now();
         async move {
-            rx.await
-                .unwrap_or_else(|_| Err(LedgerError::WriterFailed(0, "writer dropped".into())))
+            let res = rx
+                .await
+                .unwrap_or_else(|_| Err(LedgerError::WriterFailed(0, "writer dropped".into())));
+            if res.is_ok() {
+                LEDGER_ADD.record(started.elapsed().as_secs_f64());
+            }
+            res
         }
     }
 
@@ -547,3 +553,7 @@ impl LedgerWriter {
         Ok(meta)
     }
 }
+
+/// Registered once, on first use (after the recorder is installed).
+static LEDGER_ADD: std::sync::LazyLock<metrics::Histogram> =
+    std::sync::LazyLock::new(|| metrics::histogram!(crate::metrics::LEDGER_ADD));

@@ -101,7 +101,12 @@ impl Writer {
                 pad_group(&mut buf, self.base);
             }
             let group = &buf[self.base..];
+            let started = std::time::Instant::now();
             let res = self.write_group(group).and_then(|_| self.file.sync_data());
+            metrics::histogram!(crate::metrics::JOURNAL_SYNC)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::metrics::JOURNAL_GROUP_ENTRIES).record(done.len() as f64);
+            metrics::histogram!(crate::metrics::JOURNAL_GROUP_BYTES).record(group.len() as f64);
             let (segment, at) = (self.segment, self.size);
             self.size += group.len() as u64;
             if let Err(e) = &res {

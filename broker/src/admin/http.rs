@@ -32,6 +32,13 @@ pub struct AdminContext {
     pub cluster: String,
     /// Bundles of a namespace created without a split.
     pub default_bundles: usize,
+    /// Topic and subscription series on `/metrics` (else namespace sums).
+    pub expose_topic_level_metrics: bool,
+    pub sub_rates: super::metrics::SubRates,
+    /// This broker's Pulsar URL and the token its own client carries
+    /// (health checks go through the Pulsar protocol like any client).
+    pub service_url: String,
+    pub token: Option<String>,
 }
 
 type Ctx = State<Arc<AdminContext>>;
@@ -87,6 +94,11 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
             get(lookup),
         )
         .route("/admin/v2/brokers/health", get(health))
+        .route("/admin/v2/brokers/ready", get(ready))
+        .route("/admin/v2/brokers/log-level", put(set_log_level))
+        .route("/metrics", get(super::metrics::handler))
+        .route("/ready", get(ready))
+        .route("/live", get(live))
         .route("/admin/v2/brokers/{cluster}", get(brokers))
         .route("/admin/v2/namespaces/{tenant}/{ns}/bundles", get(bundles))
         .route(
@@ -189,8 +201,113 @@ async fn brokers(State(ctx): Ctx, Path(cluster): Path<String>) -> ApiResult<Json
     Ok(Json(ids))
 }
 
-/// A real round trip: the lease is valid, and a ledger is created on the
-/// bookies with the topics' quorums, written, read back and deleted.
+/// The process answers.
+async fn live() -> &'static str {
+    "ok"
+}
+
+/// Ready to serve topics: the broker holds its lease (so the metadata
+/// service answers it) and is not stopping.
+async fn ready(State(ctx): Ctx) -> ApiResult<&'static str> {
+    let own = &ctx.topics.ownership;
+    if !own.registration.is_valid() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker does not hold its lease".into(),
+        ));
+    }
+    if own.me().draining {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is stopping".into(),
+        ));
+    }
+    Ok("ok")
+}
+
+/// `PUT /admin/v2/brokers/log-level` with a filter as the body (`debug`,
+/// `magnetar_broker=debug,info`).
+async fn set_log_level(body: Bytes) -> ApiResult<StatusCode> {
+    let filter = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the body is not UTF-8".into()))?
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    crate::logs::set_filter(&filter).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    tracing::warn!(%filter, "log level changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long the health check's heartbeat round trip may take.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The heartbeat topic of the broker `broker_id`.
+pub fn heartbeat_topic(broker_id: &str) -> String {
+    let id: String = broker_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("persistent://public/default/__heartbeat-{id}")
+}
+
+/// A message through the heartbeat topic, as a client sends and reads it:
+/// produced over this broker's Pulsar listener and read back by a reader.
+async fn heartbeat(ctx: &AdminContext) -> Result<(), String> {
+    let mut b =
+        magnetar_client::Client::builder(ctx.service_url.clone()).operation_timeout(HEALTH_TIMEOUT);
+    if let Some(t) = &ctx.token {
+        b = b.auth_token(t.clone());
+    }
+    let client = b.build().await.map_err(|e| format!("connecting: {e}"))?;
+    let topic = heartbeat_topic(&ctx.topics.ownership.me().broker_id);
+    let res = async {
+        let producer = client
+            .producer(topic.clone())
+            .create()
+            .await
+            .map_err(|e| format!("producer on {topic}: {e}"))?;
+        let probe = format!("health check {:?}", std::time::SystemTime::now());
+        let id = producer
+            .send(probe.clone().into_bytes())
+            .await
+            .map_err(|e| format!("sending to {topic}: {e}"))?;
+        let mut reader = client
+            .reader(topic.clone())
+            .start_message_id(id)
+            .start_message_id_inclusive(true)
+            .create()
+            .await
+            .map_err(|e| format!("reader on {topic}: {e}"))?;
+        let m = reader
+            .next_message()
+            .await
+            .map_err(|e| format!("reading {topic}: {e}"))?;
+        if m.payload.as_ref() != probe.as_bytes() {
+            return Err(format!("{topic} gave back another message"));
+        }
+        Ok(())
+    };
+    let res = tokio::time::timeout(HEALTH_TIMEOUT, res)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no round trip through {topic} in {HEALTH_TIMEOUT:?}"
+            ))
+        });
+    client.close().await;
+    res
+}
+
+/// A real round trip: the lease is valid, a message goes through the
+/// broker's heartbeat topic over the Pulsar protocol, and a ledger is
+/// created on the bookies with the topics' quorums, written, read back and
+/// deleted.
 async fn health(State(ctx): Ctx) -> ApiResult<&'static str> {
     let fail = |what: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, what);
     if !ctx.topics.ownership.registration.is_valid() {
@@ -224,6 +341,7 @@ async fn health(State(ctx): Ctx) -> ApiResult<&'static str> {
     .await;
     let _ = ctx.ledgers.delete(w.ledger_id()).await;
     res.map_err(|e| fail(format!("writing to the bookies: {e}")))?;
+    heartbeat(&ctx).await.map_err(fail)?;
     Ok("ok")
 }
 

@@ -2,6 +2,7 @@
 //! per REST resource).
 
 pub mod http;
+pub mod metrics;
 pub mod namespaces;
 pub mod schemas;
 pub mod subscriptions;

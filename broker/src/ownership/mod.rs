@@ -327,6 +327,7 @@ impl Ownership {
                 unloading: false,
             },
         );
+        metrics::counter!(crate::metrics::BUNDLES_ACQUIRED).increment(1);
         tracing::info!(%bundle, epoch = res.revision, "bundle acquired");
         Ok(true)
     }
@@ -413,6 +414,7 @@ impl Ownership {
             }
         }
         lock(&self.owned).remove(bundle);
+        metrics::counter!(crate::metrics::BUNDLES_RELEASED).increment(1);
         tracing::info!(%bundle, next = ?handed, "bundle released");
         Ok(())
     }

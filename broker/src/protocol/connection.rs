@@ -108,6 +108,7 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let _open = OpenConnection::new();
     let (tx, rx) = mpsc::channel::<frame::OutFrame>(ctx.limits.write_queue_frames.max(16));
     let writer = tokio::spawn(frame::write_loop(rx, wr));
     let limits = ctx.limits.clone();
@@ -314,5 +315,28 @@ impl Conn {
 }
 
 pub fn error_cmd(request_id: u64, e: &BrokerError) -> magnetar_proto::pulsar::BaseCommand {
+    count_error(e.code());
     commands::error(request_id, e.code(), e.to_string())
+}
+
+/// Counts an error sent to a client, by its `ServerError` name.
+pub fn count_error(code: ServerError) {
+    metrics::counter!(crate::metrics::ERRORS, "code" => code.as_str_name()).increment(1);
+}
+
+/// Counts the connection open while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> OpenConnection {
+        metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
+        metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
+    }
 }

@@ -36,7 +36,10 @@ pub async fn partitioned_metadata(conn: ConnRef, c: CommandPartitionedTopicMetad
             CommandPartitionedTopicMetadataResponse {
                 request_id: c.request_id,
                 response: Some(pmr::LookupType::Failed as i32),
-                error: Some(e.code() as i32),
+                error: Some({
+                    super::connection::count_error(e.code());
+                    e.code() as i32
+                }),
                 message: Some(e.to_string()),
                 ..Default::default()
             }
@@ -103,7 +106,10 @@ pub async fn lookup(conn: ConnRef, c: CommandLookupTopic) {
             CommandLookupTopicResponse {
                 response: Some(LookupType::Failed as i32),
                 request_id: c.request_id,
-                error: Some(e.code() as i32),
+                error: Some({
+                    super::connection::count_error(e.code());
+                    e.code() as i32
+                }),
                 message: Some(e.to_string()),
                 ..Default::default()
             }

@@ -184,6 +184,10 @@ pub async fn send(
     true
 }
 
+/// Registered once, on first use (after the recorder is installed).
+static PUBLISH_LATENCY: std::sync::LazyLock<metrics::Histogram> =
+    std::sync::LazyLock::new(|| metrics::histogram!(crate::metrics::PUBLISH_LATENCY));
+
 /// Waits for room under the connection's limits (the read loop does not
 /// read meanwhile), then hands the message to the topic.
 async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: u64, pl: Payload) {
@@ -198,6 +202,7 @@ async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: 
         return;
     };
     let topic = slot.topic.name.clone();
+    let arrived = std::time::Instant::now();
     slot.topic
         .publish_from(
             &slot.name,
@@ -206,7 +211,10 @@ async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: 
             data,
             Box::new(move |res| {
                 let cmd = match res {
-                    Ok(p) => send_receipt(pid, seq, highest, p),
+                    Ok(p) => {
+                        PUBLISH_LATENCY.record(arrived.elapsed().as_secs_f64());
+                        send_receipt(pid, seq, highest, p)
+                    }
                     Err(MlError::Closed(_) | MlError::NotWritable(_)) => {
                         // The topic is leaving this broker; the producer is
                         // told to reconnect and resends what has no receipt.
@@ -215,6 +223,7 @@ async fn publish(conn: &Conn, slot: &ProducerSlot, pid: u64, seq: u64, highest: 
                     }
                     Err(e) => {
                         tracing::warn!(%topic, producer_id = pid, sequence_id = seq, error = %e, "persisting a message failed");
+                        super::connection::count_error(ServerError::PersistenceError);
                         send_error(pid, seq, ServerError::PersistenceError, e.to_string())
                     }
                 };

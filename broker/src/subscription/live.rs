@@ -124,6 +124,9 @@ impl Live {
                     mark_delete: Position::default(),
                     acked_after_mark: 0,
                     acked_ranges: Vec::new(),
+                    msgs_out: 0,
+                    bytes_out: 0,
+                    redelivered: 0,
                 });
             }
             SubEvent::Close { reply } => {

@@ -171,6 +171,11 @@ pub struct SubStats {
     pub acked_after_mark: u64,
     /// The first ranges of them (at most `STATS_RANGES`).
     pub acked_ranges: Vec<(Position, Position)>,
+    /// Messages and bytes sent to its consumers, and messages sent again,
+    /// since the subscription was loaded here.
+    pub msgs_out: u64,
+    pub bytes_out: u64,
+    pub redelivered: u64,
 }
 
 /// Most acknowledged ranges a stats answer lists.
@@ -269,6 +274,8 @@ struct Sub {
     told_end: HashSet<ConsumerKey>,
     /// Ack receipts to answer once the cursor is stored (end of the round).
     receipts: Vec<oneshot::Sender<Result<(), BrokerError>>>,
+    /// Sent to consumers since loaded: messages, bytes, messages again.
+    sent: [u64; 3],
 }
 
 /// What a dispatcher sees: the topic's confirmed entries and the cursor.
@@ -336,6 +343,7 @@ pub fn spawn(
         read_error: false,
         told_end: HashSet::new(),
         receipts: Vec::new(),
+        sent: [0; 3],
     };
     tokio::spawn(sub.run(rx));
     SubscriptionHandle { tx }
@@ -449,6 +457,9 @@ impl Sub {
             mark_delete: md,
             acked_after_mark: acked,
             acked_ranges: self.cursor.acked_ranges().take(STATS_RANGES).collect(),
+            msgs_out: self.sent[0],
+            bytes_out: self.sent[1],
+            redelivered: self.sent[2],
         }
     }
 
@@ -923,6 +934,10 @@ impl Sub {
                 }
             }
             let count = md.num_messages_in_batch.unwrap_or(1).max(1) as u32;
+            if md.publish_time > 0 {
+                let lag_ms = now_ms().saturating_sub(md.publish_time);
+                DELIVERY_LAG.record(lag_ms as f64 / 1000.0);
+            }
             self.send(d, count, &data).await;
         }
     }
@@ -1017,6 +1032,11 @@ impl Sub {
             use std::sync::atomic::Ordering::Relaxed;
             self.out.msgs.fetch_add(count as u64, Relaxed);
             self.out.bytes.fetch_add(data.len() as u64, Relaxed);
+            self.sent[0] += count as u64;
+            self.sent[1] += data.len() as u64;
+            if d.redelivery_count > 0 {
+                self.sent[2] += count as u64;
+            }
             self.dispatcher.sent(d, count);
         } else {
             // Connection gone; its removal event may still be on the way.
@@ -1025,6 +1045,10 @@ impl Sub {
         }
     }
 }
+
+/// Registered once, on first use (after the recorder is installed).
+static DELIVERY_LAG: std::sync::LazyLock<metrics::Histogram> =
+    std::sync::LazyLock::new(|| metrics::histogram!(crate::metrics::DELIVERY_LAG));
 
 /// How long a dead letter that could not be stored waits before a retry.
 const DEAD_LETTER_RETRY_MS: u64 = 1_000;

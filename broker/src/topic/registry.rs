@@ -74,6 +74,7 @@ impl TopicRegistry {
         let cell = self.lock().entry(name.clone()).or_default().clone();
         let res = cell
             .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
                 let own = &self.ownership;
                 super::partitioned::check_may_load(own.metadata(), &own.namespaces, name).await?;
                 let mut policies = super::policies::resolve(self, name, false).await?;
@@ -85,14 +86,17 @@ impl TopicRegistry {
                     policies.dedup = false;
                     Stores::new(Arc::new(MemoryLedgers::new()), Arc::new(MemoryMeta::new()))
                 };
-                Topic::load(
+                let topic = Topic::load(
                     name.clone(),
                     self.ml_cfg.clone(),
                     stores,
                     policies,
                     self.sink.clone(),
                 )
-                .await
+                .await;
+                metrics::histogram!(crate::metrics::TOPIC_LOAD_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                topic
             })
             .await
             .cloned();
@@ -247,6 +251,8 @@ impl TopicRegistry {
                 url_tls: url_tls.clone(),
             })
             .await;
+        metrics::histogram!(crate::metrics::UNLOAD_DURATION)
+            .record(started.elapsed().as_secs_f64());
         tracing::info!(%bundle, topics = done.topics, clients = done.clients, next = ?url, ms = started.elapsed().as_millis() as u64, "bundle unloaded");
         Ok(done)
     }
