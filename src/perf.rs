@@ -54,6 +54,12 @@ pub enum PerfCmd {
         event_at: u64,
         #[arg(long, default_value = "")]
         event_cmd: String,
+        /// Write the publish latency distribution to this CSV file
+        /// (percentile, latency_ms, count) and a per-second series to
+        /// `<file>.series.csv` (second, msgs, msg/s, p50/p99/max ms);
+        /// `scripts/plot-perf.py` draws them.
+        #[arg(long)]
+        histogram_out: Option<std::path::PathBuf>,
         #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
         service_url: String,
     },
@@ -108,6 +114,30 @@ fn topic_name(base: &str, topics: usize, i: usize) -> String {
     }
 }
 
+/// The latency distribution as CSV (each percentile step HdrHistogram
+/// reports, 5 per halving of the tail) and the per-second series beside it.
+fn write_histogram(path: &std::path::Path, h: &Histogram<u64>, series: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut out = String::from("percentile,latency_ms,count\n");
+    for v in h.iter_quantiles(5) {
+        out.push_str(&format!(
+            "{:.6},{:.3},{}\n",
+            v.quantile_iterated_to(),
+            v.value_iterated_to() as f64 / 1000.0,
+            v.count_since_last_iteration()
+        ));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+    let mut s = path.as_os_str().to_owned();
+    s.push(".series.csv");
+    std::fs::write(&s, series).with_context(|| format!("writing {s:?}"))?;
+    eprintln!(
+        "latency distribution in {}, series in {s:?}",
+        path.display()
+    );
+    Ok(())
+}
+
 fn report(label: &str, msgs: u64, bytes: u64, secs: f64, h: Option<&Histogram<u64>>) {
     let lat = h
         .map(|h| {
@@ -145,8 +175,15 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             stall_after,
             event_at,
             event_cmd,
+            histogram_out,
             service_url,
         } => {
+            let mut series = String::from("second,msgs,msg_per_s,p50_ms,p99_ms,max_ms\n");
+            let tick = if histogram_out.is_some() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
             let started_at = Instant::now();
             let stall_from = Instant::now() + Duration::from_secs(stall_after);
             let sent = Arc::new(AtomicU64::new(0));
@@ -264,14 +301,23 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
             }
             while Instant::now() < end {
                 tokio::time::sleep(
-                    Duration::from_secs(5)
-                        .min(end.saturating_duration_since(Instant::now()))
+                    tick.min(end.saturating_duration_since(Instant::now()))
                         .max(Duration::from_millis(10)),
                 )
                 .await;
                 let now = sent.load(Ordering::Relaxed);
                 let secs = last.0.elapsed().as_secs_f64();
                 let mut h = window.lock().unwrap_or_else(|e| e.into_inner());
+                let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+                series.push_str(&format!(
+                    "{:.1},{},{:.0},{:.3},{:.3},{:.3}\n",
+                    started.elapsed().as_secs_f64(),
+                    now - last.1,
+                    (now - last.1) as f64 / secs.max(1e-9),
+                    ms(0.5),
+                    ms(0.99),
+                    h.max() as f64 / 1000.0
+                ));
                 report(
                     "interval",
                     now - last.1,
@@ -298,6 +344,9 @@ pub async fn run(cmd: PerfCmd) -> anyhow::Result<()> {
                     started.elapsed().as_secs_f64(),
                     Some(&h),
                 );
+                if let Some(path) = &histogram_out {
+                    write_histogram(path, &h, &series)?;
+                }
             }
             report_stalls(&stalls);
             if let Some(e) = event {

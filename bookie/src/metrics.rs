@@ -21,3 +21,20 @@ pub const UNDER_REPLICATED: &str = "magnetar_bookie_underreplicated_ledgers";
 /// range read, from call to answer.
 pub const LEDGER_ADD: &str = "magnetar_ledger_add_seconds";
 pub const LEDGER_READ: &str = "magnetar_ledger_read_seconds";
+
+/// Registers the bookie's families at zero, so they are exported (and
+/// charted) before their first event.
+pub fn register_bookie(addr: &str) {
+    let _ = metrics::histogram!(JOURNAL_SYNC);
+    let _ = metrics::histogram!(JOURNAL_GROUP_ENTRIES);
+    let _ = metrics::histogram!(JOURNAL_GROUP_BYTES);
+    let _ = metrics::histogram!(CHECKPOINT_DURATION);
+    metrics::counter!(CHECKPOINT_ENTRIES).increment(0);
+    metrics::gauge!(READ_ONLY, "bookie" => addr.to_string()).set(0.0);
+}
+
+/// Registers the ledger client's families at zero.
+pub fn register_ledger_client() {
+    let _ = metrics::histogram!(LEDGER_ADD);
+    let _ = metrics::histogram!(LEDGER_READ);
+}

@@ -280,6 +280,7 @@ impl Bookie {
             writable: true,
         };
         register(metadata, &info, lease.id).await?;
+        crate::metrics::register_bookie(&addr);
         tracing::info!(addr = %addr, "bookie started and registered");
         let usage_override = Arc::new(Mutex::new(None));
         let auditor = cfg.auditor.then(|| {

@@ -124,3 +124,21 @@ fn describe() {
     describe_gauge!(LEASE_HELD, "1 while the broker holds its lease");
     describe_gauge!(TOPICS_LOADED, "topics loaded on this broker");
 }
+
+/// Registers the broker's families at zero, so they are exported (and
+/// charted) before their first event.
+pub fn register_broker() {
+    for h in [
+        PUBLISH_LATENCY,
+        DELIVERY_LAG,
+        UNLOAD_DURATION,
+        TOPIC_LOAD_DURATION,
+    ] {
+        let _ = metrics::histogram!(h);
+    }
+    for c in [CONNECTIONS_OPENED, BUNDLES_ACQUIRED, BUNDLES_RELEASED] {
+        metrics::counter!(c).increment(0);
+    }
+    metrics::gauge!(CONNECTIONS).increment(0.0);
+    magnetar_bookie::metrics::register_ledger_client();
+}

@@ -84,6 +84,7 @@ impl Broker {
         ledgers: LedgerClient,
     ) -> Result<Arc<Broker>, StartError> {
         crate::metrics::install();
+        crate::metrics::register_broker();
         let auth = match &cfg.auth_token_secret_key {
             Some(path) => Some(Arc::new(
                 magnetar_proto::token::SecretKey::load(path)

@@ -7,6 +7,10 @@ that owns it.
 usage: python_metrics.py PULSAR_URL BROKER_HTTP,... BOOKIE_HTTP,... METADATA_HTTP,...
 """
 
+import glob
+import json
+import os
+import re
 import sys
 import time
 import urllib.request
@@ -102,5 +106,33 @@ for base in METADATA:
         assert name in f, (base, name, sorted(f))
     leaders += sum(s.value for s in f["magnetar_metadata_raft_is_leader"].samples)
 assert leaders == 1, leaders
+# An error for the error counter (a tenant that does not exist).
+try:
+    client.create_producer("persistent://no-such-tenant/ns/t")
+except Exception:
+    pass
+else:
+    raise AssertionError("a producer on a missing tenant was created")
+
+# Every family the dashboards chart is one some node exports.
+exported = set()
+for base in BROKERS + BOOKIES + METADATA:
+    for name, f in families(base).items():
+        exported.add(name)
+        if f.type == "counter":
+            exported.add(name + "_total")
+        if f.type == "histogram":
+            exported.update(name + s for s in ("_bucket", "_sum", "_count"))
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "deploy", "grafana")
+charted = set()
+for path in glob.glob(os.path.join(root, "*.json")):
+    with open(path) as fh:
+        for panel in json.load(fh)["panels"]:
+            for t in panel["targets"]:
+                charted.update(re.findall(r"\b((?:pulsar|magnetar)_[a-z0-9_]+)", t["expr"]))
+assert len(charted) > 30, charted
+missing = charted - exported
+assert not missing, f"dashboards chart families no node exports: {sorted(missing)}"
+
 client.close()
 print(f"metrics of {len(BROKERS)} brokers, {len(BOOKIES)} bookies and {len(METADATA)} metadata nodes parse; topic counts right: ok")
