@@ -118,6 +118,10 @@ enum Cmd {
         /// Private key (PEM) of `--tls-cert-file`.
         #[arg(long, env = "MAGNETAR_TLS_KEY_FILE", requires = "tls_cert_file")]
         tls_key_file: Option<PathBuf>,
+        /// Topic and subscription series on /metrics (Pulsar's
+        /// exposeTopicLevelMetricsInPrometheus); false: namespace sums only.
+        #[arg(long, env = "MAGNETAR_EXPOSE_TOPIC_LEVEL_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+        expose_topic_level_metrics_in_prometheus: bool,
     },
     /// Tokens for Pulsar's `token` authentication.
     Tokens {
@@ -331,12 +335,14 @@ async fn main() -> anyhow::Result<()> {
             broker_tls_port,
             tls_cert_file,
             tls_key_file,
+            expose_topic_level_metrics_in_prometheus,
         } => {
             let mut cfg = StandaloneConfig::new(data_dir.clone());
             cfg.auth_token_secret_key = auth_token_secret_key;
             cfg.broker_tls_port = broker_tls_port;
             cfg.tls_cert_file = tls_cert_file;
             cfg.tls_key_file = tls_key_file;
+            cfg.expose_topic_level_metrics_in_prometheus = expose_topic_level_metrics_in_prometheus;
             cfg.bind_host = bind_host;
             cfg.broker_port = broker_port;
             cfg.http_port = http_port;
