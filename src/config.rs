@@ -55,11 +55,78 @@ pub struct RoleFile<T> {
     pub metadata: Vec<SocketAddr>,
 }
 
+/// Replaces each `${NAME}` with the environment variable NAME (one config
+/// file for every replica of a container: `advertise =
+/// "${HOSTNAME}.magnetar-metadata:2379"`); an unset variable is an error.
+fn expand_env(text: &str) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after.find('}').with_context(|| {
+            format!(
+                "`${{` without `}}` near {:?}",
+                &rest[i..rest.len().min(i + 20)]
+            )
+        })?;
+        let name = &after[..end];
+        let value = std::env::var(name).with_context(|| {
+            format!("environment variable {name} (used as ${{{name}}}) is not set")
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The metadata node id of a StatefulSet pod: host name `<name>-<n>` is
+/// node n + 1.
+pub fn node_id_from_hostname() -> anyhow::Result<u64> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let n: u64 = host
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .with_context(|| format!("node_id is 0 and the host name {host:?} does not end in -<n>"))?;
+    Ok(n + 1)
+}
+
+/// How long a start waits for a metadata endpoint's name to resolve (a
+/// service whose DNS record is not there yet).
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `ip:port`, or `name:port` looked up (retried while the name is not
+/// known yet).
+fn resolve_endpoint(addr: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    if !addr.contains(':') {
+        bail!("{addr:?} is not host:port");
+    }
+    let deadline = std::time::Instant::now() + RESOLVE_FOR;
+    loop {
+        if let Some(a) = magnetar_proto::resolve::socket_addr(addr) {
+            return Ok(a);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{addr} does not resolve");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Reads `path`: the role's settings, its certificates and, when
 /// `wants_metadata`, the metadata endpoints.
 pub fn load<T: DeserializeOwned>(path: &Path, wants_metadata: bool) -> anyhow::Result<RoleFile<T>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
+    let text = expand_env(&text).with_context(|| format!("{}", path.display()))?;
     let mut table: toml::Table = text
         .parse()
         .with_context(|| format!("parsing {}", path.display()))?;
@@ -75,13 +142,17 @@ pub fn load<T: DeserializeOwned>(path: &Path, wants_metadata: bool) -> anyhow::R
     };
     let metadata = match (table.remove("metadata"), wants_metadata) {
         (Some(v), true) => {
-            let list: Vec<SocketAddr> = v
+            let names: Vec<String> = v
                 .try_into()
                 .with_context(|| format!("{}: metadata = [\"host:port\", ...]", path.display()))?;
-            if list.is_empty() {
+            if names.is_empty() {
                 bail!("{}: `metadata` lists no endpoint", path.display());
             }
-            list
+            names
+                .iter()
+                .map(|n| resolve_endpoint(n))
+                .collect::<anyhow::Result<Vec<SocketAddr>>>()
+                .with_context(|| format!("{}: metadata", path.display()))?
         }
         (None, true) => bail!(
             "{}: `metadata = [\"host:port\", ...]` is required",

@@ -145,6 +145,13 @@ enum Cmd {
     },
     /// Operate a cluster: metadata membership, bookies.
     Admin(admin::AdminArgs),
+    /// Exits 0 if `URL` answers 2xx (e.g. `http://127.0.0.1:8080/ready`):
+    /// the health check of container images that have no curl.
+    Health {
+        url: String,
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
     /// Certificates: for the links between tiers, and for the brokers' TLS
     /// listener (`pulsar+ssl://`).
     Tls {
@@ -246,8 +253,9 @@ enum TlsCmd {
     Issue {
         #[arg(long)]
         ca_dir: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        /// Repeat for several members (e.g. a container cluster's init step).
+        #[arg(long, required = true)]
+        out: Vec<PathBuf>,
     },
     /// A server certificate for the brokers' TLS listener, valid for each
     /// `--name` (host name or IP address), signed by the CA in `--dir`
@@ -259,6 +267,43 @@ enum TlsCmd {
         #[arg(long = "name", required = true)]
         names: Vec<String>,
     },
+}
+
+/// A broker listening on every interface (`0.0.0.0`, as in a container)
+/// with no advertised URLs advertises the address it reaches the metadata
+/// service from — its own address on the cluster's network — so that each
+/// replica of a scaled-out broker service names itself.
+fn advertise_own_address(
+    cfg: &mut magnetar_broker::BrokerConfig,
+    metadata: &[std::net::SocketAddr],
+) -> anyhow::Result<()> {
+    let Some(peer) = metadata.first() else {
+        return Ok(());
+    };
+    let own = || -> anyhow::Result<std::net::IpAddr> {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        s.connect(peer)?; // no packet is sent
+        Ok(s.local_addr()?.ip())
+    };
+    if cfg.advertised_url.is_none() && cfg.listen.ip().is_unspecified() {
+        let ip = own()?;
+        cfg.advertised_url = Some(format!(
+            "pulsar://{}",
+            std::net::SocketAddr::new(ip, cfg.listen.port())
+        ));
+        if cfg.advertised_http_url.is_none() && cfg.http_addr().ip().is_unspecified() {
+            let http = std::net::SocketAddr::new(ip, cfg.http_addr().port());
+            cfg.advertised_http_url = Some(format!("http://{http}"));
+        }
+        if let Some(tls) = cfg.tls_listen.filter(|a| a.ip().is_unspecified()) {
+            if cfg.advertised_tls_url.is_none() {
+                let tls = std::net::SocketAddr::new(ip, tls.port());
+                cfg.advertised_tls_url = Some(format!("pulsar+ssl://{tls}"));
+            }
+        }
+        tracing::info!(url = ?cfg.advertised_url, "advertising this host's address");
+    }
+    Ok(())
 }
 
 /// Waits for Ctrl-C or SIGTERM.
@@ -357,7 +402,10 @@ async fn main() -> anyhow::Result<()> {
             s.shutdown().await;
         }
         Cmd::Metadata { config } => {
-            let f = config::load::<magnetar_metadata::MetadataConfig>(&config, false)?;
+            let mut f = config::load::<magnetar_metadata::MetadataConfig>(&config, false)?;
+            if f.role.node_id == 0 {
+                f.role.node_id = config::node_id_from_hostname()?;
+            }
             magnetar_broker::metrics::install();
             let http_addr = f.role.http_addr();
             let node = magnetar_metadata::MetadataNode::start(f.role, &f.tls)
@@ -389,7 +437,8 @@ async fn main() -> anyhow::Result<()> {
             bookie.shutdown().await;
         }
         Cmd::Broker { config } => {
-            let f = config::load::<magnetar_broker::BrokerConfig>(&config, true)?;
+            let mut f = config::load::<magnetar_broker::BrokerConfig>(&config, true)?;
+            advertise_own_address(&mut f.role, &f.metadata)?;
             let metadata = metadata_client(&f.tls, f.metadata)?;
             magnetar_broker::Broker::create_namespace(
                 &metadata,
@@ -413,8 +462,26 @@ async fn main() -> anyhow::Result<()> {
             cmd: TlsCmd::Issue { ca_dir, out },
         } => {
             magnetar_proto::tls::TlsMaterial::ensure_ca(&ca_dir)?;
-            magnetar_proto::tls::TlsMaterial::issue(&ca_dir, &out)?;
-            println!("{}", out.display());
+            for out in out {
+                magnetar_proto::tls::TlsMaterial::issue(&ca_dir, &out)?;
+                println!("{}", out.display());
+            }
+        }
+        Cmd::Health { url, timeout_secs } => {
+            // For container health checks: images have no curl.
+            let res = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(timeout_secs))
+                .send()
+                .await;
+            match res {
+                Ok(r) if r.status().is_success() => println!("ok"),
+                Ok(r) => {
+                    let status = r.status();
+                    anyhow::bail!("{url}: {status}: {}", r.text().await.unwrap_or_default())
+                }
+                Err(e) => anyhow::bail!("{url}: {e}"),
+            }
         }
         Cmd::Produce {
             topic,

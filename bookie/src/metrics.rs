@@ -10,6 +10,8 @@ pub const JOURNAL_GROUP_BYTES: &str = "magnetar_bookie_journal_group_bytes";
 /// Entries moved from the journal into entry logs by checkpoints, and how
 /// long each checkpoint took.
 pub const CHECKPOINT_ENTRIES: &str = "magnetar_bookie_checkpoint_entries_total";
+/// Bytes checkpoints wrote into entry logs.
+pub const CHECKPOINT_BYTES: &str = "magnetar_bookie_checkpoint_bytes_total";
 pub const CHECKPOINT_DURATION: &str = "magnetar_bookie_checkpoint_seconds";
 /// Fraction of the data directory's file system in use (label `bookie`).
 pub const DISK_USAGE: &str = "magnetar_bookie_disk_usage_ratio";
@@ -30,6 +32,7 @@ pub fn register_bookie(addr: &str) {
     let _ = metrics::histogram!(JOURNAL_GROUP_BYTES);
     let _ = metrics::histogram!(CHECKPOINT_DURATION);
     metrics::counter!(CHECKPOINT_ENTRIES).increment(0);
+    metrics::counter!(CHECKPOINT_BYTES).increment(0);
     metrics::gauge!(READ_ONLY, "bookie" => addr.to_string()).set(0.0);
 }
 

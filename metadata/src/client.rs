@@ -118,7 +118,9 @@ impl MetadataClient {
             let addr = self.target();
             match self.rpc.call::<_, MetaResponse>(addr, req).await {
                 Ok(MetaResponse::Error(MetaError::NotLeader { leader })) => {
-                    let l = leader.and_then(|l| l.parse().ok()).filter(|l| *l != addr);
+                    let l = leader
+                        .and_then(|l| magnetar_proto::resolve::socket_addr(&l))
+                        .filter(|l| *l != addr);
                     last_err = format!("{addr} is not the leader");
                     if l.is_none() {
                         self.failed(addr);
@@ -134,7 +136,7 @@ impl MetadataClient {
                 }
                 Ok(MetaResponse::Error(e)) => return Err(MetadataError::Server(e)),
                 Ok(MetaResponse::Forwarded { leader, response }) => {
-                    self.set_leader(leader.parse().ok());
+                    self.set_leader(magnetar_proto::resolve::socket_addr(&leader));
                     return match *response {
                         MetaResponse::Error(e) => Err(MetadataError::Server(e)),
                         r => Ok(r),

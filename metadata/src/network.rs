@@ -85,8 +85,11 @@ impl Peer {
                 self.target
             )))));
         }
-        let addr = self.addr.parse().map_err(|_| {
-            RPCError::Unreachable(Unreachable::new(&Msg(format!("bad address {}", self.addr))))
+        let addr = magnetar_proto::resolve::socket_addr(&self.addr).ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                "address {} does not resolve",
+                self.addr
+            ))))
         })?;
         let body = bincode::serialize(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))?;

@@ -28,6 +28,9 @@ use crate::TypeConfig;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataConfig {
+    /// This node's id (≥ 1). `magnetar metadata` takes 0 (or none) to mean
+    /// "from the host name": `<name>-<n>` (a StatefulSet pod) is node n + 1.
+    #[serde(default)]
     pub node_id: u64,
     pub listen: SocketAddr,
     /// HTTP listener of `magnetar metadata`: `/metrics`, `/ready`, `/live`
@@ -283,10 +286,10 @@ impl MetadataNode {
                 .filter(|(id, _)| !agreed.contains(id))
                 .collect();
             for (id, addr) in pending {
-                let Ok(sock) = addr.parse::<SocketAddr>() else {
-                    return Err(StartError::Config(format!(
-                        "member {id} has an invalid address {addr:?}"
-                    )));
+                let Some(sock) = magnetar_proto::resolve::socket_addr(addr) else {
+                    // A name not resolvable yet (a pod not scheduled): later.
+                    tracing::debug!(member = id, %addr, "member address does not resolve yet");
+                    continue;
                 };
                 let req = MetaRequest::CheckMembers {
                     members: members.to_vec(),
@@ -530,7 +533,7 @@ impl MetadataNode {
     /// Passes a request on to the leader and returns its answer, tagged with
     /// the leader's address so the client can go there directly next time.
     async fn forward(&self, leader: u64, addr: String, req: MetaRequest) -> MetaResponse {
-        let Ok(sock) = addr.parse::<SocketAddr>() else {
+        let Some(sock) = magnetar_proto::resolve::socket_addr(&addr) else {
             return self.not_leader();
         };
         if self.blocked.contains(leader) {
@@ -733,8 +736,10 @@ impl MetadataNode {
     /// voter. Adding a node that already votes is a no-op.
     async fn add_node(&self, id: u64, addr: String) -> Result<MetaResponse, MetaResponse> {
         let refuse = |why: String| MetaResponse::Error(MetaError::Membership(why));
-        if addr.parse::<SocketAddr>().is_err() {
-            return Err(refuse(format!("{addr:?} is not a socket address")));
+        if magnetar_proto::resolve::socket_addr(&addr).is_none() {
+            return Err(refuse(format!(
+                "{addr:?} is not a socket address or a name that resolves"
+            )));
         }
         let voters: BTreeSet<u64> = {
             let m = self.raft.metrics();

@@ -9,6 +9,7 @@ pub mod frame;
 pub mod hash;
 pub mod ledger;
 pub mod metadata_api;
+pub mod resolve;
 pub mod rpc;
 pub mod shared_bytes;
 pub mod tls;

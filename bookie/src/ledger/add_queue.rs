@@ -92,9 +92,11 @@ impl AddQueues {
     }
 
     fn start(&self, bookie: &str) -> Result<mpsc::UnboundedSender<Queued>, LedgerError> {
-        let addr: SocketAddr = bookie.parse().map_err(|_| LedgerError::Unreachable {
-            bookie: bookie.into(),
-            reason: "bad address".into(),
+        let addr: SocketAddr = magnetar_proto::resolve::socket_addr(bookie).ok_or_else(|| {
+            LedgerError::Unreachable {
+                bookie: bookie.into(),
+                reason: "address does not resolve".into(),
+            }
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(self.rpc.clone(), bookie.to_string(), addr, rx));

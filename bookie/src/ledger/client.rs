@@ -90,9 +90,11 @@ impl LedgerClient {
         bookie: &str,
         req: &BookieRequest,
     ) -> Result<BookieResponse, LedgerError> {
-        let addr: SocketAddr = bookie.parse().map_err(|_| LedgerError::Unreachable {
-            bookie: bookie.into(),
-            reason: "bad address".into(),
+        let addr: SocketAddr = magnetar_proto::resolve::socket_addr(bookie).ok_or_else(|| {
+            LedgerError::Unreachable {
+                bookie: bookie.into(),
+                reason: "address does not resolve".into(),
+            }
         })?;
         match rpc.call::<_, BookieResponse>(addr, req).await {
             Ok(BookieResponse::Error(code)) => Err(LedgerError::Bookie {

@@ -188,6 +188,9 @@ pub(super) fn move_to_entry_log(
     }
     let started = std::time::Instant::now();
     let runs = write_entry_log(dir, log_id, moving, pace, cache, buffers)?;
+    if let Ok(m) = std::fs::metadata(segment_path(dir, log_id)) {
+        metrics::counter!(crate::metrics::CHECKPOINT_BYTES).increment(m.len());
+    }
     tracing::debug!(
         adds = moving.len(),
         runs = runs.len(),
