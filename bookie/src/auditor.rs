@@ -99,7 +99,7 @@ async fn registered(metadata: &MetadataClient) -> Result<BTreeSet<String>, Ledge
 /// `lease` (the bookie's registration lease) and audits while it holds it.
 pub async fn run(
     me: String,
-    lease: u64,
+    lease: std::sync::Arc<std::sync::atomic::AtomicU64>,
     metadata: MetadataClient,
     ledgers: LedgerClient,
     cfg: AuditorConfig,
@@ -115,7 +115,12 @@ pub async fn run(
                 continue;
             }
             Ok(None) => match metadata
-                .cas(AUDITOR_KEY, 0, me.clone().into_bytes(), Some(lease))
+                .cas(
+                    AUDITOR_KEY,
+                    0,
+                    me.clone().into_bytes(),
+                    Some(lease.load(std::sync::atomic::Ordering::SeqCst)),
+                )
                 .await
             {
                 Ok(true) => tracing::info!(auditor = %me, "elected auditor"),

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -224,7 +224,10 @@ pub struct Bookie {
     pub storage: Storage,
     endpoint: quinn::Endpoint,
     addr: String,
-    lease: Mutex<Option<Lease>>,
+    /// The registration lease, replaced when it is lost (see
+    /// `keep_registered`).
+    lease: Arc<Mutex<Option<Lease>>>,
+    registrar: tokio::task::JoinHandle<()>,
     task: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
     gc: tokio::task::JoinHandle<()>,
@@ -280,6 +283,8 @@ impl Bookie {
             writable: true,
         };
         register(metadata, &info, lease.id).await?;
+        let lease_id = Arc::new(AtomicU64::new(lease.id));
+        let lease = Arc::new(Mutex::new(Some(lease)));
         crate::metrics::register_bookie(&addr);
         tracing::info!(addr = %addr, "bookie started and registered");
         let usage_override = Arc::new(Mutex::new(None));
@@ -290,7 +295,7 @@ impl Bookie {
             );
             tokio::spawn(crate::auditor::run(
                 addr.clone(),
-                lease.id,
+                lease_id.clone(),
                 metadata.clone(),
                 ledgers,
                 crate::auditor::AuditorConfig {
@@ -309,10 +314,18 @@ impl Bookie {
             journal.clone(),
             Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
         ));
+        let registrar = tokio::spawn(keep_registered(
+            metadata.clone(),
+            cfg.registration_ttl_ms,
+            info.clone(),
+            read_only.clone(),
+            lease.clone(),
+            lease_id.clone(),
+        ));
         let monitor = tokio::spawn(disk_monitor(
             cfg.clone(),
             info,
-            lease.id,
+            lease_id,
             metadata.clone(),
             read_only.clone(),
             usage_override.clone(),
@@ -322,7 +335,8 @@ impl Bookie {
             storage: journal,
             endpoint,
             addr,
-            lease: Mutex::new(Some(lease)),
+            lease,
+            registrar,
             task,
             monitor,
             gc,
@@ -350,6 +364,15 @@ impl Bookie {
         }
     }
 
+    /// The id of the registration lease held now.
+    pub fn lease_id(&self) -> Option<u64> {
+        self.lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| l.id)
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
     }
@@ -368,6 +391,7 @@ impl Bookie {
     }
 
     pub async fn shutdown(&self) {
+        self.registrar.abort();
         self.task.abort();
         self.monitor.abort();
         self.gc.abort();
@@ -379,6 +403,60 @@ impl Bookie {
         self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
             .await;
+    }
+}
+
+/// When the registration lease is lost (the bookie was cut off from the
+/// metadata service for longer than its TTL, or paused), takes a new one and
+/// registers again — with its current writable state — so that writers
+/// place ledgers on it again and its auditor campaigns under a live lease.
+async fn keep_registered(
+    metadata: MetadataClient,
+    ttl_ms: u64,
+    mut info: BookieInfo,
+    read_only: Arc<AtomicBool>,
+    slot: Arc<Mutex<Option<Lease>>>,
+    lease_id: Arc<AtomicU64>,
+) {
+    loop {
+        let lost = slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| l.lost.clone());
+        let Some(mut lost) = lost else { return };
+        while !*lost.borrow_and_update() {
+            if lost.changed().await.is_err() {
+                break;
+            }
+        }
+        tracing::warn!(addr = %info.addr, "registration lease lost; registering again");
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            info.writable = !read_only.load(Ordering::Relaxed);
+            let res = async {
+                let lease = metadata
+                    .grant_lease(ttl_ms)
+                    .await
+                    .map_err(|e| BookieError::Registration(e.to_string()))?;
+                register(&metadata, &info, lease.id).await?;
+                Ok::<Lease, BookieError>(lease)
+            }
+            .await;
+            match res {
+                Ok(lease) => {
+                    tracing::info!(addr = %info.addr, lease = lease.id, "registered again");
+                    lease_id.store(lease.id, Ordering::SeqCst);
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "registering again failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 }
 
@@ -493,7 +571,7 @@ async fn gc_loop(journal: Storage, metadata: MetadataClient, every: Duration, mi
 async fn disk_monitor(
     cfg: BookieConfig,
     mut info: BookieInfo,
-    lease: u64,
+    lease: Arc<AtomicU64>,
     metadata: MetadataClient,
     read_only: Arc<AtomicBool>,
     usage_override: Arc<Mutex<Option<f64>>>,
@@ -544,7 +622,7 @@ async fn disk_monitor(
             }
             metrics::gauge!(crate::metrics::READ_ONLY, "bookie" => info.addr.clone())
                 .set(if now_ro { 1.0 } else { 0.0 });
-            if let Err(e) = register(&metadata, &info, lease).await {
+            if let Err(e) = register(&metadata, &info, lease.load(Ordering::SeqCst)).await {
                 // Retried on the next tick: `info.writable` disagrees with the state until then.
                 info.writable = now_ro;
                 tracing::warn!(error = %e, "could not update the registration");

@@ -63,6 +63,11 @@ impl Compose {
         format!("{}_{service}_{n}", self.project)
     }
 
+    /// Metadata node or bookie `n` (a service each: `bookie-2`, …).
+    fn member(&self, role: &str, n: usize) -> String {
+        self.container(&format!("{role}-{n}"), 1)
+    }
+
     fn network(&self) -> String {
         format!("{}_magnetar", self.project)
     }
@@ -227,8 +232,26 @@ async fn compose_cluster_loses_nothing_under_faults() {
         .output();
     c.compose(&["up", "-d"]);
     c.wait_healthy(Duration::from_secs(180));
-    let url = "pulsar://127.0.0.1:6650,127.0.0.1:6651";
-    let client = Client::builder(url)
+    // Each broker by its published port and by its address on the compose
+    // network (a multi-host URL tries the next when one is down).
+    let mut hosts = Vec::new();
+    for n in 1..=2 {
+        let b = c.container("broker", n);
+        let port = c.docker(&["port", &b, "6650/tcp"]);
+        if let Some(p) = port.lines().next().and_then(|l| l.rsplit(':').next()) {
+            hosts.push(format!("127.0.0.1:{}", p.trim()));
+        }
+        let ip = c.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &b,
+        ]);
+        hosts.push(format!("{}:6650", ip.trim()));
+    }
+    let url = format!("pulsar://{}", hosts.join(","));
+    println!("service URL {url}");
+    let client = Client::builder(&url)
         .operation_timeout(Duration::from_secs(60))
         .build()
         .await
@@ -276,7 +299,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
                 format!("pause {b} for 8 s (lease 5 s)")
             }
             "kill-bookie" => {
-                let b = c.container("bookie", 1 + k % 3);
+                let b = c.member("bookie", 1 + k % 3);
                 c.docker(&["kill", "-s", "KILL", &b]);
                 w.run_for(Duration::from_secs(5)).await;
                 c.docker(&["start", &b]);
@@ -284,7 +307,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
             }
             "partition-bookie" => {
                 let n = 1 + k % 3;
-                let b = c.container("bookie", n);
+                let b = c.member("bookie", n);
                 c.docker(&["network", "disconnect", &c.network(), &b]);
                 w.run_for(Duration::from_secs(10)).await;
                 let ip = format!("172.28.0.2{n}");
@@ -293,7 +316,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
             }
             "kill-metadata-leader" => {
                 let n = c.metadata_leader().await.unwrap_or(1);
-                let m = c.container("metadata", n);
+                let m = c.member("metadata", n);
                 c.docker(&["kill", "-s", "KILL", &m]);
                 w.run_for(Duration::from_secs(5)).await;
                 c.docker(&["start", &m]);
@@ -325,7 +348,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
             }
             _ => {
                 let b = c.container("broker", victim);
-                let k2 = c.container("bookie", 1 + k % 3);
+                let k2 = c.member("bookie", 1 + k % 3);
                 c.docker(&["kill", "-s", "KILL", &b, &k2]);
                 w.run_for(Duration::from_secs(5)).await;
                 c.docker(&["start", &b, &k2]);
