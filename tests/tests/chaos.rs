@@ -263,8 +263,9 @@ async fn compose_cluster_loses_nothing_under_faults() {
     let probe = Probe::start(&client, &topics).await;
     let started = Instant::now();
     let mut faults: Vec<Injected> = Vec::new();
-    // A fixed rotation of faults, started at a seed-chosen place; each
-    // fault gets a share of the duration: break, keep writing, heal, settle.
+    // Faults drawn at random from the seed (the same seed, the same run),
+    // each kind once before any repeats; each gets a share of the
+    // duration: break, keep writing, heal, settle.
     let schedule = [
         "kill-broker",
         "pause-broker",
@@ -277,10 +278,22 @@ async fn compose_cluster_loses_nothing_under_faults() {
         "kill-broker-and-bookie",
     ];
     let slot = (duration / schedule.len() as u32).max(Duration::from_secs(20));
-    let mut k = seed as usize;
+    let mut rng = seed.max(1);
+    let mut draw = move || {
+        // xorshift64
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng as usize
+    };
+    let mut bag: Vec<&str> = Vec::new();
+    let mut k = 0usize;
     while started.elapsed() + slot <= duration + Duration::from_secs(5) {
-        let fault = schedule[k % schedule.len()];
-        k += 1;
+        if bag.is_empty() {
+            bag = schedule.to_vec();
+        }
+        let fault = bag.swap_remove(draw() % bag.len());
+        k = k.wrapping_add(draw());
         let victim = 1 + (k % 2);
         let at = started.elapsed();
         let what = match fault {
