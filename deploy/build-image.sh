@@ -17,8 +17,12 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--debug] [--tag TAG]" >&2; exit 2 ;;
   esac
 done
-bin="${MAGNETAR_BIN:-${CARGO_TARGET_DIR:-target}/$profile/magnetar}"
-if [ ! -x "$bin" ]; then
+if [ -n "${MAGNETAR_BIN:-}" ]; then
+  bin="$MAGNETAR_BIN"
+else
+  # Always through cargo (a no-op when fresh): an image of a stale binary
+  # would test yesterday's code.
+  bin="${CARGO_TARGET_DIR:-target}/$profile/magnetar"
   if [ "$profile" = release ]; then cargo build --release --bin magnetar; else cargo build --bin magnetar; fi
 fi
 ctx=$(mktemp -d)
