@@ -50,6 +50,17 @@ pub struct BookieConfig {
     /// Usage below which a read-only bookie becomes writable again.
     #[serde(default = "default_low_watermark")]
     pub disk_low_watermark: f64,
+    /// On a large disk a ratio alone is too coarse (5 % of 2 TB is 100 GB
+    /// left unused): the high watermark is reached only once free space
+    /// is also below this many bytes (0: the ratio alone decides). Like
+    /// Elasticsearch's `watermark.flood_stage.max_headroom`.
+    #[serde(default = "default_high_max_headroom")]
+    pub disk_high_max_headroom_bytes: u64,
+    /// The low watermark's cap: a read-only bookie is writable again when
+    /// its usage is below `disk_low_watermark` or its free space is at
+    /// least this many bytes (0: the ratio alone decides).
+    #[serde(default = "default_low_max_headroom")]
+    pub disk_low_max_headroom_bytes: u64,
     #[serde(default = "default_disk_check_interval_ms")]
     pub disk_check_interval_ms: u64,
     /// Take part in auto-recovery: one bookie of the cluster is elected
@@ -127,6 +138,14 @@ fn default_low_watermark() -> f64 {
     0.90
 }
 
+fn default_high_max_headroom() -> u64 {
+    2 << 30
+}
+
+fn default_low_max_headroom() -> u64 {
+    4 << 30
+}
+
 fn default_disk_check_interval_ms() -> u64 {
     2_000
 }
@@ -148,6 +167,8 @@ impl BookieConfig {
             registration_ttl_ms: default_registration_ttl_ms(),
             disk_high_watermark: default_high_watermark(),
             disk_low_watermark: default_low_watermark(),
+            disk_high_max_headroom_bytes: default_high_max_headroom(),
+            disk_low_max_headroom_bytes: default_low_max_headroom(),
             disk_check_interval_ms: default_disk_check_interval_ms(),
             auditor: true,
             auditor_grace_ms: default_auditor_grace_ms(),
@@ -162,13 +183,38 @@ impl BookieConfig {
 }
 
 /// Fraction of the filesystem holding `path` that is in use.
-fn disk_usage(path: &Path) -> std::io::Result<f64> {
+/// The data dir's filesystem: the fraction used and the bytes free (to
+/// unprivileged writers, as `df` counts them).
+#[derive(Debug, Clone, Copy)]
+struct DiskSpace {
+    usage: f64,
+    /// Unknown when a test forces the usage: the ratio alone decides.
+    free: Option<u64>,
+}
+
+fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let total = st.blocks() as f64;
     if total <= 0.0 {
-        return Ok(0.0);
+        return Ok(DiskSpace {
+            usage: 0.0,
+            free: None,
+        });
     }
-    Ok(1.0 - st.blocks_available() as f64 / total)
+    Ok(DiskSpace {
+        usage: 1.0 - st.blocks_available() as f64 / total,
+        free: Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64)),
+    })
+}
+
+/// Whether a disk is past a watermark: its usage at or above `ratio`, and,
+/// with a headroom cap (non-zero), its free space also below the cap.
+fn past_watermark(space: DiskSpace, ratio: f64, max_headroom: u64) -> bool {
+    space.usage >= ratio
+        && match space.free {
+            Some(free) if max_headroom > 0 => free < max_headroom,
+            _ => true,
+        }
 }
 
 /// A bookie keeps two files open per entry log (the log and its index)
@@ -259,6 +305,15 @@ impl Bookie {
             return Err(BookieError::Config(format!(
                 "disk watermarks must satisfy 0 < low ({}) <= high ({})",
                 cfg.disk_low_watermark, cfg.disk_high_watermark
+            )));
+        }
+        if cfg.disk_high_max_headroom_bytes > 0
+            && cfg.disk_low_max_headroom_bytes > 0
+            && cfg.disk_low_max_headroom_bytes < cfg.disk_high_max_headroom_bytes
+        {
+            return Err(BookieError::Config(format!(
+                "disk headrooms must satisfy low ({}) >= high ({}) (0 turns one off)",
+                cfg.disk_low_max_headroom_bytes, cfg.disk_high_max_headroom_bytes
             )));
         }
         let served = journal.clone();
@@ -581,10 +636,10 @@ async fn disk_monitor(
     loop {
         tick.tick().await;
         let forced = *usage_override.lock().unwrap_or_else(|e| e.into_inner());
-        let usage = match forced {
-            Some(u) => u,
-            None => match disk_usage(&cfg.data_dir) {
-                Ok(u) => u,
+        let space = match forced {
+            Some(usage) => DiskSpace { usage, free: None },
+            None => match disk_space(&cfg.data_dir) {
+                Ok(space) => space,
                 Err(e) => {
                     tracing::warn!(error = %e, dir = %cfg.data_dir.display(), "cannot read disk usage");
                     continue;
@@ -593,12 +648,21 @@ async fn disk_monitor(
         };
         let ro = read_only.load(Ordering::Relaxed);
         let broken = journal.is_broken();
+        let usage = space.usage;
         metrics::gauge!(crate::metrics::DISK_USAGE, "bookie" => info.addr.clone()).set(usage);
         let now_ro = broken
             || if ro {
-                usage >= cfg.disk_low_watermark
+                past_watermark(
+                    space,
+                    cfg.disk_low_watermark,
+                    cfg.disk_low_max_headroom_bytes,
+                )
             } else {
-                usage >= cfg.disk_high_watermark
+                past_watermark(
+                    space,
+                    cfg.disk_high_watermark,
+                    cfg.disk_high_max_headroom_bytes,
+                )
             };
         if now_ro != ro || info.writable == now_ro {
             read_only.store(now_ro, Ordering::Relaxed);
@@ -610,6 +674,7 @@ async fn disk_monitor(
             } else if now_ro != ro {
                 tracing::warn!(
                     usage = format!("{:.1} %", usage * 100.0),
+                    free_bytes = space.free,
                     high = cfg.disk_high_watermark,
                     low = cfg.disk_low_watermark,
                     "bookie is now {}",
@@ -741,4 +806,39 @@ pub async fn handle(
         },
     };
     res.unwrap_or_else(BookieResponse::Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{past_watermark, DiskSpace};
+
+    const GIB: u64 = 1 << 30;
+
+    fn disk(usage: f64, free: u64) -> DiskSpace {
+        DiskSpace {
+            usage,
+            free: Some(free),
+        }
+    }
+
+    #[test]
+    fn a_large_disk_is_full_only_once_its_free_space_is_under_the_headroom() {
+        // 252 GB at 96 %: 10 GB free is plenty.
+        assert!(!past_watermark(disk(0.96, 10 * GIB), 0.95, 2 * GIB));
+        assert!(past_watermark(disk(0.995, GIB), 0.95, 2 * GIB));
+        // Under the ratio, free space does not matter.
+        assert!(!past_watermark(disk(0.5, 0), 0.95, 2 * GIB));
+    }
+
+    #[test]
+    fn a_small_disk_or_no_cap_leaves_the_ratio_alone_to_decide() {
+        // 20 GB at 96 %: 800 MB free is under the cap.
+        assert!(past_watermark(disk(0.96, 800 << 20), 0.95, 2 * GIB));
+        assert!(past_watermark(disk(0.96, 10 * GIB), 0.95, 0));
+        let forced = DiskSpace {
+            usage: 0.97,
+            free: None,
+        };
+        assert!(past_watermark(forced, 0.95, 2 * GIB));
+    }
 }
