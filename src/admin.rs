@@ -302,6 +302,16 @@ enum MetadataCmd {
 enum BookiesCmd {
     /// A line per registered bookie: address, rack, writable.
     List,
+    /// Retires a bookie that is stopped for good or lost its disk: copies
+    /// every entry it held (closed ledgers at once, open ones once their
+    /// writers close them), then frees its address for a new bookie.
+    Decommission {
+        /// The bookie's address as ledgers name it (`host:port`).
+        addr: String,
+        /// Give up after this many seconds (run it again to go on).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 /// `GET` or `PUT` `path` on the broker; the body of a success, the
@@ -787,6 +797,25 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     Err(e) => emit!("{} unreadable registration: {e}", kv.key),
                 }
             }
+        }
+        AdminCmd::Bookies {
+            cmd: BookiesCmd::Decommission { addr, timeout_secs },
+        } => {
+            let mut last = None;
+            magnetar_bookie::auditor::decommission(
+                &client,
+                &addr,
+                std::time::Duration::from_secs(timeout_secs),
+                |n, open| {
+                    if last != Some((n, open)) {
+                        last = Some((n, open));
+                        eprintln!("{n} ledgers still name {addr} ({open} open)");
+                    }
+                },
+            )
+            .await
+            .with_context(|| format!("decommissioning {addr}"))?;
+            emit!("{addr} decommissioned: no ledger names it; its address is free");
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use magnetar_metadata::MetadataClient;
 
+use crate::identity::DECOMMISSIONING_PREFIX;
 use crate::ledger::{LedgerClient, LedgerError, LedgerMetadata, LedgerState};
 use crate::registry::{BookieInfo, AUDITOR_KEY, BOOKIES_PREFIX, LEDGERS_PREFIX};
 
@@ -85,6 +86,68 @@ pub async fn under_replicated(
     Ok(out)
 }
 
+/// Bookies an operator is decommissioning: copied at once, no grace.
+async fn decommissioning(metadata: &MetadataClient) -> Result<BTreeSet<String>, LedgerError> {
+    Ok(metadata
+        .range_keys(DECOMMISSIONING_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(DECOMMISSIONING_PREFIX).map(String::from))
+        .collect())
+}
+
+/// Decommissions the bookie at `addr` (stopped for good, or its disk lost):
+/// the auditor copies every entry it held in closed ledgers at once; once
+/// no ledger names it, its identity is dropped and the address is free for
+/// a new bookie. `progress` hears how many ledgers still name it (open ones
+/// wait for their writers to close them, at a roll-over or an unload).
+pub async fn decommission(
+    metadata: &MetadataClient,
+    addr: &str,
+    within: Duration,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), LedgerError> {
+    use crate::identity::COOKIES_PREFIX;
+    if registered(metadata).await?.contains(addr) {
+        return Err(LedgerError::Metadata(format!(
+            "the bookie at {addr} is running: stop it before decommissioning it"
+        )));
+    }
+    let marker = format!("{DECOMMISSIONING_PREFIX}{addr}");
+    metadata.put(&marker, Vec::new()).await?;
+    let deadline = Instant::now() + within;
+    loop {
+        if registered(metadata).await?.contains(addr) {
+            return Err(LedgerError::Metadata(format!(
+                "the bookie at {addr} registered again: decommissioning stopped"
+            )));
+        }
+        let naming: Vec<UnderReplicated> = under_replicated(metadata)
+            .await?
+            .into_iter()
+            .filter(|u| u.missing.iter().any(|b| b == addr))
+            .collect();
+        if naming.is_empty() {
+            break;
+        }
+        let open = naming
+            .iter()
+            .filter(|u| u.state != LedgerState::Closed)
+            .count();
+        progress(naming.len(), open);
+        if Instant::now() >= deadline {
+            return Err(LedgerError::Metadata(format!(
+                "{} ledgers still name {addr} ({open} open); run the command again to go on",
+                naming.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    metadata.delete(&format!("{COOKIES_PREFIX}{addr}")).await?;
+    metadata.delete(&marker).await?;
+    Ok(())
+}
+
 async fn registered(metadata: &MetadataClient) -> Result<BTreeSet<String>, LedgerError> {
     Ok(metadata
         .range(BOOKIES_PREFIX, 0)
@@ -147,10 +210,12 @@ async fn audit_once(
     let now = Instant::now();
     let one_gone = audit.seen.iter().any(|b| !alive.contains(b));
     audit.seen = alive;
+    let decommissioning = decommissioning(metadata).await?;
     let due = audit
         .since_scan
         .is_none_or(|n| n + 1 >= FULL_SCAN_EVERY_ROUNDS);
-    if !(due || one_gone || !audit.missing_since.is_empty()) {
+    let busy = !audit.missing_since.is_empty() || !decommissioning.is_empty();
+    if !(due || one_gone || busy) {
         audit.since_scan = audit.since_scan.map(|n| n + 1);
         return Ok(());
     }
@@ -172,9 +237,10 @@ async fn audit_once(
             .missing
             .iter()
             .filter(|b| {
-                missing_since
-                    .get(*b)
-                    .is_some_and(|t| t.elapsed() >= cfg.grace)
+                decommissioning.contains(*b)
+                    || missing_since
+                        .get(*b)
+                        .is_some_and(|t| t.elapsed() >= cfg.grace)
             })
             .cloned()
             .collect();

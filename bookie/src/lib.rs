@@ -5,6 +5,7 @@
 //! It must not know about topics: a ledger is an ordered list of byte entries.
 
 pub mod auditor;
+pub mod identity;
 pub mod ledger;
 pub mod metrics;
 pub mod registry;
@@ -13,4 +14,4 @@ pub mod storage;
 
 pub use ledger::{LedgerClient, LedgerError, LedgerMetadata, LedgerState, LedgerWriter};
 pub use registry::BookieInfo;
-pub use server::{Bookie, BookieConfig};
+pub use server::{Bookie, BookieConfig, BookieError};

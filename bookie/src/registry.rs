@@ -9,6 +9,9 @@
 //! - `/ledger-ids/next` — written unconditionally; its revision is the next
 //!   ledger id.
 //! - `/auditor/leader` — the elected auditor's bookie, ephemeral.
+//! - `/bookies/cookies/<addr>` — the identity of the bookie at an address
+//!   (`identity.rs`), persistent until it is decommissioned.
+//! - `/bookies/decommissioning/<addr>` — bookies being decommissioned.
 
 use serde::{Deserialize, Serialize};
 

@@ -264,6 +264,8 @@ pub enum BookieError {
     Registration(String),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("bookie identity: {0}")]
+    Identity(String),
 }
 
 pub struct Bookie {
@@ -282,6 +284,7 @@ pub struct Bookie {
     read_only: Arc<AtomicBool>,
     /// Fault injection for tests: the disk usage the monitor sees.
     usage_override: Arc<Mutex<Option<f64>>>,
+    data_dir: PathBuf,
 }
 
 impl Bookie {
@@ -315,6 +318,18 @@ impl Bookie {
                 "disk headrooms must satisfy low ({}) >= high ({}) (0 turns one off)",
                 cfg.disk_low_max_headroom_bytes, cfg.disk_high_max_headroom_bytes
             )));
+        }
+        let data_dir = cfg.data_dir.clone();
+        match crate::identity::check(metadata, &addr, &cfg.data_dir).await? {
+            crate::identity::Identity::New(id) => {
+                tracing::info!(addr = %addr, instance = %id, "a new bookie: identity recorded")
+            }
+            crate::identity::Identity::Claimed(id) => {
+                tracing::info!(addr = %addr, instance = %id, "the address takes this data dir's identity")
+            }
+            crate::identity::Identity::Known(id) => {
+                tracing::debug!(addr = %addr, instance = %id, "identity checked")
+            }
         }
         let served = journal.clone();
         let read_only = Arc::new(AtomicBool::new(false));
@@ -399,10 +414,10 @@ impl Bookie {
             auditor,
             read_only,
             usage_override,
+            data_dir,
         }))
     }
 
-    /// Whether the bookie refuses new adds (disk above the high watermark).
     /// Whether the bookie can take writes: registered on a live lease, its
     /// journal sound, its disk under the watermark.
     pub fn is_ready(&self) -> Result<(), String> {
@@ -443,6 +458,11 @@ impl Bookie {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Where it keeps its data.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub async fn shutdown(&self) {

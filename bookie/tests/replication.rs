@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use magnetar_bookie::registry::BOOKIES_PREFIX;
 use magnetar_bookie::{
-    Bookie, BookieConfig, BookieInfo, LedgerClient, LedgerError, LedgerState, LedgerWriter,
+    Bookie, BookieConfig, BookieError, BookieInfo, LedgerClient, LedgerError, LedgerState,
+    LedgerWriter,
 };
 use magnetar_metadata::{MetadataClient, MetadataConfig, MetadataNode};
 use magnetar_proto::ledger::{
@@ -1188,5 +1189,79 @@ async fn a_journal_that_fails_a_write_turns_its_bookie_read_only() {
         w.add(payload(0)).await.unwrap();
         w.close().await.unwrap();
     }
+    tier.shutdown().await;
+}
+
+/// A bookie that comes back at its address with an empty disk would answer
+/// "no such entry" for entries it was trusted with (and recovery counts such
+/// answers): it is refused until the address is decommissioned, which
+/// copies what it held at once — no grace period — and frees the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bookie_back_with_an_empty_disk_is_refused_until_decommissioned() {
+    let mut tier = Tier::start_tuned(&[None; 4], |c| c.auditor_grace_ms = 600_000).await;
+    let lc = tier.client();
+    let w = lc.create(3, 2, 2, BTreeMap::new()).await.unwrap();
+    for i in 0..100 {
+        w.add(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    let gone = meta.fragments[0].bookies[0].clone();
+    // A restart with its own disk is fine.
+    let old_dir = tier
+        .bookies
+        .iter()
+        .flatten()
+        .find(|b| b.addr() == gone)
+        .unwrap()
+        .data_dir()
+        .to_path_buf();
+    tier.stop_bookie(&gone).await;
+    let mut same = BookieConfig::new(gone.parse().unwrap(), old_dir);
+    same.registration_ttl_ms = 2_000;
+    let b = Bookie::start(same, &tier.tls, &tier.metadata)
+        .await
+        .unwrap();
+    b.shutdown().await;
+    drop(b);
+    // The aborted tasks let go of the socket as they unwind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The same address with a new, empty data dir.
+    let mut fresh = BookieConfig::new(gone.parse().unwrap(), tier._dir.path().join("new-disk"));
+    fresh.registration_ttl_ms = 2_000;
+    match Bookie::start(fresh.clone(), &tier.tls, &tier.metadata).await {
+        Err(BookieError::Identity(why)) => assert!(why.contains("decommission"), "{why}"),
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a bookie with an empty disk took over {gone}"),
+    }
+    // Decommissioning refuses while the old registration lives, then copies
+    // every entry at once (the grace period here is ten minutes).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        match magnetar_bookie::auditor::decommission(
+            &tier.metadata,
+            &gone,
+            Duration::from_secs(30),
+            |_, _| {},
+        )
+        .await
+        {
+            Ok(()) => break tokio::time::Instant::now(),
+            Err(e) if e.to_string().contains("is running") => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("decommission: {e}"),
+        }
+    };
+    assert!(started < deadline);
+    let (now, _) = lc.metadata(meta.ledger_id).await.unwrap();
+    assert!(now.fragments.iter().all(|f| !f.bookies.contains(&gone)));
+    tier.assert_on_write_quorum(&now, 0..100).await;
+    // The address is free: the new disk takes it.
+    let b = Bookie::start(fresh, &tier.tls, &tier.metadata)
+        .await
+        .unwrap();
+    tier.bookies.push(Some(b));
     tier.shutdown().await;
 }
