@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use magnetar_metadata::MetadataClient;
 
 use crate::identity::DECOMMISSIONING_PREFIX;
+use crate::ledger::replicate::holds_entries_on;
 use crate::ledger::{LedgerClient, LedgerError, LedgerMetadata, LedgerState};
 use crate::registry::{BookieInfo, AUDITOR_KEY, BOOKIES_PREFIX, LEDGERS_PREFIX};
 
@@ -58,7 +59,8 @@ pub struct UnderReplicated {
     pub missing: Vec<String>,
 }
 
-/// Every ledger whose fragments name a bookie that is not registered now.
+/// Every ledger with entries on a bookie that is not registered now (a
+/// fragment that names it but holds none of its entries does not count).
 pub async fn under_replicated(
     metadata: &MetadataClient,
 ) -> Result<Vec<UnderReplicated>, LedgerError> {
@@ -72,7 +74,7 @@ pub async fn under_replicated(
             .fragments
             .iter()
             .flat_map(|f| f.bookies.iter())
-            .filter(|b| !alive.contains(*b))
+            .filter(|b| !alive.contains(*b) && holds_entries_on(&meta, b))
             .cloned()
             .collect();
         if !missing.is_empty() {
@@ -96,7 +98,8 @@ async fn decommissioning(metadata: &MetadataClient) -> Result<BTreeSet<String>, 
         .collect())
 }
 
-/// Decommissions the bookie at `addr` (stopped for good, or its disk lost):
+/// Decommissions the bookie at `addr` (stopped for good, or its disk lost;
+/// a registration that is still live is given 30 s to expire):
 /// the auditor copies every entry it held in closed ledgers at once; once
 /// no ledger names it, its identity is dropped and the address is free for
 /// a new bookie. `progress` hears how many ledgers still name it (open ones
@@ -108,10 +111,16 @@ pub async fn decommission(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(), LedgerError> {
     use crate::identity::COOKIES_PREFIX;
-    if registered(metadata).await?.contains(addr) {
-        return Err(LedgerError::Metadata(format!(
-            "the bookie at {addr} is running: stop it before decommissioning it"
-        )));
+    // A bookie just stopped keeps its registration until its lease
+    // expires (10 s by default): wait that long, not more.
+    let stopped_by = Instant::now() + Duration::from_secs(30);
+    while registered(metadata).await?.contains(addr) {
+        if Instant::now() >= stopped_by {
+            return Err(LedgerError::Metadata(format!(
+                "the bookie at {addr} is running: stop it before decommissioning it"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let marker = format!("{DECOMMISSIONING_PREFIX}{addr}");
     metadata.put(&marker, Vec::new()).await?;

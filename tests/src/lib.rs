@@ -458,6 +458,8 @@ pub struct Verdict {
     pub lost: Vec<String>,
     pub unexpected: Vec<String>,
     pub duplicates: usize,
+    /// The values delivered more than once.
+    pub duplicated: Vec<String>,
     pub order_violations: Vec<String>,
 }
 
@@ -559,6 +561,12 @@ impl QueueChecker {
                 .values()
                 .map(|n| (*n as usize).saturating_sub(1))
                 .sum(),
+            duplicated: self
+                .delivered
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(v, _)| v.clone())
+                .collect(),
             order_violations: self.order_violations.clone(),
         }
     }

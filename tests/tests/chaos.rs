@@ -9,7 +9,9 @@
 //! Faults, alone and combined, on one role at a time: kill -9 and restart
 //! (`docker kill`), a pause past the lease (`docker pause`), a network
 //! partition of one member (`docker network disconnect`), a rolling restart
-//! of every broker, a broker added and removed, the metadata leader killed.
+//! of every broker, a broker added and removed, a bookie added and removed
+//! (decommissioned), the metadata leader killed (also during bundle moves),
+//! a bookie's disk filled past its high watermark.
 //! After healing and draining, the checker fails the run on any
 //! acknowledged message not delivered, any delivery never produced, any
 //! per-key reordering; it counts duplicates. Each run prints a table:
@@ -30,7 +32,8 @@ use magnetar_tests::{init_logs, Workload};
 /// `docker-compose` on our compose file under a project of its own.
 struct Compose {
     project: String,
-    file: PathBuf,
+    /// The compose file, then overrides.
+    files: Vec<PathBuf>,
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -49,9 +52,26 @@ impl Compose {
         run(Command::new("docker-compose")
             .arg("-p")
             .arg(&self.project)
-            .arg("-f")
-            .arg(&self.file)
+            .args(
+                self.files
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("-f"), f.as_os_str()]),
+            )
             .args(args))
+    }
+
+    /// Stops and removes every container (the spare bookie's too) and volume.
+    fn down(&self) {
+        let _ = Command::new("docker-compose")
+            .env("COMPOSE_PROFILES", "spare")
+            .args(["-p", &self.project])
+            .args(
+                self.files
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("-f"), f.as_os_str()]),
+            )
+            .args(["down", "-v", "--remove-orphans"])
+            .output();
     }
 
     fn docker(&self, args: &[&str]) -> String {
@@ -114,6 +134,222 @@ impl Compose {
         }
         None
     }
+}
+
+fn sh(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A small filesystem (a 2 GiB ext4 image on a loop device) under one
+/// bookie's volume, so that its disk can be filled past the high watermark
+/// in a moment (`fallocate` of a ballast file: the image stays sparse).
+struct SmallDisk {
+    image: PathBuf,
+    volume: String,
+    /// A compose file putting the volume on the device.
+    overrides: PathBuf,
+}
+
+impl SmallDisk {
+    fn detach(image: &std::path::Path) {
+        let image = image.to_string_lossy();
+        if let Ok(list) = sh("losetup", &["-j", &image]) {
+            for dev in list.lines().filter_map(|l| l.split(':').next()) {
+                let _ = sh("losetup", &["-d", dev]);
+            }
+        }
+    }
+
+    /// Makes the filesystem for the volume `service` of `project`, and a
+    /// compose override that puts the volume on it.
+    fn create(project: &str, service: &str) -> Result<SmallDisk, String> {
+        let volume = format!("{project}_{service}");
+        let image = std::env::temp_dir().join(format!("{volume}.img"));
+        Self::detach(&image);
+        let _ = std::fs::remove_file(&image);
+        let path = image.to_string_lossy().into_owned();
+        sh("truncate", &["-s", "2G", &path])?;
+        sh("mkfs.ext4", &["-q", "-F", "-m", "0", &path])?;
+        let dev = sh("losetup", &["--find", "--show", &path])?;
+        // Compose makes the volume on the device (and `down -v` removes it).
+        let overrides = std::env::temp_dir().join(format!("{volume}.override.yml"));
+        std::fs::write(
+            &overrides,
+            format!(
+                "version: \"2.4\"\nvolumes:\n  {service}:\n    driver_opts:\n      type: ext4\n      device: {}\n",
+                dev.trim()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(SmallDisk {
+            image,
+            volume: format!("{project}_{service}"),
+            overrides,
+        })
+    }
+
+    fn mountpoint(&self) -> Result<PathBuf, String> {
+        let mp = sh(
+            "docker",
+            &["volume", "inspect", "-f", "{{.Mountpoint}}", &self.volume],
+        )?;
+        Ok(PathBuf::from(mp.trim()))
+    }
+
+    /// Fills the disk until `ratio` of it is used; the bytes added.
+    fn fill_to(&self, ratio: f64) -> Result<u64, String> {
+        let mp = self.mountpoint()?;
+        let df = sh("df", &["-B1", "--output=size,avail", &mp.to_string_lossy()])?;
+        let nums: Vec<u64> = df
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let [size, avail] = nums[..] else {
+            return Err(format!("df said {df:?}"));
+        };
+        let keep = ((1.0 - ratio) * size as f64) as u64;
+        let ballast = avail.saturating_sub(keep);
+        sh(
+            "fallocate",
+            &[
+                "-l",
+                &ballast.to_string(),
+                &mp.join("ballast").to_string_lossy(),
+            ],
+        )?;
+        Ok(ballast)
+    }
+
+    fn empty(&self) -> Result<(), String> {
+        std::fs::remove_file(self.mountpoint()?.join("ballast")).map_err(|e| e.to_string())
+    }
+
+    /// After `docker-compose down -v` removed the volume.
+    fn remove(self) {
+        let _ = sh("docker", &["volume", "rm", "-f", &self.volume]);
+        Self::detach(&self.image);
+        let _ = std::fs::remove_file(&self.image);
+        let _ = std::fs::remove_file(&self.overrides);
+    }
+}
+
+/// The brokers' admin URLs (`http://<address on the compose network>:8080`).
+fn admin_urls(c: &Compose, brokers: usize) -> Vec<String> {
+    (1..=brokers)
+        .filter_map(|n| {
+            let ip = sh(
+                "docker",
+                &[
+                    "inspect",
+                    "-f",
+                    "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                    &c.container("broker", n),
+                ],
+            )
+            .ok()?;
+            let ip = ip.trim();
+            (!ip.is_empty()).then(|| format!("http://{ip}:8080"))
+        })
+        .collect()
+}
+
+/// `method` on `path` at the first broker that answers; the status and body.
+async fn admin_call(
+    http: &reqwest::Client,
+    urls: &[String],
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut last = String::from("no broker");
+    for u in urls {
+        let mut req = http
+            .request(method.clone(), format!("{u}{path}"))
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        match req.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return Ok((status, r.text().await.unwrap_or_default()));
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// Unloads every bundle of `ns` (their topics move, their ledgers close);
+/// how many unloads succeeded and failed.
+async fn unload_all(http: &reqwest::Client, urls: &[String], ns: &str) -> (usize, usize) {
+    let Ok((200, body)) = admin_call(
+        http,
+        urls,
+        reqwest::Method::GET,
+        &format!("/admin/v2/namespaces/{ns}/bundles"),
+        None,
+    )
+    .await
+    else {
+        return (0, 1);
+    };
+    let bounds: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v["boundaries"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let (mut ok, mut failed) = (0, 0);
+    for pair in bounds.windows(2) {
+        let path = format!("/admin/v2/namespaces/{ns}/{}_{}/unload", pair[0], pair[1]);
+        match admin_call(http, urls, reqwest::Method::PUT, &path, None).await {
+            Ok((s, _)) if s < 300 => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    (ok, failed)
+}
+
+/// Runs `magnetar admin` in a container on the compose network (the
+/// metadata service is reachable only there).
+fn admin_in_container(c: &Compose, args: &[&str]) -> Result<String, String> {
+    let mut all = vec![
+        "run".to_string(),
+        "--rm".into(),
+        "--network".into(),
+        c.network(),
+        "-v".into(),
+        format!("{}_certs:/certs:ro", c.project),
+        "magnetar:local".into(),
+        "admin".into(),
+        "--metadata".into(),
+        "172.28.0.11:2379,172.28.0.12:2379,172.28.0.13:2379".into(),
+        "--tls-dir".into(),
+        "/certs/admin".into(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    sh("docker", &refs)
 }
 
 /// One fault: what was done, to whom, for how long.
@@ -221,17 +457,46 @@ async fn compose_cluster_loses_nothing_under_faults() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let c = Compose {
+    let mut c = Compose {
         project: std::env::var("MAGNETAR_CHAOS_PROJECT").unwrap_or_else(|_| "magnetarchaos".into()),
-        file: root.join("deploy/docker-compose.yml"),
+        files: vec![root.join("deploy/docker-compose.yml")],
     };
-    let _ = Command::new("docker-compose")
-        .args(["-p", &c.project, "-f"])
-        .arg(&c.file)
-        .args(["down", "-v", "--remove-orphans"])
-        .output();
+    c.down();
+    // bookie-3 keeps its data on a small filesystem of its own, to be
+    // filled to the watermark (needs loop devices: skipped without them).
+    let small = match SmallDisk::create(&c.project, "bookie-3") {
+        Ok(d) => {
+            c.files.push(d.overrides.clone());
+            Some(d)
+        }
+        Err(e) => {
+            println!("no small disk for bookie-3 ({e}): the disk-full fault is skipped");
+            None
+        }
+    };
     c.compose(&["up", "-d"]);
     c.wait_healthy(Duration::from_secs(180));
+    let http = reqwest::Client::new();
+    // A namespace with deduplication on: its topics must see no duplicates.
+    let urls = admin_urls(&c, 2);
+    for (method, path, body) in [
+        (
+            reqwest::Method::PUT,
+            "/admin/v2/namespaces/public/dedup",
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/v2/namespaces/public/dedup/deduplication",
+            Some("true"),
+        ),
+    ] {
+        let r = admin_call(&http, &urls, method, path, body).await;
+        assert!(
+            matches!(r, Ok((s, _)) if s < 300 || s == 409),
+            "{path}: {r:?}"
+        );
+    }
     // Each broker by its published port and by its address on the compose
     // network (a multi-host URL tries the next when one is down).
     let mut hosts = Vec::new();
@@ -256,9 +521,16 @@ async fn compose_cluster_loses_nothing_under_faults() {
         .build()
         .await
         .unwrap();
+    // Topics 4 and 5 deduplicate (values t4-…, t5-…, probe4-…, probe5-…).
     let topics: Vec<String> = (0..4)
         .map(|i| format!("persistent://public/default/chaos-{i}"))
+        .chain((0..2).map(|i| format!("persistent://public/dedup/chaos-{i}")))
         .collect();
+    let deduplicated = |v: &str| {
+        ["t4-", "t5-", "probe4-", "probe5-"]
+            .iter()
+            .any(|p| v.starts_with(p))
+    };
     let mut w = Workload::new(&client, &topics).await;
     let probe = Probe::start(&client, &topics).await;
     let started = Instant::now();
@@ -266,7 +538,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
     // Faults drawn at random from the seed (the same seed, the same run),
     // each kind once before any repeats; each gets a share of the
     // duration: break, keep writing, heal, settle.
-    let schedule = [
+    let mut schedule = vec![
         "kill-broker",
         "pause-broker",
         "kill-bookie",
@@ -276,7 +548,12 @@ async fn compose_cluster_loses_nothing_under_faults() {
         "rolling-restart-brokers",
         "scale-brokers",
         "kill-broker-and-bookie",
+        "add-remove-bookie",
+        "unload-and-kill-metadata-leader",
     ];
+    if small.is_some() {
+        schedule.push("fill-bookie-disk");
+    }
     let slot = (duration / schedule.len() as u32).max(Duration::from_secs(20));
     let mut rng = seed.max(1);
     let mut draw = move || {
@@ -290,7 +567,7 @@ async fn compose_cluster_loses_nothing_under_faults() {
     let mut k = 0usize;
     while started.elapsed() + slot <= duration + Duration::from_secs(5) {
         if bag.is_empty() {
-            bag = schedule.to_vec();
+            bag = schedule.clone();
         }
         let fault = bag.swap_remove(draw() % bag.len());
         k = k.wrapping_add(draw());
@@ -359,6 +636,88 @@ async fn compose_cluster_loses_nothing_under_faults() {
                 c.compose(&["up", "-d", "--no-recreate", "--scale", "broker=2"]);
                 "a third broker added, then removed".to_string()
             }
+            "fill-bookie-disk" => {
+                let disk = small.as_ref().unwrap();
+                let added = disk.fill_to(0.97).unwrap();
+                let t = Instant::now();
+                let mut read_only = None;
+                while t.elapsed() < Duration::from_secs(20) {
+                    w.run_for(Duration::from_millis(500)).await;
+                    let r = http.get("http://172.28.0.23:8000/ready").send().await;
+                    if r.is_ok_and(|r| r.status().as_u16() == 503) {
+                        read_only = Some(t.elapsed());
+                        break;
+                    }
+                }
+                let read_only = read_only.expect("bookie-3 did not turn read-only");
+                w.run_for(Duration::from_secs(10)).await;
+                disk.empty().unwrap();
+                format!(
+                    "bookie-3's disk filled to 97 % ({} MB of ballast): read-only after {:.1} s; emptied 10 s later",
+                    added >> 20,
+                    read_only.as_secs_f64()
+                )
+            }
+            "add-remove-bookie" => {
+                let vol = format!("{}_bookie-4", c.project);
+                c.compose(&["up", "-d", "--no-deps", "bookie-4"]);
+                c.wait_healthy(Duration::from_secs(60));
+                // Topics move, and their new ledgers may be placed on it.
+                let urls = admin_urls(&c, 2);
+                let moved = unload_all(&http, &urls, "public/default").await;
+                w.run_for(Duration::from_secs(8)).await;
+                // Gone for good, disk and all; its ledgers close as their
+                // topics move again, and decommissioning copies what it held.
+                c.docker(&["rm", "-f", "-v", &c.member("bookie", 4)]);
+                let _ = sh("docker", &["volume", "rm", "-f", &vol]);
+                let moved_again = unload_all(&http, &urls, "public/default").await;
+                let c2 = Compose {
+                    project: c.project.clone(),
+                    files: c.files.clone(),
+                };
+                let t = Instant::now();
+                let job = tokio::task::spawn_blocking(move || {
+                    admin_in_container(
+                        &c2,
+                        &[
+                            "bookies",
+                            "decommission",
+                            "172.28.0.24:3181",
+                            "--timeout-secs",
+                            "120",
+                        ],
+                    )
+                });
+                while !job.is_finished() {
+                    w.run_for(Duration::from_millis(500)).await;
+                }
+                let out = job.await.unwrap();
+                assert!(out.is_ok(), "decommission: {out:?}");
+                format!(
+                    "bookie-4 added (bundles moved: {} ok, {} failed), then removed with its disk (moved: {} ok, {} failed) and decommissioned in {:.1} s",
+                    moved.0,
+                    moved.1,
+                    moved_again.0,
+                    moved_again.1,
+                    t.elapsed().as_secs_f64()
+                )
+            }
+            "unload-and-kill-metadata-leader" => {
+                let urls = admin_urls(&c, 2);
+                let n = c.metadata_leader().await.unwrap_or(1);
+                let m = c.member("metadata", n);
+                let (http2, urls2) = (http.clone(), urls.clone());
+                let moves =
+                    tokio::spawn(async move { unload_all(&http2, &urls2, "public/default").await });
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                c.docker(&["kill", "-s", "KILL", &m]);
+                w.run_for(Duration::from_secs(5)).await;
+                c.docker(&["start", &m]);
+                let (ok, failed) = moves.await.unwrap();
+                format!(
+                    "bundles of public/default unloaded while the metadata leader {m} was killed (unloads {ok} ok, {failed} failed); restarted after 5 s"
+                )
+            }
             _ => {
                 let b = c.container("broker", victim);
                 let k2 = c.member("bookie", 1 + k % 3);
@@ -380,14 +739,18 @@ async fn compose_cluster_loses_nothing_under_faults() {
         "\nchaos run: {:.0} s, seed {seed}",
         started.elapsed().as_secs_f64()
     );
-    println!("| faults injected | acknowledged | lost | duplicated | reordered |");
-    println!("|---|---|---|---|---|");
+    let dedup_dups: Vec<&String> = v.duplicated.iter().filter(|d| deduplicated(d)).collect();
     println!(
-        "| {} | {} | {} | {} | {} |",
+        "| faults injected | acknowledged | lost | duplicated | of them with deduplication on | reordered |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} |",
         faults.len(),
         v.acked,
         v.lost.len(),
         v.duplicates,
+        dedup_dups.len(),
         v.order_violations.len()
     );
     println!("\n| topic | longest unavailability |\n|---|---|");
@@ -399,6 +762,13 @@ async fn compose_cluster_loses_nothing_under_faults() {
     }
     client.close().await;
     if std::env::var_os("MAGNETAR_CHAOS_KEEP").is_none() {
-        c.compose(&["down", "-v"]);
+        c.down();
+        if let Some(d) = small {
+            d.remove();
+        }
     }
+    assert!(
+        dedup_dups.is_empty(),
+        "duplicates on topics with deduplication on: {dedup_dups:?}"
+    );
 }

@@ -64,6 +64,29 @@ pub fn plan(meta: &LedgerMetadata, gone: &str) -> Option<FragmentCopy> {
     })
 }
 
+/// Whether `bookie` holds (or may still be given) an entry of `meta`: some
+/// fragment naming it has an entry whose write set includes it. A fragment
+/// cut short before its first entry reached the bookie — a ledger created
+/// just as the bookie died, then moved off it — holds nothing of it; the
+/// last fragment of a ledger still open counts, its end being unknown.
+pub fn holds_entries_on(meta: &LedgerMetadata, bookie: &str) -> bool {
+    meta.fragments.iter().enumerate().any(|(fi, frag)| {
+        let Some(position) = frag.bookies.iter().position(|b| b == bookie) else {
+            return false;
+        };
+        let last = match meta.fragments.get(fi + 1) {
+            Some(next) => next.first_entry as i64 - 1,
+            None if meta.state == crate::ledger::LedgerState::Closed => meta.last_entry_id,
+            None => return true,
+        };
+        let width = frag.bookies.len().max(1);
+        last >= frag.first_entry as i64
+            && (frag.first_entry..=last as u64).take(width).any(|start| {
+                write_set(width, meta.write_quorum.min(width), start).any(|p| p == position)
+            })
+    })
+}
+
 /// One fragment re-replicated: where to, and how many entries were copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replicated {
@@ -285,6 +308,24 @@ mod tests {
         let c = plan(&m2, "c").unwrap();
         assert_eq!((c.fragment, c.position, c.last, c.width), (1, 1, 11, 2));
         assert_eq!(c.stripes, vec![6, 7], "both stripes: each entry is on both");
+    }
+
+    #[test]
+    fn a_bookie_cut_off_before_its_first_entry_holds_nothing() {
+        // Created on a, b, x just as x died: entry 0 went to {a, b}; entry 1
+        // (write set {b, x}) failed and the writer moved on to a, b, c.
+        let mut m = meta(&[(0, &["a", "b", "x"]), (1, &["a", "b", "c"])], 2, 40);
+        assert!(!holds_entries_on(&m, "x"));
+        assert!(holds_entries_on(&m, "a") && holds_entries_on(&m, "c"));
+        // Still open: the last fragment's end is unknown, so its bookies count.
+        m.state = LedgerState::Open;
+        m.last_entry_id = -1;
+        assert!(holds_entries_on(&m, "c"));
+        assert!(!holds_entries_on(&m, "x"));
+        // Moved off x after entry 1: x held entry 1.
+        let m = meta(&[(0, &["a", "b", "x"]), (2, &["a", "b", "c"])], 2, 40);
+        assert!(holds_entries_on(&m, "x"));
+        assert!(!holds_entries_on(&m, "zz"));
     }
 
     #[test]
