@@ -809,7 +809,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 |n, open| {
                     if last != Some((n, open)) {
                         last = Some((n, open));
-                        eprintln!("{n} ledgers still name {addr} ({open} open)");
+                        eprintln!(
+                            "{n} ledgers hold entries on {addr} ({open} open: copied once their \
+                             writers close them, at a roll-over or when their bundles are unloaded)"
+                        );
                     }
                 },
             )

@@ -146,7 +146,7 @@ pub async fn decommission(
         progress(naming.len(), open);
         if Instant::now() >= deadline {
             return Err(LedgerError::Metadata(format!(
-                "{} ledgers still name {addr} ({open} open); run the command again to go on",
+                "{} ledgers still hold entries on {addr} ({open} open); run the command again to go on",
                 naming.len()
             )));
         }

@@ -4,7 +4,8 @@
 use magnetar_proto::metadata_api::{MetaRequest, MetaResponse, RaftKind};
 use magnetar_proto::rpc::RpcClient;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -110,14 +111,30 @@ impl Peer {
     }
 }
 
+/// The most bytes of entries one AppendEntries carries (a single larger
+/// entry still goes alone).
+const APPEND_BYTES_BUDGET: u64 = 32 * 1024;
+
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl())
-            .await
+        // openraft cuts every AppendEntries off at its heartbeat interval
+        // (50 ms). A batch for a follower far behind may not make it in
+        // that time on a loaded machine — and the retry, the same batch,
+        // would not either, for good. Batches over a byte budget are sent
+        // back to be split (openraft retries at once with fewer entries).
+        if rpc.entries.len() > 1 {
+            let size = bincode::serialized_size(&rpc).unwrap_or(0);
+            if size > APPEND_BYTES_BUDGET {
+                let fit = (rpc.entries.len() as u64 * APPEND_BYTES_BUDGET / size).max(1);
+                return Err(PayloadTooLarge::new_entries_hint(fit).into());
+            }
+        }
+        let ttl = option.hard_ttl();
+        self.send(RaftKind::AppendEntries, &rpc, ttl).await
     }
 
     async fn install_snapshot(

@@ -345,6 +345,39 @@ async fn stale_nodes_catch_up_by_log_and_by_snapshot() {
     cluster.shutdown().await;
 }
 
+/// A follower far behind is sent full batches of entries, each far more
+/// than a heartbeat. Found by the chaos suite: with the heartbeat interval
+/// (50 ms) as the deadline of every AppendEntries, a batch of a few hundred
+/// kilobytes never reached the follower in time on a loaded machine, each
+/// retry was cut off the same way, and the cluster could commit nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_far_behind_catches_up_through_large_batches() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let c = cluster.client();
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await;
+    let follower = *cluster.nodes.keys().find(|i| **i != leader).unwrap();
+    cluster.stop_node(follower).await;
+    let value = vec![7u8; 4096];
+    for chunk in 0..15 {
+        let keys: Vec<String> = (0..100).map(|i| format!("big/{chunk:02}/{i:03}")).collect();
+        let puts: Vec<_> = keys.iter().map(|k| c.put(k, value.clone())).collect();
+        for p in puts {
+            p.await.unwrap();
+        }
+    }
+    cluster.start_node(follower).await;
+    let rev = c.status().await.unwrap().revision;
+    cluster
+        .wait_caught_up(follower, rev, Duration::from_secs(20))
+        .await;
+    assert!(cluster.nodes[&follower].local_get("big/14/099").is_some());
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leases_survive_a_leader_change_and_expire_without_keepalive() {
     let mut cluster = Cluster::start(3, |_| {}).await;

@@ -584,7 +584,7 @@ impl RpcClient {
             .entry(addr)
             .or_default()
             .clone();
-        let _dialing = gate.lock().await;
+        let dialing = gate.lock_owned().await;
         // Another call may have connected while this one waited.
         if let Some(c) = self.cached(addr) {
             return Ok(c);
@@ -609,17 +609,28 @@ impl RpcClient {
                     reason: e.to_string(),
                 })?;
         let budget = self.connect_timeout.min(self.timeout);
-        let conn = tokio::time::timeout(budget, connecting)
-            .await
-            .map_err(|_| RpcError::Timeout(budget))??;
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, conn.clone());
-        self.gone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
+        // The handshake runs on a task of its own: a caller that gives up
+        // first (openraft cuts every AppendEntries off at its 50 ms
+        // heartbeat interval) does not abort it, and the next call finds
+        // the connection made — instead of every try starting a handshake
+        // that is cut off the same way, for good, on a loaded machine.
+        let (conns, gone) = (self.conns.clone(), self.gone.clone());
+        let handshake = tokio::spawn(async move {
+            let _dialing = dialing;
+            let conn = tokio::time::timeout(budget, connecting)
+                .await
+                .map_err(|_| RpcError::Timeout(budget))??;
+            conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(addr, conn.clone());
+            gone.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+            Ok::<_, RpcError>(conn)
+        });
+        let conn = handshake.await.map_err(|e| RpcError::Connect {
+            addr,
+            reason: e.to_string(),
+        })??;
         if !self
             .watching
             .swap(true, std::sync::atomic::Ordering::Relaxed)
