@@ -98,6 +98,11 @@ async fn delayed_messages_survive_a_failover(client: &Client, cluster: &LocalClu
             .await
             .unwrap()
             .expect("every delayed message comes from the new owner");
+        if m.payload == b"now".as_slice() {
+            // Its ack may not have been stored before the kill: at least once.
+            c.ack(&m).unwrap();
+            continue;
+        }
         let i: u64 = std::str::from_utf8(&m.payload).unwrap()[1..]
             .parse()
             .unwrap();
