@@ -182,7 +182,6 @@ impl BookieConfig {
     }
 }
 
-/// Fraction of the filesystem holding `path` that is in use.
 /// The data dir's filesystem: the fraction used and the bytes free (to
 /// unprivileged writers, as `df` counts them).
 #[derive(Debug, Clone, Copy)]
